@@ -1,0 +1,211 @@
+"""Token and sequence log-probabilities, a memory-efficient LM-head variant, and exact token KL.
+
+Shape letters: B batch, T tokens, V vocabulary, D model width, N = B*T flattened tokens,
+C tokens per chunk, W vocabulary entries per chunk.
+
+Alignment convention: ``logits[:, t]`` scores ``targets[:, t]``. ``next_token_targets`` builds targets and
+mask from token ids and a completion-only loss mask (logits at t predict token t + 1).
+All outputs are float32 whatever the input dtype (bfloat16 logits are upcast before the log-softmax).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+f32 = jnp.float32
+
+
+def next_token_targets(tokens_BxT: Array, loss_mask_BxT: Array) -> tuple[Array, Array]:
+    """Shift ids and mask left by one: position t is scored on token t + 1; the last position is masked."""
+    targets_BxT = jnp.pad(tokens_BxT[:, 1:], ((0, 0), (0, 1)))
+    mask_BxT = jnp.pad(loss_mask_BxT[:, 1:], ((0, 0), (0, 1))).astype(bool)
+    return targets_BxT, mask_BxT
+
+
+def token_logprobs(logits_BxTxV: Array, targets_BxT: Array) -> Array:
+    """log softmax(logits)[target] per position, computed in float32."""
+    logits_BxTxV = logits_BxTxV.astype(f32)
+    lse_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    target_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return target_BxT - lse_BxT
+
+
+def masked_sums(token_logps_BxT: Array, mask_BxT: Array) -> tuple[Array, Array]:
+    """Per-sequence sums of masked token log-probs and the token counts."""
+    mask_BxT = mask_BxT.astype(bool)
+    sums_B = jnp.sum(jnp.where(mask_BxT, token_logps_BxT, 0.0), axis=-1)
+    return sums_B, jnp.sum(mask_BxT, axis=-1).astype(f32)
+
+
+def sequence_logprobs(logits_BxTxV: Array, targets_BxT: Array, mask_BxT: Array) -> tuple[Array, Array]:
+    """Completion-only log-probs from full logits: ``(sums_B, counts_B)``; means are ``sums / counts``."""
+    safe_targets_BxT = jnp.where(mask_BxT.astype(bool), targets_BxT, 0)  # padding ids may be out of range
+    return masked_sums(token_logprobs(logits_BxTxV, safe_targets_BxT), mask_BxT)
+
+
+def sequence_mean_logprobs(sums_B: Array, counts_B: Array) -> Array:
+    """Length-averaged log-probs; an empty sequence gives 0."""
+    return sums_B / jnp.maximum(counts_B, 1.0)
+
+
+# --- Memory-efficient LM head: log-probs from hidden states without the [B, T, V] logits. -----------------------
+
+
+def _vocab_slices(vocab: int, chunk: int) -> tuple[int, int]:
+    """Number of full vocabulary chunks and the size of the remainder chunk."""
+    return vocab // chunk, vocab % chunk
+
+
+def _chunk_logits(h_CxD, w_DxW):
+    return jnp.dot(h_CxD, w_DxW, preferred_element_type=f32)
+
+
+def _lse_over_vocab(h_CxD: Array, w_DxV: Array, vocab_chunk: int) -> Array:
+    """Online (streaming) logsumexp of h @ w over vocabulary chunks."""
+    n_full, rem = _vocab_slices(w_DxV.shape[1], vocab_chunk)
+
+    def update(carry, logits_CxW):
+        m_C, s_C = carry
+        m_new_C = jnp.maximum(m_C, jnp.max(logits_CxW, axis=-1))
+        s_C = s_C * jnp.exp(m_C - m_new_C) + jnp.sum(jnp.exp(logits_CxW - m_new_C[:, None]), axis=-1)
+        return m_new_C, s_C
+
+    def body(carry, i):
+        w_DxW = jax.lax.dynamic_slice_in_dim(w_DxV, i * vocab_chunk, vocab_chunk, axis=1)
+        return update(carry, _chunk_logits(h_CxD, w_DxW)), None
+
+    c = h_CxD.shape[0]
+    carry = (jnp.full((c,), -jnp.inf, f32), jnp.zeros((c,), f32))
+    carry, _ = jax.lax.scan(body, carry, jnp.arange(n_full))
+    if rem:
+        carry = update(carry, _chunk_logits(h_CxD, w_DxV[:, n_full * vocab_chunk :]))
+    m_C, s_C = carry
+    return m_C + jnp.log(s_C)
+
+
+def _target_logits(h_CxD: Array, w_DxV: Array, t_C: Array) -> Array:
+    w_DxC = jnp.take(w_DxV, t_C, axis=1)
+    return jnp.einsum("cd,dc->c", h_CxD, w_DxC, preferred_element_type=f32)
+
+
+def _token_chunks(x, c):
+    return x.reshape(x.shape[0] // c, c, *x.shape[1:])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked_token_logprobs(h_NxD, w_DxV, t_N, token_chunk, vocab_chunk):
+    logps_N, _ = _chunked_fwd(h_NxD, w_DxV, t_N, token_chunk, vocab_chunk)
+    return logps_N
+
+
+def _chunked_fwd(h_NxD, w_DxV, t_N, token_chunk, vocab_chunk):
+    def per_chunk(args):
+        h_CxD, t_C = args
+        lse_C = _lse_over_vocab(h_CxD, w_DxV, vocab_chunk)
+        return _target_logits(h_CxD, w_DxV, t_C) - lse_C, lse_C
+
+    logps, lse = jax.lax.map(per_chunk, (_token_chunks(h_NxD, token_chunk), _token_chunks(t_N, token_chunk)))
+    return logps.reshape(-1), (h_NxD, w_DxV, t_N, lse.reshape(-1))
+
+
+def _chunked_bwd(token_chunk, vocab_chunk, residuals, g_N):
+    """d logp_n / d logits_nv = onehot(t_n)_v - softmax_nv, recomputed chunk by chunk."""
+    h_NxD, w_DxV, t_N, lse_N = residuals
+    d, v = w_DxV.shape
+    n_full, rem = _vocab_slices(v, vocab_chunk)
+
+    def token_chunk_body(gw_DxV, args):
+        h_CxD, t_C, lse_C, g_C = args
+
+        def vocab_piece(gh_CxD, w_DxW, start):
+            logits_CxW = _chunk_logits(h_CxD, w_DxW)
+            p_CxW = jnp.exp(logits_CxW - lse_C[:, None])
+            onehot_CxW = (t_C[:, None] == start + jnp.arange(w_DxW.shape[1])[None, :]).astype(f32)
+            dlogits_CxW = g_C[:, None] * (onehot_CxW - p_CxW)
+            gh_CxD = gh_CxD + jnp.dot(dlogits_CxW, w_DxW.T.astype(f32), preferred_element_type=f32)
+            gw_DxW = jnp.dot(h_CxD.T.astype(f32), dlogits_CxW, preferred_element_type=f32)
+            return gh_CxD, gw_DxW
+
+        def vocab_body(carry, i):
+            gh_CxD, gw_DxV = carry
+            start = i * vocab_chunk
+            w_DxW = jax.lax.dynamic_slice_in_dim(w_DxV, start, vocab_chunk, axis=1)
+            gh_CxD, gw_DxW = vocab_piece(gh_CxD, w_DxW, start)
+            old_DxW = jax.lax.dynamic_slice_in_dim(gw_DxV, start, vocab_chunk, axis=1)
+            return (gh_CxD, jax.lax.dynamic_update_slice_in_dim(gw_DxV, old_DxW + gw_DxW, start, axis=1)), None
+
+        gh_CxD = jnp.zeros(h_CxD.shape, f32)
+        (gh_CxD, gw_DxV), _ = jax.lax.scan(vocab_body, (gh_CxD, gw_DxV), jnp.arange(n_full))
+        if rem:
+            start = n_full * vocab_chunk
+            gh_CxD, gw_DxR = vocab_piece(gh_CxD, w_DxV[:, start:], start)
+            gw_DxV = gw_DxV.at[:, start:].add(gw_DxR)
+        return gw_DxV, gh_CxD
+
+    chunks = tuple(_token_chunks(x, token_chunk) for x in (h_NxD, t_N, lse_N, g_N.astype(f32)))
+    gw_DxV, gh = jax.lax.scan(token_chunk_body, jnp.zeros((d, v), f32), chunks)
+    return gh.reshape(h_NxD.shape).astype(h_NxD.dtype), gw_DxV.astype(w_DxV.dtype), None
+
+
+_chunked_token_logprobs.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def chunked_token_logprobs(
+    hidden_BxTxD: Array,
+    lm_head_DxV: Array,
+    targets_BxT: Array,
+    *,
+    token_chunk: int = 1024,
+    vocab_chunk: int = 8192,
+) -> Array:
+    """``token_logprobs(hidden @ lm_head, targets)`` without materialising the logits, value or gradient.
+
+    Tokens are processed ``token_chunk`` at a time and the vocabulary ``vocab_chunk`` at a time (a streaming
+    logsumexp), so the largest temporary is [token_chunk, vocab_chunk]. The backward pass recomputes each logits
+    chunk instead of storing it. Matmuls run in the inputs' dtype and accumulate in float32.
+    """
+    b, t, d = hidden_BxTxD.shape
+    if lm_head_DxV.shape[0] != d:
+        raise ValueError(f"lm_head must have shape [D={d}, V]; got {lm_head_DxV.shape}")
+    if token_chunk < 1 or vocab_chunk < 1:
+        raise ValueError(f"token_chunk and vocab_chunk must be >= 1; got {token_chunk}, {vocab_chunk}")
+    n = b * t
+    c = min(token_chunk, n)
+    pad = -n % c
+    h_NxD = jnp.pad(hidden_BxTxD.reshape(n, d), ((0, pad), (0, 0)))
+    t_N = jnp.pad(targets_BxT.reshape(n).astype(jnp.int32), (0, pad))
+    w = min(vocab_chunk, lm_head_DxV.shape[1])
+    logps_N = _chunked_token_logprobs(h_NxD, lm_head_DxV, t_N, c, w)
+    return logps_N[:n].reshape(b, t)
+
+
+def chunked_sequence_logprobs(
+    hidden_BxTxD: Array,
+    lm_head_DxV: Array,
+    targets_BxT: Array,
+    mask_BxT: Array,
+    *,
+    token_chunk: int = 1024,
+    vocab_chunk: int = 8192,
+) -> tuple[Array, Array]:
+    """``sequence_logprobs`` from final hidden states and the LM-head weight: ``(sums_B, counts_B)``."""
+    safe_targets_BxT = jnp.where(mask_BxT.astype(bool), targets_BxT, 0)
+    token_logps_BxT = chunked_token_logprobs(
+        hidden_BxTxD, lm_head_DxV, safe_targets_BxT, token_chunk=token_chunk, vocab_chunk=vocab_chunk
+    )
+    return masked_sums(token_logps_BxT, mask_BxT)
+
+
+# --- KL ------------------------------------------------------------------------------------------------------------
+
+
+def token_kl(policy_logits_BxTxV: Array, reference_logits_BxTxV: Array, mask_BxT: Array) -> Array:
+    """Exact per-token KL(pi || pi_ref) over the full vocabulary, zero where masked."""
+    logp_BxTxV = jax.nn.log_softmax(policy_logits_BxTxV.astype(f32), axis=-1)
+    logq_BxTxV = jax.nn.log_softmax(reference_logits_BxTxV.astype(f32), axis=-1)
+    kl_BxT = jnp.sum(jnp.exp(logp_BxTxV) * (logp_BxTxV - logq_BxTxV), axis=-1)
+    return jnp.where(mask_BxT.astype(bool), kl_BxT, 0.0)
