@@ -140,6 +140,12 @@ def update_running_moments(state: RunningMoments, xs: Array) -> RunningMoments:
     return RunningMoments(state.mean + delta * n / total, m2 / total, total)
 
 
+def _float(x) -> Array:
+    """``x`` as a float array of at least float32 (float64 stays float64 under x64)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _concrete(x) -> np.ndarray | None:
     """The value of ``x`` as NumPy when it is known at trace time, else None (a tracer)."""
     try:
@@ -171,8 +177,8 @@ def _normalize_types(loss_type: str | Sequence[str], loss_weights) -> tuple[tupl
     if len(set(types)) != len(types):
         raise ValueError(f"loss_type: each loss type may appear once, got {list(types)}")
     if loss_weights is None:
-        return types, jnp.ones((len(types),), jnp.float32)
-    weights_K = jnp.asarray(loss_weights, jnp.float32)
+        return types, jnp.ones((len(types),))
+    weights_K = _float(loss_weights)
     if weights_K.shape != (len(types),):
         raise ValueError(
             f"loss_weights: expected {len(types)} weights for loss types {list(types)}, got shape {weights_K.shape}"
@@ -220,8 +226,8 @@ def preference_loss(
       the weight in the DPO gradient ``-beta s(-beta h) (grad log pi_w - grad log pi_l)``.
     """
     types, weights_K = _normalize_types(loss_type, loss_weights)
-    pc = jnp.asarray(policy_chosen_logps, jnp.float32)
-    pr = jnp.asarray(policy_rejected_logps, jnp.float32)
+    pc = _float(policy_chosen_logps)
+    pr = _float(policy_rejected_logps)
     if pc.ndim != 1 or pr.shape != pc.shape:
         raise ValueError(
             f"policy_chosen_logps and policy_rejected_logps must both have shape [B]; got {pc.shape} and {pr.shape}"
@@ -231,34 +237,34 @@ def preference_loss(
     else:
         if reference_chosen_logps is None or reference_rejected_logps is None:
             raise ValueError("reference_chosen_logps / reference_rejected_logps are required unless reference_free")
-        rc = jnp.asarray(reference_chosen_logps, jnp.float32)
-        rr = jnp.asarray(reference_rejected_logps, jnp.float32)
+        rc = _float(reference_chosen_logps)
+        rr = _float(reference_rejected_logps)
         if rc.shape != pc.shape or rr.shape != pc.shape:
             raise ValueError(f"reference log-probs must have shape {pc.shape}; got {rc.shape} and {rr.shape}")
 
     _check_range("beta", beta, 0.0, np.inf, lo_open=True, hi_open=True)
     _check_range("label_smoothing", label_smoothing, 0.0, 0.5, hi_open=True)
-    beta = jnp.asarray(beta, jnp.float32)
-    eps = jnp.asarray(label_smoothing, jnp.float32)
+    beta = _float(beta)
+    eps = _float(label_smoothing)
     if target_probs is None:
         p = jnp.ones_like(pc)
     else:
         _check_range("target_probs", target_probs, 0.0, 1.0)
-        p = jnp.broadcast_to(jnp.asarray(target_probs, jnp.float32), pc.shape)
+        p = jnp.broadcast_to(_float(target_probs), pc.shape)
 
     lengths = {}
     for name, value in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
         if value is not None:
             _check_range(name, value, 0.0, np.inf, lo_open=True, hi_open=True)
-            lengths[name] = jnp.broadcast_to(jnp.asarray(value, jnp.float32), pc.shape)
+            lengths[name] = jnp.broadcast_to(_float(value), pc.shape)
     if "sft" in types and "chosen_lengths" not in lengths:
         raise ValueError("loss_type 'sft' needs chosen_lengths (completion token counts) for its token mean")
 
     sft_nll_B = None
     if "sft" in types:
-        # TRL's nll_loss: NLL pooled over all chosen tokens of the batch. Spread over pairs so that the batch
-        # mean of losses_B equals it; uses the summed (not length-averaged) log-probs.
-        sft_nll_B = -pc * pc.shape[0] / jnp.sum(lengths["chosen_lengths"])
+        # TRL's nll_loss: NLL pooled over all chosen tokens of the batch, the same value for every pair. Uses the
+        # summed (not IPO length-averaged) log-probs.
+        sft_nll_B = jnp.broadcast_to(-jnp.sum(pc) / jnp.sum(lengths["chosen_lengths"]), pc.shape)
     if "ipo" in types and len(lengths) == 2:
         lc, lr = lengths["chosen_lengths"], lengths["rejected_lengths"]
         pc, rc, pr, rr = pc / lc, rc / lc, pr / lr, rr / lr
@@ -269,7 +275,7 @@ def preference_loss(
     if bco_delta is None:
         delta = jnp.mean(jnp.concatenate([chosen_rewards, rejected_rewards]))
     else:
-        delta = jax.lax.stop_gradient(jnp.asarray(bco_delta, jnp.float32))
+        delta = jax.lax.stop_gradient(_float(bco_delta))
 
     q_flip = (1.0 - eps) * p + eps * (1.0 - p)
     losses_B = jnp.zeros_like(pc)
@@ -298,5 +304,5 @@ def preference_loss(
 
 def optimal_soft_margin(target_probs, beta):
     """The margin h = logit(p) / beta that minimises the soft-target sigmoid loss (finite for 0 < p < 1)."""
-    p = jnp.asarray(target_probs, jnp.float32)
+    p = _float(target_probs)
     return (jnp.log(p) - jnp.log1p(-p)) / beta
