@@ -73,11 +73,7 @@ def _exo_pair(c, r, beta, eps, delta):
 
 def _nca_pair(c, r, beta, eps, delta):
     """NCA, Chen et al. 2024, arXiv:2402.05369."""
-    return (
-        -jax.nn.log_sigmoid(beta * c)
-        - 0.5 * jax.nn.log_sigmoid(-beta * c)
-        - 0.5 * jax.nn.log_sigmoid(-beta * r)
-    )
+    return -jax.nn.log_sigmoid(beta * c) - 0.5 * jax.nn.log_sigmoid(-beta * c) - 0.5 * jax.nn.log_sigmoid(-beta * r)
 
 
 def _bco_pair(c, r, beta, eps, delta):

@@ -58,10 +58,14 @@ def main(argv=None):
     dt = jnp.dtype(args.dtype)
     spec = jax.ShapeDtypeStruct
     shapes = (spec((b, t, d), dt), spec((d, v), dt), spec((b, t), jnp.int32), spec((b, t), jnp.bool_))
-    print(f"backend {jax.default_backend()}; B={b} T={t} V={v} D={d} dtype={args.dtype}; "
-          f"chunks: {args.token_chunk} tokens x {args.vocab_chunk} vocab")
-    print(f"one [B,T,V] logits buffer in {args.dtype}: {b * t * v * dt.itemsize / MiB:,.0f} MiB "
-          f"(float32: {b * t * v * 4 / MiB:,.0f} MiB)")
+    print(
+        f"backend {jax.default_backend()}; B={b} T={t} V={v} D={d} dtype={args.dtype}; "
+        f"chunks: {args.token_chunk} tokens x {args.vocab_chunk} vocab"
+    )
+    print(
+        f"one [B,T,V] logits buffer in {args.dtype}: {b * t * v * dt.itemsize / MiB:,.0f} MiB "
+        f"(float32: {b * t * v * 4 / MiB:,.0f} MiB)"
+    )
     print(f"{'path':<10}{'pass':<16}{'temp MiB':>12}{'args MiB':>12}{'out MiB':>12}{'compile s':>11}")
     chunked = make_chunked(args.token_chunk, args.vocab_chunk)
     rows = {}

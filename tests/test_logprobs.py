@@ -91,8 +91,7 @@ def test_chunked_matches_naive_value_and_gradient(shape, token_chunk, vocab_chun
         return jnp.sum(weights * sums)
 
     def chunked(h, w):
-        sums, _ = lp.chunked_sequence_logprobs(h, w, targets, mask, token_chunk=token_chunk,
-                                               vocab_chunk=vocab_chunk)
+        sums, _ = lp.chunked_sequence_logprobs(h, w, targets, mask, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
         return jnp.sum(weights * sums)
 
     v_naive, g_naive = jax.value_and_grad(naive, (0, 1))(hidden, head)
@@ -106,12 +105,14 @@ def test_chunked_bfloat16_inputs_close_to_float32():
     hidden, head, targets, mask = random_problem(2, 6, 32, 70, seed=5)
     args = (jnp.asarray(targets), jnp.asarray(mask))
     sums32, _ = lp.chunked_sequence_logprobs(jnp.asarray(hidden), jnp.asarray(head), *args, vocab_chunk=16)
-    sums16, _ = lp.chunked_sequence_logprobs(jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(head, jnp.bfloat16),
-                                             *args, vocab_chunk=16)
+    sums16, _ = lp.chunked_sequence_logprobs(
+        jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(head, jnp.bfloat16), *args, vocab_chunk=16
+    )
     assert sums16.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(sums16), np.asarray(sums32), rtol=3e-2, atol=0.1)
     g = jax.grad(lambda h: lp.chunked_sequence_logprobs(h, jnp.asarray(head, jnp.bfloat16), *args)[0].sum())(
-        jnp.asarray(hidden, jnp.bfloat16))
+        jnp.asarray(hidden, jnp.bfloat16)
+    )
     assert g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32)))
 
 
@@ -128,8 +129,10 @@ def test_chunked_gradient_never_holds_full_logits():
         return lp.sequence_logprobs(jnp.einsum("btd,dv->btv", h, w), tg, m)[0].sum()
 
     logits_bytes = b * t * v * 4
-    temp = {f.__name__: jax.jit(jax.value_and_grad(f, (0, 1))).lower(*args).compile().memory_analysis()
-            .temp_size_in_bytes for f in (chunked, naive)}
+    temp = {
+        f.__name__: jax.jit(jax.value_and_grad(f, (0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
+        for f in (chunked, naive)
+    }
     assert temp["naive"] >= logits_bytes  # the check can fail: the naive path does hold the logits
     assert temp["chunked"] < logits_bytes / 8
 

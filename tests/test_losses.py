@@ -138,8 +138,9 @@ def test_soft_bradley_terry_target_is_seed_formula():
 @pytest.mark.parametrize("beta", [0.1, 1.0])
 def test_soft_target_minimised_at_logit_p_over_beta(p, beta):
     def loss_at(h):  # the package's loss as a function of the margin alone
-        losses, _ = preference_loss(jnp.array([h]), jnp.array([0.0]), jnp.zeros(1), jnp.zeros(1), beta=beta,
-                                    target_probs=jnp.array([p]))
+        losses, _ = preference_loss(
+            jnp.array([h]), jnp.array([0.0]), jnp.zeros(1), jnp.zeros(1), beta=beta, target_probs=jnp.array([p])
+        )
         return float(losses[0])
 
     found = minimize_scalar(loss_at, bracket=(-5 / beta, 5 / beta), tol=1e-10).x
@@ -158,8 +159,7 @@ def test_ipo_uses_length_averaged_logps():
 
 def test_weighted_mix_with_sft():
     lc = np.array([3, 5, 8, 2, 9, 4.0])
-    losses, _ = run(PC, PR, RC, RR, loss_type=("sigmoid", "sft"), loss_weights=(1.0, 0.5), beta=0.1,
-                    chosen_lengths=lc)
+    losses, _ = run(PC, PR, RC, RR, loss_type=("sigmoid", "sft"), loss_weights=(1.0, 0.5), beta=0.1, chosen_lengths=lc)
     sft_pooled = -PC.sum() / lc.sum()  # TRL's nll_loss: token mean over all chosen tokens
     expected = np_pair_loss("sigmoid", PC - RC, PR - RR, 0.1) + 0.5 * sft_pooled
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
@@ -194,9 +194,17 @@ def test_extreme_margins_are_finite(kind, margin):
     pr = jnp.array([-margin / 2, margin])
 
     def total(pc, pr):
-        losses, metrics = preference_loss(pc, pr, jnp.zeros(2), jnp.zeros(2), loss_type=kind, beta=0.1,
-                                          label_smoothing=0.1, target_probs=jnp.array([0.9, 1.0]),
-                                          chosen_lengths=jnp.array([3.0, 4.0]))
+        losses, metrics = preference_loss(
+            pc,
+            pr,
+            jnp.zeros(2),
+            jnp.zeros(2),
+            loss_type=kind,
+            beta=0.1,
+            label_smoothing=0.1,
+            target_probs=jnp.array([0.9, 1.0]),
+            chosen_lengths=jnp.array([3.0, 4.0]),
+        )
         return jnp.sum(losses), metrics
 
     (value, metrics), grads = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(pc, pr)
@@ -223,13 +231,16 @@ def test_gradient_identity_of_seed():
         return jnp.sum(jax.nn.log_softmax(theta, axis=-1)[jnp.arange(4), y])
 
     def loss(theta):
-        losses, _ = preference_loss(seq_logp(theta, y_w)[None], seq_logp(theta, y_l)[None], jnp.array([ref_w]),
-                                    jnp.array([ref_l]), beta=beta)
+        losses, _ = preference_loss(
+            seq_logp(theta, y_w)[None], seq_logp(theta, y_l)[None], jnp.array([ref_w]), jnp.array([ref_l]), beta=beta
+        )
         return losses[0]
 
     h = (float(seq_logp(theta, y_w)) - ref_w) - (float(seq_logp(theta, y_l)) - ref_l)
     weight = 1.0 / (1.0 + np.exp(beta * h))  # sigma(-beta h) in NumPy
-    expected = -beta * weight * (np.asarray(jax.grad(seq_logp)(theta, y_w)) - np.asarray(jax.grad(seq_logp)(theta, y_l)))
+    expected = (
+        -beta * weight * (np.asarray(jax.grad(seq_logp)(theta, y_w)) - np.asarray(jax.grad(seq_logp)(theta, y_l)))
+    )
     np.testing.assert_allclose(np.asarray(jax.grad(loss)(theta)), expected, rtol=1e-5, atol=1e-7)
 
 
@@ -239,8 +250,15 @@ def test_hyperparameters_are_traced_one_compile_for_a_sweep():
     @jax.jit
     def step(beta, eps, p):
         traces.append(1)
-        losses, _ = preference_loss(jnp.asarray(PC), jnp.asarray(PR), jnp.asarray(RC), jnp.asarray(RR), beta=beta,
-                                    label_smoothing=eps, target_probs=p)
+        losses, _ = preference_loss(
+            jnp.asarray(PC),
+            jnp.asarray(PR),
+            jnp.asarray(RC),
+            jnp.asarray(RR),
+            beta=beta,
+            label_smoothing=eps,
+            target_probs=p,
+        )
         return losses
 
     for beta, eps in [(0.1, 0.0), (0.3, 0.1), (1.0, 0.4)]:
@@ -256,8 +274,9 @@ def test_vmap_over_beta():
     losses_SxB, metrics = jax.vmap(fn)(jnp.asarray(betas, jnp.float32))
     assert losses_SxB.shape == (4, B) and metrics["rewards/margins"].shape == (4,)
     for s, beta in enumerate(betas):
-        np.testing.assert_allclose(np.asarray(losses_SxB[s]), np_pair_loss("sigmoid", PC - RC, PR - RR, beta),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(losses_SxB[s]), np_pair_loss("sigmoid", PC - RC, PR - RR, beta), rtol=1e-5
+        )
 
 
 def test_bco_running_moments_match_trl_update():

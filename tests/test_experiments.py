@@ -1,4 +1,4 @@
-"""Seed 000's finite-action witness, trained with this package's loss, against the closed-form optimum."""
+"""Seed experiments: the finite-action witness (seed 000) and the worked example (seed 002)."""
 
 import itertools
 
@@ -35,3 +35,27 @@ def test_script_reports_success(capsys):
     assert witness.main([]) == 0
     out = capsys.readouterr().out
     assert "recovered pi* to 1e-6: yes" in out and "KL(pi || ref)" in out
+
+
+# Copied from seed 002's printed console output (Out[7] and Out[11]).
+SEED_CONSOLE = """\
+Chosen implicit reward: 0.310
+Rejected implicit reward: -0.080
+Reward difference: 0.390
+Preference probability: 0.596
+DPO loss: 0.517
+Model strongly correct      0.176      0.161
+Model weakly correct        0.517      0.404
+Model uncertain             0.403      0.332
+Model weakly wrong          0.668      0.488
+Model strongly wrong        1.206      0.701
+"""
+
+
+def test_worked_example_script_prints_the_seed_console(capsys):
+    from experiments import seed_worked_example
+
+    seed_worked_example.main()
+    printed = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()]
+    for line in SEED_CONSOLE.splitlines():
+        assert " ".join(line.split()) in printed, line
