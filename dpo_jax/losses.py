@@ -253,6 +253,8 @@ def preference_loss(
         if value is not None:
             _check_range(name, value, 0.0, np.inf, lo_open=True, hi_open=True)
             lengths[name] = jnp.broadcast_to(_float(value), pc.shape)
+    if "ipo" in types and len(lengths) == 1:
+        raise ValueError("loss_type 'ipo' length-averages with both chosen_lengths and rejected_lengths; got one")
     if "sft" in types and "chosen_lengths" not in lengths:
         raise ValueError("loss_type 'sft' needs chosen_lengths (completion token counts) for its token mean")
 

@@ -311,6 +311,7 @@ def test_bco_running_moments_match_trl_update():
         (dict(loss_type=("sigmoid", "ipo"), loss_weights=(1.0,)), "loss_weights"),
         (dict(loss_type="sft"), "chosen_lengths"),
         (dict(chosen_lengths=np.zeros(B)), "chosen_lengths"),
+        (dict(loss_type="ipo", chosen_lengths=np.ones(B)), "rejected_lengths"),
     ],
 )
 def test_bad_input_names_the_argument(kwargs, match):
