@@ -204,6 +204,7 @@ def test_extreme_margins_are_finite(kind, margin):
             label_smoothing=0.1,
             target_probs=jnp.array([0.9, 1.0]),
             chosen_lengths=jnp.array([3.0, 4.0]),
+            rejected_lengths=jnp.array([2.0, 5.0]),
         )
         return jnp.sum(losses), metrics
 
