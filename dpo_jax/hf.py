@@ -1,0 +1,279 @@
+"""Local Hugging Face checkpoints: load a folder into a ``Decoder`` + tokenizer, and write one back.
+
+A folder holds ``config.json``, ``model.safetensors`` (or shards with ``model.safetensors.index.json``),
+``tokenizer.json`` and ``tokenizer_config.json``. Nothing is downloaded: ``path`` is a local directory.
+Weights are mapped by name: torch ``[out, in]`` linear weights become ``[in, out]`` kernels, and per-layer
+tensors are stacked on the leading ``[L]`` axis of the decoder's parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from dpo_jax.models.config import ModelConfig, config_from_hf, config_to_hf
+from dpo_jax.models.llama import Decoder
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Buffers some checkpoints carry that are not parameters.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    hf_name: str
+    path: tuple[str, ...]  # into the decoder's pure state dict
+    transpose: bool = False
+    layer: int | None = None  # index on the stacked [L] axis
+
+
+def weight_entries(cfg: ModelConfig) -> list[_Entry]:
+    """Every Hugging Face tensor of this config and where it lives in the decoder."""
+    entries = [_Entry("model.embed_tokens.weight", ("embed_tokens",)), _Entry("model.norm.weight", ("norm", "weight"))]
+    if not cfg.tie_word_embeddings:
+        entries.append(_Entry("lm_head.weight", ("lm_head",), transpose=True))
+    linears = [
+        ("self_attn.q_proj", cfg.qkv_bias),
+        ("self_attn.k_proj", cfg.qkv_bias),
+        ("self_attn.v_proj", cfg.qkv_bias),
+        ("self_attn.o_proj", cfg.o_bias),
+        ("mlp.gate_proj", cfg.mlp_bias),
+        ("mlp.up_proj", cfg.mlp_bias),
+        ("mlp.down_proj", cfg.mlp_bias),
+    ]
+    for i in range(cfg.num_layers):
+        prefix = f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            entries.append(_Entry(prefix + norm + ".weight", ("layers", norm, "weight"), layer=i))
+        for name, bias in linears:
+            path = ("layers", *name.split("."))
+            entries.append(_Entry(prefix + name + ".weight", (*path, "kernel"), transpose=True, layer=i))
+            if bias:
+                entries.append(_Entry(prefix + name + ".bias", (*path, "bias"), layer=i))
+    return entries
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it."""
+    index = path / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    single = path / SINGLE_FILE
+    if not single.exists():
+        raise FileNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+    with safe_open(single, framework="numpy") as f:
+        return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+
+
+def _read_tensors(files: dict[str, Path]) -> Iterator[tuple[str, Path, np.ndarray]]:
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        if not file.exists():
+            raise FileNotFoundError(f"{file}: listed in {INDEX_FILE} but missing")
+        with safe_open(file, framework="numpy") as f:
+            for name in names:
+                yield name, file, f.get_tensor(name)
+
+
+def load_weights(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, Any]:
+    """Read a folder's safetensors into the decoder's pure state dict (float32), checking names and shapes."""
+    path = Path(path)
+    abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))[1])
+    entries = {e.hf_name: e for e in weight_entries(cfg)}
+    files = _weight_files(path)
+    missing = sorted(set(entries) - set(files))
+    if missing:
+        raise ValueError(
+            f"{path}: missing tensors for {cfg.architecture}: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+        )
+    out = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), abstract)
+    unexpected = []
+    for name, file, tensor in _read_tensors(files):
+        entry = entries.get(name)
+        if entry is None:
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # a tied head saved anyway: the embedding is the source of truth
+            if not name.endswith(_IGNORED_SUFFIXES):
+                unexpected.append(name)
+            continue
+        value = np.asarray(tensor, np.float32)
+        value = value.T if entry.transpose else value
+        target = out
+        for key in entry.path[:-1]:
+            target = target[key]
+        leaf = target[entry.path[-1]]
+        expected = leaf.shape[1:] if entry.layer is not None else leaf.shape
+        if value.shape != expected:
+            stored = tuple(reversed(value.shape)) if entry.transpose else value.shape
+            want = tuple(reversed(expected)) if entry.transpose else expected
+            raise ValueError(f"{file.name}: tensor {name} has shape {stored}; config.json implies {want}")
+        if entry.layer is None:
+            target[entry.path[-1]] = value
+        else:
+            leaf[entry.layer] = value
+    if unexpected:
+        raise ValueError(f"{path}: unexpected tensors for {cfg.architecture}: {sorted(unexpected)[:8]}")
+    return out
+
+
+def load_config(path: str | os.PathLike, **overrides) -> ModelConfig:
+    file = Path(path) / "config.json"
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: no config.json (expected a local Hugging Face model folder)")
+    try:
+        hf = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON (line {e.lineno}): {e.msg}") from e
+    return config_from_hf(hf, where=str(file), **overrides)
+
+
+def load_pretrained(path: str | os.PathLike, **overrides) -> tuple[Decoder, HFTokenizer | None]:
+    """The decoder (float32 parameters) and tokenizer of a local folder; ``overrides`` set e.g. dtype, remat."""
+    cfg = load_config(path, **overrides)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, load_weights(path, cfg)))
+    tokenizer = HFTokenizer.from_folder(path) if (Path(path) / "tokenizer.json").exists() else None
+    return nnx.merge(graphdef, state), tokenizer
+
+
+def export_tensors(model: Decoder) -> dict[str, np.ndarray]:
+    """The decoder's parameters under Hugging Face names, torch layout, float32."""
+    pure = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), nnx.to_pure_dict(nnx.state(model)))
+    tensors = {}
+    for e in weight_entries(model.config):
+        value = pure
+        for key in e.path:
+            value = value[key]
+        value = value[e.layer] if e.layer is not None else value
+        tensors[e.hf_name] = np.ascontiguousarray(value.T if e.transpose else value)
+    return tensors
+
+
+def save_pretrained(
+    model: Decoder, path: str | os.PathLike, tokenizer: HFTokenizer | None = None, *, max_shard_bytes: int = 5 << 30
+) -> Path:
+    """Write a folder that ``transformers.AutoModelForCausalLM.from_pretrained`` loads (config and tokenizer too)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config_to_hf(model.config), indent=2) + "\n")
+    tensors = export_tensors(model)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, value in tensors.items():
+        if shards[-1] and size + value.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        size += value.nbytes
+    if len(shards) == 1:
+        save_file(shards[0], path / SINGLE_FILE, metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards, 1):
+            file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, path / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return path
+
+
+@dataclasses.dataclass
+class HFTokenizer:
+    """A folder's ``tokenizer.json`` (Hugging Face ``tokenizers``) with its special tokens and chat template."""
+
+    tokenizer: Any  # tokenizers.Tokenizer
+    special_tokens: dict[str, str | None]  # bos_token, eos_token, pad_token, unk_token
+    chat_template: str | None = None
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)  # the rest of tokenizer_config.json
+
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike) -> HFTokenizer:
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.exists():
+            raise FileNotFoundError(f"{file}: no tokenizer.json")
+        tok = Tokenizer.from_file(str(file))
+        cfg_file = path / "tokenizer_config.json"
+        config = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        special = {}
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            value = config.get(key)
+            special[key] = value.get("content") if isinstance(value, dict) else value
+        template = config.get("chat_template")
+        jinja = path / "chat_template.jinja"
+        if template is None and jinja.exists():
+            template = jinja.read_text()
+        rest = {k: v for k, v in config.items() if k not in (*special, "chat_template")}
+        return cls(tok, special, template, rest)
+
+    def token_id(self, key: str) -> int | None:
+        token = self.special_tokens.get(key)
+        return None if token is None else self.tokenizer.token_to_id(token)
+
+    @property
+    def bos_token_id(self):
+        return self.token_id("bos_token")
+
+    @property
+    def eos_token_id(self):
+        return self.token_id("eos_token")
+
+    @property
+    def pad_token_id(self):
+        return self.token_id("pad_token")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = False) -> str:
+        """Render the chat template as ``transformers`` does (sandboxed Jinja, trim/lstrip blocks)."""
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat_template (tokenizer_config.json / chat_template.jinja)")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise ValueError(f"chat template: {message}")
+
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        env.globals["raise_exception"] = raise_exception
+        template = env.from_string(self.chat_template)
+        specials = {k: v for k, v in self.special_tokens.items() if v is not None}
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **specials)
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(path / "tokenizer.json"))
+        config = {**self.config, **{k: v for k, v in self.special_tokens.items() if v is not None}}
+        config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,289 @@
+"""Flax NNX decoder for the Llama family (Llama 2/3, Mistral, Qwen2) as Hugging Face defines it.
+
+Shape letters: B batch, T query tokens, S key slots (T, or the KV-cache length), D model width, H query heads,
+K key/value heads, G = H // K query heads per KV head, E head width, F MLP width, V vocabulary, L layers.
+
+Parameters are float32 and stored with a leading layer axis [L, ...] (one layout whether or not the forward
+scans), kernels as [in, out]. Compute runs in ``config.dtype``; RMSNorm, RoPE and softmax run in float32.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dpo_jax.models.config import ModelConfig
+
+Array = jax.Array
+_MASKED = float(np.finfo(np.float32).min)  # finite, so a fully masked (padding) row gives no NaN
+
+
+class KVCache(NamedTuple):
+    """Key/value cache for decoding: slots [0, index) are written; ``mask_BxS`` marks the valid ones."""
+
+    k_LxBxSxKxE: Array
+    v_LxBxSxKxE: Array
+    mask_BxS: Array
+    index: Array  # int32 scalar: the next slot to write
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, length: int) -> KVCache:
+        shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+        zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+        return cls(zeros, zeros, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
+
+
+class DecoderOutput(NamedTuple):
+    logits_BxTxV: Array | None
+    hidden_BxTxD: Array  # after the final norm: the LM head's input
+    cache: KVCache | None
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Rotary inverse frequencies [E/2], with Hugging Face's linear and Llama-3 scaling."""
+    e = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, e, 2, dtype=np.float64) / e))
+    if cfg.rope_type == "linear":
+        inv = inv / cfg.rope_factor
+    elif cfg.rope_type == "llama3":
+        old = cfg.rope_original_max_position
+        low_wavelen, high_wavelen = old / cfg.rope_low_freq_factor, old / cfg.rope_high_freq_factor
+        wavelen = 2 * np.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / cfg.rope_factor, inv)
+        smooth = (old / wavelen - cfg.rope_low_freq_factor) / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, smoothed, scaled)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x_BxTxNxE: Array, positions_BxT: Array, inv_freq: np.ndarray) -> Array:
+    """Rotate-half RoPE (the Hugging Face layout: first half / second half of each head)."""
+    freqs_BxTxE2 = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    emb_BxTxE = jnp.concatenate([freqs_BxTxE2, freqs_BxTxE2], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb_BxTxE), jnp.sin(emb_BxTxE)
+    x = x_BxTxNxE.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos + rotated * sin).astype(x_BxTxNxE.dtype)
+
+
+def segment_positions(segment_ids_BxT: Array) -> Array:
+    """Positions that restart at 0 at each new segment of a packed row."""
+    t = jnp.arange(segment_ids_BxT.shape[1])
+    is_start = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BxT[:, :1], bool), segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1
+    )
+    start_BxT = jax.lax.cummax(jnp.where(is_start, t, 0), axis=1)
+    return t - start_BxT
+
+
+def attention_bias(q_slot_BxT, k_slot_S, kv_valid_BxS, q_seg_BxT, k_seg_BxS, window) -> Array:
+    """Additive mask [B, 1, 1, T, S]: causal, valid keys, same segment, optional sliding window."""
+    allowed = (k_slot_S[None, None, :] <= q_slot_BxT[:, :, None]) & kv_valid_BxS[:, None, :]
+    if q_seg_BxT is not None:
+        allowed &= q_seg_BxT[:, :, None] == k_seg_BxS[:, None, :]
+    if window is not None:
+        allowed &= q_slot_BxT[:, :, None] - k_slot_S[None, None, :] < window
+    return jnp.where(allowed, 0.0, _MASKED)[:, None, None, :, :]
+
+
+class Linear(nnx.Module):
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, std: float, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32) * std)
+        self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32)) if bias else None
+
+    def __call__(self, x: Array) -> Array:
+        y = jnp.dot(x, self.kernel[...].astype(x.dtype))
+        return y + self.bias[...].astype(x.dtype) if self.bias is not None else y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, d: int, eps: float):
+        self.weight = nnx.Param(jnp.ones((d,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)  # HF order: cast, then scale
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, k, e, std = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.initializer_range
+        self.q_proj = Linear(d, h * e, bias=cfg.qkv_bias, std=std, rngs=rngs)
+        self.k_proj = Linear(d, k * e, bias=cfg.qkv_bias, std=std, rngs=rngs)
+        self.v_proj = Linear(d, k * e, bias=cfg.qkv_bias, std=std, rngs=rngs)
+        self.o_proj = Linear(h * e, d, bias=cfg.o_bias, std=std, rngs=rngs)
+        self.shape = (h, k, e)
+
+    def __call__(self, x_BxTxD, positions_BxT, bias_Bx1x1xTxS, inv_freq, kv=None):
+        """``kv``: optional (cache_k_BxSxKxE, cache_v_BxSxKxE, index) to write into and attend over."""
+        h, k, e = self.shape
+        b, t, _ = x_BxTxD.shape
+        q_BxTxHxE = apply_rope(self.q_proj(x_BxTxD).reshape(b, t, h, e), positions_BxT, inv_freq)
+        k_BxTxKxE = apply_rope(self.k_proj(x_BxTxD).reshape(b, t, k, e), positions_BxT, inv_freq)
+        v_BxTxKxE = self.v_proj(x_BxTxD).reshape(b, t, k, e)
+        new_kv = None
+        if kv is not None:
+            cache_k, cache_v, index = kv
+            k_BxTxKxE = jax.lax.dynamic_update_slice_in_dim(cache_k, k_BxTxKxE.astype(cache_k.dtype), index, axis=1)
+            v_BxTxKxE = jax.lax.dynamic_update_slice_in_dim(cache_v, v_BxTxKxE.astype(cache_v.dtype), index, axis=1)
+            new_kv = (k_BxTxKxE, v_BxTxKxE)
+        q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
+        scores_BxKxGxTxS = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, k_BxTxKxE.astype(q_BxTxHxE.dtype))
+        scores_BxKxGxTxS = scores_BxKxGxTxS.astype(jnp.float32) * (e**-0.5) + bias_Bx1x1xTxS
+        probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(x_BxTxD.dtype)
+        out_BxTxKxGxE = jnp.einsum("bkgts,bske->btkge", probs, v_BxTxKxE.astype(x_BxTxD.dtype))
+        return self.o_proj(out_BxTxKxGxE.reshape(b, t, h * e)), new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, std = cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range
+        self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, std=std, rngs=rngs)
+        self.up_proj = Linear(d, f, bias=cfg.mlp_bias, std=std, rngs=rngs)
+        self.down_proj = Linear(f, d, bias=cfg.mlp_bias, std=std, rngs=rngs)
+
+    def __call__(self, x_BxTxD):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BxTxD, positions_BxT, bias, inv_freq, kv=None):
+        attn, new_kv = self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT, bias, inv_freq, kv)
+        x_BxTxD = x_BxTxD + attn
+        return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD)), new_kv
+
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Decoder(nnx.Module):
+    """Token ids -> final hidden states and (optionally) logits."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        std = cfg.initializer_range
+        self.embed_tokens = nnx.Param(
+            jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32) * std
+        )
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs):
+            return Block(cfg, rngs)
+
+        self.layers = make_layers(rngs)  # parameters stacked along a leading [L] axis
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else nnx.Param(jax.random.normal(rngs.params(), (cfg.hidden_size, cfg.vocab_size), jnp.float32) * std)
+        )
+
+    def lm_head_weight(self) -> Array:
+        """[D, V] in the compute dtype: the input embedding transposed when tied."""
+        w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        return w.astype(jnp.dtype(self.config.dtype))
+
+    def __call__(
+        self,
+        tokens_BxT: Array,
+        *,
+        positions_BxT: Array | None = None,
+        segment_ids_BxT: Array | None = None,
+        attention_mask_BxT: Array | None = None,
+        cache: KVCache | None = None,
+        return_logits: bool = True,
+    ) -> DecoderOutput:
+        """Run the decoder.
+
+        Args:
+          tokens_BxT: token ids.
+          positions_BxT: RoPE positions; default: from ``segment_ids`` (restart per segment), else from the
+            attention mask (``cumsum - 1``, right for left padding), else ``arange``.
+          segment_ids_BxT: packed sequences; tokens attend only within their segment.
+          attention_mask_BxT: 1 for real tokens, 0 for padding (keys that must not be attended to).
+          cache: a ``KVCache`` to write these tokens into (at ``cache.index``) and attend over.
+          return_logits: False skips the LM head (use ``lm_head_weight()`` with the chunked log-probs).
+        """
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        b, t = tokens_BxT.shape
+        valid_BxT = jnp.ones((b, t), bool) if attention_mask_BxT is None else attention_mask_BxT.astype(bool)
+        if positions_BxT is None:
+            if segment_ids_BxT is not None:
+                positions_BxT = segment_positions(segment_ids_BxT)
+            elif attention_mask_BxT is not None:
+                positions_BxT = jnp.maximum(jnp.cumsum(valid_BxT, axis=1) - 1, 0)
+            else:
+                positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
+        inv_freq = rope_inv_freq(cfg)
+
+        if cache is None:
+            slots_T = jnp.arange(t)
+            bias = attention_bias(
+                jnp.broadcast_to(slots_T, (b, t)),
+                slots_T,
+                valid_BxT,
+                segment_ids_BxT,
+                segment_ids_BxT,
+                cfg.sliding_window,
+            )
+        else:
+            if segment_ids_BxT is not None:
+                raise ValueError("segment_ids are not supported together with a KV cache")
+            kv_mask_BxS = jax.lax.dynamic_update_slice_in_dim(cache.mask_BxS, valid_BxT, cache.index, axis=1)
+            q_slots_BxT = jnp.broadcast_to(cache.index + jnp.arange(t), (b, t))
+            s = cache.mask_BxS.shape[1]
+            bias = attention_bias(q_slots_BxT, jnp.arange(s), kv_mask_BxS, None, None, cfg.sliding_window)
+
+        x_BxTxD = jnp.take(self.embed_tokens[...], tokens_BxT, axis=0).astype(dtype)
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def layer_fn(x_BxTxD, layer_state, kv):
+            return nnx.merge(graphdef, layer_state)(x_BxTxD, positions_BxT, bias, inv_freq, kv)
+
+        if cfg.remat != "none":
+            layer_fn = jax.checkpoint(layer_fn, policy=_REMAT[cfg.remat])
+
+        if cache is None:
+            if cfg.scan_layers:
+                x_BxTxD, _ = jax.lax.scan(lambda x, st: (layer_fn(x, st, None)[0], None), x_BxTxD, layer_state)
+            else:
+                for i in range(cfg.num_layers):
+                    x_BxTxD, _ = layer_fn(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], layer_state), None)
+            new_cache = None
+        else:
+
+            def body(x, xs):
+                st, ck, cv = xs
+                x, (ck, cv) = layer_fn(x, st, (ck, cv, cache.index))
+                return x, (ck, cv)
+
+            x_BxTxD, (k_new, v_new) = jax.lax.scan(body, x_BxTxD, (layer_state, cache.k_LxBxSxKxE, cache.v_LxBxSxKxE))
+            new_cache = KVCache(k_new, v_new, kv_mask_BxS, cache.index + t)
+
+        hidden_BxTxD = self.norm(x_BxTxD)
+        logits = jnp.dot(hidden_BxTxD, self.lm_head_weight()) if return_logits else None
+        return DecoderOutput(logits, hidden_BxTxD, new_cache)
+
+
+def init_decoder(cfg: ModelConfig, seed: int = 0) -> Decoder:
+    return Decoder(cfg, rngs=nnx.Rngs(params=seed))
