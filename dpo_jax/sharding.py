@@ -58,10 +58,8 @@ def _path_str(path) -> str:
 
 def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     """The partition spec of one parameter; an axis that does not divide its dimension is replicated."""
-    for pattern, spec in PARTITION_RULES:
-        if re.search(pattern, path):
-            break
-    else:
+    spec = next((spec for pattern, spec in PARTITION_RULES if re.search(pattern, path)), None)
+    if spec is None:
         raise ValueError(f"no partition rule matches parameter {path!r}; add one to PARTITION_RULES")
     axes = ((None,) if path.startswith(STACKED_PREFIX) else ()) + tuple(spec)
     axes = axes + (None,) * (len(shape) - len(axes))
