@@ -1,0 +1,151 @@
+"""Batched generation with a KV cache: one jit-compiled prefill + decode loop.
+
+Shape letters: B batch, P prompt tokens (left-padded), N new tokens, V vocabulary.
+
+Prompts are left-padded so every row's last prompt token sits in the last column; positions count real
+tokens only. Sampling applies temperature, then top-k, then top-p (nucleus). ``temperature == 0`` is greedy.
+Each sampled token also carries its log-prob under the *unmodified* policy (temperature 1, no truncation),
+which sampled KL estimates E_{y~pi}[log pi(y|x) - log pi_ref(y|x)] and on-policy pairs need, and under the
+distribution actually sampled from.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dpo_jax.models.llama import Decoder, KVCache
+
+Array = jax.Array
+
+
+class SampleOutput(NamedTuple):
+    tokens_BxN: Array  # pad_id after a row has finished
+    mask_BxN: Array  # True for generated tokens, up to and including EOS
+    logps_BxN: Array  # log pi(token) under the policy itself (0 where masked)
+    sampling_logps_BxN: Array  # log-prob under the temperature / top-k / top-p distribution sampled from
+
+
+def process_logits(logits_BxV: Array, temperature: float, top_k: int, top_p: float | Array) -> Array:
+    """Temperature, top-k and top-p filtering; removed entries become -inf."""
+    logits_BxV = logits_BxV.astype(jnp.float32) / temperature
+    if top_k > 0:
+        kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    kept_BxV = mass_before_BxV < top_p
+    threshold_Bx1 = jnp.min(jnp.where(kept_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits_BxV < threshold_Bx1, -jnp.inf, logits_BxV)
+
+
+def _pick(key, logits_BxV, temperature, top_k, top_p):
+    """Token, its policy log-prob and its sampling log-prob."""
+    policy_logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
+    if temperature == 0.0:
+        token_B = jnp.argmax(logits_BxV, axis=-1)
+        sampling_logp_B = jnp.zeros(token_B.shape, jnp.float32)  # a point mass
+    else:
+        processed_BxV = process_logits(logits_BxV, temperature, top_k, top_p)
+        token_B = jax.random.categorical(key, processed_BxV, axis=-1)
+        sampling_logp_B = jnp.take_along_axis(jax.nn.log_softmax(processed_BxV, -1), token_B[:, None], -1)[:, 0]
+    logp_B = jnp.take_along_axis(policy_logp_BxV, token_B[:, None], axis=-1)[:, 0]
+    return token_B.astype(jnp.int32), logp_B, sampling_logp_B
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "eos_ids", "pad_id"))
+def _generate(
+    graphdef, state, prompt_BxP, prompt_mask_BxP, key, top_p, *, max_new_tokens, temperature, top_k, eos_ids, pad_id
+):
+    model = nnx.merge(graphdef, state)
+    b, p = prompt_BxP.shape
+    n = max_new_tokens
+    valid_BxP = prompt_mask_BxP.astype(bool)
+    positions_BxP = jnp.maximum(jnp.cumsum(valid_BxP, axis=1) - 1, 0)
+    cache = KVCache.init(model.config, b, p + n)
+    out = model(prompt_BxP, positions_BxT=positions_BxP, attention_mask_BxT=valid_BxP, cache=cache)
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+    def cond(carry):
+        i, *_, done_B, _, _ = carry
+        return (i < n) & ~jnp.all(done_B)
+
+    def body(carry):
+        i, cache, logits_BxV, pos_B, done_B, key, buffers = carry
+        key, sub = jax.random.split(key)
+        token_B, logp_B, slogp_B = _pick(sub, logits_BxV, temperature, top_k, top_p)
+        live_B = ~done_B
+        token_B = jnp.where(live_B, token_B, pad_id)
+        buffers = tuple(
+            jax.lax.dynamic_update_slice_in_dim(buf, val[:, None], i, axis=1)
+            for buf, val in zip(
+                buffers, (token_B, live_B, jnp.where(live_B, logp_B, 0.0), jnp.where(live_B, slogp_B, 0.0)), strict=True
+            )
+        )
+        done_B = done_B | jnp.isin(token_B, eos)
+        step = model(token_B[:, None], positions_BxT=pos_B[:, None], attention_mask_BxT=live_B[:, None], cache=cache)
+        return i + 1, step.cache, step.logits_BxTxV[:, -1], pos_B + 1, done_B, key, buffers
+
+    buffers = (
+        jnp.full((b, n), pad_id, jnp.int32),
+        jnp.zeros((b, n), bool),
+        jnp.zeros((b, n), jnp.float32),
+        jnp.zeros((b, n), jnp.float32),
+    )
+    init = (
+        jnp.int32(0),
+        out.cache,
+        out.logits_BxTxV[:, -1],
+        jnp.sum(valid_BxP, axis=1),
+        jnp.zeros((b,), bool),
+        key,
+        buffers,
+    )
+    *_, buffers = jax.lax.while_loop(cond, body, init)
+    return SampleOutput(*buffers)
+
+
+def generate(
+    model: Decoder,
+    prompt_BxP: Array,
+    prompt_mask_BxP: Array,
+    *,
+    key: Array | int = 0,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_ids: tuple[int, ...] | None = None,
+    pad_id: int | None = None,
+) -> SampleOutput:
+    """Sample ``max_new_tokens`` per row from left-padded prompts (``prompt_mask`` 1 = real token).
+
+    ``eos_ids`` defaults to the model config's EOS ids; a row stops after its first EOS. ``key`` seeds the
+    sampling (an int or a PRNG key). The loop exits early once every row has finished.
+    """
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    cfg = model.config
+    eos = tuple(cfg.eos_ids if eos_ids is None else eos_ids)
+    pad = pad_id if pad_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+    key = jax.random.PRNGKey(key) if isinstance(key, int) else key
+    graphdef, state = nnx.split(model)
+    return _generate(
+        graphdef,
+        state,
+        jnp.asarray(prompt_BxP, jnp.int32),
+        jnp.asarray(prompt_mask_BxP),
+        key,
+        jnp.float32(top_p),
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_k=int(top_k),
+        eos_ids=eos,
+        pad_id=int(pad),
+    )

@@ -1,0 +1,72 @@
+"""Test-wide setup: 8 simulated CPU devices (set before JAX is imported) and tiny Hugging Face checkpoints."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+COMMON = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8,
+}
+# name -> (transformers config class, model class, extra config)
+HF_CASES = {
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)),
+    "llama_bias_tied": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    ),
+    "mistral_window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=4, head_dim=8)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+}
+
+
+def make_hf_model(name: str, seed: int = 0, scale: float = 0.3):
+    """A tiny random transformers model; weights perturbed so that norms and biases are not trivial."""
+    import torch
+    import transformers
+
+    config_cls, model_cls, extra = HF_CASES[name]
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**COMMON, **extra)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
+@pytest.fixture(scope="session", params=list(HF_CASES))
+def hf_checkpoint(request, tmp_path_factory):
+    """(name, transformers model, local folder) for each supported architecture."""
+    model = make_hf_model(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return request.param, model, path
+
+
+def padded_batch(b=3, t=11, vocab=97, seed=0):
+    """Token ids and an attention mask with one right-padded and one left-padded row."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, size=(b, t))
+    mask = np.ones((b, t), np.int64)
+    mask[1, t - 3 :] = 0
+    mask[2, :3] = 0
+    return np.where(mask == 1, ids, 0), mask

@@ -1,0 +1,128 @@
+"""Decoder against transformers (independent oracle), and its own options against each other."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import padded_batch
+from flax import nnx
+
+from dpo_jax import hf
+from dpo_jax import logprobs as lp
+from dpo_jax import sharding as sh
+from dpo_jax.models import ModelConfig, init_decoder
+
+
+def hf_logits(model, ids, mask):
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions)
+        )
+    return out.logits.numpy()
+
+
+def test_logits_match_transformers_on_padded_batches(hf_checkpoint):
+    name, model, path = hf_checkpoint
+    ours, _ = hf.load_pretrained(path)
+    assert ours.config.architecture == type(model).__name__
+    ids, mask = padded_batch()
+    got = np.asarray(ours(jnp.asarray(ids), attention_mask_BxT=jnp.asarray(mask)).logits_BxTxV)
+    expected = hf_logits(model, ids, mask)
+    valid = mask.astype(bool)
+    assert np.abs(got - expected)[valid].max() <= 1e-4, name
+
+
+TINY = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_layers=3, num_heads=4, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("options", [dict(scan_layers=False), dict(remat="full"), dict(remat="dots")])
+def test_layer_options_do_not_change_the_function(options):
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 61, (2, 9)))
+    base = init_decoder(TINY)
+    other = init_decoder(TINY.replace(**options))
+    np.testing.assert_allclose(other(ids).logits_BxTxV, base(ids).logits_BxTxV, atol=1e-5)
+
+    def loss(state, graphdef):
+        return jnp.sum(nnx.merge(graphdef, state)(ids).logits_BxTxV ** 2)
+
+    g_base = jax.grad(loss)(nnx.state(base), nnx.graphdef(base))
+    g_other = jax.grad(loss)(nnx.state(other), nnx.graphdef(other))
+    for a, b in zip(jax.tree.leaves(g_base), jax.tree.leaves(g_other), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_segments_equal_separate_sequences():
+    model = init_decoder(TINY)
+    rng = np.random.default_rng(2)
+    a, b = rng.integers(0, 61, 5), rng.integers(0, 61, 4)
+    packed = jnp.asarray(np.concatenate([a, b])[None])
+    segments = jnp.asarray([[1] * 5 + [2] * 4])
+    out = model(packed, segment_ids_BxT=segments).logits_BxTxV[0]
+    np.testing.assert_allclose(out[:5], model(jnp.asarray(a[None])).logits_BxTxV[0], atol=1e-5)
+    np.testing.assert_allclose(out[5:], model(jnp.asarray(b[None])).logits_BxTxV[0], atol=1e-5)
+
+
+def test_hidden_states_with_chunked_logprobs_equal_logits_path():
+    model = init_decoder(TINY)
+    ids, mask = padded_batch(3, 10, vocab=61, seed=3)
+    targets, tmask = lp.next_token_targets(jnp.asarray(ids), jnp.asarray(mask))
+    out = model(jnp.asarray(ids), attention_mask_BxT=jnp.asarray(mask))
+    hidden_only = model(jnp.asarray(ids), attention_mask_BxT=jnp.asarray(mask), return_logits=False)
+    assert hidden_only.logits_BxTxV is None
+    naive, _ = lp.sequence_logprobs(out.logits_BxTxV, targets, tmask)
+    chunked, _ = lp.chunked_sequence_logprobs(
+        hidden_only.hidden_BxTxD, model.lm_head_weight(), targets, tmask, token_chunk=8, vocab_chunk=16
+    )
+    np.testing.assert_allclose(chunked, naive, rtol=1e-5)
+
+
+def test_bfloat16_compute_stays_close_to_float32(hf_checkpoint):
+    name, model, path = hf_checkpoint
+    ours32, _ = hf.load_pretrained(path)
+    ours16, _ = hf.load_pretrained(path, dtype="bfloat16")
+    ids, mask = padded_batch()
+    out32 = ours32(jnp.asarray(ids), attention_mask_BxT=jnp.asarray(mask)).logits_BxTxV
+    out16 = ours16(jnp.asarray(ids), attention_mask_BxT=jnp.asarray(mask)).logits_BxTxV
+    assert out16.dtype == jnp.bfloat16
+    assert jax.tree.leaves(nnx.state(ours16))[0].dtype == jnp.float32  # parameters stay float32
+    valid = mask.astype(bool)
+    scale = float(jnp.abs(out32).max())
+    assert float(jnp.abs(out16.astype(jnp.float32) - out32)[valid].max()) < 0.05 * scale
+
+
+def test_sharded_forward_on_8_devices_equals_one_device():
+    assert jax.device_count() == 8, "tests/conftest.py sets 8 simulated CPU devices"
+    cfg = TINY.replace(qkv_bias=True, num_heads=4, num_kv_heads=2)
+    model = init_decoder(cfg)
+    graphdef, state = nnx.split(model)
+    mesh = sh.make_mesh(data=2, fsdp=2, tensor=2)
+    state_sharded = jax.device_put(state, sh.param_shardings(state, mesh))
+    # Something is really split: the q kernel is sharded over both fsdp and tensor.
+    q_kernel = state_sharded["layers"]["self_attn"]["q_proj"]["kernel"][...]
+    assert q_kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert q_kernel.addressable_shards[0].data.shape == (3, 16, 16)
+    ids, mask = padded_batch(4, 9, vocab=61, seed=4)
+    forward = jax.jit(lambda s, x, m: nnx.merge(graphdef, s)(x, attention_mask_BxT=m).logits_BxTxV)
+    single = forward(state, jnp.asarray(ids), jnp.asarray(mask))
+    batch = sh.batch_sharding(mesh)
+    multi = forward(state_sharded, jax.device_put(jnp.asarray(ids), batch), jax.device_put(jnp.asarray(mask), batch))
+    assert len(multi.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(multi), np.asarray(single), atol=1e-5)
+
+
+def test_pure_forward_vmaps_over_several_policies():
+    graphdef, state = nnx.split(init_decoder(TINY))
+    states = jax.tree.map(lambda *xs: jnp.stack(xs), state, nnx.state(init_decoder(TINY, seed=7)))
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, 61, (2, 6)))
+    stacked = jax.vmap(lambda s: nnx.merge(graphdef, s)(ids).logits_BxTxV)(states)
+    np.testing.assert_allclose(stacked[0], nnx.merge(graphdef, state)(ids).logits_BxTxV, atol=1e-6)
+    assert not np.allclose(stacked[0], stacked[1])
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        TINY.replace(num_kv_heads=3)
+    with pytest.raises(ValueError, match="remat"):
+        TINY.replace(remat="everything")

@@ -1,0 +1,149 @@
+"""KV-cache generation against transformers' greedy generate, full-forward log-probs and NumPy filtering."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import make_hf_model
+
+from dpo_jax import hf, sampling
+from dpo_jax import logprobs as lp
+
+
+@pytest.fixture(scope="module", params=["llama3", "mistral_window", "qwen2"])
+def pair(request, tmp_path_factory):
+    model = make_hf_model(request.param, seed=1, scale=0.5)
+    path = tmp_path_factory.mktemp("gen")
+    model.save_pretrained(path)
+    return model, hf.load_pretrained(path)[0]
+
+
+def left_padded_prompts(b=4, p=6, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 97, size=(b, p))
+    mask = np.ones((b, p), np.int64)
+    mask[1, :2] = 0
+    mask[2, :4] = 0
+    return np.where(mask == 1, ids, 0), mask
+
+
+def test_greedy_equals_transformers_generate(pair):
+    theirs, ours = pair
+    ids, mask = left_padded_prompts()
+    n = 10
+    with torch.no_grad():
+        expected = theirs.generate(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=2,
+        ).numpy()[:, ids.shape[1] :]
+    out = sampling.generate(ours, ids, mask, max_new_tokens=n, temperature=0.0, eos_ids=(2,), pad_id=0)
+    got = np.asarray(out.tokens_BxN)[:, : expected.shape[1]]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_logps_equal_a_full_forward_of_the_sample(pair):
+    _, ours = pair
+    ids, mask = left_padded_prompts(seed=1)
+    out = sampling.generate(ours, ids, mask, max_new_tokens=8, temperature=1.0, key=5, eos_ids=(2,))
+    tokens = np.concatenate([ids, np.asarray(out.tokens_BxN)], axis=1)
+    full_mask = np.concatenate([mask, np.asarray(out.mask_BxN)], axis=1)
+    completion = np.concatenate([np.zeros_like(mask), np.asarray(out.mask_BxN)], axis=1)
+    logits = ours(jnp.asarray(tokens), attention_mask_BxT=jnp.asarray(full_mask)).logits_BxTxV
+    targets, tmask = lp.next_token_targets(jnp.asarray(tokens), jnp.asarray(completion))
+    per_token = np.asarray(lp.token_logprobs(logits, jnp.where(tmask, targets, 0)))
+    expected = per_token[:, ids.shape[1] - 1 : -1] * np.asarray(out.mask_BxN)
+    np.testing.assert_allclose(np.asarray(out.logps_BxN), expected, atol=2e-5)
+    # With no truncation and temperature 1, the sampling distribution is the policy.
+    np.testing.assert_allclose(np.asarray(out.sampling_logps_BxN), np.asarray(out.logps_BxN), atol=1e-5)
+
+
+def test_eos_stops_a_row_and_is_kept_in_the_mask(pair):
+    _, ours = pair
+    ids, mask = left_padded_prompts(b=6, seed=2)
+    free = np.asarray(sampling.generate(ours, ids, mask, max_new_tokens=12, temperature=0.0, eos_ids=()).tokens_BxN)
+    eos_id = int(free[0, 2])  # row 0 must now stop at its third token (or earlier, if it appeared before)
+    out = sampling.generate(ours, ids, mask, max_new_tokens=12, temperature=0.0, eos_ids=(eos_id,), pad_id=0)
+    tokens, valid = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
+    for row, (row_tokens, row_valid) in enumerate(zip(tokens, valid, strict=True)):
+        hits = np.flatnonzero(free[row] == eos_id)
+        if hits.size:
+            stop = hits[0]
+            np.testing.assert_array_equal(row_tokens[: stop + 1], free[row, : stop + 1])
+            assert row_valid[: stop + 1].all() and not row_valid[stop + 1 :].any()
+            assert (row_tokens[stop + 1 :] == 0).all() and (np.asarray(out.logps_BxN)[row, stop + 1 :] == 0).all()
+        else:
+            assert row_valid.all()
+            np.testing.assert_array_equal(row_tokens, free[row])
+    assert not valid[0, 3:].any()
+
+
+def test_seeded_and_top_k_one_is_greedy(pair):
+    _, ours = pair
+    ids, mask = left_padded_prompts(seed=3)
+    kw = dict(max_new_tokens=6, eos_ids=(), temperature=0.9, top_p=0.95)
+    a = sampling.generate(ours, ids, mask, key=11, **kw).tokens_BxN
+    b = sampling.generate(ours, ids, mask, key=11, **kw).tokens_BxN
+    c = sampling.generate(ours, ids, mask, key=12, **kw).tokens_BxN
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    greedy = sampling.generate(ours, ids, mask, max_new_tokens=6, eos_ids=(), temperature=0.0).tokens_BxN
+    top1 = sampling.generate(ours, ids, mask, max_new_tokens=6, eos_ids=(), temperature=2.0, top_k=1, key=4)
+    np.testing.assert_array_equal(top1.tokens_BxN, greedy)
+
+
+def test_first_token_frequencies_follow_the_tempered_policy(pair):
+    _, ours = pair
+    prompt = np.tile(np.array([[5, 9, 13]]), (3000, 1))
+    mask = np.ones_like(prompt)
+    out = sampling.generate(ours, prompt, mask, max_new_tokens=1, temperature=0.7, key=2, eos_ids=())
+    logits = np.asarray(ours(jnp.asarray(prompt[:1])).logits_BxTxV[0, -1], np.float64) / 0.7
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    freq = np.bincount(np.asarray(out.tokens_BxN)[:, 0], minlength=probs.size) / prompt.shape[0]
+    assert np.abs(freq - probs).max() < 0.04
+
+
+def np_filter(logits, temperature, top_k, top_p):
+    z = np.asarray(logits, np.float64) / temperature
+    keep = np.ones_like(z, bool)
+    if top_k:
+        keep &= z >= np.sort(z)[::-1][top_k - 1]
+    # As transformers' warpers: top-p acts on the distribution renormalised after top-k.
+    order = np.argsort(-z)
+    p = np.where(keep[order], np.exp(z[order] - z.max()), 0.0)
+    p /= p.sum()
+    before = np.cumsum(p) - p
+    nucleus = np.zeros_like(keep)
+    nucleus[order[before < top_p]] = True
+    return keep & nucleus
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.5), (0.7, 3, 1.0), (1.3, 4, 0.8), (1.0, 0, 1.0)])
+def test_process_logits_matches_numpy(temperature, top_k, top_p):
+    logits = np.random.default_rng(4).normal(size=(3, 10)).astype(np.float32) * 2
+    out = np.asarray(sampling.process_logits(jnp.asarray(logits), temperature, top_k, top_p))
+    for row, filtered in zip(logits, out, strict=True):
+        kept = np_filter(row, temperature, top_k, top_p)
+        np.testing.assert_array_equal(np.isfinite(filtered), kept)
+        np.testing.assert_allclose(filtered[kept], row[kept] / temperature, rtol=1e-6)
+
+
+def test_bad_sampling_arguments(pair):
+    _, ours = pair
+    ids, mask = left_padded_prompts()
+    with pytest.raises(ValueError, match="top_p"):
+        sampling.generate(ours, ids, mask, top_p=0.0)
+
+
+def test_generation_is_jit_compiled_once_per_shape(pair):
+    _, ours = pair
+    ids, mask = left_padded_prompts(seed=6)
+    before = sampling._generate._cache_size()
+    for key in range(3):
+        sampling.generate(ours, ids, mask, key=jax.random.PRNGKey(key), max_new_tokens=4, top_p=0.5 + 0.1 * key)
+    assert sampling._generate._cache_size() - before <= 1
