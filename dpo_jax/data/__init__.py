@@ -1,0 +1,24 @@
+"""Preference data: formats, validation, tokenization, batching and the built-in synthetic task."""
+
+from dpo_jax.data.examples import Columns, LoadReport, PreferenceExample, load_examples, parse_row
+from dpo_jax.data.formats import DataError, read_rows
+from dpo_jax.data.loader import PreferenceLoader, collate, epoch_order, to_global
+from dpo_jax.data.tokenize import TokenizeConfig, TokenizedPair, tokenize_example, tokenize_examples
+
+__all__ = [
+    "Columns",
+    "DataError",
+    "LoadReport",
+    "PreferenceExample",
+    "PreferenceLoader",
+    "TokenizeConfig",
+    "TokenizedPair",
+    "collate",
+    "epoch_order",
+    "load_examples",
+    "parse_row",
+    "read_rows",
+    "to_global",
+    "tokenize_example",
+    "tokenize_examples",
+]

@@ -1,0 +1,173 @@
+"""Preference rows -> validated ``PreferenceExample``s, with every bad row named or skipped and counted.
+
+Accepted rows (column names configurable with ``Columns``):
+  standard        {"prompt": str, "chosen": str, "rejected": str}
+  conversational  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}, messages {role, content}
+  implicit prompt {"chosen": str | [messages], "rejected": ...}: the prompt is their common prefix
+Optional per-pair columns: a soft preference probability that ``chosen`` wins (``chosen_prob``) and a weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections import Counter
+from typing import Any
+
+from dpo_jax.data.formats import DataError, read_rows
+
+Messages = tuple[dict[str, str], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    prob: str | None = "chosen_prob"  # P(chosen beats rejected) in [0, 1]; absent means a hard label (1)
+    weight: str | None = "weight"  # >= 0; absent means 1
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceExample:
+    prompt: str | Messages
+    chosen: str | Messages  # the completion only (assistant turns for conversational rows)
+    rejected: str | Messages
+    prob: float = 1.0
+    weight: float = 1.0
+    where: str = ""
+
+    @property
+    def conversational(self) -> bool:
+        return not isinstance(self.chosen, str)
+
+
+@dataclasses.dataclass
+class LoadReport:
+    rows: int = 0
+    kept: int = 0
+    identical_dropped: int = 0
+    skipped: Counter = dataclasses.field(default_factory=Counter)  # reason -> count
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
+        return (
+            f"{self.rows} rows: {self.kept} kept, {self.identical_dropped} dropped (chosen == rejected), "
+            f"skipped: {skipped}"
+        )
+
+
+class _BadRow(DataError):
+    def __init__(self, where: str, field: str, reason: str, detail: str):
+        super().__init__(f"{where}: field {field!r}: {detail}")
+        self.reason = reason
+
+
+def _messages(value: list, where: str, field: str) -> Messages:
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise _BadRow(
+                where, field, "bad message", f"message {i} must be {{'role': str, 'content': str}}, got {m!r}"
+            )
+        out.append({"role": m["role"], "content": m["content"]})
+    return tuple(out)
+
+
+def _text_or_messages(row: dict, key: str, where: str, *, required: bool = True):
+    if key not in row or row[key] is None:
+        if required:
+            raise _BadRow(where, key, "missing field", "missing")
+        return None
+    value = row[key]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return _messages(value, where, key)
+    raise _BadRow(
+        where, key, "non-string field", f"expected a string or a list of messages, got {type(value).__name__}"
+    )
+
+
+def _common_prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _number(row: dict, key: str | None, where: str, default: float, lo: float, hi: float) -> float:
+    if key is None or row.get(key) is None:
+        return default
+    value = row[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _BadRow(where, key, "bad number", f"expected a finite number, got {value!r}")
+    if not lo <= value <= hi:
+        raise _BadRow(where, key, "number out of range", f"must lie in [{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+def parse_row(row: Any, where: str, columns: Columns = Columns()) -> PreferenceExample:
+    """One raw row -> a ``PreferenceExample``; raises ``DataError`` naming ``where`` and the field."""
+    if isinstance(row, DataError):
+        raise _BadRow(where, "<line>", "malformed line", str(row).split(": ", 1)[-1])
+    if not isinstance(row, dict):
+        raise _BadRow(where, "<row>", "malformed line", f"expected an object, got {type(row).__name__}")
+    chosen = _text_or_messages(row, columns.chosen, where)
+    rejected = _text_or_messages(row, columns.rejected, where)
+    prompt = _text_or_messages(row, columns.prompt, where, required=False)
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise _BadRow(
+            where, columns.rejected, "mixed formats", "chosen and rejected must both be text or both messages"
+        )
+    if prompt is None:  # implicit prompt: the shared prefix
+        n = _common_prefix(chosen, rejected)
+        if not isinstance(chosen, str):
+            # The completion starts at the first assistant turn after the shared messages.
+            while n > 0 and chosen[n - 1]["role"] == "assistant":
+                n -= 1
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    elif isinstance(prompt, str) != isinstance(chosen, str):
+        raise _BadRow(where, columns.prompt, "mixed formats", "prompt and completions must both be text or messages")
+    for key, completion in ((columns.chosen, chosen), (columns.rejected, rejected)):
+        if isinstance(completion, str):
+            if not completion.strip():
+                raise _BadRow(where, key, "empty completion", "empty completion")
+        else:
+            if not completion or not any(m["role"] == "assistant" for m in completion):
+                raise _BadRow(where, key, "no assistant turn", "conversational completion without an assistant turn")
+            if not any(m["content"].strip() for m in completion if m["role"] == "assistant"):
+                raise _BadRow(where, key, "empty completion", "empty completion")
+    prob = _number(row, columns.prob, where, 1.0, 0.0, 1.0)
+    weight = _number(row, columns.weight, where, 1.0, 0.0, math.inf)
+    return PreferenceExample(prompt, chosen, rejected, prob, weight, where)
+
+
+def load_examples(
+    path: str | os.PathLike,
+    *,
+    columns: Columns = Columns(),
+    on_bad_row: str = "error",
+    split: str | None = None,
+) -> tuple[list[PreferenceExample], LoadReport]:
+    """All valid examples of a file, and what was dropped or skipped (``on_bad_row``: "error" or "skip")."""
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    report = LoadReport()
+    examples = []
+    for where, row in read_rows(path, split=split):
+        report.rows += 1
+        try:
+            ex = parse_row(row, where, columns)
+        except _BadRow as e:
+            if on_bad_row == "error":
+                raise DataError(str(e)) from None
+            report.skipped[e.reason] += 1
+            continue
+        if ex.chosen == ex.rejected:
+            report.identical_dropped += 1
+            continue
+        examples.append(ex)
+    report.kept = len(examples)
+    return examples, report

@@ -1,0 +1,357 @@
+"""Data layer: every format, every bad-input case, exact masks, resumable order, host shards, synthetic task."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dpo_jax.data import (
+    Columns,
+    DataError,
+    PreferenceLoader,
+    TokenizeConfig,
+    load_examples,
+    synthetic,
+    to_global,
+    tokenize_examples,
+)
+from dpo_jax.data.tokenize import tokenize_example
+
+ROWS = [
+    {"prompt": "abc:", "chosen": "abba", "rejected": "mnop", "chosen_prob": 0.8, "weight": 2.0},
+    {"prompt": "def:", "chosen": "ddee", "rejected": "ghij"},
+    {"prompt": "ghi:", "chosen": "ihg", "rejected": "kkk", "chosen_prob": 0.6},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return synthetic.build_tokenizer()
+
+
+def write(tmp_path, name, rows):
+    path = tmp_path / name
+    return synthetic.write_rows(rows, path)
+
+
+def as_tuples(examples):
+    return [(e.prompt, e.chosen, e.rejected, e.prob, e.weight) for e in examples]
+
+
+EXPECTED = [("abc:", "abba", "mnop", 0.8, 2.0), ("def:", "ddee", "ghij", 1.0, 1.0), ("ghi:", "ihg", "kkk", 0.6, 1.0)]
+
+# --- Formats --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "parquet"])
+def test_file_formats(tmp_path, suffix):
+    examples, report = load_examples(write(tmp_path, f"d.{suffix}", ROWS))
+    assert as_tuples(examples) == EXPECTED and report.kept == 3
+
+
+def test_json_variants(tmp_path):
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": ROWS}))
+    columns = {k: [r.get(k) for r in ROWS] for k in ("prompt", "chosen", "rejected", "chosen_prob", "weight")}
+    (tmp_path / "columns.json").write_text(json.dumps(columns))
+    for name in ("wrapped.json", "columns.json"):
+        assert as_tuples(load_examples(tmp_path / name)[0]) == EXPECTED
+
+
+def test_hf_save_to_disk_folders(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
+    assert as_tuples(load_examples(tmp_path / "ds")[0]) == EXPECTED
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[:1])})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    assert as_tuples(load_examples(tmp_path / "dd", split="test")[0]) == EXPECTED[:1]
+    with pytest.raises(DataError, match="splits"):
+        load_examples(tmp_path / "dd")
+
+
+def test_custom_column_names(tmp_path):
+    rows = [{"q": "abc:", "good": "ab", "bad": "mn", "p": 0.7, "w": 3}]
+    cols = Columns(prompt="q", chosen="good", rejected="bad", prob="p", weight="w")
+    assert as_tuples(load_examples(write(tmp_path, "c.jsonl", rows), columns=cols)[0]) == [
+        ("abc:", "ab", "mn", 0.7, 3.0)
+    ]
+
+
+def test_implicit_prompt_is_the_common_prefix(tmp_path):
+    rows = [
+        {"chosen": "abc:abba", "rejected": "abc:mnop"},
+        {
+            "chosen": [{"role": "user", "content": "abc"}, {"role": "assistant", "content": "ab"}],
+            "rejected": [{"role": "user", "content": "abc"}, {"role": "assistant", "content": "mn"}],
+        },
+    ]
+    ex, _ = load_examples(write(tmp_path, "i.jsonl", rows))
+    assert (ex[0].prompt, ex[0].chosen, ex[0].rejected) == ("abc:", "abba", "mnop")
+    assert ex[1].prompt == ({"role": "user", "content": "abc"},)
+    assert ex[1].chosen == ({"role": "assistant", "content": "ab"},)
+
+
+# --- Tokenization ---------------------------------------------------------------------------------------------
+
+
+def test_completion_tokens_are_exactly_the_scored_tokens(tmp_path, tok):
+    ex, _ = load_examples(write(tmp_path, "t.jsonl", ROWS))
+    pairs, _ = tokenize_examples(ex, tok, TokenizeConfig(max_length=32, max_prompt_length=16))
+    batch = PreferenceLoader(pairs, 3, shuffle=False, buckets=(16,)).batch(0)
+    for i, row in enumerate(ROWS):
+        for j, key in enumerate(("chosen", "rejected")):
+            scored = batch["tokens"][i, j][batch["loss_mask"][i, j] == 1]
+            expected = [tok.tokenizer.token_to_id(c) for c in row[key]] + [tok.eos_token_id]
+            assert scored.tolist() == expected
+            prompt = batch["tokens"][i, j][(batch["attention_mask"][i, j] == 1) & (batch["loss_mask"][i, j] == 0)]
+            assert prompt.tolist() == [tok.bos_token_id] + [tok.tokenizer.token_to_id(c) for c in row["prompt"]]
+
+
+def test_conversational_rows_no_double_bos_and_one_eos(tmp_path, tok):
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "abc"}],
+            "chosen": [{"role": "assistant", "content": "ab"}],
+            "rejected": [{"role": "assistant", "content": "mn"}],
+        }
+    ]
+    ex, _ = load_examples(write(tmp_path, "c.jsonl", rows))
+    pair = tokenize_example(ex[0], tok, TokenizeConfig(max_length=32, max_prompt_length=16))
+    ids = {c: tok.tokenizer.token_to_id(c) for c in "abcmn:"}
+    # The template renders "<s>abc:" and "ab</s>": BOS once (from the template), EOS once (from the template).
+    assert pair.prompt.tolist() == [tok.bos_token_id, ids["a"], ids["b"], ids["c"], ids[":"]]
+    assert pair.chosen.tolist() == [ids["a"], ids["b"], tok.eos_token_id]
+    assert pair.rejected.tolist() == [ids["m"], ids["n"], tok.eos_token_id]
+
+
+def test_no_conversational_template_is_an_error(tmp_path, tok):
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "abc"}],
+            "chosen": [{"role": "assistant", "content": "ab"}],
+            "rejected": [{"role": "assistant", "content": "mn"}],
+        }
+    ]
+    ex, _ = load_examples(write(tmp_path, "c.jsonl", rows))
+    bare = synthetic.build_tokenizer()
+    bare.chat_template = None
+    with pytest.raises(ValueError, match="chat_template"):
+        tokenize_example(ex[0], bare, TokenizeConfig())
+
+
+@pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
+def test_truncation_modes_and_counts(tmp_path, tok, mode):
+    rows = [
+        {"prompt": "abcdefghij:", "chosen": "abcdefgh", "rejected": "ab"},
+        {"prompt": "a:", "chosen": "b", "rejected": "c"},
+    ]
+    ex, _ = load_examples(write(tmp_path, "t.jsonl", rows))
+    cfg = TokenizeConfig(max_length=10, max_prompt_length=5, truncation_mode=mode)
+    pairs, stats = tokenize_examples(ex, tok, cfg)
+    assert stats == {"pairs": 2, "truncated_prompts": 1, "truncated_completions": 1}
+    ids = lambda s: [tok.tokenizer.token_to_id(c) for c in s]  # noqa: E731
+    if mode == "keep_end":
+        assert pairs[0].prompt.tolist() == [tok.bos_token_id, *ids("hij:")]  # BOS kept, start dropped
+    else:
+        assert pairs[0].prompt.tolist() == [tok.bos_token_id, *ids("abcd")]
+    assert pairs[0].chosen.tolist() == ids("abcde")  # 5 + 5 = max_length; EOS cut off with the rest
+    assert pairs[0].rejected.tolist() == [*ids("ab"), tok.eos_token_id]
+    assert pairs[1].prompt.tolist() == [tok.bos_token_id, *ids("a:")]
+
+
+# --- Bad input --------------------------------------------------------------------------------------------------
+
+BAD_LINES = [
+    ('{"prompt": "a:", "chosen": "b", "rejected": ', "line 2", "malformed JSON"),
+    ('{"prompt": "a:", "rejected": "c"}', "line 2", "field 'chosen': missing"),
+    ('{"prompt": "a:", "chosen": 5, "rejected": "c"}', "line 2", "field 'chosen': expected a string"),
+    ('{"prompt": "a:", "chosen": "b", "rejected": "  "}', "line 2", "field 'rejected': empty completion"),
+    ('{"prompt": "a:", "chosen": "b", "rejected": "c", "chosen_prob": 1.5}', "line 2", "field 'chosen_prob': must lie"),
+    ('{"prompt": "a:", "chosen": "b", "rejected": "c", "chosen_prob": "high"}', "line 2", "field 'chosen_prob'"),
+    (
+        '{"prompt": [{"role": "user", "content": "a"}], "chosen": [{"role": "user", "content": "b"}], '
+        '"rejected": [{"role": "assistant", "content": "c"}]}',
+        "line 2",
+        "field 'chosen': conversational completion without an assistant turn",
+    ),
+    ("[1, 2]", "line 2", "expected an object"),
+]
+
+
+@pytest.mark.parametrize("line,where,message", BAD_LINES)
+def test_bad_rows_are_named_or_skipped(tmp_path, line, where, message):
+    good = json.dumps({"prompt": "a:", "chosen": "b", "rejected": "c"})
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f"{good}\n{line}\n{good}\n")
+    with pytest.raises(DataError) as err:
+        load_examples(path)
+    assert str(path) in str(err.value) and where in str(err.value) and message in str(err.value)
+    examples, report = load_examples(path, on_bad_row="skip")
+    assert len(examples) == 2 and report.rows == 3 and sum(report.skipped.values()) == 1
+    assert "skipped: 1" in report.summary()
+
+
+def test_identical_pairs_are_dropped_and_counted(tmp_path):
+    rows = [*ROWS, {"prompt": "x:", "chosen": "same", "rejected": "same"}]
+    examples, report = load_examples(write(tmp_path, "d.jsonl", rows))
+    assert len(examples) == 3 and report.identical_dropped == 1 and "1 dropped" in report.summary()
+
+
+def test_parquet_bad_row_names_the_row(tmp_path):
+    pq.write_table(
+        pa.Table.from_pylist([ROWS[1], {"prompt": "a:", "chosen": "b", "rejected": ""}]), tmp_path / "b.parquet"
+    )
+    with pytest.raises(DataError, match=r"b\.parquet:row 1: field 'rejected': empty completion"):
+        load_examples(tmp_path / "b.parquet")
+
+
+# --- Batching ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def task_pairs(tok, tmp_path_factory):
+    d = tmp_path_factory.mktemp("task")
+    paths = synthetic.write_task(d, synthetic.TaskConfig(n_sft=8, n_train=203, n_eval=8, seed=1))
+    ex, _ = load_examples(paths["train"])
+    return tokenize_examples(ex, tok, TokenizeConfig(max_length=32, max_prompt_length=16))[0]
+
+
+def test_fixed_shapes_from_buckets(task_pairs):
+    loader = PreferenceLoader(task_pairs, 16, buckets=(8, 16, 64))
+    shapes = {loader.batch(s)["tokens"].shape for s in range(30)}
+    assert shapes == {(16, 2, 16)}  # every sequence is 7 + 7 tokens: the 16 bucket
+
+
+def test_resume_at_any_step_equals_uninterrupted(task_pairs):
+    loader = PreferenceLoader(task_pairs, 16, seed=3)
+    uninterrupted = [b for _, b in loader.iterate(0, 30)]
+    resumed = [b for _, b in PreferenceLoader(task_pairs, 16, seed=3).iterate(17, 13)]
+    for a, b in zip(uninterrupted[17:], resumed, strict=True):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_epochs_cover_rows_once_and_reshuffle(task_pairs):
+    loader = PreferenceLoader(task_pairs, 16, seed=0)
+    spe = loader.steps_per_epoch
+    assert spe == 203 // 16
+    epoch0 = np.concatenate([loader.global_indices(s) for s in range(spe)])
+    epoch1 = np.concatenate([loader.global_indices(s) for s in range(spe, 2 * spe)])
+    assert len(set(epoch0)) == len(epoch0) == spe * 16
+    assert not np.array_equal(epoch0, epoch1)
+
+
+def test_two_hosts_see_every_row_once_per_epoch(task_pairs):
+    hosts = [
+        PreferenceLoader(task_pairs, 16, seed=5, drop_last=False, buckets=(16, 64), process_index=i, process_count=2)
+        for i in (0, 1)
+    ]
+    seen = []
+    for step in range(hosts[0].steps_per_epoch):
+        batches = [h.batch(step) for h in hosts]
+        assert batches[0]["tokens"].shape == batches[1]["tokens"].shape == (8, 2, 16)
+        for b in batches:
+            seen.extend(b["index"][b["valid"] == 1].tolist())
+    assert sorted(seen) == list(range(len(task_pairs)))
+
+
+def test_last_batch_padding_is_marked_invalid(task_pairs):
+    loader = PreferenceLoader(task_pairs, 16, shuffle=False, drop_last=False)
+    last = loader.batch(loader.steps_per_epoch - 1)
+    assert last["valid"].sum() == 203 % 16 and (last["index"][last["valid"] == 0] == -1).all()
+    assert (last["attention_mask"][last["valid"] == 0] == 0).all()
+
+
+def test_global_arrays_on_8_devices(task_pairs):
+    from dpo_jax.sharding import make_mesh
+
+    mesh = make_mesh(data=4, fsdp=2)
+    batch = PreferenceLoader(task_pairs, 16, buckets=(16,)).batch(0)
+    arrays = to_global(batch, mesh)
+    assert arrays["tokens"].shape == (16, 2, 16) and len(arrays["tokens"].sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(arrays["tokens"]), batch["tokens"])
+    flat = np.asarray(jax.jit(lambda t: t.reshape(32, 16))(arrays["tokens"]))
+    np.testing.assert_array_equal(flat[0::2], batch["tokens"][:, 0])  # pair-major: chosen rows are even
+
+
+# --- Synthetic task ---------------------------------------------------------------------------------------------
+
+
+def test_reward_by_hand():
+    assert synthetic.reward("abc:", "aabm") == 0.75
+    assert synthetic.reward("abc:", "mnop") == 0.0
+    assert synthetic.reward("abc:", "") == 0.0
+
+
+def test_bradley_terry_labels_and_soft_probabilities():
+    cfg = synthetic.TaskConfig(tau=0.25)
+    rng = np.random.default_rng(0)
+    rows = [synthetic.label_pair("abcde:", "aaaaaa", "aaammm", cfg, rng) for _ in range(4000)]
+    p_first = 1 / (1 + math.exp(-(1.0 - 0.5) / 0.25))
+    freq = np.mean([r["chosen"] == "aaaaaa" for r in rows])
+    assert abs(freq - p_first) < 0.02
+    for r in rows[:20]:
+        assert r["chosen_prob"] == pytest.approx(
+            1 / (1 + math.exp(-(r["chosen_reward"] - r["rejected_reward"]) / 0.25))
+        )
+    noisy = synthetic.TaskConfig(tau=0.25, label_noise=0.3)
+    rows = [synthetic.label_pair("abcde:", "aaaaaa", "aaammm", noisy, rng) for _ in range(4000)]
+    freq = np.mean([r["chosen"] == "aaaaaa" for r in rows])
+    assert abs(freq - (0.7 * p_first + 0.3 * (1 - p_first))) < 0.02
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "hf_disk"])
+def test_synthetic_task_round_trips_through_user_formats(tmp_path, fmt, tok):
+    cfg = synthetic.TaskConfig(n_sft=4, n_train=50, n_eval=4, seed=2)
+    rows = synthetic.preference_rows(cfg, cfg.n_train, np.random.default_rng(0))
+    if fmt == "hf_disk":
+        import datasets
+
+        datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+        path = tmp_path / "ds"
+    else:
+        path = synthetic.write_rows(rows, tmp_path / f"train.{fmt}")
+    examples, report = load_examples(path)
+    assert report.kept == 50
+    assert [(e.prompt, e.chosen, e.rejected) for e in examples] == [
+        (r["prompt"], r["chosen"], r["rejected"]) for r in rows
+    ]
+    assert [e.prob for e in examples] == pytest.approx([r["chosen_prob"] for r in rows])
+    for e in examples:
+        assert synthetic.reward(e.prompt, e.chosen) == next(
+            r["chosen_reward"] for r in rows if r["chosen"] == e.chosen and r["prompt"] == e.prompt
+        )
+
+
+def test_tokenizer_folder_loads_through_the_hf_path(tmp_path):
+    from dpo_jax.hf import HFTokenizer
+
+    paths = synthetic.write_task(tmp_path, synthetic.TaskConfig(n_sft=2, n_train=2, n_eval=2))
+    loaded = HFTokenizer.from_folder(paths["tokenizer"])
+    assert loaded.encode("abc:") == [3, 4, 5, 19] and loaded.decode([1, 3, 4, 2]) == "ab"
+    assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (1, 2, 0)
+
+
+def test_onpolicy_pairs_from_a_model(tok):
+    from dpo_jax.models import ModelConfig, init_decoder
+
+    model = init_decoder(
+        ModelConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=16,
+            intermediate_size=32,
+            num_layers=1,
+            num_heads=2,
+            num_kv_heads=1,
+            initializer_range=0.5,
+        )
+    )
+    cfg = synthetic.TaskConfig()
+    rows = synthetic.onpolicy_rows(model, tok, ["abcde:", "fghij:", "klmno:"], cfg, key=1)
+    assert rows and all(r["chosen"] != r["rejected"] for r in rows)
+    for r in rows:
+        assert r["chosen_reward"] == synthetic.reward(r["prompt"], r["chosen"])
