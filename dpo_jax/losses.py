@@ -197,6 +197,7 @@ def preference_loss(
     rejected_lengths: Array | None = None,
     reference_free: bool = False,
     bco_delta: float | Array | None = None,
+    mask: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Per-pair preference losses and TRL-named metrics.
 
@@ -214,6 +215,8 @@ def preference_loss(
       reference_free: ignore the reference (log-probs of zero).
       bco_delta: the running reward mean for ``bco_pair`` (see ``RunningMoments``); default: the batch mean of
         the implicit rewards, i.e. TRL's value at its first step.
+      mask: [B] 1 for real pairs, 0 for padding pairs: metrics, the batch statistics of ``sft`` and the
+        default ``bco_delta`` use real pairs only (losses_B is still returned for every pair).
 
     Returns:
       ``(losses_B, metrics)``: per-pair losses (reduce them as you like; TRL takes the mean) and scalar batch
@@ -258,11 +261,17 @@ def preference_loss(
     if "sft" in types and "chosen_lengths" not in lengths:
         raise ValueError("loss_type 'sft' needs chosen_lengths (completion token counts) for its token mean")
 
+    m = jnp.ones_like(pc) if mask is None else _float(mask)
+
+    def mean(x):
+        return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
     sft_nll_B = None
     if "sft" in types:
         # TRL's nll_loss: NLL pooled over all chosen tokens of the batch, the same value for every pair. Uses the
         # summed (not IPO length-averaged) log-probs.
-        sft_nll_B = jnp.broadcast_to(-jnp.sum(pc) / jnp.sum(lengths["chosen_lengths"]), pc.shape)
+        tokens = jnp.maximum(jnp.sum(lengths["chosen_lengths"] * m), 1.0)
+        sft_nll_B = jnp.broadcast_to(-jnp.sum(pc * m) / tokens, pc.shape)
     if "ipo" in types and len(lengths) == 2:
         lc, lr = lengths["chosen_lengths"], lengths["rejected_lengths"]
         pc, rc, pr, rr = pc / lc, rc / lc, pr / lr, rr / lr
@@ -271,7 +280,7 @@ def preference_loss(
     chosen_rewards = jax.lax.stop_gradient(beta * c)
     rejected_rewards = jax.lax.stop_gradient(beta * r)
     if bco_delta is None:
-        delta = jnp.mean(jnp.concatenate([chosen_rewards, rejected_rewards]))
+        delta = (mean(chosen_rewards) + mean(rejected_rewards)) / 2
     else:
         delta = jax.lax.stop_gradient(_float(bco_delta))
 
@@ -288,14 +297,14 @@ def preference_loss(
 
     z = jax.lax.stop_gradient(beta * (c - r))
     metrics = {
-        "rewards/chosen": jnp.mean(chosen_rewards),
-        "rewards/rejected": jnp.mean(rejected_rewards),
-        "rewards/margins": jnp.mean(chosen_rewards - rejected_rewards),
-        "rewards/accuracies": jnp.mean((chosen_rewards > rejected_rewards).astype(jnp.float32)),
-        "logps/chosen": jnp.mean(jax.lax.stop_gradient(pc)),
-        "logps/rejected": jnp.mean(jax.lax.stop_gradient(pr)),
-        "preference_prob": jnp.mean(jax.nn.sigmoid(z)),
-        "grad_weight": jnp.mean(jax.nn.sigmoid(-z)),
+        "rewards/chosen": mean(chosen_rewards),
+        "rewards/rejected": mean(rejected_rewards),
+        "rewards/margins": mean(chosen_rewards - rejected_rewards),
+        "rewards/accuracies": mean((chosen_rewards > rejected_rewards).astype(m.dtype)),
+        "logps/chosen": mean(jax.lax.stop_gradient(pc)),
+        "logps/rejected": mean(jax.lax.stop_gradient(pr)),
+        "preference_prob": mean(jax.nn.sigmoid(z)),
+        "grad_weight": mean(jax.nn.sigmoid(-z)),
     }
     return losses_B, metrics
 

@@ -28,7 +28,7 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"(o_proj|down_proj)/bias$", P(None)),
     (r"(norm|layernorm)/weight$", P(None)),
 )
-STACKED_PREFIX = "layers/"  # parameters with a leading [L] axis
+STACKED = re.compile(r"(^|/)layers/")  # parameters with a leading [L] axis
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -61,7 +61,7 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     spec = next((spec for pattern, spec in PARTITION_RULES if re.search(pattern, path)), None)
     if spec is None:
         raise ValueError(f"no partition rule matches parameter {path!r}; add one to PARTITION_RULES")
-    axes = ((None,) if path.startswith(STACKED_PREFIX) else ()) + tuple(spec)
+    axes = ((None,) if STACKED.search(path) else ()) + tuple(spec)
     axes = axes + (None,) * (len(shape) - len(axes))
     if len(axes) != len(shape):
         raise ValueError(f"partition rule for {path!r} has {len(axes)} axes; the parameter has shape {shape}")
@@ -73,6 +73,19 @@ def param_shardings(tree, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(
         lambda path, x: NamedSharding(mesh, spec_for(_path_str(path), tuple(x.shape), mesh)), tree
     )
+
+
+def tree_shardings(tree, mesh: Mesh):
+    """Shardings for a whole train state: arrays whose path matches a rule (parameters, and optimizer moments,
+    whose paths end in the parameter's) follow it; everything else (steps, scalars, RNG keys) is replicated."""
+
+    def one(path, x):
+        p = _path_str(path)
+        if getattr(x, "ndim", 0) == 0 or not any(re.search(pattern, p) for pattern, _ in PARTITION_RULES):
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, spec_for(p, tuple(x.shape), mesh))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -282,15 +282,16 @@ def test_global_arrays_on_8_devices(task_pairs):
 
 
 def test_reward_by_hand():
-    assert synthetic.reward("abc:", "aabm") == 0.75
-    assert synthetic.reward("abc:", "mnop") == 0.0
+    assert synthetic.reward("abc:", "aabm", "copy_prompt") == 0.75
+    assert synthetic.reward("abc:", "mnop", "copy_prompt") == 0.0
+    assert synthetic.reward("mno:", "ahim") == 0.5  # positive letters: a-h
     assert synthetic.reward("abc:", "") == 0.0
 
 
 def test_bradley_terry_labels_and_soft_probabilities():
     cfg = synthetic.TaskConfig(tau=0.25)
     rng = np.random.default_rng(0)
-    rows = [synthetic.label_pair("abcde:", "aaaaaa", "aaammm", cfg, rng) for _ in range(4000)]
+    rows = [synthetic.label_pair("xyz:", "aaaaaa", "aaammm", cfg, rng) for _ in range(4000)]
     p_first = 1 / (1 + math.exp(-(1.0 - 0.5) / 0.25))
     freq = np.mean([r["chosen"] == "aaaaaa" for r in rows])
     assert abs(freq - p_first) < 0.02
@@ -299,7 +300,7 @@ def test_bradley_terry_labels_and_soft_probabilities():
             1 / (1 + math.exp(-(r["chosen_reward"] - r["rejected_reward"]) / 0.25))
         )
     noisy = synthetic.TaskConfig(tau=0.25, label_noise=0.3)
-    rows = [synthetic.label_pair("abcde:", "aaaaaa", "aaammm", noisy, rng) for _ in range(4000)]
+    rows = [synthetic.label_pair("xyz:", "aaaaaa", "aaammm", noisy, rng) for _ in range(4000)]
     freq = np.mean([r["chosen"] == "aaaaaa" for r in rows])
     assert abs(freq - (0.7 * p_first + 0.3 * (1 - p_first))) < 0.02
 
@@ -354,4 +355,4 @@ def test_onpolicy_pairs_from_a_model(tok):
     rows = synthetic.onpolicy_rows(model, tok, ["abcde:", "fghij:", "klmno:"], cfg, key=1)
     assert rows and all(r["chosen"] != r["rejected"] for r in rows)
     for r in rows:
-        assert r["chosen_reward"] == synthetic.reward(r["prompt"], r["chosen"])
+        assert r["chosen_reward"] == synthetic.reward(r["prompt"], r["chosen"], cfg.reward)

@@ -328,3 +328,18 @@ def test_missing_reference_is_an_error():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shape"):
         preference_loss(jnp.asarray(PC), jnp.asarray(PR[:3]), jnp.asarray(RC), jnp.asarray(RR))
+
+
+def test_mask_excludes_padding_pairs_from_metrics_and_batch_statistics():
+    mask = np.array([1, 1, 0, 1, 0, 1.0])
+    lc = np.array([3, 5, 8, 2, 9, 4.0])
+    keep = mask == 1
+    _, m = run(PC, PR, RC, RR, beta=0.2, mask=mask)
+    cr, rr = 0.2 * (PC - RC), 0.2 * (PR - RR)
+    assert m["rewards/margins"] == pytest.approx((cr - rr)[keep].mean(), rel=1e-5)
+    assert m["rewards/accuracies"] == pytest.approx((cr > rr)[keep].mean())
+    losses, _ = run(PC, PR, RC, RR, loss_type="sft", chosen_lengths=lc, mask=mask)
+    assert losses[0] == pytest.approx(-PC[keep].sum() / lc[keep].sum(), rel=1e-5)
+    losses, _ = run(PC, PR, RC, RR, loss_type="bco_pair", beta=0.2, mask=mask)
+    delta = np.concatenate([cr[keep], rr[keep]]).mean()
+    np.testing.assert_allclose(losses, np_pair_loss("bco_pair", PC - RC, PR - RR, 0.2, delta=delta), rtol=1e-5)

@@ -171,3 +171,27 @@ def load_examples(
         examples.append(ex)
     report.kept = len(examples)
     return examples, report
+
+
+def load_sft_examples(
+    path: str | os.PathLike, *, prompt: str = "prompt", completion: str = "completion", on_bad_row: str = "error"
+) -> list[PreferenceExample]:
+    """SFT demonstrations ``{prompt, completion}`` as examples whose chosen and rejected are the completion
+    (the loader's layout; the SFT step scores the chosen row only)."""
+    examples = []
+    for where, row in read_rows(path):
+        try:
+            if isinstance(row, DataError):
+                raise _BadRow(where, "<line>", "malformed line", str(row).split(": ", 1)[-1])
+            if not isinstance(row, dict):
+                raise _BadRow(where, "<row>", "malformed line", f"expected an object, got {type(row).__name__}")
+            p = _text_or_messages(row, prompt, where)
+            c = _text_or_messages(row, completion, where)
+            if isinstance(c, str) and not c.strip():
+                raise _BadRow(where, completion, "empty completion", "empty completion")
+        except _BadRow as e:
+            if on_bad_row == "error":
+                raise DataError(str(e)) from None
+            continue
+        examples.append(PreferenceExample(p, c, c, 1.0, 1.0, where))
+    return examples

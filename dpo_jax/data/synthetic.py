@@ -1,9 +1,13 @@
 """The built-in preference task: a verifiable scalar reward a tiny model learns on one CPU in minutes.
 
-In the spirit of the DPO paper's IMDb experiment (a known reward, so DPO can be *measured*): a prompt is a
-short string of letters, a completion is another string, and the reward is the fraction of completion letters
-that also occur in the prompt, r(x, y) in [0, 1]. A uniform-random completion scores about
-1 - (15/16)^5 ~ 0.28 on average; copying prompt letters scores 1.
+In the spirit of the DPO paper's IMDb sentiment experiment (a known reward, so DPO can be *measured*): a
+prompt is a short string of letters, a completion is another string, and the reward is computed exactly:
+
+  ``positive`` (default)  the fraction of completion letters from the "positive" half a-h of the alphabet,
+                          whatever the prompt (like sentiment, a property of the completion); a uniform
+                          completion scores 0.5 on average, the best one 1.
+  ``copy_prompt``         the fraction of completion letters that occur in the prompt; a prompt-conditional
+                          rule, harder for a tiny model (a uniform completion scores ~0.28).
 
 The task provides a character tokenizer saved in the Hugging Face format (so the ordinary loading code reads
 it), SFT demonstrations (uniform-random completions: the reference policy), the reward, and preference pairs
@@ -24,6 +28,8 @@ import numpy as np
 from dpo_jax.hf import HFTokenizer
 
 ALPHABET = "abcdefghijklmnop"
+POSITIVE = frozenset("abcdefgh")
+REWARDS = ("positive", "copy_prompt")
 SEPARATOR = ":"
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 CHAT_TEMPLATE = (
@@ -41,7 +47,12 @@ class TaskConfig:
     n_eval: int = 256
     tau: float = 0.1  # Bradley-Terry temperature of the reward: P(y1 > y2) = sigmoid((r1 - r2) / tau)
     label_noise: float = 0.0  # probability that a hard label is flipped
+    reward: str = "positive"  # positive | copy_prompt
     seed: int = 0
+
+    def __post_init__(self):
+        if self.reward not in REWARDS:
+            raise ValueError(f"synthetic.reward must be one of {REWARDS}, got {self.reward!r}")
 
 
 def build_tokenizer() -> HFTokenizer:
@@ -57,13 +68,13 @@ def build_tokenizer() -> HFTokenizer:
     return HFTokenizer(tok, special, CHAT_TEMPLATE, {"tokenizer_class": "PreTrainedTokenizerFast"})
 
 
-def reward(prompt: str, completion: str) -> float:
-    """Fraction of completion letters that occur in the prompt (0 for an empty completion)."""
+def reward(prompt: str, completion: str, kind: str = "positive") -> float:
+    """The task's reward of a completion (0 for one without letters); ``kind`` as in the module docstring."""
     letters = [c for c in completion if c in ALPHABET]
     if not letters:
         return 0.0
-    present = set(prompt)
-    return sum(c in present for c in letters) / len(letters)
+    good = POSITIVE if kind == "positive" else set(prompt)
+    return sum(c in good for c in letters) / len(letters)
 
 
 def _letters(rng: np.random.Generator, n: int) -> str:
@@ -80,7 +91,7 @@ def sft_rows(cfg: TaskConfig, rng: np.random.Generator) -> list[dict]:
 
 def label_pair(prompt: str, y1: str, y2: str, cfg: TaskConfig, rng: np.random.Generator) -> dict:
     """A preference row for two completions: hard Bradley-Terry label (with noise) and soft probability."""
-    r1, r2 = reward(prompt, y1), reward(prompt, y2)
+    r1, r2 = reward(prompt, y1, cfg.reward), reward(prompt, y2, cfg.reward)
     p1 = 1.0 / (1.0 + math.exp(-(r1 - r2) / cfg.tau))
     first_wins = rng.random() < p1
     if rng.random() < cfg.label_noise:

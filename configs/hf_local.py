@@ -1,0 +1,40 @@
+"""DPO of a local Hugging Face checkpoint on a local preference file.
+
+The model folder holds config.json, *.safetensors, tokenizer.json and tokenizer_config.json; the data is a
+.jsonl / .json / .parquet file or a save_to_disk folder with prompt / chosen / rejected (text or messages).
+The checkpoint is also the reference; its log-probs are cached once. The result is exported back to
+<workdir>/hf for transformers.
+
+    dpo-jax train --config configs/hf_local.py --workdir runs/my_dpo \\
+        --config.model.hf_path=/models/Llama-3.2-1B-Instruct \\
+        --config.data.train_path=/data/prefs_train.jsonl --config.data.eval_path=/data/prefs_eval.jsonl
+"""
+
+import ml_collections
+from default import get_config as default_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = default_config()
+    c.task = "files"
+    c.model.init = "hf"
+    c.model.hf_path = ""  # required: a local folder
+    c.model.dtype = "bfloat16"
+    c.model.remat = "dots_no_batch"
+    c.data.update(max_length=1024, max_prompt_length=512, buckets=(256, 512, 1024))
+    c.sft.steps = 0  # the checkpoint is the reference
+    c.optim.update(
+        steps=1000,
+        batch_size=32,
+        learning_rate=5e-7,
+        warmup_steps=50,
+        schedule="linear",
+        end_lr_fraction=0.0,
+        weight_decay=0.0,
+    )
+    c.dpo.beta = 0.1
+    c.eval.update(every=200, batch_size=32, num_prompts=64)
+    c.checkpoint.every = 200
+    if arg:
+        raise ValueError(f"configs/hf_local.py: unknown config argument {arg!r}")
+    return c

@@ -1,0 +1,3 @@
+from dpo_jax.main import console_main
+
+console_main()

@@ -1,0 +1,172 @@
+"""Load ``configs/*.py`` files and validate every field before anything compiles."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import ml_collections
+
+from dpo_jax.losses import LOSS_TYPES
+from dpo_jax.models.config import REMAT_POLICIES
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field (``config.section.field``)."""
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """``path/to/config.py[:arg]`` -> ``get_config(arg)``; the file's folder is importable (shared bases)."""
+    path, _, arg = spec.partition(":")
+    file = Path(path)
+    if not file.exists():
+        raise ConfigError(f"--config: file {file} not found")
+    folder = str(file.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    module_spec = importlib.util.spec_from_file_location(f"_dpo_jax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config: {file} defines no get_config(arg=None)")
+    return module.get_config(arg or None)
+
+
+def loss_types(cfg) -> tuple[str, ...]:
+    return tuple(t.strip() for t in cfg.dpo.loss_type.split("+"))
+
+
+def _check(cond: bool, field: str, expected: str, value) -> None:
+    if not cond:
+        raise ConfigError(f"config.{field}: expected {expected}, got {value!r}")
+
+
+def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
+    """Raise ``ConfigError`` naming the first invalid field."""
+    import jax
+
+    num_devices = num_devices or jax.device_count()
+    _check(cfg.task in ("synthetic", "files"), "task", "'synthetic' or 'files'", cfg.task)
+    if cfg.task == "files":
+        for key in ("train_path", "eval_path"):
+            p = cfg.data[key]
+            _check(bool(p) and Path(p).exists(), f"data.{key}", "an existing local file or folder", p)
+    for key in ("sft_path", "tokenizer_path"):
+        p = cfg.data[key]
+        _check(not p or Path(p).exists(), f"data.{key}", "an existing path or ''", p)
+    _check(cfg.data.on_bad_row in ("error", "skip"), "data.on_bad_row", "'error' or 'skip'", cfg.data.on_bad_row)
+    _check(
+        cfg.data.truncation_mode in ("keep_end", "keep_start"),
+        "data.truncation_mode",
+        "keep_end | keep_start",
+        cfg.data.truncation_mode,
+    )
+    _check(
+        0 < cfg.data.max_prompt_length < cfg.data.max_length,
+        "data.max_prompt_length",
+        f"0 < max_prompt_length < max_length ({cfg.data.max_length})",
+        cfg.data.max_prompt_length,
+    )
+    _check(
+        len(cfg.data.buckets) > 0 and all(b > 0 for b in cfg.data.buckets),
+        "data.buckets",
+        "positive lengths",
+        cfg.data.buckets,
+    )
+
+    _check(cfg.model.init in ("scratch", "hf"), "model.init", "'scratch' or 'hf'", cfg.model.init)
+    if cfg.model.init == "hf":
+        p = cfg.model.hf_path
+        _check(
+            bool(p) and (Path(p) / "config.json").exists(),
+            "model.hf_path",
+            "a local Hugging Face folder with config.json",
+            p,
+        )
+    else:
+        _check(
+            cfg.task == "synthetic" or bool(cfg.data.tokenizer_path),
+            "data.tokenizer_path",
+            "a tokenizer folder when model.init='scratch' and task='files'",
+            cfg.data.tokenizer_path,
+        )
+        for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            _check(cfg.model[key] > 0, f"model.{key}", "> 0", cfg.model[key])
+        _check(
+            cfg.model.num_heads % cfg.model.num_kv_heads == 0,
+            "model.num_kv_heads",
+            f"a divisor of num_heads ({cfg.model.num_heads})",
+            cfg.model.num_kv_heads,
+        )
+    _check(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 | bfloat16", cfg.model.dtype)
+    _check(cfg.model.remat in REMAT_POLICIES, "model.remat", " | ".join(REMAT_POLICIES), cfg.model.remat)
+
+    types = loss_types(cfg)
+    for t in types:
+        _check(t in LOSS_TYPES, "dpo.loss_type", f"types from {LOSS_TYPES} joined by '+'", cfg.dpo.loss_type)
+    weights = tuple(cfg.dpo.loss_weights)
+    _check(not weights or len(weights) == len(types), "dpo.loss_weights", f"() or {len(types)} weights", weights)
+    _check(math.isfinite(cfg.dpo.beta) and cfg.dpo.beta > 0, "dpo.beta", "a number > 0", cfg.dpo.beta)
+    _check(0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "a number in [0, 0.5)", cfg.dpo.label_smoothing)
+
+    mesh = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
+    _check(
+        all(m == -1 or m >= 1 for m in mesh) and mesh.count(-1) <= 1,
+        "mesh",
+        "sizes >= 1 with at most one -1",
+        dict(cfg.mesh),
+    )
+    known = math.prod(m for m in mesh if m != -1)
+    _check(
+        num_devices % known == 0 if -1 in mesh else known == num_devices,
+        "mesh",
+        f"data * fsdp * tensor = {num_devices} devices",
+        dict(cfg.mesh),
+    )
+    data_parallel = (num_devices // known if cfg.mesh.data == -1 else cfg.mesh.data) * (
+        num_devices // known if cfg.mesh.fsdp == -1 else cfg.mesh.fsdp
+    )
+    for stage in ("sft", "optim"):
+        s = cfg[stage]
+        _check(s.steps >= 0, f"{stage}.steps", ">= 0", s.steps)
+        _check(s.learning_rate > 0, f"{stage}.learning_rate", "> 0", s.learning_rate)
+        accum = cfg.optim.grad_accum if stage == "optim" else 1
+        _check(
+            s.batch_size > 0 and s.batch_size % (data_parallel * accum) == 0,
+            f"{stage}.batch_size",
+            f"a multiple of data-parallel size x grad_accum = {data_parallel} x {accum}",
+            s.batch_size,
+        )
+    _check(cfg.optim.steps > 0, "optim.steps", "> 0", cfg.optim.steps)
+    _check(cfg.optim.grad_accum >= 1, "optim.grad_accum", ">= 1", cfg.optim.grad_accum)
+    _check(
+        cfg.optim.schedule in ("cosine", "linear", "constant"),
+        "optim.schedule",
+        "cosine | linear | constant",
+        cfg.optim.schedule,
+    )
+    _check(
+        0 <= cfg.optim.end_lr_fraction <= 1, "optim.end_lr_fraction", "a number in [0, 1]", cfg.optim.end_lr_fraction
+    )
+    _check(cfg.optim.clip_norm >= 0, "optim.clip_norm", ">= 0", cfg.optim.clip_norm)
+    _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", ">= 0", cfg.optim.weight_decay)
+    _check(cfg.reference.mode in ("cached", "frozen"), "reference.mode", "'cached' or 'frozen'", cfg.reference.mode)
+    _check(cfg.eval.every > 0 and cfg.eval.batch_size > 0, "eval", "every > 0 and batch_size > 0", dict(cfg.eval))
+    _check(
+        cfg.eval.batch_size % data_parallel == 0,
+        "eval.batch_size",
+        f"a multiple of the data-parallel size {data_parallel}",
+        cfg.eval.batch_size,
+    )
+    _check(
+        cfg.checkpoint.every > 0 and cfg.checkpoint.keep >= 1,
+        "checkpoint",
+        "every > 0, keep >= 1",
+        dict(cfg.checkpoint),
+    )
+    _check(cfg.log_every > 0, "log_every", "> 0", cfg.log_every)
+    _check(
+        cfg.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", "offline | online | disabled", cfg.wandb.mode
+    )

@@ -1,0 +1,232 @@
+"""Evaluation during training and the run's outputs (summary, plots, Hugging Face export).
+
+Shape letters: B pairs, n sampled prompts, P prompt tokens, N new tokens.
+
+Metrics (under ``eval/``):
+  loss, rewards/*, logps/*, preference_prob   held-out preference pairs, as in training
+  kl_token        exact full-vocabulary KL(pi || pi_ref) per token of the held-out chosen completions
+  kl_seq_exact    the same summed per completion
+  kl_sampled      E_{y~pi}[log pi(y|x) - log pi_ref(y|x)], the sequence KL the DPO paper plots, from
+                  ``num_prompts`` samples (temperature ``eval.temperature``); kl_sampled_se its standard error
+  reward          mean true reward of those samples (the built-in task); reward_se its standard error
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from dpo_jax import sampling, scoring
+from dpo_jax.config import loss_types
+from dpo_jax.data import PreferenceLoader, to_global
+from dpo_jax.losses import preference_loss
+
+
+class Evaluator:
+    def __init__(
+        self,
+        *,
+        cfg,
+        graphdef,
+        reference_params,
+        eval_pairs,
+        eval_examples,
+        ref_eval,
+        tokenizer,
+        mesh,
+        loader_kw,
+        reward_fn=None,
+    ):
+        self.cfg, self.graphdef, self.reference, self.mesh = cfg, graphdef, reference_params, mesh
+        self.tokenizer, self.reward_fn, self.ref_eval = tokenizer, reward_fn, ref_eval
+        self.loader = PreferenceLoader(eval_pairs, cfg.eval.batch_size, shuffle=False, drop_last=False, **loader_kw)
+        self.last: dict = {}
+        chunks = dict(token_chunk=cfg.logprobs.token_chunk, vocab_chunk=cfg.logprobs.vocab_chunk)
+        types, weights = loss_types(cfg), tuple(cfg.dpo.loss_weights) or None
+        cached = ref_eval is not None
+
+        def pref(params, batch, ref_params):
+            logps, counts = scoring.pair_logps(graphdef, params, batch, **chunks)
+            ref = batch["ref_logps"] if cached else scoring.pair_logps(graphdef, ref_params, batch, **chunks)[0]
+            valid = batch["valid"]
+            losses, metrics = preference_loss(
+                logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], loss_type=types, loss_weights=weights,
+                beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing,
+                target_probs=batch["target_probs"] if cfg.dpo.use_soft_targets else None,
+                chosen_lengths=jnp.maximum(counts[:, 0], 1.0), rejected_lengths=jnp.maximum(counts[:, 1], 1.0),
+                reference_free=cfg.dpo.reference_free, mask=valid,
+            )  # fmt: skip
+            n = jnp.sum(valid)
+            kl, kl_tokens = scoring.completion_token_kl(graphdef, params, ref_params, batch)
+            sums = {k: v * n for k, v in metrics.items()}
+            sums.update(loss=jnp.sum(losses * valid), n=n, kl=jnp.sum(kl * valid), kl_tokens=jnp.sum(kl_tokens * valid))
+            return sums
+
+        self._pref = jax.jit(pref)
+        self._ref_logps = jax.jit(functools.partial(scoring.sample_logps, graphdef))
+        self.prompts = self._prompts(eval_pairs, eval_examples, cfg.eval.num_prompts, tokenizer.pad_token_id or 0)
+
+    @staticmethod
+    def _prompts(pairs, examples, n, pad_id):
+        seen, ids, texts = set(), [], []
+        for pair, ex in zip(pairs, examples, strict=True):
+            key = pair.prompt.tobytes()
+            if key in seen:
+                continue
+            seen.add(key)
+            ids.append(pair.prompt)
+            texts.append(ex.prompt if isinstance(ex.prompt, str) else json.dumps(ex.prompt))
+            if len(ids) == n:
+                break
+        if not ids:
+            return None
+        width = max(len(x) for x in ids)
+        prompt = np.full((len(ids), width), pad_id, np.int32)
+        mask = np.zeros((len(ids), width), np.int32)
+        for i, x in enumerate(ids):
+            prompt[i, width - len(x) :] = x
+            mask[i, width - len(x) :] = 1
+        return prompt, mask, texts
+
+    def preference(self, params) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for _, batch in self.loader.epoch(0):
+            if self.ref_eval is not None:
+                batch["ref_logps"] = self.ref_eval[np.maximum(batch["index"], 0)] * batch["valid"][:, None]
+            sums = jax.device_get(self._pref(params, to_global(batch, self.mesh), self.reference))
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        n = max(totals.pop("n"), 1.0)
+        kl, kl_tokens = totals.pop("kl"), totals.pop("kl_tokens")
+        out = {f"eval/{k}": v / n for k, v in totals.items()}
+        out.update({"eval/kl_token": kl / max(kl_tokens, 1.0), "eval/kl_seq_exact": kl / n})
+        return out
+
+    def sampled(self, params, key, prefix="eval/") -> dict[str, float]:
+        """Sequence KL to the reference and true reward of samples from ``params``."""
+        if self.prompts is None or self.cfg.eval.num_prompts <= 0:
+            return {}
+        prompt, mask, texts = self.prompts
+        model = nnx.merge(self.graphdef, params)
+        out = sampling.generate(
+            model,
+            prompt,
+            mask,
+            key=key,
+            max_new_tokens=self.cfg.eval.max_new_tokens,
+            temperature=self.cfg.eval.temperature,
+            eos_ids=(self.tokenizer.eos_token_id,),
+            pad_id=self.tokenizer.pad_token_id or 0,
+        )
+        ref = self._ref_logps(self.reference, prompt, mask, out.tokens_BxN, out.mask_BxN)
+        log_ratio = np.asarray(jnp.sum(out.logps_BxN - ref, axis=-1), np.float64)
+        lengths = np.asarray(out.mask_BxN).sum(-1)
+        n = len(log_ratio)
+        res = {
+            f"{prefix}kl_sampled": log_ratio.mean(),
+            f"{prefix}kl_sampled_se": log_ratio.std(ddof=1) / np.sqrt(n),
+            f"{prefix}sample_length": lengths.mean(),
+        }
+        if self.reward_fn is not None:
+            tokens, valid = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
+            rewards = np.array(
+                [
+                    self.reward_fn(t, self.tokenizer.decode(tok[v]))
+                    for t, tok, v in zip(texts, tokens, valid, strict=True)
+                ]
+            )
+            res.update({f"{prefix}reward": rewards.mean(), f"{prefix}reward_se": rewards.std(ddof=1) / np.sqrt(n)})
+        return {k: float(v) for k, v in res.items()}
+
+    def __call__(self, params, step: int) -> dict[str, float]:
+        key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed + 1), step)
+        self.last = {**self.preference(params), **self.sampled(params, key)}
+        return self.last
+
+    def final(self, params, step: int) -> dict[str, float]:
+        """The last eval, plus the reference's sampled reward and KL (about 0) on the same prompts."""
+        if not self.last:
+            self(params, step)
+        key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed + 1), step)
+        return {**self.last, **self.sampled(self.reference, key, prefix="reference/")}
+
+
+# --- Outputs ----------------------------------------------------------------------------------------------------
+
+PLOTS = (
+    ("loss", ("sft/loss", "train/loss", "eval/loss")),
+    ("implicit reward margin", ("train/rewards/margins", "eval/rewards/margins")),
+    ("preference accuracy", ("train/rewards/accuracies", "eval/rewards/accuracies")),
+    ("KL(pi || pi_ref)", ("eval/kl_sampled", "eval/kl_seq_exact")),
+    ("true reward of samples", ("eval/reward",)),
+)
+
+
+def read_history(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def write_plots(history: list[dict], summary: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PLOTS), figsize=(4.2 * len(PLOTS), 3.4))
+    for ax, (title, keys) in zip(axes, PLOTS, strict=True):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in history if isinstance(r.get(key), float)]
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, marker="o" if key.startswith("eval/") else None, ms=3, label=key)
+        if title.startswith("true reward") and "reference/reward" in summary:
+            ax.axhline(summary["reference/reward"], color="gray", ls="--", label="reference")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+SUMMARY_KEYS = (
+    "eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/kl_token", "eval/kl_seq_exact",
+    "eval/kl_sampled", "eval/kl_sampled_se", "eval/reward", "eval/reward_se", "reference/reward",
+    "reference/reward_se", "reference/mode", "reference/cache_hit", "reference/pass_s", "params", "devices",
+    "processes", "wall_time_s",
+)  # fmt: skip
+
+
+def summary_table(summary: dict) -> str:
+    rows = [(k, summary[k]) for k in SUMMARY_KEYS if k in summary]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {fmt(v)} |" for k, v in rows) + "\n"
+
+
+def write_outputs(cfg, workdir: Path, graphdef, params, tokenizer, summary: dict) -> None:
+    """HF export of the final policy, summary.json / summary.md, and plots.png (process 0 writes)."""
+    from dpo_jax import hf
+
+    if jax.process_count() > 1:
+        params = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() != 0:
+        return
+    if cfg.export_hf:
+        hf.save_pretrained(nnx.merge(graphdef, jax.device_get(params)), workdir / "hf", tokenizer)
+        summary["export"] = str(workdir / "hf")
+    history = read_history(workdir / "metrics.jsonl")
+    summary["plots"] = str(write_plots(history, summary, workdir / "plots.png"))
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    table = summary_table(summary)
+    (workdir / "summary.md").write_text(table)
+    print("\n" + table, flush=True)

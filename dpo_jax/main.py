@@ -1,0 +1,111 @@
+"""The ``dpo-jax`` command: ``dpo-jax train --config configs/default.py --workdir runs/x [--config.a.b=v ...]``.
+
+Multi-host: on TPU pods pass ``--distributed`` (JAX finds its peers); elsewhere also ``--coordinator_address``,
+``--num_processes`` and ``--process_id`` (CPU processes use gloo collectives).
+"""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {"train": "train a policy (SFT reference stage if configured, then DPO) from a config file"}
+USAGE = (
+    "usage: dpo-jax {train} --config configs/<name>.py[:arg] --workdir <dir> [--config.<field>=<value> ...]\n"
+    + "\n".join(f"  {k:<8}{v}" for k, v in COMMANDS.items())
+)
+
+
+def _config_folder_on_path(argv: list[str]) -> None:
+    """Config files may import siblings (``configs/hf_local.py`` extends ``default.py``)."""
+    from pathlib import Path
+
+    for i, arg in enumerate(argv):
+        value = (
+            arg.split("=", 1)[1]
+            if arg.startswith("--config=")
+            else argv[i + 1]
+            if arg == "--config" and i + 1 < len(argv)
+            else None
+        )
+        if value:
+            folder = str(Path(value.split(":", 1)[0]).resolve().parent)
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
+
+
+def _run(command: str, argv: list[str]) -> int:
+    import jax
+    from absl import flags
+
+    from dpo_jax.config import ConfigError
+    from dpo_jax.data.formats import DataError
+    from dpo_jax.train import NonFiniteLoss, Preempted, train
+
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        print(f"dpo-jax: unexpected arguments {argv[1:]}\n{USAGE}", file=sys.stderr)
+        return 2
+    if FLAGS.coordinator_address or FLAGS.distributed:
+        if FLAGS.num_processes > 1:  # CPU collectives across processes (no effect on GPU / TPU)
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        kw = {}
+        if FLAGS.coordinator_address:
+            kw = dict(
+                coordinator_address=FLAGS.coordinator_address,
+                num_processes=FLAGS.num_processes,
+                process_id=FLAGS.process_id,
+            )
+        jax.distributed.initialize(**kw)
+    if FLAGS.config is None:
+        print(f"dpo-jax: --config is required\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        train(FLAGS.config, FLAGS.workdir)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"dpo-jax: {e}", file=sys.stderr)
+        return 2
+    except Preempted as e:
+        print(f"dpo-jax: {e}", file=sys.stderr)
+        return 143
+    except NonFiniteLoss as e:
+        print(f"dpo-jax: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        return 2
+    command = argv.pop(1)
+    _config_folder_on_path(argv)
+
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    if "workdir" not in flags.FLAGS:
+        config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
+        flags.DEFINE_string("workdir", "runs/default", "where checkpoints, logs, plots and exports go")
+        flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (TPU pods, SLURM)")
+        flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs")
+        flags.DEFINE_integer("num_processes", 1, "number of processes")
+        flags.DEFINE_integer("process_id", 0, "this process's index")
+    result = {}
+
+    def absl_main(rest):
+        from absl import logging
+
+        logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every checkpoint step at INFO
+        result["code"] = _run(command, rest)
+
+    try:
+        app.run(absl_main, argv=argv)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    return result.get("code", 0)
+
+
+def console_main() -> None:
+    raise SystemExit(main())

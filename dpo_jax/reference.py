@@ -1,0 +1,76 @@
+"""The frozen reference: precomputed sequence log-probs, cached on disk and shared by later runs.
+
+The cache key hashes (reference weights, model config, tokenized data, scoring settings), so any change to
+the reference, the data or the tokenization settings (which change the token ids) makes a new entry, and
+sibling runs of a sweep reuse one. Values are [N, 2] float32: (chosen, rejected) summed completion log-probs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from dpo_jax import scoring
+from dpo_jax.data.loader import PreferenceLoader, to_global
+from dpo_jax.sharding import batch_sharding
+
+
+def cache_key(params, model_config, pairs, settings: dict) -> str:
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda kv: jax.tree_util.keystr(kv[0])):
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.asarray(jax.device_get(leaf)).tobytes())
+    h.update(repr(model_config).encode())
+    for p in pairs:
+        for ids in (p.prompt, p.chosen, p.rejected):
+            h.update(np.asarray(ids, np.int32).tobytes())
+            h.update(b"|")
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+def compute_logps(graphdef, params, pairs, *, mesh, batch_size, buckets, pad_id, token_chunk, vocab_chunk):
+    """One pass of the reference over ``pairs`` (in order); every process gets all [N, 2] values."""
+    loader = PreferenceLoader(
+        pairs,
+        batch_size,
+        shuffle=False,
+        drop_last=False,
+        buckets=buckets,
+        pad_id=pad_id,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    score = jax.jit(
+        lambda params, batch: scoring.pair_logps(
+            graphdef, params, batch, token_chunk=token_chunk, vocab_chunk=vocab_chunk
+        )[0],
+        out_shardings=batch_sharding(mesh, 2),
+    )
+    out = np.zeros((len(pairs), 2), np.float32)
+    for step, batch in loader.epoch(0):
+        logps = score(params, to_global(batch, mesh))
+        logps = multihost_utils.process_allgather(logps, tiled=True) if jax.process_count() > 1 else logps
+        idx = loader.global_indices(step)
+        out[idx[idx >= 0]] = np.asarray(logps)[idx >= 0]
+    return out
+
+
+def cached_logps(cache_dir: str | os.PathLike, key: str, compute) -> tuple[np.ndarray, bool]:
+    """Load ``<cache_dir>/<key>.npy`` or compute and store it (process 0 writes, atomically); (values, hit)."""
+    path = Path(cache_dir) / f"{key}.npy"
+    if path.exists():
+        return np.load(path), True
+    values = compute()
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, values)
+        os.replace(tmp, path)
+    return values, False

@@ -1,0 +1,555 @@
+"""Train state, the one jitted SFT / DPO train step, and the training loop of ``dpo-jax train``.
+
+The step is a pure function ``train_step(state, batch, reference) -> (state, metrics)``, jitted once per stage
+with ``NamedSharding``s over the mesh and the state donated. Chosen and rejected run in one concatenated
+forward; completion log-probs go through the chunked LM head. beta and label smoothing live in
+``state.hparams`` and soft targets in the batch: traced, so one compile serves any value. ``reference`` is
+the frozen reference's parameters (``reference.mode='frozen'``) or None, when the batch carries precomputed
+reference log-probs (``'cached'``, the default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from dpo_jax import checkpoint, reference, scoring, sharding
+from dpo_jax.config import loss_types, validate
+from dpo_jax.data import (
+    Columns,
+    PreferenceLoader,
+    TokenizeConfig,
+    load_examples,
+    synthetic,
+    to_global,
+    tokenize_examples,
+)
+from dpo_jax.data.examples import load_sft_examples
+from dpo_jax.logging import ConsoleWriter, JsonlWriter, MultiWriter, WandbWriter, Writer
+from dpo_jax.losses import preference_loss
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint of the current step was saved."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient became NaN/Inf; the message names the step and the last good checkpoint."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # nnx.State, float32
+    opt_state: Any
+    rng: jax.Array
+    hparams: dict  # {"beta", "label_smoothing"}: traced
+    nonfinite_step: jax.Array  # first step whose loss or gradient was not finite; -1 if none
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """The static part of a step (changing it recompiles)."""
+
+    stage: str  # "sft" | "dpo"
+    loss_types: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] = ()
+    use_soft_targets: bool = False
+    reference_free: bool = False
+    frozen_reference: bool = False
+    grad_accum: int = 1
+    token_chunk: int = 1024
+    vocab_chunk: int = 8192
+
+
+# --- Optimizer ------------------------------------------------------------------------------------------------
+
+
+def lr_schedule(peak: float, steps: int, warmup: int, kind: str, end_fraction: float) -> optax.Schedule:
+    decay_steps = max(steps - warmup, 1)
+    if kind == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=end_fraction)
+    elif kind == "linear":
+        decay = optax.linear_schedule(peak, peak * end_fraction, decay_steps)
+    else:
+        decay = optax.constant_schedule(peak)
+    if warmup <= 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(peak / warmup, peak, warmup), decay], [warmup])
+
+
+def decay_mask(params):
+    """Weight decay on matrices only: not on norms or biases."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: not re.search(r"(norm|bias)", jax.tree_util.keystr(path)), params
+    )
+
+
+def make_optimizer(o, steps: int, peak_lr: float, warmup: int) -> optax.GradientTransformation:
+    """AdamW with warmup + cosine/linear decay, global-norm clipping and a weight-decay mask. The learning rate
+    is an injected hyper-parameter (it lives in the optimizer state, so sweeps can vary it)."""
+    schedule = lr_schedule(peak_lr, steps, warmup, o.get("schedule", "cosine"), o.get("end_lr_fraction", 0.1))
+    adamw = optax.inject_hyperparams(optax.adamw)(
+        learning_rate=schedule,
+        b1=o.get("b1", 0.9),
+        b2=o.get("b2", 0.999),
+        weight_decay=o.get("weight_decay", 0.0),
+        mask=decay_mask,
+    )
+    clip = o.get("clip_norm", 1.0)
+    return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
+
+
+def current_lr(opt_state) -> jax.Array:
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "hyperparams")):
+        if hasattr(s, "hyperparams"):
+            return s.hyperparams["learning_rate"]
+    return jnp.float32(0.0)
+
+
+# --- The step ---------------------------------------------------------------------------------------------------
+
+
+def objective(params, graphdef, batch, ref_logps, hparams, sc: StepConfig):
+    """Scalar loss and metrics of one (micro-)batch."""
+    kw = dict(token_chunk=sc.token_chunk, vocab_chunk=sc.vocab_chunk)
+    valid = batch["valid"]
+    if sc.stage == "sft":
+        logps, counts = scoring.pair_logps(graphdef, params, batch, rows=1, **kw)
+        tokens = jnp.sum(counts[:, 0] * valid)
+        nll = -jnp.sum(logps[:, 0] * valid) / jnp.maximum(tokens, 1.0)
+        return nll, {"nll": nll}
+    logps, counts = scoring.pair_logps(graphdef, params, batch, rows=2, **kw)
+    ref = (None, None) if ref_logps is None else (ref_logps[:, 0], ref_logps[:, 1])
+    losses, metrics = preference_loss(
+        logps[:, 0], logps[:, 1], *ref,
+        loss_type=sc.loss_types,
+        loss_weights=sc.loss_weights or None,
+        beta=hparams["beta"],
+        label_smoothing=hparams["label_smoothing"],
+        target_probs=batch["target_probs"] if sc.use_soft_targets else None,
+        chosen_lengths=jnp.maximum(counts[:, 0], 1.0),
+        rejected_lengths=jnp.maximum(counts[:, 1], 1.0),
+        reference_free=sc.reference_free,
+        mask=valid,
+    )  # fmt: skip
+    w = batch["weights"] * valid
+    return jnp.sum(losses * w) / jnp.maximum(jnp.sum(w), 1e-9), metrics
+
+
+def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx, sc: StepConfig):
+    """One optimizer step (``sc.grad_accum`` micro-batches); a non-finite loss or gradient leaves the state
+    unchanged and records the step in ``nonfinite_step``."""
+
+    def micro(batch_m):
+        ref = None
+        if sc.stage == "dpo" and not sc.reference_free:
+            if sc.frozen_reference:
+                kw = dict(token_chunk=sc.token_chunk, vocab_chunk=sc.vocab_chunk)
+                ref = jax.lax.stop_gradient(scoring.pair_logps(graphdef, reference_params, batch_m, **kw)[0])
+            else:
+                ref = batch_m["ref_logps"]
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        (loss, metrics), grads = grad_fn(state.params, graphdef, batch_m, ref, state.hparams, sc)
+        return loss, metrics, grads
+
+    a = sc.grad_accum
+    if a == 1:
+        loss, metrics, grads = micro(batch)
+    else:
+        # Micro-batch k takes rows k, k + a, ...: each device's contiguous block splits locally, no transfer.
+        split = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1), batch)
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro, jax.tree.map(lambda x: x[0], split)))
+
+        def body(carry, batch_m):
+            return jax.tree.map(jnp.add, carry, micro(batch_m)), None
+
+        (loss, metrics, grads), _ = jax.lax.scan(body, zeros, split)
+        loss, metrics, grads = jax.tree.map(lambda x: x / a, (loss, metrics, grads))
+
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        nonfinite_step=jnp.where(~ok & (state.nonfinite_step < 0), state.step, state.nonfinite_step),
+    )
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "learning_rate": current_lr(state.opt_state), **metrics}
+
+
+# --- Throughput accounting --------------------------------------------------------------------------------------
+
+# Dense peak FLOP/s per device (bf16 for accelerators). The CPU figure assumes 2 x 256-bit FMA units per core
+# at 3 GHz in float32 (32 FLOP/cycle/core), shared by the simulated devices.
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6": 918e12,
+}
+
+
+def peak_flops_per_device() -> float:
+    d = jax.devices()[0]
+    if d.platform == "cpu":
+        return (os.cpu_count() or 1) * 3.0e9 * 32 / jax.local_device_count()
+    return next((v for k, v in PEAK_FLOPS.items() if k.lower() in d.device_kind.lower()), 0.0)
+
+
+def flops_per_step(model_cfg, matmul_params: int, rows: int, length: int, frozen_reference: bool) -> float:
+    """Training FLOPs of one step: 6 N per token (+ attention 12 L H E T) for the policy; 2 N (+ 4 L H E T)
+    more for a reference forward (PaLM appendix B accounting). ``rows`` = sequences per step."""
+    attn = model_cfg.num_layers * model_cfg.num_heads * model_cfg.head_dim * length
+    per_token = 6 * matmul_params + 12 * attn + ((2 * matmul_params + 4 * attn) if frozen_reference else 0)
+    return float(per_token * rows * length)
+
+
+# --- Stages -----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    sc: StepConfig
+    loader: PreferenceLoader
+    steps: int
+    optim: dict
+    hparams: dict
+    reference_params: Any = None  # frozen mode
+    ref_cache: np.ndarray | None = None  # cached mode: [N, 2]
+    evaluator: Any = None
+    log_offset: int = 0  # logged step = log_offset + stage step (one increasing axis across stages)
+
+
+_preempt = {"flag": False}
+
+
+def _on_sigterm(signum, frame):
+    _preempt["flag"] = True
+
+
+def run_stage(stage: Stage, *, cfg, workdir: Path, graphdef, init_params, mesh, model_cfg, matmul_params, writer):
+    """Train one stage with checkpoints and resume; returns the final parameters."""
+    ckpt = checkpoint.Checkpointer(
+        workdir / stage.name / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep
+    )
+    tx = make_optimizer(stage.optim, stage.steps, stage.optim["learning_rate"], stage.optim.get("warmup_steps", 0))
+    hparams = {k: jnp.float32(v) for k, v in stage.hparams.items()}
+
+    def init_state(params):
+        return TrainState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(cfg.seed), hparams, jnp.int32(-1))
+
+    abstract = jax.eval_shape(init_state, init_params)
+    shardings = sharding.tree_shardings(abstract, mesh)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, meta = ckpt.restore(latest, checkpoint.abstract_like(abstract, shardings))
+        print(f"[{stage.name}] resumed from step {latest} (data step {meta['data_step']})", flush=True)
+    else:
+        state = jax.jit(init_state, out_shardings=shardings)(init_params)
+    start = int(state.step)
+    if start >= stage.steps:
+        ckpt.close()
+        return state.params
+
+    sample = stage.loader.batch(start)
+    if stage.ref_cache is not None:
+        sample["ref_logps"] = np.zeros((len(sample["index"]), 2), np.float32)
+    batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in sample.items()}
+    ref_shardings = None if stage.reference_params is None else sharding.param_shardings(stage.reference_params, mesh)
+    step_fn = jax.jit(
+        functools.partial(train_step, graphdef=graphdef, tx=tx, sc=stage.sc),
+        in_shardings=(shardings, batch_shardings, ref_shardings),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    rows = 1 if stage.name == "sft" else 2
+    console = ConsoleWriter(stage.steps, start, stage.name, stage.log_offset) if jax.process_index() == 0 else Writer()
+    out = MultiWriter([writer, console])
+    peak = (cfg.peak_flops or peak_flops_per_device()) * jax.device_count()
+
+    def check_finite():
+        bad = int(state.nonfinite_step)
+        if bad >= 0:
+            ckpt.wait()
+            raise NonFiniteLoss(
+                f"[{stage.name}] the loss or gradient became NaN/Inf at step {bad}; stopped without "
+                f"saving. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.manager.directory}"
+            )
+
+    meta = lambda step: {"data_step": step, "stage": stage.name}  # noqa: E731
+    t0, steps_timed, tokens, flops = time.perf_counter(), 0, 0.0, 0.0
+    for step, batch in stage.loader.iterate(start, stage.steps - start):
+        if _preempt["flag"]:
+            if ckpt.latest_step() != step:  # the regular save may already have this step
+                ckpt.save(step, state, meta(step), force=True)
+            ckpt.close()
+            raise Preempted(f"[{stage.name}] SIGTERM: saved step {step}; rerun the same command to resume")
+        if stage.ref_cache is not None:
+            batch["ref_logps"] = stage.ref_cache[np.maximum(batch["index"], 0)] * batch["valid"][:, None]
+        state, metrics = step_fn(state, to_global(batch, mesh), stage.reference_params)
+        done = step + 1
+        steps_timed += 1
+        length = batch["tokens"].shape[-1]
+        tokens += float(batch["attention_mask"][:, :rows].sum()) * jax.process_count()
+        flops += flops_per_step(
+            model_cfg, matmul_params, rows * stage.loader.global_batch_size, length, stage.sc.frozen_reference
+        )
+        if done % cfg.log_every == 0 or done == stage.steps:
+            metrics = jax.device_get(metrics)
+            check_finite()
+            dt = time.perf_counter() - t0
+            logged = {f"{stage.name}/{k}": float(v) for k, v in metrics.items()}
+            logged.update({
+                f"{stage.name}/step_time_s": dt / steps_timed,
+                f"{stage.name}/tokens_per_s": tokens / dt,
+                f"{stage.name}/pairs_per_s": steps_timed * stage.loader.global_batch_size / dt,
+            })  # fmt: skip
+            if peak:
+                logged[f"{stage.name}/mfu"] = flops / dt / peak
+            logged["train/loss" if stage.name == "dpo" else "sft/loss"] = float(metrics["loss"])
+            if stage.name == "dpo":
+                logged.update({f"train/{k}": float(v) for k, v in metrics.items()})
+                logged.update(
+                    {f"train/{k[4:]}": v for k, v in logged.items() if k.startswith("dpo/") and "_per_s" in k}
+                )
+            out.write(stage.log_offset + done, logged)
+            t0, steps_timed, tokens, flops = time.perf_counter(), 0, 0.0, 0.0
+        if stage.evaluator is not None and (done % cfg.eval.every == 0 or done == stage.steps):
+            out.write(stage.log_offset + done, stage.evaluator(state.params, done))
+            t0 = time.perf_counter()
+        if done % cfg.checkpoint.every == 0 or done == stage.steps:
+            check_finite()
+            ckpt.save(done, state, meta(done), force=True)
+    ckpt.close()
+    console.close()
+    return state.params
+
+
+# --- The job ----------------------------------------------------------------------------------------------------
+
+
+def _barrier(name: str):
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def prepare_data(cfg, workdir: Path):
+    """Tokenizer and data files: the built-in task (written once into the workdir) or the configured files."""
+    from dpo_jax.hf import HFTokenizer
+
+    if cfg.task == "synthetic":
+        data_dir = workdir / "data"
+        if jax.process_index() == 0 and not (data_dir / "eval.jsonl").exists():
+            synthetic.write_task(data_dir, synthetic.TaskConfig(**cfg.synthetic))
+        _barrier("data")
+        paths = {k: data_dir / f"{k}.jsonl" for k in ("sft", "train", "eval")}
+        return HFTokenizer.from_folder(data_dir / "tokenizer"), paths
+    tokenizer_dir = cfg.data.tokenizer_path or cfg.model.hf_path
+    paths = {"train": Path(cfg.data.train_path), "eval": Path(cfg.data.eval_path)}
+    if cfg.data.sft_path:
+        paths["sft"] = Path(cfg.data.sft_path)
+    return HFTokenizer.from_folder(tokenizer_dir), paths
+
+
+def build_model(cfg, tokenizer):
+    from dpo_jax import hf
+    from dpo_jax.models import ModelConfig, init_decoder
+
+    m = cfg.model
+    if m.init == "hf":
+        model, _ = hf.load_pretrained(m.hf_path, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
+        return model
+    mc = ModelConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, dtype=m.dtype,
+        scan_layers=m.scan_layers, remat=m.remat, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=cfg.data.max_length,
+    )  # fmt: skip
+    return init_decoder(mc, seed=cfg.seed)
+
+
+def train(cfg, workdir: str | os.PathLike, *, devices=None) -> dict:
+    """Run the configured job end to end; returns the summary (also written to ``<workdir>/summary.json``)."""
+    from dpo_jax.evaluate import Evaluator, write_outputs
+
+    devices = list(jax.devices() if devices is None else devices)
+    validate(cfg, num_devices=len(devices))
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    is_main = jax.process_index() == 0
+    t_start = time.perf_counter()
+    old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
+    _preempt["flag"] = False
+
+    tokenizer, paths = prepare_data(cfg, workdir)
+    d = cfg.data
+    tok_cfg = TokenizeConfig(
+        max_length=d.max_length, max_prompt_length=d.max_prompt_length, truncation_mode=d.truncation_mode
+    )
+    columns = Columns(
+        d.prompt_column, d.chosen_column, d.rejected_column, d.prob_column or None, d.weight_column or None
+    )
+    load = functools.partial(load_examples, columns=columns, on_bad_row=d.on_bad_row, split=d.split or None)
+    (train_ex, train_report), (eval_ex, eval_report) = load(paths["train"]), load(paths["eval"])
+    train_pairs, train_tok = tokenize_examples(train_ex, tokenizer, tok_cfg)
+    eval_pairs, eval_tok = tokenize_examples(eval_ex, tokenizer, tok_cfg)
+    summary: dict[str, Any] = {
+        "data/train": train_report.summary(),
+        "data/eval": eval_report.summary(),
+        "data/train_truncation": train_tok,
+        "data/eval_truncation": eval_tok,
+    }
+    if is_main:
+        print(f"train data: {train_report.summary()}; eval data: {eval_report.summary()}", flush=True)
+
+    model = build_model(cfg, tokenizer)
+    graphdef, params = nnx.split(model)
+    n_params, matmul_params = scoring.count_matmul_params(model)
+    params = jax.device_put(params, sharding.param_shardings(params, mesh))
+    loader_kw = dict(
+        buckets=tuple(d.buckets),
+        pad_id=tokenizer.pad_token_id or 0,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    chunks = dict(token_chunk=cfg.logprobs.token_chunk, vocab_chunk=cfg.logprobs.vocab_chunk)
+    writer = Writer()
+    if is_main:
+        writers = [JsonlWriter(workdir / "metrics.jsonl")]
+        if cfg.wandb.enabled:
+            writers.append(WandbWriter(cfg.wandb, workdir, cfg.to_dict(), job_type="train"))
+        writer = MultiWriter(writers)
+    run = functools.partial(
+        run_stage,
+        cfg=cfg,
+        workdir=workdir,
+        graphdef=graphdef,
+        mesh=mesh,
+        model_cfg=model.config,
+        matmul_params=matmul_params,
+        writer=writer,
+    )
+    try:
+        sft_steps = 0
+        if cfg.sft.steps > 0 and "sft" in paths:
+            sft_ex = load_sft_examples(paths["sft"], on_bad_row=d.on_bad_row)
+            sft_pairs, _ = tokenize_examples(sft_ex, tokenizer, tok_cfg)
+            sft_loader = PreferenceLoader(sft_pairs, cfg.sft.batch_size, seed=cfg.seed, **loader_kw)
+            sft = Stage("sft", StepConfig("sft", **chunks), sft_loader, cfg.sft.steps, dict(cfg.sft), {})
+            params = run(sft, init_params=params)
+            sft_steps = cfg.sft.steps
+        reference_params = jax.tree.map(jnp.copy, params)  # the reference, kept outside the trained state
+
+        frozen = cfg.reference.mode == "frozen"
+        ref_train = ref_eval = None
+        ref_info = {"reference/mode": cfg.reference.mode}
+        if not frozen and not cfg.dpo.reference_free:
+            cache_dir = cfg.reference.cache_dir or str(workdir.parent / "reference_cache")
+            compute = functools.partial(
+                reference.compute_logps,
+                graphdef,
+                reference_params,
+                mesh=mesh,
+                batch_size=cfg.eval.batch_size,
+                **{k: loader_kw[k] for k in ("buckets", "pad_id")},
+                **chunks,
+            )
+            settings = {"chunks": chunks, "buckets": list(d.buckets)}
+            t0 = time.perf_counter()
+            ref_train, hit_train = reference.cached_logps(
+                cache_dir,
+                reference.cache_key(reference_params, model.config, train_pairs, settings),
+                lambda: compute(train_pairs),
+            )
+            ref_eval, hit_eval = reference.cached_logps(
+                cache_dir,
+                reference.cache_key(reference_params, model.config, eval_pairs, settings),
+                lambda: compute(eval_pairs),
+            )
+            ref_info.update(
+                {
+                    "reference/cache_hit": hit_train and hit_eval,
+                    "reference/pass_s": time.perf_counter() - t0,
+                    "reference/cache_dir": cache_dir,
+                }
+            )
+        summary.update(ref_info)
+
+        reward_fn = functools.partial(synthetic.reward, kind=cfg.synthetic.reward) if cfg.task == "synthetic" else None
+        evaluator = Evaluator(
+            cfg=cfg, graphdef=graphdef, reference_params=reference_params, eval_pairs=eval_pairs,
+            eval_examples=eval_ex, ref_eval=ref_eval, tokenizer=tokenizer, mesh=mesh, loader_kw=loader_kw,
+            reward_fn=reward_fn,
+        )  # fmt: skip
+        train_loader = PreferenceLoader(train_pairs, cfg.optim.batch_size, seed=cfg.seed, **loader_kw)
+        dpo_sc = StepConfig(
+            "dpo", loss_types(cfg), tuple(cfg.dpo.loss_weights), cfg.dpo.use_soft_targets, cfg.dpo.reference_free,
+            frozen, cfg.optim.grad_accum, **chunks,
+        )  # fmt: skip
+        dpo = Stage(
+            "dpo",
+            dpo_sc,
+            train_loader,
+            cfg.optim.steps,
+            {**dict(cfg.optim)},
+            {"beta": cfg.dpo.beta, "label_smoothing": cfg.dpo.label_smoothing},
+            reference_params if frozen else None,
+            ref_train,
+            evaluator,
+            log_offset=sft_steps,
+        )
+        params = run(dpo, init_params=reference_params)
+        summary.update(evaluator.final(params, cfg.optim.steps))
+    finally:
+        writer.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+
+    summary.update(
+        {
+            "params": n_params,
+            "wall_time_s": time.perf_counter() - t_start,
+            "devices": len(devices),
+            "processes": jax.process_count(),
+            "backend": jax.default_backend(),
+        }
+    )
+    write_outputs(cfg, workdir, graphdef, params, tokenizer, summary)
+    return summary
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def load_summary(workdir) -> dict:
+    return json.loads((Path(workdir) / "summary.json").read_text())

@@ -1,0 +1,303 @@
+"""Trainer: end-to-end run, config errors, resume after SIGKILL, SIGTERM, NaN stop, devices and processes."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from dpo_jax import sharding, train
+from dpo_jax.config import ConfigError, load_config_file, validate
+from dpo_jax.data import PreferenceLoader, TokenizeConfig, load_examples, synthetic, tokenize_examples
+from dpo_jax.evaluate import read_history
+from dpo_jax.hf import load_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [  # overrides that make the built-in job a seconds-long run
+    "synthetic.n_sft=128",
+    "synthetic.n_train=128",
+    "synthetic.n_eval=32",
+    "sft.steps=10",
+    "sft.batch_size=16",
+    "optim.steps=20",
+    "optim.batch_size=16",
+    "eval.every=10",
+    "eval.batch_size=16",
+    "eval.num_prompts=16",
+    "checkpoint.every=5",
+    "log_every=5",
+    "wandb.enabled=False",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+]
+
+
+def tiny_config(*extra, cache_dir=None):
+    cfg = load_config_file(str(ROOT / "configs/default.py"))
+    for item in (*TINY, *extra):
+        key, value = item.split("=", 1)
+        *path, leaf = key.split(".")
+        node = cfg
+        for p in path:
+            node = node[p]
+        node[leaf] = type(node[leaf])(json.loads(value) if value not in ("True", "False") else value == "True")
+    if cache_dir is not None:
+        cfg.reference.cache_dir = str(cache_dir)
+    return cfg
+
+
+def cli(workdir, *extra, env=None, wait=True):
+    cmd = [
+        sys.executable,
+        "-m",
+        "dpo_jax",
+        "train",
+        "--config",
+        str(ROOT / "configs/default.py"),
+        "--workdir",
+        str(workdir),
+        *(f"--config.{o}" for o in (*TINY, *extra)),
+    ]
+    full_env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+def test_end_to_end_outputs(tmp_path):
+    cfg = tiny_config("wandb.enabled=True", cache_dir=tmp_path / "cache")
+    summary = train.train(cfg, tmp_path / "run", devices=jax.devices()[:1])
+    run = tmp_path / "run"
+    history = read_history(run / "metrics.jsonl")
+    keys = set().union(*history)
+    for key in (
+        "train/loss",
+        "train/rewards/margins",
+        "train/rewards/accuracies",
+        "train/logps/chosen",
+        "train/grad_norm",
+        "train/learning_rate",
+        "train/tokens_per_s",
+        "train/pairs_per_s",
+        "dpo/mfu",
+        "eval/kl_token",
+        "eval/kl_sampled",
+        "eval/kl_sampled_se",
+        "eval/reward",
+        "sft/loss",
+    ):
+        assert key in keys, key
+    assert all(np.isfinite(r["train/loss"]) for r in history if "train/loss" in r)
+    assert (run / "plots.png").stat().st_size > 10_000 and (run / "summary.md").exists()
+    assert summary["reference/cache_hit"] is False and summary["reference/mode"] == "cached"
+    assert 0 <= summary["reference/reward"] <= 1 and np.isfinite(summary["eval/kl_sampled"])
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert offline and any(offline[0].rglob("*.wandb"))
+    assert sorted(p.name for p in (run / "dpo/checkpoints").iterdir() if p.name.isdigit())[-1] == "20"
+    model, tok = load_pretrained(run / "hf")  # the export loads back (transformers parity is tested in test_hf)
+    assert tok is not None and model.config.vocab_size == tok.vocab_size
+    # A sibling run with the same reference and data reuses the cached reference log-probs.
+    again = train.train(
+        tiny_config("optim.steps=5", cache_dir=tmp_path / "cache"), tmp_path / "run2", devices=jax.devices()[:1]
+    )
+    assert again["reference/cache_hit"] is True
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [("dpo.beta=0.0", "dpo.beta"), ("dpo.label_smoothing=0.5", "dpo.label_smoothing"),
+     ('dpo.loss_type="dpo"', "dpo.loss_type"), ("optim.batch_size=12", "optim.batch_size"),
+     ('task="files"', "data.train_path"), ('model.init="hf"', "model.hf_path"), ("mesh.tensor=3", "mesh"),
+     ("optim.grad_accum=3", "optim.batch_size")],
+)  # fmt: skip
+def test_config_errors_name_the_field(override, field):
+    cfg = tiny_config(override)
+    with pytest.raises(ConfigError, match=rf"config\.{field}"):
+        validate(cfg, num_devices=8)
+
+
+def test_cli_rejects_bad_override_before_compiling(tmp_path):
+    out = cli(tmp_path / "bad", "dpo.beta=-0.5")
+    assert out.returncode == 2 and "config.dpo.beta: expected a number > 0, got -0.5" in out.stderr
+
+
+def _wait_for_checkpoint(proc, directory: Path, step: int, timeout=240):
+    """Orbax renames a step's folder to its plain number only once the save is committed."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        done = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
+        if done and max(done) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stdout.read()}")
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint in time")
+
+
+def test_sigkill_then_resume_equals_uninterrupted_and_sigterm_saves(tmp_path):
+    slow = ["optim.steps=40"]
+    ref = cli(tmp_path / "straight", *slow)
+    assert ref.returncode == 0, ref.stderr
+    # SIGKILL mid-run, then the same command resumes.
+    proc = cli(tmp_path / "killed", *slow, wait=False)
+    _wait_for_checkpoint(proc, tmp_path / "killed/dpo/checkpoints", 10)
+    proc.kill()
+    proc.wait()
+    resumed = cli(tmp_path / "killed", *slow)
+    assert resumed.returncode == 0 and "[dpo] resumed from step" in resumed.stdout + resumed.stderr
+    a, b = load_file(tmp_path / "straight/hf/model.safetensors"), load_file(tmp_path / "killed/hf/model.safetensors")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # SIGTERM: a checkpoint of the current step, a clean exit, and a resume.
+    proc = cli(tmp_path / "term", *slow, wait=False)
+    _wait_for_checkpoint(proc, tmp_path / "term/dpo/checkpoints", 5)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143 and "SIGTERM: saved step" in output and "Traceback" not in output
+    assert cli(tmp_path / "term", *slow).returncode == 0
+    c = load_file(tmp_path / "term/hf/model.safetensors")
+    for k in a:
+        np.testing.assert_array_equal(a[k], c[k], err_msg=k)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = tiny_config(
+        "optim.learning_rate=1e30",
+        "optim.clip_norm=0.0",
+        "optim.warmup_steps=0",
+        'optim.schedule="constant"',
+        "eval.num_prompts=0",
+        cache_dir=tmp_path / "cache",
+    )
+    cfg.export_hf = False
+    with pytest.raises(train.NonFiniteLoss, match=r"NaN/Inf at step (\d+).*Last good checkpoint: step") as err:
+        train.train(cfg, tmp_path / "run", devices=jax.devices()[:1])
+    ckpts = sorted(int(p.name) for p in (tmp_path / "run/dpo/checkpoints").iterdir() if p.name.isdigit())
+    bad = int(err.value.args[0].split("at step ")[1].split(";")[0])
+    assert all(c <= bad for c in ckpts)
+
+
+def _losses(workdir):
+    return np.array([r["train/loss"] for r in read_history(Path(workdir) / "metrics.jsonl") if "train/loss" in r])
+
+
+def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
+    common = ("log_every=1", "eval.num_prompts=0", "optim.steps=8", "sft.steps=4")
+    one = tiny_config(*common, "mesh.data=1", cache_dir=tmp_path / "c1")
+    eight = tiny_config(*common, "mesh.data=4", "mesh.fsdp=2", cache_dir=tmp_path / "c8")
+    for c in (one, eight):
+        c.export_hf = False
+    train.train(one, tmp_path / "one", devices=jax.devices()[:1])
+    train.train(eight, tmp_path / "eight", devices=jax.devices()[:8])
+    np.testing.assert_allclose(_losses(tmp_path / "eight"), _losses(tmp_path / "one"), rtol=2e-5, atol=2e-6)
+
+
+def test_two_processes_train_together_like_one(tmp_path):
+    common = ("log_every=1", "eval.num_prompts=0", "optim.steps=6", "sft.steps=3", "export_hf=False")
+    single = cli(tmp_path / "single", *common, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert single.returncode == 0, single.stderr
+    port = 20000 + os.getpid() % 20000
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "dpo_jax", "train", "--config", str(ROOT / "configs/default.py"),
+             "--workdir", str(tmp_path / "multi"), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+             f"--process_id={i}", *(f"--config.{o}" for o in (*TINY, *common))],
+            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in (0, 1)
+    ]  # fmt: skip
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert "processes | 2" in outputs[0]
+    np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"), rtol=2e-5, atol=2e-6)
+
+
+# --- The step itself ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def step_setup(tmp_path_factory):
+    paths = synthetic.write_task(tmp_path_factory.mktemp("t"), synthetic.TaskConfig(n_sft=4, n_train=32, n_eval=4))
+    tok = synthetic.build_tokenizer()
+    pairs, _ = tokenize_examples(
+        load_examples(paths["train"])[0], tok, TokenizeConfig(max_length=16, max_prompt_length=8)
+    )
+    cfg = tiny_config()
+    model = train.build_model(cfg, tok)
+    graphdef, params = nnx.split(model)
+    batch = PreferenceLoader(pairs, 8, buckets=(16,)).batch(0)
+    return graphdef, params, {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+def _step(setup, sc, hparams=None, reference=None, ref_logps=None):
+    graphdef, params, batch = setup
+    tx = train.make_optimizer({"clip_norm": 1.0}, 10, 1e-3, 0)
+    hp = {k: jnp.float32(v) for k, v in (hparams or {"beta": 0.1, "label_smoothing": 0.0}).items()}
+    state = train.TrainState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(0), hp, jnp.int32(-1))
+    if ref_logps is not None:
+        batch = {**batch, "ref_logps": ref_logps}
+    fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, sc=sc))
+    return fn, state, batch, reference
+
+
+def test_frozen_and_cached_reference_agree(step_setup):
+    graphdef, params, batch = step_setup
+    from dpo_jax import scoring
+
+    ref = jax.tree.map(lambda x: x * 1.01, params)  # a reference that differs from the policy
+    ref_logps = scoring.pair_logps(graphdef, ref, batch)[0]
+    fn, state, b, _ = _step(step_setup, train.StepConfig("dpo", frozen_reference=True))
+    frozen_state, frozen_m = fn(state, b, ref)
+    fn, state, b, _ = _step(step_setup, train.StepConfig("dpo"), ref_logps=ref_logps)
+    cached_state, cached_m = fn(state, b, None)
+    np.testing.assert_allclose(frozen_m["loss"], cached_m["loss"], rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(frozen_state.params), jax.tree.leaves(cached_state.params), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_accumulation_equals_one_big_batch(step_setup):
+    graphdef, params, batch = step_setup
+    ref_logps = jnp.asarray(np.random.default_rng(0).normal(-20, 1, size=(8, 2)), jnp.float32)
+    results = []
+    for accum in (1, 2, 4):
+        fn, state, b, _ = _step(step_setup, train.StepConfig("dpo", grad_accum=accum), ref_logps=ref_logps)
+        results.append(fn(state, b, None))
+    for new_state, metrics in results[1:]:
+        np.testing.assert_allclose(metrics["loss"], results[0][1]["loss"], rtol=1e-5)
+        np.testing.assert_allclose(metrics["grad_norm"], results[0][1]["grad_norm"], rtol=1e-4)
+        for x, y in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(results[0][0].params), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_beta_and_smoothing_are_traced_one_compile(step_setup):
+    ref_logps = jnp.full((8, 2), -20.0)
+    fn, state, b, _ = _step(step_setup, train.StepConfig("dpo"), ref_logps=ref_logps)
+    losses = []
+    for beta, eps in ((0.1, 0.0), (0.5, 0.2), (2.0, 0.1)):
+        s = state.replace(hparams={"beta": jnp.float32(beta), "label_smoothing": jnp.float32(eps)})
+        losses.append(float(fn(s, b, None)[1]["loss"]))
+    assert fn._cache_size() == 1 and len(set(losses)) == 3
+
+
+def test_state_shardings_cover_optimizer_moments():
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    graphdef, params = nnx.split(train.build_model(tiny_config(), synthetic.build_tokenizer()))
+    tx = train.make_optimizer({}, 10, 1e-3, 2)
+    abstract = jax.eval_shape(
+        lambda p: train.TrainState(jnp.int32(0), p, tx.init(p), jax.random.PRNGKey(0), {}, jnp.int32(-1)), params
+    )
+    sh = sharding.tree_shardings(abstract, mesh)
+    specs = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(sh)}
+    mu_q = [v for k, v in specs.items() if "mu" in k and "q_proj" in k and "kernel" in k]
+    assert mu_q and all(s == jax.sharding.PartitionSpec(None, "fsdp", "tensor") for s in mu_q)
