@@ -145,7 +145,7 @@ def _wait_for_checkpoint(proc, directory: Path, step: int, timeout=240):
 
 
 def test_sigkill_then_resume_equals_uninterrupted_and_sigterm_saves(tmp_path):
-    slow = ["optim.steps=40"]
+    slow = ["optim.steps=30", "sft.steps=0", "eval.every=100", "eval.num_prompts=0"]
     ref = cli(tmp_path / "straight", *slow)
     assert ref.returncode == 0, ref.stderr
     # SIGKILL mid-run, then the same command resumes.
@@ -192,7 +192,7 @@ def _losses(workdir):
 
 
 def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
-    common = ("log_every=1", "eval.num_prompts=0", "optim.steps=8", "sft.steps=4")
+    common = ("log_every=1", "eval.num_prompts=0", "optim.steps=8", "sft.steps=0", "eval.every=100")
     one = tiny_config(*common, "mesh.data=1", cache_dir=tmp_path / "c1")
     eight = tiny_config(*common, "mesh.data=4", "mesh.fsdp=2", cache_dir=tmp_path / "c8")
     for c in (one, eight):
@@ -203,7 +203,7 @@ def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
 
 
 def test_two_processes_train_together_like_one(tmp_path):
-    common = ("log_every=1", "eval.num_prompts=0", "optim.steps=6", "sft.steps=3", "export_hf=False")
+    common = ("log_every=1", "eval.num_prompts=0", "optim.steps=6", "sft.steps=0", "eval.every=100", "export_hf=False")
     single = cli(tmp_path / "single", *common, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert single.returncode == 0, single.stderr
     port = 20000 + os.getpid() % 20000

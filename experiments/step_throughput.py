@@ -1,0 +1,106 @@
+"""Data-loader throughput vs train-step throughput, and the step time saved by the reference cache.
+
+Uses the main job's model and data (configs/default.py): tokenized synthetic pairs, the bucketed loader, and
+the jitted DPO train step with the reference either cached (log-probs in the batch) or frozen (a reference
+forward every step). Prints pairs/s, step times and MFU against the stated peak.
+
+    python experiments/step_throughput.py
+    python experiments/step_throughput.py --hidden 256 --layers 4 --steps 10   # where matmuls dominate
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dpo_jax import scoring, train
+from dpo_jax.config import load_config_file
+from dpo_jax.data import PreferenceLoader, TokenizeConfig, load_examples, synthetic, to_global, tokenize_examples
+from dpo_jax.sharding import make_mesh, param_shardings, tree_shardings
+
+
+def time_loader(loader, steps):
+    t0 = time.perf_counter()
+    for _ in loader.iterate(0, steps):
+        pass
+    return steps * loader.global_batch_size / (time.perf_counter() - t0)
+
+
+def time_step(cfg, graphdef, params, loader, mesh, *, frozen: bool, steps: int):
+    sc = train.StepConfig("dpo", frozen_reference=frozen)
+    tx = train.make_optimizer(dict(cfg.optim), 1000, cfg.optim.learning_rate, 10)
+    hp = {"beta": jnp.float32(0.1), "label_smoothing": jnp.float32(0.0)}
+
+    def init(p):
+        return train.TrainState(jnp.int32(0), p, tx.init(p), jax.random.PRNGKey(0), hp, jnp.int32(-1))
+
+    state = jax.jit(init, out_shardings=tree_shardings(jax.eval_shape(init, params), mesh))(params)
+    reference = jax.device_put(jax.tree.map(jnp.copy, params), param_shardings(params, mesh)) if frozen else None
+    step_fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, sc=sc), donate_argnums=0)
+    batches = []
+    for _, b in loader.iterate(0, steps + 1):
+        if not frozen:
+            b["ref_logps"] = np.full((len(b["index"]), 2), -20.0, np.float32)
+        batches.append(to_global(b, mesh))
+    state, m = step_fn(state, batches[0], reference)  # compile
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for b in batches[1:]:
+        state, m = step_fn(state, b, reference)
+    jax.block_until_ready(m)
+    return (time.perf_counter() - t0) / steps
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/default.py")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=0, help="pairs per step (default: the config's)")
+    parser.add_argument("--hidden", type=int, default=0, help="model width (default: the config's)")
+    parser.add_argument("--layers", type=int, default=0, help="model depth (default: the config's)")
+    args = parser.parse_args(argv)
+
+    cfg = load_config_file(args.config)
+    if args.hidden:
+        cfg.model.update(hidden_size=args.hidden, intermediate_size=2 * args.hidden)
+    if args.layers:
+        cfg.model.num_layers = args.layers
+    batch = args.batch or cfg.optim.batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = synthetic.write_task(tmp, synthetic.TaskConfig(**{**cfg.synthetic, "n_sft": 8}))
+        tok = synthetic.build_tokenizer()
+        t0 = time.perf_counter()
+        examples, _ = load_examples(paths["train"])
+        tok_cfg = TokenizeConfig(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
+        pairs, _ = tokenize_examples(examples, tok, tok_cfg)
+        prep = len(pairs) / (time.perf_counter() - t0)
+    loader = PreferenceLoader(pairs, batch, buckets=tuple(cfg.data.buckets))
+    mesh = make_mesh(devices=jax.devices()[:1])
+    model = train.build_model(cfg, tok)
+    graphdef, params = nnx.split(model)
+    _, matmul = scoring.count_matmul_params(model)
+    length = loader.batch(0)["tokens"].shape[-1]
+    peak = cfg.peak_flops or train.peak_flops_per_device()
+
+    print(
+        f"backend {jax.default_backend()}, {len(pairs)} pairs, batch {batch} pairs x 2 x {length} tokens, "
+        f"model {sum(x.size for x in jax.tree.leaves(params)):,} params; peak {peak / 1e9:.0f} GFLOP/s (stated)"
+    )
+    print(f"load + validate + tokenize:  {prep:12,.0f} pairs/s (once per run)")
+    print(f"loader (collate batches):    {time_loader(loader, 200):12,.0f} pairs/s")
+    for frozen in (False, True):
+        dt = time_step(cfg, graphdef, params, loader, mesh, frozen=frozen, steps=args.steps)
+        flops = train.flops_per_step(model.config, matmul, 2 * batch, length, frozen)
+        name = "frozen reference (forward per step)" if frozen else "cached reference log-probs"
+        print(f"train step, {name:<36} {dt * 1e3:8.1f} ms  {batch / dt:10,.0f} pairs/s  MFU {flops / dt / peak:6.2%}")
+
+
+if __name__ == "__main__":
+    main()
