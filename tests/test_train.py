@@ -301,3 +301,39 @@ def test_state_shardings_cover_optimizer_moments():
     specs = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(sh)}
     mu_q = [v for k, v in specs.items() if "mu" in k and "q_proj" in k and "kernel" in k]
     assert mu_q and all(s == jax.sharding.PartitionSpec(None, "fsdp", "tensor") for s in mu_q)
+
+
+def test_hf_local_config_trains_a_local_checkpoint_on_local_files(tmp_path):
+    """configs/hf_local.py end to end: a transformers checkpoint + tokenizer folder + JSONL files, no SFT."""
+    import transformers
+
+    task = synthetic.write_task(tmp_path / "task", synthetic.TaskConfig(n_sft=4, n_train=64, n_eval=16))
+    tok = synthetic.build_tokenizer()
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "model")
+    tok.save(tmp_path / "model")
+    cfg = load_config_file(str(ROOT / "configs/hf_local.py"))
+    cfg.model.update(hf_path=str(tmp_path / "model"), dtype="float32")
+    cfg.data.update(
+        train_path=str(task["train"]), eval_path=str(task["eval"]), max_length=32, max_prompt_length=16, buckets=(32,)
+    )
+    cfg.optim.update(steps=4, batch_size=16, learning_rate=1e-3, warmup_steps=1)
+    cfg.eval.update(every=4, batch_size=16, num_prompts=8)
+    cfg.checkpoint.every = 2
+    cfg.wandb.enabled = False
+    cfg.reference.cache_dir = str(tmp_path / "cache")
+    summary = train.train(cfg, tmp_path / "run", devices=jax.devices()[:1])
+    assert summary["reference/mode"] == "cached" and np.isfinite(summary["eval/loss"])
+    assert not (tmp_path / "run/sft").exists()  # the checkpoint is the reference: no SFT stage
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run/hf")
+    assert exported.config.vocab_size == tok.vocab_size
