@@ -59,7 +59,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         remat="none",  # none | full | dots | dots_no_batch
     )
     # Stage that builds the reference policy (skipped when sft.steps == 0).
-    c.sft = dict(steps=400, batch_size=64, learning_rate=3e-3, warmup_steps=20)
+    c.sft = dict(
+        steps=400,
+        batch_size=64,
+        learning_rate=3e-3,
+        warmup_steps=20,
+        dir="",  # where the SFT stage lives (default <workdir>); sweeps point members at one shared stage
+    )
     c.dpo = dict(
         loss_type="sigmoid",  # one of dpo_jax.losses.LOSS_TYPES, or "a+b" for a weighted mix
         loss_weights=(),  # one weight per type in a mix; () means all 1

@@ -17,8 +17,8 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the field (``config.section.field``)."""
 
 
-def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """``path/to/config.py[:arg]`` -> ``get_config(arg)``; the file's folder is importable (shared bases)."""
+def load_config_module(spec: str):
+    """``path/to/config.py[:arg]`` -> (the loaded module, arg or None); the file's folder is importable."""
     path, _, arg = spec.partition(":")
     file = Path(path)
     if not file.exists():
@@ -31,7 +31,13 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"--config: {file} defines no get_config(arg=None)")
-    return module.get_config(arg or None)
+    return module, arg or None
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """``path/to/config.py[:arg]`` -> ``get_config(arg)``."""
+    module, arg = load_config_module(spec)
+    return module.get_config(arg)
 
 
 def loss_types(cfg) -> tuple[str, ...]:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = {"train": "train a policy (SFT reference stage if configured, then DPO) from a config file"}
+COMMANDS = {
+    "train": "train a policy (SFT reference stage if configured, then DPO) from a config file",
+    "sweep": "run (--mode=sequential) or export (--mode=export) the sweep declared in a config file",
+}
 USAGE = (
-    "usage: dpo-jax {train} --config configs/<name>.py[:arg] --workdir <dir> [--config.<field>=<value> ...]\n"
+    "usage: dpo-jax {train,sweep} --config configs/<name>.py[:arg] --workdir <dir> [--config.<field>=<v> ...]\n"
     + "\n".join(f"  {k:<8}{v}" for k, v in COMMANDS.items())
 )
 
@@ -33,7 +36,16 @@ def _config_folder_on_path(argv: list[str]) -> None:
                 sys.path.insert(0, folder)
 
 
-def _run(command: str, argv: list[str]) -> int:
+def _config_spec(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    raise SystemExit(f"dpo-jax: --config is required\n{USAGE}")
+
+
+def _run(command: str, argv: list[str], argv_full: list[str]) -> int:
     import jax
     from absl import flags
 
@@ -56,11 +68,29 @@ def _run(command: str, argv: list[str]) -> int:
                 process_id=FLAGS.process_id,
             )
         jax.distributed.initialize(**kw)
-    if FLAGS.config is None:
+    if command == "train" and FLAGS.config is None:
         print(f"dpo-jax: --config is required\n{USAGE}", file=sys.stderr)
         return 2
     try:
-        train(FLAGS.config, FLAGS.workdir)
+        if command == "sweep":
+            from dpo_jax import sweep
+
+            if FLAGS.mode == "export":
+                for kind, path in sweep.export_sweep(_config_spec(argv_full), FLAGS.workdir, base=FLAGS.config).items():
+                    print(f"{kind}: {path}")
+            else:
+                sweep.run_sweep(_config_spec(argv_full), FLAGS.workdir, base=FLAGS.config)
+            return 0
+        workdir = FLAGS.workdir
+        if FLAGS.member_subdir:  # W&B sweep agents: one subfolder per member, named by its overrides
+            from pathlib import Path
+
+            from dpo_jax.sweep import member_name
+
+            overrides = dict(a[len("--config.") :].split("=", 1) for a in argv_full if a.startswith("--config."))
+            overrides = {k: v for k, v in overrides.items() if not k.startswith("wandb.")}
+            workdir = str(Path(workdir) / member_name(overrides))
+        train(FLAGS.config, workdir)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"dpo-jax: {e}", file=sys.stderr)
         return 2
@@ -91,13 +121,15 @@ def main(argv: list[str] | None = None) -> int:
         flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs")
         flags.DEFINE_integer("num_processes", 1, "number of processes")
         flags.DEFINE_integer("process_id", 0, "this process's index")
+        flags.DEFINE_enum("mode", "sequential", ["sequential", "export"], "sweep: run members here, or export them")
+        flags.DEFINE_bool("member_subdir", False, "train: use <workdir>/<member name from the overrides>")
     result = {}
 
     def absl_main(rest):
         from absl import logging
 
         logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every checkpoint step at INFO
-        result["code"] = _run(command, rest)
+        result["code"] = _run(command, rest, argv)
 
     try:
         app.run(absl_main, argv=argv)

@@ -252,10 +252,26 @@ def _on_sigterm(signum, frame):
     _preempt["flag"] = True
 
 
+_STEP_FNS: dict = {}  # jitted steps, reused by later runs in this process (sweep members differ in traced values)
+
+
+def _jitted_step(graphdef, tx, sc, optim_key, shardings, batch_shardings, ref_shardings, mesh):
+    key = (graphdef, sc, optim_key, mesh, tuple(sorted(batch_shardings)), ref_shardings is None)
+    if key not in _STEP_FNS:
+        _STEP_FNS[key] = jax.jit(
+            functools.partial(train_step, graphdef=graphdef, tx=tx, sc=sc),
+            in_shardings=(shardings, batch_shardings, ref_shardings),
+            out_shardings=(shardings, sharding.replicated(mesh)),
+            donate_argnums=0,
+        )
+    return _STEP_FNS[key]
+
+
 def run_stage(stage: Stage, *, cfg, workdir: Path, graphdef, init_params, mesh, model_cfg, matmul_params, writer):
     """Train one stage with checkpoints and resume; returns the final parameters."""
+    root = Path(cfg.sft.dir) if stage.name == "sft" and cfg.sft.get("dir") else workdir
     ckpt = checkpoint.Checkpointer(
-        workdir / stage.name / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep
+        root / stage.name / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep
     )
     tx = make_optimizer(stage.optim, stage.steps, stage.optim["learning_rate"], stage.optim.get("warmup_steps", 0))
     hparams = {k: jnp.float32(v) for k, v in stage.hparams.items()}
@@ -281,12 +297,8 @@ def run_stage(stage: Stage, *, cfg, workdir: Path, graphdef, init_params, mesh, 
         sample["ref_logps"] = np.zeros((len(sample["index"]), 2), np.float32)
     batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in sample.items()}
     ref_shardings = None if stage.reference_params is None else sharding.param_shardings(stage.reference_params, mesh)
-    step_fn = jax.jit(
-        functools.partial(train_step, graphdef=graphdef, tx=tx, sc=stage.sc),
-        in_shardings=(shardings, batch_shardings, ref_shardings),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
+    optim_key = (stage.steps, tuple(sorted((k, str(v)) for k, v in stage.optim.items())))
+    step_fn = _jitted_step(graphdef, tx, stage.sc, optim_key, shardings, batch_shardings, ref_shardings, mesh)
     rows = 1 if stage.name == "sft" else 2
     console = ConsoleWriter(stage.steps, start, stage.name, stage.log_offset) if jax.process_index() == 0 else Writer()
     out = MultiWriter([writer, console])

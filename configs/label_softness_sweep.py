@@ -1,0 +1,24 @@
+"""Label softness under label noise: hard labels vs conservative DPO (label smoothing) vs per-pair soft targets.
+
+Each noise level flips that fraction of the Bradley-Terry labels of the built-in task; soft targets carry the
+true preference probability sigmoid((r_chosen - r_rejected) / tau) of each pair.
+
+    dpo-jax sweep --config configs/label_softness_sweep.py --workdir runs/softness
+    dpo-jax sweep --config configs/label_softness_sweep.py:runlocal --workdir runs/softness_smoke
+"""
+
+from default import get_config as default_config
+
+
+def get_config(arg=None):
+    return default_config("runlocal" if arg == "runlocal" else None)
+
+
+def get_sweep(arg=None):
+    noise = [0.0, 0.3] if arg == "runlocal" else [0.0, 0.2, 0.4]
+    labels = [
+        {"dpo.label_smoothing": 0.0, "dpo.use_soft_targets": False},  # hard labels
+        {"dpo.label_smoothing": 0.2, "dpo.use_soft_targets": False},  # conservative DPO
+        {"dpo.label_smoothing": 0.0, "dpo.use_soft_targets": True},  # soft Bradley-Terry targets
+    ]
+    return [{"synthetic.label_noise": n, **lab} for n in noise for lab in labels]

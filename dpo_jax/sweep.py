@@ -1,0 +1,257 @@
+"""Sweeps declared beside the config they sweep: ``get_sweep(arg)`` in the config file lists the members.
+
+    dpo-jax sweep --config configs/beta_sweep.py --workdir runs/beta                  # run all members
+    dpo-jax sweep --config configs/beta_sweep.py --workdir runs/beta --mode export    # W&B sweep + commands
+
+A member is a dict of dotted config overrides (``{"dpo.beta": 0.3}``); ``grid`` builds the product of axes.
+Members run one after another in one process, each in ``<workdir>/<member>`` as an ordinary run (its own
+checkpoints, metrics, W&B run in the sweep's group with the member's values as tags). The compiled train
+step is reused across members (beta and label smoothing are traced), members share one SFT reference stage
+(``<workdir>/_shared``, when their SFT-relevant settings agree) and one reference log-prob cache. Re-running
+the command skips finished members and resumes an unfinished one. At the end: ``summary.csv``,
+``summary.md`` and ``sweep.png`` across members.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from dpo_jax.config import ConfigError, load_config_module
+
+SUMMARY_COLUMNS = (
+    "eval/loss",
+    "eval/rewards/accuracies",
+    "eval/rewards/margins",
+    "eval/kl_token",
+    "eval/kl_sampled",
+    "eval/kl_sampled_se",
+    "eval/reward",
+    "eval/reward_se",
+    "reference/reward",
+)
+# What the SFT reference depends on; members equal on these share one SFT stage. (The built-in task draws its
+# SFT demonstrations first, so label noise, tau, the reward and the pair counts do not change them.)
+SFT_FIELDS = (
+    "seed",
+    "task",
+    "model",
+    "sft.steps",
+    "sft.batch_size",
+    "sft.learning_rate",
+    "sft.warmup_steps",
+    "data.sft_path",
+    "data.tokenizer_path",
+    "data.max_length",
+    "data.max_prompt_length",
+    "data.truncation_mode",
+    "data.buckets",
+    "synthetic.seed",
+    "synthetic.prompt_length",
+    "synthetic.completion_length",
+    "synthetic.n_sft",
+    "mesh",
+)
+
+
+def grid(axes: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """The product of ``{"dpo.beta": [...], "dpo.label_smoothing": [...]}``, one dict per member."""
+    keys = list(axes)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(axes[k] for k in keys))]
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v).replace("/", "-").replace(" ", "")
+
+
+def member_name(overrides: dict[str, Any]) -> str:
+    return ",".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in overrides.items()) or "base"
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, Any], where: str = "sweep"):
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    for key, value in overrides.items():
+        *path, leaf = key.split(".")
+        node = cfg
+        for p in path:
+            if p not in node:
+                raise ConfigError(f"{where}: member key {key!r}: no config section {p!r}")
+            node = node[p]
+        if leaf not in node:
+            raise ConfigError(f"{where}: member key {key!r}: no config field {leaf!r}")
+        node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
+    return cfg
+
+
+def load_sweep(spec: str, base=None) -> tuple[ml_collections.ConfigDict, list[dict[str, Any]]]:
+    """The base config (``base``: one already loaded with command-line overrides) and the member list."""
+    module, arg = load_config_module(spec)
+    if not hasattr(module, "get_sweep"):
+        raise ConfigError(f"--config: {spec.split(':')[0]} declares no get_sweep(arg=None)")
+    members = list(module.get_sweep(arg))
+    names = [member_name(m) for m in members]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--config: sweep members are not distinct: {names}")
+    return (module.get_config(arg) if base is None else base), members
+
+
+def _sft_key(cfg) -> str:
+    values = {}
+    for field in SFT_FIELDS:
+        node = cfg.to_dict()
+        for part in field.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        values[field] = node
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def member_config(base, overrides: dict[str, Any], workdir: Path):
+    cfg = apply_overrides(base, overrides)
+    cfg.wandb.group = cfg.wandb.group or workdir.name
+    cfg.wandb.name = f"{workdir.name}/{member_name(overrides)}"
+    cfg.wandb.tags = (*cfg.wandb.tags, workdir.name, *(f"{k}={_fmt(v)}" for k, v in overrides.items()))
+    cfg.sft.dir = cfg.sft.dir or str(workdir / "_shared" / _sft_key(cfg))
+    cfg.reference.cache_dir = cfg.reference.cache_dir or str(workdir / "reference_cache")
+    return cfg
+
+
+def run_sweep(spec: str, workdir: str | Path, *, base=None, devices=None) -> list[dict[str, Any]]:
+    """Run (or resume) every member in sequence; returns one summary row per member."""
+    from dpo_jax.train import load_summary, train
+
+    base, members = load_sweep(spec, base)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, overrides in enumerate(members):
+        name = member_name(overrides)
+        member_dir = workdir / name
+        if (member_dir / "summary.json").exists():
+            print(f"[sweep] {i + 1}/{len(members)} {name}: finished, skipped", flush=True)
+            summary = load_summary(member_dir)
+        else:
+            print(f"[sweep] {i + 1}/{len(members)} {name}", flush=True)
+            summary = train(member_config(base, overrides, workdir), member_dir, devices=devices)
+        rows.append({"member": name, **overrides, **{k: summary.get(k) for k in SUMMARY_COLUMNS}})
+    write_summary(rows, list(members[0]) if members else [], workdir)
+    return rows
+
+
+def write_summary(rows: list[dict], swept: list[str], workdir: Path) -> None:
+    columns = ["member", *swept, *SUMMARY_COLUMNS]
+    with (workdir / "summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)  # noqa: E731
+    table = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    table += "".join("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |\n" for r in rows)
+    (workdir / "summary.md").write_text(table)
+    print("\n" + table, flush=True)
+    if rows and swept:
+        plot_members(rows, swept, workdir / "sweep.png")
+
+
+def plot_members(rows: list[dict], swept: list[str], path: Path) -> None:
+    """Eval metrics against the first swept value (one line per value of the second), and reward vs KL."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_key, line_key = swept[0], (swept[1] if len(swept) > 1 else None)
+    panels = [
+        ("eval/reward", "true reward"),
+        ("eval/kl_sampled", "sampled KL(pi || pi_ref)"),
+        ("eval/rewards/accuracies", "held-out accuracy"),
+        ("eval/rewards/margins", "held-out margin"),
+    ]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.4))
+    groups: dict[Any, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r.get(line_key) if line_key else None, []).append(r)
+    for ax, (key, title) in zip(axes, panels, strict=False):
+        for g, rs in groups.items():
+            pts = sorted((r[x_key], r[key]) for r in rs if isinstance(r.get(key), float))
+            if pts and all(isinstance(p[0], int | float) for p in pts):
+                ax.plot(
+                    *zip(*pts, strict=True), marker="o", label=f"{line_key.split('.')[-1]}={g}" if line_key else None
+                )
+        ax.set_title(title)
+        ax.set_xlabel(x_key)
+        ax.grid(alpha=0.3)
+        if line_key:
+            ax.legend(fontsize=7)
+    ax = axes[-1]
+    for g, rs in groups.items():
+        pts = [(r["eval/kl_sampled"], r["eval/reward"]) for r in rs if isinstance(r.get("eval/reward"), float)]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), label=f"{line_key.split('.')[-1]}={g}" if line_key else None)
+    ref = next((r["reference/reward"] for r in rows if isinstance(r.get("reference/reward"), float)), None)
+    if ref is not None:
+        ax.axhline(ref, color="gray", ls="--", label="reference")
+        ax.legend(fontsize=7)
+    ax.set_title("reward vs KL")
+    ax.set_xlabel("sampled KL(pi || pi_ref)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def export_sweep(spec: str, workdir: str | Path, *, base=None) -> dict[str, Path]:
+    """``commands.sh`` (one ``dpo-jax train`` per member, each with its own workdir) and, for grid sweeps, a W&B
+    sweep definition ``wandb_sweep.yaml`` whose agent runs the same command (``wandb sweep`` / ``wandb agent``)."""
+    base, members = load_sweep(spec, base)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    lines = ["#!/usr/bin/env bash", f"# {len(members)} members of {spec}; run them anywhere (one job each).", "set -e"]
+    for m in members:
+        cfg = member_config(base, m, workdir)
+        args = [f"--config.{k}={_cli(v)}" for k, v in m.items()]
+        args += [
+            f"--config.wandb.group={workdir.name}",
+            f"--config.wandb.name={cfg.wandb.name}",
+            f"--config.sft.dir={cfg.sft.dir}",
+            f"--config.reference.cache_dir={cfg.reference.cache_dir}",
+        ]
+        cmd = ["dpo-jax", "train", "--config", spec, "--workdir", str(workdir / member_name(m)), *args]
+        lines.append(shlex.join(cmd))
+    out = {"commands": workdir / "commands.sh"}
+    out["commands"].write_text("\n".join(lines) + "\n")
+    keys = list(members[0]) if members else []
+    axes = {k: sorted({m[k] for m in members}, key=str) for k in keys}
+    if members and len(grid(axes)) == len(members):
+        params = "\n".join(f"  config.{k}:\n    values: {json.dumps(list(v))}" for k, v in axes.items())
+        command = [
+            "${env}",
+            "dpo-jax",
+            "train",
+            "--config",
+            spec,
+            "--workdir",
+            str(workdir),
+            "--member_subdir",
+            f"--config.wandb.group={workdir.name}",
+            "${args}",
+        ]
+        yaml = (
+            f"# wandb sweep {workdir / 'wandb_sweep.yaml'} && wandb agent <sweep id>\n"
+            f"name: {workdir.name}\nmethod: grid\nparameters:\n{params}\ncommand:\n"
+            + "".join(f"  - {json.dumps(c)}\n" for c in command)
+        )
+        out["wandb"] = workdir / "wandb_sweep.yaml"
+        out["wandb"].write_text(yaml)
+    return out
+
+
+def _cli(v) -> str:
+    return json.dumps(list(v)) if isinstance(v, tuple | list) else json.dumps(v) if isinstance(v, str) else str(v)
