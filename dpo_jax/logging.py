@@ -60,6 +60,7 @@ class WandbWriter(Writer):
             config=config,
             id=run_id,
             resume="allow",
+            reinit="create_new",  # vectorised sweeps keep one run per member open in one process
             mode=wandb_mode(wandb_cfg.mode),
             settings=wandb.Settings(console="off", silent=True),
         )

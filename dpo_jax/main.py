@@ -10,7 +10,7 @@ import sys
 
 COMMANDS = {
     "train": "train a policy (SFT reference stage if configured, then DPO) from a config file",
-    "sweep": "run (--mode=sequential) or export (--mode=export) the sweep declared in a config file",
+    "sweep": "run the sweep declared in a config file (--mode=sequential|vectorized) or export it (--mode=export)",
 }
 USAGE = (
     "usage: dpo-jax {train,sweep} --config configs/<name>.py[:arg] --workdir <dir> [--config.<field>=<v> ...]\n"
@@ -79,7 +79,7 @@ def _run(command: str, argv: list[str], argv_full: list[str]) -> int:
                 for kind, path in sweep.export_sweep(_config_spec(argv_full), FLAGS.workdir, base=FLAGS.config).items():
                     print(f"{kind}: {path}")
             else:
-                sweep.run_sweep(_config_spec(argv_full), FLAGS.workdir, base=FLAGS.config)
+                sweep.run_sweep(_config_spec(argv_full), FLAGS.workdir, base=FLAGS.config, mode=FLAGS.mode)
             return 0
         workdir = FLAGS.workdir
         if FLAGS.member_subdir:  # W&B sweep agents: one subfolder per member, named by its overrides
@@ -121,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs")
         flags.DEFINE_integer("num_processes", 1, "number of processes")
         flags.DEFINE_integer("process_id", 0, "this process's index")
-        flags.DEFINE_enum("mode", "sequential", ["sequential", "export"], "sweep: run members here, or export them")
+        flags.DEFINE_enum(
+            "mode",
+            "sequential",
+            ["sequential", "vectorized", "export"],
+            "sweep: members one after another, all in one vmapped program, or exported as jobs",
+        )
         flags.DEFINE_bool("member_subdir", False, "train: use <workdir>/<member name from the overrides>")
     result = {}
 

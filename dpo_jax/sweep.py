@@ -1,10 +1,13 @@
 """Sweeps declared beside the config they sweep: ``get_sweep(arg)`` in the config file lists the members.
 
-    dpo-jax sweep --config configs/beta_sweep.py --workdir runs/beta                  # run all members
-    dpo-jax sweep --config configs/beta_sweep.py --workdir runs/beta --mode export    # W&B sweep + commands
+    dpo-jax sweep --config configs/beta_sweep.py --workdir runs/beta                    # run all members
+    dpo-jax sweep --config configs/beta_sweep.py --workdir runs/beta --mode vectorized  # all in one program
+    dpo-jax sweep --config configs/beta_sweep.py --workdir runs/beta --mode export      # W&B sweep + commands
 
 A member is a dict of dotted config overrides (``{"dpo.beta": 0.3}``); ``grid`` builds the product of axes.
-Members run one after another in one process, each in ``<workdir>/<member>`` as an ordinary run (its own
+With ``--mode vectorized`` members that differ only in beta, label smoothing and learning rate train together
+in one ``jax.vmap``-ed program (``dpo_jax/vectorized.py``) and are written out as ordinary runs. Otherwise
+members run one after another in one process, each in ``<workdir>/<member>`` as an ordinary run (its own
 checkpoints, metrics, W&B run in the sweep's group with the member's values as tags). The compiled train
 step is reused across members (beta and label smoothing are traced), members share one SFT reference stage
 (``<workdir>/_shared``, when their SFT-relevant settings agree) and one reference log-prob cache. Re-running
@@ -123,26 +126,47 @@ def member_config(base, overrides: dict[str, Any], workdir: Path):
     return cfg
 
 
-def run_sweep(spec: str, workdir: str | Path, *, base=None, devices=None) -> list[dict[str, Any]]:
-    """Run (or resume) every member in sequence; returns one summary row per member."""
+def run_sweep(
+    spec: str, workdir: str | Path, *, base=None, members=None, mode: str = "sequential", devices=None
+) -> list[dict[str, Any]]:
+    """Run (or resume) every member, one after another or (``mode="vectorized"``) all in one vmapped program;
+    returns one summary row per member. ``members`` replaces the file's list."""
     from dpo_jax.train import load_summary, train
 
-    base, members = load_sweep(spec, base)
+    base, declared = load_sweep(spec, base)
+    members = declared if members is None else list(members)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    names = [member_name(m) for m in members]
+    todo = [i for i, n in enumerate(names) if not (workdir / n / "summary.json").exists()]
+    for i in sorted(set(range(len(members))) - set(todo)):
+        print(f"[sweep] {i + 1}/{len(members)} {names[i]}: finished, skipped", flush=True)
+    if mode == "vectorized" and todo:
+        from dpo_jax.vectorized import check_vectorizable, train_vectorized
+
+        check_vectorizable([members[i] for i in todo])
+        print(f"[sweep] {len(todo)} members in one vectorised program: {[names[i] for i in todo]}", flush=True)
+        cfgs = [member_config(base, members[i], workdir) for i in todo]
+        train_vectorized(cfgs, [workdir / names[i] for i in todo], devices=devices)
+    elif todo:
+        for i in todo:
+            print(f"[sweep] {i + 1}/{len(members)} {names[i]}", flush=True)
+            train(member_config(base, members[i], workdir), workdir / names[i], devices=devices)
+    swept = list(dict.fromkeys(k for m in members for k in m))  # every key any member sets, in order
     rows = []
-    for i, overrides in enumerate(members):
-        name = member_name(overrides)
-        member_dir = workdir / name
-        if (member_dir / "summary.json").exists():
-            print(f"[sweep] {i + 1}/{len(members)} {name}: finished, skipped", flush=True)
-            summary = load_summary(member_dir)
-        else:
-            print(f"[sweep] {i + 1}/{len(members)} {name}", flush=True)
-            summary = train(member_config(base, overrides, workdir), member_dir, devices=devices)
-        rows.append({"member": name, **overrides, **{k: summary.get(k) for k in SUMMARY_COLUMNS}})
-    write_summary(rows, list(members[0]) if members else [], workdir)
+    for name, overrides in zip(names, members, strict=True):
+        summary = load_summary(workdir / name)
+        values = {k: overrides.get(k, _get(base, k)) for k in swept}  # the member's effective values
+        rows.append({"member": name, **values, **{k: summary.get(k) for k in SUMMARY_COLUMNS}})
+    write_summary(rows, swept, workdir)
     return rows
+
+
+def _get(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
 
 
 def write_summary(rows: list[dict], swept: list[str], workdir: Path) -> None:

@@ -184,6 +184,8 @@ def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx
 
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    lr_scale = state.hparams.get("lr_scale", 1.0)  # vectorised sweeps: each member's lr over the shared schedule
+    updates = jax.tree.map(lambda u: u * lr_scale, updates)
     params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
@@ -193,7 +195,8 @@ def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx
         opt_state=keep(opt_state, state.opt_state),
         nonfinite_step=jnp.where(~ok & (state.nonfinite_step < 0), state.step, state.nonfinite_step),
     )
-    return new_state, {"loss": loss, "grad_norm": grad_norm, "learning_rate": current_lr(state.opt_state), **metrics}
+    lr = current_lr(state.opt_state) * lr_scale
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr, **metrics}
 
 
 # --- Throughput accounting --------------------------------------------------------------------------------------
@@ -406,20 +409,76 @@ def build_model(cfg, tokenizer):
     return init_decoder(mc, seed=cfg.seed)
 
 
-def train(cfg, workdir: str | os.PathLike, *, devices=None) -> dict:
-    """Run the configured job end to end; returns the summary (also written to ``<workdir>/summary.json``)."""
-    from dpo_jax.evaluate import Evaluator, write_outputs
+@dataclasses.dataclass
+class Job:
+    """Everything a DPO stage needs once data, model, SFT reference and reference log-probs are ready."""
 
-    devices = list(jax.devices() if devices is None else devices)
+    cfg: Any
+    mesh: Any
+    tokenizer: Any
+    graphdef: Any
+    model_config: Any
+    n_params: int
+    matmul_params: int
+    loader_kw: dict
+    chunks: dict
+    train_pairs: list
+    eval_pairs: list
+    eval_examples: list
+    reference_params: Any
+    ref_train: np.ndarray | None
+    ref_eval: np.ndarray | None
+    sft_steps: int
+    summary: dict
+
+    def evaluator(self, cfg):
+        from dpo_jax.evaluate import Evaluator
+
+        reward_fn = functools.partial(synthetic.reward, kind=cfg.synthetic.reward) if cfg.task == "synthetic" else None
+        return Evaluator(
+            cfg=cfg, graphdef=self.graphdef, reference_params=self.reference_params, eval_pairs=self.eval_pairs,
+            eval_examples=self.eval_examples, ref_eval=self.ref_eval, tokenizer=self.tokenizer, mesh=self.mesh,
+            loader_kw=self.loader_kw, reward_fn=reward_fn,
+        )  # fmt: skip
+
+    def dpo_stage(self, cfg, evaluator) -> Stage:
+        frozen = cfg.reference.mode == "frozen"
+        sc = StepConfig(
+            "dpo", loss_types(cfg), tuple(cfg.dpo.loss_weights), cfg.dpo.use_soft_targets, cfg.dpo.reference_free,
+            frozen, cfg.optim.grad_accum, **self.chunks,
+        )  # fmt: skip
+        loader = PreferenceLoader(self.train_pairs, cfg.optim.batch_size, seed=cfg.seed, **self.loader_kw)
+        hparams = {"beta": cfg.dpo.beta, "label_smoothing": cfg.dpo.label_smoothing}
+        return Stage(
+            "dpo",
+            sc,
+            loader,
+            cfg.optim.steps,
+            dict(cfg.optim),
+            hparams,
+            self.reference_params if frozen else None,
+            self.ref_train,
+            evaluator,
+            log_offset=self.sft_steps,
+        )
+
+    def stage_runner(self, workdir: Path, writer):
+        return functools.partial(
+            run_stage,
+            cfg=self.cfg,
+            workdir=workdir,
+            graphdef=self.graphdef,
+            mesh=self.mesh,
+            model_cfg=self.model_config,
+            matmul_params=self.matmul_params,
+            writer=writer,
+        )
+
+
+def prepare(cfg, workdir: Path, devices, writer) -> Job:
+    """Data, tokenizer, model, the SFT stage (if configured) and the reference log-probs."""
     validate(cfg, num_devices=len(devices))
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
-    is_main = jax.process_index() == 0
-    t_start = time.perf_counter()
-    old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
-    _preempt["flag"] = False
-
     tokenizer, paths = prepare_data(cfg, workdir)
     d = cfg.data
     tok_cfg = TokenizeConfig(
@@ -438,7 +497,7 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None) -> dict:
         "data/train_truncation": train_tok,
         "data/eval_truncation": eval_tok,
     }
-    if is_main:
+    if jax.process_index() == 0:
         print(f"train data: {train_report.summary()}; eval data: {eval_report.summary()}", flush=True)
 
     model = build_model(cfg, tokenizer)
@@ -452,12 +511,6 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None) -> dict:
         process_count=jax.process_count(),
     )
     chunks = dict(token_chunk=cfg.logprobs.token_chunk, vocab_chunk=cfg.logprobs.vocab_chunk)
-    writer = Writer()
-    if is_main:
-        writers = [JsonlWriter(workdir / "metrics.jsonl")]
-        if cfg.wandb.enabled:
-            writers.append(WandbWriter(cfg.wandb, workdir, cfg.to_dict(), job_type="train"))
-        writer = MultiWriter(writers)
     run = functools.partial(
         run_stage,
         cfg=cfg,
@@ -468,92 +521,103 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None) -> dict:
         matmul_params=matmul_params,
         writer=writer,
     )
-    try:
-        sft_steps = 0
-        if cfg.sft.steps > 0 and "sft" in paths:
-            sft_ex = load_sft_examples(paths["sft"], on_bad_row=d.on_bad_row)
-            sft_pairs, _ = tokenize_examples(sft_ex, tokenizer, tok_cfg)
-            sft_loader = PreferenceLoader(sft_pairs, cfg.sft.batch_size, seed=cfg.seed, **loader_kw)
-            sft = Stage("sft", StepConfig("sft", **chunks), sft_loader, cfg.sft.steps, dict(cfg.sft), {})
-            params = run(sft, init_params=params)
-            sft_steps = cfg.sft.steps
-        reference_params = jax.tree.map(jnp.copy, params)  # the reference, kept outside the trained state
+    sft_steps = 0
+    if cfg.sft.steps > 0 and "sft" in paths:
+        sft_ex = load_sft_examples(paths["sft"], on_bad_row=d.on_bad_row)
+        sft_pairs, _ = tokenize_examples(sft_ex, tokenizer, tok_cfg)
+        sft_loader = PreferenceLoader(sft_pairs, cfg.sft.batch_size, seed=cfg.seed, **loader_kw)
+        sft = Stage("sft", StepConfig("sft", **chunks), sft_loader, cfg.sft.steps, dict(cfg.sft), {})
+        params = run(sft, init_params=params)
+        sft_steps = cfg.sft.steps
+    reference_params = jax.tree.map(jnp.copy, params)  # the reference, kept outside the trained state
 
-        frozen = cfg.reference.mode == "frozen"
-        ref_train = ref_eval = None
-        ref_info = {"reference/mode": cfg.reference.mode}
-        if not frozen and not cfg.dpo.reference_free:
-            cache_dir = cfg.reference.cache_dir or str(workdir.parent / "reference_cache")
-            compute = functools.partial(
-                reference.compute_logps,
-                graphdef,
-                reference_params,
-                mesh=mesh,
-                batch_size=cfg.eval.batch_size,
-                **{k: loader_kw[k] for k in ("buckets", "pad_id")},
-                **chunks,
-            )
-            settings = {"chunks": chunks, "buckets": list(d.buckets)}
-            t0 = time.perf_counter()
-            ref_train, hit_train = reference.cached_logps(
-                cache_dir,
-                reference.cache_key(reference_params, model.config, train_pairs, settings),
-                lambda: compute(train_pairs),
-            )
-            ref_eval, hit_eval = reference.cached_logps(
-                cache_dir,
-                reference.cache_key(reference_params, model.config, eval_pairs, settings),
-                lambda: compute(eval_pairs),
-            )
-            ref_info.update(
-                {
-                    "reference/cache_hit": hit_train and hit_eval,
-                    "reference/pass_s": time.perf_counter() - t0,
-                    "reference/cache_dir": cache_dir,
-                }
-            )
-        summary.update(ref_info)
-
-        reward_fn = functools.partial(synthetic.reward, kind=cfg.synthetic.reward) if cfg.task == "synthetic" else None
-        evaluator = Evaluator(
-            cfg=cfg, graphdef=graphdef, reference_params=reference_params, eval_pairs=eval_pairs,
-            eval_examples=eval_ex, ref_eval=ref_eval, tokenizer=tokenizer, mesh=mesh, loader_kw=loader_kw,
-            reward_fn=reward_fn,
+    ref_train = ref_eval = None
+    summary["reference/mode"] = cfg.reference.mode
+    if cfg.reference.mode == "cached" and not cfg.dpo.reference_free:
+        cache_dir = cfg.reference.cache_dir or str(workdir.parent / "reference_cache")
+        compute = functools.partial(
+            reference.compute_logps, graphdef, reference_params, mesh=mesh, batch_size=cfg.eval.batch_size,
+            buckets=loader_kw["buckets"], pad_id=loader_kw["pad_id"], **chunks,
         )  # fmt: skip
-        train_loader = PreferenceLoader(train_pairs, cfg.optim.batch_size, seed=cfg.seed, **loader_kw)
-        dpo_sc = StepConfig(
-            "dpo", loss_types(cfg), tuple(cfg.dpo.loss_weights), cfg.dpo.use_soft_targets, cfg.dpo.reference_free,
-            frozen, cfg.optim.grad_accum, **chunks,
-        )  # fmt: skip
-        dpo = Stage(
-            "dpo",
-            dpo_sc,
-            train_loader,
-            cfg.optim.steps,
-            {**dict(cfg.optim)},
-            {"beta": cfg.dpo.beta, "label_smoothing": cfg.dpo.label_smoothing},
-            reference_params if frozen else None,
-            ref_train,
-            evaluator,
-            log_offset=sft_steps,
+        settings = {"chunks": chunks, "buckets": list(d.buckets)}
+        t0 = time.perf_counter()
+        hits = []
+        for pairs in (train_pairs, eval_pairs):
+            key = reference.cache_key(reference_params, model.config, pairs, settings)
+            values, hit = reference.cached_logps(cache_dir, key, functools.partial(compute, pairs))
+            hits.append(hit)
+            ref_train, ref_eval = (values, ref_eval) if pairs is train_pairs else (ref_train, values)
+        summary.update(
+            {
+                "reference/cache_hit": all(hits),
+                "reference/pass_s": time.perf_counter() - t0,
+                "reference/cache_dir": cache_dir,
+            }
         )
-        params = run(dpo, init_params=reference_params)
-        summary.update(evaluator.final(params, cfg.optim.steps))
+    return Job(
+        cfg,
+        mesh,
+        tokenizer,
+        graphdef,
+        model.config,
+        n_params,
+        matmul_params,
+        loader_kw,
+        chunks,
+        train_pairs,
+        eval_pairs,
+        eval_ex,
+        reference_params,
+        ref_train,
+        ref_eval,
+        sft_steps,
+        summary,
+    )
+
+
+def make_writer(cfg, workdir: Path) -> Writer:
+    """JSONL (and W&B if enabled) on process 0; nothing elsewhere."""
+    if jax.process_index() != 0:
+        return Writer()
+    writers = [JsonlWriter(workdir / "metrics.jsonl")]
+    if cfg.wandb.enabled:
+        writers.append(WandbWriter(cfg.wandb, workdir, cfg.to_dict(), job_type="train"))
+    return MultiWriter(writers)
+
+
+def run_info(job: Job, devices, t_start: float) -> dict:
+    return {
+        "params": job.n_params,
+        "wall_time_s": time.perf_counter() - t_start,
+        "devices": len(devices),
+        "processes": jax.process_count(),
+        "backend": jax.default_backend(),
+    }
+
+
+def train(cfg, workdir: str | os.PathLike, *, devices=None) -> dict:
+    """Run the configured job end to end; returns the summary (also written to ``<workdir>/summary.json``)."""
+    from dpo_jax.evaluate import write_outputs
+
+    devices = list(jax.devices() if devices is None else devices)
+    validate(cfg, num_devices=len(devices))
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
+    _preempt["flag"] = False
+    writer = make_writer(cfg, workdir)
+    try:
+        job = prepare(cfg, workdir, devices, writer)
+        evaluator = job.evaluator(cfg)
+        params = job.stage_runner(workdir, writer)(job.dpo_stage(cfg, evaluator), init_params=job.reference_params)
+        summary = {**job.summary, **evaluator.final(params, cfg.optim.steps)}
     finally:
         writer.close()
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
-
-    summary.update(
-        {
-            "params": n_params,
-            "wall_time_s": time.perf_counter() - t_start,
-            "devices": len(devices),
-            "processes": jax.process_count(),
-            "backend": jax.default_backend(),
-        }
-    )
-    write_outputs(cfg, workdir, graphdef, params, tokenizer, summary)
+    summary.update(run_info(job, devices, t_start))
+    write_outputs(cfg, workdir, job.graphdef, params, job.tokenizer, summary)
     return summary
 
 

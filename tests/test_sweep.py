@@ -4,11 +4,13 @@ import csv
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 from test_train import tiny_config
 
 from dpo_jax import sweep, train
 from dpo_jax.config import ConfigError
+from dpo_jax.evaluate import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,23 +34,37 @@ def test_shipped_sweeps_declare_valid_members():
             sweep.apply_overrides(base, m)
 
 
-def test_sequential_sweep_shares_compile_sft_and_reference_and_resumes(tmp_path, capsys):
-    base = tiny_config("optim.steps=6", "eval.every=100")
-    spec = str(ROOT / "configs/beta_sweep.py:runlocal")
+MEMBERS = [{"dpo.beta": 0.03}, {"dpo.beta": 0.3, "optim.learning_rate": 6e-4}, {"dpo.label_smoothing": 0.2}]
+SPEC = str(ROOT / "configs/beta_sweep.py:runlocal")
+
+
+def _base():
+    return tiny_config("optim.steps=8", "eval.every=100", "log_every=2", "wandb.enabled=True", "eval.num_prompts=8")
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("seq")
     before = len(train._STEP_FNS)
-    rows = sweep.run_sweep(spec, tmp_path, base=base, devices=jax.devices()[:1])
-    assert [r["member"] for r in rows] == ["beta=0.03", "beta=0.3"]
-    assert len(train._STEP_FNS) - before <= 2  # one SFT step and one DPO step for both members
-    assert len(list((tmp_path / "_shared").iterdir())) == 1 and not (tmp_path / "beta=0.3/sft").exists()
-    second = train.load_summary(tmp_path / "beta=0.3")
-    assert second["reference/cache_hit"] is True
+    rows = sweep.run_sweep(SPEC, workdir, base=_base(), members=MEMBERS, devices=jax.devices()[:1])
+    return workdir, rows, len(train._STEP_FNS) - before
+
+
+def test_sequential_sweep_shares_compile_sft_and_reference_and_resumes(sequential, capsys):
+    workdir, rows, new_steps = sequential
+    assert [r["member"] for r in rows] == [sweep.member_name(m) for m in MEMBERS]
+    assert [r["dpo.beta"] for r in rows] == [0.03, 0.3, 0.1]  # effective values, base filled in
+    # SFT + DPO step, and one more DPO step for the member with another learning rate (a static schedule).
+    assert new_steps == 3
+    assert len(list((workdir / "_shared").iterdir())) == 1 and not (workdir / rows[1]["member"] / "sft").exists()
+    assert all(train.load_summary(workdir / r["member"])["reference/cache_hit"] for r in rows[1:])
     assert rows[0]["eval/rewards/margins"] != rows[1]["eval/rewards/margins"]  # beta really differs
-    with (tmp_path / "summary.csv").open() as f:
-        assert [r["member"] for r in csv.DictReader(f)] == ["beta=0.03", "beta=0.3"]
-    assert (tmp_path / "sweep.png").exists()
+    with (workdir / "summary.csv").open() as f:
+        assert [r["member"] for r in csv.DictReader(f)] == [r["member"] for r in rows]
+    assert (workdir / "sweep.png").exists()
     capsys.readouterr()
-    sweep.run_sweep(spec, tmp_path, base=base, devices=jax.devices()[:1])
-    assert capsys.readouterr().out.count("finished, skipped") == 2
+    sweep.run_sweep(SPEC, workdir, base=_base(), members=MEMBERS, devices=jax.devices()[:1])
+    assert capsys.readouterr().out.count("finished, skipped") == 3
 
 
 def test_export_writes_commands_and_a_wandb_grid(tmp_path):
@@ -60,3 +76,33 @@ def test_export_writes_commands_and_a_wandb_grid(tmp_path):
     grid_out = sweep.export_sweep(str(ROOT / "configs/beta_sweep.py"), tmp_path / "b")
     yaml = grid_out["wandb"].read_text()
     assert "config.dpo.beta:" in yaml and "method: grid" in yaml and '"${args}"' in yaml
+
+
+def test_vectorized_members_equal_sequential_runs(sequential, tmp_path):
+    """K members in one vmapped program give the per-member metrics of K sequential runs."""
+    seq_dir, seq, _ = sequential
+    base = _base()  # same reference: reuse the sequential sweep's SFT stage and reference cache
+    base.sft.dir = str(next((seq_dir / "_shared").iterdir()))
+    base.reference.cache_dir = str(seq_dir / "reference_cache")
+    vec = sweep.run_sweep(SPEC, tmp_path, base=base, members=MEMBERS, mode="vectorized", devices=jax.devices()[:1])
+    for a, b in zip(seq, vec, strict=True):
+        assert a["member"] == b["member"]
+        for key in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/kl_token"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (a["member"], key)
+    for name in (r["member"] for r in seq):
+        s_hist, v_hist = read_history(seq_dir / name / "metrics.jsonl"), read_history(tmp_path / name / "metrics.jsonl")
+        s_loss = [r["train/loss"] for r in s_hist if "train/loss" in r]
+        v_loss = [r["train/loss"] for r in v_hist if "train/loss" in r]
+        assert len(v_loss) == len(s_loss) == 4
+        np.testing.assert_allclose(v_loss, s_loss, rtol=1e-4, atol=1e-6)
+        member = tmp_path / name  # written out as an ordinary run
+        assert (member / "hf/model.safetensors").exists() and (member / "plots.png").exists()
+        assert sorted(p.name for p in (member / "dpo/checkpoints").iterdir() if p.name.isdigit())[-1] == "8"
+        assert list((member / "wandb").glob("offline-run-*"))
+
+
+def test_vectorized_rejects_members_that_need_separate_programs(tmp_path):
+    with pytest.raises(ConfigError, match="sequential"):
+        sweep.run_sweep(
+            str(ROOT / "configs/label_softness_sweep.py:runlocal"), tmp_path, mode="vectorized", base=tiny_config()
+        )

@@ -1,0 +1,183 @@
+"""Vectorised sweeps: K members that differ only in traced values train in one compiled program.
+
+Shape letter: K members. The train state is stacked along a leading [K] axis (parameters, optimizer state,
+``hparams`` = beta, label smoothing and a learning-rate scale) and ``jax.vmap(train_step)`` runs all members
+on one shared batch with one shared reference. Each member is then written out as an ordinary run: its own
+checkpoints, metrics, W&B run, eval, summary, plots and export, as ``dpo-jax train`` would leave them.
+
+Members may differ in ``VECTOR_KEYS`` only; anything else (data, model, loss type, steps) needs separate
+programs, i.e. the sequential sweep.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpo_jax import checkpoint, sharding
+from dpo_jax.config import ConfigError
+from dpo_jax.data import to_global
+from dpo_jax.train import (
+    NonFiniteLoss,
+    TrainState,
+    _in_main_thread,
+    make_optimizer,
+    make_writer,
+    prepare,
+    run_info,
+    train_step,
+)
+
+VECTOR_KEYS = ("dpo.beta", "dpo.label_smoothing", "optim.learning_rate")
+
+
+def check_vectorizable(members: list[dict[str, Any]]) -> None:
+    for m in members:
+        bad = sorted(set(m) - set(VECTOR_KEYS))
+        if bad:
+            raise ConfigError(
+                f"sweep: vectorised members may differ only in {VECTOR_KEYS}; {bad} need the "
+                "sequential mode (--mode=sequential)"
+            )
+
+
+def _member(tree, k: int):
+    return jax.tree.map(lambda x: x[k], tree)
+
+
+def train_vectorized(cfgs: list, workdirs: list[Path], *, devices=None) -> list[dict]:
+    """Train K member configs (equal but for ``VECTOR_KEYS``) together; returns their summaries."""
+    import signal
+
+    from dpo_jax.evaluate import write_outputs
+    from dpo_jax.train import _on_sigterm, _preempt
+
+    devices = list(jax.devices() if devices is None else devices)
+    k_members, cfg = len(cfgs), cfgs[0]
+    if len(devices) != 1:
+        raise ConfigError("sweep: the vectorised mode runs on one device (members are the parallel axis)")
+    t_start = time.perf_counter()
+    for wd in workdirs:
+        wd.mkdir(parents=True, exist_ok=True)
+    writers = [make_writer(c, wd) for c, wd in zip(cfgs, workdirs, strict=True)]
+    old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
+    _preempt["flag"] = False
+    try:
+        job = prepare(cfg, workdirs[0], devices, writers[0])  # SFT metrics go to the first member's log
+        evaluators = [job.evaluator(c) for c in cfgs]
+        stage = job.dpo_stage(cfg, None)
+        base_lr = cfg.optim.learning_rate
+        tx = make_optimizer(stage.optim, stage.steps, base_lr, stage.optim.get("warmup_steps", 0))
+        hparams = {
+            "beta": jnp.asarray([c.dpo.beta for c in cfgs], jnp.float32),
+            "label_smoothing": jnp.asarray([c.dpo.label_smoothing for c in cfgs], jnp.float32),
+            "lr_scale": jnp.asarray([c.optim.learning_rate / base_lr for c in cfgs], jnp.float32),
+        }
+        params = job.reference_params
+
+        def init_one(h):
+            return TrainState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(cfg.seed), h, jnp.int32(-1))
+
+        ckpts = [
+            checkpoint.Checkpointer(wd / "dpo" / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
+            for wd in workdirs
+        ]
+        latest = {c.latest_step() for c in ckpts}
+        if latest == {None}:
+            state = jax.jit(jax.vmap(init_one))(hparams)
+        elif len(latest) == 1:
+            step0 = latest.pop()
+            abstract = jax.eval_shape(init_one, _member(hparams, 0))
+            shardings = sharding.tree_shardings(abstract, job.mesh)
+            restored = [c.restore(step0, checkpoint.abstract_like(abstract, shardings))[0] for c in ckpts]
+            state = jax.tree.map(lambda *xs: jnp.stack(xs), *restored)
+            print(f"[vectorized] resumed {k_members} members from step {step0}", flush=True)
+        else:
+            raise ConfigError(
+                f"sweep: members' checkpoints are at different steps {sorted(latest, key=str)}; "
+                "resume them with the sequential mode"
+            )
+        step_fn = jax.jit(
+            jax.vmap(functools.partial(train_step, graphdef=job.graphdef, tx=tx, sc=stage.sc), in_axes=(0, None, None)),
+            donate_argnums=0,
+        )
+        start = int(state.step[0])
+        t0, timed = time.perf_counter(), 0
+        for step, batch in stage.loader.iterate(start, stage.steps - start):
+            if _preempt["flag"]:
+                for k, c in enumerate(ckpts):
+                    if c.latest_step() != step:
+                        c.save(step, _member(state, k), {"data_step": step, "stage": "dpo"}, force=True)
+                    c.close()
+                from dpo_jax.train import Preempted
+
+                raise Preempted(f"[vectorized] SIGTERM: saved step {step} of {k_members} members; rerun to resume")
+            if stage.ref_cache is not None:
+                batch["ref_logps"] = stage.ref_cache[np.maximum(batch["index"], 0)] * batch["valid"][:, None]
+            state, metrics = step_fn(state, to_global(batch, job.mesh), None)
+            done, timed = step + 1, timed + 1
+            logged_step = stage.log_offset + done
+            if done % cfg.log_every == 0 or done == stage.steps:
+                metrics = jax.device_get(metrics)
+                _check_finite(state, ckpts)
+                dt = time.perf_counter() - t0
+                for k, w in enumerate(writers):
+                    row = {f"train/{m}": float(v[k]) for m, v in metrics.items()}
+                    row.update({f"dpo/{m}": v for m, v in row.items()})
+                    row.update(
+                        {
+                            "train/pairs_per_s": timed * stage.loader.global_batch_size / dt,
+                            "train/step_time_s": dt / timed,
+                            "vectorized/members": k_members,
+                        }
+                    )
+                    w.write(logged_step, row)
+                t0, timed = time.perf_counter(), 0
+            if done % cfg.eval.every == 0 or done == stage.steps:
+                for k, (ev, w) in enumerate(zip(evaluators, writers, strict=True)):
+                    w.write(logged_step, ev(_member(state.params, k), done))
+                t0 = time.perf_counter()
+            if done % cfg.checkpoint.every == 0 or done == stage.steps:
+                _check_finite(state, ckpts)
+                for k, c in enumerate(ckpts):
+                    c.save(done, _member(state, k), {"data_step": done, "stage": "dpo"}, force=True)
+        for c in ckpts:
+            c.close()
+        summaries = []
+        for k, (c, wd, ev) in enumerate(zip(cfgs, workdirs, evaluators, strict=True)):
+            params_k = _member(state.params, k)
+            summary = {
+                **job.summary,
+                **ev.final(params_k, stage.steps),
+                **run_info(job, devices, t_start),
+                "vectorized/members": k_members,
+            }
+            summaries.append((c, wd, params_k, summary))
+    finally:
+        for w in writers:
+            w.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    out = []
+    for c, wd, params_k, summary in summaries:
+        write_outputs(c, wd, job.graphdef, params_k, job.tokenizer, summary)
+        out.append(summary)
+    return out
+
+
+def _check_finite(state, ckpts):
+    bad = np.asarray(state.nonfinite_step)
+    if (bad >= 0).any():
+        k = int(np.argmax(bad >= 0))
+        for c in ckpts:
+            c.wait()
+        raise NonFiniteLoss(
+            f"[vectorized] member {k}: the loss or gradient became NaN/Inf at step {int(bad[k])}; "
+            f"stopped without saving. Last good checkpoint: step {ckpts[k].latest_step()}"
+        )
