@@ -1,0 +1,112 @@
+"""Faults and scale: resume after SIGKILL, SIGTERM, NaN stop, 1 vs 8 devices, two processes vs one.
+
+(Split from test_train.py so the two slowest files run on different pytest-xdist workers.)
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from test_train import ROOT, TINY, cli, tiny_config
+
+from dpo_jax import train
+from dpo_jax.evaluate import read_history
+
+
+def _wait_for_checkpoint(proc, directory: Path, step: int, timeout=240):
+    """Orbax renames a step's folder to its plain number only once the save is committed."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        done = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
+        if done and max(done) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stdout.read()}")
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint in time")
+
+
+def test_sigkill_then_resume_equals_uninterrupted_and_sigterm_saves(tmp_path):
+    slow = ["optim.steps=20", "sft.steps=0", "eval.every=100", "eval.num_prompts=0"]
+    ref = cli(tmp_path / "straight", *slow)
+    assert ref.returncode == 0, ref.stderr
+    # SIGKILL mid-run, then the same command resumes.
+    proc = cli(tmp_path / "killed", *slow, wait=False)
+    _wait_for_checkpoint(proc, tmp_path / "killed/dpo/checkpoints", 5)
+    proc.kill()
+    proc.wait()
+    resumed = cli(tmp_path / "killed", *slow)
+    assert resumed.returncode == 0 and "[dpo] resumed from step" in resumed.stdout + resumed.stderr
+    a, b = load_file(tmp_path / "straight/hf/model.safetensors"), load_file(tmp_path / "killed/hf/model.safetensors")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # SIGTERM: a checkpoint of the current step, a clean exit, and a resume.
+    proc = cli(tmp_path / "term", *slow, wait=False)
+    _wait_for_checkpoint(proc, tmp_path / "term/dpo/checkpoints", 5)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 143 and "SIGTERM: saved step" in output and "Traceback" not in output
+    assert cli(tmp_path / "term", *slow).returncode == 0
+    c = load_file(tmp_path / "term/hf/model.safetensors")
+    for k in a:
+        np.testing.assert_array_equal(a[k], c[k], err_msg=k)
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = tiny_config(
+        "optim.learning_rate=1e30",
+        "optim.clip_norm=0.0",
+        "optim.warmup_steps=0",
+        'optim.schedule="constant"',
+        "eval.num_prompts=0",
+        cache_dir=tmp_path / "cache",
+    )
+    cfg.export_hf = False
+    with pytest.raises(train.NonFiniteLoss, match=r"NaN/Inf at step (\d+).*Last good checkpoint: step") as err:
+        train.train(cfg, tmp_path / "run", devices=jax.devices()[:1])
+    ckpts = sorted(int(p.name) for p in (tmp_path / "run/dpo/checkpoints").iterdir() if p.name.isdigit())
+    bad = int(err.value.args[0].split("at step ")[1].split(";")[0])
+    assert all(c <= bad for c in ckpts)
+
+
+def _losses(workdir):
+    return np.array([r["train/loss"] for r in read_history(Path(workdir) / "metrics.jsonl") if "train/loss" in r])
+
+
+def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
+    common = ("log_every=1", "eval.num_prompts=0", "optim.steps=8", "sft.steps=0", "eval.every=100")
+    one = tiny_config(*common, "mesh.data=1", cache_dir=tmp_path / "c1")
+    eight = tiny_config(*common, "mesh.data=4", "mesh.fsdp=2", cache_dir=tmp_path / "c8")
+    for c in (one, eight):
+        c.export_hf = False
+    train.train(one, tmp_path / "one", devices=jax.devices()[:1])
+    train.train(eight, tmp_path / "eight", devices=jax.devices()[:8])
+    np.testing.assert_allclose(_losses(tmp_path / "eight"), _losses(tmp_path / "one"), rtol=2e-5, atol=2e-6)
+
+
+def test_two_processes_train_together_like_one(tmp_path):
+    common = ("log_every=1", "eval.num_prompts=0", "optim.steps=6", "sft.steps=0", "eval.every=100", "export_hf=False")
+    single = cli(tmp_path / "single", *common, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert single.returncode == 0, single.stderr
+    port = 20000 + os.getpid() % 20000
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "dpo_jax", "train", "--config", str(ROOT / "configs/default.py"),
+             "--workdir", str(tmp_path / "multi"), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+             f"--process_id={i}", *(f"--config.{o}" for o in (*TINY, *common))],
+            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in (0, 1)
+    ]  # fmt: skip
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert "processes | 2" in outputs[0]
+    np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"), rtol=2e-5, atol=2e-6)
