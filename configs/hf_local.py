@@ -33,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         weight_decay=0.0,
     )
     c.dpo.beta = 0.1
-    c.eval.update(every=200, batch_size=32, num_prompts=64)
+    c.eval.update(every=200, batch_size=32, num_prompts=64, max_new_tokens=128)
     c.checkpoint.every = 200
     if arg:
         raise ValueError(f"configs/hf_local.py: unknown config argument {arg!r}")
