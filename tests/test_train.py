@@ -229,7 +229,7 @@ def test_hf_local_config_trains_a_local_checkpoint_on_local_files(tmp_path):
         train_path=str(task["train"]), eval_path=str(task["eval"]), max_length=32, max_prompt_length=16, buckets=(32,)
     )
     cfg.optim.update(steps=4, batch_size=16, learning_rate=1e-3, warmup_steps=1)
-    cfg.eval.update(every=4, batch_size=16, num_prompts=8)
+    cfg.eval.update(every=4, batch_size=16, num_prompts=8, max_new_tokens=8)
     cfg.checkpoint.every = 2
     cfg.wandb.enabled = False
     cfg.reference.cache_dir = str(tmp_path / "cache")
