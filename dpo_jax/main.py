@@ -18,31 +18,32 @@ USAGE = (
 )
 
 
-def _config_folder_on_path(argv: list[str]) -> None:
-    """Config files may import siblings (``configs/hf_local.py`` extends ``default.py``)."""
-    from pathlib import Path
-
-    for i, arg in enumerate(argv):
-        value = (
-            arg.split("=", 1)[1]
-            if arg.startswith("--config=")
-            else argv[i + 1]
-            if arg == "--config" and i + 1 < len(argv)
-            else None
-        )
-        if value:
-            folder = str(Path(value.split(":", 1)[0]).resolve().parent)
-            if folder not in sys.path:
-                sys.path.insert(0, folder)
-
-
-def _config_spec(argv: list[str]) -> str:
+def _config_arg(argv: list[str]) -> str | None:
+    """The value of ``--config X`` / ``--config=X``, if given."""
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
             return arg.split("=", 1)[1]
         if arg == "--config" and i + 1 < len(argv):
             return argv[i + 1]
-    raise SystemExit(f"dpo-jax: --config is required\n{USAGE}")
+    return None
+
+
+def _config_folder_on_path(argv: list[str]) -> None:
+    """Config files may import siblings (``configs/hf_local.py`` extends ``default.py``)."""
+    from pathlib import Path
+
+    value = _config_arg(argv)
+    if value:
+        folder = str(Path(value.split(":", 1)[0]).resolve().parent)
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+
+
+def _config_spec(argv: list[str]) -> str:
+    value = _config_arg(argv)
+    if value is None:
+        raise SystemExit(f"dpo-jax: --config is required\n{USAGE}")
+    return value
 
 
 def _run(command: str, argv: list[str], argv_full: list[str]) -> int:

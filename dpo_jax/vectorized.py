@@ -12,6 +12,7 @@ programs, i.e. the sequential sweep.
 from __future__ import annotations
 
 import functools
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,14 @@ import numpy as np
 from dpo_jax import checkpoint, sharding
 from dpo_jax.config import ConfigError
 from dpo_jax.data import to_global
+from dpo_jax.evaluate import write_outputs
 from dpo_jax.train import (
     NonFiniteLoss,
+    Preempted,
     TrainState,
     _in_main_thread,
+    _on_sigterm,
+    _preempt,
     make_optimizer,
     make_writer,
     prepare,
@@ -53,11 +58,6 @@ def _member(tree, k: int):
 
 def train_vectorized(cfgs: list, workdirs: list[Path], *, devices=None) -> list[dict]:
     """Train K member configs (equal but for ``VECTOR_KEYS``) together; returns their summaries."""
-    import signal
-
-    from dpo_jax.evaluate import write_outputs
-    from dpo_jax.train import _on_sigterm, _preempt
-
     devices = list(jax.devices() if devices is None else devices)
     k_members, cfg = len(cfgs), cfgs[0]
     if len(devices) != 1:
@@ -115,8 +115,6 @@ def train_vectorized(cfgs: list, workdirs: list[Path], *, devices=None) -> list[
                     if c.latest_step() != step:
                         c.save(step, _member(state, k), {"data_step": step, "stage": "dpo"}, force=True)
                     c.close()
-                from dpo_jax.train import Preempted
-
                 raise Preempted(f"[vectorized] SIGTERM: saved step {step} of {k_members} members; rerun to resume")
             if stage.ref_cache is not None:
                 batch["ref_logps"] = stage.ref_cache[np.maximum(batch["index"], 0)] * batch["valid"][:, None]

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import COMMON
 from flax import nnx
 
 from dpo_jax import sharding, train
@@ -210,17 +211,7 @@ def test_hf_local_config_trains_a_local_checkpoint_on_local_files(tmp_path):
 
     task = synthetic.write_task(tmp_path / "task", synthetic.TaskConfig(n_sft=4, n_train=64, n_eval=16))
     tok = synthetic.build_tokenizer()
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    hf_cfg = transformers.LlamaConfig(**{**COMMON, "vocab_size": tok.vocab_size, "intermediate_size": 64})
     transformers.LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "model")
     tok.save(tmp_path / "model")
     cfg = load_config_file(str(ROOT / "configs/hf_local.py"))
