@@ -72,6 +72,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         beta=0.1,  # > 0: KL coefficient of the underlying RLHF objective
         label_smoothing=0.0,  # conservative-DPO flip rate in [0, 0.5)
         use_soft_targets=False,  # train on the per-pair soft probabilities (data prob_column)
+        soft_target_temperature=1.0,  # soft targets become sigmoid(logit(p) / T); 1 keeps them
+        seed=-1,  # seed of the DPO stage (data order, train rng); -1: the run's seed. Sweeps vectorise over it
         reference_free=False,
     )
     c.optim = dict(

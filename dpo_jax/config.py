@@ -40,6 +40,12 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg)
 
 
+def dpo_seed(cfg) -> int:
+    """The DPO stage's seed (data order, train rng): ``dpo.seed``, or the run's ``seed`` when it is -1."""
+    seed = cfg.dpo.get("seed", -1)
+    return cfg.seed if seed == -1 else seed
+
+
 def loss_types(cfg) -> tuple[str, ...]:
     return tuple(t.strip() for t in cfg.dpo.loss_type.split("+"))
 
@@ -116,6 +122,10 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None) 
     _check(not weights or len(weights) == len(types), "dpo.loss_weights", f"() or {len(types)} weights", weights)
     _check(math.isfinite(cfg.dpo.beta) and cfg.dpo.beta > 0, "dpo.beta", "a number > 0", cfg.dpo.beta)
     _check(0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "a number in [0, 0.5)", cfg.dpo.label_smoothing)
+    temp = cfg.dpo.get("soft_target_temperature", 1.0)
+    _check(math.isfinite(temp) and temp > 0, "dpo.soft_target_temperature", "a number > 0", temp)
+    seed = cfg.dpo.get("seed", -1)
+    _check(isinstance(seed, int) and seed >= -1, "dpo.seed", "an integer >= 0, or -1 for the run's seed", seed)
 
     mesh = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
     _check(

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from dpo_jax import sampling, scoring
 from dpo_jax.config import loss_types
 from dpo_jax.data import PreferenceLoader, to_global
-from dpo_jax.losses import preference_loss
+from dpo_jax.losses import preference_loss, temper_targets
 
 
 class Evaluator:
@@ -59,7 +59,8 @@ class Evaluator:
             losses, metrics = preference_loss(
                 logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], loss_type=types, loss_weights=weights,
                 beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing,
-                target_probs=batch["target_probs"] if cfg.dpo.use_soft_targets else None,
+                target_probs=temper_targets(batch["target_probs"], cfg.dpo.get("soft_target_temperature", 1.0))
+                if cfg.dpo.use_soft_targets else None,
                 chosen_lengths=jnp.maximum(counts[:, 0], 1.0), rejected_lengths=jnp.maximum(counts[:, 1], 1.0),
                 reference_free=cfg.dpo.reference_free, mask=valid,
             )  # fmt: skip

@@ -309,6 +309,13 @@ def preference_loss(
     return losses_B, metrics
 
 
+def temper_targets(target_probs, temperature):
+    """Soft targets at a temperature: sigmoid(logit(p) / T). T = 1 keeps p, T -> 0 hardens it towards the
+    label, T -> inf flattens it towards 1/2; p = 0 and p = 1 stay hard."""
+    p = _float(target_probs)
+    return jax.nn.sigmoid((jnp.log(p) - jnp.log1p(-p)) / temperature)
+
+
 def optimal_soft_margin(target_probs, beta):
     """The margin h = logit(p) / beta that minimises the soft-target sigmoid loss (finite for 0 < p < 1)."""
     p = _float(target_probs)

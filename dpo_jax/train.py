@@ -29,7 +29,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from dpo_jax import checkpoint, reference, scoring, sharding
-from dpo_jax.config import loss_types, validate
+from dpo_jax.config import dpo_seed, loss_types, validate
 from dpo_jax.data import (
     Columns,
     PreferenceLoader,
@@ -41,7 +41,7 @@ from dpo_jax.data import (
 )
 from dpo_jax.data.examples import load_sft_examples
 from dpo_jax.logging import ConsoleWriter, JsonlWriter, MultiWriter, WandbWriter, Writer
-from dpo_jax.losses import preference_loss
+from dpo_jax.losses import preference_loss, temper_targets
 
 
 class Preempted(Exception):
@@ -58,7 +58,7 @@ class TrainState:
     params: Any  # nnx.State, float32
     opt_state: Any
     rng: jax.Array
-    hparams: dict  # {"beta", "label_smoothing"}: traced
+    hparams: dict  # {"beta", "label_smoothing", "target_temperature"}, "lr_scale" in vectorised sweeps: traced
     nonfinite_step: jax.Array  # first step whose loss or gradient was not finite; -1 if none
 
 
@@ -142,7 +142,8 @@ def objective(params, graphdef, batch, ref_logps, hparams, sc: StepConfig):
         loss_weights=sc.loss_weights or None,
         beta=hparams["beta"],
         label_smoothing=hparams["label_smoothing"],
-        target_probs=batch["target_probs"] if sc.use_soft_targets else None,
+        target_probs=temper_targets(batch["target_probs"], hparams.get("target_temperature", 1.0))
+        if sc.use_soft_targets else None,
         chosen_lengths=jnp.maximum(counts[:, 0], 1.0),
         rejected_lengths=jnp.maximum(counts[:, 1], 1.0),
         reference_free=sc.reference_free,
@@ -246,6 +247,7 @@ class Stage:
     ref_cache: np.ndarray | None = None  # cached mode: [N, 2]
     evaluator: Any = None
     log_offset: int = 0  # logged step = log_offset + stage step (one increasing axis across stages)
+    seed: int = 0  # the train state's rng
 
 
 _preempt = {"flag": False}
@@ -280,7 +282,7 @@ def run_stage(stage: Stage, *, cfg, workdir: Path, graphdef, init_params, mesh, 
     hparams = {k: jnp.float32(v) for k, v in stage.hparams.items()}
 
     def init_state(params):
-        return TrainState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(cfg.seed), hparams, jnp.int32(-1))
+        return TrainState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(stage.seed), hparams, jnp.int32(-1))
 
     abstract = jax.eval_shape(init_state, init_params)
     shardings = sharding.tree_shardings(abstract, mesh)
@@ -447,8 +449,12 @@ class Job:
             "dpo", loss_types(cfg), tuple(cfg.dpo.loss_weights), cfg.dpo.use_soft_targets, cfg.dpo.reference_free,
             frozen, cfg.optim.grad_accum, **self.chunks,
         )  # fmt: skip
-        loader = PreferenceLoader(self.train_pairs, cfg.optim.batch_size, seed=cfg.seed, **self.loader_kw)
-        hparams = {"beta": cfg.dpo.beta, "label_smoothing": cfg.dpo.label_smoothing}
+        loader = PreferenceLoader(self.train_pairs, cfg.optim.batch_size, seed=dpo_seed(cfg), **self.loader_kw)
+        hparams = {
+            "beta": cfg.dpo.beta,
+            "label_smoothing": cfg.dpo.label_smoothing,
+            "target_temperature": cfg.dpo.get("soft_target_temperature", 1.0),
+        }
         return Stage(
             "dpo",
             sc,
@@ -460,6 +466,7 @@ class Job:
             self.ref_train,
             evaluator,
             log_offset=self.sft_steps,
+            seed=dpo_seed(cfg),
         )
 
     def stage_runner(self, workdir: Path, writer):
@@ -526,7 +533,7 @@ def prepare(cfg, workdir: Path, devices, writer) -> Job:
         sft_ex = load_sft_examples(paths["sft"], on_bad_row=d.on_bad_row)
         sft_pairs, _ = tokenize_examples(sft_ex, tokenizer, tok_cfg)
         sft_loader = PreferenceLoader(sft_pairs, cfg.sft.batch_size, seed=cfg.seed, **loader_kw)
-        sft = Stage("sft", StepConfig("sft", **chunks), sft_loader, cfg.sft.steps, dict(cfg.sft), {})
+        sft = Stage("sft", StepConfig("sft", **chunks), sft_loader, cfg.sft.steps, dict(cfg.sft), {}, seed=cfg.seed)
         params = run(sft, init_params=params)
         sft_steps = cfg.sft.steps
     reference_params = jax.tree.map(jnp.copy, params)  # the reference, kept outside the trained state

@@ -1,9 +1,12 @@
 """Vectorised sweeps: K members that differ only in traced values train in one compiled program.
 
 Shape letter: K members. The train state is stacked along a leading [K] axis (parameters, optimizer state,
-``hparams`` = beta, label smoothing and a learning-rate scale) and ``jax.vmap(train_step)`` runs all members
-on one shared batch with one shared reference. Each member is then written out as an ordinary run: its own
-checkpoints, metrics, W&B run, eval, summary, plots and export, as ``dpo-jax train`` would leave them.
+``hparams`` = beta, label smoothing, soft-target temperature and a learning-rate scale) and
+``jax.vmap(train_step)`` runs all members on one shared batch with one shared reference. Members with different
+``dpo.seed`` draw their own data order: their batches are stacked to [K, B, 2, L] and vmapped too (the same
+compute; the reference log-probs come from the shared cache). Each member is then written out as an ordinary
+run: its own checkpoints, metrics, W&B run, eval, summary, plots and export, as ``dpo-jax train`` would leave
+them.
 
 Members may differ in ``VECTOR_KEYS`` only; anything else (data, model, loss type, steps) needs separate
 programs, i.e. the sequential sweep.
@@ -39,7 +42,7 @@ from dpo_jax.train import (
     train_step,
 )
 
-VECTOR_KEYS = ("dpo.beta", "dpo.label_smoothing", "optim.learning_rate")
+VECTOR_KEYS = ("dpo.beta", "dpo.label_smoothing", "dpo.soft_target_temperature", "dpo.seed", "optim.learning_rate")
 
 
 def check_vectorizable(members: list[dict[str, Any]]) -> None:
@@ -71,18 +74,21 @@ def train_vectorized(cfgs: list, workdirs: list[Path], *, devices=None) -> list[
     try:
         job = prepare(cfg, workdirs[0], devices, writers[0])  # SFT metrics go to the first member's log
         evaluators = [job.evaluator(c) for c in cfgs]
-        stage = job.dpo_stage(cfg, None)
         base_lr = cfg.optim.learning_rate
+        stages = [job.dpo_stage(c, None) for c in cfgs]
+        stage = stages[0]
         tx = make_optimizer(stage.optim, stage.steps, base_lr, stage.optim.get("warmup_steps", 0))
         hparams = {
-            "beta": jnp.asarray([c.dpo.beta for c in cfgs], jnp.float32),
-            "label_smoothing": jnp.asarray([c.dpo.label_smoothing for c in cfgs], jnp.float32),
-            "lr_scale": jnp.asarray([c.optim.learning_rate / base_lr for c in cfgs], jnp.float32),
+            k: jnp.asarray([s.hparams[k] for s in stages], jnp.float32)
+            for k in ("beta", "label_smoothing", "target_temperature")
         }
+        hparams["lr_scale"] = jnp.asarray([c.optim.learning_rate / base_lr for c in cfgs], jnp.float32)
+        seeds = jnp.asarray([s.seed for s in stages], jnp.int32)
+        shared_batch = len({s.seed for s in stages}) == 1
         params = job.reference_params
 
-        def init_one(h):
-            return TrainState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(cfg.seed), h, jnp.int32(-1))
+        def init_one(h, seed):
+            return TrainState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(seed), h, jnp.int32(-1))
 
         ckpts = [
             checkpoint.Checkpointer(wd / "dpo" / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
@@ -90,10 +96,10 @@ def train_vectorized(cfgs: list, workdirs: list[Path], *, devices=None) -> list[
         ]
         latest = {c.latest_step() for c in ckpts}
         if latest == {None}:
-            state = jax.jit(jax.vmap(init_one))(hparams)
+            state = jax.jit(jax.vmap(init_one))(hparams, seeds)
         elif len(latest) == 1:
             step0 = latest.pop()
-            abstract = jax.eval_shape(init_one, _member(hparams, 0))
+            abstract = jax.eval_shape(init_one, _member(hparams, 0), seeds[0])
             shardings = sharding.tree_shardings(abstract, job.mesh)
             restored = [c.restore(step0, checkpoint.abstract_like(abstract, shardings))[0] for c in ckpts]
             state = jax.tree.map(lambda *xs: jnp.stack(xs), *restored)
@@ -104,12 +110,15 @@ def train_vectorized(cfgs: list, workdirs: list[Path], *, devices=None) -> list[
                 "resume them with the sequential mode"
             )
         step_fn = jax.jit(
-            jax.vmap(functools.partial(train_step, graphdef=job.graphdef, tx=tx, sc=stage.sc), in_axes=(0, None, None)),
+            jax.vmap(
+                functools.partial(train_step, graphdef=job.graphdef, tx=tx, sc=stage.sc),
+                in_axes=(0, None if shared_batch else 0, None),
+            ),
             donate_argnums=0,
         )
         start = int(state.step[0])
         t0, timed = time.perf_counter(), 0
-        for step, batch in stage.loader.iterate(start, stage.steps - start):
+        for step, batch in _batches(stages, start, shared_batch):
             if _preempt["flag"]:
                 for k, c in enumerate(ckpts):
                     if c.latest_step() != step:
@@ -117,8 +126,9 @@ def train_vectorized(cfgs: list, workdirs: list[Path], *, devices=None) -> list[
                     c.close()
                 raise Preempted(f"[vectorized] SIGTERM: saved step {step} of {k_members} members; rerun to resume")
             if stage.ref_cache is not None:
-                batch["ref_logps"] = stage.ref_cache[np.maximum(batch["index"], 0)] * batch["valid"][:, None]
-            state, metrics = step_fn(state, to_global(batch, job.mesh), None)
+                batch["ref_logps"] = stage.ref_cache[np.maximum(batch["index"], 0)] * batch["valid"][..., None]
+            batch = to_global(batch, job.mesh) if shared_batch else jax.device_put(batch, devices[0])
+            state, metrics = step_fn(state, batch, None)
             done, timed = step + 1, timed + 1
             logged_step = stage.log_offset + done
             if done % cfg.log_every == 0 or done == stage.steps:
@@ -167,6 +177,16 @@ def train_vectorized(cfgs: list, workdirs: list[Path], *, devices=None) -> list[
         write_outputs(c, wd, job.graphdef, params_k, job.tokenizer, summary)
         out.append(summary)
     return out
+
+
+def _batches(stages, start: int, shared: bool):
+    """(step, batch): one shared batch, or the members' own batches stacked to [K, ...] (their seeds differ)."""
+    if shared:
+        yield from stages[0].loader.iterate(start, stages[0].steps - start)
+        return
+    iters = [s.loader.iterate(start, s.steps - start) for s in stages]
+    for items in zip(*iters, strict=True):
+        yield items[0][0], {k: np.stack([b[k] for _, b in items]) for k in items[0][1]}
 
 
 def _check_finite(state, ckpts):

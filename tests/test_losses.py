@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
 
-from dpo_jax.losses import LOSS_TYPES, RunningMoments, optimal_soft_margin, preference_loss, update_running_moments
+from dpo_jax.losses import (
+    LOSS_TYPES,
+    RunningMoments,
+    optimal_soft_margin,
+    preference_loss,
+    temper_targets,
+    update_running_moments,
+)
 
 # --- Independent NumPy formulas (TRL's conventions, written out by hand) --------------------------------------------
 
@@ -343,3 +350,13 @@ def test_mask_excludes_padding_pairs_from_metrics_and_batch_statistics():
     losses, _ = run(PC, PR, RC, RR, loss_type="bco_pair", beta=0.2, mask=mask)
     delta = np.concatenate([cr[keep], rr[keep]]).mean()
     np.testing.assert_allclose(losses, np_pair_loss("bco_pair", PC - RC, PR - RR, 0.2, delta=delta), rtol=1e-5)
+
+
+def test_tempered_soft_targets():
+    """sigmoid(logit(p) / T) against NumPy: T = 1 keeps p, T < 1 sharpens, T > 1 flattens, hard labels stay."""
+    p = np.array([0.0, 0.1, 0.5, 0.8, 1.0])
+    for temp in (0.25, 1.0, 4.0):
+        with np.errstate(divide="ignore"):
+            expected = 1 / (1 + np.exp(-(np.log(p) - np.log1p(-p)) / temp))
+        np.testing.assert_allclose(np.asarray(temper_targets(p, temp)), expected, rtol=1e-6, atol=1e-7)
+    assert float(temper_targets(0.8, 0.25)) == pytest.approx(0.8**4 / (0.8**4 + 0.2**4), rel=1e-6)

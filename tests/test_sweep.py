@@ -34,12 +34,24 @@ def test_shipped_sweeps_declare_valid_members():
             sweep.apply_overrides(base, m)
 
 
-MEMBERS = [{"dpo.beta": 0.03}, {"dpo.beta": 0.3, "optim.learning_rate": 6e-4}, {"dpo.label_smoothing": 0.2}]
+MEMBERS = [
+    {"dpo.beta": 0.03},
+    {"dpo.beta": 0.3, "optim.learning_rate": 6e-4},
+    {"dpo.label_smoothing": 0.2},
+    {"dpo.soft_target_temperature": 0.3, "dpo.seed": 7},  # its own data order: a [K, B, ...] batch when vectorised
+]
 SPEC = str(ROOT / "configs/beta_sweep.py:runlocal")
 
 
 def _base():
-    return tiny_config("optim.steps=8", "eval.every=100", "log_every=2", "wandb.enabled=True", "eval.num_prompts=8")
+    return tiny_config(
+        "optim.steps=8",
+        "eval.every=100",
+        "log_every=2",
+        "wandb.enabled=True",
+        "eval.num_prompts=8",
+        "dpo.use_soft_targets=True",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +65,7 @@ def sequential(tmp_path_factory):
 def test_sequential_sweep_shares_compile_sft_and_reference_and_resumes(sequential, capsys):
     workdir, rows, new_steps = sequential
     assert [r["member"] for r in rows] == [sweep.member_name(m) for m in MEMBERS]
-    assert [r["dpo.beta"] for r in rows] == [0.03, 0.3, 0.1]  # effective values, base filled in
+    assert [r["dpo.beta"] for r in rows] == [0.03, 0.3, 0.1, 0.1]  # effective values, base filled in
     # SFT + DPO step, and one more DPO step for the member with another learning rate (a static schedule).
     assert new_steps == 3
     assert len(list((workdir / "_shared").iterdir())) == 1 and not (workdir / rows[1]["member"] / "sft").exists()
@@ -64,7 +76,10 @@ def test_sequential_sweep_shares_compile_sft_and_reference_and_resumes(sequentia
     assert (workdir / "sweep.png").exists()
     capsys.readouterr()
     sweep.run_sweep(SPEC, workdir, base=_base(), members=MEMBERS, devices=jax.devices()[:1])
-    assert capsys.readouterr().out.count("finished, skipped") == 3
+    assert capsys.readouterr().out.count("finished, skipped") == len(MEMBERS)
+    hist = [read_history(workdir / r["member"] / "metrics.jsonl") for r in rows]
+    losses = [[r["train/loss"] for r in h if "train/loss" in r] for h in hist]
+    assert losses[3][0] != losses[2][0]  # dpo.seed=7 sees other pairs at step 1
 
 
 def test_export_writes_commands_and_a_wandb_grid(tmp_path):

@@ -112,7 +112,8 @@ def test_end_to_end_outputs(tmp_path):
     [("dpo.beta=0.0", "dpo.beta"), ("dpo.label_smoothing=0.5", "dpo.label_smoothing"),
      ('dpo.loss_type="dpo"', "dpo.loss_type"), ("optim.batch_size=12", "optim.batch_size"),
      ('task="files"', "data.train_path"), ('model.init="hf"', "model.hf_path"), ("mesh.tensor=3", "mesh"),
-     ("optim.grad_accum=3", "optim.batch_size")],
+     ("optim.grad_accum=3", "optim.batch_size"), ("dpo.soft_target_temperature=0.0", "dpo.soft_target_temperature"),
+     ("dpo.seed=-2", "dpo.seed")],
 )  # fmt: skip
 def test_config_errors_name_the_field(override, field):
     cfg = tiny_config(override)
