@@ -15,5 +15,5 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-    betas = [0.03, 0.3] if arg == "runlocal" else [0.01, 0.03, 0.1, 0.3, 1.0]
+    betas = [0.03, 0.3] if arg == "runlocal" else [0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
     return grid({"dpo.beta": betas})

@@ -1,7 +1,9 @@
 """Label softness under label noise: hard labels vs conservative DPO (label smoothing) vs per-pair soft targets.
 
-Each noise level flips that fraction of the Bradley-Terry labels of the built-in task; soft targets carry the
-true preference probability sigmoid((r_chosen - r_rejected) / tau) of each pair.
+Each noise level eps flips that fraction of the built-in task's Bradley-Terry train labels; a pair's soft target
+is the noisy labelling process's own probability (1 - eps) p + eps (1 - p), p = sigmoid((r_chosen - r_rejected)
+/ tau): the vote share of many such annotators. Held-out labels are clean. Figure and table:
+``python experiments/label_softness.py``.
 
     dpo-jax sweep --config configs/label_softness_sweep.py --workdir runs/softness
     dpo-jax sweep --config configs/label_softness_sweep.py:runlocal --workdir runs/softness_smoke

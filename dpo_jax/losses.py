@@ -309,6 +309,12 @@ def preference_loss(
     return losses_B, metrics
 
 
+def optimal_policy(ref_logps, rewards, beta):
+    """The KL-regularised RLHF optimum over a finite set of completions: pi* = softmax(log pi_ref + r / beta),
+    i.e. pi* is proportional to pi_ref exp(r / beta) (last axis)."""
+    return jax.nn.softmax(_float(ref_logps) + _float(rewards) / beta, axis=-1)
+
+
 def temper_targets(target_probs, temperature):
     """Soft targets at a temperature: sigmoid(logit(p) / T). T = 1 keeps p, T -> 0 hardens it towards the
     label, T -> inf flattens it towards 1/2; p = 0 and p = 1 stay hard."""

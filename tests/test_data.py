@@ -303,6 +303,23 @@ def test_bradley_terry_labels_and_soft_probabilities():
     rows = [synthetic.label_pair("xyz:", "aaaaaa", "aaammm", noisy, rng) for _ in range(4000)]
     freq = np.mean([r["chosen"] == "aaaaaa" for r in rows])
     assert abs(freq - (0.7 * p_first + 0.3 * (1 - p_first))) < 0.02
+    for r in rows[:20]:  # the noisy process's own probability that "chosen" is labelled the winner
+        p = p_first if r["chosen"] == "aaaaaa" else 1 - p_first
+        assert r["chosen_prob"] == pytest.approx(0.7 * p + 0.3 * (1 - p))
+
+
+def test_synthetic_eval_labels_are_clean(tmp_path):
+    """With label noise the train labels are flipped, the held-out ones are not (same pairs otherwise)."""
+    import json
+
+    noisy = synthetic.write_task(
+        tmp_path / "n", synthetic.TaskConfig(n_sft=4, n_train=400, n_eval=400, label_noise=0.4)
+    )
+    clean = synthetic.write_task(tmp_path / "c", synthetic.TaskConfig(n_sft=4, n_train=400, n_eval=400))
+    load = lambda p: [json.loads(line) for line in p.read_text().splitlines()]  # noqa: E731
+    assert load(noisy["eval"]) == load(clean["eval"])
+    flipped = [a["chosen"] != b["chosen"] for a, b in zip(load(noisy["train"]), load(clean["train"]), strict=True)]
+    assert 0.3 < np.mean(flipped) < 0.5
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "hf_disk"])

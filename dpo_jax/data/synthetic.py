@@ -12,8 +12,11 @@ prompt is a short string of letters, a completion is another string, and the rew
 The task provides a character tokenizer saved in the Hugging Face format (so the ordinary loading code reads
 it), SFT demonstrations (uniform-random completions: the reference policy), the reward, and preference pairs
 of reference-like completions labelled by the Bradley-Terry model of the reward: the probability that y1
-beats y2 is sigmoid((r1 - r2) / tau). Each pair carries a hard sampled label (flipped with probability
-``label_noise``) and the soft probability ``chosen_prob`` = sigmoid((r_chosen - r_rejected) / tau).
+beats y2 is sigmoid((r1 - r2) / tau). Each pair carries a hard sampled label, flipped with probability
+``label_noise`` = eps, and the soft probability that this noisy labelling process prefers the chosen one,
+``chosen_prob`` = (1 - eps) sigmoid(d / tau) + eps sigmoid(-d / tau) with d = r_chosen - r_rejected: what many
+independent noisy annotators' vote share converges to (at eps = 0, the Bradley-Terry probability). The eval set
+is labelled without noise (clean held-out labels), so held-out accuracy measures the true preference.
 """
 
 from __future__ import annotations
@@ -97,11 +100,12 @@ def label_pair(prompt: str, y1: str, y2: str, cfg: TaskConfig, rng: np.random.Ge
     if rng.random() < cfg.label_noise:
         first_wins = not first_wins
     (chosen, rc), (rejected, rr) = ((y1, r1), (y2, r2)) if first_wins else ((y2, r2), (y1, r1))
+    p = 1.0 / (1.0 + math.exp(-(rc - rr) / cfg.tau))
     return {
         "prompt": prompt,
         "chosen": chosen,
         "rejected": rejected,
-        "chosen_prob": 1.0 / (1.0 + math.exp(-(rc - rr) / cfg.tau)),
+        "chosen_prob": (1 - cfg.label_noise) * p + cfg.label_noise * (1 - p),
         "chosen_reward": rc,
         "rejected_reward": rr,
     }
@@ -143,7 +147,8 @@ def write_task(out_dir: str | Path, cfg: TaskConfig = TaskConfig(), fmt: str = "
     paths = {"tokenizer": tokenizer_dir}
     paths["sft"] = write_rows(sft_rows(cfg, rng), out / f"sft.{fmt}")
     paths["train"] = write_rows(preference_rows(cfg, cfg.n_train, rng), out / f"train.{fmt}")
-    paths["eval"] = write_rows(preference_rows(cfg, cfg.n_eval, rng), out / f"eval.{fmt}")
+    clean = dataclasses.replace(cfg, label_noise=0.0)  # held-out labels without annotator noise
+    paths["eval"] = write_rows(preference_rows(clean, cfg.n_eval, rng), out / f"eval.{fmt}")
     return paths
 
 
