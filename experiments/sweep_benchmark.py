@@ -1,8 +1,8 @@
 """Wall time of a K = 8 member beta sweep: vectorised (one vmapped program) vs sequential (one process, one
-compiled step reused) vs 8 separate ``dpo-jax train`` processes (the exported ``commands.sh``), run one after
-another and all at once.
+compiled step reused) vs 8 separate ``dpo-jax train`` processes (the exported ``commands.sh``) run one after
+another (``--modes ...,parallel_processes`` adds all 8 at once).
 
-    python experiments/sweep_benchmark.py                  # ~15 min on 2 CPU cores
+    python experiments/sweep_benchmark.py                  # ~10 min on 2 CPU cores
     python experiments/sweep_benchmark.py --config configs/sweep_benchmark.py:runlocal   # smoke
 
 The SFT reference and the reference log-prob cache are built once before timing and shared by every mode, so
@@ -56,7 +56,7 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description="vectorised vs sequential vs separate-process sweeps")
     ap.add_argument("--config", default=str(ROOT / "configs/sweep_benchmark.py"))
     ap.add_argument("--workdir", default="runs/sweep_benchmark")
-    ap.add_argument("--modes", default="vectorized,sequential,processes,parallel_processes")
+    ap.add_argument("--modes", default="vectorized,sequential,processes", help="also: parallel_processes")
     args = ap.parse_args(argv)
     root = Path(args.workdir).resolve()
     base, members = sweep.load_sweep(args.config)
