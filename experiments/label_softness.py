@@ -6,13 +6,14 @@ sharing one SFT reference and one reference cache).
     python experiments/label_softness.py --config configs/label_softness_sweep.py:runlocal   # smoke
 
 Writes <workdir>/label_softness.png (held-out accuracy on clean labels, true reward and sampled KL against
-the noise rate, one line per label treatment) and label_softness.csv.
+the noise rate, one line per label treatment; error bars ±2 s.e.) and label_softness.csv.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 from pathlib import Path
 
 import jax
@@ -47,7 +48,8 @@ def plot(rows: list[dict], path: Path) -> None:
             rs = sorted((r for r in rows if r["treatment"] == name), key=lambda r: r["noise"])
             x = [r["noise"] + (i - 1) * 0.004 for r in rs]  # a small dodge so error bars do not overlap
             y = [r[key] for r in rs]
-            err = [2 * r[se_key] for r in rs] if se_key else None
+            # Accuracy: binomial standard error over the held-out pairs.
+            err = [2 * (r[se_key] if se_key else math.sqrt(r[key] * (1 - r[key]) / r["n_eval"])) for r in rs]
             ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
         if key == "eval/reward":
             ax.axhline(rows[0]["reference/reward"], color="gray", ls="--", label="reference")
@@ -67,8 +69,12 @@ def main(argv=None) -> list[dict]:
     args = ap.parse_args(argv)
     workdir = Path(args.workdir)
     members = sweep.run_sweep(args.config, workdir, devices=jax.devices()[:1])
-    keep = ["treatment", "noise", "dpo.label_smoothing", "dpo.use_soft_targets", *sweep.SUMMARY_COLUMNS]
-    rows = [{**m, "treatment": treatment(m), "noise": m["synthetic.label_noise"]} for m in members]
+    keep = ["treatment", "noise", "dpo.label_smoothing", "dpo.use_soft_targets", "n_eval", *sweep.SUMMARY_COLUMNS]
+    base, _ = sweep.load_sweep(args.config)
+    rows = [
+        {**m, "treatment": treatment(m), "noise": m["synthetic.label_noise"], "n_eval": base.synthetic.n_eval}
+        for m in members
+    ]
     with (workdir / "label_softness.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, keep, extrasaction="ignore")
         w.writeheader()
