@@ -78,10 +78,7 @@ def train_vectorized(cfgs: list, workdirs: list[Path], *, devices=None) -> list[
         stages = [job.dpo_stage(c, None) for c in cfgs]
         stage = stages[0]
         tx = make_optimizer(stage.optim, stage.steps, base_lr, stage.optim.get("warmup_steps", 0))
-        hparams = {
-            k: jnp.asarray([s.hparams[k] for s in stages], jnp.float32)
-            for k in ("beta", "label_smoothing", "target_temperature")
-        }
+        hparams = {k: jnp.asarray([s.hparams[k] for s in stages], jnp.float32) for k in stage.hparams}
         hparams["lr_scale"] = jnp.asarray([c.optim.learning_rate / base_lr for c in cfgs], jnp.float32)
         seeds = jnp.asarray([s.seed for s in stages], jnp.int32)
         shared_batch = len({s.seed for s in stages}) == 1
