@@ -5,7 +5,7 @@ dpo-jax sweep --config configs/beta_sweep.py:runlocal --workdir runs/beta_smoke 
 dpo-jax sweep --config configs/beta_sweep.py --workdir runs/beta_sweep --mode export  # cluster / W&B
 """
 
-from default import get_config as default_config
+from dpo_jax.configs.default import get_config as default_config
 
 from dpo_jax.sweep import grid
 

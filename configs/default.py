@@ -102,7 +102,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_new_tokens=8,
         temperature=1.0,
     )
-    c.checkpoint = dict(every=100, keep=2)
+    c.checkpoint = dict(
+        every=100,
+        keep=2,
+        reserve_mb=0.0,  # free space (MiB) a save must leave on the disk; a save that would not is refused
+    )
+    # Resuming checks the config against the one the checkpoints were made with. Fields listed here (comma-separated,
+    # from dpo_jax.workdir.CHANGEABLE_ON_RESUME, e.g. "dpo.beta,optim.steps") may differ: the run continues with them.
+    c.resume = dict(allow_changes="")
     c.wandb = dict(
         enabled=True,
         mode="offline",  # offline unless WANDB_MODE / WANDB_API_KEY say otherwise

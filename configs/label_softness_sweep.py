@@ -9,7 +9,7 @@ is the noisy labelling process's own probability (1 - eps) p + eps (1 - p), p = 
     dpo-jax sweep --config configs/label_softness_sweep.py:runlocal --workdir runs/softness_smoke
 """
 
-from default import get_config as default_config
+from dpo_jax.configs.default import get_config as default_config
 
 
 def get_config(arg=None):

@@ -4,7 +4,7 @@ sequential vs separate processes). 100 DPO steps per member instead of 300; ever
     dpo-jax sweep --config configs/sweep_benchmark.py --workdir runs/bench --mode vectorized
 """
 
-from default import get_config as default_config
+from dpo_jax.configs.default import get_config as default_config
 
 from dpo_jax.sweep import grid
 

@@ -1,38 +1,99 @@
-"""Orbax checkpoints of the train state, with the data position and stage beside it.
+"""Orbax checkpoints of the train state, with the data position, a content digest and the stage beside it.
 
-Resume order: (1) restore the latest step's state (params, optimizer state, step, RNG, hyper-parameters)
-onto the same shardings; (2) read its metadata; the data loader restarts at ``data_step`` (batches are a pure
-function of the step, so this is exact); (3) training continues from ``step``. A save is atomic (Orbax
-commits a step only when it is complete), so an interrupted run keeps its last good checkpoint.
+Resume order: (1) take the newest step whose restore succeeds, whose digest matches the restored arrays and
+whose parameters are finite; a damaged step (a truncated, deleted or altered file) is moved aside to
+``damaged-<step>`` with one line saying so, and the next older step is tried; (2) read its metadata; the data
+loader restarts at ``data_step`` (batches are a pure function of the step, so this is exact); (3) training
+continues from ``step`` with the hyper-parameters of the current config (``workdir.check_resume_config`` has
+already refused changes that were not allowed). A save is atomic (Orbax commits a step only when it is
+complete), so an interrupted run keeps its last good checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from dpo_jax.errors import one_line
+from dpo_jax.workdir import ensure_free_space, os_error
+
+
+def _as_u32(x: jax.Array) -> jax.Array:
+    """The bits of ``x`` as a flat uint32 vector (every element contributes all its bytes)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).ravel()
+    size = jnp.dtype(x.dtype).itemsize
+    if size == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).ravel()
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
+
+
+@jax.jit
+def _digest(tree) -> jax.Array:
+    """Two position-weighted uint32 sums per leaf, [n_leaves, 2]. The weights are odd, so changing any one
+    element always changes both sums (mod 2**32); computed on device, sharded arrays included."""
+
+    def leaf(x):
+        u = _as_u32(x)
+        i = jnp.arange(u.shape[0], dtype=jnp.uint32)
+        w1 = 2 * (i % jnp.uint32(65521)) + 1
+        w2 = 2 * (i % jnp.uint32(65519)) + 1
+        return jnp.stack([jnp.sum(u * w1, dtype=jnp.uint32), jnp.sum((u ^ (u >> 16)) * w2, dtype=jnp.uint32)])
+
+    leaves = jax.tree.leaves(tree)
+    return jnp.stack([leaf(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
+
+
+def digest(tree) -> list[list[int]]:
+    return np.asarray(jax.device_get(_digest(tree))).astype(np.int64).tolist()
+
+
+def all_finite(tree) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact))
+
+
+def state_bytes(tree) -> int:
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
 class Checkpointer:
-    def __init__(self, directory: str | os.PathLike, *, every: int, keep: int):
-        self.manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=True, create=True
-            ),
+    def __init__(self, directory: str | os.PathLike, *, every: int, keep: int, reserve_mb: float = 0.0, name=""):
+        self.directory = Path(os.path.abspath(directory))
+        self.name = name or self.directory.parent.name
+        self.reserve_mb = reserve_mb
+        self.options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=True, create=True
         )
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=self.options)
+        except OSError as e:
+            raise os_error(e, self.directory) from e
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
-        """Asynchronous save (every ``every`` steps, or now with ``force``); returns whether one started."""
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=force,
-        )
+        """Asynchronous save (every ``every`` steps, or now with ``force``); returns whether one started.
+        Refuses with ``DiskFullError`` (before writing anything) when the disk cannot hold the checkpoint."""
+        if not force and not self.manager.should_save(step):
+            return False
+        self.wait()  # the previous save's files are on disk: the free space below is real
+        ensure_free_space(self.directory, state_bytes(state), f"the checkpoint of step {step}", self.reserve_mb)
+        meta = {**meta, "digest": digest(state)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        try:
+            return self.manager.save(step, args=args, force=force)
+        except OSError as e:
+            raise os_error(e, self.directory, needed=state_bytes(state)) from e
 
     def restore(self, step: int, abstract_state):
         """``abstract_state``: ``jax.ShapeDtypeStruct`` leaves carrying the target shardings."""
@@ -42,12 +103,52 @@ class Checkpointer:
         )
         return out["state"], out["meta"]
 
+    def _problem(self, state, meta) -> str | None:
+        saved = meta.get("digest")
+        if saved is not None and saved != digest(state):
+            return "its contents do not match the digest written when it was saved"
+        if not all_finite(state):
+            return "it holds NaN/Inf values"
+        return None
+
+    def restore_latest(self, abstract_state):
+        """(step, state, meta) of the newest intact checkpoint, or None; damaged steps are moved aside."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(step, abstract_state)
+                problem = self._problem(state, meta)
+            except Exception as e:  # a truncated / missing / unparsable file: Orbax and TensorStore errors vary
+                problem = f"it cannot be read ({one_line(e).split(' See full')[0][:160]})"
+            if problem is None:
+                return step, state, meta
+            aside = self.directory / f"damaged-{step}"
+            if jax.process_index() == 0:
+                os.replace(self.directory / str(step), aside)
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices(f"damaged-{step}")
+            older = [s for s in self.manager.all_steps() if s < step]
+            then = f"falling back to step {max(older)}" if older else "no older checkpoint: starting the stage afresh"
+            print(f"[{self.name}] checkpoint step {step} is damaged ({problem}); moved to {aside}; {then}", flush=True)
+            self.manager.reload()
+        return None
+
     def wait(self):
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except OSError as e:
+            raise os_error(e, self.directory) from e
 
     def close(self):
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+def latest_step_on_disk(directory: str | os.PathLike) -> int | None:
+    """The newest committed step in a checkpoint folder, without opening a manager (Orbax names a step's folder
+    by its number only once the save is complete)."""
+    d = Path(directory)
+    steps = [int(p.name) for p in d.iterdir() if p.name.isdigit()] if d.is_dir() else []
+    return max(steps) if steps else None
 
 
 def abstract_like(tree, shardings):

@@ -1,36 +1,60 @@
-"""Load ``configs/*.py`` files and validate every field before anything compiles."""
+"""Load config files and validate every field before anything compiles.
+
+The shipped configs (the repository's ``configs/`` folder) are the package ``dpo_jax.configs``: a config that
+extends another imports it normally (``from dpo_jax.configs.default import get_config``). A config file given by
+path is loaded under its package name when it is one of those, else as a standalone module; no folder is ever
+put on ``sys.path``, so a config's neighbours cannot shadow installed packages.
+"""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import ml_collections
 
+from dpo_jax.errors import UserError
 from dpo_jax.losses import LOSS_TYPES
 from dpo_jax.models.config import REMAT_POLICIES
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is invalid; the message names the field (``config.section.field``)."""
 
 
+# What the SFT reference depends on; runs (and sweep members) equal on these share one SFT stage. (The built-in
+# task draws its SFT demonstrations first, so label noise, tau, the reward and the pair counts do not change them.)
+SFT_FIELDS = (
+    "seed", "task", "model", "sft.steps", "sft.batch_size", "sft.learning_rate", "sft.warmup_steps",
+    "data.sft_path", "data.tokenizer_path", "data.max_length", "data.max_prompt_length", "data.truncation_mode",
+    "synthetic.seed", "synthetic.prompt_length", "synthetic.completion_length", "synthetic.n_sft",
+)  # fmt: skip
+
+
+def _package_module_name(file: Path) -> str | None:
+    """``dpo_jax.configs.<stem>`` when ``file`` is one of the shipped configs."""
+    spec = importlib.util.find_spec("dpo_jax.configs")
+    folders = [Path(p).resolve() for p in (spec.submodule_search_locations or [])] if spec else []
+    return f"dpo_jax.configs.{file.stem}" if file.resolve().parent in folders else None
+
+
 def load_config_module(spec: str):
-    """``path/to/config.py[:arg]`` -> (the loaded module, arg or None); the file's folder is importable."""
+    """``path/to/config.py[:arg]`` -> (the loaded module, arg or None)."""
     path, _, arg = spec.partition(":")
     file = Path(path)
-    if not file.exists():
-        raise ConfigError(f"--config: file {file} not found")
-    folder = str(file.resolve().parent)
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    module_spec = importlib.util.spec_from_file_location(f"_dpo_jax_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    if not file.is_file():
+        raise ConfigError(f"config file not found in --config: {file} (expected path/to/config.py[:arg])")
+    name = _package_module_name(file)
+    if name is not None:
+        module = importlib.import_module(name)
+    else:
+        module_spec = importlib.util.spec_from_file_location(f"_dpo_jax_config_{file.stem}", file)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise ConfigError(f"--config: {file} defines no get_config(arg=None)")
+        raise ConfigError(f"no get_config in --config {file}: expected def get_config(arg=None)")
     return module, arg or None
 
 
@@ -144,6 +168,7 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None) 
     data_parallel = (num_devices // known if cfg.mesh.data == -1 else cfg.mesh.data) * (
         num_devices // known if cfg.mesh.fsdp == -1 else cfg.mesh.fsdp
     )
+    _check(cfg.optim.grad_accum >= 1, "optim.grad_accum", ">= 1", cfg.optim.grad_accum)
     for stage in ("sft", "optim"):
         s = cfg[stage]
         _check(s.steps >= 0, f"{stage}.steps", ">= 0", s.steps)
@@ -156,7 +181,6 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None) 
             s.batch_size,
         )
     _check(cfg.optim.steps > 0, "optim.steps", "> 0", cfg.optim.steps)
-    _check(cfg.optim.grad_accum >= 1, "optim.grad_accum", ">= 1", cfg.optim.grad_accum)
     _check(
         cfg.optim.schedule in ("cosine", "linear", "constant"),
         "optim.schedule",
@@ -182,6 +206,16 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None) 
         "every > 0, keep >= 1",
         dict(cfg.checkpoint),
     )
+    _check(cfg.checkpoint.reserve_mb >= 0, "checkpoint.reserve_mb", ">= 0", cfg.checkpoint.reserve_mb)
+    from dpo_jax.workdir import CHANGEABLE_ON_RESUME, allowed_changes
+
+    for name in allowed_changes(cfg.resume.allow_changes):
+        _check(
+            name in CHANGEABLE_ON_RESUME,
+            "resume.allow_changes",
+            f"comma-separated fields from {', '.join(CHANGEABLE_ON_RESUME)}",
+            name,
+        )
     _check(cfg.log_every > 0, "log_every", "> 0", cfg.log_every)
     _check(
         cfg.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", "offline | online | disabled", cfg.wandb.mode

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import sys
 from pathlib import Path
 
 import jax
@@ -23,10 +25,13 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dpo_jax import sampling, scoring
+from dpo_jax import sampling, scoring, signals
 from dpo_jax.config import loss_types
 from dpo_jax.data import PreferenceLoader, to_global
+from dpo_jax.errors import NonFiniteLoss
+from dpo_jax.logging import read_jsonl
 from dpo_jax.losses import preference_loss, temper_targets
+from dpo_jax.workdir import atomic_dir, atomic_write_text
 
 
 class Evaluator:
@@ -98,12 +103,15 @@ class Evaluator:
 
     def preference(self, params) -> dict[str, float]:
         totals: dict[str, float] = {}
-        for _, batch in self.loader.epoch(0):
+        batches = progress(self.loader.epoch(0), self.loader.steps_per_epoch, "eval")
+        for _, batch in batches:
+            signals.check("during eval")
             if self.ref_eval is not None:
                 batch["ref_logps"] = self.ref_eval[np.maximum(batch["index"], 0)] * batch["valid"][:, None]
             sums = jax.device_get(self._pref(params, to_global(batch, self.mesh), self.reference))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
+        batches.close()
         n = max(totals.pop("n"), 1.0)
         kl, kl_tokens = totals.pop("kl"), totals.pop("kl_tokens")
         out = {f"eval/{k}": v / n for k, v in totals.items()}
@@ -114,6 +122,7 @@ class Evaluator:
         """Sequence KL to the reference and true reward of samples from ``params``."""
         if self.prompts is None or self.cfg.eval.num_prompts <= 0:
             return {}
+        signals.check("during eval")
         prompt, mask, texts = self.prompts
         model = nnx.merge(self.graphdef, params)
         out = sampling.generate(
@@ -168,35 +177,58 @@ PLOTS = (
     ("KL(pi || pi_ref)", ("eval/kl_sampled", "eval/kl_seq_exact")),
     ("true reward of samples", ("eval/reward",)),
 )
+# Metrics with a standard error: plotted with +-2 s.e. bars.
+STDERR = {"eval/kl_sampled": "eval/kl_sampled_se", "eval/reward": "eval/reward_se"}
 
 
 def read_history(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return read_jsonl(Path(path))
+
+
+def progress(iterable, total: int, desc: str):
+    """A progress bar with an ETA on process 0's console (stderr); a plain iterator elsewhere."""
+    from tqdm import tqdm
+
+    return tqdm(
+        iterable, total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True, mininterval=1.0,
+        disable=jax.process_index() != 0,
+    )  # fmt: skip
 
 
 def write_plots(history: list[dict], summary: dict, path: Path) -> Path:
+    """One panel per metric group that has data (a files task has no true reward: no empty panel); eval metrics
+    with a standard error get +-2 s.e. bars; the DPO curves start at step 0 (the reference itself)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PLOTS), figsize=(4.2 * len(PLOTS), 3.4))
-    for ax, (title, keys) in zip(axes, PLOTS, strict=True):
+    def series(key):
+        return [r for r in history if isinstance(r.get(key), float)]
+
+    panels = [(title, [k for k in keys if series(k)]) for title, keys in PLOTS]
+    panels = [(title, keys) for title, keys in panels if keys]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.4), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels, strict=False):
         for key in keys:
-            points = [(r["step"], r[key]) for r in history if isinstance(r.get(key), float)]
-            if points:
-                steps, values = zip(*points, strict=True)
+            rows = series(key)
+            steps, values = [r["step"] for r in rows], [r[key] for r in rows]
+            se = [2 * r.get(STDERR.get(key, ""), float("nan")) for r in rows]
+            if key in STDERR and all(np.isfinite(se)):
+                ax.errorbar(steps, values, yerr=se, marker="o", ms=3, capsize=2, label=f"{key} ± 2 s.e.")
+            else:
                 ax.plot(steps, values, marker="o" if key.startswith("eval/") else None, ms=3, label=key)
         if title.startswith("true reward") and "reference/reward" in summary:
             ax.axhline(summary["reference/reward"], color="gray", ls="--", label="reference")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    os.replace(tmp, path)
     return path
 
 
@@ -211,23 +243,51 @@ SUMMARY_KEYS = (
 def summary_table(summary: dict) -> str:
     rows = [(k, summary[k]) for k in SUMMARY_KEYS if k in summary]
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {fmt(v)} |" for k, v in rows) + "\n"
+    table = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {fmt(v)} |" for k, v in rows) + "\n"
+    notes = [*summary.get("warnings", ()), *summary.get("resume/changes", ())]
+    return table + ("\nWarnings and resume changes:\n" + "".join(f"- {n}\n" for n in notes) if notes else "")
+
+
+def generation_config(model_config, tokenizer, cfg) -> dict:
+    """``generation_config.json`` for the export: the special tokens and the sampling settings eval used."""
+    eos = model_config.eos_token_id if model_config.eos_token_id is not None else tokenizer.eos_token_id
+    out = {
+        "bos_token_id": model_config.bos_token_id if model_config.bos_token_id is not None else tokenizer.bos_token_id,
+        "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
+        "pad_token_id": model_config.pad_token_id if model_config.pad_token_id is not None else tokenizer.pad_token_id,
+        "do_sample": cfg.eval.temperature > 0,
+        "temperature": cfg.eval.temperature if cfg.eval.temperature > 0 else 1.0,
+    }
+    if cfg.model.init == "hf":  # the source checkpoint's own generation settings win
+        src = Path(cfg.model.hf_path) / "generation_config.json"
+        if src.exists():
+            out = {**out, **json.loads(src.read_text())}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def write_outputs(cfg, workdir: Path, graphdef, params, tokenizer, summary: dict) -> None:
-    """HF export of the final policy, summary.json / summary.md, and plots.png (process 0 writes)."""
+    """HF export of the final policy, summary.json / summary.md, and plots.png (process 0 writes). Parameters
+    with a NaN/Inf are never exported or reported: that is an error naming the workdir."""
     from dpo_jax import hf
+    from dpo_jax.checkpoint import all_finite
 
+    if not all_finite(params):
+        raise NonFiniteLoss(f"the final parameters in {workdir} contain NaN/Inf: not exported, no summary written")
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() != 0:
         return
     if cfg.export_hf:
-        hf.save_pretrained(nnx.merge(graphdef, jax.device_get(params)), workdir / "hf", tokenizer)
+        model = nnx.merge(graphdef, jax.device_get(params))
+        with atomic_dir(workdir / "hf") as tmp:  # the previous export stays whole until the new one is complete
+            hf.save_pretrained(model, tmp, tokenizer)
+            (tmp / "generation_config.json").write_text(
+                json.dumps(generation_config(model.config, tokenizer, cfg), indent=2) + "\n"
+            )
         summary["export"] = str(workdir / "hf")
     history = read_history(workdir / "metrics.jsonl")
     summary["plots"] = str(write_plots(history, summary, workdir / "plots.png"))
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     table = summary_table(summary)
-    (workdir / "summary.md").write_text(table)
+    atomic_write_text(workdir / "summary.md", table)
+    atomic_write_text(workdir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")  # last: "done"
     print("\n" + table, flush=True)

@@ -8,6 +8,7 @@ tensors are stacked on the leading ``[L]`` axis of the decoder's parameters.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,7 +22,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from dpo_jax.models.config import ModelConfig, config_from_hf, config_to_hf
+from dpo_jax.errors import MissingFileError, ModelError, one_line
+from dpo_jax.models.config import ARCHITECTURES, ModelConfig, config_from_hf, config_to_hf
 from dpo_jax.models.llama import Decoder
 
 SINGLE_FILE = "model.safetensors"
@@ -68,13 +70,30 @@ def _weight_files(path: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file that holds it."""
     index = path / INDEX_FILE
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelError(f"invalid {INDEX_FILE} in {path} ({one_line(e)}): expected a weight_map") from None
         return {name: path / file for name, file in weight_map.items()}
     single = path / SINGLE_FILE
     if not single.exists():
-        raise FileNotFoundError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-    with safe_open(single, framework="numpy") as f:
+        raise MissingFileError(f"no weights in {path}: expected {SINGLE_FILE} or {INDEX_FILE} with its shards")
+    with _open_safetensors(single) as f:
         return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: Path):
+    """``safe_open`` whose header and tensor errors (an invalid or truncated file) name the file."""
+    try:
+        with safe_open(file, framework="numpy") as f:
+            yield f
+    except (ModelError, MissingFileError):
+        raise
+    except Exception as e:  # SafetensorError and the OS errors of a truncated file
+        raise ModelError(
+            f"invalid or truncated safetensors file {file} ({one_line(e)[:160]}): re-copy or re-export the checkpoint"
+        ) from None
 
 
 def _read_tensors(files: dict[str, Path]) -> Iterator[tuple[str, Path, np.ndarray]]:
@@ -83,8 +102,8 @@ def _read_tensors(files: dict[str, Path]) -> Iterator[tuple[str, Path, np.ndarra
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
         if not file.exists():
-            raise FileNotFoundError(f"{file}: listed in {INDEX_FILE} but missing")
-        with safe_open(file, framework="numpy") as f:
+            raise MissingFileError(f"missing weight shard {file}: listed in {INDEX_FILE}")
+        with _open_safetensors(file) as f:
             for name in names:
                 yield name, file, f.get_tensor(name)
 
@@ -97,8 +116,9 @@ def load_weights(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, Any]:
     files = _weight_files(path)
     missing = sorted(set(entries) - set(files))
     if missing:
-        raise ValueError(
-            f"{path}: missing tensors for {cfg.architecture}: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+        raise ModelError(
+            f"missing tensors in {path}: {missing[:8]}{' ...' if len(missing) > 8 else ''}; expected every tensor of "
+            f"a {cfg.architecture} with this config.json"
         )
     out = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), abstract)
     unexpected = []
@@ -120,25 +140,30 @@ def load_weights(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, Any]:
         if value.shape != expected:
             stored = tuple(reversed(value.shape)) if entry.transpose else value.shape
             want = tuple(reversed(expected)) if entry.transpose else expected
-            raise ValueError(f"{file.name}: tensor {name} has shape {stored}; config.json implies {want}")
+            raise ModelError(f"{file.name}: tensor {name} has shape {stored}; config.json implies {want}")
         if entry.layer is None:
             target[entry.path[-1]] = value
         else:
             leaf[entry.layer] = value
     if unexpected:
-        raise ValueError(f"{path}: unexpected tensors for {cfg.architecture}: {sorted(unexpected)[:8]}")
+        raise ModelError(f"unexpected tensors in {path}: {sorted(unexpected)[:8]}; expected a {cfg.architecture}")
     return out
 
 
 def load_config(path: str | os.PathLike, **overrides) -> ModelConfig:
     file = Path(path) / "config.json"
     if not file.exists():
-        raise FileNotFoundError(f"{file}: no config.json (expected a local Hugging Face model folder)")
+        raise MissingFileError(f"no config.json in {path}: expected a local Hugging Face model folder")
     try:
         hf = json.loads(file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON (line {e.lineno}): {e.msg}") from e
-    return config_from_hf(hf, where=str(file), **overrides)
+        raise ModelError(f"{file}: not valid JSON (line {e.lineno}): {e.msg}") from None
+    try:
+        return config_from_hf(hf, where=str(file), **overrides)
+    except (ValueError, TypeError, KeyError) as e:
+        if "not supported" in str(e) and "architectures" in str(e):
+            raise ModelError(str(e)) from None
+        raise ModelError(f"{file}: {one_line(e).split(': ', 1)[-1]}; supported: {', '.join(ARCHITECTURES)}") from None
 
 
 def load_pretrained(path: str | os.PathLike, **overrides) -> tuple[Decoder, HFTokenizer | None]:
@@ -210,10 +235,16 @@ class HFTokenizer:
         path = Path(path)
         file = path / "tokenizer.json"
         if not file.exists():
-            raise FileNotFoundError(f"{file}: no tokenizer.json")
-        tok = Tokenizer.from_file(str(file))
+            raise MissingFileError(f"no tokenizer.json in {path}: expected a Hugging Face (fast) tokenizer folder")
+        try:
+            tok = Tokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises plain Exceptions for invalid files
+            raise ModelError(f"invalid tokenizer.json in {path} ({one_line(e)[:160]}): re-save the tokenizer") from None
         cfg_file = path / "tokenizer_config.json"
-        config = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        try:
+            config = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        except ValueError as e:
+            raise ModelError(f"{cfg_file}: not valid JSON ({one_line(e)}); expected the tokenizer's settings") from None
         special = {}
         for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
             value = config.get(key)

@@ -1,7 +1,10 @@
 """Metric writers behind one interface: JSONL (always), Weights & Biases (offline by default), console.
 
 Only process 0 writes. W&B runs offline unless ``WANDB_MODE`` says otherwise or ``WANDB_API_KEY`` is set; its
-files live under the workdir, and a restarted run resumes the same W&B run id.
+files live under the workdir, and a restarted run resumes the same W&B run id. An online run whose server does
+not answer within a few seconds falls back to offline with one warning (``wandb sync`` uploads it later).
+A resumed run first ``rewind``s the writers to the checkpoint's step, so steps that are redone are not logged
+twice (W&B itself ignores steps it has already seen).
 """
 
 from __future__ import annotations
@@ -13,11 +16,27 @@ import sys
 import uuid
 from pathlib import Path
 
+from dpo_jax.workdir import atomic_write_text
+
 
 class Writer:
     def write(self, step: int, metrics: dict[str, float]) -> None: ...
 
+    def rewind(self, step: int, *, keep_evals: bool = True) -> None:
+        """Forget rows after ``step`` (and eval rows at ``step`` unless ``keep_evals``): they are about to be redone."""
+
     def close(self) -> None: ...
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a metrics file; a line cut short by a kill is skipped."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
 
 
 class JsonlWriter(Writer):
@@ -28,6 +47,19 @@ class JsonlWriter(Writer):
     def write(self, step, metrics):
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **{k: _plain(v) for k, v in metrics.items()}}) + "\n")
+
+    def rewind(self, step, *, keep_evals=True):
+        if not self.path.exists():
+            return
+        rows = read_jsonl(self.path)
+
+        def keep(r):
+            at = r.get("step", 0)
+            return at < step or (at == step and (keep_evals or not any(k.startswith("eval/") for k in r)))
+
+        kept = [r for r in rows if keep(r)]
+        if len(kept) != len(rows) or self.path.read_text().count("\n") != len(rows):
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def _plain(v):
@@ -41,6 +73,30 @@ def wandb_mode(configured: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else configured
 
 
+def wandb_reachable(timeout: float = 5.0) -> bool:
+    """Whether the W&B server (``WANDB_BASE_URL``, default api.wandb.ai) accepts a TCP connection within
+    ``timeout`` seconds; name resolution is bounded too (it runs in a thread)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host, port = url.hostname or "api.wandb.ai", url.port or (443 if url.scheme == "https" else 80)
+    ok = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
 class WandbWriter(Writer):
     def __init__(self, wandb_cfg, workdir: str | os.PathLike, config: dict, job_type: str):
         import wandb
@@ -48,7 +104,16 @@ class WandbWriter(Writer):
         workdir = Path(workdir)
         id_file = workdir / "wandb_run_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
-        id_file.write_text(run_id)
+        atomic_write_text(id_file, run_id)
+        mode = wandb_mode(wandb_cfg.mode)
+        if mode == "online" and not wandb_reachable():
+            print(
+                "dpo-jax: warning: W&B server unreachable; logging offline instead "
+                f"(upload later with `wandb sync {workdir / 'wandb'}/offline-run-*`)",
+                file=sys.stderr,
+                flush=True,
+            )
+            mode = "offline"
         self.run = wandb.init(
             project=wandb_cfg.project,
             entity=wandb_cfg.entity or None,
@@ -61,8 +126,8 @@ class WandbWriter(Writer):
             id=run_id,
             resume="allow",
             reinit="create_new",  # vectorised sweeps keep one run per member open in one process
-            mode=wandb_mode(wandb_cfg.mode),
-            settings=wandb.Settings(console="off", silent=True),
+            mode=mode,
+            settings=wandb.Settings(console="off", silent=True, init_timeout=30),
         )
 
     def write(self, step, metrics):
@@ -83,12 +148,12 @@ class ConsoleWriter(Writer):
 
     def write(self, step, metrics):
         step -= self.offset
-        self.bar.update(step - self.last)
-        self.last = step
         keys = {"train/loss": "loss", "train/pairs_per_s": "pairs/s", "train/rewards/accuracies": "acc"}
         post = {short: f"{metrics[k]:.4g}" for k, short in keys.items() if k in metrics}
-        if post:
+        if post:  # before update(), which redraws: the bar shows this step's values, not the previous interval's
             self.bar.set_postfix(post, refresh=False)
+        self.bar.update(step - self.last)
+        self.last = step
         evals = {k: v for k, v in metrics.items() if k.startswith("eval/")}
         if evals:
             shown = ("eval/loss", "eval/rewards/accuracies", "eval/reward", "eval/kl_sampled", "eval/kl_token")
@@ -105,6 +170,10 @@ class MultiWriter(Writer):
     def write(self, step, metrics):
         for w in self.writers:
             w.write(step, metrics)
+
+    def rewind(self, step, *, keep_evals=True):
+        for w in self.writers:
+            w.rewind(step, keep_evals=keep_evals)
 
     def close(self):
         for w in self.writers:

@@ -2,11 +2,16 @@
 
 Multi-host: on TPU pods pass ``--distributed`` (JAX finds its peers); elsewhere also ``--coordinator_address``,
 ``--num_processes`` and ``--process_id`` (CPU processes use gloo collectives).
+
+Exit status: 0 done; 2 a problem the user can fix (bad config, data, model folder, workdir), printed as one line
+``dpo-jax: <what> in <file/field>: <expected>`` (``--verbose`` adds the traceback); 1 a NaN/Inf stop; 143 / 130
+SIGTERM / Ctrl-C (the step is saved: rerun the same command to resume).
 """
 
 from __future__ import annotations
 
 import sys
+import traceback
 
 COMMANDS = {
     "train": "train a policy (SFT reference stage if configured, then DPO) from a config file",
@@ -28,17 +33,6 @@ def _config_arg(argv: list[str]) -> str | None:
     return None
 
 
-def _config_folder_on_path(argv: list[str]) -> None:
-    """Config files may import siblings (``configs/hf_local.py`` extends ``default.py``)."""
-    from pathlib import Path
-
-    value = _config_arg(argv)
-    if value:
-        folder = str(Path(value.split(":", 1)[0]).resolve().parent)
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
-
-
 def _config_spec(argv: list[str]) -> str:
     value = _config_arg(argv)
     if value is None:
@@ -50,9 +44,10 @@ def _run(command: str, argv: list[str], argv_full: list[str]) -> int:
     import jax
     from absl import flags
 
-    from dpo_jax.config import ConfigError
-    from dpo_jax.data.formats import DataError
-    from dpo_jax.train import NonFiniteLoss, Preempted, train
+    from dpo_jax.errors import NonFiniteLoss, UserError
+    from dpo_jax.signals import Preempted
+    from dpo_jax.train import train
+    from dpo_jax.workdir import os_error
 
     FLAGS = flags.FLAGS
     if len(argv) > 1:
@@ -72,6 +67,13 @@ def _run(command: str, argv: list[str], argv_full: list[str]) -> int:
     if command == "train" and FLAGS.config is None:
         print(f"dpo-jax: --config is required\n{USAGE}", file=sys.stderr)
         return 2
+
+    def fail(message: str, code: int) -> int:
+        if FLAGS.verbose:
+            traceback.print_exc()
+        print(f"dpo-jax: {message}", file=sys.stderr)
+        return code
+
     try:
         if command == "sweep":
             from dpo_jax import sweep
@@ -92,16 +94,44 @@ def _run(command: str, argv: list[str], argv_full: list[str]) -> int:
             overrides = {k: v for k, v in overrides.items() if not k.startswith("wandb.")}
             workdir = str(Path(workdir) / member_name(overrides))
         train(FLAGS.config, workdir)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"dpo-jax: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return fail(str(e), 2)
+    except OSError as e:  # a full disk, a read-only or missing path the user named
+        converted = os_error(e, e.filename or FLAGS.workdir)
+        if converted is e and not isinstance(e, FileNotFoundError):
+            raise
+        return fail(str(converted), 2)
     except Preempted as e:
-        print(f"dpo-jax: {e}", file=sys.stderr)
-        return 143
+        return fail(str(e), e.exit_code)
     except NonFiniteLoss as e:
-        print(f"dpo-jax: {e}", file=sys.stderr)
-        return 1
+        return fail(str(e), 1)
+    except KeyboardInterrupt:  # the second Ctrl-C: abort without saving
+        return fail("aborted (second Ctrl-C); the last checkpoint is kept", 130)
     return 0
+
+
+def _flag_error(error: Exception, argv: list[str]) -> str:
+    """A config-flag error as one line: the config file's own error, or a mistyped ``--config.a.b`` with the
+    nearest field name."""
+    import difflib
+
+    from dpo_jax.config import load_config_file
+    from dpo_jax.workdir import flatten
+
+    spec = _config_arg(argv)
+    try:
+        known = set(flatten(load_config_file(spec).to_dict()))
+    except Exception as e:
+        return f"invalid config in --config {spec}: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}"
+    sections = {k.rsplit(".", i)[0] for k in known for i in range(k.count(".") + 1)}
+    for arg in argv:
+        if arg.startswith("--config.") and "=" in arg:
+            field = arg[len("--config.") :].split("=", 1)[0]
+            if field not in known and field not in sections:
+                near = difflib.get_close_matches(field, sorted(known), n=1)
+                hint = f"did you mean --config.{near[0]}?" if near else "no such field"
+                return f"unknown config field in --config.{field} ({spec}): {hint}"
+    return str(error).strip().splitlines()[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     command = argv.pop(1)
-    _config_folder_on_path(argv)
 
     from absl import app, flags
     from ml_collections import config_flags
@@ -129,7 +158,27 @@ def main(argv: list[str] | None = None) -> int:
             "sweep: members one after another, all in one vmapped program, or exported as jobs",
         )
         flags.DEFINE_bool("member_subdir", False, "train: use <workdir>/<member name from the overrides>")
+        flags.DEFINE_bool("verbose", False, "print the full traceback of an error, not just its one-line message")
+    spec = _config_arg(argv)
+    if spec is not None:
+        from pathlib import Path
+
+        if not Path(spec.split(":", 1)[0]).is_file():
+            print(f"dpo-jax: config file not found in --config: {spec.split(':', 1)[0]}", file=sys.stderr)
+            return 2
     result = {}
+
+    def parse(args):
+        """Flags as one-line errors: a mistyped --config field, a get_config() that raises."""
+        try:
+            return flags.FLAGS(args)
+        except Exception as e:  # flags.Error, or what get_config() / an override raised
+            message = _flag_error(e, args)
+        if "--verbose" in args:
+            traceback.print_exc()
+        print(f"dpo-jax: {message}", file=sys.stderr)
+        result["code"] = 2
+        raise SystemExit(2)
 
     def absl_main(rest):
         from absl import logging
@@ -138,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         result["code"] = _run(command, rest, argv)
 
     try:
-        app.run(absl_main, argv=argv)
+        app.run(absl_main, argv=argv, flags_parser=parse)
     except SystemExit as e:
-        if e.code not in (0, None):
+        if e.code not in (0, None) and "code" not in result:
             raise
     return result.get("code", 0)
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dpo_jax import scoring
+from dpo_jax import scoring, signals
 from dpo_jax.data.loader import PreferenceLoader, to_global
 from dpo_jax.sharding import batch_sharding
 
@@ -53,12 +53,17 @@ def compute_logps(graphdef, params, pairs, *, mesh, batch_size, buckets, pad_id,
         )[0],
         out_shardings=batch_sharding(mesh, 2),
     )
+    from dpo_jax.evaluate import progress
+
     out = np.zeros((len(pairs), 2), np.float32)
-    for step, batch in loader.epoch(0):
+    batches = progress(loader.epoch(0), loader.steps_per_epoch, "reference log-probs")
+    for step, batch in batches:
+        signals.check("during the reference pass (nothing to save; it restarts)")
         logps = score(params, to_global(batch, mesh))
         logps = multihost_utils.process_allgather(logps, tiled=True) if jax.process_count() > 1 else logps
         idx = loader.global_indices(step)
         out[idx[idx >= 0]] = np.asarray(logps)[idx >= 0]
+    batches.close()
     return out
 
 
@@ -66,7 +71,13 @@ def cached_logps(cache_dir: str | os.PathLike, key: str, compute) -> tuple[np.nd
     """Load ``<cache_dir>/<key>.npy`` or compute and store it (process 0 writes, atomically); (values, hit)."""
     path = Path(cache_dir) / f"{key}.npy"
     if path.exists():
-        return np.load(path), True
+        try:
+            values = np.load(path)
+            if values.ndim == 2 and values.shape[1] == 2 and np.isfinite(values).all():
+                return values, True
+        except (OSError, ValueError):
+            pass
+        print(f"reference cache {path} is damaged; recomputing it", flush=True)
     values = compute()
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)

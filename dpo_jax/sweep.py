@@ -28,7 +28,7 @@ from typing import Any
 
 import ml_collections
 
-from dpo_jax.config import ConfigError, load_config_module
+from dpo_jax.config import SFT_FIELDS, ConfigError, load_config_module
 
 SUMMARY_COLUMNS = (
     "eval/loss",
@@ -40,28 +40,6 @@ SUMMARY_COLUMNS = (
     "eval/reward",
     "eval/reward_se",
     "reference/reward",
-)
-# What the SFT reference depends on; members equal on these share one SFT stage. (The built-in task draws its
-# SFT demonstrations first, so label noise, tau, the reward and the pair counts do not change them.)
-SFT_FIELDS = (
-    "seed",
-    "task",
-    "model",
-    "sft.steps",
-    "sft.batch_size",
-    "sft.learning_rate",
-    "sft.warmup_steps",
-    "data.sft_path",
-    "data.tokenizer_path",
-    "data.max_length",
-    "data.max_prompt_length",
-    "data.truncation_mode",
-    "data.buckets",
-    "synthetic.seed",
-    "synthetic.prompt_length",
-    "synthetic.completion_length",
-    "synthetic.n_sft",
-    "mesh",
 )
 
 

@@ -10,12 +10,12 @@ reference log-probs (``'cached'``, the default).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import re
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,8 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dpo_jax import checkpoint, reference, scoring, sharding
-from dpo_jax.config import dpo_seed, loss_types, validate
+from dpo_jax import checkpoint, reference, scoring, sharding, signals
+from dpo_jax.config import SFT_FIELDS, dpo_seed, loss_types, validate
 from dpo_jax.data import (
     Columns,
     PreferenceLoader,
@@ -40,16 +40,12 @@ from dpo_jax.data import (
     tokenize_examples,
 )
 from dpo_jax.data.examples import load_sft_examples
+from dpo_jax.data.formats import DataError
+from dpo_jax.errors import NonFiniteLoss, Notes
 from dpo_jax.logging import ConsoleWriter, JsonlWriter, MultiWriter, WandbWriter, Writer
 from dpo_jax.losses import preference_loss, temper_targets
-
-
-class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint of the current step was saved."""
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss or gradient became NaN/Inf; the message names the step and the last good checkpoint."""
+from dpo_jax.signals import Preempted, stop_signals
+from dpo_jax.workdir import WorkdirLock, allowed_changes, atomic_dir, check_resume_config, ensure_writable, flatten
 
 
 @flax.struct.dataclass
@@ -250,13 +246,6 @@ class Stage:
     seed: int = 0  # the train state's rng
 
 
-_preempt = {"flag": False}
-
-
-def _on_sigterm(signum, frame):
-    _preempt["flag"] = True
-
-
 _STEP_FNS: dict = {}  # jitted steps, reused by later runs in this process (sweep members differ in traced values)
 
 
@@ -272,12 +261,17 @@ def _jitted_step(graphdef, tx, sc, optim_key, shardings, batch_shardings, ref_sh
     return _STEP_FNS[key]
 
 
+def stage_checkpointer(cfg, workdir: Path, name: str) -> checkpoint.Checkpointer:
+    root = Path(cfg.sft.dir) if name == "sft" and cfg.sft.get("dir") else workdir
+    c = cfg.checkpoint
+    return checkpoint.Checkpointer(
+        root / name / "checkpoints", every=c.every, keep=c.keep, reserve_mb=c.get("reserve_mb", 0.0), name=name
+    )
+
+
 def run_stage(stage: Stage, *, cfg, workdir: Path, graphdef, init_params, mesh, model_cfg, matmul_params, writer):
     """Train one stage with checkpoints and resume; returns the final parameters."""
-    root = Path(cfg.sft.dir) if stage.name == "sft" and cfg.sft.get("dir") else workdir
-    ckpt = checkpoint.Checkpointer(
-        root / stage.name / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep
-    )
+    ckpt = stage_checkpointer(cfg, workdir, stage.name)
     tx = make_optimizer(stage.optim, stage.steps, stage.optim["learning_rate"], stage.optim.get("warmup_steps", 0))
     hparams = {k: jnp.float32(v) for k, v in stage.hparams.items()}
 
@@ -286,18 +280,22 @@ def run_stage(stage: Stage, *, cfg, workdir: Path, graphdef, init_params, mesh, 
 
     abstract = jax.eval_shape(init_state, init_params)
     shardings = sharding.tree_shardings(abstract, mesh)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, meta = ckpt.restore(latest, checkpoint.abstract_like(abstract, shardings))
+    restored = ckpt.restore_latest(checkpoint.abstract_like(abstract, shardings))
+    meta: dict = {}
+    if restored is not None:
+        latest, state, meta = restored
+        state = state.replace(hparams=jax.device_put(hparams, sharding.replicated(mesh)))  # the config's values
         print(f"[{stage.name}] resumed from step {latest} (data step {meta['data_step']})", flush=True)
     else:
         state = jax.jit(init_state, out_shardings=shardings)(init_params)
     start = int(state.step)
-    if start >= stage.steps:
+    if start >= stage.steps and not meta.get("eval_pending"):
         ckpt.close()
         return state.params
+    # Drop log rows of steps that will be redone (and an interrupted eval's row, which is redone too).
+    writer.rewind(stage.log_offset + start, keep_evals=not meta.get("eval_pending"))
 
-    sample = stage.loader.batch(start)
+    sample = stage.loader.batch(min(start, stage.steps - 1))
     if stage.ref_cache is not None:
         sample["ref_logps"] = np.zeros((len(sample["index"]), 2), np.float32)
     batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in sample.items()}
@@ -315,17 +313,28 @@ def run_stage(stage: Stage, *, cfg, workdir: Path, graphdef, init_params, mesh, 
             ckpt.wait()
             raise NonFiniteLoss(
                 f"[{stage.name}] the loss or gradient became NaN/Inf at step {bad}; stopped without "
-                f"saving. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.manager.directory}"
+                f"saving. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}"
             )
 
-    meta = lambda step: {"data_step": step, "stage": stage.name}  # noqa: E731
+    def stop(step: int, *, eval_pending: bool = False):
+        if ckpt.latest_step() != step or eval_pending:  # the regular save may already have this step
+            ckpt.save(step, state, {"data_step": step, "stage": stage.name, "eval_pending": eval_pending}, force=True)
+        ckpt.close()
+        console.close()
+        raise Preempted(f"[{stage.name}] {signals.name()}: saved step {step}; rerun the same command to resume")
+
+    def evaluate(step: int):
+        try:
+            out.write(stage.log_offset + step, stage.evaluator(state.params, step))
+        except Preempted:  # saved with the eval marked pending: the resume redoes it
+            stop(step, eval_pending=True)
+
+    if stage.evaluator is not None and (start == 0 or meta.get("eval_pending")):
+        evaluate(start)  # step 0: the reference itself, the first point of every curve
     t0, steps_timed, tokens, flops = time.perf_counter(), 0, 0.0, 0.0
     for step, batch in stage.loader.iterate(start, stage.steps - start):
-        if _preempt["flag"]:
-            if ckpt.latest_step() != step:  # the regular save may already have this step
-                ckpt.save(step, state, meta(step), force=True)
-            ckpt.close()
-            raise Preempted(f"[{stage.name}] SIGTERM: saved step {step}; rerun the same command to resume")
+        if signals.requested():
+            stop(step)
         if stage.ref_cache is not None:
             batch["ref_logps"] = stage.ref_cache[np.maximum(batch["index"], 0)] * batch["valid"][:, None]
         state, metrics = step_fn(state, to_global(batch, mesh), stage.reference_params)
@@ -357,11 +366,11 @@ def run_stage(stage: Stage, *, cfg, workdir: Path, graphdef, init_params, mesh, 
             out.write(stage.log_offset + done, logged)
             t0, steps_timed, tokens, flops = time.perf_counter(), 0, 0.0, 0.0
         if stage.evaluator is not None and (done % cfg.eval.every == 0 or done == stage.steps):
-            out.write(stage.log_offset + done, stage.evaluator(state.params, done))
+            evaluate(done)
             t0 = time.perf_counter()
         if done % cfg.checkpoint.every == 0 or done == stage.steps:
             check_finite()
-            ckpt.save(done, state, meta(done), force=True)
+            ckpt.save(done, state, {"data_step": done, "stage": stage.name}, force=True)
     ckpt.close()
     console.close()
     return state.params
@@ -376,13 +385,18 @@ def _barrier(name: str):
 
 
 def prepare_data(cfg, workdir: Path):
-    """Tokenizer and data files: the built-in task (written once into the workdir) or the configured files."""
+    """Tokenizer and data files: the built-in task (written into the workdir, rewritten when its settings change)
+    or the configured files."""
     from dpo_jax.hf import HFTokenizer
 
     if cfg.task == "synthetic":
         data_dir = workdir / "data"
-        if jax.process_index() == 0 and not (data_dir / "eval.jsonl").exists():
-            synthetic.write_task(data_dir, synthetic.TaskConfig(**cfg.synthetic))
+        task = dict(cfg.synthetic)
+        record = data_dir / "task.json"
+        if jax.process_index() == 0 and not (record.exists() and json.loads(record.read_text()) == task):
+            with atomic_dir(data_dir) as tmp:  # a kill mid-write leaves the old folder or none, never half of one
+                synthetic.write_task(tmp, synthetic.TaskConfig(**task))
+                (tmp / "task.json").write_text(json.dumps(task))
         _barrier("data")
         paths = {k: data_dir / f"{k}.jsonl" for k in ("sft", "train", "eval")}
         return HFTokenizer.from_folder(data_dir / "tokenizer"), paths
@@ -391,6 +405,47 @@ def prepare_data(cfg, workdir: Path):
     if cfg.data.sft_path:
         paths["sft"] = Path(cfg.data.sft_path)
     return HFTokenizer.from_folder(tokenizer_dir), paths
+
+
+def check_data(cfg, paths, reports, pairs, stats, notes: Notes) -> None:
+    """Refuse data that cannot train as configured; warn once about data that is accepted but probably wrong."""
+    d = cfg.data
+    needs = {"train": ("optim.batch_size", cfg.optim.batch_size), "eval": ("eval.batch_size", 1)}
+    for split, (field, size) in needs.items():
+        if len(pairs[split]) < size:
+            raise DataError(
+                f"too few valid pairs in {paths[split]}: {reports[split].summary()}; one batch needs {size} "
+                f"({field}): add rows{' or lower ' + field if size > 1 else ''}"
+            )
+    for split in ("train", "eval"):
+        r, st, where = reports[split], stats[split], paths[split]
+        if split == "train" and all(p.weight == 0 for p in pairs[split]):
+            notes.warn(f"every pair in {where} has weight 0 ({d.weight_column!r}): the loss is 0 and nothing trains")
+        if r.null_prompts:
+            notes.warn(
+                f"{r.null_prompts} rows of {where} have a null {d.prompt_column!r}: their prompt was taken as the "
+                "shared prefix of chosen and rejected"
+            )
+        if st.get("unknown_tokens"):
+            notes.warn(
+                f"{st['unknown_tokens']} pairs of {where} contain text the tokenizer maps to its unknown/pad token"
+            )
+        if st.get("truncated_prompts") or st.get("truncated_completions"):
+            notes.warn(
+                f"{where}: {st['truncated_prompts']} of {st['pairs']} prompts truncated to data.max_prompt_length="
+                f"{d.max_prompt_length}, {st['truncated_completions']} completions cut to fit data.max_length="
+                f"{d.max_length}"
+            )
+        if st.get("template_mismatch"):
+            notes.warn(
+                f"{st['template_mismatch']} conversational rows of {where}: the tokenized prompt is not a prefix of "
+                "the tokenized conversation (the chat template or tokenizer merges across the boundary)"
+            )
+        if split == "train" and r.with_prob and not cfg.dpo.use_soft_targets and cfg.task == "files":
+            notes.warn(
+                f"{where} has a {d.prob_column!r} column ({r.with_prob} rows) but dpo.use_soft_targets=False: "
+                "training on hard labels"
+            )
 
 
 def build_model(cfg, tokenizer):
@@ -482,9 +537,10 @@ class Job:
         )
 
 
-def prepare(cfg, workdir: Path, devices, writer) -> Job:
+def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None) -> Job:
     """Data, tokenizer, model, the SFT stage (if configured) and the reference log-probs."""
     validate(cfg, num_devices=len(devices))
+    notes = notes or Notes()
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
     tokenizer, paths = prepare_data(cfg, workdir)
     d = cfg.data
@@ -506,8 +562,23 @@ def prepare(cfg, workdir: Path, devices, writer) -> Job:
     }
     if jax.process_index() == 0:
         print(f"train data: {train_report.summary()}; eval data: {eval_report.summary()}", flush=True)
+    check_data(
+        cfg,
+        paths,
+        {"train": train_report, "eval": eval_report},
+        {"train": train_pairs, "eval": eval_pairs},
+        {"train": train_tok, "eval": eval_tok},
+        notes,
+    )
+    if any(w < 0 for w in cfg.dpo.loss_weights):
+        notes.warn(f"dpo.loss_weights {tuple(cfg.dpo.loss_weights)} has a negative weight: that loss is maximised")
 
     model = build_model(cfg, tokenizer)
+    if d.max_length > model.config.max_position_embeddings:
+        notes.warn(
+            f"data.max_length={d.max_length} exceeds the model's max_position_embeddings="
+            f"{model.config.max_position_embeddings}: positions beyond it were never trained"
+        )
     graphdef, params = nnx.split(model)
     n_params, matmul_params = scoring.count_matmul_params(model)
     params = jax.device_put(params, sharding.param_shardings(params, mesh))
@@ -532,6 +603,11 @@ def prepare(cfg, workdir: Path, devices, writer) -> Job:
     if cfg.sft.steps > 0 and "sft" in paths:
         sft_ex = load_sft_examples(paths["sft"], on_bad_row=d.on_bad_row)
         sft_pairs, _ = tokenize_examples(sft_ex, tokenizer, tok_cfg)
+        if len(sft_pairs) < cfg.sft.batch_size:
+            raise DataError(
+                f"too few valid rows in {paths['sft']}: {len(sft_pairs)}; one batch needs sft.batch_size="
+                f"{cfg.sft.batch_size}: add rows or lower sft.batch_size"
+            )
         sft_loader = PreferenceLoader(sft_pairs, cfg.sft.batch_size, seed=cfg.seed, **loader_kw)
         sft = Stage("sft", StepConfig("sft", **chunks), sft_loader, cfg.sft.steps, dict(cfg.sft), {}, seed=cfg.seed)
         params = run(sft, init_params=params)
@@ -540,6 +616,7 @@ def prepare(cfg, workdir: Path, devices, writer) -> Job:
 
     ref_train = ref_eval = None
     summary["reference/mode"] = cfg.reference.mode
+    signals.check("before the reference pass (the SFT stage is saved)")
     if cfg.reference.mode == "cached" and not cfg.dpo.reference_free:
         cache_dir = cfg.reference.cache_dir or str(workdir.parent / "reference_cache")
         compute = functools.partial(
@@ -602,36 +679,75 @@ def run_info(job: Job, devices, t_start: float) -> dict:
     }
 
 
+def stage_records(cfg, workdir: Path) -> dict[Path, dict]:
+    """{stage folder: the flattened config its checkpoints are made with}: the SFT stage (which sweep members may
+    share) depends on ``SFT_FIELDS`` only; the DPO stage on everything."""
+    full = flatten(cfg.to_dict())
+    sft_dir = Path(cfg.sft.dir) / "sft" if cfg.sft.get("dir") else workdir / "sft"
+    sft = {k: v for k, v in full.items() if any(k == f or k.startswith(f + ".") for f in SFT_FIELDS)}
+    has_sft = cfg.sft.steps > 0 and (cfg.task == "synthetic" or bool(cfg.data.sft_path))
+    return {**({sft_dir: sft} if has_sft else {}), workdir / "dpo": full}
+
+
+def check_stage_configs(cfg, workdir: Path) -> list:
+    """Before anything runs: refuse to resume a stage whose checkpoints were made with another config (unless the
+    change is allowed in ``resume.allow_changes``); returns the allowed changes, printed once."""
+    changes = []
+    for folder, record in stage_records(cfg, workdir).items():
+        step = checkpoint.latest_step_on_disk(folder / "checkpoints")
+        if jax.process_index() == 0:
+            for k, old, new in check_resume_config(
+                folder, record, allow=allowed_changes(cfg.resume.allow_changes), step=step
+            ):
+                print(f"[{folder.name}] resuming with {k} = {new!r} (its checkpoints were made with {old!r})")
+                changes.append((k, old, new))
+    return changes
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path):
+    """Process 0 holds the workdir's lock for the whole run (other processes of the same run share it)."""
+    if jax.process_index() != 0:
+        yield
+        return
+    with WorkdirLock(workdir):
+        yield
+
+
 def train(cfg, workdir: str | os.PathLike, *, devices=None) -> dict:
-    """Run the configured job end to end; returns the summary (also written to ``<workdir>/summary.json``)."""
+    """Run the configured job end to end; returns the summary (also written to ``<workdir>/summary.json``).
+
+    A finished workdir (``summary.json``) is not run again: its summary is returned."""
     from dpo_jax.evaluate import write_outputs
 
     devices = list(jax.devices() if devices is None else devices)
     validate(cfg, num_devices=len(devices))
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
-    _preempt["flag"] = False
-    writer = make_writer(cfg, workdir)
-    try:
-        job = prepare(cfg, workdir, devices, writer)
-        evaluator = job.evaluator(cfg)
-        params = job.stage_runner(workdir, writer)(job.dpo_stage(cfg, evaluator), init_params=job.reference_params)
-        summary = {**job.summary, **evaluator.final(params, cfg.optim.steps)}
-    finally:
-        writer.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
-    summary.update(run_info(job, devices, t_start))
-    write_outputs(cfg, workdir, job.graphdef, params, job.tokenizer, summary)
+    workdir = ensure_writable(workdir)
+    with workdir_lock(workdir), stop_signals():
+        changes = check_stage_configs(cfg, workdir)
+        if (workdir / "summary.json").exists() and not changes:
+            if jax.process_index() == 0:
+                print(f"{workdir} is a finished run (summary.json); nothing to do. Use a new --workdir to train again")
+            return load_summary(workdir)
+        t_start = time.perf_counter()
+        notes = Notes()
+        writer = make_writer(cfg, workdir)
+        try:
+            job = prepare(cfg, workdir, devices, writer, notes)
+            evaluator = job.evaluator(cfg)
+            params = job.stage_runner(workdir, writer)(job.dpo_stage(cfg, evaluator), init_params=job.reference_params)
+            signals.check("after training (the final checkpoint is saved)")
+            summary = {**job.summary, **evaluator.final(params, cfg.optim.steps)}
+        finally:
+            writer.close()
+        signals.check("after the final eval (the final checkpoint is saved)")
+        summary.update(run_info(job, devices, t_start))
+        if notes.items:
+            summary["warnings"] = notes.items
+        if changes:
+            summary["resume/changes"] = [f"{k}: {old!r} -> {new!r}" for k, old, new in changes]
+        write_outputs(cfg, workdir, job.graphdef, params, job.tokenizer, summary)
     return summary
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def load_summary(workdir) -> dict:

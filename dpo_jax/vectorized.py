@@ -14,8 +14,8 @@ programs, i.e. the sequential sweep.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -24,23 +24,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpo_jax import checkpoint, sharding
+from dpo_jax import checkpoint, sharding, signals
 from dpo_jax.config import ConfigError
 from dpo_jax.data import to_global
+from dpo_jax.errors import NonFiniteLoss
 from dpo_jax.evaluate import write_outputs
+from dpo_jax.signals import Preempted, stop_signals
 from dpo_jax.train import (
-    NonFiniteLoss,
-    Preempted,
     TrainState,
-    _in_main_thread,
-    _on_sigterm,
-    _preempt,
+    check_stage_configs,
     make_optimizer,
     make_writer,
     prepare,
     run_info,
+    stage_checkpointer,
     train_step,
+    workdir_lock,
 )
+from dpo_jax.workdir import ensure_writable
 
 VECTOR_KEYS = ("dpo.beta", "dpo.label_smoothing", "dpo.soft_target_temperature", "dpo.seed", "optim.learning_rate")
 
@@ -62,15 +63,21 @@ def _member(tree, k: int):
 def train_vectorized(cfgs: list, workdirs: list[Path], *, devices=None) -> list[dict]:
     """Train K member configs (equal but for ``VECTOR_KEYS``) together; returns their summaries."""
     devices = list(jax.devices() if devices is None else devices)
-    k_members, cfg = len(cfgs), cfgs[0]
     if len(devices) != 1:
         raise ConfigError("sweep: the vectorised mode runs on one device (members are the parallel axis)")
     t_start = time.perf_counter()
-    for wd in workdirs:
-        wd.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        for wd in workdirs:
+            stack.enter_context(workdir_lock(ensure_writable(wd)))
+        stack.enter_context(stop_signals())
+        for c, wd in zip(cfgs, workdirs, strict=True):
+            check_stage_configs(c, wd)
+        return _train(cfgs, workdirs, devices, t_start)
+
+
+def _train(cfgs, workdirs, devices, t_start) -> list[dict]:
+    k_members, cfg = len(cfgs), cfgs[0]
     writers = [make_writer(c, wd) for c, wd in zip(cfgs, workdirs, strict=True)]
-    old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
-    _preempt["flag"] = False
     try:
         job = prepare(cfg, workdirs[0], devices, writers[0])  # SFT metrics go to the first member's log
         evaluators = [job.evaluator(c) for c in cfgs]
@@ -87,19 +94,17 @@ def train_vectorized(cfgs: list, workdirs: list[Path], *, devices=None) -> list[
         def init_one(h, seed):
             return TrainState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(seed), h, jnp.int32(-1))
 
-        ckpts = [
-            checkpoint.Checkpointer(wd / "dpo" / "checkpoints", every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
-            for wd in workdirs
-        ]
-        latest = {c.latest_step() for c in ckpts}
+        ckpts = [stage_checkpointer(c, wd, "dpo") for c, wd in zip(cfgs, workdirs, strict=True)]
+        abstract = jax.eval_shape(init_one, _member(hparams, 0), seeds[0])
+        shardings = sharding.tree_shardings(abstract, job.mesh)
+        restored = [c.restore_latest(checkpoint.abstract_like(abstract, shardings)) for c in ckpts]
+        latest = {r[0] if r else None for r in restored}
         if latest == {None}:
             state = jax.jit(jax.vmap(init_one))(hparams, seeds)
         elif len(latest) == 1:
             step0 = latest.pop()
-            abstract = jax.eval_shape(init_one, _member(hparams, 0), seeds[0])
-            shardings = sharding.tree_shardings(abstract, job.mesh)
-            restored = [c.restore(step0, checkpoint.abstract_like(abstract, shardings))[0] for c in ckpts]
-            state = jax.tree.map(lambda *xs: jnp.stack(xs), *restored)
+            state = jax.tree.map(lambda *xs: jnp.stack(xs), *[r[1] for r in restored])
+            state = state.replace(hparams=hparams)  # the config's values (changes were checked before)
             print(f"[vectorized] resumed {k_members} members from step {step0}", flush=True)
         else:
             raise ConfigError(
@@ -114,14 +119,18 @@ def train_vectorized(cfgs: list, workdirs: list[Path], *, devices=None) -> list[
             donate_argnums=0,
         )
         start = int(state.step[0])
+        for w in writers:
+            w.rewind(stage.log_offset + start)  # steps about to be redone are not logged twice
         t0, timed = time.perf_counter(), 0
         for step, batch in _batches(stages, start, shared_batch):
-            if _preempt["flag"]:
+            if signals.requested():
                 for k, c in enumerate(ckpts):
                     if c.latest_step() != step:
                         c.save(step, _member(state, k), {"data_step": step, "stage": "dpo"}, force=True)
                     c.close()
-                raise Preempted(f"[vectorized] SIGTERM: saved step {step} of {k_members} members; rerun to resume")
+                raise Preempted(
+                    f"[vectorized] {signals.name()}: saved step {step} of {k_members} members; rerun to resume"
+                )
             if stage.ref_cache is not None:
                 batch["ref_logps"] = stage.ref_cache[np.maximum(batch["index"], 0)] * batch["valid"][..., None]
             batch = to_global(batch, job.mesh) if shared_batch else jax.device_put(batch, devices[0])
@@ -164,11 +173,10 @@ def train_vectorized(cfgs: list, workdirs: list[Path], *, devices=None) -> list[
                 "vectorized/members": k_members,
             }
             summaries.append((c, wd, params_k, summary))
+        signals.check("after training (the final checkpoints are saved)")
     finally:
         for w in writers:
             w.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
     out = []
     for c, wd, params_k, summary in summaries:
         write_outputs(c, wd, job.graphdef, params_k, job.tokenizer, summary)

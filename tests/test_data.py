@@ -152,7 +152,9 @@ def test_truncation_modes_and_counts(tmp_path, tok, mode):
     ex, _ = load_examples(write(tmp_path, "t.jsonl", rows))
     cfg = TokenizeConfig(max_length=10, max_prompt_length=5, truncation_mode=mode)
     pairs, stats = tokenize_examples(ex, tok, cfg)
-    assert stats == {"pairs": 2, "truncated_prompts": 1, "truncated_completions": 1}
+    assert stats == {
+        "pairs": 2, "truncated_prompts": 1, "truncated_completions": 1, "unknown_tokens": 0, "template_mismatch": 0
+    }  # fmt: skip
     ids = lambda s: [tok.tokenizer.token_to_id(c) for c in s]  # noqa: E731
     if mode == "keep_end":
         assert pairs[0].prompt.tolist() == [tok.bos_token_id, *ids("hij:")]  # BOS kept, start dropped

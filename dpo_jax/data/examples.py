@@ -49,6 +49,8 @@ class LoadReport:
     kept: int = 0
     identical_dropped: int = 0
     skipped: Counter = dataclasses.field(default_factory=Counter)  # reason -> count
+    null_prompts: int = 0  # kept rows whose prompt column was present but null (taken as the shared prefix)
+    with_prob: int = 0  # kept rows with a soft-probability value
 
     def summary(self) -> str:
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
@@ -168,6 +170,8 @@ def load_examples(
         if ex.chosen == ex.rejected:
             report.identical_dropped += 1
             continue
+        report.null_prompts += columns.prompt in row and row[columns.prompt] is None
+        report.with_prob += columns.prob is not None and row.get(columns.prob) is not None
         examples.append(ex)
     report.kept = len(examples)
     return examples, report

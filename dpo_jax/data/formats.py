@@ -13,10 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dpo_jax.errors import UserError, one_line
+
 FORMATS = ("jsonl", "json", "parquet", "hf_disk")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file, the line or row, and the field."""
 
 
@@ -42,24 +44,43 @@ def read_rows(path: str | os.PathLike, *, split: str | None = None) -> Iterator[
     """Yield ``(where, row)`` for every row of a local file or folder."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: data file not found")
+        raise DataError(f"data file not found: {path}: expected a local .jsonl, .json, .parquet or save_to_disk folder")
     fmt = detect_format(path)
-    if fmt == "jsonl":
-        yield from _read_jsonl(path)
-    elif fmt == "json":
-        yield from _read_json(path)
-    elif fmt == "parquet":
-        yield from _read_parquet(path)
-    else:
-        yield from _read_hf_disk(path, split)
+    reader = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet}.get(fmt)
+    rows = reader(path) if reader else _read_hf_disk(path, split)
+    n = 0
+    for n, item in enumerate(rows, 1):  # noqa: B007 (n counts the rows)
+        yield item
+    if n == 0:
+        raise DataError(f"no rows in {path}: expected preference rows (prompt, chosen, rejected)")
+
+
+def _utf8_error(path: Path, data: bytes, e: UnicodeDecodeError, start: int = 0) -> str:
+    offset = start + e.start
+    line = data[: e.start].count(b"\n") + 1 if start == 0 else None
+    where = f"{path}:line {line}" if line else str(path)
+    return f"{where}: bytes that are not UTF-8 at byte offset {offset} (0x{data[e.start]:02x}); expected UTF-8 text"
 
 
 def _read_jsonl(path: Path):
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    offset = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            where = f"{path}:line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield (
+                    where,
+                    DataError(
+                        f"{where}: bytes that are not UTF-8 at byte offset {start + e.start} (0x{raw[e.start]:02x}); "
+                        "expected UTF-8 text (data.on_bad_row='skip' skips such lines)"
+                    ),
+                )
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:line {lineno}"
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
@@ -67,10 +88,13 @@ def _read_jsonl(path: Path):
 
 
 def _read_json(path: Path):
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(_utf8_error(path, raw, e)) from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:line {e.lineno}: malformed JSON ({e.msg})") from e
+        raise DataError(f"{path}:line {e.lineno}: malformed JSON ({e.msg}); expected a JSON list of rows") from None
     if isinstance(data, dict):  # {"data": [...]} or column-oriented {"prompt": [...], ...}
         if "data" in data and isinstance(data["data"], list):
             data = data["data"]
@@ -91,25 +115,49 @@ def _read_arrow_table(table, label: str):
 
 
 def _read_parquet(path: Path):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    yield from _read_arrow_table(pq.read_table(path), str(path))
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"unreadable Parquet file {path} ({one_line(e)[:160]}): expected a Parquet table") from None
+    yield from _read_arrow_table(table, str(path))
+
+
+def _json_file(file: Path, what: str):
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"unreadable {file.name} in {file.parent} ({one_line(e)[:120]}): expected {what}") from None
 
 
 def _read_hf_disk(path: Path, split: str | None):
     import pyarrow as pa
 
     if (path / "dataset_dict.json").exists():
-        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        splits = _json_file(path / "dataset_dict.json", "a datasets DatasetDict index").get("splits", [])
         if split is None or split not in splits:
-            raise DataError(f"{path}: a DatasetDict folder with splits {splits}; choose one with split=")
+            raise DataError(
+                f"no split {split!r} in the DatasetDict folder {path}: set data.split to one of its splits {splits}"
+            )
         path = path / split
-    state = json.loads((path / "state.json").read_text())
+        if not (path / "state.json").exists():
+            raise DataError(f"missing state.json in {path}: expected a datasets save_to_disk split folder")
+    state = _json_file(path / "state.json", "a datasets save_to_disk state.json")
+    entries = state.get("_data_files") if isinstance(state, dict) else None
+    if not entries:
+        raise DataError(f"no _data_files in {path / 'state.json'}: expected a datasets save_to_disk folder")
     offset = 0
-    for entry in state["_data_files"]:
-        file = path / entry["filename"]
-        with pa.memory_map(str(file)) as source:
-            table = pa.ipc.open_stream(source).read_all()
+    for entry in entries:
+        file = path / str(entry.get("filename", ""))
+        try:
+            with pa.memory_map(str(file)) as source:
+                table = pa.ipc.open_stream(source).read_all()
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(
+                f"unreadable Arrow file {file} ({one_line(e)[:120]}): expected the save_to_disk data files"
+            ) from None
         for i, row in enumerate(table.to_pylist()):
             yield f"{path}:row {offset + i}", row
         offset += table.num_rows

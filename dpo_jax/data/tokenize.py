@@ -1,9 +1,12 @@
 """Tokenize preference examples so that the completion tokens are exactly the tokens scored.
 
-Prompt and completions are tokenized separately (TRL's convention) without the tokenizer's own special
-tokens; BOS is put in front of the prompt once (not if the prompt or chat template already starts with it)
-and EOS after each completion once. Conversational rows are rendered with the tokenizer's chat template: the
-prompt with the generation prompt, each completion as the rest of the rendered conversation.
+Text rows: prompt and completions are tokenized separately without the tokenizer's own special tokens; BOS is
+put in front of the prompt once (not if the prompt already starts with it) and EOS after each completion once.
+
+Conversational rows (TRL 1.16's convention): the prompt is ``apply_chat_template(prompt,
+add_generation_prompt=True)`` tokenized, and a completion is ``apply_chat_template(prompt + completion)``
+tokenized minus the prompt's ids. Nothing is added: the template decides BOS and how a turn ends (ChatML's
+``<|im_end|>\n``, Llama 3's ``<|eot_id|>``), so the scored tokens are the ones the model emits at inference.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class TokenizedPair:
     weight: float
     truncated_prompt: bool = False
     truncated_completion: bool = False
+    unknown_tokens: bool = False  # some text became the tokenizer's unknown (or pad) token
+    template_mismatch: bool = False  # the prompt's ids are not a prefix of the conversation's ids
 
     @property
     def length(self) -> int:
@@ -50,32 +55,57 @@ class TokenizedPair:
         return len(self.prompt) + max(len(self.chosen), len(self.rejected))
 
 
-def render(ex: PreferenceExample, tokenizer) -> tuple[str, str, str]:
-    """Prompt, chosen and rejected text; conversational rows through the chat template."""
-    if not ex.conversational:
-        return ex.prompt, ex.chosen, ex.rejected
-    prompt = tokenizer.apply_chat_template(list(ex.prompt), add_generation_prompt=True)
-    out = []
+def conversation_ids(ex: PreferenceExample, tokenizer) -> tuple[list[int], list[list[int]], bool]:
+    """(prompt ids, [chosen ids, rejected ids], mismatch) of a conversational row, as the chat template makes them."""
+
+    def render(messages, **kw):
+        try:
+            return tokenizer.encode(tokenizer.apply_chat_template(messages, **kw))
+        except ValueError as e:  # no template, or the template's raise_exception (e.g. roles must alternate)
+            raise DataError(f"{ex.where}: {e}") from None
+
+    prompt = render(list(ex.prompt), add_generation_prompt=True)
+    completions, mismatch = [], False
     for completion in (ex.chosen, ex.rejected):
-        full = tokenizer.apply_chat_template(list(ex.prompt) + list(completion))
-        if not full.startswith(prompt):
-            raise DataError(f"{ex.where}: the chat template does not render the prompt as a prefix of the conversation")
-        out.append(full[len(prompt) :])
-    return prompt, out[0], out[1]
+        full = render(list(ex.prompt) + list(completion))
+        mismatch |= full[: len(prompt)] != prompt
+        completions.append(full[len(prompt) :])
+    return prompt, completions, mismatch
 
 
-def tokenize_example(ex: PreferenceExample, tokenizer, cfg: TokenizeConfig) -> TokenizedPair:
-    prompt_text, chosen_text, rejected_text = render(ex, tokenizer)
+def text_ids(ex: PreferenceExample, tokenizer, cfg: TokenizeConfig) -> tuple[list[int], list[list[int]]]:
+    """(prompt ids with BOS, [chosen ids, rejected ids] each ending in one EOS) of a text row."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    prompt = tokenizer.encode(prompt_text)
+    prompt = tokenizer.encode(ex.prompt)
     if cfg.add_bos and bos is not None and (not prompt or prompt[0] != bos):
         prompt = [bos, *prompt]
     completions = []
-    for text in (chosen_text, rejected_text):
+    for text in (ex.chosen, ex.rejected):
         ids = tokenizer.encode(text)
         if cfg.add_eos and eos is not None and (not ids or ids[-1] != eos):
             ids = [*ids, eos]
         completions.append(ids)
+    return prompt, completions
+
+
+def _unknown_ids(tokenizer) -> set[int]:
+    """The unknown token, and the pad token when it is not also BOS/EOS: text should never encode to them."""
+    unk, pad = tokenizer.token_id("unk_token"), tokenizer.pad_token_id
+    ids = {unk} if unk is not None else set()
+    if pad is not None and pad not in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        ids.add(pad)
+    return ids
+
+
+def tokenize_example(ex: PreferenceExample, tokenizer, cfg: TokenizeConfig) -> TokenizedPair:
+    mismatch = False
+    if ex.conversational:
+        prompt, completions, mismatch = conversation_ids(ex, tokenizer)
+    else:
+        prompt, completions = text_ids(ex, tokenizer, cfg)
+    unknown = _unknown_ids(tokenizer)
+    has_unknown = bool(unknown) and any(i in unknown for ids in (prompt, *completions) for i in ids)
+    bos = tokenizer.bos_token_id
 
     truncated_prompt = len(prompt) > cfg.max_prompt_length
     if truncated_prompt:
@@ -99,6 +129,8 @@ def tokenize_example(ex: PreferenceExample, tokenizer, cfg: TokenizeConfig) -> T
         ex.weight,
         truncated_prompt,
         truncated_completion,
+        has_unknown,
+        mismatch,
     )
 
 
@@ -109,5 +141,7 @@ def tokenize_examples(examples, tokenizer, cfg: TokenizeConfig) -> tuple[list[To
         "pairs": len(pairs),
         "truncated_prompts": sum(p.truncated_prompt for p in pairs),
         "truncated_completions": sum(p.truncated_completion for p in pairs),
+        "unknown_tokens": sum(p.unknown_tokens for p in pairs),
+        "template_mismatch": sum(p.template_mismatch for p in pairs),
     }
     return pairs, stats

@@ -1,0 +1,258 @@
+"""The workdir's files: one run at a time (a lock), writes that are never half done, free-space checks, and the
+config a stage's checkpoints were made with (compared on every resume).
+
+Every file a later run trusts (the built-in task's data, ``summary.json``, ``run_config.json``, the Hugging Face
+export, the W&B run id) is written under a temporary name and renamed, so a kill or a full disk leaves the old
+file or none, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from dpo_jax.errors import DiskFullError, WorkdirError
+
+# --- Atomic writes ---------------------------------------------------------------------------------------------
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync'd, then renamed."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise os_error(e, path, needed=len(data)) from e
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` (an old folder is removed only
+    after the new one is in place), on failure it is removed and ``path`` is untouched."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise os_error(e, path) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def tree_bytes(path: str | os.PathLike) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+# --- Disk and permission errors -----------------------------------------------------------------------------------
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    return shutil.disk_usage(_existing(Path(path).resolve())).free
+
+
+def os_error(e: OSError, path: str | os.PathLike, *, needed: int | None = None) -> Exception:
+    """A user-facing error for a full disk, a read-only or forbidden path; other OSErrors unchanged."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        need = f"; about {_mib(needed)} needed" if needed else ""
+        return DiskFullError(f"disk full in {path}: {_mib(free_bytes(path))} free{need}; free some space and rerun")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return WorkdirError(f"cannot write in {path}: {os.strerror(e.errno)}; choose a writable --workdir")
+    return e
+
+
+def ensure_free_space(path: str | os.PathLike, needed: int, what: str, reserve_mb: float = 0.0) -> None:
+    """Raise ``DiskFullError`` (naming ``path`` and the bytes) unless ``needed`` bytes plus the reserve are free."""
+    free = free_bytes(path)
+    reserve = int(reserve_mb * 2**20)
+    if free < needed + reserve:
+        extra = f" + {_mib(reserve)} reserve (checkpoint.reserve_mb)" if reserve else ""
+        raise DiskFullError(
+            f"not enough disk space in {path}: {what} needs {_mib(needed)}{extra}, {_mib(free)} free; "
+            "free some space and rerun (the last checkpoint is kept)"
+        )
+
+
+def ensure_writable(workdir: str | os.PathLike) -> Path:
+    """Create the workdir, or raise a one-line ``WorkdirError`` if that or writing in it is impossible."""
+    workdir = Path(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise os_error(e, workdir) from e
+    return workdir
+
+
+# --- One run per workdir --------------------------------------------------------------------------------------
+
+
+class WorkdirLock:
+    """An exclusive ``flock`` on ``<workdir>/.lock``. The kernel drops it when its process dies, so a killed
+    run's lock never blocks the resume; a live holder is named (pid, host, start time) in the error."""
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.path = Path(workdir) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> WorkdirLock:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise os_error(e, self.path.parent) from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace")
+            os.close(fd)
+            try:
+                h = json.loads(holder)
+                who = f"pid {h['pid']} on {h['host']} (since {h['started']})"
+            except (ValueError, KeyError, TypeError):
+                who = "another process"
+            raise WorkdirError(
+                f"workdir {self.path.parent} is in use by {who}: wait for that run to end, stop it, or use another "
+                "--workdir"
+            ) from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# --- The config a stage's checkpoints were made with ---------------------------------------------------------
+
+RUN_CONFIG = "run_config.json"
+# Fields that never change what is trained (cadence, logging, layout, where shared files live): free on resume.
+FREE_ON_RESUME = (
+    "eval.", "log_every", "checkpoint.", "wandb.", "export_hf", "peak_flops", "mesh.", "logprobs.", "data.buckets",
+    "reference.cache_dir", "sft.dir", "resume.",
+)  # fmt: skip
+# Fields whose change on resume is meaningful (continue with a new beta, a longer schedule, ...): allowed only when
+# named in ``resume.allow_changes``; the resumed run then trains with the new values.
+CHANGEABLE_ON_RESUME = (
+    "dpo.beta", "dpo.label_smoothing", "dpo.soft_target_temperature", "dpo.loss_type", "dpo.loss_weights",
+    "dpo.use_soft_targets", "optim.steps", "optim.learning_rate", "optim.warmup_steps", "optim.schedule",
+    "optim.end_lr_fraction", "optim.clip_norm", "optim.weight_decay", "optim.b1", "optim.b2", "optim.grad_accum",
+    "reference.mode", "data.train_path", "data.eval_path",
+)  # fmt: skip
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; tuples become lists (as JSON stores them)."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.loads(json.dumps(v, default=str))
+    return out
+
+
+def _free(key: str) -> bool:
+    return any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE_ON_RESUME)
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(field, saved value, current value) for every field that differs and matters for training."""
+    keys = sorted(set(saved) | set(current))
+    return [(k, saved.get(k), current.get(k)) for k in keys if not _free(k) and saved.get(k) != current.get(k)]
+
+
+def allowed_changes(spec: str) -> set[str]:
+    """``resume.allow_changes`` ("dpo.beta,optim.steps") as a set of field names."""
+    return {s.strip() for s in spec.split(",") if s.strip()}
+
+
+def check_resume_config(
+    folder: str | os.PathLike, current: dict[str, Any], *, allow: set[str], step: int | None
+) -> list[tuple[str, Any, Any]]:
+    """Compare ``current`` (flattened) with the config saved in ``folder`` and save ``current`` there.
+
+    Returns the allowed changes applied; raises ``WorkdirError`` naming the fields that differ otherwise.
+    With no checkpoint yet (``step`` None) the current config simply becomes the record.
+    """
+    path = Path(folder) / RUN_CONFIG
+    changes: list[tuple[str, Any, Any]] = []
+    if step is not None and path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            saved = None  # a damaged record: the checkpoint is still the source of truth; rewrite it
+        if saved is not None:
+            changes = config_changes(saved, current)
+            fixed = [c for c in changes if c[0] not in CHANGEABLE_ON_RESUME]
+            refused = [c for c in changes if c[0] in CHANGEABLE_ON_RESUME and c[0] not in allow]
+            desc = lambda cs: ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in cs)  # noqa: E731
+            if fixed:
+                raise WorkdirError(
+                    f"config changed since the checkpoint (step {step}) in {folder}: {desc(fixed)}: these fields "
+                    "cannot change on resume; rerun with the original values or use a new --workdir"
+                )
+            if refused:
+                names = ",".join(k for k, _, _ in refused)
+                raise WorkdirError(
+                    f"config changed since the checkpoint (step {step}) in {folder}: {desc(refused)}: rerun with the "
+                    f"original values, use a new --workdir, or continue with the new values by adding "
+                    f"--config.resume.allow_changes={names}"
+                )
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(current, indent=1, sort_keys=True) + "\n")
+    return changes
