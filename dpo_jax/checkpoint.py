@@ -11,6 +11,7 @@ complete), so an interrupted run keeps its last good checkpoint.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from jax.experimental import multihost_utils
 
 from dpo_jax.errors import one_line
 from dpo_jax.workdir import ensure_free_space, os_error
+
+SAVE_SLACK_BYTES = 512 * 1024
 
 
 def _as_u32(x: jax.Array) -> jax.Array:
@@ -87,13 +90,17 @@ class Checkpointer:
         if not force and not self.manager.should_save(step):
             return False
         self.wait()  # the previous save's files are on disk: the free space below is real
-        ensure_free_space(self.directory, state_bytes(state), f"the checkpoint of step {step}", self.reserve_mb)
+        # Orbax's files are about the arrays' size plus metadata; the slack keeps its writer clear of ENOSPC (which
+        # it reports from background threads, tracebacks and all).
+        needed = int(state_bytes(state) * 1.05) + SAVE_SLACK_BYTES
+        ensure_free_space(self.directory, needed, f"the checkpoint of step {step}", self.reserve_mb)
         meta = {**meta, "digest": digest(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self._bytes = state_bytes(state)
         try:
             return self.manager.save(step, args=args, force=force)
         except OSError as e:
-            raise os_error(e, self.directory, needed=state_bytes(state)) from e
+            raise os_error(e, self.directory, needed=self._bytes) from e
 
     def restore(self, step: int, abstract_state):
         """``abstract_state``: ``jax.ShapeDtypeStruct`` leaves carrying the target shardings."""
@@ -135,8 +142,12 @@ class Checkpointer:
     def wait(self):
         try:
             self.manager.wait_until_finished()
-        except OSError as e:
-            raise os_error(e, self.directory) from e
+        except OSError as e:  # an asynchronous save failed (e.g. the disk filled up while it wrote)
+            raise os_error(e, self.directory, needed=getattr(self, "_bytes", None)) from e
+        except ValueError as e:  # TensorStore reports ENOSPC as RESOURCE_EXHAUSTED
+            if "No space left" not in str(e):
+                raise
+            raise os_error(OSError(errno.ENOSPC, str(e)), self.directory, needed=getattr(self, "_bytes", None)) from e
 
     def close(self):
         self.wait()

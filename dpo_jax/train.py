@@ -320,7 +320,6 @@ def run_stage(stage: Stage, *, cfg, workdir: Path, graphdef, init_params, mesh, 
         if ckpt.latest_step() != step or eval_pending:  # the regular save may already have this step
             ckpt.save(step, state, {"data_step": step, "stage": stage.name, "eval_pending": eval_pending}, force=True)
         ckpt.close()
-        console.close()
         raise Preempted(f"[{stage.name}] {signals.name()}: saved step {step}; rerun the same command to resume")
 
     def evaluate(step: int):
@@ -329,50 +328,52 @@ def run_stage(stage: Stage, *, cfg, workdir: Path, graphdef, init_params, mesh, 
         except Preempted:  # saved with the eval marked pending: the resume redoes it
             stop(step, eval_pending=True)
 
-    if stage.evaluator is not None and (start == 0 or meta.get("eval_pending")):
-        evaluate(start)  # step 0: the reference itself, the first point of every curve
-    t0, steps_timed, tokens, flops = time.perf_counter(), 0, 0.0, 0.0
-    for step, batch in stage.loader.iterate(start, stage.steps - start):
-        if signals.requested():
-            stop(step)
-        if stage.ref_cache is not None:
-            batch["ref_logps"] = stage.ref_cache[np.maximum(batch["index"], 0)] * batch["valid"][:, None]
-        state, metrics = step_fn(state, to_global(batch, mesh), stage.reference_params)
-        done = step + 1
-        steps_timed += 1
-        length = batch["tokens"].shape[-1]
-        tokens += float(batch["attention_mask"][:, :rows].sum()) * jax.process_count()
-        flops += flops_per_step(
-            model_cfg, matmul_params, rows * stage.loader.global_batch_size, length, stage.sc.frozen_reference
-        )
-        if done % cfg.log_every == 0 or done == stage.steps:
-            metrics = jax.device_get(metrics)
-            check_finite()
-            dt = time.perf_counter() - t0
-            logged = {f"{stage.name}/{k}": float(v) for k, v in metrics.items()}
-            logged.update({
-                f"{stage.name}/step_time_s": dt / steps_timed,
-                f"{stage.name}/tokens_per_s": tokens / dt,
-                f"{stage.name}/pairs_per_s": steps_timed * stage.loader.global_batch_size / dt,
-            })  # fmt: skip
-            if peak:
-                logged[f"{stage.name}/mfu"] = flops / dt / peak
-            logged["train/loss" if stage.name == "dpo" else "sft/loss"] = float(metrics["loss"])
-            if stage.name == "dpo":
-                logged.update({f"train/{k}": float(v) for k, v in metrics.items()})
-                logged.update(
-                    {f"train/{k[4:]}": v for k, v in logged.items() if k.startswith("dpo/") and "_per_s" in k}
-                )
-            out.write(stage.log_offset + done, logged)
-            t0, steps_timed, tokens, flops = time.perf_counter(), 0, 0.0, 0.0
-        if stage.evaluator is not None and (done % cfg.eval.every == 0 or done == stage.steps):
-            evaluate(done)
-            t0 = time.perf_counter()
-        if done % cfg.checkpoint.every == 0 or done == stage.steps:
-            check_finite()
-            ckpt.save(done, state, {"data_step": done, "stage": stage.name}, force=True)
+    try:
+        if stage.evaluator is not None and (start == 0 or meta.get("eval_pending")):
+            evaluate(start)  # step 0: the reference itself, the first point of every curve
+        t0, steps_timed, tokens, flops = time.perf_counter(), 0, 0.0, 0.0
+        for step, batch in stage.loader.iterate(start, stage.steps - start):
+            if signals.requested():
+                stop(step)
+            if stage.ref_cache is not None:
+                batch["ref_logps"] = stage.ref_cache[np.maximum(batch["index"], 0)] * batch["valid"][:, None]
+            state, metrics = step_fn(state, to_global(batch, mesh), stage.reference_params)
+            done = step + 1
+            steps_timed += 1
+            length = batch["tokens"].shape[-1]
+            tokens += float(batch["attention_mask"][:, :rows].sum()) * jax.process_count()
+            flops += flops_per_step(
+                model_cfg, matmul_params, rows * stage.loader.global_batch_size, length, stage.sc.frozen_reference
+            )
+            if done % cfg.log_every == 0 or done == stage.steps:
+                metrics = jax.device_get(metrics)
+                check_finite()
+                dt = time.perf_counter() - t0
+                logged = {f"{stage.name}/{k}": float(v) for k, v in metrics.items()}
+                logged.update({
+                    f"{stage.name}/step_time_s": dt / steps_timed,
+                    f"{stage.name}/tokens_per_s": tokens / dt,
+                    f"{stage.name}/pairs_per_s": steps_timed * stage.loader.global_batch_size / dt,
+                })  # fmt: skip
+                if peak:
+                    logged[f"{stage.name}/mfu"] = flops / dt / peak
+                logged["train/loss" if stage.name == "dpo" else "sft/loss"] = float(metrics["loss"])
+                if stage.name == "dpo":
+                    logged.update({f"train/{k}": float(v) for k, v in metrics.items()})
+                    logged.update(
+                        {f"train/{k[4:]}": v for k, v in logged.items() if k.startswith("dpo/") and "_per_s" in k}
+                    )
+                out.write(stage.log_offset + done, logged)
+                t0, steps_timed, tokens, flops = time.perf_counter(), 0, 0.0, 0.0
+            if stage.evaluator is not None and (done % cfg.eval.every == 0 or done == stage.steps):
+                evaluate(done)
+                t0 = time.perf_counter()
+            if done % cfg.checkpoint.every == 0 or done == stage.steps:
+                check_finite()
+                ckpt.save(done, state, {"data_step": done, "stage": stage.name}, force=True)
+    finally:
+        console.close()  # before any error line, so the message is the last thing printed
     ckpt.close()
-    console.close()
     return state.params
 
 

@@ -95,8 +95,11 @@ def free_bytes(path: str | os.PathLike) -> int:
 def os_error(e: OSError, path: str | os.PathLike, *, needed: int | None = None) -> Exception:
     """A user-facing error for a full disk, a read-only or forbidden path; other OSErrors unchanged."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        need = f"; about {_mib(needed)} needed" if needed else ""
-        return DiskFullError(f"disk full in {path}: {_mib(free_bytes(path))} free{need}; free some space and rerun")
+        need = f", about {_mib(needed)} needed" if needed else ""
+        return DiskFullError(
+            f"disk full in {path}: {_mib(free_bytes(path))} free{need}; free some space and rerun (the last checkpoint "
+            "is kept)"
+        )
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return WorkdirError(f"cannot write in {path}: {os.strerror(e.errno)}; choose a writable --workdir")
     return e
@@ -109,7 +112,7 @@ def ensure_free_space(path: str | os.PathLike, needed: int, what: str, reserve_m
     if free < needed + reserve:
         extra = f" + {_mib(reserve)} reserve (checkpoint.reserve_mb)" if reserve else ""
         raise DiskFullError(
-            f"not enough disk space in {path}: {what} needs {_mib(needed)}{extra}, {_mib(free)} free; "
+            f"not enough disk space in {path}: {_mib(free)} free, {_mib(needed)} needed for {what}{extra}; "
             "free some space and rerun (the last checkpoint is kept)"
         )
 

@@ -211,6 +211,128 @@ def test_parquet_bad_row_names_the_row(tmp_path):
         load_examples(tmp_path / "b.parquet")
 
 
+def test_non_utf8_bytes_are_named_with_line_and_offset_or_skipped(tmp_path):
+    good = json.dumps({"prompt": "a:", "chosen": "b", "rejected": "c"}).encode() + b"\n"
+    bad = b'{"prompt": "a\xff:", "chosen": "b", "rejected": "c"}\n'
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + bad + good)
+    with pytest.raises(DataError) as err:
+        load_examples(path)
+    offset = len(good) + bad.index(b"\xff")  # counted by hand from the bytes written
+    assert f"{path}:line 2" in str(err.value) and f"byte offset {offset} (0xff)" in str(err.value)
+    examples, report = load_examples(path, on_bad_row="skip")
+    assert len(examples) == 2 and sum(report.skipped.values()) == 1
+
+
+@pytest.mark.parametrize("name,content", [("e.jsonl", b""), ("b.jsonl", b"\n  \n"), ("e.json", b"[]")])
+def test_empty_files_are_named(tmp_path, name, content):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=rf"no rows in .*{name}"):
+        load_examples(tmp_path / name)
+
+
+def test_malformed_parquet_and_save_to_disk_folders_are_named(tmp_path):
+    import datasets
+
+    (tmp_path / "x.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    with pytest.raises(DataError, match=r"unreadable Parquet file .*x\.parquet"):
+        load_examples(tmp_path / "x.parquet")
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "ds"))
+    arrow = next((tmp_path / "ds").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:100])  # truncated
+    with pytest.raises(DataError, match=rf"unreadable Arrow file .*{arrow.name}"):
+        load_examples(tmp_path / "ds")
+    (tmp_path / "ds" / "state.json").write_text('{"_data_files": [')
+    with pytest.raises(DataError, match=r"unreadable state\.json in .*ds"):
+        load_examples(tmp_path / "ds")
+
+
+# --- Chat templates: completions are the template's tokens after the prompt's, nothing added ------------------
+
+CHATML = (  # Qwen2-Instruct's template (SmolLM2's is the same ChatML without the default system turn)
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA3 = (  # Llama-3-Instruct's template without the date / tool preamble
+    "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+CHAT_TOKENIZERS = {
+    "chatml": (CHATML, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|endoftext|>"),
+    "llama3": (
+        LLAMA3, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        "<|begin_of_text|>", "<|eot_id|>", None,
+    ),
+}  # fmt: skip
+CHAT_ROWS = [
+    {
+        "prompt": [{"role": "user", "content": "How are you?"}],
+        "chosen": [{"role": "assistant", "content": "I am fine, thank you."}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+    },
+    {
+        "prompt": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hello there"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Say it again\n"},
+        ],
+        "chosen": [{"role": "assistant", "content": "Hello there!"}],
+        "rejected": [{"role": "assistant", "content": "Why?"}],
+    },
+]
+
+
+def bpe_chat_tokenizer(path, kind):
+    """A byte-level BPE tokenizer folder with the special tokens and chat template of ``kind``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    template, specials, bos, eos, pad = CHAT_TOKENIZERS[kind]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=alphabet)
+    text = ["How are you? I am fine, thank you. Hello there! Say it again. Why? No. Be brief.", "user assistant system"]
+    tok.train_from_iterator(text * 20, trainer)
+    path.mkdir(parents=True)
+    tok.save(str(path / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": pad}
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    return path
+
+
+@pytest.mark.parametrize("kind", list(CHAT_TOKENIZERS))
+def test_chat_completion_ids_equal_the_template_minus_the_prompt(tmp_path, kind):
+    import transformers
+
+    from dpo_jax.hf import HFTokenizer
+
+    folder = bpe_chat_tokenizer(tmp_path / kind, kind)
+    oracle = transformers.AutoTokenizer.from_pretrained(folder)
+
+    def ids(messages, **kw):
+        out = oracle.apply_chat_template(messages, tokenize=True, **kw)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    ours = HFTokenizer.from_folder(folder)
+    examples, _ = load_examples(write(tmp_path, "chat.jsonl", CHAT_ROWS))
+    eos = oracle.convert_tokens_to_ids(CHAT_TOKENIZERS[kind][3])
+    for row, ex in zip(CHAT_ROWS, examples, strict=True):
+        pair = tokenize_example(ex, ours, TokenizeConfig(max_length=256, max_prompt_length=128))
+        prompt = ids(row["prompt"], add_generation_prompt=True)
+        assert pair.prompt.tolist() == prompt
+        for key in ("chosen", "rejected"):
+            full = ids(row["prompt"] + row[key])
+            assert full[: len(prompt)] == prompt
+            assert getattr(pair, key).tolist() == full[len(prompt) :]
+            assert getattr(pair, key).tolist().count(eos) == 1  # the turn's own end, no second EOS
+
+
 # --- Batching ---------------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,104 @@
+"""Checkpoints: the content digest catches any changed element; a damaged newest step falls back to an intact one."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from dpo_jax import checkpoint
+
+
+def _state():
+    rng = np.random.default_rng(0)
+    return {
+        "params": {"w": jnp.asarray(rng.normal(size=(64, 48)), jnp.float32), "b": jnp.zeros((48,), jnp.bfloat16)},
+        "step": jnp.int32(7),
+        "rng": jax.random.PRNGKey(3),
+        "flag": jnp.asarray([True, False]),
+    }
+
+
+@pytest.mark.parametrize("leaf", ["params/w", "params/b", "step", "rng", "flag"])
+def test_digest_changes_when_any_single_element_changes(leaf):
+    state = _state()
+    before = checkpoint.digest(state)
+    assert checkpoint.digest(jax.tree.map(jnp.copy, state)) == before
+    *path, last = leaf.split("/")
+    node = state
+    for p in path:
+        node = node[p]
+    x = np.array(node[last])
+    flat = x.reshape(-1)
+    i = flat.size // 2
+    if x.dtype == np.bool_:
+        flat[i] = ~flat[i]
+    elif x.dtype == ml_dtypes.bfloat16:
+        flat[i] = ml_dtypes.bfloat16(1.0)  # was 0
+    else:  # flip the lowest bit of one element: the smallest change there is
+        flat.view(np.uint32)[i] ^= 1
+    node[last] = jnp.asarray(x)
+    assert checkpoint.digest(state) != before
+
+
+def _saved(tmp_path):
+    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", every=1, keep=5, name="test")
+    states = {}
+    for step in (1, 2):
+        states[step] = jax.tree.map(lambda x, s=step: x + s if jnp.issubdtype(x.dtype, jnp.floating) else x, _state())
+        ckpt.save(step, states[step], {"data_step": step}, force=True)
+    ckpt.close()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _state())
+    return states, abstract
+
+
+def _largest_file(folder):
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _truncate(f):
+    f.write_bytes(f.read_bytes()[:100])
+
+
+def _flip(f):
+    b = bytearray(f.read_bytes())
+    for i in range(8):
+        b[len(b) // 2 + i] ^= 0x5A
+    f.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        ("flipped bytes", lambda d: _flip(_largest_file(d)), "do not match the digest"),
+        ("truncated file", lambda d: _truncate(_largest_file(d)), "cannot be read"),
+        ("deleted file", lambda d: _largest_file(d).unlink(), "cannot be read"),
+    ],
+    ids=lambda d: d[0] if isinstance(d, tuple) else d,
+)
+def test_a_damaged_newest_step_falls_back_to_the_intact_one(tmp_path, capsys, damage):
+    _, fn, reason = damage
+    states, abstract = _saved(tmp_path)
+    fn(tmp_path / "ckpt" / "2")
+    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", every=1, keep=5, name="test")
+    step, state, meta = ckpt.restore_latest(abstract)
+    ckpt.close()
+    assert step == 1 and meta["data_step"] == 1
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(states[1]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "[test] checkpoint step 2 is damaged" in out[0] and reason in out[0]
+    assert "falling back to step 1" in out[0] and (tmp_path / "ckpt" / "damaged-2").is_dir()
+
+
+def test_non_finite_parameters_are_not_restored(tmp_path, capsys):
+    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", every=1, keep=5, name="test")
+    bad = _state()
+    bad["params"]["w"] = bad["params"]["w"].at[0, 0].set(jnp.nan)
+    ckpt.save(1, bad, {"data_step": 1}, force=True)
+    ckpt.wait()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), bad)
+    assert ckpt.restore_latest(abstract) is None
+    ckpt.close()
+    out = capsys.readouterr().out
+    assert "holds NaN/Inf values" in out and "no older checkpoint: starting the stage afresh" in out

@@ -1,0 +1,208 @@
+"""The dpo-jax command as a user meets it: every error a user can cause is one line and exit 2; a resume with a
+changed config refuses (or continues with the new values when allowed); a full disk keeps the last checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import COMMON
+from safetensors.numpy import load_file, save_file
+from test_train import ROOT, TINY, cli
+from test_workdir import tmpfs
+
+from dpo_jax.data import synthetic
+
+
+def run(args, env=None):
+    cmd = [sys.executable, "-m", "dpo_jax", *args]
+    full_env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """A tokenizer folder, valid train/eval files, and a tiny transformers Llama folder with that tokenizer."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("inputs")
+    task = synthetic.write_task(root / "task", synthetic.TaskConfig(n_sft=4, n_train=64, n_eval=16))
+    tok = synthetic.build_tokenizer()
+    cfg = transformers.LlamaConfig(**{**COMMON, "vocab_size": tok.vocab_size})
+    transformers.LlamaForCausalLM(cfg).save_pretrained(root / "model")
+    tok.save(root / "model")
+    return {"root": root, **task}
+
+
+def _files(inputs, train=None, **extra):
+    args = {
+        "task": "files", "data.tokenizer_path": str(inputs["tokenizer"]), "data.train_path": str(train or
+        inputs["train"]), "data.eval_path": str(inputs["eval"]), "sft.steps": 0, **extra,
+    }  # fmt: skip
+    return [f"--config.{k}={v}" for k, v in args.items()]
+
+
+def _hf_folder(inputs, name, edit):
+    """A copy of the tiny model folder with ``edit(folder)`` applied."""
+    folder = inputs["root"] / name
+    if not folder.exists():
+        subprocess.run(["cp", "-r", str(inputs["root"] / "model"), str(folder)], check=True)
+        edit(folder)
+    return _files(inputs, **{"model.init": "hf", "model.hf_path": str(folder)})
+
+
+def _edit_tensors(folder, fn):
+    tensors = load_file(folder / "model.safetensors")
+    fn(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _edit_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **changes}))
+
+
+def _write(inputs, name, data: bytes):
+    path = inputs["root"] / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+GOOD = json.dumps({"prompt": "ab:", "chosen": "abc", "rejected": "mno"}).encode() + b"\n"
+
+
+def _norm_31(t):
+    t["model.norm.weight"] = np.ones(31, np.float32)
+
+
+def _truncate(f):
+    (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:5000])
+
+
+# name -> (the arguments that cause it, fragments of the one line it must print)
+CASES = {
+    "mistyped field": (
+        lambda i: ["--config.dpo.bta=0.3"], "unknown config field in --config.dpo.bta", "did you mean --config.dpo.beta"
+    ),
+    "missing config file": (lambda i: ["--config", "configs/nope.py"], "config file not found in --config: configs/no"),
+    "grad_accum=0": (lambda i: ["--config.optim.grad_accum=0"], "config.optim.grad_accum: expected >= 1, got 0"),
+    "too few rows": (
+        lambda i: _files(i, _write(i, "few.jsonl", GOOD * 5)), "too few valid pairs in", "needs 16 (optim.batch_size)"
+    ),
+    "empty file": (lambda i: _files(i, _write(i, "empty.jsonl", b"")), "no rows in", "empty.jsonl"),
+    "non-UTF-8": (
+        lambda i: _files(i, _write(i, "latin.jsonl", GOOD + b'{"prompt": "\xe9"}\n')),
+        "latin.jsonl:line 2", f"byte offset {len(GOOD) + 12} (0xe9)",
+    ),
+    "bad parquet": (lambda i: _files(i, _write(i, "x.parquet", b"PAR1 junk")), "unreadable Parquet file", "x.parquet"),
+    "bad save_to_disk": (
+        lambda i: _files(i, _write(i, "ds/state.json", b"{").parent), "unreadable state.json in", "/ds"
+    ),
+    "unsupported architecture": (
+        lambda i: _hf_folder(i, "gpt2", lambda f: _edit_config(f, architectures=["GPT2LMHeadModel"])),
+        "architectures ['GPT2LMHeadModel'] are not supported", "supported: LlamaForCausalLM",
+    ),
+    "wrong tensor shape": (
+        lambda i: _hf_folder(i, "shape", lambda f: _edit_tensors(f, _norm_31)),
+        "tensor model.norm.weight has shape (31,)", "config.json implies (32,)",
+    ),
+    "missing tensor": (
+        lambda i: _hf_folder(i, "missing", lambda f: _edit_tensors(f, lambda t: t.pop("lm_head.weight"))),
+        "missing tensors in", "['lm_head.weight']",
+    ),
+    "truncated safetensors": (
+        lambda i: _hf_folder(i, "trunc", _truncate), "invalid or truncated safetensors file", "trunc/model.safetensors"
+    ),
+}  # fmt: skip
+
+
+def test_every_user_error_is_one_line_and_exit_2(inputs, tmp_path):
+    def one(item):
+        name, (build, *fragments) = item
+        args = build(inputs)
+        config = [] if "--config" in args else ["--config", str(ROOT / "configs/default.py")]
+        overrides = [f"--config.{o}" for o in TINY]
+        return (
+            name,
+            fragments,
+            run(["train", *config, "--workdir", str(tmp_path / name.replace(" ", "_")), *overrides, *args]),
+        )
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, CASES.items()))
+    for name, fragments, out in results:
+        lines = [x for x in out.stderr.strip().splitlines() if not x.startswith("dpo-jax: warning:")]  # warnings first
+        assert out.returncode == 2, (name, out.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("dpo-jax: "), (name, out.stderr[-2000:])
+        assert all(f in lines[0] for f in fragments), (name, lines[0])
+    verbose = run(["train", "--config", str(ROOT / "configs/default.py"), "--workdir", str(tmp_path / "v"),
+                   "--config.optim.grad_accum=0", "--verbose"])  # fmt: skip
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr
+
+
+def test_read_only_workdir_is_one_line(tmp_path):
+    with tmpfs(tmp_path / "ro", "1m", readonly=True) as disk:
+        out = run(["train", "--config", str(ROOT / "configs/default.py"), "--workdir", str(disk / "run")])
+    assert out.returncode == 2
+    assert (
+        out.stderr.strip() == f"dpo-jax: cannot write in {disk}/run: Read-only file system; choose a writable --workdir"
+    )
+
+
+def _checkpoint_hparams(step_dir: Path) -> dict:
+    import orbax.checkpoint as ocp
+
+    state = ocp.StandardCheckpointer().restore(step_dir / "state")
+    return {k: float(v) for k, v in state["hparams"].items()}
+
+
+def test_resume_with_a_changed_config_refuses_or_continues_with_the_new_values(tmp_path):
+    base = ["optim.steps=10", "sft.steps=5", "eval.num_prompts=0", "export_hf=False"]
+    first = cli(tmp_path / "run", *base)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+
+    again = cli(tmp_path / "run", *base)  # finished: says so, changes nothing
+    assert again.returncode == 0 and "is a finished run" in again.stdout
+    assert json.loads((tmp_path / "run/summary.json").read_text())["wall_time_s"] == summary["wall_time_s"]
+
+    refused = cli(tmp_path / "run", *base, "dpo.beta=5.0")
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1
+    assert "dpo.beta 0.1 -> 5.0" in lines[0] and "--config.resume.allow_changes=dpo.beta" in lines[0]
+    model = cli(tmp_path / "run", *base, "model.hidden_size=16")
+    assert model.returncode == 2 and "model.hidden_size 32 -> 16: these fields cannot change" in model.stderr
+
+    ckpts = tmp_path / "run/dpo/checkpoints"
+    assert _checkpoint_hparams(ckpts / "10")["beta"] == pytest.approx(0.1)
+    longer = [*base[1:], "optim.steps=20", "dpo.beta=5.0", "resume.allow_changes=dpo.beta,optim.steps"]
+    resumed = cli(tmp_path / "run", *longer)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming with dpo.beta = 5.0" in resumed.stdout and "[dpo] resumed from step 10" in resumed.stdout
+    assert _checkpoint_hparams(ckpts / "20")["beta"] == pytest.approx(5.0)  # steps 11-20 trained with the new beta
+    rows = [json.loads(r) for r in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if "train/loss" in r]
+    assert train_steps == sorted(set(train_steps)) and max(train_steps) == 5 + 20  # SFT offset + DPO steps, once each
+    assert json.loads((tmp_path / "run/summary.json").read_text())["resume/changes"] == [
+        "dpo.beta: 0.1 -> 5.0", "optim.steps: 10 -> 20"
+    ]  # fmt: skip
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    # 1200k holds the data and two SFT checkpoints (about 280k each) with the save slack (512k), not a third.
+    with tmpfs(tmp_path / "disk", "1200k") as disk:
+        full = cli(disk / "run", "optim.steps=10", "sft.steps=10", "eval.num_prompts=0", "wandb.enabled=False")
+        lines = full.stderr.strip().splitlines()
+        assert full.returncode == 2 and str(disk) in lines[-1] and "MiB needed" in lines[-1], full.stderr
+        assert lines[-1].startswith("dpo-jax: not enough disk space in")
+        assert "Traceback" not in full.stderr
+        kept = [p for p in (disk / "run").rglob("checkpoints/*") if p.name.isdigit()]
+        assert kept  # the last good checkpoint
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)  # the user frees space
+        resumed = cli(disk / "run", "optim.steps=10", "sft.steps=10", "eval.num_prompts=0", "wandb.enabled=False")
+        assert resumed.returncode == 0 and "resumed from step" in resumed.stdout, resumed.stderr

@@ -1,0 +1,115 @@
+"""Workdir: one run at a time, writes that are never half done, full / read-only disks, the resume config check."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from dpo_jax.errors import DiskFullError, WorkdirError
+from dpo_jax.workdir import (
+    WorkdirLock,
+    atomic_dir,
+    atomic_write_text,
+    check_resume_config,
+    ensure_free_space,
+    ensure_writable,
+)
+
+
+@contextlib.contextmanager
+def tmpfs(path, size, *, readonly=False):
+    """A real small (or read-only) filesystem; skipped where mounting is not permitted."""
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (",ro" if readonly else "")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_second_process_is_refused_with_the_holder_named_and_a_dead_holder_does_not_block(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from dpo_jax.workdir import WorkdirLock; "
+         f"WorkdirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(WorkdirError) as err:
+            WorkdirLock(tmp_path).acquire()
+        assert f"pid {holder.pid} on {socket.gethostname()}" in str(err.value) and str(tmp_path) in str(err.value)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with WorkdirLock(tmp_path) as lock:  # the killed holder's lock is gone with its process
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid() and lock.fd is not None
+
+
+def test_atomic_writes_keep_the_old_file_whole_when_the_disk_fills(tmp_path):
+    with tmpfs(tmp_path / "small", "64k") as disk:
+        target = atomic_write_text(disk / "summary.json", '{"done": true}')
+        with pytest.raises(DiskFullError, match=rf"disk full in {disk}/summary\.json.*MiB needed"):
+            atomic_write_text(target, "x" * 200_000)
+        assert target.read_text() == '{"done": true}' and sorted(p.name for p in disk.iterdir()) == ["summary.json"]
+        with pytest.raises(DiskFullError, match=r"not enough disk space in .*small: .* MiB free, 1\.0 MiB needed for"):
+            ensure_free_space(disk, 2**20, "a checkpoint")
+
+
+def test_atomic_dir_replaces_a_folder_only_when_complete(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("old\n")
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "data") as tmp:
+        (tmp / "train.jsonl").write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert (tmp_path / "data" / "train.jsonl").read_text() == "old\n" and len(list(tmp_path.iterdir())) == 1
+    with atomic_dir(tmp_path / "data") as tmp:
+        (tmp / "train.jsonl").write_text("new\n")
+    assert (tmp_path / "data" / "train.jsonl").read_text() == "new\n" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_read_only_workdir_is_one_clear_error(tmp_path):
+    with tmpfs(tmp_path / "ro", "1m", readonly=True) as disk, pytest.raises(WorkdirError) as err:
+        ensure_writable(disk / "run")
+    assert str(err.value) == f"cannot write in {disk}/run: Read-only file system; choose a writable --workdir"
+
+
+SAVED = {"dpo.beta": 0.1, "optim.steps": 20, "model.hidden_size": 64, "eval.every": 10, "seed": 0}
+
+
+@pytest.mark.parametrize(
+    "change,allow,expected",
+    [
+        ({"eval.every": 5}, set(), None),  # cadence: free
+        ({"dpo.beta": 5.0}, set(), "dpo.beta 0.1 -> 5.0: rerun with the original values, use a new --workdir, "
+         "or continue with the new values by adding --config.resume.allow_changes=dpo.beta"),
+        ({"dpo.beta": 5.0, "optim.steps": 40}, {"dpo.beta", "optim.steps"}, None),
+        ({"dpo.beta": 5.0, "optim.steps": 40}, {"dpo.beta"}, "allow_changes=optim.steps"),
+        ({"model.hidden_size": 32}, {"dpo.beta"}, "model.hidden_size 64 -> 32: these fields cannot change on resume"),
+        ({"seed": 1}, set(), "seed 0 -> 1: these fields cannot change"),
+    ],
+)  # fmt: skip
+def test_resume_config_check(tmp_path, change, allow, expected):
+    assert check_resume_config(tmp_path, SAVED, allow=set(), step=None) == []  # first run: the record is written
+    current = {**SAVED, **change}
+    if expected is None:
+        changes = check_resume_config(tmp_path, current, allow=allow, step=10)
+        assert {k for k, _, _ in changes} == {k for k in change if k != "eval.every"}
+        assert json.loads((tmp_path / "run_config.json").read_text()) == current  # the record follows the run
+    else:
+        with pytest.raises(WorkdirError, match="step 10") as err:
+            check_resume_config(tmp_path, current, allow=allow, step=10)
+        assert expected in str(err.value) and "\n" not in str(err.value)
+        assert json.loads((tmp_path / "run_config.json").read_text()) == SAVED  # a refusal changes nothing
+
+
+def test_lock_is_exclusive_within_one_process_too(tmp_path):
+    with WorkdirLock(tmp_path), pytest.raises(WorkdirError, match=f"pid {os.getpid()}"):
+        WorkdirLock(tmp_path).acquire()
+    WorkdirLock(tmp_path).acquire().release()  # released on exit: free again
