@@ -195,6 +195,13 @@ def progress(iterable, total: int, desc: str):
     )  # fmt: skip
 
 
+def plot_panels(history: list[dict]) -> list[tuple[str, list[str]]]:
+    """(title, metric keys with data) of every panel that has something to show."""
+    present = {k for r in history for k, v in r.items() if isinstance(v, float)}
+    panels = [(title, [k for k in keys if k in present]) for title, keys in PLOTS]
+    return [(title, keys) for title, keys in panels if keys]
+
+
 def write_plots(history: list[dict], summary: dict, path: Path) -> Path:
     """One panel per metric group that has data (a files task has no true reward: no empty panel); eval metrics
     with a standard error get +-2 s.e. bars; the DPO curves start at step 0 (the reference itself)."""
@@ -206,8 +213,7 @@ def write_plots(history: list[dict], summary: dict, path: Path) -> Path:
     def series(key):
         return [r for r in history if isinstance(r.get(key), float)]
 
-    panels = [(title, [k for k in keys if series(k)]) for title, keys in PLOTS]
-    panels = [(title, keys) for title, keys in panels if keys]
+    panels = plot_panels(history)
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.4), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels, strict=False):
         for key in keys:

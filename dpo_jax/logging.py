@@ -140,10 +140,17 @@ class WandbWriter(Writer):
 class ConsoleWriter(Writer):
     """A progress bar with loss and throughput, and one line per eval."""
 
-    def __init__(self, total: int, initial: int, desc: str, offset: int = 0):
+    def __init__(self, total: int, initial: int, desc: str, offset: int = 0, *, file=None, mininterval: float = 1.0):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, desc=desc, file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            desc=desc,
+            file=file or sys.stderr,
+            dynamic_ncols=True,
+            mininterval=mininterval,
+        )
         self.last, self.offset = initial, offset
 
     def write(self, step, metrics):

@@ -57,6 +57,20 @@ def test_sigkill_then_resume_equals_uninterrupted_and_sigterm_saves(tmp_path):
     c = load_file(tmp_path / "term/hf/model.safetensors")
     for k in a:
         np.testing.assert_array_equal(a[k], c[k], err_msg=k)
+    # Ctrl-C: the same as SIGTERM, exit 130, no traceback.
+    proc = cli(tmp_path / "int", *slow, wait=False)
+    _wait_for_checkpoint(proc, tmp_path / "int/dpo/checkpoints", 5)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130 and "Ctrl-C: saved step" in output and "Traceback" not in output
+    assert cli(tmp_path / "int", *slow).returncode == 0
+    d = load_file(tmp_path / "int/hf/model.safetensors")
+    for k in a:
+        np.testing.assert_array_equal(a[k], d[k], err_msg=k)
+    # Every resumed run logged each step once (the steps redone after a resume replace the lost ones).
+    for run in ("killed", "term", "int"):
+        steps = [r["step"] for r in read_history(tmp_path / run / "metrics.jsonl") if "train/loss" in r]
+        assert steps == sorted(set(steps)) and steps[-1] == 20, (run, steps)
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

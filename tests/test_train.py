@@ -14,7 +14,7 @@ import pytest
 from conftest import COMMON
 from flax import nnx
 
-from dpo_jax import sharding, train
+from dpo_jax import evaluate, sharding, train
 from dpo_jax.config import ConfigError, load_config_file, validate
 from dpo_jax.data import PreferenceLoader, TokenizeConfig, load_examples, synthetic, tokenize_examples
 from dpo_jax.evaluate import read_history
@@ -104,6 +104,18 @@ def test_end_to_end_outputs(tmp_path):
     assert sorted(p.name for p in (run / "dpo/checkpoints").iterdir() if p.name.isdigit())[-1] == "20"
     model, tok = load_pretrained(run / "hf")  # the export loads back (transformers parity is tested in test_hf)
     assert tok is not None and model.config.vocab_size == tok.vocab_size
+    import transformers
+
+    gen = transformers.GenerationConfig.from_pretrained(run / "hf")
+    assert (gen.eos_token_id, gen.bos_token_id, gen.pad_token_id) == (tok.eos_token_id, tok.bos_token_id, 0)
+    # Step 0 is the reference itself: eval loss log 2 (DPO's loss at h = 0) and an exact token KL of 0.
+    first = next(r for r in history if "eval/loss" in r)
+    assert first["step"] == cfg.sft.steps and first["eval/loss"] == pytest.approx(np.log(2), rel=1e-5)
+    assert first["eval/kl_token"] == pytest.approx(0.0, abs=1e-6)
+    titles = [t for t, _ in evaluate.plot_panels(history)]
+    assert "true reward of samples" in titles and len(titles) == len(evaluate.PLOTS)
+    no_reward = [{k: v for k, v in r.items() if not k.startswith("eval/reward")} for r in history]
+    assert "true reward of samples" not in [t for t, _ in evaluate.plot_panels(no_reward)]  # a files task
     # (Reuse of the reference cache by a sibling run is checked in test_sweep.)
 
 
@@ -230,3 +242,65 @@ def test_hf_local_config_trains_a_local_checkpoint_on_local_files(tmp_path):
     assert not (tmp_path / "run/sft").exists()  # the checkpoint is the reference: no SFT stage
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run/hf")
     assert exported.config.vocab_size == tok.vocab_size
+
+
+def test_nonfinite_parameters_are_never_exported(tmp_path, step_setup):
+    graphdef, params, _ = step_setup
+    bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf) if x.ndim else x, params)
+    with pytest.raises(train.NonFiniteLoss, match="contain NaN/Inf: not exported"):
+        evaluate.write_outputs(tiny_config(), tmp_path, graphdef, bad, synthetic.build_tokenizer(), {})
+    assert not list(tmp_path.iterdir())
+
+
+def _rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_input_that_is_probably_wrong_is_warned_once(tmp_path):
+    tok = synthetic.build_tokenizer()
+    rows = [{"prompt": "ab:", "chosen": "abc", "rejected": "mno", "weight": 0.0, "chosen_prob": 0.7}] * 20
+    rows += [{"prompt": None, "chosen": "ab:cd", "rejected": "ab:zz", "weight": 0.0}]  # null prompt; z is unknown
+    cfg = tiny_config('task="files"', "data.max_prompt_length=2", "dpo.loss_weights=[-1.0]")
+    paths = {"train": _rows(tmp_path / "t.jsonl", rows), "eval": _rows(tmp_path / "e.jsonl", rows[:2])}
+    loaded = {k: load_examples(p) for k, p in paths.items()}
+    tok_cfg = TokenizeConfig(max_length=cfg.data.max_length, max_prompt_length=2)
+    tokenized = {k: tokenize_examples(ex, tok, tok_cfg) for k, (ex, _) in loaded.items()}
+    notes = train.Notes()
+    for _ in range(2):  # a second pass (e.g. the eval split) does not repeat them
+        train.check_data(
+            cfg, paths, {k: r for k, (_, r) in loaded.items()}, {k: p for k, (p, _) in tokenized.items()},
+            {k: s for k, (_, s) in tokenized.items()}, notes,
+        )  # fmt: skip
+    text = "\n".join(notes.items)
+    assert "every pair in" in text and "has weight 0" in text
+    assert "1 rows of" in text and "null 'prompt'" in text
+    assert "1 pairs of" in text and "unknown/pad token" in text
+    assert "21 of 21 prompts truncated to data.max_prompt_length=2" in text
+    assert "'chosen_prob' column (20 rows) but dpo.use_soft_targets=False" in text
+    assert len(notes.items) == len(set(notes.items)) == 6  # train: 5 warnings; eval: truncation only
+
+
+def test_a_damaged_or_stale_builtin_data_folder_is_rewritten(tmp_path):
+    cfg = tiny_config()
+    _, paths = train.prepare_data(cfg, tmp_path)
+    good = paths["train"].read_text()
+    paths["train"].write_text(good[: len(good) // 2])  # what a kill mid-write used to leave
+    (tmp_path / "data" / "task.json").unlink()
+    _, paths = train.prepare_data(cfg, tmp_path)
+    assert paths["train"].read_text() == good
+    cfg.synthetic.n_train = 64  # other settings: other data, not the stale folder
+    _, paths = train.prepare_data(cfg, tmp_path)
+    assert len(paths["train"].read_text().splitlines()) == 64
+
+
+def test_configs_are_a_package_and_loading_one_leaves_sys_path_alone():
+    import sys
+
+    from dpo_jax.config import load_config_module
+
+    before = list(sys.path)
+    module, arg = load_config_module(str(ROOT / "configs/beta_sweep.py:runlocal"))
+    assert module.__name__ == "dpo_jax.configs.beta_sweep" and arg == "runlocal" and sys.path == before
+    cpu = load_config_file(str(ROOT / "configs/hf_local.py:cpu"))
+    assert cpu.model.dtype == "float32" and cpu.optim.steps == 20 and cpu.data.max_length == 256
