@@ -44,7 +44,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_length=32,  # prompt + completion tokens
         max_prompt_length=16,
         truncation_mode="keep_end",
-        buckets=(32,),  # padded lengths; batches use the smallest that fits
+        packing=True,  # whole pairs packed into rows (padding-free); False: one padded row per pair
+        share_prompt=True,  # prompt | chosen | rejected in one segment: the prompt computed once per pair
+        pack_length=0,  # tokens per packed row; 0: chosen from the data's lengths
+        buckets=(32,),  # padded rows (packing=False): lengths; batches use the smallest that fits
     )
     c.model = dict(
         init="scratch",  # scratch | hf (load model.hf_path)
@@ -94,7 +97,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         cache_dir="",  # default: <workdir>/../reference_cache, shared by sibling runs
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1: all remaining devices
-    c.logprobs = dict(token_chunk=1024, vocab_chunk=8192)
+    c.logprobs = dict(
+        token_chunk=1024,  # chunked LM head: tokens and vocabulary entries per chunk
+        vocab_chunk=8192,
+        scored_only=True,  # the LM head on completion tokens only (False: every slot, for comparison)
+        max_logits_mb=256.0,  # scored logits up to this size are kept for the backward; above it, chunked
+    )
     c.eval = dict(
         every=100,  # steps; and at the end
         batch_size=64,

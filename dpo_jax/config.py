@@ -105,6 +105,8 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None) 
         f"0 < max_prompt_length < max_length ({cfg.data.max_length})",
         cfg.data.max_prompt_length,
     )
+    _check(cfg.data.pack_length >= 0, "data.pack_length", "0 (from the data) or a row length > 0", cfg.data.pack_length)
+    _check(cfg.logprobs.max_logits_mb >= 0, "logprobs.max_logits_mb", ">= 0", cfg.logprobs.max_logits_mb)
     _check(
         len(cfg.data.buckets) > 0 and all(b > 0 for b in cfg.data.buckets),
         "data.buckets",

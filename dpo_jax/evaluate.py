@@ -53,18 +53,25 @@ class Evaluator:
         self.tokenizer, self.reward_fn, self.ref_eval = tokenizer, reward_fn, ref_eval
         self.loader = PreferenceLoader(eval_pairs, cfg.eval.batch_size, shuffle=False, drop_last=False, **loader_kw)
         self.last: dict = {}
-        chunks = dict(token_chunk=cfg.logprobs.token_chunk, vocab_chunk=cfg.logprobs.vocab_chunk)
+        from dpo_jax.train import head_options
+
+        chunks = head_options(cfg)
         types, weights = loss_types(cfg), tuple(cfg.dpo.loss_weights) or None
         cached = ref_eval is not None
 
         def pref(params, batch, ref_params):
             logps, counts = scoring.pair_logps(graphdef, params, batch, **chunks)
-            ref = batch["ref_logps"] if cached else scoring.pair_logps(graphdef, ref_params, batch, **chunks)[0]
-            valid = batch["valid"]
+            if cached:
+                ref = batch["ref_logps"].reshape(-1, 2)
+            else:
+                ref = scoring.pair_logps(graphdef, ref_params, batch, **chunks)[0]
+            valid = scoring.pair_values(batch, "valid")
             losses, metrics = preference_loss(
                 logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], loss_type=types, loss_weights=weights,
                 beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing,
-                target_probs=temper_targets(batch["target_probs"], cfg.dpo.get("soft_target_temperature", 1.0))
+                target_probs=temper_targets(
+                    scoring.pair_values(batch, "target_probs"), cfg.dpo.get("soft_target_temperature", 1.0)
+                )
                 if cfg.dpo.use_soft_targets else None,
                 chosen_lengths=jnp.maximum(counts[:, 0], 1.0), rejected_lengths=jnp.maximum(counts[:, 1], 1.0),
                 reference_free=cfg.dpo.reference_free, mask=valid,
@@ -107,7 +114,7 @@ class Evaluator:
         for _, batch in batches:
             signals.check("during eval")
             if self.ref_eval is not None:
-                batch["ref_logps"] = self.ref_eval[np.maximum(batch["index"], 0)] * batch["valid"][:, None]
+                batch["ref_logps"] = self.ref_eval[np.maximum(batch["index"], 0)] * batch["valid"][..., None]
             sums = jax.device_get(self._pref(params, to_global(batch, self.mesh), self.reference))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)

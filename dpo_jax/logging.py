@@ -25,6 +25,8 @@ class Writer:
     def rewind(self, step: int, *, keep_evals: bool = True) -> None:
         """Forget rows after ``step`` (and eval rows at ``step`` unless ``keep_evals``): they are about to be redone."""
 
+    def note(self, line: str) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -156,6 +158,7 @@ class ConsoleWriter(Writer):
     def write(self, step, metrics):
         step -= self.offset
         keys = {"train/loss": "loss", "train/pairs_per_s": "pairs/s", "train/rewards/accuracies": "acc"}
+        keys.update({"sft/loss": "loss", "sft/pairs_per_s": "seq/s"} if "sft/loss" in metrics else {})
         post = {short: f"{metrics[k]:.4g}" for k, short in keys.items() if k in metrics}
         if post:  # before update(), which redraws: the bar shows this step's values, not the previous interval's
             self.bar.set_postfix(post, refresh=False)
@@ -165,6 +168,10 @@ class ConsoleWriter(Writer):
         if evals:
             shown = ("eval/loss", "eval/rewards/accuracies", "eval/reward", "eval/kl_sampled", "eval/kl_token")
             self.bar.write(f"step {step}: " + ", ".join(f"{k[5:]}={evals[k]:.4g}" for k in shown if k in evals))
+
+    def note(self, line: str):
+        """A line above the bar."""
+        self.bar.write(line)
 
     def close(self):
         self.bar.close()

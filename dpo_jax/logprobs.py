@@ -200,6 +200,30 @@ def chunked_sequence_logprobs(
     return masked_sums(token_logps_BxT, mask_BxT)
 
 
+def head_token_logprobs(
+    h_NxD: Array,
+    lm_head_DxV: Array,
+    targets_N: Array,
+    *,
+    token_chunk: int = 1024,
+    vocab_chunk: int = 8192,
+    max_logits_mb: float = 256.0,
+) -> Array:
+    """Log-probs [N] of ``targets`` under ``h @ lm_head`` for a compact buffer of scored hidden states.
+
+    When the [N, V] float32 logits fit in ``max_logits_mb`` they are materialised once and kept for the backward
+    pass (three matmuls in all); above it the chunked head streams them (never more than [token_chunk,
+    vocab_chunk] at a time, at the price of recomputing them in the backward pass).
+    """
+    n, v = h_NxD.shape[0], lm_head_DxV.shape[1]
+    if n * v * 4 <= max_logits_mb * 2**20:
+        logits_NxV = jnp.dot(h_NxD, lm_head_DxV, preferred_element_type=f32)
+        return token_logprobs(logits_NxV, targets_N)
+    return chunked_token_logprobs(
+        h_NxD[None], lm_head_DxV, targets_N[None], token_chunk=token_chunk, vocab_chunk=vocab_chunk
+    )[0]
+
+
 # --- KL ------------------------------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ sibling runs of a sweep reuse one. Values are [N, 2] float32: (chosen, rejected)
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from dpo_jax import scoring, signals
 from dpo_jax.data.loader import PreferenceLoader, to_global
-from dpo_jax.sharding import batch_sharding
+from dpo_jax.sharding import batch_sharding, data_parallel_size
 
 
 def cache_key(params, model_config, pairs, settings: dict) -> str:
@@ -35,34 +36,37 @@ def cache_key(params, model_config, pairs, settings: dict) -> str:
     return h.hexdigest()[:32]
 
 
-def compute_logps(graphdef, params, pairs, *, mesh, batch_size, buckets, pad_id, token_chunk, vocab_chunk):
+def compute_logps(graphdef, params, pairs, *, mesh, batch_size, layout, pad_id, head: dict):
     """One pass of the reference over ``pairs`` (in order); every process gets all [N, 2] values."""
     loader = PreferenceLoader(
         pairs,
         batch_size,
         shuffle=False,
         drop_last=False,
-        buckets=buckets,
+        layout=dataclasses.replace(layout, row_multiple=data_parallel_size(mesh)),
         pad_id=pad_id,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    score = jax.jit(
-        lambda params, batch: scoring.pair_logps(
-            graphdef, params, batch, token_chunk=token_chunk, vocab_chunk=vocab_chunk
-        )[0],
-        out_shardings=batch_sharding(mesh, 2),
-    )
+
+    def score(params, batch):  # [G, P, 2]: grouped like the batch, so it stays sharded
+        logps = scoring.pair_logps(graphdef, params, batch, **head)[0]
+        return logps.reshape(*batch["valid"].shape, 2)
+
+    score = jax.jit(score, out_shardings=batch_sharding(mesh, 3))
     from dpo_jax.evaluate import progress
 
     out = np.zeros((len(pairs), 2), np.float32)
     batches = progress(loader.epoch(0), loader.steps_per_epoch, "reference log-probs")
-    for step, batch in batches:
+    for _step, batch in batches:
         signals.check("during the reference pass (nothing to save; it restarts)")
         logps = score(params, to_global(batch, mesh))
         logps = multihost_utils.process_allgather(logps, tiled=True) if jax.process_count() > 1 else logps
-        idx = loader.global_indices(step)
-        out[idx[idx >= 0]] = np.asarray(logps)[idx >= 0]
+        index = (
+            multihost_utils.process_allgather(batch["index"], tiled=True) if jax.process_count() > 1 else batch["index"]
+        )
+        index, logps = np.asarray(index).reshape(-1), np.asarray(logps).reshape(-1, 2)
+        out[index[index >= 0]] = logps[index >= 0]
     batches.close()
     return out
 

@@ -1,7 +1,10 @@
 """Scoring batches with a decoder: pair log-probs, teacher-forced sample log-probs, token KL.
 
-Shape letters: B pairs, L tokens, R rows per pair scored (2 = chosen, rejected; 1 = chosen only), N new tokens,
-P prompt tokens, V vocabulary. ``params`` is the ``nnx.State`` of a ``Decoder`` whose ``graphdef`` is static.
+Shape letters: G groups, K rows per group, T row length, S scored entries per group, P pairs per group,
+N new tokens, V vocabulary. Batches are laid out as ``dpo_jax.data.packing`` describes; whatever the layout,
+the LM head runs only on the S scored entries of each group (completion tokens), never on prompt or padding
+slots, and per-sequence sums come back by segment. ``params`` is the ``nnx.State`` of a ``Decoder`` whose
+``graphdef`` is static.
 """
 
 from __future__ import annotations
@@ -13,43 +16,69 @@ from flax import nnx
 from dpo_jax import logprobs as lp
 
 
-def _rows(batch: dict, key: str, rows: int):
-    x = batch[key][:, :rows]
-    return x.reshape(x.shape[0] * rows, x.shape[2])  # pair-major: chosen, rejected, chosen, ...
-
-
-def pair_logps(graphdef, params, batch: dict, *, rows: int = 2, token_chunk: int = 1024, vocab_chunk: int = 8192):
-    """Summed completion log-probs and token counts, each [B, R], via the chunked LM head (no [.., V] logits)."""
+def scored_hidden(graphdef, params, batch: dict):
+    """(model, hidden states [G, S, D] at the scored entries): one forward over the batch's rows."""
     model = nnx.merge(graphdef, params)
-    tokens = _rows(batch, "tokens", rows)
+    g, k, t = batch["tokens"].shape
+
+    def rows(key):
+        return batch[key].reshape(g * k, t)
+
+    segments = rows("segment_ids")
     out = model(
-        tokens,
-        positions_BxT=_rows(batch, "positions", rows),
-        segment_ids_BxT=_rows(batch, "segment_ids", rows),
-        attention_mask_BxT=_rows(batch, "attention_mask", rows),
+        rows("tokens"),
+        positions_BxT=rows("positions"),
+        segment_ids_BxT=segments,
+        branch_ids_BxT=rows("branch"),
+        attention_mask_BxT=segments > 0,
         return_logits=False,
     )
-    targets, mask = lp.next_token_targets(tokens, _rows(batch, "loss_mask", rows))
-    sums, counts = lp.chunked_sequence_logprobs(
-        out.hidden_BxTxD, model.lm_head_weight(), targets, mask, token_chunk=token_chunk, vocab_chunk=vocab_chunk
-    )
-    b = batch["tokens"].shape[0]
-    return sums.reshape(b, rows), counts.reshape(b, rows)
+    hidden_GxKTxD = out.hidden_BxTxD.reshape(g, k * t, -1)
+    return model, jnp.take_along_axis(hidden_GxKTxD, batch["score_src"][..., None], axis=1)
+
+
+def token_logps(graphdef, params, batch: dict, *, token_chunk=1024, vocab_chunk=8192, max_logits_mb=256.0):
+    """Log-probs [G, S] of the scored entries (0 where ``score_mask`` is 0)."""
+    model, h_GxSxD = scored_hidden(graphdef, params, batch)
+    g, s, d = h_GxSxD.shape
+    targets = jnp.where(batch["score_mask"] > 0, batch["score_target"], 0).reshape(g * s)
+    logps = lp.head_token_logprobs(
+        h_GxSxD.reshape(g * s, d), model.lm_head_weight(), targets,
+        token_chunk=token_chunk, vocab_chunk=vocab_chunk, max_logits_mb=max_logits_mb,
+    )  # fmt: skip
+    return jnp.where(batch["score_mask"] > 0, logps.reshape(g, s), 0.0)
+
+
+def sequence_sums(values_GxS: jax.Array, batch: dict) -> jax.Array:
+    """Per-pair, per-side sums [G * P, 2] of per-entry values (a segment sum over ``score_seq``)."""
+    g, p = batch["valid"].shape
+    onehot_GxSxQ = (batch["score_seq"][..., None] == jnp.arange(2 * p)) & (batch["score_mask"][..., None] > 0)
+    sums_GxQ = jnp.einsum("gs,gsq->gq", values_GxS, onehot_GxSxQ.astype(values_GxS.dtype))
+    return sums_GxQ.reshape(g * p, 2)
+
+
+def pair_values(batch: dict, key: str) -> jax.Array:
+    """A per-pair array of the batch, flattened to [G * P] in the order of ``pair_logps``."""
+    return batch[key].reshape(-1)
+
+
+def pair_logps(graphdef, params, batch: dict, **head):
+    """Summed completion log-probs and token counts, each [G * P, 2] (chosen, rejected; rejected is empty in a
+    chosen-only SFT batch), via the scored-token LM head."""
+    logps_GxS = token_logps(graphdef, params, batch, **head)
+    return sequence_sums(logps_GxS, batch), sequence_sums(batch["score_mask"].astype(jnp.float32), batch)
 
 
 def completion_token_kl(graphdef, policy, reference, batch: dict):
-    """Exact full-vocabulary KL(pi || pi_ref) summed over each chosen completion's tokens: ([B], token counts [B])."""
-    kw = dict(
-        positions_BxT=_rows(batch, "positions", 1),
-        segment_ids_BxT=_rows(batch, "segment_ids", 1),
-        attention_mask_BxT=_rows(batch, "attention_mask", 1),
-    )
-    tokens = _rows(batch, "tokens", 1)
-    p_logits = nnx.merge(graphdef, policy)(tokens, **kw).logits_BxTxV
-    q_logits = nnx.merge(graphdef, reference)(tokens, **kw).logits_BxTxV
-    _, mask = lp.next_token_targets(tokens, _rows(batch, "loss_mask", 1))
-    kl_BxT = lp.token_kl(p_logits, q_logits, mask)
-    return jnp.sum(kl_BxT, axis=-1), jnp.sum(mask, axis=-1).astype(jnp.float32)
+    """Exact full-vocabulary KL(pi || pi_ref) summed over each chosen completion's tokens: ([G * P], token counts).
+    Full logits are computed at the scored entries only."""
+    _, h_pol = scored_hidden(graphdef, policy, batch)
+    model, h_ref = scored_hidden(graphdef, reference, batch)
+    w_pol = nnx.merge(graphdef, policy).lm_head_weight()
+    chosen_GxS = (batch["score_seq"] % 2 == 0) & (batch["score_mask"] > 0)
+    kl_GxS = lp.token_kl(h_pol @ w_pol, h_ref @ model.lm_head_weight(), chosen_GxS)
+    n = chosen_GxS.astype(jnp.float32)
+    return sequence_sums(kl_GxS, batch)[:, 0], sequence_sums(n, batch)[:, 0]
 
 
 def sample_logps(graphdef, params, prompt_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN):

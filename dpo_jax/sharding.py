@@ -93,5 +93,10 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def data_parallel_size(mesh: Mesh) -> int:
+    """Devices a batch is split over."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())

@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dpo_jax import checkpoint, reference, scoring, sharding, signals
+from dpo_jax import checkpoint, reference, scoring, sharding, signals, throughput
 from dpo_jax.config import SFT_FIELDS, dpo_seed, loss_types, validate
 from dpo_jax.data import (
     Columns,
@@ -41,6 +41,7 @@ from dpo_jax.data import (
 )
 from dpo_jax.data.examples import load_sft_examples
 from dpo_jax.data.formats import DataError
+from dpo_jax.data.packing import Layout, batch_stats
 from dpo_jax.errors import NonFiniteLoss, Notes
 from dpo_jax.logging import ConsoleWriter, JsonlWriter, MultiWriter, WandbWriter, Writer
 from dpo_jax.losses import preference_loss, temper_targets
@@ -71,6 +72,11 @@ class StepConfig:
     grad_accum: int = 1
     token_chunk: int = 1024
     vocab_chunk: int = 8192
+    max_logits_mb: float = 256.0
+
+    @property
+    def head(self) -> dict:
+        return dict(token_chunk=self.token_chunk, vocab_chunk=self.vocab_chunk, max_logits_mb=self.max_logits_mb)
 
 
 # --- Optimizer ------------------------------------------------------------------------------------------------
@@ -121,16 +127,26 @@ def current_lr(opt_state) -> jax.Array:
 # --- The step ---------------------------------------------------------------------------------------------------
 
 
-def objective(params, graphdef, batch, ref_logps, hparams, sc: StepConfig):
-    """Scalar loss and metrics of one (micro-)batch."""
-    kw = dict(token_chunk=sc.token_chunk, vocab_chunk=sc.vocab_chunk)
-    valid = batch["valid"]
+def batch_totals(batch: dict) -> dict:
+    """Normalisers of a whole batch (all micro-batches): pair weight, valid pairs, chosen tokens. Micro-batches of
+    packed rows hold different numbers of pairs, so each micro-batch divides by the whole batch's totals."""
+    valid = scoring.pair_values(batch, "valid")
+    chosen_tokens = scoring.sequence_sums(batch["score_mask"].astype(jnp.float32), batch)[:, 0]
+    return {
+        "weight": jnp.maximum(jnp.sum(scoring.pair_values(batch, "weights") * valid), 1e-9),
+        "pairs": jnp.maximum(jnp.sum(valid), 1.0),
+        "tokens": jnp.maximum(jnp.sum(chosen_tokens * valid), 1.0),
+    }
+
+
+def objective(params, graphdef, batch, ref_logps, hparams, sc: StepConfig, totals=None):
+    """Scalar loss and metrics of one (micro-)batch, normalised by ``totals`` (default: this batch's)."""
+    totals = batch_totals(batch) if totals is None else totals
+    valid = scoring.pair_values(batch, "valid")
+    logps, counts = scoring.pair_logps(graphdef, params, batch, **sc.head)
     if sc.stage == "sft":
-        logps, counts = scoring.pair_logps(graphdef, params, batch, rows=1, **kw)
-        tokens = jnp.sum(counts[:, 0] * valid)
-        nll = -jnp.sum(logps[:, 0] * valid) / jnp.maximum(tokens, 1.0)
+        nll = -jnp.sum(logps[:, 0] * valid) / totals["tokens"]
         return nll, {"nll": nll}
-    logps, counts = scoring.pair_logps(graphdef, params, batch, rows=2, **kw)
     ref = (None, None) if ref_logps is None else (ref_logps[:, 0], ref_logps[:, 1])
     losses, metrics = preference_loss(
         logps[:, 0], logps[:, 1], *ref,
@@ -138,38 +154,40 @@ def objective(params, graphdef, batch, ref_logps, hparams, sc: StepConfig):
         loss_weights=sc.loss_weights or None,
         beta=hparams["beta"],
         label_smoothing=hparams["label_smoothing"],
-        target_probs=temper_targets(batch["target_probs"], hparams.get("target_temperature", 1.0))
+        target_probs=temper_targets(scoring.pair_values(batch, "target_probs"), hparams.get("target_temperature", 1.0))
         if sc.use_soft_targets else None,
         chosen_lengths=jnp.maximum(counts[:, 0], 1.0),
         rejected_lengths=jnp.maximum(counts[:, 1], 1.0),
         reference_free=sc.reference_free,
         mask=valid,
     )  # fmt: skip
-    w = batch["weights"] * valid
-    return jnp.sum(losses * w) / jnp.maximum(jnp.sum(w), 1e-9), metrics
+    w = scoring.pair_values(batch, "weights") * valid
+    share = jnp.sum(valid) / totals["pairs"]  # metrics are means over this micro-batch's pairs
+    return jnp.sum(losses * w) / totals["weight"], jax.tree.map(lambda m: m * share, metrics)
 
 
 def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx, sc: StepConfig):
     """One optimizer step (``sc.grad_accum`` micro-batches); a non-finite loss or gradient leaves the state
     unchanged and records the step in ``nonfinite_step``."""
+    totals = batch_totals(batch)
 
     def micro(batch_m):
         ref = None
         if sc.stage == "dpo" and not sc.reference_free:
             if sc.frozen_reference:
-                kw = dict(token_chunk=sc.token_chunk, vocab_chunk=sc.vocab_chunk)
-                ref = jax.lax.stop_gradient(scoring.pair_logps(graphdef, reference_params, batch_m, **kw)[0])
+                ref = jax.lax.stop_gradient(scoring.pair_logps(graphdef, reference_params, batch_m, **sc.head)[0])
             else:
-                ref = batch_m["ref_logps"]
+                ref = batch_m["ref_logps"].reshape(-1, 2)
         grad_fn = jax.value_and_grad(objective, has_aux=True)
-        (loss, metrics), grads = grad_fn(state.params, graphdef, batch_m, ref, state.hparams, sc)
+        (loss, metrics), grads = grad_fn(state.params, graphdef, batch_m, ref, state.hparams, sc, totals)
         return loss, metrics, grads
 
     a = sc.grad_accum
     if a == 1:
         loss, metrics, grads = micro(batch)
     else:
-        # Micro-batch k takes rows k, k + a, ...: each device's contiguous block splits locally, no transfer.
+        # Micro-batch k takes groups k, k + a, ...: each device's contiguous block splits locally, no transfer.
+        # Each micro-batch is normalised by the whole batch's totals, so the sum is the full-batch value.
         split = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1), batch)
         zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro, jax.tree.map(lambda x: x[0], split)))
 
@@ -177,7 +195,6 @@ def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx
             return jax.tree.map(jnp.add, carry, micro(batch_m)), None
 
         (loss, metrics, grads), _ = jax.lax.scan(body, zeros, split)
-        loss, metrics, grads = jax.tree.map(lambda x: x / a, (loss, metrics, grads))
 
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -196,36 +213,47 @@ def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx
     return new_state, {"loss": loss, "grad_norm": grad_norm, "learning_rate": lr, **metrics}
 
 
-# --- Throughput accounting --------------------------------------------------------------------------------------
-
-# Dense peak FLOP/s per device (bf16 for accelerators). The CPU figure assumes 2 x 256-bit FMA units per core
-# at 3 GHz in float32 (32 FLOP/cycle/core), shared by the simulated devices.
-PEAK_FLOPS = {
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "L4": 121e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6": 918e12,
-}
+# --- Programs ---------------------------------------------------------------------------------------------------
 
 
-def peak_flops_per_device() -> float:
-    d = jax.devices()[0]
-    if d.platform == "cpu":
-        return (os.cpu_count() or 1) * 3.0e9 * 32 / jax.local_device_count()
-    return next((v for k, v in PEAK_FLOPS.items() if k.lower() in d.device_kind.lower()), 0.0)
+class Programs:
+    """A jitted function compiled ahead of time once per batch shape; remembers each program's compile time."""
+
+    def __init__(self, jitted):
+        self.jitted, self.compiled, self.compile_s = jitted, {}, {}
+        self.pending: list[tuple[str, float]] = []  # (shape, seconds) compiled since the last ``take_new``
+
+    def __call__(self, state, batch, *rest):
+        key = tuple((k, v.shape) for k, v in sorted(batch.items()))
+        if key not in self.compiled:
+            t0 = time.perf_counter()
+            self.compiled[key] = self.jitted.lower(state, batch, *rest).compile()
+            self.compile_s[key] = time.perf_counter() - t0
+            shape = "x".join(map(str, batch["tokens"].shape)) + f", S={batch['score_src'].shape[1]}"
+            self.pending.append((shape, self.compile_s[key]))
+        return self.compiled[key](state, batch, *rest)
+
+    def take_new(self) -> list[tuple[str, float]]:
+        new, self.pending = self.pending, []
+        return new
 
 
-def flops_per_step(model_cfg, matmul_params: int, rows: int, length: int, frozen_reference: bool) -> float:
-    """Training FLOPs of one step: 6 N per token (+ attention 12 L H E T) for the policy; 2 N (+ 4 L H E T)
-    more for a reference forward (PaLM appendix B accounting). ``rows`` = sequences per step."""
-    attn = model_cfg.num_layers * model_cfg.num_heads * model_cfg.head_dim * length
-    per_token = 6 * matmul_params + 12 * attn + ((2 * matmul_params + 4 * attn) if frozen_reference else 0)
-    return float(per_token * rows * length)
+def throughput_metrics(name: str, acc: dict, steps: int, dt: float, peak: float) -> dict:
+    """Per-interval figures from accumulated ``batch_stats`` (compile time excluded from ``dt``)."""
+    dt = max(dt, 1e-9)
+    out = {
+        f"{name}/step_time_s": dt / steps,
+        f"{name}/pairs_per_s": acc["pairs"] / dt,
+        f"{name}/tokens_per_s": acc["real_tokens"] / dt,
+        f"{name}/packing_efficiency": acc["real_tokens"] / max(acc["slots"], 1.0),
+        f"{name}/padding_fraction": 1.0 - acc["real_tokens"] / max(acc["slots"], 1.0),
+        f"{name}/head_efficiency": acc["scored_tokens"] / max(acc["head_entries"], 1.0),
+    }
+    if peak:
+        out[f"{name}/mfu"] = acc["flops"] / dt / peak
+    if acc.get("compile_s"):
+        out[f"{name}/compile_s"] = acc["compile_s"]
+    return out
 
 
 # --- Stages -----------------------------------------------------------------------------------------------------
@@ -252,11 +280,13 @@ _STEP_FNS: dict = {}  # jitted steps, reused by later runs in this process (swee
 def _jitted_step(graphdef, tx, sc, optim_key, shardings, batch_shardings, ref_shardings, mesh):
     key = (graphdef, sc, optim_key, mesh, tuple(sorted(batch_shardings)), ref_shardings is None)
     if key not in _STEP_FNS:
-        _STEP_FNS[key] = jax.jit(
-            functools.partial(train_step, graphdef=graphdef, tx=tx, sc=sc),
-            in_shardings=(shardings, batch_shardings, ref_shardings),
-            out_shardings=(shardings, sharding.replicated(mesh)),
-            donate_argnums=0,
+        _STEP_FNS[key] = Programs(
+            jax.jit(
+                functools.partial(train_step, graphdef=graphdef, tx=tx, sc=sc),
+                in_shardings=(shardings, batch_shardings, ref_shardings),
+                out_shardings=(shardings, sharding.replicated(mesh)),
+                donate_argnums=0,
+            )
         )
     return _STEP_FNS[key]
 
@@ -297,15 +327,16 @@ def run_stage(stage: Stage, *, cfg, workdir: Path, graphdef, init_params, mesh, 
 
     sample = stage.loader.batch(min(start, stage.steps - 1))
     if stage.ref_cache is not None:
-        sample["ref_logps"] = np.zeros((len(sample["index"]), 2), np.float32)
+        sample["ref_logps"] = np.zeros((*sample["index"].shape, 2), np.float32)
     batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in sample.items()}
     ref_shardings = None if stage.reference_params is None else sharding.param_shardings(stage.reference_params, mesh)
     optim_key = (stage.steps, tuple(sorted((k, str(v)) for k, v in stage.optim.items())))
     step_fn = _jitted_step(graphdef, tx, stage.sc, optim_key, shardings, batch_shardings, ref_shardings, mesh)
-    rows = 1 if stage.name == "sft" else 2
     console = ConsoleWriter(stage.steps, start, stage.name, stage.log_offset) if jax.process_index() == 0 else Writer()
     out = MultiWriter([writer, console])
-    peak = (cfg.peak_flops or peak_flops_per_device()) * jax.device_count()
+    peak, peak_source = throughput.peak_flops(cfg.peak_flops)
+    counts = throughput.model_counts(model_cfg, matmul_params)
+    console.note(f"[{stage.name}] batches: {stage.loader.describe()}; MFU against the {peak_source}")
 
     def check_finite():
         bad = int(state.nonfinite_step)
@@ -331,32 +362,28 @@ def run_stage(stage: Stage, *, cfg, workdir: Path, graphdef, init_params, mesh, 
     try:
         if stage.evaluator is not None and (start == 0 or meta.get("eval_pending")):
             evaluate(start)  # step 0: the reference itself, the first point of every curve
-        t0, steps_timed, tokens, flops = time.perf_counter(), 0, 0.0, 0.0
+        t0, steps_timed, acc = time.perf_counter(), 0, {}
         for step, batch in stage.loader.iterate(start, stage.steps - start):
             if signals.requested():
                 stop(step)
             if stage.ref_cache is not None:
-                batch["ref_logps"] = stage.ref_cache[np.maximum(batch["index"], 0)] * batch["valid"][:, None]
+                batch["ref_logps"] = stage.ref_cache[np.maximum(batch["index"], 0)] * batch["valid"][..., None]
             state, metrics = step_fn(state, to_global(batch, mesh), stage.reference_params)
             done = step + 1
             steps_timed += 1
-            length = batch["tokens"].shape[-1]
-            tokens += float(batch["attention_mask"][:, :rows].sum()) * jax.process_count()
-            flops += flops_per_step(
-                model_cfg, matmul_params, rows * stage.loader.global_batch_size, length, stage.sc.frozen_reference
-            )
+            stats = {k: v * jax.process_count() for k, v in batch_stats(batch).items()}  # processes: alike
+            stats["flops"] = throughput.step_flops(counts, stats, frozen_reference=stage.sc.frozen_reference)
+            acc = {k: acc.get(k, 0.0) + v for k, v in stats.items()}
+            for shape, seconds in step_fn.take_new():
+                acc["compile_s"] = acc.get("compile_s", 0.0) + seconds
+                if jax.process_index() == 0:
+                    console.note(f"[{stage.name}] compiled the step for batch {shape} in {seconds:.1f} s")
             if done % cfg.log_every == 0 or done == stage.steps:
                 metrics = jax.device_get(metrics)
                 check_finite()
-                dt = time.perf_counter() - t0
+                dt = time.perf_counter() - t0 - acc.get("compile_s", 0.0) - acc.get("paused_s", 0.0)
                 logged = {f"{stage.name}/{k}": float(v) for k, v in metrics.items()}
-                logged.update({
-                    f"{stage.name}/step_time_s": dt / steps_timed,
-                    f"{stage.name}/tokens_per_s": tokens / dt,
-                    f"{stage.name}/pairs_per_s": steps_timed * stage.loader.global_batch_size / dt,
-                })  # fmt: skip
-                if peak:
-                    logged[f"{stage.name}/mfu"] = flops / dt / peak
+                logged.update(throughput_metrics(stage.name, acc, steps_timed, dt, peak))
                 logged["train/loss" if stage.name == "dpo" else "sft/loss"] = float(metrics["loss"])
                 if stage.name == "dpo":
                     logged.update({f"train/{k}": float(v) for k, v in metrics.items()})
@@ -364,10 +391,12 @@ def run_stage(stage: Stage, *, cfg, workdir: Path, graphdef, init_params, mesh, 
                         {f"train/{k[4:]}": v for k, v in logged.items() if k.startswith("dpo/") and "_per_s" in k}
                     )
                 out.write(stage.log_offset + done, logged)
-                t0, steps_timed, tokens, flops = time.perf_counter(), 0, 0.0, 0.0
+                t0, steps_timed, acc = time.perf_counter(), 0, {}
             if stage.evaluator is not None and (done % cfg.eval.every == 0 or done == stage.steps):
+                jax.block_until_ready(state)  # the steps before it count as training time, not eval time
+                t_eval = time.perf_counter()
                 evaluate(done)
-                t0 = time.perf_counter()
+                acc["paused_s"] = acc.get("paused_s", 0.0) + time.perf_counter() - t_eval
             if done % cfg.checkpoint.every == 0 or done == stage.steps:
                 check_finite()
                 ckpt.save(done, state, {"data_step": done, "stage": stage.name}, force=True)
@@ -449,6 +478,26 @@ def check_data(cfg, paths, reports, pairs, stats, notes: Notes) -> None:
             )
 
 
+def make_layout(cfg, mesh, *, sides: int = 2, accum: int = 1) -> Layout:
+    """The batch layout the config asks for; packed batches hold a multiple of (data-parallel devices x accum)
+    rows."""
+    d = cfg.data
+    return Layout(
+        kind="packed" if d.packing else "padded",
+        share_prompt=d.share_prompt,
+        row_length=d.pack_length,
+        buckets=tuple(d.buckets),
+        scored_only=cfg.logprobs.scored_only,
+        sides=sides,
+        row_multiple=sharding.data_parallel_size(mesh) * accum,
+    )
+
+
+def head_options(cfg) -> dict:
+    lp = cfg.logprobs
+    return dict(token_chunk=lp.token_chunk, vocab_chunk=lp.vocab_chunk, max_logits_mb=lp.max_logits_mb)
+
+
 def build_model(cfg, tokenizer):
     from dpo_jax import hf
     from dpo_jax.models import ModelConfig, init_decoder
@@ -505,7 +554,8 @@ class Job:
             "dpo", loss_types(cfg), tuple(cfg.dpo.loss_weights), cfg.dpo.use_soft_targets, cfg.dpo.reference_free,
             frozen, cfg.optim.grad_accum, **self.chunks,
         )  # fmt: skip
-        loader = PreferenceLoader(self.train_pairs, cfg.optim.batch_size, seed=dpo_seed(cfg), **self.loader_kw)
+        kw = {**self.loader_kw, "layout": make_layout(cfg, self.mesh, accum=cfg.optim.grad_accum)}
+        loader = PreferenceLoader(self.train_pairs, cfg.optim.batch_size, seed=dpo_seed(cfg), **kw)
         hparams = {
             "beta": cfg.dpo.beta,
             "label_smoothing": cfg.dpo.label_smoothing,
@@ -584,12 +634,12 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None) -> 
     n_params, matmul_params = scoring.count_matmul_params(model)
     params = jax.device_put(params, sharding.param_shardings(params, mesh))
     loader_kw = dict(
-        buckets=tuple(d.buckets),
+        layout=make_layout(cfg, mesh),
         pad_id=tokenizer.pad_token_id or 0,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    chunks = dict(token_chunk=cfg.logprobs.token_chunk, vocab_chunk=cfg.logprobs.vocab_chunk)
+    chunks = head_options(cfg)
     run = functools.partial(
         run_stage,
         cfg=cfg,
@@ -609,7 +659,9 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None) -> 
                 f"too few valid rows in {paths['sft']}: {len(sft_pairs)}; one batch needs sft.batch_size="
                 f"{cfg.sft.batch_size}: add rows or lower sft.batch_size"
             )
-        sft_loader = PreferenceLoader(sft_pairs, cfg.sft.batch_size, seed=cfg.seed, **loader_kw)
+        sft_loader = PreferenceLoader(
+            sft_pairs, cfg.sft.batch_size, seed=cfg.seed, **{**loader_kw, "layout": make_layout(cfg, mesh, sides=1)}
+        )
         sft = Stage("sft", StepConfig("sft", **chunks), sft_loader, cfg.sft.steps, dict(cfg.sft), {}, seed=cfg.seed)
         params = run(sft, init_params=params)
         sft_steps = cfg.sft.steps
@@ -622,9 +674,10 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None) -> 
         cache_dir = cfg.reference.cache_dir or str(workdir.parent / "reference_cache")
         compute = functools.partial(
             reference.compute_logps, graphdef, reference_params, mesh=mesh, batch_size=cfg.eval.batch_size,
-            buckets=loader_kw["buckets"], pad_id=loader_kw["pad_id"], **chunks,
+            layout=loader_kw["layout"], pad_id=loader_kw["pad_id"], head=chunks,
         )  # fmt: skip
-        settings = {"chunks": chunks, "buckets": list(d.buckets)}
+        lay = loader_kw["layout"]
+        settings = {"head": chunks, "layout": [lay.kind, lay.shared, lay.row_length, list(lay.buckets)]}
         t0 = time.perf_counter()
         hits = []
         for pairs in (train_pairs, eval_pairs):

@@ -26,7 +26,7 @@ import numpy as np
 
 from dpo_jax import checkpoint, sharding, signals
 from dpo_jax.config import ConfigError
-from dpo_jax.data import to_global
+from dpo_jax.data import pad_batches, to_global
 from dpo_jax.errors import NonFiniteLoss
 from dpo_jax.evaluate import write_outputs
 from dpo_jax.signals import Preempted, stop_signals
@@ -191,7 +191,8 @@ def _batches(stages, start: int, shared: bool):
         return
     iters = [s.loader.iterate(start, s.steps - start) for s in stages]
     for items in zip(*iters, strict=True):
-        yield items[0][0], {k: np.stack([b[k] for _, b in items]) for k in items[0][1]}
+        batches = pad_batches([b for _, b in items])  # packed members' batches differ in their static sizes
+        yield items[0][0], {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
 def _check_finite(state, ckpts):

@@ -185,6 +185,7 @@ RUN_CONFIG = "run_config.json"
 # Fields that never change what is trained (cadence, logging, layout, where shared files live): free on resume.
 FREE_ON_RESUME = (
     "eval.", "log_every", "checkpoint.", "wandb.", "export_hf", "peak_flops", "mesh.", "logprobs.", "data.buckets",
+    "data.packing", "data.share_prompt", "data.pack_length",
     "reference.cache_dir", "sft.dir", "resume.",
 )  # fmt: skip
 # Fields whose change on resume is meaningful (continue with a new beta, a longer schedule, ...): allowed only when

@@ -1,7 +1,7 @@
 """Data-loader throughput vs train-step throughput, and the step time saved by the reference cache.
 
-Uses the main job's model and data (configs/default.py): tokenized synthetic pairs, the bucketed loader, and
-the jitted DPO train step with the reference either cached (log-probs in the batch) or frozen (a reference
+Uses the main job's model and data (configs/default.py): tokenized synthetic pairs, the loader (the config's
+layout), and the jitted DPO train step with the reference either cached (log-probs in the batch) or frozen (a reference
 forward every step). Prints pairs/s, step times and MFU against the stated peak.
 
     python experiments/step_throughput.py
@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpo_jax import scoring, train
+from dpo_jax import scoring, throughput, train
 from dpo_jax.config import load_config_file
 from dpo_jax.data import PreferenceLoader, TokenizeConfig, load_examples, synthetic, to_global, tokenize_examples
+from dpo_jax.data.packing import batch_stats
 from dpo_jax.sharding import make_mesh, param_shardings, tree_shardings
 
 
@@ -47,7 +48,7 @@ def time_step(cfg, graphdef, params, loader, mesh, *, frozen: bool, steps: int):
     batches = []
     for _, b in loader.iterate(0, steps + 1):
         if not frozen:
-            b["ref_logps"] = np.full((len(b["index"]), 2), -20.0, np.float32)
+            b["ref_logps"] = np.full((*b["index"].shape, 2), -20.0, np.float32)
         batches.append(to_global(b, mesh))
     state, m = step_fn(state, batches[0], reference)  # compile
     jax.block_until_ready(m)
@@ -81,23 +82,25 @@ def main(argv=None):
         tok_cfg = TokenizeConfig(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
         pairs, _ = tokenize_examples(examples, tok, tok_cfg)
         prep = len(pairs) / (time.perf_counter() - t0)
-    loader = PreferenceLoader(pairs, batch, buckets=tuple(cfg.data.buckets))
+    loader = PreferenceLoader(pairs, batch, layout=train.make_layout(cfg, make_mesh(devices=jax.devices()[:1])))
     mesh = make_mesh(devices=jax.devices()[:1])
     model = train.build_model(cfg, tok)
     graphdef, params = nnx.split(model)
     _, matmul = scoring.count_matmul_params(model)
     length = loader.batch(0)["tokens"].shape[-1]
-    peak = cfg.peak_flops or train.peak_flops_per_device()
+    peak, _ = throughput.peak_flops(cfg.peak_flops)
+    counts = throughput.model_counts(model.config, matmul)
 
     print(
-        f"backend {jax.default_backend()}, {len(pairs)} pairs, batch {batch} pairs x 2 x {length} tokens, "
-        f"model {sum(x.size for x in jax.tree.leaves(params)):,} params; peak {peak / 1e9:.0f} GFLOP/s (stated)"
+        f"backend {jax.default_backend()}, {len(pairs)} pairs, batch {batch} pairs ({loader.describe()}, rows of "
+        f"{length}), model {sum(x.size for x in jax.tree.leaves(params)):,} params; peak {peak / 1e9:.0f} GFLOP/s"
     )
     print(f"load + validate + tokenize:  {prep:12,.0f} pairs/s (once per run)")
-    print(f"loader (collate batches):    {time_loader(loader, 200):12,.0f} pairs/s")
+    print(f"loader (plan + materialise): {time_loader(loader, 200):12,.0f} pairs/s")
     for frozen in (False, True):
         dt = time_step(cfg, graphdef, params, loader, mesh, frozen=frozen, steps=args.steps)
-        flops = train.flops_per_step(model.config, matmul, 2 * batch, length, frozen)
+        stats = batch_stats(loader.batch(0))
+        flops = throughput.step_flops(counts, stats, frozen_reference=frozen)
         name = "frozen reference (forward per step)" if frozen else "cached reference log-probs"
         print(f"train step, {name:<36} {dt * 1e3:8.1f} ms  {batch / dt:10,.0f} pairs/s  MFU {flops / dt / peak:6.2%}")
 

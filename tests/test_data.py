@@ -12,6 +12,7 @@ import pytest
 from dpo_jax.data import (
     Columns,
     DataError,
+    Layout,
     PreferenceLoader,
     TokenizeConfig,
     load_examples,
@@ -101,14 +102,19 @@ def test_implicit_prompt_is_the_common_prefix(tmp_path):
 def test_completion_tokens_are_exactly_the_scored_tokens(tmp_path, tok):
     ex, _ = load_examples(write(tmp_path, "t.jsonl", ROWS))
     pairs, _ = tokenize_examples(ex, tok, TokenizeConfig(max_length=32, max_prompt_length=16))
-    batch = PreferenceLoader(pairs, 3, shuffle=False, buckets=(16,)).batch(0)
+    padded = Layout("padded", share_prompt=False, buckets=(16,))
+    batch = PreferenceLoader(pairs, 3, shuffle=False, layout=padded).batch(0)
     for i, row in enumerate(ROWS):
         for j, key in enumerate(("chosen", "rejected")):
-            scored = batch["tokens"][i, j][batch["loss_mask"][i, j] == 1]
+            entries = (batch["score_mask"][i] == 1) & (batch["score_seq"][i] == j)
             expected = [tok.tokenizer.token_to_id(c) for c in row[key]] + [tok.eos_token_id]
-            assert scored.tolist() == expected
-            prompt = batch["tokens"][i, j][(batch["attention_mask"][i, j] == 1) & (batch["loss_mask"][i, j] == 0)]
-            assert prompt.tolist() == [tok.bos_token_id] + [tok.tokenizer.token_to_id(c) for c in row["prompt"]]
+            assert batch["score_target"][i][entries].tolist() == expected
+            # each scored token is predicted by the slot before it, in its own row
+            flat = batch["tokens"][i].reshape(-1)
+            assert (flat[batch["score_src"][i][entries] + 1] == batch["score_target"][i][entries]).all()
+            real = batch["tokens"][i, j][batch["segment_ids"][i, j] > 0]
+            prompt = [tok.bos_token_id] + [tok.tokenizer.token_to_id(c) for c in row["prompt"]]
+            assert real.tolist() == prompt + expected
 
 
 def test_conversational_rows_no_double_bos_and_one_eos(tmp_path, tok):
@@ -345,7 +351,7 @@ def task_pairs(tok, tmp_path_factory):
 
 
 def test_fixed_shapes_from_buckets(task_pairs):
-    loader = PreferenceLoader(task_pairs, 16, buckets=(8, 16, 64))
+    loader = PreferenceLoader(task_pairs, 16, layout=Layout("padded", share_prompt=False, buckets=(8, 16, 64)))
     shapes = {loader.batch(s)["tokens"].shape for s in range(30)}
     assert shapes == {(16, 2, 16)}  # every sequence is 7 + 7 tokens: the 16 bucket
 
@@ -369,32 +375,38 @@ def test_epochs_cover_rows_once_and_reshuffle(task_pairs):
     assert not np.array_equal(epoch0, epoch1)
 
 
-def test_two_hosts_see_every_row_once_per_epoch(task_pairs):
+@pytest.mark.parametrize(
+    "layout", [Layout(), Layout(share_prompt=False), Layout("padded", share_prompt=False, buckets=(16, 64))]
+)
+def test_two_hosts_see_every_row_once_per_epoch(task_pairs, layout):
     hosts = [
-        PreferenceLoader(task_pairs, 16, seed=5, drop_last=False, buckets=(16, 64), process_index=i, process_count=2)
+        PreferenceLoader(task_pairs, 16, seed=5, drop_last=False, layout=layout, process_index=i, process_count=2)
         for i in (0, 1)
     ]
     seen = []
     for step in range(hosts[0].steps_per_epoch):
         batches = [h.batch(step) for h in hosts]
-        assert batches[0]["tokens"].shape == batches[1]["tokens"].shape == (8, 2, 16)
+        for k in batches[0]:
+            assert batches[0][k].shape == batches[1][k].shape
         for b in batches:
             seen.extend(b["index"][b["valid"] == 1].tolist())
     assert sorted(seen) == list(range(len(task_pairs)))
 
 
 def test_last_batch_padding_is_marked_invalid(task_pairs):
-    loader = PreferenceLoader(task_pairs, 16, shuffle=False, drop_last=False)
+    padded = Layout("padded", share_prompt=False)
+    loader = PreferenceLoader(task_pairs, 16, shuffle=False, drop_last=False, layout=padded)
     last = loader.batch(loader.steps_per_epoch - 1)
     assert last["valid"].sum() == 203 % 16 and (last["index"][last["valid"] == 0] == -1).all()
-    assert (last["attention_mask"][last["valid"] == 0] == 0).all()
+    empty = last["valid"][:, 0] == 0
+    assert (last["segment_ids"][empty] == 0).all() and (last["score_mask"][empty] == 0).all()
 
 
 def test_global_arrays_on_8_devices(task_pairs):
     from dpo_jax.sharding import make_mesh
 
     mesh = make_mesh(data=4, fsdp=2)
-    batch = PreferenceLoader(task_pairs, 16, buckets=(16,)).batch(0)
+    batch = PreferenceLoader(task_pairs, 16, layout=Layout("padded", share_prompt=False, buckets=(16,))).batch(0)
     arrays = to_global(batch, mesh)
     assert arrays["tokens"].shape == (16, 2, 16) and len(arrays["tokens"].sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(arrays["tokens"]), batch["tokens"])

@@ -16,7 +16,7 @@ from flax import nnx
 
 from dpo_jax import evaluate, sharding, train
 from dpo_jax.config import ConfigError, load_config_file, validate
-from dpo_jax.data import PreferenceLoader, TokenizeConfig, load_examples, synthetic, tokenize_examples
+from dpo_jax.data import Layout, PreferenceLoader, TokenizeConfig, load_examples, synthetic, tokenize_examples
 from dpo_jax.evaluate import read_history
 from dpo_jax.hf import load_pretrained
 
@@ -151,7 +151,10 @@ def step_setup(tmp_path_factory):
     cfg = tiny_config()
     model = train.build_model(cfg, tok)
     graphdef, params = nnx.split(model)
-    batch = PreferenceLoader(pairs, 8, buckets=(16,)).batch(0)
+    # packed rows (a multiple of 4, for 4 micro-batches) that hold different numbers of pairs
+    row = 3 * max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs[:8])
+    batch = PreferenceLoader(pairs[:8], 8, layout=Layout(row_multiple=4, row_length=row)).batch(0)
+    assert len(set(batch["valid"].sum(1).tolist())) > 1
     return graphdef, params, {k: jnp.asarray(v) for k, v in batch.items()}
 
 
@@ -171,7 +174,7 @@ def test_frozen_and_cached_reference_agree(step_setup):
     from dpo_jax import scoring
 
     ref = jax.tree.map(lambda x: x * 1.01, params)  # a reference that differs from the policy
-    ref_logps = scoring.pair_logps(graphdef, ref, batch)[0]
+    ref_logps = scoring.pair_logps(graphdef, ref, batch)[0].reshape(*batch["index"].shape, 2)
     fn, state, b, _ = _step(step_setup, train.StepConfig("dpo", frozen_reference=True))
     frozen_state, frozen_m = fn(state, b, ref)
     fn, state, b, _ = _step(step_setup, train.StepConfig("dpo"), ref_logps=ref_logps)
@@ -183,7 +186,7 @@ def test_frozen_and_cached_reference_agree(step_setup):
 
 def test_gradient_accumulation_equals_one_big_batch(step_setup):
     graphdef, params, batch = step_setup
-    ref_logps = jnp.asarray(np.random.default_rng(0).normal(-20, 1, size=(8, 2)), jnp.float32)
+    ref_logps = jnp.asarray(np.random.default_rng(0).normal(-20, 1, size=(*batch["index"].shape, 2)), jnp.float32)
     results = []
     for accum in (1, 2, 4):
         fn, state, b, _ = _step(step_setup, train.StepConfig("dpo", grad_accum=accum), ref_logps=ref_logps)
@@ -196,7 +199,7 @@ def test_gradient_accumulation_equals_one_big_batch(step_setup):
 
 
 def test_beta_and_smoothing_are_traced_one_compile(step_setup):
-    ref_logps = jnp.full((8, 2), -20.0)
+    ref_logps = jnp.full((*step_setup[2]["index"].shape, 2), -20.0)
     fn, state, b, _ = _step(step_setup, train.StepConfig("dpo"), ref_logps=ref_logps)
     losses = []
     for beta, eps in ((0.1, 0.0), (0.5, 0.2), (2.0, 0.1)):

@@ -2,7 +2,8 @@
 
 from dpo_jax.data.examples import Columns, LoadReport, PreferenceExample, load_examples, parse_row
 from dpo_jax.data.formats import DataError, read_rows
-from dpo_jax.data.loader import PreferenceLoader, collate, epoch_order, to_global
+from dpo_jax.data.loader import PreferenceLoader, epoch_order, pad_batches, to_global
+from dpo_jax.data.packing import Layout
 from dpo_jax.data.tokenize import TokenizeConfig, TokenizedPair, tokenize_example, tokenize_examples
 
 __all__ = [
@@ -13,7 +14,8 @@ __all__ = [
     "PreferenceLoader",
     "TokenizeConfig",
     "TokenizedPair",
-    "collate",
+    "Layout",
+    "pad_batches",
     "epoch_order",
     "load_examples",
     "parse_row",

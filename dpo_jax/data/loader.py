@@ -1,32 +1,26 @@
-"""Fixed-shape preference batches: deterministic order, exact resume at any step, per-host shards.
+"""Preference batches: deterministic order, exact resume at any step, per-host shards, packed or padded rows.
 
-Shape letters: B pairs in the (local) batch, L the bucket length, 2 = (chosen, rejected).
-
-A batch is a dict of NumPy arrays:
-  tokens, attention_mask, loss_mask, positions, segment_ids   [B, 2, L] int32
-  target_probs, weights, valid                                [B] float32
-  index                                                       [B] int32 (dataset row, -1 for padding)
-``loss_mask`` marks completion tokens (score them with ``logprobs.next_token_targets``); ``segment_ids`` are
-1 on real tokens and 0 on padding, and with ``positions`` they leave room for packed rows without changing
-callers. ``tokens.reshape(2 * B, L)`` interleaves chosen and rejected (pair-major), so a batch-sharded array
-stays sharded through the reshape: one concatenated forward, then ``logps[0::2]`` / ``logps[1::2]``.
+A batch holds ``global_batch_size`` pairs laid out as ``packing.Layout`` says (the arrays are described in
+``dpo_jax.data.packing``): by default whole pairs packed into rows, the prompt once per pair, and only
+completion tokens in the scored-token index.
 
 Order: epoch ``e`` visits the rows in ``permutation(seed, e)``; step ``s`` is batch ``s % steps_per_epoch`` of
-epoch ``s // steps_per_epoch``, so any step can be produced directly (exact resume). With P processes the
-global batch of G pairs is split in P contiguous slices of G / P, one per process; bucket lengths are chosen
-from the whole global batch so every process builds the same shape.
+epoch ``s // steps_per_epoch``, so any step can be produced directly (exact resume). With P processes every
+process plans the whole global batch (the same packing, the same static sizes) and materialises its contiguous
+slice of G / P groups.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from dpo_jax.data import packing
+from dpo_jax.data.packing import Layout
 from dpo_jax.data.tokenize import TokenizedPair
-
-ARRAY_KEYS = ("tokens", "attention_mask", "loss_mask", "positions", "segment_ids")
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -40,32 +34,6 @@ def bucket_length(longest: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"a sequence of {longest} tokens exceeds the largest bucket {max(buckets)}")
 
 
-def collate(pairs: Sequence[TokenizedPair | None], length: int, pad_id: int, indices: Sequence[int]) -> dict:
-    """Right-padded [B, 2, L] arrays; ``None`` entries are padding pairs (valid 0)."""
-    b = len(pairs)
-    out = {k: np.zeros((b, 2, length), np.int32) for k in ARRAY_KEYS}
-    out["tokens"][:] = pad_id
-    out["target_probs"] = np.ones((b,), np.float32)
-    out["weights"] = np.zeros((b,), np.float32)
-    out["valid"] = np.zeros((b,), np.float32)
-    out["index"] = np.asarray(indices, np.int32)
-    for i, pair in enumerate(pairs):
-        if pair is None:
-            continue
-        for j, completion in enumerate((pair.chosen, pair.rejected)):
-            seq = np.concatenate([pair.prompt, completion])
-            n, p = len(seq), len(pair.prompt)
-            out["tokens"][i, j, :n] = seq
-            out["attention_mask"][i, j, :n] = 1
-            out["loss_mask"][i, j, p:n] = 1
-            out["positions"][i, j, :n] = np.arange(n)
-            out["segment_ids"][i, j, :n] = 1
-        out["target_probs"][i] = pair.prob
-        out["weights"][i] = pair.weight
-        out["valid"][i] = 1.0
-    return out
-
-
 @dataclasses.dataclass
 class PreferenceLoader:
     """Batches of ``global_batch_size`` pairs; this process materialises only its slice."""
@@ -74,8 +42,8 @@ class PreferenceLoader:
     global_batch_size: int
     seed: int = 0
     shuffle: bool = True
-    drop_last: bool = True  # training: fixed shapes; eval: False pads the last batch with valid = 0 rows
-    buckets: Sequence[int] = (64, 128, 256, 512)
+    drop_last: bool = True  # training: fixed pair count; eval: False pads the last batch with empty pair slots
+    layout: Layout = dataclasses.field(default_factory=Layout)
     pad_id: int = 0
     process_index: int = 0
     process_count: int = 1
@@ -90,10 +58,29 @@ class PreferenceLoader:
             raise ValueError(f"process_index {self.process_index} outside [0, {self.process_count})")
         if n == 0 or (self.drop_last and n < g):
             raise ValueError(f"{n} pairs cannot fill one batch of {g}")
-        self._lengths = np.asarray([p.length for p in self.pairs])
-        longest = int(self._lengths.max())
-        if longest > max(self.buckets):
-            self.buckets = (*self.buckets, longest)
+        lay = self.layout
+        self._units = np.asarray([packing.unit_length(p, lay) for p in self.pairs])
+        longest = int(self._units.max())
+        if lay.kind == "padded" and longest > max(lay.buckets):
+            self.layout = lay = dataclasses.replace(lay, buckets=(*lay.buckets, longest))
+        self._multiple = math.lcm(lay.row_multiple, self.process_count)
+        self.row_length = 0
+        if lay.kind == "packed":
+            self.row_length = lay.row_length or packing.auto_row_length(
+                self._units, min(g, n), self._multiple, self.seed
+            )
+            if longest > self.row_length:
+                raise packing.DataError(
+                    f"a pair of {longest} tokens does not fit a packed row of data.pack_length={self.row_length}: "
+                    "raise data.pack_length (or set 0 to choose it from the data)"
+                )
+
+    def describe(self) -> str:
+        lay = self.layout
+        prompt = "prompt shared" if lay.shared else "prompt per completion"
+        if lay.kind == "packed":
+            return f"{self.global_batch_size} pairs packed into rows of {self.row_length} tokens, {prompt}"
+        return f"{self.global_batch_size} pairs, padded to {sorted(lay.buckets)}, {prompt}"
 
     @property
     def steps_per_epoch(self) -> int:
@@ -111,13 +98,32 @@ class PreferenceLoader:
         idx = order[k * self.global_batch_size : (k + 1) * self.global_batch_size]
         return np.pad(idx, (0, self.global_batch_size - len(idx)), constant_values=-1)
 
+    def plan(self, step: int) -> dict:
+        """The global batch's groups and static sizes (identical on every process)."""
+        lay = self.layout
+        idx = self.global_indices(step)
+        pairs = [self.pairs[i] if i >= 0 else None for i in idx]
+        if lay.kind == "padded":
+            length = bucket_length(int(self._units[idx[idx >= 0]].max()), lay.buckets)
+        else:
+            length = self.row_length
+        groups = packing.plan_groups(pairs, lay, length)
+        num_groups = len(groups) if lay.kind == "padded" else packing.round_up(len(groups), self._multiple)
+        scored, per_group = packing.group_sizes(pairs, groups, lay)
+        scored = packing.round_up(scored, 8) if lay.scored_only else lay.rows_per_group * length
+        per_group = 1 if lay.kind == "padded" else packing.round_up(per_group)
+        groups = groups + [[] for _ in range(num_groups - len(groups))]
+        return dict(idx=idx, pairs=pairs, groups=groups, length=length, scored=scored, pairs_per_group=per_group)
+
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's slice of the global batch at ``step``."""
-        idx = self.global_indices(step)
-        length = bucket_length(int(self._lengths[idx[idx >= 0]].max()), self.buckets)
-        lo = self.process_index * self.local_batch_size
-        local = idx[lo : lo + self.local_batch_size]
-        return collate([self.pairs[i] if i >= 0 else None for i in local], length, self.pad_id, local)
+        p = self.plan(step)
+        local = len(p["groups"]) // self.process_count
+        lo = self.process_index * local
+        return packing.materialize(
+            p["pairs"], p["idx"], p["groups"][lo : lo + local], self.layout, num_groups=local, length=p["length"],
+            scored=p["scored"], pairs_per_group=p["pairs_per_group"], pad_id=self.pad_id,
+        )  # fmt: skip
 
     def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[tuple[int, dict]]:
         """``(step, batch)`` from ``start_step``, across epochs, forever or for ``num_steps``."""
@@ -129,6 +135,17 @@ class PreferenceLoader:
     def epoch(self, epoch: int = 0) -> Iterator[tuple[int, dict]]:
         """The batches of one epoch (e.g. a full eval pass)."""
         return self.iterate(epoch * self.steps_per_epoch, self.steps_per_epoch)
+
+
+def pad_batches(batches: Sequence[dict]) -> list[dict]:
+    """Pad batches of one layout to common static sizes (vectorised members whose batches differ)."""
+    shapes = {k: np.max([b[k].shape for b in batches], axis=0) for k in batches[0]}
+
+    def pad(k, x):
+        fill = -1 if k == "index" else (1 if k == "target_probs" else 0)
+        return np.pad(x, [(0, int(n) - d) for n, d in zip(shapes[k], x.shape, strict=True)], constant_values=fill)
+
+    return [{k: pad(k, v) for k, v in b.items()} for b in batches]
 
 
 def to_global(batch: dict[str, np.ndarray], mesh) -> dict:

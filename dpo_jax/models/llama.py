@@ -82,13 +82,26 @@ def segment_positions(segment_ids_BxT: Array) -> Array:
     return t - start_BxT
 
 
-def attention_bias(q_slot_BxT, k_slot_S, kv_valid_BxS, q_seg_BxT, k_seg_BxS, window) -> Array:
-    """Additive mask [B, 1, 1, T, S]: causal, valid keys, same segment, optional sliding window."""
+def attention_bias(
+    q_slot_BxT, k_slot_S, kv_valid_BxS, q_seg_BxT, k_seg_BxS, window, q_pos_BxT=None, k_pos_BxS=None, branch_BxT=None
+) -> Array:
+    """Additive mask [B, 1, 1, T, S]: causal, valid keys, same segment, optional sliding window.
+
+    The window compares positions when given (a shared-prompt row's rejected tokens continue from the prompt's
+    end, so their distance to a prompt token is a position difference, not a slot difference), else slots.
+    ``branch_BxT`` (no cache; T = S): 0 = shared prefix, 1, 2, ... = completions after it; a token sees the shared
+    prefix and its own branch only.
+    """
     allowed = (k_slot_S[None, None, :] <= q_slot_BxT[:, :, None]) & kv_valid_BxS[:, None, :]
     if q_seg_BxT is not None:
         allowed &= q_seg_BxT[:, :, None] == k_seg_BxS[:, None, :]
+    if branch_BxT is not None:
+        allowed &= (branch_BxT[:, None, :] == 0) | (branch_BxT[:, None, :] == branch_BxT[:, :, None])
     if window is not None:
-        allowed &= q_slot_BxT[:, :, None] - k_slot_S[None, None, :] < window
+        if q_pos_BxT is not None:
+            allowed &= q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :] < window
+        else:
+            allowed &= q_slot_BxT[:, :, None] - k_slot_S[None, None, :] < window
     return jnp.where(allowed, 0.0, _MASKED)[:, None, None, :, :]
 
 
@@ -208,6 +221,7 @@ class Decoder(nnx.Module):
         *,
         positions_BxT: Array | None = None,
         segment_ids_BxT: Array | None = None,
+        branch_ids_BxT: Array | None = None,
         attention_mask_BxT: Array | None = None,
         cache: KVCache | None = None,
         return_logits: bool = True,
@@ -219,6 +233,9 @@ class Decoder(nnx.Module):
           positions_BxT: RoPE positions; default: from ``segment_ids`` (restart per segment), else from the
             attention mask (``cumsum - 1``, right for left padding), else ``arange``.
           segment_ids_BxT: packed sequences; tokens attend only within their segment.
+          branch_ids_BxT: a shared prompt (0) followed by completions (1, 2, ...) in one segment: a completion's
+            tokens see the prompt and themselves, not the other completions (pass its ``positions``, which
+            continue from the prompt's end for every branch).
           attention_mask_BxT: 1 for real tokens, 0 for padding (keys that must not be attended to).
           cache: a ``KVCache`` to write these tokens into (at ``cache.index``) and attend over.
           return_logits: False skips the LM head (use ``lm_head_weight()`` with the chunked log-probs).
@@ -245,10 +262,13 @@ class Decoder(nnx.Module):
                 segment_ids_BxT,
                 segment_ids_BxT,
                 cfg.sliding_window,
+                positions_BxT,
+                positions_BxT,
+                branch_ids_BxT,
             )
         else:
-            if segment_ids_BxT is not None:
-                raise ValueError("segment_ids are not supported together with a KV cache")
+            if segment_ids_BxT is not None or branch_ids_BxT is not None:
+                raise ValueError("segment_ids / branch_ids are not supported together with a KV cache")
             kv_mask_BxS = jax.lax.dynamic_update_slice_in_dim(cache.mask_BxS, valid_BxT, cache.index, axis=1)
             q_slots_BxT = jnp.broadcast_to(cache.index + jnp.arange(t), (b, t))
             s = cache.mask_BxS.shape[1]

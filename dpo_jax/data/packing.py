@@ -1,0 +1,244 @@
+"""Batch layouts: padded or packed rows, the prompt once or twice per pair, and the scored-token index.
+
+Shape letters: G groups (rows of a packed batch, pairs of a padded one), K rows per group, T row length,
+S scored entries per group, P pairs per group.
+
+Every layout is described by the same arrays, so one scoring function serves all of them:
+  tokens, positions, segment_ids, branch   [G, K, T] int32  (segment 0 = padding; branch 0 = shared prefix,
+                                                             1 = chosen, 2 = rejected after a shared prompt)
+  score_src, score_target, score_seq       [G, S] int32     (entry e: the hidden state at flat slot
+  score_mask                               [G, S] float32    ``score_src`` of the group's K*T slots predicts
+                                                             token ``score_target`` of sequence ``score_seq`` =
+                                                             2 * pair slot + side, side 0 chosen / 1 rejected)
+  target_probs, weights, valid             [G, P] float32
+  index                                    [G, P] int32     (dataset row; -1 = an empty pair slot)
+
+Layouts (``Layout.kind`` x ``Layout.share_prompt``):
+  padded, unshared   G = pairs, K = 2: a chosen row and a rejected row, right-padded to a bucket length
+  padded, shared     G = pairs, K = 1: prompt | chosen | rejected in one row
+  packed, unshared   K = 1: whole pairs (two segments each) packed first-fit-decreasing into rows of T tokens
+  packed, shared     K = 1: whole pairs (one segment each, prompt | chosen | rejected) packed into rows
+
+In a shared row the rejected tokens see the prompt and themselves (not the chosen tokens), and their positions
+continue from the prompt's end, so each completion's log-probs equal those of prompt + completion alone.
+Static sizes (G of a packed batch, S, P) are rounded up to a few values so a run compiles few programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from dpo_jax.data.formats import DataError
+from dpo_jax.data.tokenize import TokenizedPair
+
+ROW_KEYS = ("tokens", "positions", "segment_ids", "branch")
+SCORE_KEYS = ("score_src", "score_target", "score_seq", "score_mask")
+PAIR_KEYS = ("target_probs", "weights", "valid", "index")
+KINDS = ("packed", "padded")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    kind: str = "packed"  # packed | padded
+    share_prompt: bool = True
+    row_length: int = 0  # packed: tokens per row; 0 = chosen from the data's lengths
+    buckets: tuple[int, ...] = (64, 128, 256, 512)  # padded: row lengths
+    scored_only: bool = True  # False: the LM head runs on every slot (the old cost; for comparison)
+    sides: int = 2  # 2 = chosen and rejected; 1 = chosen only (SFT)
+    row_multiple: int = 1  # a packed batch's G is a multiple of this (data-parallel devices x grad_accum)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"layout kind must be one of {KINDS}; got {self.kind!r}")
+        if self.sides not in (1, 2):
+            raise ValueError(f"sides must be 1 or 2; got {self.sides}")
+
+    @property
+    def shared(self) -> bool:
+        return self.share_prompt and self.sides == 2
+
+    @property
+    def rows_per_group(self) -> int:
+        return 2 if self.kind == "padded" and not self.shared and self.sides == 2 else 1
+
+
+def unit_length(pair: TokenizedPair, layout: Layout) -> int:
+    """Tokens a pair occupies in its group (the longer row of a padded, unshared pair)."""
+    p, c, r = len(pair.prompt), len(pair.chosen), len(pair.rejected)
+    if layout.sides == 1:
+        return p + c
+    if layout.shared:
+        return p + c + r
+    return p + max(c, r) if layout.kind == "padded" else 2 * p + c + r
+
+
+def scored_count(pair: TokenizedPair, layout: Layout) -> int:
+    """Completion tokens scored (the first completion token has no predictor when the prompt is empty)."""
+    n = len(pair.chosen) + (len(pair.rejected) if layout.sides == 2 else 0)
+    return n - (layout.sides if len(pair.prompt) == 0 else 0)
+
+
+def round_up(n: int, multiple: int = 1) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` and then to the grid m * 2^k * {1, 1.25, 1.5, 1.75}."""
+    n = max(int(n), 1)
+    units = -(-n // multiple)
+    if units > 4:
+        k = 1 << (units.bit_length() - 3)  # grid step: a quarter of the octave
+        units = -(-units // k) * k
+    return units * multiple
+
+
+def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """First-fit-decreasing: lists of positions into ``lengths``; each row's total is at most ``row_length``."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = lengths[i]
+        if n > row_length:
+            raise DataError(f"a pair of {n} tokens does not fit a packed row of data.pack_length={row_length}")
+        j = next((j for j, f in enumerate(free) if f >= n), None)
+        if j is None:
+            rows.append([i])
+            free.append(row_length - n)
+        else:
+            rows[j].append(i)
+            free[j] -= n
+    return rows
+
+
+def auto_row_length(lengths: np.ndarray, batch_size: int, row_multiple: int, seed: int = 0) -> int:
+    """The packed row length with the best packing efficiency on sample batches of the data (ties: the shortest,
+    since attention costs grow with the row)."""
+    longest = int(lengths.max())
+    rng = np.random.default_rng(seed)
+    samples = [rng.choice(lengths, size=min(batch_size, len(lengths)), replace=False) for _ in range(16)]
+    best, best_eff = 0, -1.0
+    for factor in (1, 1.5, 2, 3, 4, 6, 8):
+        t = -(-int(longest * factor) // 8) * 8
+        eff = np.mean([s.sum() / (round_up(len(pack_rows(list(s), t)), row_multiple) * t) for s in samples])
+        if eff > best_eff * 1.02:
+            best, best_eff = t, eff
+    return best
+
+
+def plan_groups(pairs: Sequence[TokenizedPair | None], layout: Layout, row_length: int) -> list[list[int]]:
+    """Positions of the (non-None) pairs in each group, in slot order."""
+    real = [i for i, p in enumerate(pairs) if p is not None]
+    if layout.kind == "padded":
+        return [[i] if pairs[i] is not None else [] for i in range(len(pairs))]
+    lengths = [unit_length(pairs[i], layout) for i in real]
+    return [[real[j] for j in row] for row in pack_rows(lengths, row_length)]
+
+
+def _place(seq_tokens, out, g, k, start, segment, branch, positions):
+    n = len(seq_tokens)
+    out["tokens"][g, k, start : start + n] = seq_tokens
+    out["positions"][g, k, start : start + n] = positions
+    out["segment_ids"][g, k, start : start + n] = segment
+    out["branch"][g, k, start : start + n] = branch
+
+
+def materialize(
+    pairs: Sequence[TokenizedPair | None],
+    indices: Sequence[int],
+    groups: list[list[int]],
+    layout: Layout,
+    *,
+    num_groups: int,
+    length: int,
+    scored: int,
+    pairs_per_group: int,
+    pad_id: int,
+) -> dict[str, np.ndarray]:
+    """The arrays of ``groups`` (lists of positions into ``pairs``), padded to the given static sizes."""
+    g_, k_, t_, s_, p_ = num_groups, layout.rows_per_group, length, scored, pairs_per_group
+    out = {key: np.zeros((g_, k_, t_), np.int32) for key in ROW_KEYS}
+    out["tokens"][:] = pad_id
+    for key in SCORE_KEYS:
+        out[key] = np.zeros((g_, s_), np.float32 if key == "score_mask" else np.int32)
+    out["target_probs"] = np.ones((g_, p_), np.float32)
+    out["weights"] = np.zeros((g_, p_), np.float32)
+    out["valid"] = np.zeros((g_, p_), np.float32)
+    out["index"] = np.full((g_, p_), -1, np.int32)
+    for g, group in enumerate(groups):
+        src, tgt, seq = [], [], []
+        cursor = 0
+        for slot, i in enumerate(group):
+            pair = pairs[i]
+            prompt, p = pair.prompt, len(pair.prompt)
+            completions = (pair.chosen, pair.rejected)[: layout.sides]
+            if layout.shared:  # one segment: prompt (branch 0), chosen (1), rejected (2)
+                base = cursor
+                _place(prompt, out, g, 0, base, slot + 1, 0, np.arange(p))
+                cursor += p
+                for side, comp in enumerate(completions):
+                    c = len(comp)
+                    _place(comp, out, g, 0, cursor, slot + 1, side + 1, p + np.arange(c))
+                    prev = np.concatenate([[base + p - 1], cursor + np.arange(c - 1)]) if c else np.zeros(0, int)
+                    keep = prev >= base  # an empty prompt leaves the first token unpredicted
+                    src += list(prev[keep])
+                    tgt += list(comp[keep])
+                    seq += [2 * slot + side] * int(keep.sum())
+                    cursor += c
+            else:  # a segment per sequence: prompt + completion
+                for side, comp in enumerate(completions):
+                    k = side if k_ == 2 else 0
+                    start = 0 if k_ == 2 else cursor
+                    full = np.concatenate([prompt, comp])
+                    segment = slot + 1 if k_ == 2 else layout.sides * slot + side + 1
+                    _place(full, out, g, k, start, segment, 0, np.arange(len(full)))
+                    first = max(p, 1)
+                    src += list(k * t_ + start + np.arange(first - 1, len(full) - 1))
+                    tgt += list(full[first:])
+                    seq += [2 * slot + side] * (len(full) - first)
+                    if k_ == 1:
+                        cursor += len(full)
+            out["target_probs"][g, slot] = pair.prob
+            out["weights"][g, slot] = pair.weight
+            out["valid"][g, slot] = 1.0
+            out["index"][g, slot] = indices[i]
+        n = len(src)
+        out["score_src"][g, :n] = src
+        out["score_target"][g, :n] = tgt
+        out["score_seq"][g, :n] = seq
+        out["score_mask"][g, :n] = 1.0
+    return out
+
+
+def group_sizes(pairs, groups, layout: Layout) -> tuple[int, int]:
+    """(most scored entries, most pairs) over the groups."""
+    scored = max((sum(scored_count(pairs[i], layout) for i in g) for g in groups), default=1)
+    return scored, max((len(g) for g in groups), default=1)
+
+
+def batch_stats(batch: dict) -> dict[str, float]:
+    """Real tokens, slots, scored tokens and pairs of a (local) batch: the throughput accounting's inputs."""
+    real = float((batch["segment_ids"] > 0).sum())
+    return {
+        "real_tokens": real,
+        "slots": float(batch["segment_ids"].size),
+        "scored_tokens": float(batch["score_mask"].sum()),
+        "head_entries": float(batch["score_mask"].size),
+        "pairs": float(batch["valid"].sum()),
+        "attended_keys": float(_attended_keys(batch)),
+    }
+
+
+def _attended_keys(batch: dict) -> int:
+    """Sum over real tokens of the keys each attends to (causal, its segment, shared prefix + own branch)."""
+    seg, br = batch["segment_ids"].reshape(-1, batch["segment_ids"].shape[-1]), batch["branch"]
+    br = br.reshape(seg.shape)
+    total = 0
+    for s_row, b_row in zip(seg, br, strict=True):
+        for s in np.unique(s_row[s_row > 0]):
+            b = b_row[s_row == s]
+            prefix = int((b == 0).sum())
+            total += prefix * (prefix + 1) // 2
+            for v in np.unique(b[b > 0]):
+                n = int((b == v).sum())
+                total += n * prefix + n * (n + 1) // 2
+    return total

@@ -1,0 +1,86 @@
+"""Honest throughput accounting: FLOPs of real tokens only, against a peak with a stated source.
+
+A training step's FLOPs (PaLM appendix B accounting, counted on what the batch really holds):
+  trunk       6 N_trunk per real (non-padding) token        (forward 2, backward 4)
+  LM head     6 N_head per scored completion token           (prompt and padding slots are not scored)
+  attention   12 L H E per (query, key) pair a real token attends to (causal, its segment, shared prefix + branch)
+  reference   a frozen reference's forward adds 2 N_trunk + 2 N_head + 4 L H E per the same units
+where N_trunk is the per-token matmul parameters below the head and N_head = D V. Padding slots, a head
+evaluated on unscored positions, and a prompt computed twice are not counted: the MFU is of useful work.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+# Dense peak FLOP/s per device (bf16 without sparsity), from the vendors' data sheets.
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6": 918e12,
+}
+
+
+@functools.cache
+def measured_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of ``repeats`` float32 [n, n] @ [n, n] matmuls on the first device (all its threads)."""
+    x = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices()[0])
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops(override_per_device: float = 0.0) -> tuple[float, str]:
+    """(peak FLOP/s of all devices of the run, where the figure comes from)."""
+    n = jax.device_count()
+    if override_per_device:
+        return override_per_device * n, "config peak_flops"
+    d = jax.devices()[0]
+    if d.platform == "cpu":  # simulated devices share the host's cores: the host's matmul peak, per process
+        return measured_matmul_peak() * jax.process_count(), "measured float32 matmul peak of this host"
+    per = next((v for k, v in PEAK_FLOPS.items() if k.lower() in d.device_kind.lower()), 0.0)
+    return per * n, f"data-sheet bf16 peak of {d.device_kind}" if per else "unknown device"
+
+
+def model_counts(model_cfg, matmul_params: int) -> dict:
+    """Per-token parameter counts for the accounting: trunk, head, and attention's L H E."""
+    head = model_cfg.vocab_size * model_cfg.hidden_size
+    return {
+        "trunk": matmul_params - head,
+        "head": head,
+        "attn": model_cfg.num_layers * model_cfg.num_heads * model_cfg.head_dim,
+    }
+
+
+def step_flops(counts: dict, stats: dict, *, frozen_reference: bool = False) -> float:
+    """Training FLOPs of one step from ``packing.batch_stats`` of the whole (global) batch."""
+    fwd = (
+        2 * counts["trunk"] * stats["real_tokens"]
+        + 2 * counts["head"] * stats["scored_tokens"]
+        + 4 * counts["attn"] * stats["attended_keys"]
+    )
+    return 3 * fwd + (fwd if frozen_reference else 0.0)
+
+
+def forward_flops(counts: dict, stats: dict) -> float:
+    """FLOPs of a forward pass (scoring the batch once)."""
+    return (
+        2 * counts["trunk"] * stats["real_tokens"]
+        + 2 * counts["head"] * stats["scored_tokens"]
+        + 4 * counts["attn"] * stats["attended_keys"]
+    )

@@ -1,0 +1,245 @@
+"""DPO train-step throughput by batch layout, and TRL's ``DPOTrainer`` on the same model and data.
+
+Layouts (``dpo_jax.data.packing``), each timed on the same pairs with the jitted DPO step (cached reference):
+  padded            the old layout: a row per sequence padded to a bucket, the LM head on every slot (chunked)
+  scored head       the same rows, the LM head on the scored completion tokens only
+  packed            whole pairs packed into rows (padding-free), prompt per completion
+  packed + shared   packed, and the prompt once per pair (prompt | chosen | rejected) — the default
+then, when ``trl`` is installed (``pip install -e ".[bench]"``), TRL's DPOTrainer on the same Llama weights and
+token ids (a reference forward every step, dynamic padding: its defaults), float32, in the same invocation.
+
+Cases: ``32k`` (the issue's 19M Llama: vocab 32,000, hidden 256, 4 layers, GQA 4/2, untied; 8 pairs of ~30 prompt
++ ~40 completion tokens), ``128k`` (vocab 128,256, hidden 512), ``long`` (the 32k model, ~512 prompt / ~64
+completion tokens). Steady-state figures: every batch shape is compiled before the timed pass. MFU counts real
+tokens only (``dpo_jax.throughput``) against this host's measured float32 matmul peak.
+
+    python experiments/throughput.py                      # all cases
+    python experiments/throughput.py --cases 32k --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dpo_jax import throughput, train
+from dpo_jax.data import Layout, PreferenceLoader, TokenizedPair
+from dpo_jax.data.packing import batch_stats
+from dpo_jax.models import ModelConfig, init_decoder
+
+OLD_BUCKETS = (256, 512, 1024)  # configs/hf_local.py's buckets before packing
+CASES = {
+    "32k": dict(vocab=32000, hidden=256, layers=4, heads=4, kv=2, ffn=688, prompt=(20, 40), completion=(30, 50)),
+    "128k": dict(vocab=128256, hidden=512, layers=4, heads=8, kv=4, ffn=1376, prompt=(20, 40), completion=(30, 50)),
+    "long": dict(vocab=32000, hidden=256, layers=4, heads=4, kv=2, ffn=688, prompt=(448, 576), completion=(48, 80)),
+}
+LAYOUTS = {
+    "padded (old)": (Layout("padded", share_prompt=False, buckets=OLD_BUCKETS, scored_only=False), 0.0),
+    "scored head": (Layout("padded", share_prompt=False, buckets=OLD_BUCKETS), 256.0),
+    "packed": (Layout(share_prompt=False), 256.0),
+    "packed + shared": (Layout(share_prompt=True), 256.0),
+}
+EOS = 2
+
+
+def make_pairs(case: dict, n: int, seed: int = 0) -> list[TokenizedPair]:
+    """Random token ids (3 .. vocab); completions end with EOS, as TRL appends it."""
+    rng = np.random.default_rng(seed)
+
+    def ids(lo_hi, eos=False):
+        x = rng.integers(3, case["vocab"], size=int(rng.integers(lo_hi[0], lo_hi[1] + 1))).astype(np.int32)
+        return np.append(x, EOS).astype(np.int32) if eos else x
+
+    return [
+        TokenizedPair(ids(case["prompt"]), ids(case["completion"], True), ids(case["completion"], True), 1.0, 1.0)
+        for _ in range(n)
+    ]
+
+
+def model_config(case: dict) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=case["vocab"], hidden_size=case["hidden"], intermediate_size=case["ffn"],
+        num_layers=case["layers"], num_heads=case["heads"], num_kv_heads=case["kv"], rms_norm_eps=1e-5,
+        max_position_embeddings=2048, bos_token_id=1, eos_token_id=EOS, pad_token_id=0,
+    )  # fmt: skip
+
+
+def time_layout(graphdef, params, pairs, batch, steps, layout, max_logits_mb, counts, peak) -> dict:
+    loader = PreferenceLoader(pairs, batch, seed=0, layout=layout)
+    batches = []
+    for _, b in loader.iterate(0, steps):
+        b["ref_logps"] = np.full((*b["index"].shape, 2), -60.0, np.float32)
+        batches.append(b)
+    stats = [batch_stats(b) for b in batches]
+    flops = sum(throughput.step_flops(counts, s) for s in stats)
+    sc = train.StepConfig("dpo", max_logits_mb=max_logits_mb)
+    tx = train.make_optimizer({}, 1000, 1e-5, 0)
+    hp = {"beta": jnp.float32(0.1), "label_smoothing": jnp.float32(0.0)}
+
+    def init(p):
+        return train.TrainState(jnp.int32(0), p, tx.init(p), jax.random.PRNGKey(0), hp, jnp.int32(-1))
+
+    state = jax.jit(init)(params)
+    step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, sc=sc), donate_argnums=0)
+    device_batches = [jax.device_put(b) for b in batches]
+    t0 = time.perf_counter()
+    for b in device_batches:  # compile every shape once
+        state, m = step(state, b, None)
+    jax.block_until_ready(m)
+    compile_and_first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for b in device_batches:
+        state, m = step(state, b, None)
+    jax.block_until_ready(m)
+    dt = (time.perf_counter() - t0) / steps
+    real = sum(s["real_tokens"] for s in stats) / steps
+    return {
+        "s_per_step": dt,
+        "pairs_per_s": batch / dt,
+        "tokens_per_s": real / dt,
+        "mfu": flops / steps / dt / peak,
+        "padding": 1 - sum(s["real_tokens"] for s in stats) / sum(s["slots"] for s in stats),
+        "programs": len({tuple(x.shape for x in b.values()) for b in batches}),
+        "first_pass_s": compile_and_first,
+    }
+
+
+def trl_run(graphdef, params, mc: ModelConfig, pairs, batch, steps, counts, peak) -> dict | None:
+    """TRL's DPOTrainer on the same weights (exported to a transformers folder) and the same token ids."""
+    try:
+        import datasets
+        import torch
+        import transformers
+        import trl
+    except ImportError:
+        return None
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from dpo_jax import hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(nnx.merge(graphdef, params), tmp)
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    vocab = {f"t{i}": i for i in range(mc.vocab_size)}
+    vocab.update({"<pad>": 0, "<s>": 1, "</s>": EOS})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+    def text(ids):
+        return " ".join(f"t{i}" for i in ids if i != EOS)
+
+    n = batch * (steps + 3)
+    rows = [pairs[i % len(pairs)] for i in range(n)]
+    data = datasets.Dataset.from_dict(
+        {
+            "prompt": [text(p.prompt) for p in rows],
+            "chosen": [text(p.chosen) for p in rows],
+            "rejected": [text(p.rejected) for p in rows],
+        }
+    )
+    times: list[float] = []
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        args = trl.DPOConfig(
+            output_dir=out, per_device_train_batch_size=batch, max_steps=steps + 3, learning_rate=1e-5,
+            report_to="none", logging_steps=1000, save_strategy="no", use_cpu=True, bf16=False, fp16=False,
+            max_length=None, dataloader_num_workers=0, beta=0.1, seed=0,
+        )  # fmt: skip
+        trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+        trainer.train()
+    dt = (times[-1] - times[2]) / (len(times) - 3)  # the first steps warm up
+    # TRL runs the policy on prompt + chosen and prompt + rejected and a reference forward on both: the unshared
+    # layout's real tokens, plus the reference's forward.
+    lay = Layout(share_prompt=False, row_length=4096)
+    stats = batch_stats(PreferenceLoader(rows, batch, shuffle=False, layout=lay).batch(0))
+    flops = throughput.step_flops(counts, stats, frozen_reference=True)
+    return {
+        "s_per_step": dt,
+        "pairs_per_s": batch / dt,
+        "tokens_per_s": stats["real_tokens"] / dt,
+        "mfu": flops / dt / peak,
+        "padding": float("nan"),
+        "programs": 0,
+        "first_pass_s": 0.0,
+    }
+
+
+def run_case(name: str, steps: int, batch: int, with_trl: bool) -> list[tuple[str, dict]]:
+    case = CASES[name]
+    mc = model_config(case)
+    graphdef, params = nnx.split(init_decoder(mc, seed=0))
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    matmul = n_params - mc.vocab_size * mc.hidden_size  # the embedding lookup is free; the (untied) head is not
+    counts = throughput.model_counts(mc, matmul)
+    peak = throughput.measured_matmul_peak()
+    pairs = make_pairs(case, batch * steps * 2)
+    mean = np.mean([len(p.prompt) for p in pairs]), np.mean([len(p.chosen) + len(p.rejected) for p in pairs]) / 2
+    print(
+        f"\n## {name}: {n_params / 1e6:.1f}M params (vocab {mc.vocab_size}, hidden {mc.hidden_size}, "
+        f"{mc.num_layers} layers), {batch} pairs/step of ~{mean[0]:.0f} prompt + ~{mean[1]:.0f} completion tokens, "
+        f"{steps} timed steps; peak {peak / 1e9:.0f} GFLOP/s (measured float32 matmul)",
+        flush=True,
+    )
+    rows = []
+    for label, (layout, mb) in LAYOUTS.items():
+        rows.append((label, time_layout(graphdef, params, pairs, batch, steps, layout, mb, counts, peak)))
+        print_row(label, rows[-1][1], None)
+    if with_trl:
+        r = trl_run(graphdef, params, mc, pairs, batch, steps, counts, peak)
+        if r is None:
+            print("TRL: not installed (pip install -e '.[bench]')")
+        else:
+            rows.append(("TRL DPOTrainer", r))
+            print_row("TRL DPOTrainer", r, None)
+    trl_pps = dict(rows).get("TRL DPOTrainer", {}).get("pairs_per_s")
+    print(f"\n| {name} | ms/step | pairs/s | real tokens/s | MFU | padding | × TRL |")
+    print("|---|---|---|---|---|---|---|")
+    for label, r in rows:
+        print_row(label, r, trl_pps, markdown=True)
+    return rows
+
+
+def print_row(label, r, trl_pps, markdown=False):
+    ratio = f"{r['pairs_per_s'] / trl_pps:.2f}" if trl_pps else "-"
+    pad = "-" if np.isnan(r["padding"]) else f"{r['padding']:.0%}"
+    cells = [label, f"{r['s_per_step'] * 1e3:.0f}", f"{r['pairs_per_s']:.2f}", f"{r['tokens_per_s']:,.0f}",
+             f"{r['mfu']:.1%}", pad, ratio]  # fmt: skip
+    if markdown:
+        print("| " + " | ".join(cells) + " |", flush=True)
+    else:
+        extra = f"({r['programs']} programs, first pass {r['first_pass_s']:.1f} s)"
+        print(
+            f"  {label:<16} {cells[1]:>7} ms/step {cells[2]:>8} pairs/s {cells[3]:>9} tok/s  MFU {cells[4]:>6}  "
+            f"padding {pad:>4}  {extra}",
+            flush=True,
+        )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="32k,128k,long")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="pairs per step")
+    parser.add_argument("--no-trl", action="store_true")
+    args = parser.parse_args(argv)
+    print(f"backend {jax.default_backend()}, {jax.device_count()} device(s): {jax.devices()[0].device_kind}")
+    for name in args.cases.split(","):
+        run_case(name, args.steps, args.batch, not args.no_trl)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Batch layouts: packed rows and the shared prompt give the padded layout's per-pair log-probs and gradients.
+
+The oracle for the values is ``transformers`` (each prompt + completion scored alone, in torch); gradients of
+every layout are compared with the padded, one-sequence-per-row layout, whose head scores every slot.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from dpo_jax import hf, scoring
+from dpo_jax.data import DataError, Layout, PreferenceLoader, TokenizedPair, packing
+
+BASELINE = Layout("padded", share_prompt=False, buckets=(64,), scored_only=False)
+LAYOUTS = {
+    "padded": Layout("padded", share_prompt=False, buckets=(64,)),
+    "padded_shared": Layout("padded", share_prompt=True, buckets=(64,)),
+    "packed": Layout(share_prompt=False),
+    "packed_shared": Layout(share_prompt=True),
+    "packed_shared_short_rows": Layout(share_prompt=True, row_length=30),
+}
+
+
+def make_pairs(n, vocab=97, seed=0, empty_prompt=True):
+    """Pairs of varied lengths (up to 24 tokens), one with an empty prompt and one with an empty completion."""
+    rng = np.random.default_rng(seed)
+
+    def ids(lo, hi):
+        return rng.integers(3, vocab, size=int(rng.integers(lo, hi + 1))).astype(np.int32)
+
+    pairs = [TokenizedPair(ids(1, 9), ids(1, 12), ids(1, 12), 1.0, 1.0) for _ in range(n)]
+    if empty_prompt:
+        pairs[1] = dataclasses.replace(pairs[1], prompt=np.zeros(0, np.int32))
+    pairs[2] = dataclasses.replace(pairs[2], rejected=np.zeros(0, np.int32))
+    return pairs
+
+
+def torch_pair_logps(model, pairs):
+    """[N, 2] summed completion log-probs, each prompt + completion run alone through transformers."""
+    out = np.zeros((len(pairs), 2))
+    for i, p in enumerate(pairs):
+        for j, comp in enumerate((p.chosen, p.rejected)):
+            seq = np.concatenate([p.prompt, comp])
+            if len(seq) < 2 or len(comp) == 0:
+                continue
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor(seq[None].astype(np.int64))).logits[0].double()
+            logp = torch.log_softmax(logits, -1).numpy()
+            first = max(len(p.prompt), 1)
+            out[i, j] = sum(logp[t - 1, seq[t]] for t in range(first, len(seq)))
+    return out
+
+
+def layout_logps(graphdef, params, pairs, layout, batch_size):
+    """[N, 2] log-probs, and a function of params giving a fixed random combination of them (for gradients)."""
+    loader = PreferenceLoader(pairs, batch_size, shuffle=False, drop_last=False, layout=layout)
+    coeffs = np.random.default_rng(1).normal(size=(len(pairs), 2))
+    batches = [{k: jnp.asarray(v) for k, v in b.items()} for _, b in loader.epoch(0)]
+    out = np.zeros((len(pairs), 2))
+    score = jax.jit(lambda p, b: scoring.pair_logps(graphdef, p, b)[0])
+    for b in batches:
+        logps = np.asarray(score(params, b))
+        index = np.asarray(b["index"]).reshape(-1)
+        out[index[index >= 0]] = logps[index >= 0]
+
+    def combination(params):
+        total = 0.0
+        for b in batches:
+            logps = scoring.pair_logps(graphdef, params, b)[0]
+            index = b["index"].reshape(-1)
+            c = jnp.asarray(coeffs)[jnp.maximum(index, 0)] * (index >= 0)[:, None]
+            total = total + jnp.sum(logps * c)
+        return total
+
+    return out, jax.jit(jax.grad(combination))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from conftest import HF_CASES, make_hf_model
+
+    out = {}
+    for name in HF_CASES:
+        model = make_hf_model(name, scale=0.1)
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        ours, _ = hf.load_pretrained(path)
+        out[name] = (model, *nnx.split(ours))
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama3", "llama_bias_tied", "mistral_window", "qwen2"])
+def test_layouts_equal_transformers_and_each_other(models, name):
+    torch_model, graphdef, params = models[name]
+    pairs = make_pairs(10)
+    expected = torch_pair_logps(torch_model, pairs)
+    base, base_grad = layout_logps(graphdef, params, pairs, BASELINE, 10)
+    np.testing.assert_allclose(base, expected, rtol=1e-5, atol=1e-4)
+    base_grads = base_grad(params)
+    for layout in LAYOUTS.values():
+        got, grad = layout_logps(graphdef, params, pairs, layout, 10)
+        np.testing.assert_allclose(got, base, rtol=1e-5, atol=2e-5)
+        for g, b in zip(jax.tree.leaves(grad(params)), jax.tree.leaves(base_grads), strict=True):
+            np.testing.assert_allclose(g, b, rtol=1e-4, atol=1e-5)
+
+
+def test_shared_rows_window_uses_positions(models):
+    """Mistral's window (4) is smaller than every pair: a rejected token near the prompt's end must see the last
+    prompt tokens (by position), and a slot-based window would get it wrong."""
+    torch_model, graphdef, params = models["mistral_window"]
+    pairs = [TokenizedPair(np.arange(3, 9, dtype=np.int32), np.arange(20, 28, dtype=np.int32),
+                           np.arange(40, 43, dtype=np.int32), 1.0, 1.0)]  # fmt: skip
+    got, _ = layout_logps(graphdef, params, pairs, Layout(share_prompt=True), 1)
+    np.testing.assert_allclose(got, torch_pair_logps(torch_model, pairs), rtol=1e-5, atol=1e-4)
+
+
+def test_chunked_head_equals_materialised_logits(models):
+    _, graphdef, params = models["llama3"]
+    pairs = make_pairs(6)
+    loader = PreferenceLoader(pairs, 6, shuffle=False, layout=Layout())
+    batch = {k: jnp.asarray(v) for k, v in loader.batch(0).items()}
+
+    def f(p, mb):
+        return jnp.sum(scoring.pair_logps(graphdef, p, batch, max_logits_mb=mb, token_chunk=8, vocab_chunk=16)[0])
+
+    direct, chunked = jax.value_and_grad(f)(params, 1e9), jax.value_and_grad(f)(params, 0.0)
+    np.testing.assert_allclose(direct[0], chunked[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(direct[1]), jax.tree.leaves(chunked[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --- Packing plans ---------------------------------------------------------------------------------------------
+
+
+def test_one_pair_per_row_and_many_pairs_per_row():
+    pairs = make_pairs(16, empty_prompt=False)
+    units = [packing.unit_length(p, Layout()) for p in pairs]
+    one = PreferenceLoader(pairs, 16, shuffle=False, layout=Layout(row_length=max(units)))
+    many = PreferenceLoader(pairs, 16, shuffle=False, layout=Layout(row_length=8 * max(units)))
+    b1, bm = one.batch(0), many.batch(0)
+    assert b1["valid"].sum() == bm["valid"].sum() == 16
+    assert b1["valid"].sum(1).max() <= 2  # the longest pairs sit alone
+    assert bm["valid"].sum(1).max() >= 6
+    for b, row in ((b1, max(units)), (bm, 8 * max(units))):
+        assert b["tokens"].shape[-1] == row
+        # every row holds whole pairs, within its length; segments are contiguous
+        assert ((b["segment_ids"] > 0).sum(-1) <= row).all()
+        real = (b["segment_ids"] > 0).sum()
+        assert real == sum(units)
+
+
+def test_pair_longer_than_a_row_is_a_clear_error():
+    pairs = make_pairs(4, empty_prompt=False)
+    longest = max(packing.unit_length(p, Layout()) for p in pairs)
+    with pytest.raises(DataError, match=f"pair of {longest} tokens does not fit .*data.pack_length={longest - 1}"):
+        PreferenceLoader(pairs, 4, layout=Layout(row_length=longest - 1))
+
+
+def test_auto_row_length_fits_the_longest_and_rows_are_a_multiple_of_devices():
+    pairs = make_pairs(64, seed=3)
+    loader = PreferenceLoader(pairs, 32, layout=Layout(row_multiple=8))
+    assert loader.row_length >= max(packing.unit_length(p, Layout()) for p in pairs)
+    for step in range(4):
+        b = loader.batch(step)
+        assert b["tokens"].shape[0] % 8 == 0 and b["valid"].sum() == 32
+
+
+def test_shared_row_masks_and_positions():
+    """prompt | chosen | rejected: rejected positions restart at the prompt's end; the first rejected token is
+    predicted by the last prompt slot."""
+    p = TokenizedPair(np.array([5, 6, 7], np.int32), np.array([8, 9], np.int32), np.array([10, 11, 12], np.int32), 1, 1)
+    b = PreferenceLoader([p], 1, layout=Layout(row_length=8)).batch(0)
+    assert b["tokens"][0, 0].tolist() == [5, 6, 7, 8, 9, 10, 11, 12]
+    assert b["positions"][0, 0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]
+    assert b["branch"][0, 0].tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+    n = int(b["score_mask"].sum())
+    assert b["score_src"][0, :n].tolist() == [2, 3, 2, 5, 6]
+    assert b["score_target"][0, :n].tolist() == [8, 9, 10, 11, 12]
+    assert b["score_seq"][0, :n].tolist() == [0, 0, 1, 1, 1]
+
+
+def test_round_up_grid():
+    assert [packing.round_up(n) for n in (1, 3, 4, 5, 9, 17, 100)] == [1, 3, 4, 5, 10, 20, 112]
+    assert packing.round_up(9, 8) == 16 and packing.round_up(33, 8) == 40
