@@ -1,8 +1,8 @@
 """Scoring batches with a decoder: pair log-probs, teacher-forced sample log-probs, token KL.
 
-Shape letters: G groups, K rows per group, T row length, S scored entries per group, P pairs per group,
-N new tokens, V vocabulary. Batches are laid out as ``dpo_jax.data.packing`` describes; whatever the layout,
-the LM head runs only on the S scored entries of each group (completion tokens), never on prompt or padding
+Shape letters: G groups, K rows per group, T row length, P pairs per group, Z score blocks, S scored entries
+per block, N new tokens, V vocabulary. Batches are laid out as ``dpo_jax.data.packing`` describes; whatever the layout,
+the LM head runs only on the S scored entries of each block (completion tokens), never on prompt or padding
 slots, and per-sequence sums come back by segment. ``params`` is the ``nnx.State`` of a ``Decoder`` whose
 ``graphdef`` is static.
 """
@@ -17,7 +17,7 @@ from dpo_jax import logprobs as lp
 
 
 def scored_hidden(graphdef, params, batch: dict):
-    """(model, hidden states [G, S, D] at the scored entries): one forward over the batch's rows."""
+    """(model, hidden states [Z, S, D] at the scored entries): one forward over the batch's rows."""
     model = nnx.merge(graphdef, params)
     g, k, t = batch["tokens"].shape
 
@@ -33,12 +33,13 @@ def scored_hidden(graphdef, params, batch: dict):
         attention_mask_BxT=segments > 0,
         return_logits=False,
     )
-    hidden_GxKTxD = out.hidden_BxTxD.reshape(g, k * t, -1)
-    return model, jnp.take_along_axis(hidden_GxKTxD, batch["score_src"][..., None], axis=1)
+    z = batch["score_src"].shape[0]
+    hidden_ZxSlotsxD = out.hidden_BxTxD.reshape(z, g // z * k * t, -1)  # consecutive groups: a device-local reshape
+    return model, jnp.take_along_axis(hidden_ZxSlotsxD, batch["score_src"][..., None], axis=1)
 
 
 def token_logps(graphdef, params, batch: dict, *, token_chunk=1024, vocab_chunk=8192, max_logits_mb=256.0):
-    """Log-probs [G, S] of the scored entries (0 where ``score_mask`` is 0)."""
+    """Log-probs [Z, S] of the scored entries (0 where ``score_mask`` is 0)."""
     model, h_GxSxD = scored_hidden(graphdef, params, batch)
     g, s, d = h_GxSxD.shape
     targets = jnp.where(batch["score_mask"] > 0, batch["score_target"], 0).reshape(g * s)
@@ -49,12 +50,14 @@ def token_logps(graphdef, params, batch: dict, *, token_chunk=1024, vocab_chunk=
     return jnp.where(batch["score_mask"] > 0, logps.reshape(g, s), 0.0)
 
 
-def sequence_sums(values_GxS: jax.Array, batch: dict) -> jax.Array:
-    """Per-pair, per-side sums [G * P, 2] of per-entry values (a segment sum over ``score_seq``)."""
+def sequence_sums(values_ZxS: jax.Array, batch: dict) -> jax.Array:
+    """Per-pair, per-side sums [G * P, 2] of per-entry values (a segment sum over ``score_seq`` in each block)."""
     g, p = batch["valid"].shape
-    onehot_GxSxQ = (batch["score_seq"][..., None] == jnp.arange(2 * p)) & (batch["score_mask"][..., None] > 0)
-    sums_GxQ = jnp.einsum("gs,gsq->gq", values_GxS, onehot_GxSxQ.astype(values_GxS.dtype))
-    return sums_GxQ.reshape(g * p, 2)
+    z = batch["score_seq"].shape[0]
+    q = 2 * (g // z) * p  # sequences per block
+    values_ZxS = jnp.where(batch["score_mask"] > 0, values_ZxS, 0.0)
+    sums_ZxQ = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=q))(values_ZxS, batch["score_seq"])
+    return sums_ZxQ.reshape(g * p, 2)
 
 
 def pair_values(batch: dict, key: str) -> jax.Array:
@@ -65,8 +68,8 @@ def pair_values(batch: dict, key: str) -> jax.Array:
 def pair_logps(graphdef, params, batch: dict, **head):
     """Summed completion log-probs and token counts, each [G * P, 2] (chosen, rejected; rejected is empty in a
     chosen-only SFT batch), via the scored-token LM head."""
-    logps_GxS = token_logps(graphdef, params, batch, **head)
-    return sequence_sums(logps_GxS, batch), sequence_sums(batch["score_mask"].astype(jnp.float32), batch)
+    logps_ZxS = token_logps(graphdef, params, batch, **head)
+    return sequence_sums(logps_ZxS, batch), sequence_sums(batch["score_mask"].astype(jnp.float32), batch)
 
 
 def completion_token_kl(graphdef, policy, reference, batch: dict):
@@ -75,10 +78,10 @@ def completion_token_kl(graphdef, policy, reference, batch: dict):
     _, h_pol = scored_hidden(graphdef, policy, batch)
     model, h_ref = scored_hidden(graphdef, reference, batch)
     w_pol = nnx.merge(graphdef, policy).lm_head_weight()
-    chosen_GxS = (batch["score_seq"] % 2 == 0) & (batch["score_mask"] > 0)
-    kl_GxS = lp.token_kl(h_pol @ w_pol, h_ref @ model.lm_head_weight(), chosen_GxS)
-    n = chosen_GxS.astype(jnp.float32)
-    return sequence_sums(kl_GxS, batch)[:, 0], sequence_sums(n, batch)[:, 0]
+    chosen_ZxS = (batch["score_seq"] % 2 == 0) & (batch["score_mask"] > 0)
+    kl_ZxS = lp.token_kl(h_pol @ w_pol, h_ref @ model.lm_head_weight(), chosen_ZxS)
+    n = chosen_ZxS.astype(jnp.float32)
+    return sequence_sums(kl_ZxS, batch)[:, 0], sequence_sums(n, batch)[:, 0]
 
 
 def sample_logps(graphdef, params, prompt_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN):

@@ -166,6 +166,14 @@ def objective(params, graphdef, batch, ref_logps, hparams, sc: StepConfig, total
     return jnp.sum(losses * w) / totals["weight"], jax.tree.map(lambda m: m * share, metrics)
 
 
+def micro_batches(x, *, a: int, blocks: int):
+    """[n, ...] -> [a, n / a, ...]: a device holds ``a`` consecutive score blocks (with their groups); micro-batch
+    k takes the k-th from every device, so the split needs no transfer."""
+    per = x.shape[0] // blocks
+    x = x.reshape(blocks // a, a, per, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape(a, x.shape[0] * per, *x.shape[3:])
+
+
 def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx, sc: StepConfig):
     """One optimizer step (``sc.grad_accum`` micro-batches); a non-finite loss or gradient leaves the state
     unchanged and records the step in ``nonfinite_step``."""
@@ -186,9 +194,8 @@ def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx
     if a == 1:
         loss, metrics, grads = micro(batch)
     else:
-        # Micro-batch k takes groups k, k + a, ...: each device's contiguous block splits locally, no transfer.
         # Each micro-batch is normalised by the whole batch's totals, so the sum is the full-batch value.
-        split = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // a, a, *x.shape[1:]), 0, 1), batch)
+        split = jax.tree.map(functools.partial(micro_batches, a=a, blocks=batch["score_src"].shape[0]), batch)
         zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(micro, jax.tree.map(lambda x: x[0], split)))
 
         def body(carry, batch_m):

@@ -124,15 +124,15 @@ def trl_run(graphdef, params, mc: ModelConfig, pairs, batch, steps, counts, peak
 
     from dpo_jax import hf
 
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(nnx.merge(graphdef, params), tmp)
-        model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-    vocab = {f"t{i}": i for i in range(mc.vocab_size)}
+    folder = tempfile.TemporaryDirectory()  # TRL loads its reference model from here too
+    hf.save_pretrained(nnx.merge(graphdef, params), folder.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder.name, dtype=torch.float32)
+    vocab = {f"t{i}": i for i in range(3, mc.vocab_size)}
     vocab.update({"<pad>": 0, "<s>": 1, "</s>": EOS})
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<pad>"
     )
 
     def text(ids):
@@ -143,8 +143,8 @@ def trl_run(graphdef, params, mc: ModelConfig, pairs, batch, steps, counts, peak
     data = datasets.Dataset.from_dict(
         {
             "prompt": [text(p.prompt) for p in rows],
-            "chosen": [text(p.chosen) for p in rows],
-            "rejected": [text(p.rejected) for p in rows],
+            "chosen": [" " + text(p.chosen) for p in rows],  # TRL tokenizes prompt + chosen as one string
+            "rejected": [" " + text(p.rejected) for p in rows],
         }
     )
     times: list[float] = []
@@ -159,8 +159,9 @@ def trl_run(graphdef, params, mc: ModelConfig, pairs, batch, steps, counts, peak
             report_to="none", logging_steps=1000, save_strategy="no", use_cpu=True, bf16=False, fp16=False,
             max_length=None, dataloader_num_workers=0, beta=0.1, seed=0,
         )  # fmt: skip
-        trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+        trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[Clock()])
         trainer.train()
+    folder.cleanup()
     dt = (times[-1] - times[2]) / (len(times) - 3)  # the first steps warm up
     # TRL runs the policy on prompt + chosen and prompt + rejected and a reference forward on both: the unshared
     # layout's real tokens, plus the reference's forward.

@@ -106,12 +106,12 @@ def test_completion_tokens_are_exactly_the_scored_tokens(tmp_path, tok):
     batch = PreferenceLoader(pairs, 3, shuffle=False, layout=padded).batch(0)
     for i, row in enumerate(ROWS):
         for j, key in enumerate(("chosen", "rejected")):
-            entries = (batch["score_mask"][i] == 1) & (batch["score_seq"][i] == j)
+            entries = (batch["score_mask"][0] == 1) & (batch["score_seq"][0] == 2 * i + j)  # one block: pair i
             expected = [tok.tokenizer.token_to_id(c) for c in row[key]] + [tok.eos_token_id]
-            assert batch["score_target"][i][entries].tolist() == expected
+            assert batch["score_target"][0][entries].tolist() == expected
             # each scored token is predicted by the slot before it, in its own row
-            flat = batch["tokens"][i].reshape(-1)
-            assert (flat[batch["score_src"][i][entries] + 1] == batch["score_target"][i][entries]).all()
+            flat = batch["tokens"].reshape(-1)
+            assert (flat[batch["score_src"][0][entries] + 1] == batch["score_target"][0][entries]).all()
             real = batch["tokens"][i, j][batch["segment_ids"][i, j] > 0]
             prompt = [tok.bos_token_id] + [tok.tokenizer.token_to_id(c) for c in row["prompt"]]
             assert real.tolist() == prompt + expected
@@ -399,14 +399,18 @@ def test_last_batch_padding_is_marked_invalid(task_pairs):
     last = loader.batch(loader.steps_per_epoch - 1)
     assert last["valid"].sum() == 203 % 16 and (last["index"][last["valid"] == 0] == -1).all()
     empty = last["valid"][:, 0] == 0
-    assert (last["segment_ids"][empty] == 0).all() and (last["score_mask"][empty] == 0).all()
+    assert (last["segment_ids"][empty] == 0).all()
+    assert last["score_mask"].sum() == sum(len(task_pairs[i].chosen) + len(task_pairs[i].rejected)
+                                           for i in last["index"][~empty, 0])  # fmt: skip
 
 
 def test_global_arrays_on_8_devices(task_pairs):
     from dpo_jax.sharding import make_mesh
 
     mesh = make_mesh(data=4, fsdp=2)
-    batch = PreferenceLoader(task_pairs, 16, layout=Layout("padded", share_prompt=False, buckets=(16,))).batch(0)
+    batch = PreferenceLoader(
+        task_pairs, 16, layout=Layout("padded", share_prompt=False, buckets=(16,), row_multiple=8)
+    ).batch(0)
     arrays = to_global(batch, mesh)
     assert arrays["tokens"].shape == (16, 2, 16) and len(arrays["tokens"].sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(arrays["tokens"]), batch["tokens"])

@@ -15,6 +15,7 @@ from flax import nnx
 
 from dpo_jax import hf, scoring
 from dpo_jax.data import DataError, Layout, PreferenceLoader, TokenizedPair, packing
+from dpo_jax.data import pad_batches as packing_pad
 
 BASELINE = Layout("padded", share_prompt=False, buckets=(64,), scored_only=False)
 LAYOUTS = {
@@ -187,3 +188,19 @@ def test_shared_row_masks_and_positions():
 def test_round_up_grid():
     assert [packing.round_up(n) for n in (1, 3, 4, 5, 9, 17, 100)] == [1, 3, 4, 5, 10, 20, 112]
     assert packing.round_up(9, 8) == 16 and packing.round_up(33, 8) == 40
+
+
+def test_padded_member_batches_score_the_same(models):
+    """Vectorised members' batches (different seeds: different packings) padded to common sizes per block."""
+    _, graphdef, params = models["qwen2"]
+    pairs = make_pairs(24, seed=5)
+    batches = [PreferenceLoader(pairs, 8, seed=s, layout=Layout(row_multiple=2)).batch(0) for s in (0, 1, 2)]
+    score = jax.jit(lambda b: scoring.pair_logps(graphdef, params, b)[0])
+    for before, after in zip(batches, packing_pad(batches), strict=True):
+        index = before["index"].reshape(-1)
+        expected = np.asarray(score(before))[index >= 0]
+        got_index = after["index"].reshape(-1)
+        got = np.asarray(score(after))
+        order = {int(i): n for n, i in enumerate(got_index) if i >= 0}
+        np.testing.assert_allclose(got[[order[int(i)] for i in index[index >= 0]]], expected, rtol=1e-6)
+    assert len({tuple(b["tokens"].shape) for b in batches}) > 1 or len({b["score_src"].shape for b in batches}) > 1

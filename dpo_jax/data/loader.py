@@ -64,6 +64,8 @@ class PreferenceLoader:
         if lay.kind == "padded" and longest > max(lay.buckets):
             self.layout = lay = dataclasses.replace(lay, buckets=(*lay.buckets, longest))
         self._multiple = math.lcm(lay.row_multiple, self.process_count)
+        if lay.kind == "padded" and g % self._multiple:
+            raise ValueError(f"a padded batch of {g} pairs does not split into {self._multiple} devices/micro-batches")
         self.row_length = 0
         if lay.kind == "packed":
             self.row_length = lay.row_length or packing.auto_row_length(
@@ -109,11 +111,16 @@ class PreferenceLoader:
             length = self.row_length
         groups = packing.plan_groups(pairs, lay, length)
         num_groups = len(groups) if lay.kind == "padded" else packing.round_up(len(groups), self._multiple)
-        scored, per_group = packing.group_sizes(pairs, groups, lay)
-        scored = packing.round_up(scored, 8) if lay.scored_only else lay.rows_per_group * length
-        per_group = 1 if lay.kind == "padded" else packing.round_up(per_group)
         groups = groups + [[] for _ in range(num_groups - len(groups))]
-        return dict(idx=idx, pairs=pairs, groups=groups, length=length, scored=scored, pairs_per_group=per_group)
+        blocks = self._multiple  # one per (device, micro-batch); divides the number of groups
+        if lay.scored_only:
+            scored = packing.round_up(packing.block_scored(pairs, groups, lay, blocks), 8, steps_per_octave=8)
+        else:
+            scored = num_groups // blocks * lay.rows_per_group * length
+        per_group = 1 if lay.kind == "padded" else packing.round_up(packing.most_pairs(groups))
+        return dict(
+            idx=idx, pairs=pairs, groups=groups, blocks=blocks, length=length, scored=scored, pairs_per_group=per_group
+        )
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's slice of the global batch at ``step``."""
@@ -121,8 +128,9 @@ class PreferenceLoader:
         local = len(p["groups"]) // self.process_count
         lo = self.process_index * local
         return packing.materialize(
-            p["pairs"], p["idx"], p["groups"][lo : lo + local], self.layout, num_groups=local, length=p["length"],
-            scored=p["scored"], pairs_per_group=p["pairs_per_group"], pad_id=self.pad_id,
+            p["pairs"], p["idx"], p["groups"][lo : lo + local], self.layout,
+            num_blocks=p["blocks"] // self.process_count, length=p["length"], scored=p["scored"],
+            pairs_per_group=p["pairs_per_group"], pad_id=self.pad_id,
         )  # fmt: skip
 
     def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[tuple[int, dict]]:
@@ -138,14 +146,42 @@ class PreferenceLoader:
 
 
 def pad_batches(batches: Sequence[dict]) -> list[dict]:
-    """Pad batches of one layout to common static sizes (vectorised members whose batches differ)."""
-    shapes = {k: np.max([b[k].shape for b in batches], axis=0) for k in batches[0]}
+    """Pad batches of one layout (the same number of score blocks) to common static sizes: vectorised members
+    whose batches differ. Groups are padded within each block, and the score indices re-addressed."""
+    z = batches[0]["score_src"].shape[0]
+    g = max(b["tokens"].shape[0] for b in batches)
+    k, t = batches[0]["tokens"].shape[1], max(b["tokens"].shape[2] for b in batches)
+    p = max(b["valid"].shape[1] for b in batches)
+    s = max(b["score_src"].shape[1] for b in batches)
 
-    def pad(k, x):
-        fill = -1 if k == "index" else (1 if k == "target_probs" else 0)
-        return np.pad(x, [(0, int(n) - d) for n, d in zip(shapes[k], x.shape, strict=True)], constant_values=fill)
+    rest = {key: (k, t) for key in packing.ROW_KEYS} | {key: (p,) for key in packing.PAIR_KEYS}
+    rest["ref_logps"] = (p, 2)
 
-    return [{k: pad(k, v) for k, v in b.items()} for b in batches]
+    def group_array(key, x):  # [G, ...] -> per block [Z, G / Z, ...], padded, back to [G', ...]
+        fill = -1 if key == "index" else (1 if key == "target_probs" else 0)
+        x = x.reshape(z, x.shape[0] // z, *x.shape[1:])
+        new = (z, g // z, *rest[key])
+        x = np.pad(x, [(0, n - d) for n, d in zip(new, x.shape, strict=True)], constant_values=fill)
+        return x.reshape(g, *x.shape[2:])
+
+    out = []
+    for b in batches:
+        tb, pb = b["tokens"].shape[2], b["valid"].shape[1]
+        src, seq = b["score_src"], b["score_seq"]
+        group, within = divmod(src, k * tb)
+        row, slot = divmod(within, tb)
+        pair, side = divmod(seq, 2)
+        group_p, pslot = divmod(pair, pb)
+        moved = {
+            "score_src": group * k * t + row * t + slot,
+            "score_seq": 2 * (group_p * p + pslot) + side,
+            "score_target": b["score_target"],
+            "score_mask": b["score_mask"],
+        }
+        padded = {key: np.pad(v, [(0, 0), (0, s - v.shape[1])]) for key, v in moved.items()}
+        padded.update({key: group_array(key, v) for key, v in b.items() if key not in moved})
+        out.append(padded)
+    return out
 
 
 def to_global(batch: dict[str, np.ndarray], mesh) -> dict:

@@ -1,15 +1,18 @@
 """Batch layouts: padded or packed rows, the prompt once or twice per pair, and the scored-token index.
 
 Shape letters: G groups (rows of a packed batch, pairs of a padded one), K rows per group, T row length,
-S scored entries per group, P pairs per group.
+P pairs per group, Z score blocks (consecutive runs of G / Z groups: one per device and micro-batch), S scored
+entries per block.
 
 Every layout is described by the same arrays, so one scoring function serves all of them:
   tokens, positions, segment_ids, branch   [G, K, T] int32  (segment 0 = padding; branch 0 = shared prefix,
                                                              1 = chosen, 2 = rejected after a shared prompt)
-  score_src, score_target, score_seq       [G, S] int32     (entry e: the hidden state at flat slot
-  score_mask                               [G, S] float32    ``score_src`` of the group's K*T slots predicts
-                                                             token ``score_target`` of sequence ``score_seq`` =
-                                                             2 * pair slot + side, side 0 chosen / 1 rejected)
+  score_src, score_target, score_seq       [Z, S] int32     (entry e: the hidden state at flat slot
+  score_mask                               [Z, S] float32    ``score_src`` of its block's (G/Z)*K*T slots
+                                                             predicts token ``score_target`` of sequence
+                                                             ``score_seq`` = 2 * (pair slot in the block) + side,
+                                                             side 0 chosen / 1 rejected; pair slot = group in
+                                                             the block * P + pair slot in the group)
   target_probs, weights, valid             [G, P] float32
   index                                    [G, P] int32     (dataset row; -1 = an empty pair slot)
 
@@ -81,12 +84,14 @@ def scored_count(pair: TokenizedPair, layout: Layout) -> int:
     return n - (layout.sides if len(pair.prompt) == 0 else 0)
 
 
-def round_up(n: int, multiple: int = 1) -> int:
-    """``n`` rounded up to a multiple of ``multiple`` and then to the grid m * 2^k * {1, 1.25, 1.5, 1.75}."""
+def round_up(n: int, multiple: int = 1, steps_per_octave: int = 4) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` and then to a grid of ``steps_per_octave`` (a power of two)
+    values per octave: m * 2^k * {1, 1.25, 1.5, 1.75} for 4."""
     n = max(int(n), 1)
     units = -(-n // multiple)
-    if units > 4:
-        k = 1 << (units.bit_length() - 3)  # grid step: a quarter of the octave
+    shift = steps_per_octave.bit_length() - 1
+    if units > steps_per_octave:
+        k = 1 << (units.bit_length() - 1 - shift)
         units = -(-units // k) * k
     return units * multiple
 
@@ -148,24 +153,29 @@ def materialize(
     groups: list[list[int]],
     layout: Layout,
     *,
-    num_groups: int,
+    num_blocks: int,
     length: int,
     scored: int,
     pairs_per_group: int,
     pad_id: int,
 ) -> dict[str, np.ndarray]:
-    """The arrays of ``groups`` (lists of positions into ``pairs``), padded to the given static sizes."""
-    g_, k_, t_, s_, p_ = num_groups, layout.rows_per_group, length, scored, pairs_per_group
+    """The arrays of ``groups`` (lists of positions into ``pairs``; as many as the batch has groups), padded to the
+    given static sizes; ``num_blocks`` must divide the number of groups."""
+    g_, k_, t_, s_, p_ = len(groups), layout.rows_per_group, length, scored, pairs_per_group
+    per_block = g_ // num_blocks
     out = {key: np.zeros((g_, k_, t_), np.int32) for key in ROW_KEYS}
     out["tokens"][:] = pad_id
     for key in SCORE_KEYS:
-        out[key] = np.zeros((g_, s_), np.float32 if key == "score_mask" else np.int32)
+        out[key] = np.zeros((num_blocks, s_), np.float32 if key == "score_mask" else np.int32)
     out["target_probs"] = np.ones((g_, p_), np.float32)
     out["weights"] = np.zeros((g_, p_), np.float32)
     out["valid"] = np.zeros((g_, p_), np.float32)
     out["index"] = np.full((g_, p_), -1, np.int32)
+    entries: list[tuple[list, list, list]] = [([], [], []) for _ in range(num_blocks)]
     for g, group in enumerate(groups):
-        src, tgt, seq = [], [], []
+        src, tgt, seq = entries[g // per_block]
+        offset = (g % per_block) * k_ * t_  # this group's first slot in its block
+        pair0 = (g % per_block) * p_  # this group's first pair slot in its block
         cursor = 0
         for slot, i in enumerate(group):
             pair = pairs[i]
@@ -180,9 +190,9 @@ def materialize(
                     _place(comp, out, g, 0, cursor, slot + 1, side + 1, p + np.arange(c))
                     prev = np.concatenate([[base + p - 1], cursor + np.arange(c - 1)]) if c else np.zeros(0, int)
                     keep = prev >= base  # an empty prompt leaves the first token unpredicted
-                    src += list(prev[keep])
+                    src += list(offset + prev[keep])
                     tgt += list(comp[keep])
-                    seq += [2 * slot + side] * int(keep.sum())
+                    seq += [2 * (pair0 + slot) + side] * int(keep.sum())
                     cursor += c
             else:  # a segment per sequence: prompt + completion
                 for side, comp in enumerate(completions):
@@ -192,27 +202,33 @@ def materialize(
                     segment = slot + 1 if k_ == 2 else layout.sides * slot + side + 1
                     _place(full, out, g, k, start, segment, 0, np.arange(len(full)))
                     first = max(p, 1)
-                    src += list(k * t_ + start + np.arange(first - 1, len(full) - 1))
+                    src += list(offset + k * t_ + start + np.arange(first - 1, len(full) - 1))
                     tgt += list(full[first:])
-                    seq += [2 * slot + side] * (len(full) - first)
+                    seq += [2 * (pair0 + slot) + side] * (len(full) - first)
                     if k_ == 1:
                         cursor += len(full)
             out["target_probs"][g, slot] = pair.prob
             out["weights"][g, slot] = pair.weight
             out["valid"][g, slot] = 1.0
             out["index"][g, slot] = indices[i]
+    for z, (src, tgt, seq) in enumerate(entries):
         n = len(src)
-        out["score_src"][g, :n] = src
-        out["score_target"][g, :n] = tgt
-        out["score_seq"][g, :n] = seq
-        out["score_mask"][g, :n] = 1.0
+        out["score_src"][z, :n] = src
+        out["score_target"][z, :n] = tgt
+        out["score_seq"][z, :n] = seq
+        out["score_mask"][z, :n] = 1.0
     return out
 
 
-def group_sizes(pairs, groups, layout: Layout) -> tuple[int, int]:
-    """(most scored entries, most pairs) over the groups."""
-    scored = max((sum(scored_count(pairs[i], layout) for i in g) for g in groups), default=1)
-    return scored, max((len(g) for g in groups), default=1)
+def block_scored(pairs, groups, layout: Layout, num_blocks: int) -> int:
+    """The most scored entries in one block."""
+    per_block = len(groups) // num_blocks
+    counts = [sum(scored_count(pairs[i], layout) for i in g) for g in groups]
+    return max(sum(counts[z * per_block : (z + 1) * per_block]) for z in range(num_blocks))
+
+
+def most_pairs(groups) -> int:
+    return max((len(g) for g in groups), default=1)
 
 
 def batch_stats(batch: dict) -> dict[str, float]:
