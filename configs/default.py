@@ -67,6 +67,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         batch_size=64,
         learning_rate=3e-3,
         warmup_steps=20,
+        schedule="cosine",  # the same optimizer fields as optim (AdamW, clipping, schedule)
+        end_lr_fraction=0.1,
+        weight_decay=0.0,
+        b1=0.9,
+        b2=0.999,
+        clip_norm=1.0,
         dir="",  # where the SFT stage lives (default <workdir>); sweeps point members at one shared stage
     )
     c.dpo = dict(
@@ -96,7 +102,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         mode="cached",  # cached: log-probs precomputed once and stored; frozen: a reference forward every step
         cache_dir="",  # default: <workdir>/../reference_cache, shared by sibling runs
     )
-    c.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1: all remaining devices
+    # member: devices groups a population's members are split over (0: as many as divide the members and devices;
+    # a plain run is one member). Within a group: data, fsdp, tensor (-1: all remaining devices).
+    c.mesh = dict(member=0, data=-1, fsdp=1, tensor=1)
     c.logprobs = dict(
         token_chunk=1024,  # chunked LM head: tokens and vocabulary entries per chunk
         vocab_chunk=8192,

@@ -27,7 +27,8 @@ class ConfigError(UserError, ValueError):
 # What the SFT reference depends on; runs (and sweep members) equal on these share one SFT stage. (The built-in
 # task draws its SFT demonstrations first, so label noise, tau, the reward and the pair counts do not change them.)
 SFT_FIELDS = (
-    "seed", "task", "model", "sft.steps", "sft.batch_size", "sft.learning_rate", "sft.warmup_steps",
+    "seed", "task", "model", "sft.steps", "sft.batch_size", "sft.learning_rate", "sft.warmup_steps", "sft.schedule",
+    "sft.end_lr_fraction", "sft.weight_decay", "sft.b1", "sft.b2", "sft.clip_norm",
     "data.sft_path", "data.tokenizer_path", "data.max_length", "data.max_prompt_length", "data.truncation_mode",
     "synthetic.seed", "synthetic.prompt_length", "synthetic.completion_length", "synthetic.n_sft",
 )  # fmt: skip
@@ -79,11 +80,20 @@ def _check(cond: bool, field: str, expected: str, value) -> None:
         raise ConfigError(f"config.{field}: expected {expected}, got {value!r}")
 
 
-def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
-    """Raise ``ConfigError`` naming the first invalid field."""
+def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, members: int = 1) -> None:
+    """Raise ``ConfigError`` naming the first invalid field; ``members``: the size of the mesh's member axis
+    (each member group has num_devices / members devices)."""
     import jax
 
     num_devices = num_devices or jax.device_count()
+    member_axis = cfg.mesh.get("member", 0)
+    _check(
+        member_axis == 0 or (member_axis >= 1 and num_devices % member_axis == 0),
+        "mesh.member",
+        f"0 (auto) or a divisor of the {num_devices} devices",
+        member_axis,
+    )
+    num_devices //= members
     _check(cfg.task in ("synthetic", "files"), "task", "'synthetic' or 'files'", cfg.task)
     if cfg.task == "files":
         for key in ("train_path", "eval_path"):
@@ -164,7 +174,7 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None) 
     _check(
         num_devices % known == 0 if -1 in mesh else known == num_devices,
         "mesh",
-        f"data * fsdp * tensor = {num_devices} devices",
+        f"data * fsdp * tensor = {num_devices} devices" + (f" per member group ({members})" if members > 1 else ""),
         dict(cfg.mesh),
     )
     data_parallel = (num_devices // known if cfg.mesh.data == -1 else cfg.mesh.data) * (
@@ -183,17 +193,16 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None) 
             s.batch_size,
         )
     _check(cfg.optim.steps > 0, "optim.steps", "> 0", cfg.optim.steps)
-    _check(
-        cfg.optim.schedule in ("cosine", "linear", "constant"),
-        "optim.schedule",
-        "cosine | linear | constant",
-        cfg.optim.schedule,
-    )
-    _check(
-        0 <= cfg.optim.end_lr_fraction <= 1, "optim.end_lr_fraction", "a number in [0, 1]", cfg.optim.end_lr_fraction
-    )
-    _check(cfg.optim.clip_norm >= 0, "optim.clip_norm", ">= 0", cfg.optim.clip_norm)
-    _check(cfg.optim.weight_decay >= 0, "optim.weight_decay", ">= 0", cfg.optim.weight_decay)
+    for stage in ("sft", "optim"):
+        s = cfg[stage]
+        kinds = ("cosine", "linear", "constant")
+        _check(s.schedule in kinds, f"{stage}.schedule", " | ".join(kinds), s.schedule)
+        _check(0 <= s.end_lr_fraction <= 1, f"{stage}.end_lr_fraction", "a number in [0, 1]", s.end_lr_fraction)
+        _check(s.clip_norm >= 0, f"{stage}.clip_norm", ">= 0", s.clip_norm)
+        _check(s.weight_decay >= 0, f"{stage}.weight_decay", ">= 0", s.weight_decay)
+        _check(s.warmup_steps >= 0, f"{stage}.warmup_steps", ">= 0", s.warmup_steps)
+        for b in ("b1", "b2"):
+            _check(0 <= s[b] < 1, f"{stage}.{b}", "a number in [0, 1)", s[b])
     _check(cfg.reference.mode in ("cached", "frozen"), "reference.mode", "'cached' or 'frozen'", cfg.reference.mode)
     _check(cfg.eval.every > 0 and cfg.eval.batch_size > 0, "eval", "every > 0 and batch_size > 0", dict(cfg.eval))
     _check(

@@ -26,15 +26,17 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from dpo_jax import sampling, scoring, signals
-from dpo_jax.config import loss_types
 from dpo_jax.data import PreferenceLoader, to_global
 from dpo_jax.errors import NonFiniteLoss
 from dpo_jax.logging import read_jsonl
-from dpo_jax.losses import preference_loss, temper_targets
+from dpo_jax.sharding import replicated, take_member
 from dpo_jax.workdir import atomic_dir, atomic_write_text
 
 
 class Evaluator:
+    """Held-out preference metrics and sampled KL / reward of every member of a population ([K] parameters and
+    hyper-parameters): one compiled program serves all members and values (``train.pair_losses``)."""
+
     def __init__(
         self,
         *,
@@ -47,42 +49,32 @@ class Evaluator:
         tokenizer,
         mesh,
         loader_kw,
+        sc,
         reward_fn=None,
     ):
+        from dpo_jax.train import pair_losses
+
         self.cfg, self.graphdef, self.reference, self.mesh = cfg, graphdef, reference_params, mesh
         self.tokenizer, self.reward_fn, self.ref_eval = tokenizer, reward_fn, ref_eval
         self.loader = PreferenceLoader(eval_pairs, cfg.eval.batch_size, shuffle=False, drop_last=False, **loader_kw)
-        self.last: dict = {}
-        from dpo_jax.train import head_options
-
-        chunks = head_options(cfg)
-        types, weights = loss_types(cfg), tuple(cfg.dpo.loss_weights) or None
+        self.last: list[dict] = []
         cached = ref_eval is not None
 
-        def pref(params, batch, ref_params):
-            logps, counts = scoring.pair_logps(graphdef, params, batch, **chunks)
+        def pref(params, hparams, batch, ref_params):
+            logps, counts = scoring.pair_logps(graphdef, params, batch, **sc.head)
             if cached:
                 ref = batch["ref_logps"].reshape(-1, 2)
             else:
-                ref = scoring.pair_logps(graphdef, ref_params, batch, **chunks)[0]
+                ref = scoring.pair_logps(graphdef, ref_params, batch, **sc.head)[0]
+            losses, metrics = pair_losses(logps, counts, ref, batch, hparams, sc)
             valid = scoring.pair_values(batch, "valid")
-            losses, metrics = preference_loss(
-                logps[:, 0], logps[:, 1], ref[:, 0], ref[:, 1], loss_type=types, loss_weights=weights,
-                beta=cfg.dpo.beta, label_smoothing=cfg.dpo.label_smoothing,
-                target_probs=temper_targets(
-                    scoring.pair_values(batch, "target_probs"), cfg.dpo.get("soft_target_temperature", 1.0)
-                )
-                if cfg.dpo.use_soft_targets else None,
-                chosen_lengths=jnp.maximum(counts[:, 0], 1.0), rejected_lengths=jnp.maximum(counts[:, 1], 1.0),
-                reference_free=cfg.dpo.reference_free, mask=valid,
-            )  # fmt: skip
             n = jnp.sum(valid)
             kl, kl_tokens = scoring.completion_token_kl(graphdef, params, ref_params, batch)
             sums = {k: v * n for k, v in metrics.items()}
             sums.update(loss=jnp.sum(losses * valid), n=n, kl=jnp.sum(kl * valid), kl_tokens=jnp.sum(kl_tokens * valid))
             return sums
 
-        self._pref = jax.jit(pref)
+        self._pref = jax.jit(jax.vmap(pref, in_axes=(0, 0, None, None)), out_shardings=replicated(mesh))
         self._ref_logps = jax.jit(functools.partial(scoring.sample_logps, graphdef))
         self.prompts = self._prompts(eval_pairs, eval_examples, cfg.eval.num_prompts, tokenizer.pad_token_id or 0)
 
@@ -108,22 +100,26 @@ class Evaluator:
             mask[i, width - len(x) :] = 1
         return prompt, mask, texts
 
-    def preference(self, params) -> dict[str, float]:
-        totals: dict[str, float] = {}
+    def preference(self, params_K, hparams_K) -> list[dict[str, float]]:
+        totals: dict[str, np.ndarray] = {}
         batches = progress(self.loader.epoch(0), self.loader.steps_per_epoch, "eval")
         for _, batch in batches:
             signals.check("during eval")
             if self.ref_eval is not None:
                 batch["ref_logps"] = self.ref_eval[np.maximum(batch["index"], 0)] * batch["valid"][..., None]
-            sums = jax.device_get(self._pref(params, to_global(batch, self.mesh), self.reference))
+            sums = jax.device_get(self._pref(params_K, hparams_K, to_global(batch, self.mesh), self.reference))
             for k, v in sums.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+                totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
         batches.close()
-        n = max(totals.pop("n"), 1.0)
-        kl, kl_tokens = totals.pop("kl"), totals.pop("kl_tokens")
-        out = {f"eval/{k}": v / n for k, v in totals.items()}
-        out.update({"eval/kl_token": kl / max(kl_tokens, 1.0), "eval/kl_seq_exact": kl / n})
-        return out
+        rows = []
+        for m in range(len(totals["n"])):
+            t = {k: float(v[m]) for k, v in totals.items()}
+            n = max(t.pop("n"), 1.0)
+            kl, kl_tokens = t.pop("kl"), t.pop("kl_tokens")
+            out = {f"eval/{k}": v / n for k, v in t.items()}
+            out.update({"eval/kl_token": kl / max(kl_tokens, 1.0), "eval/kl_seq_exact": kl / n})
+            rows.append(out)
+        return rows
 
     def sampled(self, params, key, prefix="eval/") -> dict[str, float]:
         """Sequence KL to the reference and true reward of samples from ``params``."""
@@ -162,17 +158,20 @@ class Evaluator:
             res.update({f"{prefix}reward": rewards.mean(), f"{prefix}reward_se": rewards.std(ddof=1) / np.sqrt(n)})
         return {k: float(v) for k, v in res.items()}
 
-    def __call__(self, params, step: int) -> dict[str, float]:
+    def __call__(self, params_K, hparams_K, step: int) -> list[dict[str, float]]:
+        """Every member's eval row."""
         key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed + 1), step)
-        self.last = {**self.preference(params), **self.sampled(params, key)}
+        rows = self.preference(params_K, hparams_K)
+        self.last = [{**row, **self.sampled(take_member(params_K, k, self.mesh), key)} for k, row in enumerate(rows)]
         return self.last
 
-    def final(self, params, step: int) -> dict[str, float]:
+    def final(self, params_K, hparams_K, step: int) -> list[dict[str, float]]:
         """The last eval, plus the reference's sampled reward and KL (about 0) on the same prompts."""
         if not self.last:
-            self(params, step)
+            self(params_K, hparams_K, step)
         key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed + 1), step)
-        return {**self.last, **self.sampled(self.reference, key, prefix="reference/")}
+        ref = self.sampled(self.reference, key, prefix="reference/")
+        return [{**row, **ref} for row in self.last]
 
 
 # --- Outputs ----------------------------------------------------------------------------------------------------

@@ -198,6 +198,7 @@ def preference_loss(
     reference_free: bool = False,
     bco_delta: float | Array | None = None,
     mask: Array | None = None,
+    length_normalize: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Per-pair preference losses and TRL-named metrics.
 
@@ -217,6 +218,8 @@ def preference_loss(
         the implicit rewards, i.e. TRL's value at its first step.
       mask: [B] 1 for real pairs, 0 for padding pairs: metrics, the batch statistics of ``sft`` and the
         default ``bco_delta`` use real pairs only (losses_B is still returned for every pair).
+      length_normalize: traced 0/1 in place of "``ipo`` is among the types" (a population computes the union of
+        its members' types, each member weighting its own; its length averaging must follow its own mix).
 
     Returns:
       ``(losses_B, metrics)``: per-pair losses (reduce them as you like; TRL takes the mean) and scalar batch
@@ -256,7 +259,8 @@ def preference_loss(
         if value is not None:
             _check_range(name, value, 0.0, np.inf, lo_open=True, hi_open=True)
             lengths[name] = jnp.broadcast_to(_float(value), pc.shape)
-    if "ipo" in types and len(lengths) == 1:
+    normalize = "ipo" in types if length_normalize is None else True
+    if normalize and len(lengths) == 1:
         raise ValueError("loss_type 'ipo' length-averages with both chosen_lengths and rejected_lengths; got one")
     if "sft" in types and "chosen_lengths" not in lengths:
         raise ValueError("loss_type 'sft' needs chosen_lengths (completion token counts) for its token mean")
@@ -272,8 +276,11 @@ def preference_loss(
         # summed (not IPO length-averaged) log-probs.
         tokens = jnp.maximum(jnp.sum(lengths["chosen_lengths"] * m), 1.0)
         sft_nll_B = jnp.broadcast_to(-jnp.sum(pc * m) / tokens, pc.shape)
-    if "ipo" in types and len(lengths) == 2:
+    if normalize and len(lengths) == 2:
         lc, lr = lengths["chosen_lengths"], lengths["rejected_lengths"]
+        if length_normalize is not None:  # traced: 1 divides, 0 keeps the sums
+            f = _float(length_normalize)
+            lc, lr = f * lc + (1.0 - f), f * lr + (1.0 - f)
         pc, rc, pr, rr = pc / lc, rc / lc, pr / lr, rr / lr
 
     c, r = pc - rc, pr - rr

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 
 from dpo_jax import scoring, signals
 from dpo_jax.data.loader import PreferenceLoader, to_global
-from dpo_jax.sharding import batch_sharding, data_parallel_size
+from dpo_jax.sharding import batch_sharding, batch_slice, data_parallel_size
 
 
 def cache_key(params, model_config, pairs, settings: dict) -> str:
@@ -45,26 +45,24 @@ def compute_logps(graphdef, params, pairs, *, mesh, batch_size, layout, pad_id, 
         drop_last=False,
         layout=dataclasses.replace(layout, row_multiple=data_parallel_size(mesh)),
         pad_id=pad_id,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        process_index=batch_slice(mesh)[0],
+        process_count=batch_slice(mesh)[1],
     )
 
     def score(params, batch):  # [G, P, 2]: grouped like the batch, so it stays sharded
         logps = scoring.pair_logps(graphdef, params, batch, **head)[0]
-        return logps.reshape(*batch["valid"].shape, 2)
+        return logps.reshape(*batch["valid"].shape, 2), batch["index"]
 
-    score = jax.jit(score, out_shardings=batch_sharding(mesh, 3))
+    score = jax.jit(score, out_shardings=(batch_sharding(mesh, 3), batch_sharding(mesh, 2)))
     from dpo_jax.evaluate import progress
 
     out = np.zeros((len(pairs), 2), np.float32)
     batches = progress(loader.epoch(0), loader.steps_per_epoch, "reference log-probs")
     for _step, batch in batches:
         signals.check("during the reference pass (nothing to save; it restarts)")
-        logps = score(params, to_global(batch, mesh))
-        logps = multihost_utils.process_allgather(logps, tiled=True) if jax.process_count() > 1 else logps
-        index = (
-            multihost_utils.process_allgather(batch["index"], tiled=True) if jax.process_count() > 1 else batch["index"]
-        )
+        logps, index = score(params, to_global(batch, mesh))
+        if jax.process_count() > 1:
+            logps, index = multihost_utils.process_allgather((logps, index), tiled=True)
         index, logps = np.asarray(index).reshape(-1), np.asarray(logps).reshape(-1, 2)
         out[index[index >= 0]] = logps[index >= 0]
     batches.close()

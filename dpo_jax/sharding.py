@@ -1,12 +1,15 @@
 """Device mesh and parameter partition rules: the one place sharding is declared.
 
-Mesh axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism with parameters sharded over it, ZeRO-3
-style) and ``tensor`` (Megatron-style model parallelism of heads / MLP width / vocabulary). Batches are split
-over ``("data", "fsdp")``. ``jax.jit`` with these ``NamedSharding``s is the modern ``pmap`` and spans hosts.
+Mesh axes: ``member`` (the members of a population, K / member of them per device group), ``data`` (pure data
+parallelism), ``fsdp`` (data parallelism with parameters sharded over it, ZeRO-3 style) and ``tensor``
+(Megatron-style model parallelism of heads / MLP width / vocabulary). Batches are split over ``("data", "fsdp")``
+(and over ``member`` when members draw their own batches); a population's state over ``member``. ``jax.jit``
+with these ``NamedSharding``s is the modern ``pmap`` and spans hosts.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
@@ -15,7 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("member", "data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 # (regex on the '/'-joined parameter path, spec of one layer's tensor). Kernels are [in, out].
@@ -31,20 +34,35 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
 STACKED = re.compile(r"(^|/)layers/")  # parameters with a leading [L] axis
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh over all devices; one size may be -1 (the rest)."""
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None, member: int = 1
+) -> Mesh:
+    """A ``(member, data, fsdp, tensor)`` mesh over all devices; one of data/fsdp/tensor may be -1 (the rest)."""
     devices = list(jax.devices() if devices is None else devices)
+    if member < 1 or len(devices) % member:
+        raise ValueError(f"mesh: member={member} does not divide {len(devices)} devices")
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1; got {sizes}")
-    known = int(np.prod([s for s in sizes if s != -1]))
+    known, group = int(np.prod([s for s in sizes if s != -1])), len(devices) // member
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"mesh: {len(devices)} devices are not divisible by {known} (sizes {sizes})")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but there are {len(devices)} devices")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+        if group % known:
+            raise ValueError(f"mesh: {group} devices per member group are not divisible by {known} (sizes {sizes})")
+        sizes[sizes.index(-1)] = group // known
+    if int(np.prod(sizes)) != group:
+        raise ValueError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but a member group has {group} devices")
+    return Mesh(np.asarray(devices).reshape([member, *sizes]), MESH_AXES)
+
+
+def member_axis_size(num_members: int, num_devices: int, data: int, fsdp: int, tensor: int) -> int:
+    """``mesh.member = 0`` (auto): the largest divisor of K whose groups leave data/fsdp/tensor a valid split."""
+    known = int(np.prod([s for s in (data, fsdp, tensor) if s != -1]))
+    for m in range(min(num_members, num_devices), 0, -1):
+        if num_members % m == 0 and num_devices % m == 0:
+            group = num_devices // m
+            if (group % known == 0) if -1 in (data, fsdp, tensor) else group == known:
+                return m
+    return 1
 
 
 def _path_str(path) -> str:
@@ -75,22 +93,61 @@ def param_shardings(tree, mesh: Mesh):
     )
 
 
-def tree_shardings(tree, mesh: Mesh):
+def tree_shardings(tree, mesh: Mesh, *, members: bool = False):
     """Shardings for a whole train state: arrays whose path matches a rule (parameters, and optimizer moments,
-    whose paths end in the parameter's) follow it; everything else (steps, scalars, RNG keys) is replicated."""
+    whose paths end in the parameter's) follow it; everything else (steps, scalars, RNG keys) is replicated.
+    ``members``: the tree has a leading [K] axis, split over ``member`` (replicated if that does not divide K)."""
 
     def one(path, x):
-        p = _path_str(path)
-        if getattr(x, "ndim", 0) == 0 or not any(re.search(pattern, p) for pattern, _ in PARTITION_RULES):
-            return NamedSharding(mesh, P())
-        return NamedSharding(mesh, spec_for(p, tuple(x.shape), mesh))
+        p, shape = _path_str(path), tuple(x.shape)
+        lead = ()
+        if members:
+            lead, shape = ("member" if shape[0] % mesh.shape["member"] == 0 else None,), shape[1:]
+        if len(shape) == 0 or not any(re.search(pattern, p) for pattern, _ in PARTITION_RULES):
+            return NamedSharding(mesh, P(*lead))
+        return NamedSharding(mesh, P(*lead, *spec_for(p, shape, mesh)))
 
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Leading (batch) axis over ``data`` x ``fsdp``; the rest replicated."""
-    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def fetch(x) -> np.ndarray:
+    """The whole value of a global array on every process (it may span other hosts' devices)."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def take_member(tree_K, k, mesh: Mesh):
+    """Member ``k`` of a population tree ([K, ...] leaves), laid out like an ordinary run's (replicated over
+    ``member``), on every device: what checkpoints, sampling and exports of one member take (across hosts too)."""
+    one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), tree_K)
+    return jax.jit(lambda t, i: jax.tree.map(lambda x: x[i], t), out_shardings=tree_shardings(one, mesh))(tree_K, k)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, *, members: bool = False) -> NamedSharding:
+    """Leading (batch) axis over ``data`` x ``fsdp``; the rest replicated. ``members``: a leading [K] axis over
+    ``member`` first."""
+    lead = ("member",) if members else ()
+    return NamedSharding(mesh, P(*lead, BATCH_AXES, *([None] * (ndim - 1 - len(lead)))))
+
+
+@functools.lru_cache(maxsize=32)
+def batch_slice(mesh: Mesh) -> tuple[int, int]:
+    """(index, count): which of ``count`` equal contiguous slices of a batch this process's devices hold. Usually
+    (process index, process count); 1 slice when the processes differ only in members (each needs all of it)."""
+    coords = {}  # process -> the batch-axis positions its devices hold
+    flat = np.asarray(mesh.devices).reshape(mesh.shape["member"], -1, mesh.shape["tensor"])  # [M, data*fsdp, t]
+    for pos in range(flat.shape[1]):
+        for d in flat[:, pos, :].ravel():
+            coords.setdefault(d.process_index, set()).add(pos)
+    spans = sorted({(min(c), max(c) + 1) for c in coords.values()})
+    width = spans[0][1] - spans[0][0]
+    if any(hi - lo != width for lo, hi in spans) or any(len(c) != width for c in coords.values()):
+        raise ValueError(f"mesh: processes hold uneven slices of the batch axes: {spans}")
+    mine = coords[jax.process_index()]
+    return spans.index((min(mine), max(mine) + 1)), len(spans)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -5,8 +5,11 @@
     dpo-jax sweep --config configs/beta_sweep.py --workdir runs/beta --mode export      # W&B sweep + commands
 
 A member is a dict of dotted config overrides (``{"dpo.beta": 0.3}``); ``grid`` builds the product of axes.
-With ``--mode vectorized`` members that differ only in beta, label smoothing and learning rate train together
-in one ``jax.vmap``-ed program (``dpo_jax/vectorized.py``) and are written out as ordinary runs. Otherwise
+With ``--mode vectorized`` members train as a population in one ``jax.vmap``-ed program (``train.train_population``,
+members split over the mesh's ``member`` axis, across devices and hosts) and are written out as ordinary runs.
+Members may differ there in ``VECTOR_KEYS`` (traced values: beta, label smoothing, soft-target temperature, data
+seed, learning rate, loss type and weights); members that differ in anything else (model, data, steps) are
+grouped automatically: as few populations as possible, one after another. Otherwise
 members run one after another in one process, each in ``<workdir>/<member>`` as an ordinary run (its own
 checkpoints, metrics, W&B run in the sweep's group with the member's values as tags). The compiled train
 step is reused across members (beta and label smoothing are traced), members share one SFT reference stage
@@ -41,6 +44,21 @@ SUMMARY_COLUMNS = (
     "eval/reward_se",
     "reference/reward",
 )
+
+
+VECTOR_KEYS = (
+    "dpo.beta", "dpo.label_smoothing", "dpo.soft_target_temperature", "dpo.seed", "optim.learning_rate",
+    "dpo.loss_type", "dpo.loss_weights",
+)  # fmt: skip
+
+
+def vector_groups(members: list[dict[str, Any]]) -> list[list[int]]:
+    """Member indices grouped by everything but ``VECTOR_KEYS`` (first appearance order): one program each."""
+    groups: dict[str, list[int]] = {}
+    for i, m in enumerate(members):
+        key = json.dumps(sorted((k, v) for k, v in m.items() if k not in VECTOR_KEYS), default=str)
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
 
 
 def grid(axes: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -120,12 +138,17 @@ def run_sweep(
     for i in sorted(set(range(len(members))) - set(todo)):
         print(f"[sweep] {i + 1}/{len(members)} {names[i]}: finished, skipped", flush=True)
     if mode == "vectorized" and todo:
-        from dpo_jax.vectorized import check_vectorizable, train_vectorized
+        from dpo_jax.train import train_population
 
-        check_vectorizable([members[i] for i in todo])
-        print(f"[sweep] {len(todo)} members in one vectorised program: {[names[i] for i in todo]}", flush=True)
-        cfgs = [member_config(base, members[i], workdir) for i in todo]
-        train_vectorized(cfgs, [workdir / names[i] for i in todo], devices=devices)
+        groups = [[todo[j] for j in g] for g in vector_groups([members[i] for i in todo])]
+        for n, group in enumerate(groups):
+            print(
+                f"[sweep] population {n + 1}/{len(groups)}: {len(group)} members in one program: "
+                f"{[names[i] for i in group]}",
+                flush=True,
+            )
+            cfgs = [member_config(base, members[i], workdir) for i in group]
+            train_population(cfgs, [workdir / names[i] for i in group], devices=devices)
     elif todo:
         for i in todo:
             print(f"[sweep] {i + 1}/{len(members)} {names[i]}", flush=True)
@@ -136,7 +159,10 @@ def run_sweep(
         summary = load_summary(workdir / name)
         values = {k: overrides.get(k, _get(base, k)) for k in swept}  # the member's effective values
         rows.append({"member": name, **values, **{k: summary.get(k) for k in SUMMARY_COLUMNS}})
-    write_summary(rows, swept, workdir)
+    import jax
+
+    if jax.process_index() == 0:
+        write_summary(rows, swept, workdir)
     return rows
 
 

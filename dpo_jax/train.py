@@ -1,11 +1,12 @@
-"""Train state, the one jitted SFT / DPO train step, and the training loop of ``dpo-jax train``.
+"""The one jitted SFT / DPO train step and the one training loop, for a run (K = 1) and a population (K > 1).
 
-The step is a pure function ``train_step(state, batch, reference) -> (state, metrics)``, jitted once per stage
-with ``NamedSharding``s over the mesh and the state donated. Chosen and rejected run in one concatenated
-forward; completion log-probs go through the chunked LM head. beta and label smoothing live in
-``state.hparams`` and soft targets in the batch: traced, so one compile serves any value. ``reference`` is
-the frozen reference's parameters (``reference.mode='frozen'``) or None, when the batch carries precomputed
-reference log-probs (``'cached'``, the default).
+The step is a pure function ``train_step(state, batch, reference) -> (state, metrics)``; the loop vmaps it over
+the members of a population (``dpo_jax.state``: every leaf has a leading [K] axis, split over the mesh's
+``member`` axis) and jits it once per batch shape with ``NamedSharding``s and the state donated. Hyper-parameters
+(beta, label smoothing, soft-target temperature, learning-rate scale, loss-type weights) live in
+``state.hparams``: traced, so one compile serves any values, for training and eval alike (``pair_losses`` is the
+one objective). ``reference`` is the frozen reference's parameters (``reference.mode='frozen'``) or None, when
+the batch carries precomputed reference log-probs (``'cached'``, the default).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,12 +29,13 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from dpo_jax import checkpoint, reference, scoring, sharding, signals, throughput
-from dpo_jax.config import SFT_FIELDS, dpo_seed, loss_types, validate
+from dpo_jax.config import SFT_FIELDS, ConfigError, dpo_seed, loss_types, validate
 from dpo_jax.data import (
     Columns,
     PreferenceLoader,
     TokenizeConfig,
     load_examples,
+    pad_batches,
     synthetic,
     to_global,
     tokenize_examples,
@@ -46,17 +47,8 @@ from dpo_jax.errors import NonFiniteLoss, Notes
 from dpo_jax.logging import ConsoleWriter, JsonlWriter, MultiWriter, WandbWriter, Writer
 from dpo_jax.losses import preference_loss, temper_targets
 from dpo_jax.signals import Preempted, stop_signals
+from dpo_jax.state import HParams, TrainState, init_state, member, stack
 from dpo_jax.workdir import WorkdirLock, allowed_changes, atomic_dir, check_resume_config, ensure_writable, flatten
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any  # nnx.State, float32
-    opt_state: Any
-    rng: jax.Array
-    hparams: dict  # {"beta", "label_smoothing", "target_temperature"}, "lr_scale" in vectorised sweeps: traced
-    nonfinite_step: jax.Array  # first step whose loss or gradient was not finite; -1 if none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +56,7 @@ class StepConfig:
     """The static part of a step (changing it recompiles)."""
 
     stage: str  # "sft" | "dpo"
-    loss_types: tuple[str, ...] = ("sigmoid",)
-    loss_weights: tuple[float, ...] = ()
+    loss_types: tuple[str, ...] = ("sigmoid",)  # a population's union; each member weights them (hparams)
     use_soft_targets: bool = False
     reference_free: bool = False
     frozen_reference: bool = False
@@ -102,19 +93,23 @@ def decay_mask(params):
     )
 
 
-def make_optimizer(o, steps: int, peak_lr: float, warmup: int) -> optax.GradientTransformation:
-    """AdamW with warmup + cosine/linear decay, global-norm clipping and a weight-decay mask. The learning rate
-    is an injected hyper-parameter (it lives in the optimizer state, so sweeps can vary it)."""
-    schedule = lr_schedule(peak_lr, steps, warmup, o.get("schedule", "cosine"), o.get("end_lr_fraction", 0.1))
+def make_optimizer(o, steps: int) -> optax.GradientTransformation:
+    """AdamW with warmup + cosine/linear decay, global-norm clipping and a weight-decay mask, from an optimizer
+    config section (``optim`` or ``sft``: every field explicit). The learning rate is an injected hyper-parameter
+    (it lives in the optimizer state)."""
+    schedule = lr_schedule(o["learning_rate"], steps, o["warmup_steps"], o["schedule"], o["end_lr_fraction"])
     adamw = optax.inject_hyperparams(optax.adamw)(
-        learning_rate=schedule,
-        b1=o.get("b1", 0.9),
-        b2=o.get("b2", 0.999),
-        weight_decay=o.get("weight_decay", 0.0),
-        mask=decay_mask,
+        learning_rate=schedule, b1=o["b1"], b2=o["b2"], weight_decay=o["weight_decay"], mask=decay_mask
     )
-    clip = o.get("clip_norm", 1.0)
+    clip = o["clip_norm"]
     return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
+
+
+def optim_section(**values) -> dict:
+    """The default config's ``optim`` section with ``values`` replaced (tests and benchmarks)."""
+    from dpo_jax.configs.default import get_config
+
+    return {**dict(get_config().optim), **values}
 
 
 def current_lr(opt_state) -> jax.Array:
@@ -139,7 +134,26 @@ def batch_totals(batch: dict) -> dict:
     }
 
 
-def objective(params, graphdef, batch, ref_logps, hparams, sc: StepConfig, totals=None):
+def pair_losses(logps, counts, ref_logps, batch, hparams: HParams, sc: StepConfig):
+    """The one DPO objective, for training and eval: per-pair losses [n] and metric means over valid pairs."""
+    ref = (None, None) if ref_logps is None else (ref_logps[:, 0], ref_logps[:, 1])
+    targets = scoring.pair_values(batch, "target_probs")
+    return preference_loss(
+        logps[:, 0], logps[:, 1], *ref,
+        loss_type=sc.loss_types,
+        loss_weights=hparams.loss_weights,
+        beta=hparams.beta,
+        label_smoothing=hparams.label_smoothing,
+        target_probs=temper_targets(targets, hparams.target_temperature) if sc.use_soft_targets else None,
+        chosen_lengths=jnp.maximum(counts[:, 0], 1.0),
+        rejected_lengths=jnp.maximum(counts[:, 1], 1.0),
+        reference_free=sc.reference_free,
+        mask=scoring.pair_values(batch, "valid"),
+        length_normalize=hparams.length_normalize,
+    )  # fmt: skip
+
+
+def objective(params, graphdef, batch, ref_logps, hparams: HParams, sc: StepConfig, totals=None):
     """Scalar loss and metrics of one (micro-)batch, normalised by ``totals`` (default: this batch's)."""
     totals = batch_totals(batch) if totals is None else totals
     valid = scoring.pair_values(batch, "valid")
@@ -147,20 +161,7 @@ def objective(params, graphdef, batch, ref_logps, hparams, sc: StepConfig, total
     if sc.stage == "sft":
         nll = -jnp.sum(logps[:, 0] * valid) / totals["tokens"]
         return nll, {"nll": nll}
-    ref = (None, None) if ref_logps is None else (ref_logps[:, 0], ref_logps[:, 1])
-    losses, metrics = preference_loss(
-        logps[:, 0], logps[:, 1], *ref,
-        loss_type=sc.loss_types,
-        loss_weights=sc.loss_weights or None,
-        beta=hparams["beta"],
-        label_smoothing=hparams["label_smoothing"],
-        target_probs=temper_targets(scoring.pair_values(batch, "target_probs"), hparams.get("target_temperature", 1.0))
-        if sc.use_soft_targets else None,
-        chosen_lengths=jnp.maximum(counts[:, 0], 1.0),
-        rejected_lengths=jnp.maximum(counts[:, 1], 1.0),
-        reference_free=sc.reference_free,
-        mask=valid,
-    )  # fmt: skip
+    losses, metrics = pair_losses(logps, counts, ref_logps, batch, hparams, sc)
     w = scoring.pair_values(batch, "weights") * valid
     share = jnp.sum(valid) / totals["pairs"]  # metrics are means over this micro-batch's pairs
     return jnp.sum(losses * w) / totals["weight"], jax.tree.map(lambda m: m * share, metrics)
@@ -205,7 +206,7 @@ def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx
 
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    lr_scale = state.hparams.get("lr_scale", 1.0)  # vectorised sweeps: each member's lr over the shared schedule
+    lr_scale = state.hparams.lr_scale  # each member's learning rate over the shared schedule's peak
     updates = jax.tree.map(lambda u: u * lr_scale, updates)
     params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -231,7 +232,9 @@ class Programs:
         self.pending: list[tuple[str, float]] = []  # (shape, seconds) compiled since the last ``take_new``
 
     def __call__(self, state, batch, *rest):
-        key = tuple((k, v.shape) for k, v in sorted(batch.items()))
+        key = tuple((k, v.shape) for k, v in sorted(batch.items())) + tuple(
+            x.shape for x in jax.tree.leaves(state.hparams)
+        )
         if key not in self.compiled:
             t0 = time.perf_counter()
             self.compiled[key] = self.jitted.lower(state, batch, *rest).compile()
@@ -263,33 +266,45 @@ def throughput_metrics(name: str, acc: dict, steps: int, dt: float, peak: float)
     return out
 
 
-# --- Stages -----------------------------------------------------------------------------------------------------
+# --- The loop ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Member:
+    """One member of a population: its hyper-parameters, data order, checkpoints and log."""
+
+    hparams: HParams
+    seed: int  # data order and the train state's rng
+    loader: PreferenceLoader
+    ckpt: checkpoint.Checkpointer
+    writer: Writer
 
 
 @dataclasses.dataclass
 class Stage:
     name: str
     sc: StepConfig
-    loader: PreferenceLoader
     steps: int
-    optim: dict
-    hparams: dict
+    optim: dict  # the optimizer section; its learning rate is the schedule's peak (members scale it)
+    members: list[Member]
     reference_params: Any = None  # frozen mode
     ref_cache: np.ndarray | None = None  # cached mode: [N, 2]
     evaluator: Any = None
     log_offset: int = 0  # logged step = log_offset + stage step (one increasing axis across stages)
-    seed: int = 0  # the train state's rng
 
 
 _STEP_FNS: dict = {}  # jitted steps, reused by later runs in this process (sweep members differ in traced values)
 
 
-def _jitted_step(graphdef, tx, sc, optim_key, shardings, batch_shardings, ref_shardings, mesh):
-    key = (graphdef, sc, optim_key, mesh, tuple(sorted(batch_shardings)), ref_shardings is None)
+def _jitted_step(graphdef, tx, sc, optim_key, shardings, batch_shardings, ref_shardings, mesh, shared: bool):
+    key = (graphdef, sc, optim_key, mesh, tuple(sorted(batch_shardings)), ref_shardings is None, shared)
     if key not in _STEP_FNS:
+        step = jax.vmap(
+            functools.partial(train_step, graphdef=graphdef, tx=tx, sc=sc), in_axes=(0, None if shared else 0, None)
+        )
         _STEP_FNS[key] = Programs(
             jax.jit(
-                functools.partial(train_step, graphdef=graphdef, tx=tx, sc=sc),
+                step,
                 in_shardings=(shardings, batch_shardings, ref_shardings),
                 out_shardings=(shardings, sharding.replicated(mesh)),
                 donate_argnums=0,
@@ -306,98 +321,138 @@ def stage_checkpointer(cfg, workdir: Path, name: str) -> checkpoint.Checkpointer
     )
 
 
-def run_stage(stage: Stage, *, cfg, workdir: Path, graphdef, init_params, mesh, model_cfg, matmul_params, writer):
-    """Train one stage with checkpoints and resume; returns the final parameters."""
-    ckpt = stage_checkpointer(cfg, workdir, stage.name)
-    tx = make_optimizer(stage.optim, stage.steps, stage.optim["learning_rate"], stage.optim.get("warmup_steps", 0))
-    hparams = {k: jnp.float32(v) for k, v in stage.hparams.items()}
+def population_batches(stage: Stage, start: int, shared: bool):
+    """(step, batch): the batch all members share, or the members' own batches stacked to [K, ...]."""
+    if shared:
+        yield from stage.members[0].loader.iterate(start, stage.steps - start)
+        return
+    iters = [m.loader.iterate(start, stage.steps - start) for m in stage.members]
+    for items in zip(*iters, strict=True):
+        batches = pad_batches([b for _, b in items])  # packed members' batches differ in their static sizes
+        yield items[0][0], {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
-    def init_state(params):
-        return TrainState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(stage.seed), hparams, jnp.int32(-1))
 
-    abstract = jax.eval_shape(init_state, init_params)
-    shardings = sharding.tree_shardings(abstract, mesh)
-    restored = ckpt.restore_latest(checkpoint.abstract_like(abstract, shardings))
-    meta: dict = {}
-    if restored is not None:
-        latest, state, meta = restored
-        state = state.replace(hparams=jax.device_put(hparams, sharding.replicated(mesh)))  # the config's values
-        print(f"[{stage.name}] resumed from step {latest} (data step {meta['data_step']})", flush=True)
+def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matmul_params):
+    """Train the K members of one stage together, with checkpoints and resume; returns their [K] parameters."""
+    members, k_members = stage.members, len(stage.members)
+    tx = make_optimizer(stage.optim, stage.steps)
+    one = jax.eval_shape(lambda p: init_state(p, tx, members[0].hparams, 0), init_params)
+    one_shardings = sharding.tree_shardings(one, mesh)
+    population = jax.tree.map(lambda x: jax.ShapeDtypeStruct((k_members, *x.shape), x.dtype), one)
+    shardings = sharding.tree_shardings(population, mesh, members=True)
+    hparams = jax.device_put(stack([m.hparams for m in members]), shardings.hparams)  # the config's values
+    take = jax.jit(member, out_shardings=one_shardings)  # member k, as an ordinary run's state
+    restored = [m.ckpt.restore_latest(checkpoint.abstract_like(one, one_shardings)) for m in members]
+    latest = {r[0] if r else None for r in restored}
+    metas = [r[2] if r else {} for r in restored]
+    if latest == {None}:
+        seeds = np.asarray([m.seed for m in members], np.int32)
+        init = jax.vmap(lambda p, h, s: init_state(p, tx, h, s), in_axes=(None, 0, 0))
+        state = jax.jit(init, out_shardings=shardings)(init_params, hparams, seeds)
+    elif len(latest) == 1:
+        state = jax.jit(lambda xs: stack(xs), out_shardings=shardings)([r[1] for r in restored])
+        state = state.replace(hparams=hparams)
+        who = f" {k_members} members" if k_members > 1 else ""
+        print(f"[{stage.name}] resumed{who} from step {restored[0][0]} (data step {metas[0]['data_step']})", flush=True)
     else:
-        state = jax.jit(init_state, out_shardings=shardings)(init_params)
-    start = int(state.step)
-    if start >= stage.steps and not meta.get("eval_pending"):
-        ckpt.close()
+        raise ConfigError(
+            f"sweep: the members' {stage.name} checkpoints are at different steps {sorted(latest, key=str)}; "
+            "resume them one by one (--mode=sequential)"
+        )
+    eval_pending = any(m.get("eval_pending") for m in metas)
+    start = int(sharding.fetch(state.step)[0])
+    if start >= stage.steps and not eval_pending:
+        for m in members:
+            m.ckpt.close()
         return state.params
-    # Drop log rows of steps that will be redone (and an interrupted eval's row, which is redone too).
-    writer.rewind(stage.log_offset + start, keep_evals=not meta.get("eval_pending"))
+    for m in members:  # drop log rows of steps that will be redone (and an interrupted eval's row, redone too)
+        m.writer.rewind(stage.log_offset + start, keep_evals=not eval_pending)
 
-    sample = stage.loader.batch(min(start, stage.steps - 1))
+    shared = len({m.seed for m in members}) == 1
+    sample = next(population_batches(stage, min(start, stage.steps - 1), shared))[1]
     if stage.ref_cache is not None:
         sample["ref_logps"] = np.zeros((*sample["index"].shape, 2), np.float32)
-    batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in sample.items()}
+    batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim, members=not shared) for k, v in sample.items()}
     ref_shardings = None if stage.reference_params is None else sharding.param_shardings(stage.reference_params, mesh)
     optim_key = (stage.steps, tuple(sorted((k, str(v)) for k, v in stage.optim.items())))
-    step_fn = _jitted_step(graphdef, tx, stage.sc, optim_key, shardings, batch_shardings, ref_shardings, mesh)
+    step_fn = _jitted_step(graphdef, tx, stage.sc, optim_key, shardings, batch_shardings, ref_shardings, mesh, shared)
     console = ConsoleWriter(stage.steps, start, stage.name, stage.log_offset) if jax.process_index() == 0 else Writer()
-    out = MultiWriter([writer, console])
     peak, peak_source = throughput.peak_flops(cfg.peak_flops)
     counts = throughput.model_counts(model_cfg, matmul_params)
-    console.note(f"[{stage.name}] batches: {stage.loader.describe()}; MFU against the {peak_source}")
+    who = f" ({k_members} members, {mesh.shape['member']} per device group)" if k_members > 1 else ""
+    console.note(f"[{stage.name}] batches: {members[0].loader.describe()}{who}; MFU against the {peak_source}")
 
     def check_finite():
-        bad = int(state.nonfinite_step)
-        if bad >= 0:
-            ckpt.wait()
+        bad = sharding.fetch(state.nonfinite_step)
+        if (bad >= 0).any():
+            k = int(np.argmax(bad >= 0))
+            for m in members:
+                m.ckpt.wait()
+            who = f"member {k}: " if k_members > 1 else ""
             raise NonFiniteLoss(
-                f"[{stage.name}] the loss or gradient became NaN/Inf at step {bad}; stopped without "
-                f"saving. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}"
+                f"[{stage.name}] {who}the loss or gradient became NaN/Inf at step {int(bad[k])}; stopped without "
+                f"saving. Last good checkpoint: step {members[k].ckpt.latest_step()} in {members[k].ckpt.directory}"
             )
 
+    def save(step: int, **meta):
+        for k, m in enumerate(members):
+            if k and jax.process_count() > 1:  # Orbax's cross-host commit barriers are named by step: one at a time
+                members[k - 1].ckpt.wait()
+            m.ckpt.save(step, take(state, k), {"data_step": step, "stage": stage.name, **meta}, force=True)
+
     def stop(step: int, *, eval_pending: bool = False):
-        if ckpt.latest_step() != step or eval_pending:  # the regular save may already have this step
-            ckpt.save(step, state, {"data_step": step, "stage": stage.name, "eval_pending": eval_pending}, force=True)
-        ckpt.close()
+        if members[0].ckpt.latest_step() != step or eval_pending:  # the regular save may already have this step
+            save(step, eval_pending=eval_pending)
+        for m in members:
+            m.ckpt.close()
         raise Preempted(f"[{stage.name}] {signals.name()}: saved step {step}; rerun the same command to resume")
 
     def evaluate(step: int):
         try:
-            out.write(stage.log_offset + step, stage.evaluator(state.params, step))
+            rows = stage.evaluator(state.params, state.hparams, step)
         except Preempted:  # saved with the eval marked pending: the resume redoes it
             stop(step, eval_pending=True)
+        for m, row in zip(members, rows, strict=True):
+            m.writer.write(stage.log_offset + step, row)
+        console.write(stage.log_offset + step, rows[0])
 
     try:
-        if stage.evaluator is not None and (start == 0 or meta.get("eval_pending")):
+        if stage.evaluator is not None and (start == 0 or eval_pending):
             evaluate(start)  # step 0: the reference itself, the first point of every curve
         t0, steps_timed, acc = time.perf_counter(), 0, {}
-        for step, batch in stage.loader.iterate(start, stage.steps - start):
+        for step, batch in population_batches(stage, start, shared):
             if signals.requested():
                 stop(step)
             if stage.ref_cache is not None:
                 batch["ref_logps"] = stage.ref_cache[np.maximum(batch["index"], 0)] * batch["valid"][..., None]
-            state, metrics = step_fn(state, to_global(batch, mesh), stage.reference_params)
+            state, metrics = step_fn(state, to_global(batch, mesh, members=not shared), stage.reference_params)
             done = step + 1
             steps_timed += 1
-            stats = {k: v * jax.process_count() for k, v in batch_stats(batch).items()}  # processes: alike
-            stats["flops"] = throughput.step_flops(counts, stats, frozen_reference=stage.sc.frozen_reference)
-            acc = {k: acc.get(k, 0.0) + v for k, v in stats.items()}
+            each = [batch] * k_members if shared else [member(batch, k) for k in range(k_members)]
+            for b in each:  # processes hold alike slices
+                stats = {k: v * sharding.batch_slice(mesh)[1] for k, v in batch_stats(b).items()}
+                stats["flops"] = throughput.step_flops(counts, stats, frozen_reference=stage.sc.frozen_reference)
+                acc = {k: acc.get(k, 0.0) + v for k, v in stats.items()}
             for shape, seconds in step_fn.take_new():
                 acc["compile_s"] = acc.get("compile_s", 0.0) + seconds
-                if jax.process_index() == 0:
-                    console.note(f"[{stage.name}] compiled the step for batch {shape} in {seconds:.1f} s")
+                console.note(f"[{stage.name}] compiled the step for batch {shape} in {seconds:.1f} s")
             if done % cfg.log_every == 0 or done == stage.steps:
                 metrics = jax.device_get(metrics)
                 check_finite()
                 dt = time.perf_counter() - t0 - acc.get("compile_s", 0.0) - acc.get("paused_s", 0.0)
-                logged = {f"{stage.name}/{k}": float(v) for k, v in metrics.items()}
-                logged.update(throughput_metrics(stage.name, acc, steps_timed, dt, peak))
-                logged["train/loss" if stage.name == "dpo" else "sft/loss"] = float(metrics["loss"])
-                if stage.name == "dpo":
-                    logged.update({f"train/{k}": float(v) for k, v in metrics.items()})
-                    logged.update(
-                        {f"train/{k[4:]}": v for k, v in logged.items() if k.startswith("dpo/") and "_per_s" in k}
-                    )
-                out.write(stage.log_offset + done, logged)
+                figures = throughput_metrics(stage.name, acc, steps_timed, dt, peak)
+                if k_members > 1:
+                    figures[f"{stage.name}/members"] = k_members
+                for k, m in enumerate(members):
+                    row = {f"{stage.name}/{n}": float(v[k]) for n, v in metrics.items()}
+                    row.update(figures)
+                    row["train/loss" if stage.name == "dpo" else "sft/loss"] = row[f"{stage.name}/loss"]
+                    if stage.name == "dpo":
+                        row.update({f"train/{n}": float(v[k]) for n, v in metrics.items()})
+                        row.update({f"train/{n[4:]}": v for n, v in figures.items() if "_per_s" in n})
+                    m.writer.write(stage.log_offset + done, row)
+                    if m is members[0]:
+                        console.write(stage.log_offset + done, row)
                 t0, steps_timed, acc = time.perf_counter(), 0, {}
             if stage.evaluator is not None and (done % cfg.eval.every == 0 or done == stage.steps):
                 jax.block_until_ready(state)  # the steps before it count as training time, not eval time
@@ -406,10 +461,11 @@ def run_stage(stage: Stage, *, cfg, workdir: Path, graphdef, init_params, mesh, 
                 acc["paused_s"] = acc.get("paused_s", 0.0) + time.perf_counter() - t_eval
             if done % cfg.checkpoint.every == 0 or done == stage.steps:
                 check_finite()
-                ckpt.save(done, state, {"data_step": done, "stage": stage.name}, force=True)
+                save(done)
     finally:
         console.close()  # before any error line, so the message is the last thing printed
-    ckpt.close()
+    for m in members:
+        m.ckpt.close()
     return state.params
 
 
@@ -545,61 +601,64 @@ class Job:
     sft_steps: int
     summary: dict
 
-    def evaluator(self, cfg):
+    def step_config(self, cfgs) -> StepConfig:
+        """The DPO step of members ``cfgs`` (equal but for what ``HParams`` holds): their loss types' union."""
+        cfg = cfgs[0]
+        types = tuple(dict.fromkeys(t for c in cfgs for t in loss_types(c)))
+        return StepConfig(
+            "dpo", types, cfg.dpo.use_soft_targets, cfg.dpo.reference_free, cfg.reference.mode == "frozen",
+            cfg.optim.grad_accum, **self.chunks,
+        )  # fmt: skip
+
+    def evaluator(self, cfgs):
         from dpo_jax.evaluate import Evaluator
 
+        cfg = cfgs[0]
         reward_fn = functools.partial(synthetic.reward, kind=cfg.synthetic.reward) if cfg.task == "synthetic" else None
         return Evaluator(
             cfg=cfg, graphdef=self.graphdef, reference_params=self.reference_params, eval_pairs=self.eval_pairs,
             eval_examples=self.eval_examples, ref_eval=self.ref_eval, tokenizer=self.tokenizer, mesh=self.mesh,
-            loader_kw=self.loader_kw, reward_fn=reward_fn,
+            loader_kw=self.loader_kw, sc=self.step_config(cfgs), reward_fn=reward_fn,
         )  # fmt: skip
 
-    def dpo_stage(self, cfg, evaluator) -> Stage:
-        frozen = cfg.reference.mode == "frozen"
-        sc = StepConfig(
-            "dpo", loss_types(cfg), tuple(cfg.dpo.loss_weights), cfg.dpo.use_soft_targets, cfg.dpo.reference_free,
-            frozen, cfg.optim.grad_accum, **self.chunks,
-        )  # fmt: skip
+    def dpo_stage(self, cfgs, workdirs, writers, evaluator) -> Stage:
+        cfg, sc = cfgs[0], self.step_config(cfgs)
         kw = {**self.loader_kw, "layout": make_layout(cfg, self.mesh, accum=cfg.optim.grad_accum)}
-        loader = PreferenceLoader(self.train_pairs, cfg.optim.batch_size, seed=dpo_seed(cfg), **kw)
-        hparams = {
-            "beta": cfg.dpo.beta,
-            "label_smoothing": cfg.dpo.label_smoothing,
-            "target_temperature": cfg.dpo.get("soft_target_temperature", 1.0),
-        }
+        members = [
+            Member(
+                HParams.from_config(c, sc.loss_types, cfg.optim.learning_rate),
+                dpo_seed(c),
+                PreferenceLoader(self.train_pairs, cfg.optim.batch_size, seed=dpo_seed(c), **kw),
+                stage_checkpointer(c, wd, "dpo"),
+                w,
+            )
+            for c, wd, w in zip(cfgs, workdirs, writers, strict=True)
+        ]
+        frozen = self.reference_params if sc.frozen_reference else None
         return Stage(
-            "dpo",
-            sc,
-            loader,
-            cfg.optim.steps,
-            dict(cfg.optim),
-            hparams,
-            self.reference_params if frozen else None,
-            self.ref_train,
-            evaluator,
-            log_offset=self.sft_steps,
-            seed=dpo_seed(cfg),
+            "dpo", sc, cfg.optim.steps, dict(cfg.optim), members, frozen, self.ref_train, evaluator, self.sft_steps
         )
 
-    def stage_runner(self, workdir: Path, writer):
-        return functools.partial(
-            run_stage,
-            cfg=self.cfg,
-            workdir=workdir,
-            graphdef=self.graphdef,
-            mesh=self.mesh,
-            model_cfg=self.model_config,
-            matmul_params=self.matmul_params,
-            writer=writer,
-        )
+    def run(self, stage: Stage, init_params):
+        return run_stage(
+            stage, cfg=self.cfg, graphdef=self.graphdef, init_params=init_params, mesh=self.mesh,
+            model_cfg=self.model_config, matmul_params=self.matmul_params,
+        )  # fmt: skip
 
 
-def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None) -> Job:
+def make_mesh(cfg, devices, num_members: int = 1):
+    m = cfg.mesh
+    size = m.member or sharding.member_axis_size(num_members, len(devices), m.data, m.fsdp, m.tensor)
+    if num_members % size:
+        raise ConfigError(f"config.mesh.member: expected a divisor of the {num_members} members, got {size}")
+    return sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices, member=size)
+
+
+def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, num_members: int = 1) -> Job:
     """Data, tokenizer, model, the SFT stage (if configured) and the reference log-probs."""
-    validate(cfg, num_devices=len(devices))
     notes = notes or Notes()
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    mesh = make_mesh(cfg, devices, num_members)
+    validate(cfg, num_devices=len(devices), members=mesh.shape["member"])
     tokenizer, paths = prepare_data(cfg, workdir)
     d = cfg.data
     tok_cfg = TokenizeConfig(
@@ -640,22 +699,12 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None) -> 
     graphdef, params = nnx.split(model)
     n_params, matmul_params = scoring.count_matmul_params(model)
     params = jax.device_put(params, sharding.param_shardings(params, mesh))
-    loader_kw = dict(
-        layout=make_layout(cfg, mesh),
-        pad_id=tokenizer.pad_token_id or 0,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
+    index, count = sharding.batch_slice(mesh)
+    loader_kw = dict(layout=make_layout(cfg, mesh), pad_id=tokenizer.pad_token_id or 0, process_index=index,
+                     process_count=count)  # fmt: skip
     chunks = head_options(cfg)
     run = functools.partial(
-        run_stage,
-        cfg=cfg,
-        workdir=workdir,
-        graphdef=graphdef,
-        mesh=mesh,
-        model_cfg=model.config,
-        matmul_params=matmul_params,
-        writer=writer,
+        run_stage, cfg=cfg, graphdef=graphdef, mesh=mesh, model_cfg=model.config, matmul_params=matmul_params
     )
     sft_steps = 0
     if cfg.sft.steps > 0 and "sft" in paths:
@@ -669,8 +718,11 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None) -> 
         sft_loader = PreferenceLoader(
             sft_pairs, cfg.sft.batch_size, seed=cfg.seed, **{**loader_kw, "layout": make_layout(cfg, mesh, sides=1)}
         )
-        sft = Stage("sft", StepConfig("sft", **chunks), sft_loader, cfg.sft.steps, dict(cfg.sft), {}, seed=cfg.seed)
-        params = run(sft, init_params=params)
+        ckpt = stage_checkpointer(cfg, workdir, "sft")
+        sft_hparams = HParams.from_config(cfg, ("sigmoid",))  # unused by SFT; one shape for every member's stage
+        sft_member = Member(sft_hparams, cfg.seed, sft_loader, ckpt, writer)
+        sft = Stage("sft", StepConfig("sft", **chunks), cfg.sft.steps, dict(cfg.sft), [sft_member])
+        params = sharding.take_member(run(sft, init_params=params), 0, mesh)
         sft_steps = cfg.sft.steps
     reference_params = jax.tree.map(jnp.copy, params)  # the reference, kept outside the trained state
 
@@ -779,36 +831,65 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None) -> dict:
     """Run the configured job end to end; returns the summary (also written to ``<workdir>/summary.json``).
 
     A finished workdir (``summary.json``) is not run again: its summary is returned."""
+    devices = list(jax.devices() if devices is None else devices)
+    workdir = ensure_writable(workdir)
+    if not (workdir / "summary.json").exists():
+        return train_population([cfg], [workdir], devices=devices)[0]
+    validate(cfg, num_devices=len(devices), members=make_mesh(cfg, devices).shape["member"])
+    with workdir_lock(workdir):
+        changes = check_stage_configs(cfg, workdir)
+    if not changes:
+        if jax.process_index() == 0:
+            print(f"{workdir} is a finished run (summary.json); nothing to do. Use a new --workdir to train again")
+        return load_summary(workdir)
+    return train_population([cfg], [workdir], devices=devices, changes=[changes])[0]
+
+
+def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None) -> list[dict]:
+    """Train K >= 1 member configs (equal but for what ``HParams`` and ``dpo.seed`` hold) in one program; each
+    member is written out as an ordinary run (checkpoints, metrics, W&B run, eval, summary, plots, export).
+    ``changes``: the members' accepted resume changes, when the caller has checked them already."""
     from dpo_jax.evaluate import write_outputs
 
     devices = list(jax.devices() if devices is None else devices)
-    validate(cfg, num_devices=len(devices))
-    workdir = ensure_writable(workdir)
-    with workdir_lock(workdir), stop_signals():
-        changes = check_stage_configs(cfg, workdir)
-        if (workdir / "summary.json").exists() and not changes:
-            if jax.process_index() == 0:
-                print(f"{workdir} is a finished run (summary.json); nothing to do. Use a new --workdir to train again")
-            return load_summary(workdir)
+    workdirs = [ensure_writable(wd) for wd in workdirs]
+    cfg = cfgs[0]
+    mesh = make_mesh(cfg, devices, len(cfgs))
+    for c in cfgs:
+        validate(c, num_devices=len(devices), members=mesh.shape["member"])
+    with contextlib.ExitStack() as stack_:
+        for wd in workdirs:
+            stack_.enter_context(workdir_lock(wd))
+        stack_.enter_context(stop_signals())
+        if changes is None:
+            changes = [check_stage_configs(c, wd) for c, wd in zip(cfgs, workdirs, strict=True)]
         t_start = time.perf_counter()
         notes = Notes()
-        writer = make_writer(cfg, workdir)
+        writers = [make_writer(c, wd) for c, wd in zip(cfgs, workdirs, strict=True)]
         try:
-            job = prepare(cfg, workdir, devices, writer, notes)
-            evaluator = job.evaluator(cfg)
-            params = job.stage_runner(workdir, writer)(job.dpo_stage(cfg, evaluator), init_params=job.reference_params)
+            job = prepare(cfg, workdirs[0], devices, writers[0], notes, num_members=len(cfgs))
+            evaluator = job.evaluator(cfgs)
+            stage = job.dpo_stage(cfgs, workdirs, writers, evaluator)
+            params = job.run(stage, init_params=job.reference_params)
             signals.check("after training (the final checkpoint is saved)")
-            summary = {**job.summary, **evaluator.final(params, cfg.optim.steps)}
+            finals = evaluator.final(params, stack([m.hparams for m in stage.members]), cfg.optim.steps)
         finally:
-            writer.close()
+            for w in writers:
+                w.close()
         signals.check("after the final eval (the final checkpoint is saved)")
-        summary.update(run_info(job, devices, t_start))
-        if notes.items:
-            summary["warnings"] = notes.items
-        if changes:
-            summary["resume/changes"] = [f"{k}: {old!r} -> {new!r}" for k, old, new in changes]
-        write_outputs(cfg, workdir, job.graphdef, params, job.tokenizer, summary)
-    return summary
+        summaries = []
+        for k, (c, wd) in enumerate(zip(cfgs, workdirs, strict=True)):
+            summary = {**job.summary, **finals[k], **run_info(job, devices, t_start)}
+            if len(cfgs) > 1:
+                summary["population/members"] = len(cfgs)
+            if notes.items:
+                summary["warnings"] = notes.items
+            if changes[k]:
+                summary["resume/changes"] = [f"{n}: {old!r} -> {new!r}" for n, old, new in changes[k]]
+            write_outputs(c, wd, job.graphdef, sharding.take_member(params, k, job.mesh), job.tokenizer, summary)
+            summaries.append(summary)
+        _barrier("outputs")  # process 0 has written every member's summary
+    return summaries
 
 
 def load_summary(workdir) -> dict:

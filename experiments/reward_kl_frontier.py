@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def reference_rewards(cfg, workdir: Path, samples: int, batch_rows: int = 4096, seed: int = 1234) -> np.ndarray:
     """[P, M] true rewards of M completions sampled from the reference for each held-out eval prompt."""
     job = train.prepare(cfg, workdir, jax.devices()[:1], Writer())  # finished SFT and cached reference: cheap
-    evaluator = job.evaluator(cfg)
+    evaluator = job.evaluator([cfg])
     prompt, mask, texts = evaluator.prompts
     model = nnx.merge(job.graphdef, job.reference_params)
     tok = job.tokenizer

@@ -25,6 +25,7 @@ from dpo_jax.config import load_config_file
 from dpo_jax.data import PreferenceLoader, TokenizeConfig, load_examples, synthetic, to_global, tokenize_examples
 from dpo_jax.data.packing import batch_stats
 from dpo_jax.sharding import make_mesh, param_shardings, tree_shardings
+from dpo_jax.state import HParams, init_state
 
 
 def time_loader(loader, steps):
@@ -36,11 +37,10 @@ def time_loader(loader, steps):
 
 def time_step(cfg, graphdef, params, loader, mesh, *, frozen: bool, steps: int):
     sc = train.StepConfig("dpo", frozen_reference=frozen)
-    tx = train.make_optimizer(dict(cfg.optim), 1000, cfg.optim.learning_rate, 10)
-    hp = {"beta": jnp.float32(0.1), "label_smoothing": jnp.float32(0.0)}
+    tx = train.make_optimizer({**dict(cfg.optim), "warmup_steps": 10}, 1000)
 
     def init(p):
-        return train.TrainState(jnp.int32(0), p, tx.init(p), jax.random.PRNGKey(0), hp, jnp.int32(-1))
+        return init_state(p, tx, HParams.from_config(cfg), 0)
 
     state = jax.jit(init, out_shardings=tree_shardings(jax.eval_shape(init, params), mesh))(params)
     reference = jax.device_put(jax.tree.map(jnp.copy, params), param_shardings(params, mesh)) if frozen else None

@@ -25,7 +25,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -33,6 +32,7 @@ from dpo_jax import throughput, train
 from dpo_jax.data import Layout, PreferenceLoader, TokenizedPair
 from dpo_jax.data.packing import batch_stats
 from dpo_jax.models import ModelConfig, init_decoder
+from dpo_jax.state import HParams, init_state
 
 OLD_BUCKETS = (256, 512, 1024)  # configs/hf_local.py's buckets before packing
 CASES = {
@@ -80,11 +80,10 @@ def time_layout(graphdef, params, pairs, batch, steps, layout, max_logits_mb, co
     stats = [batch_stats(b) for b in batches]
     flops = sum(throughput.step_flops(counts, s) for s in stats)
     sc = train.StepConfig("dpo", max_logits_mb=max_logits_mb)
-    tx = train.make_optimizer({}, 1000, 1e-5, 0)
-    hp = {"beta": jnp.float32(0.1), "label_smoothing": jnp.float32(0.0)}
+    tx = train.make_optimizer(train.optim_section(learning_rate=1e-5, warmup_steps=0), 1000)
 
     def init(p):
-        return train.TrainState(jnp.int32(0), p, tx.init(p), jax.random.PRNGKey(0), hp, jnp.int32(-1))
+        return init_state(p, tx, HParams.create(), 0)
 
     state = jax.jit(init)(params)
     step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, sc=sc), donate_argnums=0)

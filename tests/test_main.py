@@ -158,7 +158,7 @@ def _checkpoint_hparams(step_dir: Path) -> dict:
     import orbax.checkpoint as ocp
 
     state = ocp.StandardCheckpointer().restore(step_dir / "state")
-    return {k: float(v) for k, v in state["hparams"].items()}
+    return {k: float(np.asarray(v).ravel()[0]) for k, v in state["hparams"].items()}
 
 
 def test_resume_with_a_changed_config_refuses_or_continues_with_the_new_values(tmp_path):

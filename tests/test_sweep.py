@@ -1,12 +1,15 @@
 """Sweeps: declaration, sequential members sharing one compile, SFT stage and reference cache; export."""
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from test_train import tiny_config
+from test_train import TINY, tiny_config
 
 from dpo_jax import sweep, train
 from dpo_jax.config import ConfigError
@@ -37,21 +40,17 @@ def test_shipped_sweeps_declare_valid_members():
 MEMBERS = [
     {"dpo.beta": 0.03},
     {"dpo.beta": 0.3, "optim.learning_rate": 6e-4},
-    {"dpo.label_smoothing": 0.2},
+    # another loss mix (ipo length-averages every log-prob) in the same program: a traced selection
+    {"dpo.label_smoothing": 0.2, "dpo.loss_type": "sigmoid+ipo", "dpo.loss_weights": (1.0, 0.5)},
     {"dpo.soft_target_temperature": 0.3, "dpo.seed": 7},  # its own data order: a [K, B, ...] batch when vectorised
 ]
+BASE = ("optim.steps=8", "eval.every=100", "log_every=2", "wandb.enabled=True", "eval.num_prompts=8",
+        "dpo.use_soft_targets=True")  # fmt: skip
 SPEC = str(ROOT / "configs/beta_sweep.py:runlocal")
 
 
 def _base():
-    return tiny_config(
-        "optim.steps=8",
-        "eval.every=100",
-        "log_every=2",
-        "wandb.enabled=True",
-        "eval.num_prompts=8",
-        "dpo.use_soft_targets=True",
-    )
+    return tiny_config(*BASE)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +65,9 @@ def test_sequential_sweep_shares_compile_sft_and_reference_and_resumes(sequentia
     workdir, rows, new_steps = sequential
     assert [r["member"] for r in rows] == [sweep.member_name(m) for m in MEMBERS]
     assert [r["dpo.beta"] for r in rows] == [0.03, 0.3, 0.1, 0.1]  # effective values, base filled in
-    # SFT + DPO step, and one more DPO step for the member with another learning rate (a static schedule).
-    assert new_steps == 3
+    # SFT + DPO step, one more DPO step for the member with another learning rate (a static schedule) and one for
+    # the member with another loss mix (run alone, its step computes its own types only).
+    assert new_steps == 4
     assert len(list((workdir / "_shared").iterdir())) == 1 and not (workdir / rows[1]["member"] / "sft").exists()
     assert all(train.load_summary(workdir / r["member"])["reference/cache_hit"] for r in rows[1:])
     assert rows[0]["eval/rewards/margins"] != rows[1]["eval/rewards/margins"]  # beta really differs
@@ -93,31 +93,94 @@ def test_export_writes_commands_and_a_wandb_grid(tmp_path):
     assert "config.dpo.beta:" in yaml and "method: grid" in yaml and '"${args}"' in yaml
 
 
-def test_vectorized_members_equal_sequential_runs(sequential, tmp_path):
-    """K members in one vmapped program give the per-member metrics of K sequential runs."""
-    seq_dir, seq, _ = sequential
-    base = _base()  # same reference: reuse the sequential sweep's SFT stage and reference cache
+def _shared_reference(base, seq_dir):
+    """Reuse the sequential sweep's SFT stage and reference cache: the same reference for every comparison."""
     base.sft.dir = str(next((seq_dir / "_shared").iterdir()))
     base.reference.cache_dir = str(seq_dir / "reference_cache")
-    vec = sweep.run_sweep(SPEC, tmp_path, base=base, members=MEMBERS, mode="vectorized", devices=jax.devices()[:1])
-    for a, b in zip(seq, vec, strict=True):
-        assert a["member"] == b["member"]
-        for key in ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/kl_token"):
-            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (a["member"], key)
-    for name in (r["member"] for r in seq):
-        s_hist, v_hist = read_history(seq_dir / name / "metrics.jsonl"), read_history(tmp_path / name / "metrics.jsonl")
+    return base
+
+
+def _assert_members_equal(seq_dir, seq, out_dir, out=None, *, eval_keys=("eval/loss", "eval/rewards/margins")):
+    """Member by member: train losses (every logged step) and held-out metrics equal the sequential runs."""
+    if out is not None:
+        assert [r["member"] for r in out] == [r["member"] for r in seq]
+    for row in seq:
+        name = row["member"]
+        got = train.load_summary(out_dir / name)
+        for key in eval_keys:
+            assert got[key] == pytest.approx(row[key], rel=1e-4, abs=1e-6), (name, key)
+        s_hist, v_hist = read_history(seq_dir / name / "metrics.jsonl"), read_history(out_dir / name / "metrics.jsonl")
         s_loss = [r["train/loss"] for r in s_hist if "train/loss" in r]
         v_loss = [r["train/loss"] for r in v_hist if "train/loss" in r]
         assert len(v_loss) == len(s_loss) == 4
         np.testing.assert_allclose(v_loss, s_loss, rtol=1e-4, atol=1e-6)
+
+
+def test_vectorized_members_equal_sequential_runs(sequential, tmp_path):
+    """K members (beta, lr, label smoothing + loss mix, temperature + data seed) in one vmapped program on one
+    device give the per-member results of K sequential runs, and are written out as ordinary runs."""
+    seq_dir, seq, _ = sequential
+    base = _shared_reference(_base(), seq_dir)
+    vec = sweep.run_sweep(SPEC, tmp_path, base=base, members=MEMBERS, mode="vectorized", devices=jax.devices()[:1])
+    _assert_members_equal(seq_dir, seq, tmp_path, vec, eval_keys=("eval/loss", "eval/rewards/accuracies",
+                          "eval/rewards/margins", "eval/kl_token"))  # fmt: skip
+    for name in (r["member"] for r in seq):
         member = tmp_path / name  # written out as an ordinary run
         assert (member / "hf/model.safetensors").exists() and (member / "plots.png").exists()
         assert sorted(p.name for p in (member / "dpo/checkpoints").iterdir() if p.name.isdigit())[-1] == "8"
         assert list((member / "wandb").glob("offline-run-*"))
+        assert train.load_summary(member)["population/members"] == len(MEMBERS)
 
 
-def test_vectorized_rejects_members_that_need_separate_programs(tmp_path):
-    with pytest.raises(ConfigError, match="sequential"):
-        sweep.run_sweep(
-            str(ROOT / "configs/label_softness_sweep.py:runlocal"), tmp_path, mode="vectorized", base=tiny_config()
+def test_members_split_over_eight_devices_equal_sequential_runs(sequential, tmp_path, capsys):
+    """4 members over 8 devices: the mesh's member axis holds one member per pair of devices (data=2 inside)."""
+    seq_dir, seq, _ = sequential
+    vec = sweep.run_sweep(
+        SPEC, tmp_path, base=_shared_reference(_base(), seq_dir), members=MEMBERS, mode="vectorized",
+        devices=jax.devices()[:8],
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert "(4 members, 4 per device group)" in captured.out + captured.err
+    _assert_members_equal(seq_dir, seq, tmp_path, vec)
+
+
+def test_members_across_two_processes_equal_sequential_runs(sequential, tmp_path):
+    """The same population on 2 processes x 2 devices: members split across the hosts."""
+    seq_dir, seq, _ = sequential
+    base = _shared_reference(_base(), seq_dir)
+    spec = tmp_path / "members.py"
+    spec.write_text(
+        "from dpo_jax.configs.default import get_config as _default\n\n\n"
+        "def get_config(arg=None):\n    return _default()\n\n\n"
+        f"def get_sweep(arg=None):\n    return {MEMBERS!r}\n"
+    )
+    overrides = [*TINY, *BASE, "eval.num_prompts=0", f"sft.dir={base.sft.dir}",
+                 f"reference.cache_dir={base.reference.cache_dir}"]  # fmt: skip
+    port = 20000 + (os.getpid() + 7) % 20000
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "dpo_jax", "sweep", "--config", str(spec), "--workdir", str(tmp_path / "multi"),
+             "--mode", "vectorized", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+             f"--process_id={i}", *(f"--config.{o}" for o in overrides)],
+            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
+        for i in (0, 1)
+    ]  # fmt: skip
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    failed = [o[-3000:] for o, p in zip(outputs, procs, strict=True) if p.returncode]
+    assert not failed, failed
+    assert "(4 members, 4 per device group)" in outputs[0]
+    _assert_members_equal(seq_dir, seq, tmp_path / "multi")
+
+
+def test_members_are_grouped_by_what_cannot_be_vectorised():
+    """The label-softness sweep: noise (data) and use_soft_targets (static) split it; smoothing is traced."""
+    _, members = sweep.load_sweep(str(ROOT / "configs/label_softness_sweep.py"))
+    groups = sweep.vector_groups(members)
+    expected: dict = {}
+    for i, m in enumerate(members):
+        expected.setdefault((m["synthetic.label_noise"], m["dpo.use_soft_targets"]), []).append(i)
+    assert groups == list(expected.values()) and len(groups) == 6
+    loss_ablation = [{"dpo.loss_type": t, "dpo.beta": b} for t in ("sigmoid", "ipo", "hinge") for b in (0.1, 0.3)]
+    assert sweep.vector_groups(loss_ablation) == [list(range(6))]

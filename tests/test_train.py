@@ -19,6 +19,7 @@ from dpo_jax.config import ConfigError, load_config_file, validate
 from dpo_jax.data import Layout, PreferenceLoader, TokenizeConfig, load_examples, synthetic, tokenize_examples
 from dpo_jax.evaluate import read_history
 from dpo_jax.hf import load_pretrained
+from dpo_jax.state import HParams, init_state
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [  # overrides that make the built-in job a seconds-long run
@@ -160,9 +161,8 @@ def step_setup(tmp_path_factory):
 
 def _step(setup, sc, hparams=None, reference=None, ref_logps=None):
     graphdef, params, batch = setup
-    tx = train.make_optimizer({"clip_norm": 1.0}, 10, 1e-3, 0)
-    hp = {k: jnp.float32(v) for k, v in (hparams or {"beta": 0.1, "label_smoothing": 0.0}).items()}
-    state = train.TrainState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(0), hp, jnp.int32(-1))
+    tx = train.make_optimizer(train.optim_section(learning_rate=1e-3, warmup_steps=0), 10)
+    state = init_state(params, tx, HParams.create(**(hparams or {})), 0)
     if ref_logps is not None:
         batch = {**batch, "ref_logps": ref_logps}
     fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, sc=sc))
@@ -203,7 +203,7 @@ def test_beta_and_smoothing_are_traced_one_compile(step_setup):
     fn, state, b, _ = _step(step_setup, train.StepConfig("dpo"), ref_logps=ref_logps)
     losses = []
     for beta, eps in ((0.1, 0.0), (0.5, 0.2), (2.0, 0.1)):
-        s = state.replace(hparams={"beta": jnp.float32(beta), "label_smoothing": jnp.float32(eps)})
+        s = state.replace(hparams=state.hparams.replace(beta=jnp.float32(beta), label_smoothing=jnp.float32(eps)))
         losses.append(float(fn(s, b, None)[1]["loss"]))
     assert fn._cache_size() == 1 and len(set(losses)) == 3
 
@@ -211,10 +211,8 @@ def test_beta_and_smoothing_are_traced_one_compile(step_setup):
 def test_state_shardings_cover_optimizer_moments():
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     graphdef, params = nnx.split(train.build_model(tiny_config(), synthetic.build_tokenizer()))
-    tx = train.make_optimizer({}, 10, 1e-3, 2)
-    abstract = jax.eval_shape(
-        lambda p: train.TrainState(jnp.int32(0), p, tx.init(p), jax.random.PRNGKey(0), {}, jnp.int32(-1)), params
-    )
+    tx = train.make_optimizer(train.optim_section(learning_rate=1e-3, warmup_steps=2), 10)
+    abstract = jax.eval_shape(lambda p: init_state(p, tx, HParams.create(), 0), params)
     sh = sharding.tree_shardings(abstract, mesh)
     specs = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(sh)}
     mu_q = [v for k, v in specs.items() if "mu" in k and "q_proj" in k and "kernel" in k]

@@ -184,16 +184,27 @@ def pad_batches(batches: Sequence[dict]) -> list[dict]:
     return out
 
 
-def to_global(batch: dict[str, np.ndarray], mesh) -> dict:
-    """Assemble every process's local batch into global arrays sharded over the mesh's batch axes."""
+def to_global(batch: dict[str, np.ndarray], mesh, *, members: bool = False) -> dict:
+    """Assemble every process's slice of a batch (``sharding.batch_slice``) into global arrays split over the
+    mesh's batch axes; ``members``: arrays [K, ...] of members' own batches, also split over ``member``."""
     import jax
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
-    from dpo_jax.sharding import BATCH_AXES
+    from dpo_jax.sharding import batch_sharding, batch_slice
+
+    index, count = batch_slice(mesh)
+    ax = 1 if members else 0
 
     def put(x):
-        sharding = NamedSharding(mesh, P(BATCH_AXES, *([None] * (x.ndim - 1))))
-        return jax.make_array_from_process_local_data(sharding, x)
+        shape = list(x.shape)
+        shape[ax] *= count
+        offset = index * x.shape[ax]
+
+        def local(idx):
+            idx = list(idx)
+            s = idx[ax]
+            idx[ax] = slice((s.start or 0) - offset, (shape[ax] if s.stop is None else s.stop) - offset)
+            return x[tuple(idx)]
+
+        return jax.make_array_from_callback(tuple(shape), batch_sharding(mesh, x.ndim, members=members), local)
 
     return {k: put(v) for k, v in batch.items()}

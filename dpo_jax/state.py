@@ -1,0 +1,84 @@
+"""The train state of a population of K >= 1 members, and the typed hyper-parameters its members may differ in.
+
+Shape letters: K members, T loss types. A plain run is K = 1; a vectorised sweep K > 1. Every leaf of a
+population's state has a leading [K] axis; ``member(state, k)`` is an ordinary single-run state (what a member's
+checkpoints hold), ``stack`` builds the population back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+@flax.struct.dataclass
+class HParams:
+    """A member's traced hyper-parameters (one compile serves any values). Defaults: the config's (``from_config``
+    is the one constructor the product uses; ``create`` fills what it is not given from the default config)."""
+
+    beta: jax.Array
+    label_smoothing: jax.Array
+    target_temperature: jax.Array  # soft targets become sigmoid(logit(p) / T)
+    lr_scale: jax.Array  # the member's learning rate over the shared schedule's peak
+    loss_weights: jax.Array  # [T] weight of each of the step's loss types (0: not in this member's mix)
+    length_normalize: jax.Array  # 1 when the member's mix has ``ipo`` (TRL divides every log-prob by its length)
+
+    @classmethod
+    def from_config(cls, cfg, types: tuple[str, ...] | None = None, peak_lr: float | None = None) -> HParams:
+        """The member ``cfg``'s values; ``types``: the step's loss types (a population's union; default: the
+        member's own), ``peak_lr``: the shared schedule's peak (default: the member's learning rate)."""
+        from dpo_jax.config import loss_types
+
+        own = loss_types(cfg)
+        types = own if types is None else tuple(types)
+        w = tuple(cfg.dpo.loss_weights) or (1.0,) * len(own)
+        weights = [sum(wi for ti, wi in zip(own, w, strict=True) if ti == t) for t in types]
+        peak_lr = cfg.optim.learning_rate if peak_lr is None else peak_lr
+        return cls(
+            beta=np.float32(cfg.dpo.beta),
+            label_smoothing=np.float32(cfg.dpo.label_smoothing),
+            target_temperature=np.float32(cfg.dpo.soft_target_temperature),
+            lr_scale=np.float32(cfg.optim.learning_rate / peak_lr),
+            loss_weights=np.asarray(weights, np.float32),
+            length_normalize=np.float32("ipo" in own),
+        )
+
+    @classmethod
+    def create(cls, **values) -> HParams:
+        """Tests and benchmarks: the default config with ``dpo`` fields (and ``loss_type``) replaced."""
+        from dpo_jax.configs.default import get_config
+
+        cfg = get_config()
+        for k, v in values.items():
+            cfg.dpo[k] = v
+        return cls.from_config(cfg)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # nnx.State, float32
+    opt_state: Any
+    rng: jax.Array
+    hparams: HParams
+    nonfinite_step: jax.Array  # first step whose loss or gradient was not finite; -1 if none
+
+
+def init_state(params, tx: optax.GradientTransformation, hparams: HParams, seed) -> TrainState:
+    """The one way a train state is made (vmap it over ``hparams`` and ``seed`` for a population)."""
+    hparams = jax.tree.map(jnp.asarray, hparams)
+    return TrainState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(seed), hparams, jnp.int32(-1))
+
+
+def stack(trees: list):
+    """K member trees -> one tree with a leading [K] axis."""
+    return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
+
+
+def member(tree, k: int):
+    return jax.tree.map(lambda x: x[k], tree)
