@@ -1,8 +1,11 @@
-"""Wall time of a K = 8 member beta sweep: vectorised (one vmapped program) vs sequential (one process, one
-compiled step reused) vs 8 separate ``dpo-jax train`` processes (the exported ``commands.sh``) run one after
-another (``--modes ...,parallel_processes`` adds all 8 at once).
+"""Wall time of a K = 8 member beta sweep: vectorised (one program, the members split over the devices' ``member``
+axis) vs sequential (one process, one compiled step reused, each run data-parallel over the same devices) vs 8
+separate ``dpo-jax train`` processes (the exported ``commands.sh``) run one after another
+(``--modes ...,parallel_processes`` adds all 8 at once). Also the step time per member (the population's step
+time / K when vectorised), from the runs' logs.
 
-    python experiments/sweep_benchmark.py                  # ~10 min on 2 CPU cores
+    python experiments/sweep_benchmark.py --devices 8 --modes vectorized,sequential   # 8 simulated CPU devices
+    python experiments/sweep_benchmark.py --devices 1                                 # one device (a GPU)
     python experiments/sweep_benchmark.py --config configs/sweep_benchmark.py:runlocal   # smoke
 
 The SFT reference and the reference log-prob cache are built once before timing and shared by every mode, so
@@ -16,14 +19,19 @@ import argparse
 import csv
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import jax
+if "--devices" in sys.argv and "XLA_FLAGS" not in os.environ:  # simulated CPU devices: before jax is imported
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[sys.argv.index('--devices') + 1]}"
 
-from dpo_jax import sweep, train
+import jax  # noqa: E402
+
+from dpo_jax import sweep, train  # noqa: E402
+from dpo_jax.evaluate import read_history  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,10 +65,11 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--config", default=str(ROOT / "configs/sweep_benchmark.py"))
     ap.add_argument("--workdir", default="runs/sweep_benchmark")
     ap.add_argument("--modes", default="vectorized,sequential,processes", help="also: parallel_processes")
+    ap.add_argument("--devices", type=int, default=1, help="devices every mode uses (CPU: simulated)")
     args = ap.parse_args(argv)
     root = Path(args.workdir).resolve()
     base, members = sweep.load_sweep(args.config)
-    k, devices = len(members), jax.devices()[:1]
+    k, devices = len(members), jax.devices()[: args.devices]
     # Shared SFT stage and reference cache, built before any timing.
     shared = sweep.member_config(base, members[0], root)
     base.sft.dir, base.reference.cache_dir = shared.sft.dir, shared.reference.cache_dir
@@ -73,10 +82,8 @@ def main(argv=None) -> list[dict]:
         wd = root / mode
         if mode in ("vectorized", "sequential"):
             sec = _timed(
-                lambda wd=wd, mode=mode: sweep.run_sweep(
-                    args.config, wd, base=base, mode=mode, devices=jax.devices()[:1]
-                )
-            )  # noqa: E501
+                lambda wd=wd, mode=mode: sweep.run_sweep(args.config, wd, base=base, mode=mode, devices=devices)
+            )
         else:
             lines = sweep.export_sweep(args.config, wd, base=base)["commands"].read_text().splitlines()
             lines = [ln for ln in lines if ln.startswith("dpo-jax ")]  # each names the shared SFT dir and cache
@@ -86,8 +93,12 @@ def main(argv=None) -> list[dict]:
             ]  # noqa: E501
             sec = _timed(lambda lines=lines, mode=mode: run_commands(lines, parallel=mode == "parallel_processes"))
         steps = k * base.optim.steps
-        rows.append({"mode": mode, "members": k, "wall_s": sec, "member_steps_per_s": steps / sec})
-        print(f"[benchmark] {mode}: {sec:.1f} s for {k} members", flush=True)
+        step_s = member_step_time(wd, members, vectorized=mode == "vectorized")
+        rows.append(
+            {"mode": mode, "members": k, "devices": len(devices), "wall_s": sec, "member_steps_per_s": steps / sec,
+             "member_step_ms": 1e3 * step_s}
+        )  # fmt: skip
+        print(f"[benchmark] {mode}: {sec:.1f} s for {k} members on {len(devices)} devices", flush=True)
     ref = {r["mode"]: r["wall_s"] for r in rows}
     for r in rows:
         r["speedup_vs_sequential"] = ref.get("sequential", float("nan")) / r["wall_s"]
@@ -96,13 +107,27 @@ def main(argv=None) -> list[dict]:
         w.writeheader()
         w.writerows(rows)
     plot(rows, root / "sweep_benchmark.png", base)
-    print(f"\n{'mode':<20} {'wall s':>8} {'member-steps/s':>15} {'vs sequential':>14}")
+    head = f"mode ({len(devices)} devices, {k} members)"
+    print(f"\n| {head} | wall s | member-steps/s | ms/step per member | vs sequential |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print(
-            f"{r['mode']:<20} {r['wall_s']:>8.1f} {r['member_steps_per_s']:>15.2f} {r['speedup_vs_sequential']:>13.2f}x"
+            f"| {r['mode']} | {r['wall_s']:.1f} | {r['member_steps_per_s']:.2f} | {r['member_step_ms']:.1f} | "
+            f"{r['speedup_vs_sequential']:.2f}x |"
         )
     print(f"wrote {root / 'sweep_benchmark.csv'} and sweep_benchmark.png")
     return rows
+
+
+def member_step_time(workdir: Path, members, *, vectorized: bool) -> float:
+    """Median logged DPO step time of one member (compile and eval excluded): a population's step / K."""
+    times = []
+    for m in members:
+        hist = read_history(workdir / sweep.member_name(m) / "metrics.jsonl")
+        times += [r["dpo/step_time_s"] for r in hist if "dpo/step_time_s" in r][1:]  # the first interval warms up
+    if not times:
+        return float("nan")
+    return statistics.median(times) / (len(members) if vectorized else 1)
 
 
 def plot(rows, path: Path, base) -> None:

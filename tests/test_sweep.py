@@ -30,7 +30,7 @@ def test_unknown_member_key_is_an_error():
 
 
 def test_shipped_sweeps_declare_valid_members():
-    for spec in ("configs/beta_sweep.py", "configs/label_softness_sweep.py"):
+    for spec in ("configs/beta_sweep.py", "configs/label_softness_sweep.py", "configs/loss_ablation.py"):
         base, members = sweep.load_sweep(str(ROOT / spec))
         assert len(members) >= 4
         for m in members:
@@ -182,5 +182,6 @@ def test_members_are_grouped_by_what_cannot_be_vectorised():
     for i, m in enumerate(members):
         expected.setdefault((m["synthetic.label_noise"], m["dpo.use_soft_targets"]), []).append(i)
     assert groups == list(expected.values()) and len(groups) == 6
-    loss_ablation = [{"dpo.loss_type": t, "dpo.beta": b} for t in ("sigmoid", "ipo", "hinge") for b in (0.1, 0.3)]
-    assert sweep.vector_groups(loss_ablation) == [list(range(6))]
+    _, loss_ablation = sweep.load_sweep(str(ROOT / "configs/loss_ablation.py"))
+    assert {m["dpo.loss_type"] for m in loss_ablation} == {"sigmoid", "ipo", "hinge", "robust"}
+    assert sweep.vector_groups(loss_ablation) == [list(range(8))]  # one program
