@@ -65,6 +65,7 @@ def make_pairs(case: dict, n: int, seed: int = 0) -> list[TokenizedPair]:
 
 def model_config(case: dict) -> ModelConfig:
     return ModelConfig(
+        scan_layers=case.get("scan_layers", True),
         vocab_size=case["vocab"], hidden_size=case["hidden"], intermediate_size=case["ffn"],
         num_layers=case["layers"], num_heads=case["heads"], num_kv_heads=case["kv"], rms_norm_eps=1e-5,
         max_position_embeddings=2048, bos_token_id=1, eos_token_id=EOS, pad_token_id=0,
@@ -235,7 +236,14 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8, help="pairs per step")
     parser.add_argument("--no-trl", action="store_true")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of the layouts")
+    parser.add_argument("--unrolled", action="store_true", help="layers unrolled instead of lax.scan")
     args = parser.parse_args(argv)
+    for k in set(LAYOUTS) - set(args.layouts.split(",")):
+        LAYOUTS.pop(k)
+    if args.unrolled:
+        for c in CASES.values():
+            c["scan_layers"] = False
     print(f"backend {jax.default_backend()}, {jax.device_count()} device(s): {jax.devices()[0].device_kind}")
     for name in args.cases.split(","):
         run_case(name, args.steps, args.batch, not args.no_trl)

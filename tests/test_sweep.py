@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,6 +131,21 @@ def test_vectorized_members_equal_sequential_runs(sequential, tmp_path):
         assert sorted(p.name for p in (member / "dpo/checkpoints").iterdir() if p.name.isdigit())[-1] == "8"
         assert list((member / "wandb").glob("offline-run-*"))
         assert train.load_summary(member)["population/members"] == len(MEMBERS)
+    # Resume: lose every member's last checkpoint and summary; the population restarts from step 5 (the members'
+    # own checkpoints), redoes steps 6-8 and logs them once, with the same losses.
+    before = {n: read_history(tmp_path / n / "metrics.jsonl") for n in (r["member"] for r in seq)}
+    for name in before:
+        shutil.rmtree(tmp_path / name / "dpo/checkpoints/8")
+        (tmp_path / name / "summary.json").unlink()
+    sweep.run_sweep(SPEC, tmp_path, base=base, members=MEMBERS, mode="vectorized", devices=jax.devices()[:1])
+    for name, hist in before.items():
+        again = read_history(tmp_path / name / "metrics.jsonl")
+        steps = [r["step"] for r in again if "train/loss" in r]
+        assert steps == sorted(set(steps))
+        np.testing.assert_allclose(
+            [r["train/loss"] for r in again if "train/loss" in r], [r["train/loss"] for r in hist if "train/loss" in r],
+            rtol=1e-5,
+        )  # fmt: skip
 
 
 def test_members_split_over_eight_devices_equal_sequential_runs(sequential, tmp_path, capsys):
