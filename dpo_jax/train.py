@@ -341,8 +341,11 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
     population = jax.tree.map(lambda x: jax.ShapeDtypeStruct((k_members, *x.shape), x.dtype), one)
     shardings = sharding.tree_shardings(population, mesh, members=True)
     hparams = jax.device_put(stack([m.hparams for m in members]), shardings.hparams)  # the config's values
-    take = jax.jit(member, out_shardings=one_shardings)  # member k, as an ordinary run's state
-    restored = [m.ckpt.restore_latest(checkpoint.abstract_like(one, one_shardings)) for m in members]
+    # A checkpoint is member k's state as an ordinary run's, without hyper-parameters: they always come from the
+    # config (recorded in the checkpoint's meta), so a member can resume alone or in a population of other loss types.
+    saved, saved_shardings = one.replace(hparams=None), one_shardings.replace(hparams=None)
+    take = jax.jit(lambda s, k: member(s, k).replace(hparams=None), out_shardings=saved_shardings)
+    restored = [m.ckpt.restore_latest(checkpoint.abstract_like(saved, saved_shardings)) for m in members]
     latest = {r[0] if r else None for r in restored}
     metas = [r[2] if r else {} for r in restored]
     if latest == {None}:
@@ -350,7 +353,7 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
         init = jax.vmap(lambda p, h, s: init_state(p, tx, h, s), in_axes=(None, 0, 0))
         state = jax.jit(init, out_shardings=shardings)(init_params, hparams, seeds)
     elif len(latest) == 1:
-        state = jax.jit(lambda xs: stack(xs), out_shardings=shardings)([r[1] for r in restored])
+        state = jax.jit(lambda xs: stack(xs), out_shardings=shardings.replace(hparams=None))([r[1] for r in restored])
         state = state.replace(hparams=hparams)
         who = f" {k_members} members" if k_members > 1 else ""
         print(f"[{stage.name}] resumed{who} from step {restored[0][0]} (data step {metas[0]['data_step']})", flush=True)
@@ -398,7 +401,9 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
         for k, m in enumerate(members):
             if k and jax.process_count() > 1:  # Orbax's cross-host commit barriers are named by step: one at a time
                 members[k - 1].ckpt.wait()
-            m.ckpt.save(step, take(state, k), {"data_step": step, "stage": stage.name, **meta}, force=True)
+            record = {f.name: np.asarray(getattr(m.hparams, f.name)).tolist() for f in dataclasses.fields(m.hparams)}
+            info = {"data_step": step, "stage": stage.name, **meta, "hparams": record}
+            m.ckpt.save(step, take(state, k), info, force=True)
 
     def stop(step: int, *, eval_pending: bool = False):
         if members[0].ckpt.latest_step() != step or eval_pending:  # the regular save may already have this step

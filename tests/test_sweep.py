@@ -201,3 +201,21 @@ def test_members_are_grouped_by_what_cannot_be_vectorised():
     _, loss_ablation = sweep.load_sweep(str(ROOT / "configs/loss_ablation.py"))
     assert {m["dpo.loss_type"] for m in loss_ablation} == {"sigmoid", "ipo", "hinge", "robust"}
     assert sweep.vector_groups(loss_ablation) == [list(range(8))]  # one program
+
+
+def test_sequential_runs_resume_as_one_population_with_a_loss_mix(sequential, tmp_path, capsys):
+    """Runs interrupted alone (each its own loss types) resume together: checkpoints hold no hyper-parameters,
+    the population's step computes the union of types, and the members finish as the uninterrupted runs did."""
+    seq_dir, seq, _ = sequential
+    picked = [MEMBERS[0], MEMBERS[2]]  # sigmoid alone, and "sigmoid+ipo"
+    for m in picked:
+        name = sweep.member_name(m)
+        shutil.copytree(seq_dir / name, tmp_path / name, ignore=shutil.ignore_patterns("wandb", "hf"))
+        shutil.rmtree(tmp_path / name / "dpo/checkpoints/8")
+        (tmp_path / name / "summary.json").unlink()
+    base = _shared_reference(_base(), seq_dir)
+    capsys.readouterr()
+    sweep.run_sweep(SPEC, tmp_path, base=base, members=picked, mode="vectorized", devices=jax.devices()[:1])
+    out = capsys.readouterr().out
+    assert "[dpo] resumed 2 members from step 5" in out and "damaged" not in out
+    _assert_members_equal(seq_dir, [r for r in seq if r["member"] in {sweep.member_name(m) for m in picked}], tmp_path)
