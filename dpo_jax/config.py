@@ -86,7 +86,7 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
     import jax
 
     num_devices = num_devices or jax.device_count()
-    member_axis = cfg.mesh.get("member", 0)
+    member_axis = cfg.mesh.member
     _check(
         member_axis == 0 or (member_axis >= 1 and num_devices % member_axis == 0),
         "mesh.member",

@@ -38,6 +38,7 @@ def cache_key(params, model_config, pairs, settings: dict) -> str:
 
 def compute_logps(graphdef, params, pairs, *, mesh, batch_size, layout, pad_id, head: dict):
     """One pass of the reference over ``pairs`` (in order); every process gets all [N, 2] values."""
+    slice_index, slice_count = batch_slice(mesh)
     loader = PreferenceLoader(
         pairs,
         batch_size,
@@ -45,8 +46,8 @@ def compute_logps(graphdef, params, pairs, *, mesh, batch_size, layout, pad_id, 
         drop_last=False,
         layout=dataclasses.replace(layout, row_multiple=data_parallel_size(mesh)),
         pad_id=pad_id,
-        process_index=batch_slice(mesh)[0],
-        process_count=batch_slice(mesh)[1],
+        process_index=slice_index,
+        process_count=slice_count,
     )
 
     def score(params, batch):  # [G, P, 2]: grouped like the batch, so it stays sharded

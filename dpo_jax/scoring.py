@@ -40,14 +40,14 @@ def scored_hidden(graphdef, params, batch: dict):
 
 def token_logps(graphdef, params, batch: dict, *, token_chunk=1024, vocab_chunk=8192, max_logits_mb=256.0):
     """Log-probs [Z, S] of the scored entries (0 where ``score_mask`` is 0)."""
-    model, h_GxSxD = scored_hidden(graphdef, params, batch)
-    g, s, d = h_GxSxD.shape
-    targets = jnp.where(batch["score_mask"] > 0, batch["score_target"], 0).reshape(g * s)
+    model, h_ZxSxD = scored_hidden(graphdef, params, batch)
+    z, s, d = h_ZxSxD.shape
+    targets = jnp.where(batch["score_mask"] > 0, batch["score_target"], 0).reshape(z * s)
     logps = lp.head_token_logprobs(
-        h_GxSxD.reshape(g * s, d), model.lm_head_weight(), targets,
+        h_ZxSxD.reshape(z * s, d), model.lm_head_weight(), targets,
         token_chunk=token_chunk, vocab_chunk=vocab_chunk, max_logits_mb=max_logits_mb,
     )  # fmt: skip
-    return jnp.where(batch["score_mask"] > 0, logps.reshape(g, s), 0.0)
+    return jnp.where(batch["score_mask"] > 0, logps.reshape(z, s), 0.0)
 
 
 def sequence_sums(values_ZxS: jax.Array, batch: dict) -> jax.Array:
@@ -75,11 +75,10 @@ def pair_logps(graphdef, params, batch: dict, **head):
 def completion_token_kl(graphdef, policy, reference, batch: dict):
     """Exact full-vocabulary KL(pi || pi_ref) summed over each chosen completion's tokens: ([G * P], token counts).
     Full logits are computed at the scored entries only."""
-    _, h_pol = scored_hidden(graphdef, policy, batch)
-    model, h_ref = scored_hidden(graphdef, reference, batch)
-    w_pol = nnx.merge(graphdef, policy).lm_head_weight()
+    pol, h_pol = scored_hidden(graphdef, policy, batch)
+    ref, h_ref = scored_hidden(graphdef, reference, batch)
     chosen_ZxS = (batch["score_seq"] % 2 == 0) & (batch["score_mask"] > 0)
-    kl_ZxS = lp.token_kl(h_pol @ w_pol, h_ref @ model.lm_head_weight(), chosen_ZxS)
+    kl_ZxS = lp.token_kl(h_pol @ pol.lm_head_weight(), h_ref @ ref.lm_head_weight(), chosen_ZxS)
     n = chosen_ZxS.astype(jnp.float32)
     return sequence_sums(kl_ZxS, batch)[:, 0], sequence_sums(n, batch)[:, 0]
 

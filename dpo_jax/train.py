@@ -382,6 +382,7 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
     console = ConsoleWriter(stage.steps, start, stage.name, stage.log_offset) if jax.process_index() == 0 else Writer()
     peak, peak_source = throughput.peak_flops(cfg.peak_flops)
     counts = throughput.model_counts(model_cfg, matmul_params)
+    slices = sharding.batch_slice(mesh)[1]  # processes holding alike slices of the batch
     who = f" ({k_members} members, {mesh.shape['member']} per device group)" if k_members > 1 else ""
     console.note(f"[{stage.name}] batches: {members[0].loader.describe()}{who}; MFU against the {peak_source}")
 
@@ -433,9 +434,11 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
             state, metrics = step_fn(state, to_global(batch, mesh, members=not shared), stage.reference_params)
             done = step + 1
             steps_timed += 1
-            each = [batch] * k_members if shared else [member(batch, k) for k in range(k_members)]
-            for b in each:  # processes hold alike slices
-                stats = {k: v * sharding.batch_slice(mesh)[1] for k, v in batch_stats(b).items()}
+            # The population's step: a shared batch is counted once per member (its statistics computed once).
+            own = [member(batch, k) for k in range(k_members)] if not shared else []
+            each = [batch_stats(batch)] * k_members if shared else [batch_stats(b) for b in own]
+            for stats in each:
+                stats = {k: v * slices for k, v in stats.items()}
                 stats["flops"] = throughput.step_flops(counts, stats, frozen_reference=stage.sc.frozen_reference)
                 acc = {k: acc.get(k, 0.0) + v for k, v in stats.items()}
             for shape, seconds in step_fn.take_new():
