@@ -83,7 +83,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         use_soft_targets=False,  # train on the per-pair soft probabilities (data prob_column)
         soft_target_temperature=1.0,  # soft targets become sigmoid(logit(p) / T); 1 keeps them
         seed=-1,  # seed of the DPO stage (data order, train rng); -1: the run's seed. Sweeps vectorise over it
-        reference_free=False,
+        reference_free=False,  # the reference is the uniform measure (log-probs 0): no reference pass
+        # TRL's names, so a TRL config carries over (README "Loss types"):
+        f_divergence_type="reverse_kl",  # f-DPO: reverse_kl | forward_kl | js_divergence | alpha_divergence
+        f_alpha_divergence_coef=0.5,  # alpha of alpha_divergence
+        discopop_tau=0.05,  # > 0, DiscoPOP's temperature
+        simpo_gamma=0.5,  # SimPO's target reward margin (in units of beta * length-averaged log-prob)
+        ld_alpha=1.0,  # LD-DPO: weight in [0, 1] of the tokens past the shorter completion; 1 = plain DPO
+        use_weighting=False,  # WPO: weight each pair by its policy probability (length-normalised, aligned)
+        bco_delta="zero",  # bco_pair's reward offset: zero (TRL 1.16) | batch (this batch's mean implicit reward)
     )
     c.optim = dict(
         steps=300,

@@ -16,7 +16,7 @@ from pathlib import Path
 import ml_collections
 
 from dpo_jax.errors import UserError
-from dpo_jax.losses import LOSS_TYPES
+from dpo_jax.losses import BATCH_LOSSES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES, POLICY_ONLY
 from dpo_jax.models.config import REMAT_POLICIES
 
 
@@ -73,6 +73,12 @@ def dpo_seed(cfg) -> int:
 
 def loss_types(cfg) -> tuple[str, ...]:
     return tuple(t.strip() for t in cfg.dpo.loss_type.split("+"))
+
+
+def needs_reference(cfg) -> bool:
+    """Whether DPO reads a reference at all: not with ``dpo.reference_free`` nor for a mix of policy-only types
+    (cpo, simpo, orpo, sft): then no reference pass runs, cached or frozen."""
+    return not cfg.dpo.reference_free and not set(loss_types(cfg)) <= POLICY_ONLY
 
 
 def _check(cond: bool, field: str, expected: str, value) -> None:
@@ -158,6 +164,24 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
     _check(not weights or len(weights) == len(types), "dpo.loss_weights", f"() or {len(types)} weights", weights)
     _check(math.isfinite(cfg.dpo.beta) and cfg.dpo.beta > 0, "dpo.beta", "a number > 0", cfg.dpo.beta)
     _check(0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "a number in [0, 0.5)", cfg.dpo.label_smoothing)
+    d = cfg.dpo
+    f = d.f_divergence_type
+    _check(f in F_DIVERGENCES, "dpo.f_divergence_type", " | ".join(F_DIVERGENCES), f)
+    if d.f_divergence_type != "reverse_kl":
+        bad = [t for t in types if t not in F_DIVERGENCE_LOSS_TYPES]
+        _check(not bad, "dpo.loss_type", f"types from {sorted(F_DIVERGENCE_LOSS_TYPES)} with "
+               f"dpo.f_divergence_type={d.f_divergence_type!r} (as in TRL)", d.loss_type)  # fmt: skip
+    a = d.f_alpha_divergence_coef
+    _check(math.isfinite(a), "dpo.f_alpha_divergence_coef", "a finite number", a)
+    _check(math.isfinite(d.discopop_tau) and d.discopop_tau > 0, "dpo.discopop_tau", "a number > 0", d.discopop_tau)
+    _check(math.isfinite(d.simpo_gamma), "dpo.simpo_gamma", "a finite number", d.simpo_gamma)
+    _check(0 <= d.ld_alpha <= 1, "dpo.ld_alpha", "a number in [0, 1] (1: plain DPO)", d.ld_alpha)
+    _check(isinstance(d.use_weighting, bool), "dpo.use_weighting", "True or False", d.use_weighting)
+    _check(d.bco_delta in ("zero", "batch"), "dpo.bco_delta", "zero | batch", d.bco_delta)
+    sorted_types = [t for t in types if t in BATCH_LOSSES]
+    _check(not (sorted_types and d.use_soft_targets), "dpo.use_soft_targets",
+           f"False with loss type {sorted_types[0] if sorted_types else ''} (it sorts the batch: no per-pair "
+           "targets)", d.use_soft_targets)  # fmt: skip
     temp = cfg.dpo.get("soft_target_temperature", 1.0)
     _check(math.isfinite(temp) and temp > 0, "dpo.soft_target_temperature", "a number > 0", temp)
     seed = cfg.dpo.get("seed", -1)

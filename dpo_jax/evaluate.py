@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dpo_jax import sampling, scoring, signals
+from dpo_jax import reference, sampling, scoring, signals
 from dpo_jax.data import PreferenceLoader, to_global
 from dpo_jax.errors import NonFiniteLoss
 from dpo_jax.logging import read_jsonl
@@ -52,7 +52,7 @@ class Evaluator:
         sc,
         reward_fn=None,
     ):
-        from dpo_jax.train import pair_losses
+        from dpo_jax.train import pair_losses, reference_logps
 
         self.cfg, self.graphdef, self.reference, self.mesh = cfg, graphdef, reference_params, mesh
         self.tokenizer, self.reward_fn, self.ref_eval = tokenizer, reward_fn, ref_eval
@@ -61,12 +61,9 @@ class Evaluator:
         cached = ref_eval is not None
 
         def pref(params, hparams, batch, ref_params):
-            logps, counts = scoring.pair_logps(graphdef, params, batch, **sc.head)
-            if cached:
-                ref = batch["ref_logps"].reshape(-1, 2)
-            else:
-                ref = scoring.pair_logps(graphdef, ref_params, batch, **sc.head)[0]
-            losses, metrics = pair_losses(logps, counts, ref, batch, hparams, sc)
+            stats = scoring.pair_stats(graphdef, params, batch, tails=sc.ld, wpo=sc.wpo, **sc.head)
+            ref = reference_logps(graphdef, batch, ref_params, hparams, sc, cached=cached)
+            losses, metrics = pair_losses(stats, ref, batch, hparams, sc)
             valid = scoring.pair_values(batch, "valid")
             n = jnp.sum(valid)
             kl, kl_tokens = scoring.completion_token_kl(graphdef, params, ref_params, batch)
@@ -106,7 +103,7 @@ class Evaluator:
         for _, batch in batches:
             signals.check("during eval")
             if self.ref_eval is not None:
-                batch["ref_logps"] = self.ref_eval[np.maximum(batch["index"], 0)] * batch["valid"][..., None]
+                reference.attach(batch, self.ref_eval)
             sums = jax.device_get(self._pref(params_K, hparams_K, to_global(batch, self.mesh), self.reference))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)

@@ -224,6 +224,27 @@ def head_token_logprobs(
     )[0]
 
 
+def head_log_sum_sq_probs(
+    h_NxD: Array, lm_head_DxV: Array, *, token_chunk: int = 1024, vocab_chunk: int = 8192, max_logits_mb: float = 256.0
+) -> Array:
+    """log sum_v softmax(h @ lm_head)_v^2 per row [N] = lse(2 * logits) - 2 lse(logits), without gradient (WPO's
+    alignment term), materialised or streamed like ``head_token_logprobs``."""
+    h_NxD, w_DxV = jax.lax.stop_gradient(h_NxD), jax.lax.stop_gradient(lm_head_DxV)
+    n, v = h_NxD.shape[0], w_DxV.shape[1]
+    if n * v * 4 <= max_logits_mb * 2**20:
+        logits_NxV = jnp.dot(h_NxD, w_DxV, preferred_element_type=f32)
+        return jax.nn.logsumexp(2.0 * logits_NxV, axis=-1) - 2.0 * jax.nn.logsumexp(logits_NxV, axis=-1)
+    c = min(token_chunk, n)
+    pad = -n % c
+    w = min(vocab_chunk, v)
+
+    def per_chunk(h_CxD):  # (2h) @ w = 2 logits: one streaming logsumexp each
+        return _lse_over_vocab(2.0 * h_CxD, w_DxV, w) - 2.0 * _lse_over_vocab(h_CxD, w_DxV, w)
+
+    out = jax.lax.map(per_chunk, _token_chunks(jnp.pad(h_NxD, ((0, pad), (0, 0))), c))
+    return out.reshape(-1)[:n]
+
+
 # --- KL ------------------------------------------------------------------------------------------------------------
 
 

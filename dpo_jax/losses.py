@@ -36,64 +36,105 @@ import numpy as np
 Array = jax.Array
 
 # Loss types whose native formula already consumes label_smoothing (TRL's convention).
-_NATIVE_SMOOTHING = frozenset({"robust", "exo_pair"})
+_NATIVE_SMOOTHING = frozenset({"robust", "exo_pair", "simpo", "aot", "aot_unpaired"})
 # TRL's exo_pair replaces label_smoothing == 0 with this (the EXO paper needs eps in (0, 1)).
 _EXO_DEFAULT_EPS = 1e-3
 
 
-def _sigmoid(c, r, beta, eps, delta):
+class Coefs(NamedTuple):
+    """Scalar coefficients a pair loss may read (all traced)."""
+
+    beta: Array
+    eps: Array  # label_smoothing
+    delta: Array  # bco_pair's reward offset
+    tau: Array  # discopop_tau
+    gamma: Array  # simpo_gamma
+
+
+def _sigmoid(c, r, k):
     """DPO, Rafailov et al. 2023, arXiv:2305.18290."""
-    return -jax.nn.log_sigmoid(beta * (c - r))
+    return -jax.nn.log_sigmoid(k.beta * (c - r))
 
 
-def _ipo(c, r, beta, eps, delta):
-    """IPO, Azar et al. 2023, arXiv:2310.12036, eq. 17 (beta plays tau)."""
-    return (c - r - 1.0 / (2.0 * beta)) ** 2
+def _ipo(c, r, k):
+    """IPO, Azar et al. 2023, arXiv:2310.12036, eq. 17 (beta plays tau); c, r length-averaged."""
+    return (c - r - 1.0 / (2.0 * k.beta)) ** 2
 
 
-def _hinge(c, r, beta, eps, delta):
+def _hinge(c, r, k):
     """SLiC hinge, Zhao et al. 2023, arXiv:2305.10425."""
-    return jax.nn.relu(1.0 - beta * (c - r))
+    return jax.nn.relu(1.0 - k.beta * (c - r))
 
 
-def _robust(c, r, beta, eps, delta):
+def _robust(c, r, k):
     """Robust DPO (unbiased under flip rate eps), Chowdhury et al. 2024, arXiv:2403.00409."""
-    z = beta * (c - r)
-    return (-(1.0 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)) / (1.0 - 2.0 * eps)
+    z = k.beta * (c - r)
+    return (-(1.0 - k.eps) * jax.nn.log_sigmoid(z) + k.eps * jax.nn.log_sigmoid(-z)) / (1.0 - 2.0 * k.eps)
 
 
-def _exo_pair(c, r, beta, eps, delta):
+def _exo_pair(c, r, k):
     """EXO, Ji et al. 2024, arXiv:2402.00856, eq. 16: KL from the model's to the smoothed label distribution."""
-    eps = jnp.where(eps == 0, _EXO_DEFAULT_EPS, eps)
-    z = beta * (c - r)
+    eps = jnp.where(k.eps == 0, _EXO_DEFAULT_EPS, k.eps)
+    z = k.beta * (c - r)
     return jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - jnp.log1p(-eps)) + jax.nn.sigmoid(-z) * (
         jax.nn.log_sigmoid(-z) - jnp.log(eps)
     )
 
 
-def _nca_pair(c, r, beta, eps, delta):
+def _nca_pair(c, r, k):
     """NCA, Chen et al. 2024, arXiv:2402.05369."""
-    return -jax.nn.log_sigmoid(beta * c) - 0.5 * jax.nn.log_sigmoid(-beta * c) - 0.5 * jax.nn.log_sigmoid(-beta * r)
+    b = k.beta
+    return -jax.nn.log_sigmoid(b * c) - 0.5 * jax.nn.log_sigmoid(-b * c) - 0.5 * jax.nn.log_sigmoid(-b * r)
 
 
-def _bco_pair(c, r, beta, eps, delta):
-    """BCO, Jung et al. 2024, arXiv:2404.04656 (delta: running mean of the implicit rewards)."""
-    return -jax.nn.log_sigmoid(beta * c - delta) - jax.nn.log_sigmoid(-(beta * r - delta))
+def _bco_pair(c, r, k):
+    """BCO, Jung et al. 2024, arXiv:2404.04656 (delta: 0 as in TRL 1.16, or the running reward mean)."""
+    return -jax.nn.log_sigmoid(k.beta * c - k.delta) - jax.nn.log_sigmoid(-(k.beta * r - k.delta))
 
 
-def _sppo_hard(c, r, beta, eps, delta):
+def _sppo_hard(c, r, k):
     """SPPO with hard win probabilities, Wu et al. 2024, arXiv:2405.00675."""
-    return (c - 0.5 / beta) ** 2 + (r + 0.5 / beta) ** 2
+    return (c - 0.5 / k.beta) ** 2 + (r + 0.5 / k.beta) ** 2
 
 
-def _apo_zero(c, r, beta, eps, delta):
+def _apo_zero(c, r, k):
     """APO-zero, D'Oosterlinck et al. 2024, arXiv:2408.06266, eq. 7."""
-    return (1.0 - jax.nn.sigmoid(beta * c)) + jax.nn.sigmoid(beta * r)
+    return (1.0 - jax.nn.sigmoid(k.beta * c)) + jax.nn.sigmoid(k.beta * r)
 
 
-def _apo_down(c, r, beta, eps, delta):
+def _apo_down(c, r, k):
     """APO-down, D'Oosterlinck et al. 2024, arXiv:2408.06266, eq. 8."""
-    return jax.nn.sigmoid(beta * c) + (1.0 - jax.nn.sigmoid(beta * (c - r)))
+    return jax.nn.sigmoid(k.beta * c) + (1.0 - jax.nn.sigmoid(k.beta * (c - r)))
+
+
+def _discopop(c, r, k):
+    """DiscoPOP (log-ratio modulated), Chris Lu et al. 2024, arXiv:2406.08414, eq. 5."""
+    z = k.beta * (c - r)
+    mix = jax.nn.sigmoid(z / k.tau)
+    return -jax.nn.log_sigmoid(z) * (1.0 - mix) + jnp.exp(-z) * mix
+
+
+def _smoothed_sigmoid(z, eps):
+    """-(1 - eps) log s(z) - eps log s(-z): TRL's conservative form for CPO/SimPO/AOT."""
+    return -(1.0 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
+
+
+def _simpo(c, r, k):
+    """SimPO, Meng et al. 2024, arXiv:2405.14734: c, r are length-averaged *policy* log-probs; margin gamma."""
+    return _smoothed_sigmoid(k.beta * (c - r) - k.gamma, k.eps)
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x < 0, stable at both ends."""
+    x = jnp.minimum(x, -1e-30)
+    return jnp.where(x > -0.6931471805599453, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def _orpo(c, r, k):
+    """ORPO's odds-ratio term, Hong et al. 2024, arXiv:2403.07691 (eqs. 4, 7); c, r length-averaged policy
+    log-probs; beta is its lambda (add ``sft`` for its NLL term)."""
+    log_odds = (c - r) - (_log1mexp(c) - _log1mexp(r))
+    return -k.beta * jax.nn.log_sigmoid(log_odds)
 
 
 PAIR_LOSSES = {
@@ -107,9 +148,49 @@ PAIR_LOSSES = {
     "sppo_hard": _sppo_hard,
     "apo_zero": _apo_zero,
     "apo_down": _apo_down,
+    "discopop": _discopop,
+    "sigmoid_norm": _sigmoid,  # on length-averaged scores
+    "cpo": _sigmoid,  # on policy log-probs (no reference): CPO, Xu et al. 2024, arXiv:2401.08417, eq. 3
+    "simpo": _simpo,
+    "orpo": _orpo,
 }
-# "sft": token-mean NLL of the chosen completion (RPO / MPO auxiliary term, Pang et al. 2024, arXiv:2404.19733).
-LOSS_TYPES = (*PAIR_LOSSES, "sft")
+# Sorted-batch types (AOT, Melnyk et al. 2024, arXiv:2406.05882): the loss couples the pairs of a batch.
+BATCH_LOSSES = ("aot", "aot_unpaired")
+# "sft": token-mean NLL of the chosen completion (RPO / MPO auxiliary term, Pang et al. 2024, arXiv:2404.19733;
+# CPO's and ORPO's NLL term).
+LOSS_TYPES = (*PAIR_LOSSES, *BATCH_LOSSES, "sft")
+# What each type is a function of. Scores: f-divergence transforms of the log-ratios (TRL's ``chosen_scores``).
+_ON_SCORES = frozenset({"sigmoid", "hinge", "robust", "exo_pair", "discopop"})
+_ON_MEAN_SCORES = frozenset({"ipo", "sigmoid_norm"})  # scores / completion length
+_ON_POLICY = frozenset({"cpo"})  # summed policy log-probs
+_ON_MEAN_POLICY = frozenset({"simpo", "orpo"})  # length-averaged policy log-probs
+# Types that never read the reference: a mix of only these needs no reference pass at all.
+POLICY_ONLY = frozenset({"cpo", "simpo", "orpo", "sft"})
+# f-divergences of f-DPO (Wang et al. 2023, arXiv:2309.16240), TRL's names and codes; they apply to these types.
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+F_DIVERGENCE_LOSS_TYPES = frozenset(
+    {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+)
+
+
+def f_divergence_scores(logratios: Array, f_divergence: Array | int | str, alpha: Array | float = 0.5) -> Array:
+    """f'(pi / pi_ref) of the f-DPO paper from log-ratios, by TRL's formulas; ``f_divergence`` is a name from
+    ``F_DIVERGENCES`` or its (traced) index. Each branch sees 0 where it is not selected, so no gradient leaks."""
+    code = F_DIVERGENCES.index(f_divergence) if isinstance(f_divergence, str) else f_divergence
+    code = jnp.asarray(code)
+    x = logratios
+    alpha = _float(alpha)
+    near_one = jnp.abs(alpha - 1.0) < 1e-6  # the limit f'(t) -> log t: reverse KL
+    a1 = jnp.where(near_one, 1.0, alpha - 1.0)
+
+    def on(k):
+        return jnp.where(code == k, x, 0.0)
+
+    forward = 1.0 - jnp.exp(-on(1))
+    js = jnp.log(2.0) + jax.nn.log_sigmoid(on(2))
+    alpha_x = on(3)
+    alpha_div = jnp.where(near_one, alpha_x, (jnp.exp(jnp.minimum(a1 * alpha_x, 80.0)) - 1.0) / a1)
+    return jnp.select([code == 0, code == 1, code == 2], [x, forward, js], alpha_div)
 
 
 class RunningMoments(NamedTuple):
@@ -164,7 +245,7 @@ def _check_range(name: str, value, lo: float, hi: float, *, lo_open=False, hi_op
 
 
 def _normalize_types(loss_type: str | Sequence[str], loss_weights) -> tuple[tuple[str, ...], Array]:
-    types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    types = tuple(t.strip() for t in loss_type.split("+")) if isinstance(loss_type, str) else tuple(loss_type)
     if not types:
         raise ValueError("loss_type must name at least one loss type")
     for t in types:
@@ -182,6 +263,18 @@ def _normalize_types(loss_type: str | Sequence[str], loss_weights) -> tuple[tupl
     return types, weights_K
 
 
+def _aot_losses(x, y, beta, eps, m):
+    """AOT on a batch: -(1-eps) log s(beta d) - eps log s(-beta d), d = sort(x) - sort(y) over the valid pairs;
+    the j-th smallest difference's loss goes to the pair holding the j-th smallest ``x`` (padding pairs get 0)."""
+    valid = m > 0
+    fill = jax.lax.stop_gradient(jnp.maximum(jnp.max(jnp.abs(x)), jnp.max(jnp.abs(y)))) + 1.0  # sorts last
+    order = jnp.argsort(jnp.where(valid, x, fill))
+    xs = jnp.take(jnp.where(valid, x, fill), order)
+    ys = jnp.sort(jnp.where(valid, y, fill))
+    per_rank = jnp.where(jnp.arange(x.shape[0]) < jnp.sum(valid), _smoothed_sigmoid(beta * (xs - ys), eps), 0.0)
+    return jnp.zeros_like(x).at[order].set(per_rank)
+
+
 def preference_loss(
     policy_chosen_logps: Array,
     policy_rejected_logps: Array,
@@ -196,30 +289,40 @@ def preference_loss(
     chosen_lengths: Array | None = None,
     rejected_lengths: Array | None = None,
     reference_free: bool = False,
-    bco_delta: float | Array | None = None,
+    bco_delta: float | Array | str = 0.0,
     mask: Array | None = None,
-    length_normalize: Array | None = None,
+    f_divergence_type: str | int | Array = "reverse_kl",
+    f_alpha_divergence_coef: float | Array = 0.5,
+    discopop_tau: float | Array = 0.05,
+    simpo_gamma: float | Array = 0.5,
+    pair_weights: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Per-pair preference losses and TRL-named metrics.
 
     Args:
-      policy_chosen_logps, policy_rejected_logps: [B] summed completion log-probs under the policy.
+      policy_chosen_logps, policy_rejected_logps: [B] summed completion log-probs under the policy (LD-DPO
+        weights its tail before the sum: see ``dpo_jax.scoring``).
       reference_chosen_logps, reference_rejected_logps: [B] the same under the frozen reference; may be None
-        only with ``reference_free=True`` (the reference is then the uniform measure: its log-probs are zero).
+        with ``reference_free=True`` (the reference is then the uniform measure: its log-probs are zero) or when
+        every type is in ``POLICY_ONLY``.
       loss_type: one of ``LOSS_TYPES`` or a sequence of them (a weighted sum, TRL's multi-loss).
       loss_weights: [K] weights of the types in ``loss_type`` (default: all 1).
-      beta: > 0, the KL coefficient of the underlying RLHF objective (scalar or [B]).
+      beta: > 0, the KL coefficient of the underlying RLHF objective (scalar or [B]); ORPO's lambda.
       label_smoothing: flip rate eps in [0, 0.5) (conservative DPO; see the module docstring).
       target_probs: [B] soft preference probabilities p in [0, 1] that the chosen response wins.
-      chosen_lengths, rejected_lengths: [B] completion token counts. When ``"ipo"`` is among the types, all
-        log-probs are divided by them first (TRL's convention); ``"sft"`` needs ``chosen_lengths``.
+      chosen_lengths, rejected_lengths: [B] completion token counts: ``ipo`` and ``sigmoid_norm`` divide their
+        scores by them, ``simpo`` and ``orpo`` the policy log-probs (TRL's conventions; without them: the sums);
+        ``sft`` needs the chosen.
       reference_free: ignore the reference (log-probs of zero).
-      bco_delta: the running reward mean for ``bco_pair`` (see ``RunningMoments``); default: the batch mean of
-        the implicit rewards, i.e. TRL's value at its first step.
-      mask: [B] 1 for real pairs, 0 for padding pairs: metrics, the batch statistics of ``sft`` and the
-        default ``bco_delta`` use real pairs only (losses_B is still returned for every pair).
-      length_normalize: traced 0/1 in place of "``ipo`` is among the types" (a population computes the union of
-        its members' types, each member weighting its own; its length averaging must follow its own mix).
+      bco_delta: ``bco_pair``'s reward offset: 0 (TRL 1.16, the default), a value (e.g. ``RunningMoments.mean``,
+        the BCO paper and TRL < 1.0) or ``"batch"``: the batch mean of the implicit rewards.
+      mask: [B] 1 for real pairs, 0 for padding pairs: metrics, batch statistics (``sft``, ``aot``, the batch
+        ``bco_delta``) use real pairs only (losses_B is still returned for every pair).
+      f_divergence_type: the f-DPO divergence (a name from ``F_DIVERGENCES`` or its traced index); other than
+        ``reverse_kl`` only for ``F_DIVERGENCE_LOSS_TYPES``, as in TRL.
+      f_alpha_divergence_coef: alpha of ``alpha_divergence``.
+      discopop_tau: DiscoPOP's temperature. simpo_gamma: SimPO's target margin gamma (TRL's ``simpo_gamma``).
+      pair_weights: [B] multiply every type's per-pair loss (WPO's policy-probability weights; no gradient).
 
     Returns:
       ``(losses_B, metrics)``: per-pair losses (reduce them as you like; TRL takes the mean) and scalar batch
@@ -234,10 +337,11 @@ def preference_loss(
         raise ValueError(
             f"policy_chosen_logps and policy_rejected_logps must both have shape [B]; got {pc.shape} and {pr.shape}"
         )
-    if reference_free:
+    missing = reference_chosen_logps is None or reference_rejected_logps is None
+    if reference_free or (missing and set(types) <= POLICY_ONLY):  # metrics: rewards are beta * policy log-probs
         rc = rr = jnp.zeros_like(pc)
     else:
-        if reference_chosen_logps is None or reference_rejected_logps is None:
+        if missing:
             raise ValueError("reference_chosen_logps / reference_rejected_logps are required unless reference_free")
         rc = _float(reference_chosen_logps)
         rr = _float(reference_rejected_logps)
@@ -246,11 +350,23 @@ def preference_loss(
 
     _check_range("beta", beta, 0.0, np.inf, lo_open=True, hi_open=True)
     _check_range("label_smoothing", label_smoothing, 0.0, 0.5, hi_open=True)
+    _check_range("discopop_tau", discopop_tau, 0.0, np.inf, lo_open=True, hi_open=True)
+    if isinstance(f_divergence_type, str):
+        if f_divergence_type not in F_DIVERGENCES:
+            names = ", ".join(F_DIVERGENCES)
+            raise ValueError(f"f_divergence_type: expected one of {names}; got {f_divergence_type!r}")
+        if f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSS_TYPES:
+            raise ValueError(
+                f"f_divergence_type {f_divergence_type!r} applies to loss types {sorted(F_DIVERGENCE_LOSS_TYPES)} "
+                f"only; got {list(types)}"
+            )
     beta = _float(beta)
     eps = _float(label_smoothing)
     if target_probs is None:
         p = jnp.ones_like(pc)
     else:
+        if set(types) & set(BATCH_LOSSES):
+            raise ValueError("aot / aot_unpaired sort the batch: per-pair target_probs have no pair to apply to")
         _check_range("target_probs", target_probs, 0.0, 1.0)
         p = jnp.broadcast_to(_float(target_probs), pc.shape)
 
@@ -259,9 +375,8 @@ def preference_loss(
         if value is not None:
             _check_range(name, value, 0.0, np.inf, lo_open=True, hi_open=True)
             lengths[name] = jnp.broadcast_to(_float(value), pc.shape)
-    normalize = "ipo" in types if length_normalize is None else True
-    if normalize and len(lengths) == 1:
-        raise ValueError("loss_type 'ipo' length-averages with both chosen_lengths and rejected_lengths; got one")
+    if len(lengths) == 1 and set(types) & (_ON_MEAN_SCORES | _ON_MEAN_POLICY):
+        raise ValueError("length-averaging loss types need both chosen_lengths and rejected_lengths; got one")
     if "sft" in types and "chosen_lengths" not in lengths:
         raise ValueError("loss_type 'sft' needs chosen_lengths (completion token counts) for its token mean")
 
@@ -270,37 +385,52 @@ def preference_loss(
     def mean(x):
         return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
 
-    sft_nll_B = None
-    if "sft" in types:
-        # TRL's nll_loss: NLL pooled over all chosen tokens of the batch, the same value for every pair. Uses the
-        # summed (not IPO length-averaged) log-probs.
-        tokens = jnp.maximum(jnp.sum(lengths["chosen_lengths"] * m), 1.0)
-        sft_nll_B = jnp.broadcast_to(-jnp.sum(pc * m) / tokens, pc.shape)
-    if normalize and len(lengths) == 2:
-        lc, lr = lengths["chosen_lengths"], lengths["rejected_lengths"]
-        if length_normalize is not None:  # traced: 1 divides, 0 keeps the sums
-            f = _float(length_normalize)
-            lc, lr = f * lc + (1.0 - f), f * lr + (1.0 - f)
-        pc, rc, pr, rr = pc / lc, rc / lc, pr / lr, rr / lr
-
-    c, r = pc - rc, pr - rr
+    c, r = pc - rc, pr - rr  # log-ratios
     chosen_rewards = jax.lax.stop_gradient(beta * c)
     rejected_rewards = jax.lax.stop_gradient(beta * r)
-    if bco_delta is None:
+    if isinstance(bco_delta, str):
+        if bco_delta != "batch":
+            raise ValueError(f"bco_delta: expected a number or 'batch'; got {bco_delta!r}")
         delta = (mean(chosen_rewards) + mean(rejected_rewards)) / 2
     else:
         delta = jax.lax.stop_gradient(_float(bco_delta))
+    coefs = Coefs(beta, eps, delta, _float(discopop_tau), _float(simpo_gamma))
+
+    sc, sr = (f_divergence_scores(x, f_divergence_type, f_alpha_divergence_coef) for x in (c, r))
+    lc, lr = lengths.get("chosen_lengths", 1.0), lengths.get("rejected_lengths", 1.0)  # none given: sums
+    inputs = {}  # per type: what it is a function of (TRL's conventions)
+    for t in types:
+        if t in _ON_SCORES:
+            inputs[t] = (sc, sr)
+        elif t in _ON_MEAN_SCORES:
+            inputs[t] = (sc / lc, sr / lr)
+        elif t in _ON_POLICY:
+            inputs[t] = (pc, pr)
+        elif t in _ON_MEAN_POLICY:
+            inputs[t] = (pc / lc, pr / lr)
+        else:
+            inputs[t] = (c, r)
 
     q_flip = (1.0 - eps) * p + eps * (1.0 - p)
     losses_B = jnp.zeros_like(pc)
     for k, t in enumerate(types):
         if t == "sft":
-            per_type = sft_nll_B
+            # TRL's nll_loss: NLL pooled over all chosen tokens of the batch, the same value for every pair.
+            tokens = jnp.maximum(jnp.sum(lc * m), 1.0)
+            per_type = jnp.broadcast_to(-jnp.sum(pc * m) / tokens, pc.shape)
+        elif t == "aot":
+            per_type = _aot_losses(pc - pr, rc - rr, beta, eps, m)
+        elif t == "aot_unpaired":
+            per_type = _aot_losses(c, r, beta, eps, m)
         else:
-            fn = PAIR_LOSSES[t]
+            fn, (x, y) = PAIR_LOSSES[t], inputs[t]
             q = p if t in _NATIVE_SMOOTHING else q_flip
-            per_type = q * fn(c, r, beta, eps, delta) + (1.0 - q) * fn(r, c, beta, eps, delta)
+            won, lost = fn(x, y, coefs), fn(y, x, coefs)
+            # hard labels pick one side exactly (0 * inf would make an overflowing loss nan instead of inf)
+            per_type = jnp.where(q == 1, won, jnp.where(q == 0, lost, q * won + (1.0 - q) * lost))
         losses_B = losses_B + weights_K[k] * per_type
+    if pair_weights is not None:
+        losses_B = losses_B * jax.lax.stop_gradient(_float(pair_weights))
 
     z = jax.lax.stop_gradient(beta * (c - r))
     metrics = {

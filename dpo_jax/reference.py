@@ -2,7 +2,8 @@
 
 The cache key hashes (reference weights, model config, tokenized data, scoring settings), so any change to
 the reference, the data or the tokenization settings (which change the token ids) makes a new entry, and
-sibling runs of a sweep reuse one. Values are [N, 2] float32: (chosen, rejected) summed completion log-probs.
+sibling runs of a sweep reuse one. Values are [N, 2] float32: (chosen, rejected) summed completion log-probs, or
+[N, 4] with the sums' tails past the shorter completion (LD-DPO) appended.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -36,8 +38,18 @@ def cache_key(params, model_config, pairs, settings: dict) -> str:
     return h.hexdigest()[:32]
 
 
-def compute_logps(graphdef, params, pairs, *, mesh, batch_size, layout, pad_id, head: dict):
-    """One pass of the reference over ``pairs`` (in order); every process gets all [N, 2] values."""
+def attach(batch: dict, cache: np.ndarray) -> dict:
+    """Put the cached values of the batch's pairs in it: ``ref_logps`` [G, P, 2] (and ``ref_tails``)."""
+    values = cache[np.maximum(batch["index"], 0)] * batch["valid"][..., None]
+    batch["ref_logps"] = values[..., :2]
+    if cache.shape[1] == 4:
+        batch["ref_tails"] = values[..., 2:]
+    return batch
+
+
+def compute_logps(graphdef, params, pairs, *, mesh, batch_size, layout, pad_id, head: dict, tails: bool = False):
+    """One pass of the reference over ``pairs`` (in order); every process gets all [N, 2] values ([N, 4] with
+    the LD-DPO tails)."""
     slice_index, slice_count = batch_slice(mesh)
     loader = PreferenceLoader(
         pairs,
@@ -50,21 +62,24 @@ def compute_logps(graphdef, params, pairs, *, mesh, batch_size, layout, pad_id, 
         process_count=slice_count,
     )
 
-    def score(params, batch):  # [G, P, 2]: grouped like the batch, so it stays sharded
-        logps = scoring.pair_logps(graphdef, params, batch, **head)[0]
-        return logps.reshape(*batch["valid"].shape, 2), batch["index"]
+    width = 4 if tails else 2
+
+    def score(params, batch):  # [G, P, width]: grouped like the batch, so it stays sharded
+        stats = scoring.pair_stats(graphdef, params, batch, tails=tails, **head)
+        logps = jnp.concatenate([stats["logps"], stats["tails"]], axis=1) if tails else stats["logps"]
+        return logps.reshape(*batch["valid"].shape, width), batch["index"]
 
     score = jax.jit(score, out_shardings=(batch_sharding(mesh, 3), batch_sharding(mesh, 2)))
     from dpo_jax.evaluate import progress
 
-    out = np.zeros((len(pairs), 2), np.float32)
+    out = np.zeros((len(pairs), width), np.float32)
     batches = progress(loader.epoch(0), loader.steps_per_epoch, "reference log-probs")
     for _step, batch in batches:
         signals.check("during the reference pass (nothing to save; it restarts)")
         logps, index = score(params, to_global(batch, mesh))
         if jax.process_count() > 1:
             logps, index = multihost_utils.process_allgather((logps, index), tiled=True)
-        index, logps = np.asarray(index).reshape(-1), np.asarray(logps).reshape(-1, 2)
+        index, logps = np.asarray(index).reshape(-1), np.asarray(logps).reshape(-1, width)
         out[index[index >= 0]] = logps[index >= 0]
     batches.close()
     return out
@@ -76,7 +91,7 @@ def cached_logps(cache_dir: str | os.PathLike, key: str, compute) -> tuple[np.nd
     if path.exists():
         try:
             values = np.load(path)
-            if values.ndim == 2 and values.shape[1] == 2 and np.isfinite(values).all():
+            if values.ndim == 2 and values.shape[1] in (2, 4) and np.isfinite(values).all():
                 return values, True
         except (OSError, ValueError):
             pass

@@ -38,16 +38,43 @@ def scored_hidden(graphdef, params, batch: dict):
     return model, jnp.take_along_axis(hidden_ZxSlotsxD, batch["score_src"][..., None], axis=1)
 
 
-def token_logps(graphdef, params, batch: dict, *, token_chunk=1024, vocab_chunk=8192, max_logits_mb=256.0):
-    """Log-probs [Z, S] of the scored entries (0 where ``score_mask`` is 0)."""
+def token_logps(graphdef, params, batch: dict, *, token_chunk=1024, vocab_chunk=8192, max_logits_mb=256.0,
+                sum_sq=False):  # fmt: skip
+    """Log-probs [Z, S] of the scored entries (0 where ``score_mask`` is 0); with ``sum_sq`` also
+    log sum_v p_v^2 [Z, S] at each entry (WPO's alignment term; no gradient)."""
     model, h_ZxSxD = scored_hidden(graphdef, params, batch)
     z, s, d = h_ZxSxD.shape
+    head = dict(token_chunk=token_chunk, vocab_chunk=vocab_chunk, max_logits_mb=max_logits_mb)
     targets = jnp.where(batch["score_mask"] > 0, batch["score_target"], 0).reshape(z * s)
-    logps = lp.head_token_logprobs(
-        h_ZxSxD.reshape(z * s, d), model.lm_head_weight(), targets,
-        token_chunk=token_chunk, vocab_chunk=vocab_chunk, max_logits_mb=max_logits_mb,
-    )  # fmt: skip
-    return jnp.where(batch["score_mask"] > 0, logps.reshape(z, s), 0.0)
+    h_NxD, w_DxV = h_ZxSxD.reshape(z * s, d), model.lm_head_weight()
+    logps = lp.head_token_logprobs(h_NxD, w_DxV, targets, **head)
+    logps = jnp.where(batch["score_mask"] > 0, logps.reshape(z, s), 0.0)
+    if not sum_sq:
+        return logps
+    sq = lp.head_log_sum_sq_probs(h_NxD, w_DxV, **head).reshape(z, s)
+    return logps, jnp.where(batch["score_mask"] > 0, sq, 0.0)
+
+
+def completion_ranks(batch: dict) -> jax.Array:
+    """[Z, S] 0-based position of each scored entry within its completion (entries of a sequence are
+    consecutive in their block, in token order)."""
+    z, s = batch["score_seq"].shape
+    g, p = batch["valid"].shape
+    idx_S = jnp.arange(s)
+
+    def one(seq_S, mask_S):
+        first = jax.ops.segment_min(jnp.where(mask_S > 0, idx_S, s), seq_S, num_segments=2 * (g // z) * p)
+        return idx_S - first[seq_S]
+
+    return jax.vmap(one)(batch["score_seq"], batch["score_mask"])
+
+
+def tail_mask(batch: dict, counts: jax.Array) -> jax.Array:
+    """[Z, S] entries past the shorter completion of their pair (LD-DPO's verbose tail); ``counts`` [G * P, 2]."""
+    z = batch["score_seq"].shape[0]
+    shared_Zx = jnp.min(counts, axis=1).reshape(z, -1)  # per block, pair slot
+    shared_ZxS = jnp.take_along_axis(shared_Zx, batch["score_seq"] // 2, axis=1)
+    return (completion_ranks(batch) >= shared_ZxS) & (batch["score_mask"] > 0)
 
 
 def sequence_sums(values_ZxS: jax.Array, batch: dict) -> jax.Array:
@@ -70,6 +97,22 @@ def pair_logps(graphdef, params, batch: dict, **head):
     chosen-only SFT batch), via the scored-token LM head."""
     logps_ZxS = token_logps(graphdef, params, batch, **head)
     return sequence_sums(logps_ZxS, batch), sequence_sums(batch["score_mask"].astype(jnp.float32), batch)
+
+
+def pair_stats(graphdef, params, batch: dict, *, tails=False, wpo=False, **head) -> dict:
+    """``pair_logps`` and, on request, from the same pass: ``tails`` [G * P, 2], the part of each sum past the
+    shorter completion (LD-DPO weights it: sum - (1 - alpha) * tail), and ``wpo`` [G * P, 2], each sequence's
+    mean of log p - log sum p^2 (WPO's aligned log-probability; no gradient)."""
+    out = token_logps(graphdef, params, batch, sum_sq=wpo, **head)
+    logps_ZxS, sq_ZxS = out if wpo else (out, None)
+    counts = sequence_sums(batch["score_mask"].astype(jnp.float32), batch)
+    stats = {"logps": sequence_sums(logps_ZxS, batch), "counts": counts}
+    if tails:
+        stats["tails"] = sequence_sums(jnp.where(tail_mask(batch, counts), logps_ZxS, 0.0), batch)
+    if wpo:
+        aligned = jax.lax.stop_gradient(logps_ZxS) - sq_ZxS
+        stats["wpo"] = sequence_sums(aligned, batch) / jnp.maximum(counts, 1.0)
+    return stats
 
 
 def completion_token_kl(graphdef, policy, reference, batch: dict):

@@ -26,13 +26,18 @@ class HParams:
     target_temperature: jax.Array  # soft targets become sigmoid(logit(p) / T)
     lr_scale: jax.Array  # the member's learning rate over the shared schedule's peak
     loss_weights: jax.Array  # [T] weight of each of the step's loss types (0: not in this member's mix)
-    length_normalize: jax.Array  # 1 when the member's mix has ``ipo`` (TRL divides every log-prob by its length)
+    f_divergence: jax.Array  # index into dpo_jax.losses.F_DIVERGENCES
+    f_alpha_divergence_coef: jax.Array
+    discopop_tau: jax.Array
+    simpo_gamma: jax.Array
+    ld_alpha: jax.Array  # LD-DPO weight of the tokens past the shorter completion (1: plain sums)
 
     @classmethod
     def from_config(cls, cfg, types: tuple[str, ...] | None = None, peak_lr: float | None = None) -> HParams:
         """The member ``cfg``'s values; ``types``: the step's loss types (a population's union; default: the
         member's own), ``peak_lr``: the shared schedule's peak (default: the member's learning rate)."""
         from dpo_jax.config import loss_types
+        from dpo_jax.losses import F_DIVERGENCES
 
         own = loss_types(cfg)
         types = own if types is None else tuple(types)
@@ -45,7 +50,11 @@ class HParams:
             target_temperature=np.float32(cfg.dpo.soft_target_temperature),
             lr_scale=np.float32(cfg.optim.learning_rate / peak_lr),
             loss_weights=np.asarray(weights, np.float32),
-            length_normalize=np.float32("ipo" in own),
+            f_divergence=np.int32(F_DIVERGENCES.index(cfg.dpo.f_divergence_type)),
+            f_alpha_divergence_coef=np.float32(cfg.dpo.f_alpha_divergence_coef),
+            discopop_tau=np.float32(cfg.dpo.discopop_tau),
+            simpo_gamma=np.float32(cfg.dpo.simpo_gamma),
+            ld_alpha=np.float32(cfg.dpo.ld_alpha),
         )
 
     @classmethod

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from dpo_jax import checkpoint, reference, scoring, sharding, signals, throughput
-from dpo_jax.config import SFT_FIELDS, ConfigError, dpo_seed, loss_types, validate
+from dpo_jax.config import SFT_FIELDS, ConfigError, dpo_seed, loss_types, needs_reference, validate
 from dpo_jax.data import (
     Columns,
     PreferenceLoader,
@@ -58,12 +58,15 @@ class StepConfig:
     stage: str  # "sft" | "dpo"
     loss_types: tuple[str, ...] = ("sigmoid",)  # a population's union; each member weights them (hparams)
     use_soft_targets: bool = False
-    reference_free: bool = False
+    reference_free: bool = False  # no reference at all (dpo.reference_free, or only policy-only types)
     frozen_reference: bool = False
     grad_accum: int = 1
     token_chunk: int = 1024
     vocab_chunk: int = 8192
     max_logits_mb: float = 256.0
+    ld: bool = False  # some member down-weights completion tails (LD-DPO): sums and tails are scored
+    wpo: bool = False  # WPO pair weights
+    bco_delta: str = "zero"
 
     @property
     def head(self) -> dict:
@@ -134,10 +137,33 @@ def batch_totals(batch: dict) -> dict:
     }
 
 
-def pair_losses(logps, counts, ref_logps, batch, hparams: HParams, sc: StepConfig):
-    """The one DPO objective, for training and eval: per-pair losses [n] and metric means over valid pairs."""
+def ld_logps(stats: dict, hparams: HParams, sc: StepConfig) -> jax.Array:
+    """Per-pair log-probs [n, 2] as the objective sees them: LD-DPO weights the tail past the shorter completion."""
+    if not sc.ld:
+        return stats["logps"]
+    return stats["logps"] - (1.0 - hparams.ld_alpha) * stats["tails"]
+
+
+def reference_logps(graphdef, batch, reference_params, hparams: HParams, sc: StepConfig, *, cached: bool):
+    """The reference's [n, 2] log-probs of the batch (cached in the batch, or a frozen forward); None without."""
+    if sc.reference_free:
+        return None
+    if cached:
+        stats = {"logps": batch["ref_logps"].reshape(-1, 2)}
+        if sc.ld:
+            stats["tails"] = batch["ref_tails"].reshape(-1, 2)
+    else:
+        stats = scoring.pair_stats(graphdef, reference_params, batch, tails=sc.ld, **sc.head)
+    return jax.lax.stop_gradient(ld_logps(stats, hparams, sc))
+
+
+def pair_losses(stats: dict, ref_logps, batch, hparams: HParams, sc: StepConfig):
+    """The one DPO objective, for training and eval: per-pair losses [n] and metric means over valid pairs.
+    ``stats``: ``scoring.pair_stats`` of the policy; ``ref_logps``: ``reference_logps``."""
+    logps, counts = ld_logps(stats, hparams, sc), stats["counts"]
     ref = (None, None) if ref_logps is None else (ref_logps[:, 0], ref_logps[:, 1])
     targets = scoring.pair_values(batch, "target_probs")
+    weights = jnp.exp(stats["wpo"][:, 0] + stats["wpo"][:, 1]) if sc.wpo else None  # WPO, Zhou et al. 2024, eq. 2
     return preference_loss(
         logps[:, 0], logps[:, 1], *ref,
         loss_type=sc.loss_types,
@@ -148,8 +174,13 @@ def pair_losses(logps, counts, ref_logps, batch, hparams: HParams, sc: StepConfi
         chosen_lengths=jnp.maximum(counts[:, 0], 1.0),
         rejected_lengths=jnp.maximum(counts[:, 1], 1.0),
         reference_free=sc.reference_free,
+        bco_delta="batch" if sc.bco_delta == "batch" else 0.0,
         mask=scoring.pair_values(batch, "valid"),
-        length_normalize=hparams.length_normalize,
+        f_divergence_type=hparams.f_divergence,
+        f_alpha_divergence_coef=hparams.f_alpha_divergence_coef,
+        discopop_tau=hparams.discopop_tau,
+        simpo_gamma=hparams.simpo_gamma,
+        pair_weights=weights,
     )  # fmt: skip
 
 
@@ -157,11 +188,12 @@ def objective(params, graphdef, batch, ref_logps, hparams: HParams, sc: StepConf
     """Scalar loss and metrics of one (micro-)batch, normalised by ``totals`` (default: this batch's)."""
     totals = batch_totals(batch) if totals is None else totals
     valid = scoring.pair_values(batch, "valid")
-    logps, counts = scoring.pair_logps(graphdef, params, batch, **sc.head)
     if sc.stage == "sft":
+        logps = scoring.pair_logps(graphdef, params, batch, **sc.head)[0]
         nll = -jnp.sum(logps[:, 0] * valid) / totals["tokens"]
         return nll, {"nll": nll}
-    losses, metrics = pair_losses(logps, counts, ref_logps, batch, hparams, sc)
+    stats = scoring.pair_stats(graphdef, params, batch, tails=sc.ld, wpo=sc.wpo, **sc.head)
+    losses, metrics = pair_losses(stats, ref_logps, batch, hparams, sc)
     w = scoring.pair_values(batch, "weights") * valid
     share = jnp.sum(valid) / totals["pairs"]  # metrics are means over this micro-batch's pairs
     return jnp.sum(losses * w) / totals["weight"], jax.tree.map(lambda m: m * share, metrics)
@@ -182,11 +214,9 @@ def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx
 
     def micro(batch_m):
         ref = None
-        if sc.stage == "dpo" and not sc.reference_free:
-            if sc.frozen_reference:
-                ref = jax.lax.stop_gradient(scoring.pair_logps(graphdef, reference_params, batch_m, **sc.head)[0])
-            else:
-                ref = batch_m["ref_logps"].reshape(-1, 2)
+        if sc.stage == "dpo":
+            cached = not sc.frozen_reference
+            ref = reference_logps(graphdef, batch_m, reference_params, state.hparams, sc, cached=cached)
         grad_fn = jax.value_and_grad(objective, has_aux=True)
         (loss, metrics), grads = grad_fn(state.params, graphdef, batch_m, ref, state.hparams, sc, totals)
         return loss, metrics, grads
@@ -288,7 +318,7 @@ class Stage:
     optim: dict  # the optimizer section; its learning rate is the schedule's peak (members scale it)
     members: list[Member]
     reference_params: Any = None  # frozen mode
-    ref_cache: np.ndarray | None = None  # cached mode: [N, 2]
+    ref_cache: np.ndarray | None = None  # cached mode: [N, 2] sums, or [N, 4] sums and LD-DPO tails
     evaluator: Any = None
     log_offset: int = 0  # logged step = log_offset + stage step (one increasing axis across stages)
 
@@ -374,7 +404,7 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
     shared = len({m.seed for m in members}) == 1
     sample = next(population_batches(stage, min(start, stage.steps - 1), shared))[1]
     if stage.ref_cache is not None:
-        sample["ref_logps"] = np.zeros((*sample["index"].shape, 2), np.float32)
+        reference.attach(sample, np.zeros_like(stage.ref_cache))
     batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim, members=not shared) for k, v in sample.items()}
     ref_shardings = None if stage.reference_params is None else sharding.param_shardings(stage.reference_params, mesh)
     optim_key = (stage.steps, tuple(sorted((k, str(v)) for k, v in stage.optim.items())))
@@ -430,7 +460,7 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
             if signals.requested():
                 stop(step)
             if stage.ref_cache is not None:
-                batch["ref_logps"] = stage.ref_cache[np.maximum(batch["index"], 0)] * batch["valid"][..., None]
+                reference.attach(batch, stage.ref_cache)
             state, metrics = step_fn(state, to_global(batch, mesh, members=not shared), stage.reference_params)
             done = step + 1
             steps_timed += 1
@@ -614,8 +644,9 @@ class Job:
         cfg = cfgs[0]
         types = tuple(dict.fromkeys(t for c in cfgs for t in loss_types(c)))
         return StepConfig(
-            "dpo", types, cfg.dpo.use_soft_targets, cfg.dpo.reference_free, cfg.reference.mode == "frozen",
-            cfg.optim.grad_accum, **self.chunks,
+            "dpo", types, cfg.dpo.use_soft_targets, not any(needs_reference(c) for c in cfgs),
+            cfg.reference.mode == "frozen", cfg.optim.grad_accum, ld=any(c.dpo.ld_alpha != 1 for c in cfgs),
+            wpo=cfg.dpo.use_weighting, bco_delta=cfg.dpo.bco_delta, **self.chunks,
         )  # fmt: skip
 
     def evaluator(self, cfgs):
@@ -662,9 +693,11 @@ def make_mesh(cfg, devices, num_members: int = 1):
     return sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices, member=size)
 
 
-def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, num_members: int = 1) -> Job:
-    """Data, tokenizer, model, the SFT stage (if configured) and the reference log-probs."""
+def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, num_members: int = 1, cfgs=None) -> Job:
+    """Data, tokenizer, model, the SFT stage (if configured) and the reference log-probs (of all members ``cfgs``,
+    default ``[cfg]``: cached when one of them reads the reference, with tails when one uses LD-DPO)."""
     notes = notes or Notes()
+    cfgs = cfgs or [cfg]
     mesh = make_mesh(cfg, devices, num_members)
     validate(cfg, num_devices=len(devices), members=mesh.shape["member"])
     tokenizer, paths = prepare_data(cfg, workdir)
@@ -737,14 +770,17 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, num
     ref_train = ref_eval = None
     summary["reference/mode"] = cfg.reference.mode
     signals.check("before the reference pass (the SFT stage is saved)")
-    if cfg.reference.mode == "cached" and not cfg.dpo.reference_free:
+    if cfg.reference.mode == "cached" and any(needs_reference(c) for c in cfgs):
+        tails = any(c.dpo.ld_alpha != 1 for c in cfgs)
         cache_dir = cfg.reference.cache_dir or str(workdir.parent / "reference_cache")
         compute = functools.partial(
             reference.compute_logps, graphdef, reference_params, mesh=mesh, batch_size=cfg.eval.batch_size,
-            layout=loader_kw["layout"], pad_id=loader_kw["pad_id"], head=chunks,
+            layout=loader_kw["layout"], pad_id=loader_kw["pad_id"], head=chunks, tails=tails,
         )  # fmt: skip
         lay = loader_kw["layout"]
         settings = {"head": chunks, "layout": [lay.kind, lay.shared, lay.row_length, list(lay.buckets)]}
+        if tails:
+            settings["tails"] = True
         t0 = time.perf_counter()
         hits = []
         for pairs in (train_pairs, eval_pairs):
@@ -875,7 +911,7 @@ def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None) 
         notes = Notes()
         writers = [make_writer(c, wd) for c, wd in zip(cfgs, workdirs, strict=True)]
         try:
-            job = prepare(cfg, workdirs[0], devices, writers[0], notes, num_members=len(cfgs))
+            job = prepare(cfg, workdirs[0], devices, writers[0], notes, num_members=len(cfgs), cfgs=cfgs)
             evaluator = job.evaluator(cfgs)
             stage = job.dpo_stage(cfgs, workdirs, writers, evaluator)
             params = job.run(stage, init_params=job.reference_params)

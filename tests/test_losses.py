@@ -51,6 +51,11 @@ def np_pair_loss(kind, c, r, beta, eps=0.0, delta=0.0):
         return (1 - np_sigmoid(beta * c)) + np_sigmoid(beta * r)
     if kind == "apo_down":
         return np_sigmoid(beta * c) + (1 - np_sigmoid(beta * h))
+    if kind == "discopop":  # tau 0.05
+        z = beta * h
+        return -np_log_sigmoid(z) * (1 - np_sigmoid(z / 0.05)) + np.exp(-z) * np_sigmoid(z / 0.05)
+    if kind == "sigmoid_norm":  # without lengths: on the sums
+        return -np_log_sigmoid(beta * h)
     raise AssertionError(kind)
 
 
@@ -60,7 +65,8 @@ def np_soft_loss(kind, c, r, beta, eps, p, delta=0.0):
     return q * np_pair_loss(kind, c, r, beta, eps, delta) + (1 - q) * np_pair_loss(kind, r, c, beta, eps, delta)
 
 
-PAIR_TYPES = [t for t in LOSS_TYPES if t != "sft"]
+# Types written out above (the rest are checked against TRL's own code in test_losses_trl.py).
+PAIR_TYPES = [t for t in LOSS_TYPES if t not in ("sft", "cpo", "simpo", "orpo", "aot", "aot_unpaired")]
 RNG = np.random.default_rng(0)
 B = 6
 PC, PR, RC, RR = (RNG.normal(-40, 5, size=B) for _ in range(4))
@@ -113,8 +119,7 @@ def test_scenario_table_matches_seed(name, pc, pr, loss, weight):
 def test_pair_losses_match_numpy(kind, beta, eps):
     losses, _ = run(PC, PR, RC, RR, loss_type=kind, beta=beta, label_smoothing=eps)
     c, r = PC - RC, PR - RR
-    delta = np.mean(np.concatenate([beta * c, beta * r]))
-    expected = np_soft_loss(kind, c, r, beta, eps, 1.0, delta)
+    expected = np_soft_loss(kind, c, r, beta, eps, 1.0)  # bco_pair: delta 0 (TRL 1.16)
     np.testing.assert_allclose(losses, expected, rtol=2e-5, atol=2e-5)
 
 
@@ -123,8 +128,7 @@ def test_soft_targets_match_numpy(kind):
     p = RNG.uniform(0, 1, size=B)
     losses, _ = run(PC, PR, RC, RR, loss_type=kind, beta=0.3, label_smoothing=0.1, target_probs=p)
     c, r = PC - RC, PR - RR
-    delta = np.mean(np.concatenate([0.3 * c, 0.3 * r]))
-    np.testing.assert_allclose(losses, np_soft_loss(kind, c, r, 0.3, 0.1, p, delta), rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(losses, np_soft_loss(kind, c, r, 0.3, 0.1, p), rtol=2e-5, atol=2e-5)
 
 
 def test_conservative_dpo_is_trl_label_smoothing():
@@ -157,11 +161,35 @@ def test_soft_target_minimised_at_logit_p_over_beta(p, beta):
 
 
 def test_ipo_uses_length_averaged_logps():
+    """TRL 1.16: ipo averages its own log-ratios; the other terms of a mix and the metrics keep the sums."""
     lc, lr = np.array([3, 5, 8, 2, 9, 4.0]), np.array([4, 4, 6, 7, 1, 3.0])
-    losses, m = run(PC, PR, RC, RR, loss_type="ipo", beta=0.1, chosen_lengths=lc, rejected_lengths=lr)
+    losses, m = run(PC, PR, RC, RR, loss_type="ipo+sigmoid", beta=0.1, chosen_lengths=lc, rejected_lengths=lr)
     h = (PC / lc - RC / lc) - (PR / lr - RR / lr)
-    np.testing.assert_allclose(losses, (h - 1 / (2 * 0.1)) ** 2, rtol=1e-5)
-    assert m["logps/chosen"] == pytest.approx(np.mean(PC / lc), rel=1e-5)
+    expected = (h - 1 / (2 * 0.1)) ** 2 + np_pair_loss("sigmoid", PC - RC, PR - RR, 0.1)
+    np.testing.assert_allclose(losses, expected, rtol=1e-5)
+    assert m["logps/chosen"] == pytest.approx(np.mean(PC), rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["cpo", "simpo", "orpo"])
+def test_policy_only_types_soft_targets_match_numpy(kind):
+    """The reference-free types on policy log-probs (length-averaged for simpo and orpo), with soft labels."""
+    lc, lr = np.array([3, 5, 8, 2, 9, 4.0]), np.array([4, 4, 6, 7, 1, 3.0])
+    p, beta, eps, gamma = RNG.uniform(0, 1, size=B), 0.3, 0.1, 0.4
+    losses, _ = run(PC, PR, RC, RR, loss_type=kind, beta=beta, label_smoothing=eps, target_probs=p,
+                    chosen_lengths=lc, rejected_lengths=lr, simpo_gamma=gamma)  # fmt: skip
+
+    def one(x, y):  # hard-label loss of x winning
+        if kind == "cpo":
+            return -np_log_sigmoid(beta * (x - y))
+        if kind == "simpo":
+            z = beta * (x - y) - gamma
+            return -(1 - eps) * np_log_sigmoid(z) - eps * np_log_sigmoid(-z)
+        log_odds = (x - y) - (np.log(-np.expm1(x)) - np.log(-np.expm1(y)))
+        return -beta * np_log_sigmoid(log_odds)
+
+    x, y = (PC, PR) if kind == "cpo" else (PC / lc, PR / lr)
+    q = p if kind == "simpo" else (1 - eps) * p + eps * (1 - p)
+    np.testing.assert_allclose(losses, q * one(x, y) + (1 - q) * one(y, x), rtol=2e-5)
 
 
 def test_weighted_mix_with_sft():
@@ -194,7 +222,8 @@ def test_metrics_are_trl_batch_means():
 # --- Numerics, tracing and gradients --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", [*PAIR_TYPES, ("sigmoid", "sft")])
+# discopop's exponential component overflows at margins of -1e4 (as in TRL); orpo needs log-probs <= 0.
+@pytest.mark.parametrize("kind", [*(t for t in PAIR_TYPES if t != "discopop"), "cpo", "simpo", ("sigmoid", "sft")])
 @pytest.mark.parametrize("margin", [1e4, -1e4])
 def test_extreme_margins_are_finite(kind, margin):
     pc = jnp.array([margin / 2, 0.0])
@@ -347,7 +376,7 @@ def test_mask_excludes_padding_pairs_from_metrics_and_batch_statistics():
     assert m["rewards/accuracies"] == pytest.approx((cr > rr)[keep].mean())
     losses, _ = run(PC, PR, RC, RR, loss_type="sft", chosen_lengths=lc, mask=mask)
     assert losses[0] == pytest.approx(-PC[keep].sum() / lc[keep].sum(), rel=1e-5)
-    losses, _ = run(PC, PR, RC, RR, loss_type="bco_pair", beta=0.2, mask=mask)
+    losses, _ = run(PC, PR, RC, RR, loss_type="bco_pair", beta=0.2, mask=mask, bco_delta="batch")
     delta = np.concatenate([cr[keep], rr[keep]]).mean()
     np.testing.assert_allclose(losses, np_pair_loss("bco_pair", PC - RC, PR - RR, 0.2, delta=delta), rtol=1e-5)
 

@@ -155,7 +155,7 @@ def pad_batches(batches: Sequence[dict]) -> list[dict]:
     s = max(b["score_src"].shape[1] for b in batches)
 
     rest = {key: (k, t) for key in packing.ROW_KEYS} | {key: (p,) for key in packing.PAIR_KEYS}
-    rest["ref_logps"] = (p, 2)
+    rest["ref_logps"] = rest["ref_tails"] = (p, 2)
 
     def group_array(key, x):  # [G, ...] -> per block [Z, G / Z, ...], padded, back to [G', ...]
         fill = -1 if key == "index" else (1 if key == "target_probs" else 0)
