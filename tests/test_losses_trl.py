@@ -10,6 +10,7 @@ import types
 from collections import defaultdict
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -269,3 +270,97 @@ def test_aot_ignores_padding_pairs():
         losses, _ = preference_loss(sums[:B], sums[B:], ref[:B], ref[B:], loss_type="aot", beta=0.1, mask=keep)
     np.testing.assert_allclose(np.sum(np.asarray(losses)) / keep.sum(), want, rtol=1e-6)
     assert np.all(np.asarray(losses)[~keep] == 0)
+
+
+# --- Per-token objectives through the scored-token pass: LD-DPO and WPO on a model's own log-probs ---------------
+
+
+def _tiny_model():
+    from dpo_jax.configs.default import get_config
+    from flax import nnx
+
+    from dpo_jax import train
+    from dpo_jax.data import synthetic
+
+    cfg = get_config()
+    cfg.model.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    return nnx.split(train.build_model(cfg, synthetic.build_tokenizer()))
+
+
+def _pairs(vocab, n=6, seed=0):
+    from dpo_jax.data import TokenizedPair
+
+    rng = np.random.default_rng(seed)
+
+    def ids(lo, hi):
+        return rng.integers(3, vocab, size=int(rng.integers(lo, hi + 1))).astype(np.int32)
+
+    pairs = [TokenizedPair(ids(1, 6), ids(1, 9), ids(1, 9), 1.0, 1.0) for _ in range(n)]
+    pairs[2] = TokenizedPair(pairs[2].prompt, pairs[2].chosen, np.zeros(0, np.int32), 1.0, 1.0)  # empty rejected
+    return pairs
+
+
+def _trl_case(graphdef, params, ref_params, pairs):
+    """TRL's inputs: each prompt + completion alone through the model's full logits (NumPy log-softmax)."""
+    from flax import nnx
+
+    width = max(len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs)
+    n = len(pairs)
+    case = {k: np.zeros((2 * n, width - 1)) for k in ("policy", "reference", "log_sum_sq")}
+    case["mask"] = np.zeros((2 * n, width), np.int64)
+    for side in range(2):
+        for i, p in enumerate(pairs):
+            row = side * n + i
+            seq = np.concatenate([p.prompt, (p.chosen, p.rejected)[side]]).astype(np.int32)
+            case["mask"][row, len(p.prompt) : len(seq)] = 1
+            for key, prm in (("policy", params), ("reference", ref_params)):
+                logits = np.asarray(nnx.merge(graphdef, prm)(jnp.asarray(seq[None])).logits_BxTxV[0], np.float64)
+                logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+                for t in range(len(seq) - 1):
+                    case[key][row, t] = logp[t, seq[t + 1]]
+                    if key == "policy":
+                        case["log_sum_sq"][row, t] = np.logaddexp.reduce(2 * logp[t])
+    case["policy"] *= case["mask"][:, 1:]
+    case["reference"] *= case["mask"][:, 1:]
+    return case
+
+
+@pytest.fixture(scope="module")
+def model_case():
+    from dpo_jax.data import Layout, PreferenceLoader
+
+    graphdef, params = _tiny_model()
+    ref_params = jax.tree.map(lambda x: x * 1.05, params)
+    from dpo_jax.data import synthetic
+
+    pairs = _pairs(synthetic.build_tokenizer().vocab_size)
+    loader = PreferenceLoader(pairs, len(pairs), shuffle=False, drop_last=False, layout=Layout(share_prompt=True))
+    batch = {k: jnp.asarray(v) for k, v in loader.batch(0).items()}
+    valid = np.asarray(batch["valid"]).reshape(-1) > 0
+    order = np.asarray(batch["index"]).reshape(-1)[valid]
+    case = _trl_case(graphdef, params, ref_params, [pairs[i] for i in order])
+    return graphdef, params, ref_params, batch, valid, case
+
+
+@pytest.mark.parametrize("ld_alpha,wpo", [(0.3, False), (0.0, False), (1.0, True), (0.5, True)])
+def test_ld_dpo_and_wpo_equal_trl_on_the_model_log_probs(model_case, ld_alpha, wpo):
+    """Our packed, shared-prompt batch through the scored-token head (train.pair_losses) vs TRL's _compute_loss
+    given each sequence's per-token log-probs (and log sum p^2) from the full logits."""
+    from dpo_jax import train
+    from dpo_jax.state import HParams
+
+    graphdef, params, ref_params, batch, valid, case = model_case
+    sc = train.StepConfig("dpo", ("sigmoid",), ld=ld_alpha != 1.0, wpo=wpo)
+    hp = HParams.create(beta=0.5, ld_alpha=ld_alpha)
+    stats = train.scoring.pair_stats(graphdef, params, batch, tails=sc.ld, wpo=wpo)
+    ref = train.reference_logps(graphdef, batch, ref_params, hp, sc, cached=False)
+    losses, _ = train.pair_losses(stats, ref, batch, hp, sc)
+    got = float(np.asarray(losses)[valid].mean())
+
+    global B
+    full_b, B = B, int(valid.sum())
+    try:
+        want, _ = trl_dpo_loss(case, 0.5, ["sigmoid"], ld_alpha=None if ld_alpha == 1.0 else ld_alpha, wpo=wpo)
+    finally:
+        B = full_b
+    np.testing.assert_allclose(got, want, rtol=2e-5)
