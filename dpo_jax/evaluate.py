@@ -73,7 +73,9 @@ class Evaluator:
 
         self._pref = jax.jit(jax.vmap(pref, in_axes=(0, 0, None, None)), out_shardings=replicated(mesh))
         self._ref_logps = jax.jit(functools.partial(scoring.sample_logps, graphdef))
-        self.prompts = self._prompts(eval_pairs, eval_examples, cfg.eval.num_prompts, tokenizer.pad_token_id or 0)
+        # KTO's examples (dpo_jax.data.kto) start with one per pair, in order: the prompts are those of the pairs
+        prompt_pairs = eval_pairs[: len(eval_examples)]
+        self.prompts = self._prompts(prompt_pairs, eval_examples, cfg.eval.num_prompts, tokenizer.pad_token_id or 0)
 
     @staticmethod
     def _prompts(pairs, examples, n, pad_id):

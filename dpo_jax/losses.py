@@ -158,7 +158,9 @@ PAIR_LOSSES = {
 BATCH_LOSSES = ("aot", "aot_unpaired")
 # "sft": token-mean NLL of the chosen completion (RPO / MPO auxiliary term, Pang et al. 2024, arXiv:2404.19733;
 # CPO's and ORPO's NLL term).
-LOSS_TYPES = (*PAIR_LOSSES, *BATCH_LOSSES, "sft")
+# "kto": unpaired (KTO, Ethayarajh et al. 2024, arXiv:2402.01306): the pair is (completion, KL completion) and
+# target_probs the label (1 desirable, 0 undesirable); see dpo_jax.data.kto. It is never mixed with paired types.
+LOSS_TYPES = (*PAIR_LOSSES, *BATCH_LOSSES, "sft", "kto")
 # What each type is a function of. Scores: f-divergence transforms of the log-ratios (TRL's ``chosen_scores``).
 _ON_SCORES = frozenset({"sigmoid", "hinge", "robust", "exo_pair", "discopop"})
 _ON_MEAN_SCORES = frozenset({"ipo", "sigmoid_norm"})  # scores / completion length
@@ -275,6 +277,35 @@ def _aot_losses(x, y, beta, eps, m):
     return jnp.zeros_like(x).at[order].set(per_rank)
 
 
+def _kto(c, kl_ratios, pc, beta, labels, mask, w_desirable, w_undesirable):
+    """KTO as TRL computes it: z0 = max(batch mean of the KL completions' log-ratios, 0), no gradient;
+    desirable: w_d (1 - s(beta (c - z0))), undesirable: w_u (1 - s(beta (z0 - c)))."""
+    m = jnp.ones_like(c) if mask is None else _float(mask)
+    kl = jnp.maximum(jax.lax.stop_gradient(jnp.sum(kl_ratios * m) / jnp.maximum(jnp.sum(m), 1.0)), 0.0)
+    good = labels > 0.5
+    losses = jnp.where(good, w_desirable * (1.0 - jax.nn.sigmoid(beta * (c - kl))),
+                       w_undesirable * (1.0 - jax.nn.sigmoid(beta * (kl - c))))  # fmt: skip
+    rewards = jax.lax.stop_gradient(beta * c)
+    md, mu = m * good, m * ~good
+
+    def mean(x, w):
+        return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+    z = jax.lax.stop_gradient(beta * (c - kl))
+    metrics = {
+        "rewards/chosen": mean(rewards, md),  # desirable examples
+        "rewards/rejected": mean(rewards, mu),  # undesirable examples
+        "rewards/margins": mean(rewards, md) - mean(rewards, mu),
+        "rewards/accuracies": mean(((z > 0) == good).astype(c.dtype), m),  # the implied classifier is right
+        "logps/chosen": mean(jax.lax.stop_gradient(pc), md),
+        "logps/rejected": mean(jax.lax.stop_gradient(pc), mu),
+        "preference_prob": mean(jax.nn.sigmoid(z), m),
+        "grad_weight": mean(jax.nn.sigmoid(z) * jax.nn.sigmoid(-z), m),
+        "kto/kl": kl,  # TRL's "kl": the reference point z0
+    }
+    return losses, metrics
+
+
 def preference_loss(
     policy_chosen_logps: Array,
     policy_rejected_logps: Array,
@@ -296,6 +327,8 @@ def preference_loss(
     discopop_tau: float | Array = 0.05,
     simpo_gamma: float | Array = 0.5,
     pair_weights: Array | None = None,
+    desirable_weight: float | Array = 1.0,
+    undesirable_weight: float | Array = 1.0,
 ) -> tuple[Array, dict[str, Array]]:
     """Per-pair preference losses and TRL-named metrics.
 
@@ -323,6 +356,7 @@ def preference_loss(
       f_alpha_divergence_coef: alpha of ``alpha_divergence``.
       discopop_tau: DiscoPOP's temperature. simpo_gamma: SimPO's target margin gamma (TRL's ``simpo_gamma``).
       pair_weights: [B] multiply every type's per-pair loss (WPO's policy-probability weights; no gradient).
+      desirable_weight, undesirable_weight: KTO's weights of desirable / undesirable examples (TRL's names).
 
     Returns:
       ``(losses_B, metrics)``: per-pair losses (reduce them as you like; TRL takes the mean) and scalar batch
@@ -331,6 +365,10 @@ def preference_loss(
       the weight in the DPO gradient ``-beta s(-beta h) (grad log pi_w - grad log pi_l)``.
     """
     types, weights_K = _normalize_types(loss_type, loss_weights)
+    if "kto" in types and len(types) > 1:
+        raise ValueError(f"loss_type 'kto' trains on unpaired examples: it cannot be mixed with {list(types)}")
+    if "kto" in types and target_probs is None:
+        raise ValueError("loss_type 'kto' needs target_probs: the labels (1 desirable, 0 undesirable)")
     pc = _float(policy_chosen_logps)
     pr = _float(policy_rejected_logps)
     if pc.ndim != 1 or pr.shape != pc.shape:
@@ -362,6 +400,8 @@ def preference_loss(
             )
     beta = _float(beta)
     eps = _float(label_smoothing)
+    if "kto" in types:
+        return _kto(pc - rc, pr - rr, pc, beta, _float(target_probs), mask, desirable_weight, undesirable_weight)
     if target_probs is None:
         p = jnp.ones_like(pc)
     else:

@@ -31,6 +31,8 @@ class HParams:
     discopop_tau: jax.Array
     simpo_gamma: jax.Array
     ld_alpha: jax.Array  # LD-DPO weight of the tokens past the shorter completion (1: plain sums)
+    desirable_weight: jax.Array  # KTO
+    undesirable_weight: jax.Array
 
     @classmethod
     def from_config(cls, cfg, types: tuple[str, ...] | None = None, peak_lr: float | None = None) -> HParams:
@@ -55,6 +57,8 @@ class HParams:
             discopop_tau=np.float32(cfg.dpo.discopop_tau),
             simpo_gamma=np.float32(cfg.dpo.simpo_gamma),
             ld_alpha=np.float32(cfg.dpo.ld_alpha),
+            desirable_weight=np.float32(cfg.dpo.desirable_weight),
+            undesirable_weight=np.float32(cfg.dpo.undesirable_weight),
         )
 
     @classmethod

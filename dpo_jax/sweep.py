@@ -8,7 +8,8 @@ A member is a dict of dotted config overrides (``{"dpo.beta": 0.3}``); ``grid`` 
 With ``--mode vectorized`` members train as a population in one ``jax.vmap``-ed program (``train.train_population``,
 members split over the mesh's ``member`` axis, across devices and hosts) and are written out as ordinary runs.
 Members may differ there in ``VECTOR_KEYS`` (traced values: beta, label smoothing, soft-target temperature, data
-seed, learning rate, loss type and weights); members that differ in anything else (model, data, steps) are
+seed, learning rate, loss type and weights, f-divergence and its alpha, DiscoPOP's tau, SimPO's gamma, LD-DPO's
+alpha); members that differ in anything else (model, data, steps) are
 grouped automatically: as few populations as possible, one after another. Otherwise
 members run one after another in one process, each in ``<workdir>/<member>`` as an ordinary run (its own
 checkpoints, metrics, W&B run in the sweep's group with the member's values as tags). The compiled train
@@ -48,7 +49,8 @@ SUMMARY_COLUMNS = (
 
 VECTOR_KEYS = (
     "dpo.beta", "dpo.label_smoothing", "dpo.soft_target_temperature", "dpo.seed", "optim.learning_rate",
-    "dpo.loss_type", "dpo.loss_weights",
+    "dpo.loss_type", "dpo.loss_weights", "dpo.f_divergence_type", "dpo.f_alpha_divergence_coef",
+    "dpo.discopop_tau", "dpo.simpo_gamma", "dpo.ld_alpha", "dpo.desirable_weight", "dpo.undesirable_weight",
 )  # fmt: skip
 
 
@@ -56,7 +58,8 @@ def vector_groups(members: list[dict[str, Any]]) -> list[list[int]]:
     """Member indices grouped by everything but ``VECTOR_KEYS`` (first appearance order): one program each."""
     groups: dict[str, list[int]] = {}
     for i, m in enumerate(members):
-        key = json.dumps(sorted((k, v) for k, v in m.items() if k not in VECTOR_KEYS), default=str)
+        kto = "kto" in str(m.get("dpo.loss_type", ""))  # unpaired data: never in a population with paired types
+        key = json.dumps([kto, sorted((k, v) for k, v in m.items() if k not in VECTOR_KEYS)], default=str)
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 

@@ -34,6 +34,7 @@ from dpo_jax.data import (
     Columns,
     PreferenceLoader,
     TokenizeConfig,
+    kto,
     load_examples,
     pad_batches,
     synthetic,
@@ -162,7 +163,13 @@ def pair_losses(stats: dict, ref_logps, batch, hparams: HParams, sc: StepConfig)
     ``stats``: ``scoring.pair_stats`` of the policy; ``ref_logps``: ``reference_logps``."""
     logps, counts = ld_logps(stats, hparams, sc), stats["counts"]
     ref = (None, None) if ref_logps is None else (ref_logps[:, 0], ref_logps[:, 1])
-    targets = scoring.pair_values(batch, "target_probs")
+    targets = scoring.pair_values(batch, "target_probs")  # KTO: the labels
+    if "kto" in sc.loss_types:
+        return preference_loss(
+            logps[:, 0], logps[:, 1], *ref, loss_type="kto", beta=hparams.beta, target_probs=targets,
+            mask=scoring.pair_values(batch, "valid"), desirable_weight=hparams.desirable_weight,
+            undesirable_weight=hparams.undesirable_weight,
+        )  # fmt: skip
     weights = jnp.exp(stats["wpo"][:, 0] + stats["wpo"][:, 1]) if sc.wpo else None  # WPO, Zhou et al. 2024, eq. 2
     return preference_loss(
         logps[:, 0], logps[:, 1], *ref,
@@ -728,6 +735,9 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, num
         {"train": train_tok, "eval": eval_tok},
         notes,
     )
+    if "kto" in loss_types(cfg):  # unpaired examples with mismatched KL completions, as pairs
+        train_pairs, eval_pairs = kto.from_pairs(train_pairs), kto.from_pairs(eval_pairs)
+        summary["data/kto_examples"] = "{} desirable, {} undesirable".format(*kto.counts(train_pairs))
     if any(w < 0 for w in cfg.dpo.loss_weights):
         notes.warn(f"dpo.loss_weights {tuple(cfg.dpo.loss_weights)} has a negative weight: that loss is maximised")
 

@@ -214,8 +214,21 @@ def _free(key: str) -> bool:
     return any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE_ON_RESUME)
 
 
+def _added_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """Fields added after a run was recorded, with the values that reproduce what that run trained on."""
+    bco = "bco_pair" in str(saved.get("dpo.loss_type", ""))
+    return {
+        "dpo.f_divergence_type": "reverse_kl", "dpo.f_alpha_divergence_coef": 0.5, "dpo.discopop_tau": 0.05,
+        "dpo.simpo_gamma": 0.5, "dpo.ld_alpha": 1.0, "dpo.use_weighting": False, "dpo.desirable_weight": 1.0,
+        "dpo.undesirable_weight": 1.0,
+        "dpo.bco_delta": "batch" if bco else "zero",  # bco_pair used the batch mean before TRL 1.16's zero
+    }  # fmt: skip
+
+
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(field, saved value, current value) for every field that differs and matters for training."""
+    if "dpo.loss_type" in saved:  # a record of the DPO section, from before some of its fields existed
+        saved = {**{k: v for k, v in _added_fields(saved).items() if k in current}, **saved}
     keys = sorted(set(saved) | set(current))
     return [(k, saved.get(k), current.get(k)) for k in keys if not _free(k) and saved.get(k) != current.get(k)]
 

@@ -6,6 +6,7 @@ log-probs (and, for WPO, the given log sum p^2), so every formula that runs is T
 through ``CPOTrainer.cpo_loss`` and ``ORPOTrainer.odds_ratio_loss``.
 """
 
+import functools
 import types
 from collections import defaultdict
 
@@ -364,3 +365,73 @@ def test_ld_dpo_and_wpo_equal_trl_on_the_model_log_probs(model_case, ld_alpha, w
     finally:
         B = full_b
     np.testing.assert_allclose(got, want, rtol=2e-5)
+
+
+# --- KTO: TRL's KTOTrainer._compute_loss on the same log-probs ------------------------------------------------------
+
+trl_kto = pytest.importorskip("trl.trainer.kto_trainer")
+
+
+class _KTOModel:
+    """Returns the example log-probs for the main call and the KL completions' for the KL call."""
+
+    training = True
+    is_gradient_checkpointing = False
+
+    def __init__(self, main_ids, main, kl):
+        self.main_ids, self.main, self.kl = main_ids, _Out(main, None), _Out(kl, None)
+
+    def __call__(self, **kwargs):
+        return self.main if kwargs["input_ids"] is self.main_ids else self.kl
+
+
+@pytest.mark.parametrize("regime", list(REGIMES))
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 1.33)])
+def test_kto_equals_trl(regime, weights):
+    beta, scale = REGIMES[regime]
+    rng = np.random.default_rng(11)
+    n, t = 8, 10
+    labels = np.array([1, 0, 1, 1, 0, 0, 1, 0], bool)
+    policy, kl_policy = (-np.abs(rng.normal(1.5, 1, size=(n, t - 1))) * scale / 4 for _ in range(2))
+    ref_sums, ref_kl_sums = rng.normal(-12, 3, size=n) * scale / 4, rng.normal(-12, 3, size=n) * scale / 4
+    main_ids, kl_ids = torch.zeros((n, t), dtype=torch.long), torch.zeros((n, t), dtype=torch.long)
+    mask = torch.ones((n, t), dtype=torch.long)
+    self = types.SimpleNamespace(
+        model=types.SimpleNamespace(training=True), accelerator=_accelerator(), calculate_KL=True,
+        precompute_ref_logps=True, loss_type="kto", beta=beta, desirable_weight=weights[0],
+        undesirable_weight=weights[1], aux_loss_enabled=False, _metrics={"train": defaultdict(list)},
+        _total_train_tokens=0, _tp_size=1,
+    )  # fmt: skip
+    self._compute_kl_logps = functools.partial(trl_kto.KTOTrainer._compute_kl_logps, self)  # TRL's own method
+    inputs = {
+        "input_ids": main_ids, "attention_mask": mask, "completion_mask": mask, "KL_input_ids": kl_ids,
+        "KL_attention_mask": mask, "KL_completion_mask": mask, "label": torch.tensor(labels),
+        "ref_logps": torch.tensor(ref_sums), "ref_KL_logps": torch.tensor(ref_kl_sums),
+    }  # fmt: skip
+    model = _KTOModel(main_ids, torch.tensor(policy), torch.tensor(kl_policy))
+    want = float(trl_kto.KTOTrainer._compute_loss(self, model, inputs, return_outputs=False))
+    trl_m = {k: v[-1] for k, v in self._metrics["train"].items()}
+    with jax.enable_x64(True):
+        losses, m = preference_loss(
+            policy.sum(1), kl_policy.sum(1), ref_sums, ref_kl_sums, loss_type="kto", beta=beta,
+            target_probs=labels.astype(np.float64), desirable_weight=weights[0], undesirable_weight=weights[1],
+        )  # fmt: skip
+    np.testing.assert_allclose(float(np.mean(np.asarray(losses))), want, rtol=1e-6)
+    same = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected")
+    for key, trl_key in (("kto/kl", "kl"), *((k, k) for k in same)):
+        np.testing.assert_allclose(float(m[key]), trl_m[trl_key], rtol=1e-6, atol=1e-12, err_msg=key)
+
+
+def test_kto_examples_from_pairs_use_mismatched_kl_completions():
+    from dpo_jax.data import TokenizedPair, kto
+
+    ids = lambda *x: np.asarray(x, np.int32)  # noqa: E731
+    pairs = [TokenizedPair(ids(i), ids(10 + i), ids(20 + i), 1.0, 1.0) for i in range(3)]
+    ex = kto.from_pairs(pairs)
+    assert [int(e.prompt[0]) for e in ex] == [0, 1, 2, 0, 1, 2]
+    assert [int(e.chosen[0]) for e in ex] == [10, 11, 12, 20, 21, 22]
+    assert [e.prob for e in ex] == [1, 1, 1, 0, 0, 0]
+    # the KL completion of example i is example i - 1's completion: never the example's own prompt's pair
+    assert [int(e.rejected[0]) for e in ex] == [22, 10, 11, 12, 20, 21]
+    for e in ex:
+        assert int(e.rejected[0]) % 10 != int(e.prompt[0])

@@ -199,8 +199,10 @@ def test_members_are_grouped_by_what_cannot_be_vectorised():
         expected.setdefault((m["synthetic.label_noise"], m["dpo.use_soft_targets"]), []).append(i)
     assert groups == list(expected.values()) and len(groups) == 6
     _, loss_ablation = sweep.load_sweep(str(ROOT / "configs/loss_ablation.py"))
-    assert {m["dpo.loss_type"] for m in loss_ablation} == {"sigmoid", "ipo", "hinge", "robust"}
-    assert sweep.vector_groups(loss_ablation) == [list(range(8))]  # one program
+    kto = [i for i, m in enumerate(loss_ablation) if m["dpo.loss_type"] == "kto"]
+    assert {m["dpo.loss_type"] for m in loss_ablation} >= {"sigmoid", "ipo", "hinge", "robust", "simpo", "kto"}
+    others = [i for i in range(len(loss_ablation)) if i not in kto]
+    assert sweep.vector_groups(loss_ablation) == [others, kto]  # one program for the paired objectives
 
 
 def test_sequential_runs_resume_as_one_population_with_a_loss_mix(sequential, tmp_path, capsys):

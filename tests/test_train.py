@@ -126,10 +126,15 @@ def test_end_to_end_outputs(tmp_path):
      ('dpo.loss_type="dpo"', "dpo.loss_type"), ("optim.batch_size=12", "optim.batch_size"),
      ('task="files"', "data.train_path"), ('model.init="hf"', "model.hf_path"), ("mesh.tensor=3", "mesh"),
      ("optim.grad_accum=3", "optim.batch_size"), ("dpo.soft_target_temperature=0.0", "dpo.soft_target_temperature"),
-     ("dpo.seed=-2", "dpo.seed")],
+     ("dpo.seed=-2", "dpo.seed"), ('dpo.f_divergence_type="kl"', "dpo.f_divergence_type"),
+     (('dpo.loss_type="nca_pair"', 'dpo.f_divergence_type="js_divergence"'), "dpo.loss_type"),
+     ("dpo.ld_alpha=1.5", "dpo.ld_alpha"), ("dpo.discopop_tau=0.0", "dpo.discopop_tau"),
+     ('dpo.bco_delta="running"', "dpo.bco_delta"), ('dpo.loss_type="kto+sft"', "dpo.loss_type"),
+     (('dpo.loss_type="aot"', "dpo.use_soft_targets=True"), "dpo.use_soft_targets"),
+     (('dpo.loss_type="kto"', "dpo.undesirable_weight=-1.0"), "dpo.undesirable_weight")],
 )  # fmt: skip
 def test_config_errors_name_the_field(override, field):
-    cfg = tiny_config(override)
+    cfg = tiny_config(*((override,) if isinstance(override, str) else override))
     with pytest.raises(ConfigError, match=rf"config\.{field}"):
         validate(cfg, num_devices=8)
 
@@ -305,3 +310,21 @@ def test_configs_are_a_package_and_loading_one_leaves_sys_path_alone():
     assert module.__name__ == "dpo_jax.configs.beta_sweep" and arg == "runlocal" and sys.path == before
     cpu = load_config_file(str(ROOT / "configs/hf_local.py:cpu"))
     assert cpu.model.dtype == "float32" and cpu.optim.steps == 20 and cpu.data.max_length == 256
+
+
+def test_policy_only_objectives_run_no_reference_pass_and_kto_trains_on_split_pairs(tmp_path):
+    """SimPO reads no reference (no cache entry is written); KTO trains on 2 examples per pair, and at the
+    reference (c = 0, z0 = 0) its loss is 1 - s(0) = 1/2 for every example."""
+    cache = tmp_path / "cache"
+    cfg = tiny_config('dpo.loss_type="simpo"', "dpo.beta=2.0", cache_dir=cache)
+    summary = train.train(cfg, tmp_path / "simpo", devices=jax.devices()[:1])
+    assert "reference/cache_hit" not in summary and not (cache.exists() and any(cache.iterdir()))
+    assert np.isfinite(summary["eval/loss"])
+
+    cfg = tiny_config('dpo.loss_type="kto"', cache_dir=cache)
+    summary = train.train(cfg, tmp_path / "kto", devices=jax.devices()[:1])
+    assert summary["data/kto_examples"] == f"{cfg.synthetic.n_train} desirable, {cfg.synthetic.n_train} undesirable"
+    history = read_history(tmp_path / "kto" / "metrics.jsonl")
+    first = next(r for r in history if "eval/loss" in r)
+    assert first["eval/loss"] == pytest.approx(0.5, abs=1e-6) and first["eval/kto/kl"] == pytest.approx(0, abs=1e-6)
+    assert any("train/kto/kl" in r for r in history)
