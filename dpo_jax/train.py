@@ -735,6 +735,13 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, num
         {"train": train_tok, "eval": eval_tok},
         notes,
     )
+    for split, pairs in (("train", train_pairs), ("eval", eval_pairs)):
+        n = sum(p.unpaired for p in pairs)
+        if n and (n < len(pairs) or "kto" not in loss_types(cfg)):
+            raise DataError(
+                f"{paths[split]} has {n} unpaired rows (prompt, completion, label) among {len(pairs)}: unpaired "
+                "data trains with dpo.loss_type='kto' only, and a file is either paired or unpaired"
+            )
     if "kto" in loss_types(cfg):  # unpaired examples with mismatched KL completions, as pairs
         train_pairs, eval_pairs = kto.from_pairs(train_pairs), kto.from_pairs(eval_pairs)
         summary["data/kto_examples"] = "{} desirable, {} undesirable".format(*kto.counts(train_pairs))

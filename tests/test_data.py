@@ -513,3 +513,13 @@ def test_onpolicy_pairs_from_a_model(tok):
     assert rows and all(r["chosen"] != r["rejected"] for r in rows)
     for r in rows:
         assert r["chosen_reward"] == synthetic.reward(r["prompt"], r["chosen"], cfg.reward)
+
+
+def test_unpaired_rows_are_trl_kto_format_and_bad_labels_name_the_line():
+    from dpo_jax.data import parse_row
+
+    ex = parse_row({"prompt": "Q", "completion": " A", "label": False}, "f.jsonl:line 3")
+    assert ex.unpaired and ex.chosen == " A" and ex.prob == 0.0
+    assert parse_row({"prompt": "Q", "completion": " A", "label": True}, "x").prob == 1.0
+    with pytest.raises(DataError, match=r"f.jsonl:line 3: field 'label': expected true or false, got 'yes'"):
+        parse_row({"prompt": "Q", "completion": " A", "label": "yes"}, "f.jsonl:line 3")

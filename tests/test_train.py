@@ -16,7 +16,15 @@ from flax import nnx
 
 from dpo_jax import evaluate, sharding, train
 from dpo_jax.config import ConfigError, load_config_file, validate
-from dpo_jax.data import Layout, PreferenceLoader, TokenizeConfig, load_examples, synthetic, tokenize_examples
+from dpo_jax.data import (
+    DataError,
+    Layout,
+    PreferenceLoader,
+    TokenizeConfig,
+    load_examples,
+    synthetic,
+    tokenize_examples,
+)
 from dpo_jax.evaluate import read_history
 from dpo_jax.hf import load_pretrained
 from dpo_jax.state import HParams, init_state
@@ -328,3 +336,34 @@ def test_policy_only_objectives_run_no_reference_pass_and_kto_trains_on_split_pa
     first = next(r for r in history if "eval/loss" in r)
     assert first["eval/loss"] == pytest.approx(0.5, abs=1e-6) and first["eval/kto/kl"] == pytest.approx(0, abs=1e-6)
     assert any("train/kto/kl" in r for r in history)
+
+
+def test_kto_on_unpaired_files_equals_kto_on_the_pairs_they_split_into(tmp_path):
+    """TRL's unpaired format (prompt, completion, label) written as the split of the paired files trains exactly
+    like KTO on the paired files; unpaired rows with a paired loss are refused."""
+    task = synthetic.write_task(tmp_path / "task", synthetic.TaskConfig(n_sft=4, n_train=64, n_eval=16))
+    synthetic.build_tokenizer().save(tmp_path / "tok")
+    unpaired = {}
+    for split in ("train", "eval"):
+        rows = [json.loads(line) for line in Path(task[split]).read_text().splitlines()]
+        out = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+               for side in ("chosen", "rejected") for r in rows]  # fmt: skip
+        unpaired[split] = tmp_path / f"{split}_unpaired.jsonl"
+        unpaired[split].write_text("".join(json.dumps(r) + "\n" for r in out))
+
+    def run(name, files, loss="kto"):
+        cfg = tiny_config(f'dpo.loss_type="{loss}"', "sft.steps=0", 'task="files"', cache_dir=tmp_path / "cache")
+        cfg.data.update(
+            train_path=str(files["train"]), eval_path=str(files["eval"]), tokenizer_path=str(tmp_path / "tok")
+        )
+        train.train(cfg, tmp_path / name, devices=jax.devices()[:1])
+        return [r for r in read_history(tmp_path / name / "metrics.jsonl") if "train/loss" in r or "eval/loss" in r]
+
+    paired, split = run("paired", task), run("unpaired", unpaired)
+    assert len(paired) == len(split) > 2
+    for a, b in zip(paired, split, strict=True):
+        for key in ("train/loss", "eval/loss", "train/kto/kl"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
+    with pytest.raises(DataError, match="unpaired rows .* dpo.loss_type='kto'"):
+        run("refused", unpaired, loss="sigmoid")

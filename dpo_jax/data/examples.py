@@ -37,6 +37,7 @@ class PreferenceExample:
     prob: float = 1.0
     weight: float = 1.0
     where: str = ""
+    unpaired: bool = False  # TRL's unpaired format (KTO): chosen is the completion, prob its label (1 / 0)
 
     @property
     def conversational(self) -> bool:
@@ -110,12 +111,30 @@ def _number(row: dict, key: str | None, where: str, default: float, lo: float, h
     return float(value)
 
 
+def _unpaired_row(row: dict, where: str, columns: Columns) -> PreferenceExample:
+    """TRL's unpaired format: ``prompt``, ``completion``, ``label`` (true: desirable)."""
+    prompt = _text_or_messages(row, columns.prompt, where)
+    completion = _text_or_messages(row, "completion", where)
+    if isinstance(prompt, str) != isinstance(completion, str):
+        raise _BadRow(where, columns.prompt, "mixed formats", "prompt and completion must both be text or messages")
+    label = row.get("label")
+    if not isinstance(label, bool) and label not in (0, 1):
+        raise _BadRow(where, "label", "bad label", f"expected true or false, got {label!r}")
+    if (isinstance(completion, str) and not completion.strip()) or not completion:
+        raise _BadRow(where, "completion", "empty completion", "empty completion")
+    weight = _number(row, columns.weight, where, 1.0, 0.0, math.inf)
+    return PreferenceExample(prompt, completion, completion, float(bool(label)), weight, where, unpaired=True)
+
+
 def parse_row(row: Any, where: str, columns: Columns = Columns()) -> PreferenceExample:
-    """One raw row -> a ``PreferenceExample``; raises ``DataError`` naming ``where`` and the field."""
+    """One raw row -> a ``PreferenceExample``; raises ``DataError`` naming ``where`` and the field. A row with
+    ``completion`` and ``label`` and no chosen column is TRL's unpaired format (KTO)."""
     if isinstance(row, DataError):
         raise _BadRow(where, "<line>", "malformed line", str(row).split(": ", 1)[-1])
     if not isinstance(row, dict):
         raise _BadRow(where, "<row>", "malformed line", f"expected an object, got {type(row).__name__}")
+    if columns.chosen not in row and "completion" in row and "label" in row:
+        return _unpaired_row(row, where, columns)
     chosen = _text_or_messages(row, columns.chosen, where)
     rejected = _text_or_messages(row, columns.rejected, where)
     prompt = _text_or_messages(row, columns.prompt, where, required=False)
@@ -167,7 +186,7 @@ def load_examples(
                 raise DataError(str(e)) from None
             report.skipped[e.reason] += 1
             continue
-        if ex.chosen == ex.rejected:
+        if ex.chosen == ex.rejected and not ex.unpaired:
             report.identical_dropped += 1
             continue
         report.null_prompts += columns.prompt in row and row[columns.prompt] is None

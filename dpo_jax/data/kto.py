@@ -32,6 +32,9 @@ def kto_pairs(examples: list[tuple[np.ndarray, np.ndarray, bool, float]]) -> lis
 
 
 def from_pairs(pairs: list[TokenizedPair]) -> list[TokenizedPair]:
+    """KTO's examples from paired data (split) or from unpaired rows (``TokenizedPair.unpaired``) as they are."""
+    if pairs and all(p.unpaired for p in pairs):
+        return kto_pairs([(p.prompt, p.chosen, p.prob == 1.0, p.weight) for p in pairs])
     return kto_pairs(split_pairs(pairs))
 
 

@@ -48,6 +48,7 @@ class TokenizedPair:
     truncated_completion: bool = False
     unknown_tokens: bool = False  # some text became the tokenizer's unknown (or pad) token
     template_mismatch: bool = False  # the prompt's ids are not a prefix of the conversation's ids
+    unpaired: bool = False  # an unpaired (KTO) example: chosen is its completion, prob its label
 
     @property
     def length(self) -> int:
@@ -131,6 +132,7 @@ def tokenize_example(ex: PreferenceExample, tokenizer, cfg: TokenizeConfig) -> T
         truncated_completion,
         has_unknown,
         mismatch,
+        ex.unpaired,
     )
 
 
