@@ -67,7 +67,10 @@ class Evaluator:
             valid = scoring.pair_values(batch, "valid")
             n = jnp.sum(valid)
             kl, kl_tokens = scoring.completion_token_kl(graphdef, params, ref_params, batch)
-            sums = {k: v * n for k, v in metrics.items()}
+            # a metric with a "share/<key>" averages over that share of the pairs only (KTO's per-label means)
+            shares = {k[len("share/") :]: v for k, v in metrics.items() if k.startswith("share/")}
+            sums = {k: v * n * shares.get(k, 1.0) for k, v in metrics.items() if not k.startswith("share/")}
+            sums.update({f"n/{k}": n * s for k, s in shares.items()})
             sums.update(loss=jnp.sum(losses * valid), n=n, kl=jnp.sum(kl * valid), kl_tokens=jnp.sum(kl_tokens * valid))
             return sums
 
@@ -115,7 +118,10 @@ class Evaluator:
             t = {k: float(v[m]) for k, v in totals.items()}
             n = max(t.pop("n"), 1.0)
             kl, kl_tokens = t.pop("kl"), t.pop("kl_tokens")
-            out = {f"eval/{k}": v / n for k, v in t.items()}
+            counts = {k[2:]: t.pop(k) for k in list(t) if k.startswith("n/")}
+            out = {f"eval/{k}": v / max(counts.get(k, n), 1e-9) for k, v in t.items()}
+            if "rewards/chosen" in counts:  # per-label means: the margin is their difference
+                out["eval/rewards/margins"] = out["eval/rewards/chosen"] - out["eval/rewards/rejected"]
             out.update({"eval/kl_token": kl / max(kl_tokens, 1.0), "eval/kl_seq_exact": kl / n})
             rows.append(out)
         return rows

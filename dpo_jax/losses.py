@@ -303,6 +303,9 @@ def _kto(c, kl_ratios, pc, beta, labels, mask, w_desirable, w_undesirable):
         "grad_weight": mean(jax.nn.sigmoid(z) * jax.nn.sigmoid(-z), m),
         "kto/kl": kl,  # TRL's "kl": the reference point z0
     }
+    share_d = jnp.sum(md) / jnp.maximum(jnp.sum(m), 1.0)  # what each per-label mean averages over (eval sums)
+    metrics.update({f"share/{k}": share_d for k in ("rewards/chosen", "logps/chosen")})
+    metrics.update({f"share/{k}": 1.0 - share_d for k in ("rewards/rejected", "logps/rejected")})
     return losses, metrics
 
 

@@ -191,6 +191,33 @@ def write_summary(rows: list[dict], swept: list[str], workdir: Path) -> None:
         plot_members(rows, swept, workdir / "sweep.png")
 
 
+def _plot_categorical(rows, panels, axes, plt) -> None:
+    """One point per member (±2 s.e. where logged), labelled by the member's name; reward vs KL annotated."""
+    names = [str(r["member"]).replace("loss_type=", "") for r in rows]
+    for ax, (key, title) in zip(axes, panels, strict=False):
+        for i, r in enumerate(rows):
+            if isinstance(r.get(key), float):
+                se = r.get(f"{key}_se")
+                ax.errorbar(i, r[key], yerr=2 * se if isinstance(se, float) else None, fmt="o", capsize=3)
+        ax.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=6)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax = axes[-1]
+    for r, name in zip(rows, names, strict=True):
+        if isinstance(r.get("eval/reward"), float):
+            ax.errorbar(r["eval/kl_sampled"], r["eval/reward"], xerr=2 * r.get("eval/kl_sampled_se", 0.0),
+                        yerr=2 * r.get("eval/reward_se", 0.0), fmt="o", capsize=2)  # fmt: skip
+            ax.annotate(name, (r["eval/kl_sampled"], r["eval/reward"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")  # fmt: skip
+    ref = next((r["reference/reward"] for r in rows if isinstance(r.get("reference/reward"), float)), None)
+    if ref is not None:
+        ax.axhline(ref, color="gray", ls="--", label="reference")
+        ax.legend(fontsize=7)
+    ax.set_title("reward vs KL (±2 s.e.)")
+    ax.set_xlabel("sampled KL(pi || pi_ref)")
+    ax.grid(alpha=0.3)
+
+
 def plot_members(rows: list[dict], swept: list[str], path: Path) -> None:
     """Eval metrics against the first swept value (one line per value of the second), and reward vs KL."""
     import matplotlib
@@ -206,6 +233,12 @@ def plot_members(rows: list[dict], swept: list[str], path: Path) -> None:
         ("eval/rewards/margins", "held-out margin"),
     ]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.4))
+    if not all(isinstance(r.get(x_key), int | float) for r in rows):  # categorical (e.g. loss types): a point each
+        _plot_categorical(rows, panels, axes, plt)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     groups: dict[Any, list[dict]] = {}
     for r in rows:
         groups.setdefault(r.get(line_key) if line_key else None, []).append(r)

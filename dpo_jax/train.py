@@ -201,6 +201,7 @@ def objective(params, graphdef, batch, ref_logps, hparams: HParams, sc: StepConf
         return nll, {"nll": nll}
     stats = scoring.pair_stats(graphdef, params, batch, tails=sc.ld, wpo=sc.wpo, **sc.head)
     losses, metrics = pair_losses(stats, ref_logps, batch, hparams, sc)
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("share/")}  # eval's pooling weights
     w = scoring.pair_values(batch, "weights") * valid
     share = jnp.sum(valid) / totals["pairs"]  # metrics are means over this micro-batch's pairs
     return jnp.sum(losses * w) / totals["weight"], jax.tree.map(lambda m: m * share, metrics)

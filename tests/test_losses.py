@@ -66,7 +66,7 @@ def np_soft_loss(kind, c, r, beta, eps, p, delta=0.0):
 
 
 # Types written out above (the rest are checked against TRL's own code in test_losses_trl.py).
-PAIR_TYPES = [t for t in LOSS_TYPES if t not in ("sft", "cpo", "simpo", "orpo", "aot", "aot_unpaired")]
+PAIR_TYPES = [t for t in LOSS_TYPES if t not in ("sft", "cpo", "simpo", "orpo", "aot", "aot_unpaired", "kto")]
 RNG = np.random.default_rng(0)
 B = 6
 PC, PR, RC, RR = (RNG.normal(-40, 5, size=B) for _ in range(4))

@@ -328,6 +328,7 @@ def test_policy_only_objectives_run_no_reference_pass_and_kto_trains_on_split_pa
     summary = train.train(cfg, tmp_path / "simpo", devices=jax.devices()[:1])
     assert "reference/cache_hit" not in summary and not (cache.exists() and any(cache.iterdir()))
     assert np.isfinite(summary["eval/loss"])
+    simpo_first = next(r for r in read_history(tmp_path / "simpo" / "metrics.jsonl") if "eval/loss" in r)
 
     cfg = tiny_config('dpo.loss_type="kto"', cache_dir=cache)
     summary = train.train(cfg, tmp_path / "kto", devices=jax.devices()[:1])
@@ -335,6 +336,9 @@ def test_policy_only_objectives_run_no_reference_pass_and_kto_trains_on_split_pa
     history = read_history(tmp_path / "kto" / "metrics.jsonl")
     first = next(r for r in history if "eval/loss" in r)
     assert first["eval/loss"] == pytest.approx(0.5, abs=1e-6) and first["eval/kto/kl"] == pytest.approx(0, abs=1e-6)
+    # the same SFT reference at step 0: KTO's desirable / undesirable examples are the pairs' chosen / rejected
+    for key in ("eval/logps/chosen", "eval/logps/rejected"):
+        assert first[key] == pytest.approx(simpo_first[key], rel=1e-5), key
     assert any("train/kto/kl" in r for r in history)
 
 
