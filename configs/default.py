@@ -91,7 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         simpo_gamma=0.5,  # SimPO's target reward margin (in units of beta * length-averaged log-prob)
         ld_alpha=1.0,  # LD-DPO: weight in [0, 1] of the tokens past the shorter completion; 1 = plain DPO
         use_weighting=False,  # WPO: weight each pair by its policy probability (length-normalised, aligned)
-        bco_delta="zero",  # bco_pair's reward offset: zero (TRL 1.16) | batch (this batch's mean implicit reward)
+        bco_delta="zero",  # bco_pair's reward offset: zero (TRL 1.16) | batch (this batch's mean reward) | running
         desirable_weight=1.0,  # kto: weight of desirable examples (pairs give one desirable, one undesirable)
         undesirable_weight=1.0,  # kto: weight of undesirable examples
     )

@@ -177,7 +177,7 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
     _check(math.isfinite(d.simpo_gamma), "dpo.simpo_gamma", "a finite number", d.simpo_gamma)
     _check(0 <= d.ld_alpha <= 1, "dpo.ld_alpha", "a number in [0, 1] (1: plain DPO)", d.ld_alpha)
     _check(isinstance(d.use_weighting, bool), "dpo.use_weighting", "True or False", d.use_weighting)
-    _check(d.bco_delta in ("zero", "batch"), "dpo.bco_delta", "zero | batch", d.bco_delta)
+    _check(d.bco_delta in ("zero", "batch", "running"), "dpo.bco_delta", "zero | batch | running", d.bco_delta)
     _check("kto" not in types or types == ("kto",), "dpo.loss_type", "'kto' alone (unpaired data)", d.loss_type)
     if "kto" in types:
         _check(not d.use_soft_targets, "dpo.use_soft_targets", "False with kto (the labels are its targets)", True)

@@ -350,8 +350,10 @@ def preference_loss(
         scores by them, ``simpo`` and ``orpo`` the policy log-probs (TRL's conventions; without them: the sums);
         ``sft`` needs the chosen.
       reference_free: ignore the reference (log-probs of zero).
-      bco_delta: ``bco_pair``'s reward offset: 0 (TRL 1.16, the default), a value (e.g. ``RunningMoments.mean``,
-        the BCO paper and TRL < 1.0) or ``"batch"``: the batch mean of the implicit rewards.
+      bco_delta: ``bco_pair``'s reward offset: 0 (TRL 1.16, the default), a value, ``"batch"`` (the batch mean
+        of the implicit rewards) or ``RunningMoments`` (the BCO paper and TRL < 1.0: the running mean of the
+        batch means, updated with this batch's first; the caller keeps the update, ``update_running_moments``
+        with ``metrics["bco/batch_reward"]``).
       mask: [B] 1 for real pairs, 0 for padding pairs: metrics, batch statistics (``sft``, ``aot``, the batch
         ``bco_delta``) use real pairs only (losses_B is still returned for every pair).
       f_divergence_type: the f-DPO divergence (a name from ``F_DIVERGENCES`` or its traced index); other than
@@ -431,10 +433,13 @@ def preference_loss(
     c, r = pc - rc, pr - rr  # log-ratios
     chosen_rewards = jax.lax.stop_gradient(beta * c)
     rejected_rewards = jax.lax.stop_gradient(beta * r)
-    if isinstance(bco_delta, str):
+    batch_reward = (mean(chosen_rewards) + mean(rejected_rewards)) / 2  # the mean of both sides' rewards
+    if isinstance(bco_delta, RunningMoments):  # TRL < 1.0: update with this batch's mean, then use the mean
+        delta = update_running_moments(bco_delta, batch_reward).mean
+    elif isinstance(bco_delta, str):
         if bco_delta != "batch":
-            raise ValueError(f"bco_delta: expected a number or 'batch'; got {bco_delta!r}")
-        delta = (mean(chosen_rewards) + mean(rejected_rewards)) / 2
+            raise ValueError(f"bco_delta: expected a number, 'batch' or RunningMoments; got {bco_delta!r}")
+        delta = batch_reward
     else:
         delta = jax.lax.stop_gradient(_float(bco_delta))
     coefs = Coefs(beta, eps, delta, _float(discopop_tau), _float(simpo_gamma))
@@ -486,6 +491,9 @@ def preference_loss(
         "preference_prob": mean(jax.nn.sigmoid(z)),
         "grad_weight": mean(jax.nn.sigmoid(-z)),
     }
+    if "bco_pair" in types:
+        metrics["bco/batch_reward"] = batch_reward  # what a running mean is updated with
+        metrics["bco/delta"] = delta
     return losses_B, metrics
 
 

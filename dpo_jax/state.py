@@ -80,12 +80,18 @@ class TrainState:
     rng: jax.Array
     hparams: HParams
     nonfinite_step: jax.Array  # first step whose loss or gradient was not finite; -1 if none
+    moments: Any = None  # bco_pair's running reward moments (dpo.bco_delta="running"); None otherwise
 
 
-def init_state(params, tx: optax.GradientTransformation, hparams: HParams, seed) -> TrainState:
-    """The one way a train state is made (vmap it over ``hparams`` and ``seed`` for a population)."""
+def init_state(params, tx: optax.GradientTransformation, hparams: HParams, seed, running_moments=False) -> TrainState:
+    """The one way a train state is made (vmap it over ``hparams`` and ``seed`` for a population);
+    ``running_moments``: carry bco_pair's running reward moments (absent otherwise, so checkpoints keep their form)."""
+    from dpo_jax.losses import RunningMoments
+
     hparams = jax.tree.map(jnp.asarray, hparams)
-    return TrainState(jnp.int32(0), params, tx.init(params), jax.random.PRNGKey(seed), hparams, jnp.int32(-1))
+    moments = RunningMoments.init() if running_moments else None
+    rng = jax.random.PRNGKey(seed)
+    return TrainState(jnp.int32(0), params, tx.init(params), rng, hparams, jnp.int32(-1), moments)
 
 
 def stack(trees: list):

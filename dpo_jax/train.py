@@ -46,7 +46,7 @@ from dpo_jax.data.formats import DataError
 from dpo_jax.data.packing import Layout, batch_stats
 from dpo_jax.errors import NonFiniteLoss, Notes
 from dpo_jax.logging import ConsoleWriter, JsonlWriter, MultiWriter, WandbWriter, Writer
-from dpo_jax.losses import preference_loss, temper_targets
+from dpo_jax.losses import preference_loss, temper_targets, update_running_moments
 from dpo_jax.signals import Preempted, stop_signals
 from dpo_jax.state import HParams, TrainState, init_state, member, stack
 from dpo_jax.workdir import WorkdirLock, allowed_changes, atomic_dir, check_resume_config, ensure_writable, flatten
@@ -158,9 +158,11 @@ def reference_logps(graphdef, batch, reference_params, hparams: HParams, sc: Ste
     return jax.lax.stop_gradient(ld_logps(stats, hparams, sc))
 
 
-def pair_losses(stats: dict, ref_logps, batch, hparams: HParams, sc: StepConfig):
+def pair_losses(stats: dict, ref_logps, batch, hparams: HParams, sc: StepConfig, moments=None):
     """The one DPO objective, for training and eval: per-pair losses [n] and metric means over valid pairs.
-    ``stats``: ``scoring.pair_stats`` of the policy; ``ref_logps``: ``reference_logps``."""
+    ``stats``: ``scoring.pair_stats`` of the policy; ``ref_logps``: ``reference_logps``; ``moments``: bco_pair's
+    running reward moments (``dpo.bco_delta="running"``; eval has none and uses the batch mean)."""
+    bco = {"zero": 0.0, "batch": "batch"}.get(sc.bco_delta, "batch" if moments is None else moments)
     logps, counts = ld_logps(stats, hparams, sc), stats["counts"]
     ref = (None, None) if ref_logps is None else (ref_logps[:, 0], ref_logps[:, 1])
     targets = scoring.pair_values(batch, "target_probs")  # KTO: the labels
@@ -181,7 +183,7 @@ def pair_losses(stats: dict, ref_logps, batch, hparams: HParams, sc: StepConfig)
         chosen_lengths=jnp.maximum(counts[:, 0], 1.0),
         rejected_lengths=jnp.maximum(counts[:, 1], 1.0),
         reference_free=sc.reference_free,
-        bco_delta="batch" if sc.bco_delta == "batch" else 0.0,
+        bco_delta=bco,
         mask=scoring.pair_values(batch, "valid"),
         f_divergence_type=hparams.f_divergence,
         f_alpha_divergence_coef=hparams.f_alpha_divergence_coef,
@@ -191,7 +193,7 @@ def pair_losses(stats: dict, ref_logps, batch, hparams: HParams, sc: StepConfig)
     )  # fmt: skip
 
 
-def objective(params, graphdef, batch, ref_logps, hparams: HParams, sc: StepConfig, totals=None):
+def objective(params, graphdef, batch, ref_logps, hparams: HParams, sc: StepConfig, totals=None, moments=None):
     """Scalar loss and metrics of one (micro-)batch, normalised by ``totals`` (default: this batch's)."""
     totals = batch_totals(batch) if totals is None else totals
     valid = scoring.pair_values(batch, "valid")
@@ -200,7 +202,7 @@ def objective(params, graphdef, batch, ref_logps, hparams: HParams, sc: StepConf
         nll = -jnp.sum(logps[:, 0] * valid) / totals["tokens"]
         return nll, {"nll": nll}
     stats = scoring.pair_stats(graphdef, params, batch, tails=sc.ld, wpo=sc.wpo, **sc.head)
-    losses, metrics = pair_losses(stats, ref_logps, batch, hparams, sc)
+    losses, metrics = pair_losses(stats, ref_logps, batch, hparams, sc, moments)
     metrics = {k: v for k, v in metrics.items() if not k.startswith("share/")}  # eval's pooling weights
     w = scoring.pair_values(batch, "weights") * valid
     share = jnp.sum(valid) / totals["pairs"]  # metrics are means over this micro-batch's pairs
@@ -226,7 +228,7 @@ def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx
             cached = not sc.frozen_reference
             ref = reference_logps(graphdef, batch_m, reference_params, state.hparams, sc, cached=cached)
         grad_fn = jax.value_and_grad(objective, has_aux=True)
-        (loss, metrics), grads = grad_fn(state.params, graphdef, batch_m, ref, state.hparams, sc, totals)
+        (loss, metrics), grads = grad_fn(state.params, graphdef, batch_m, ref, state.hparams, sc, totals, state.moments)
         return loss, metrics, grads
 
     a = sc.grad_accum
@@ -249,10 +251,14 @@ def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx
     params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+    moments = state.moments
+    if moments is not None:  # micro-batch means are share-weighted: their sum is the whole batch's mean reward
+        moments = keep(update_running_moments(moments, metrics["bco/batch_reward"]), moments)
     new_state = state.replace(
         step=state.step + 1,
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
+        moments=moments,
         nonfinite_step=jnp.where(~ok & (state.nonfinite_step < 0), state.step, state.nonfinite_step),
     )
     lr = current_lr(state.opt_state) * lr_scale
@@ -374,7 +380,8 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
     """Train the K members of one stage together, with checkpoints and resume; returns their [K] parameters."""
     members, k_members = stage.members, len(stage.members)
     tx = make_optimizer(stage.optim, stage.steps)
-    one = jax.eval_shape(lambda p: init_state(p, tx, members[0].hparams, 0), init_params)
+    running = stage.sc.stage == "dpo" and stage.sc.bco_delta == "running"
+    one = jax.eval_shape(lambda p: init_state(p, tx, members[0].hparams, 0, running), init_params)
     one_shardings = sharding.tree_shardings(one, mesh)
     population = jax.tree.map(lambda x: jax.ShapeDtypeStruct((k_members, *x.shape), x.dtype), one)
     shardings = sharding.tree_shardings(population, mesh, members=True)
@@ -388,7 +395,7 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
     metas = [r[2] if r else {} for r in restored]
     if latest == {None}:
         seeds = np.asarray([m.seed for m in members], np.int32)
-        init = jax.vmap(lambda p, h, s: init_state(p, tx, h, s), in_axes=(None, 0, 0))
+        init = jax.vmap(lambda p, h, s: init_state(p, tx, h, s, running), in_axes=(None, 0, 0))
         state = jax.jit(init, out_shardings=shardings)(init_params, hparams, seeds)
     elif len(latest) == 1:
         state = jax.jit(lambda xs: stack(xs), out_shardings=shardings.replace(hparams=None))([r[1] for r in restored])

@@ -389,3 +389,16 @@ def test_tempered_soft_targets():
             expected = 1 / (1 + np.exp(-(np.log(p) - np.log1p(-p)) / temp))
         np.testing.assert_allclose(np.asarray(temper_targets(p, temp)), expected, rtol=1e-6, atol=1e-7)
     assert float(temper_targets(0.8, 0.25)) == pytest.approx(0.8**4 / (0.8**4 + 0.2**4), rel=1e-6)
+
+
+def test_bco_running_delta_is_trl_pre_1_0():
+    """TRL < 1.0's bco_pair: running.update(batch mean reward), then delta = running.mean (NumPy by hand)."""
+    cr, rr = 0.1 * (PC - RC), 0.1 * (PR - RR)
+    batch_mean = np.concatenate([cr, rr]).mean()
+    prev = RunningMoments(jnp.float32(0.7), jnp.float32(2.0), jnp.float32(3.0))  # three earlier batch means
+    losses, m = run(PC, PR, RC, RR, loss_type="bco_pair", beta=0.1, bco_delta=prev)
+    delta = (0.7 * 3 + batch_mean) / 4
+    np.testing.assert_allclose(losses, np_pair_loss("bco_pair", PC - RC, PR - RR, 0.1, delta=delta), rtol=1e-5)
+    assert m["bco/batch_reward"] == pytest.approx(batch_mean, rel=1e-5) and m["bco/delta"] == pytest.approx(delta)
+    first, _ = run(PC, PR, RC, RR, loss_type="bco_pair", beta=0.1, bco_delta=RunningMoments.init())
+    np.testing.assert_allclose(first, np_pair_loss("bco_pair", PC - RC, PR - RR, 0.1, delta=batch_mean), rtol=1e-5)

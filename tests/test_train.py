@@ -137,7 +137,7 @@ def test_end_to_end_outputs(tmp_path):
      ("dpo.seed=-2", "dpo.seed"), ('dpo.f_divergence_type="kl"', "dpo.f_divergence_type"),
      (('dpo.loss_type="nca_pair"', 'dpo.f_divergence_type="js_divergence"'), "dpo.loss_type"),
      ("dpo.ld_alpha=1.5", "dpo.ld_alpha"), ("dpo.discopop_tau=0.0", "dpo.discopop_tau"),
-     ('dpo.bco_delta="running"', "dpo.bco_delta"), ('dpo.loss_type="kto+sft"', "dpo.loss_type"),
+     ('dpo.bco_delta="mean"', "dpo.bco_delta"), ('dpo.loss_type="kto+sft"', "dpo.loss_type"),
      (('dpo.loss_type="aot"', "dpo.use_soft_targets=True"), "dpo.use_soft_targets"),
      (('dpo.loss_type="kto"', "dpo.undesirable_weight=-1.0"), "dpo.undesirable_weight")],
 )  # fmt: skip
@@ -371,3 +371,22 @@ def test_kto_on_unpaired_files_equals_kto_on_the_pairs_they_split_into(tmp_path)
                 assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
     with pytest.raises(DataError, match="unpaired rows .* dpo.loss_type='kto'"):
         run("refused", unpaired, loss="sigmoid")
+
+
+def test_bco_running_moments_live_in_the_state_and_follow_the_batch_means(step_setup):
+    """dpo.bco_delta="running": the state carries the moments; after n steps their mean is the mean of the n
+    logged batch rewards (NumPy), and the loss of each step used the mean including its own batch."""
+    graphdef, params, batch = step_setup
+    sc = train.StepConfig("dpo", ("bco_pair",), bco_delta="running")
+    tx = train.make_optimizer(train.optim_section(learning_rate=1e-2, warmup_steps=0), 10)
+    state = init_state(params, tx, HParams.create(loss_type="bco_pair"), 0, running_moments=True)
+    ref = jnp.asarray(np.random.default_rng(0).normal(-20, 1, size=(*batch["index"].shape, 2)), jnp.float32)
+    fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, sc=sc))
+    means = []
+    for _ in range(3):
+        state, m = fn(state, {**batch, "ref_logps": ref}, None)
+        means.append(float(m["bco/batch_reward"]))
+        assert float(m["bco/delta"]) == pytest.approx(np.mean(means), rel=1e-4, abs=1e-6)
+    assert len(set(means)) == 3  # the policy moved: each batch mean differs
+    assert float(state.moments.mean) == pytest.approx(np.mean(means), rel=1e-4, abs=1e-6)
+    assert float(state.moments.count) == pytest.approx(3.0)
