@@ -14,13 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import trl.experimental.cpo.cpo_trainer as trl_cpo
+import trl.experimental.orpo.orpo_trainer as trl_orpo
+import trl.trainer.dpo_trainer as trl_dpo
+import trl.trainer.kto_trainer as trl_kto
 
-torch = pytest.importorskip("torch")
-trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
-trl_cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
-trl_orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
-
-from dpo_jax.losses import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, preference_loss  # noqa: E402
+from dpo_jax.losses import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, preference_loss
 
 B, T = 6, 14  # pairs, token slots per sequence (first slot is the prompt's last token)
 DPO_TYPES = [
@@ -368,8 +368,6 @@ def test_ld_dpo_and_wpo_equal_trl_on_the_model_log_probs(model_case, ld_alpha, w
 
 
 # --- KTO: TRL's KTOTrainer._compute_loss on the same log-probs ------------------------------------------------------
-
-trl_kto = pytest.importorskip("trl.trainer.kto_trainer")
 
 
 class _KTOModel:
