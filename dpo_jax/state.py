@@ -31,6 +31,8 @@ class HParams:
     discopop_tau: jax.Array
     simpo_gamma: jax.Array
     ld_alpha: jax.Array  # LD-DPO weight of the tokens past the shorter completion (1: plain sums)
+    uses_reference: jax.Array  # 0 for a reference-free member (policy-only types, or dpo.reference_free): its
+    # rewards are beta * log pi alone, in a population with a reference as when it runs alone
     desirable_weight: jax.Array  # KTO
     undesirable_weight: jax.Array
 
@@ -38,7 +40,7 @@ class HParams:
     def from_config(cls, cfg, types: tuple[str, ...] | None = None, peak_lr: float | None = None) -> HParams:
         """The member ``cfg``'s values; ``types``: the step's loss types (a population's union; default: the
         member's own), ``peak_lr``: the shared schedule's peak (default: the member's learning rate)."""
-        from dpo_jax.config import loss_types
+        from dpo_jax.config import loss_types, needs_reference
         from dpo_jax.losses import F_DIVERGENCES
 
         own = loss_types(cfg)
@@ -57,6 +59,7 @@ class HParams:
             discopop_tau=np.float32(cfg.dpo.discopop_tau),
             simpo_gamma=np.float32(cfg.dpo.simpo_gamma),
             ld_alpha=np.float32(cfg.dpo.ld_alpha),
+            uses_reference=np.float32(needs_reference(cfg)),
             desirable_weight=np.float32(cfg.dpo.desirable_weight),
             undesirable_weight=np.float32(cfg.dpo.undesirable_weight),
         )

@@ -9,7 +9,7 @@ With ``--mode vectorized`` members train as a population in one ``jax.vmap``-ed 
 members split over the mesh's ``member`` axis, across devices and hosts) and are written out as ordinary runs.
 Members may differ there in ``VECTOR_KEYS`` (traced values: beta, label smoothing, soft-target temperature, data
 seed, learning rate, loss type and weights, f-divergence and its alpha, DiscoPOP's tau, SimPO's gamma, LD-DPO's
-alpha); members that differ in anything else (model, data, steps) are
+alpha, reference-free or not); members that differ in anything else (model, data, steps) are
 grouped automatically: as few populations as possible, one after another. Otherwise
 members run one after another in one process, each in ``<workdir>/<member>`` as an ordinary run (its own
 checkpoints, metrics, W&B run in the sweep's group with the member's values as tags). The compiled train
@@ -51,6 +51,7 @@ VECTOR_KEYS = (
     "dpo.beta", "dpo.label_smoothing", "dpo.soft_target_temperature", "dpo.seed", "optim.learning_rate",
     "dpo.loss_type", "dpo.loss_weights", "dpo.f_divergence_type", "dpo.f_alpha_divergence_coef",
     "dpo.discopop_tau", "dpo.simpo_gamma", "dpo.ld_alpha", "dpo.desirable_weight", "dpo.undesirable_weight",
+    "dpo.reference_free",
 )  # fmt: skip
 
 

@@ -164,6 +164,8 @@ def pair_losses(stats: dict, ref_logps, batch, hparams: HParams, sc: StepConfig,
     running reward moments (``dpo.bco_delta="running"``; eval has none and uses the batch mean)."""
     bco = {"zero": 0.0, "batch": "batch"}.get(sc.bco_delta, "batch" if moments is None else moments)
     logps, counts = ld_logps(stats, hparams, sc), stats["counts"]
+    if ref_logps is not None:
+        ref_logps = ref_logps * hparams.uses_reference  # a reference-free member: log-probs of zero
     ref = (None, None) if ref_logps is None else (ref_logps[:, 0], ref_logps[:, 1])
     targets = scoring.pair_values(batch, "target_probs")  # KTO: the labels
     if "kto" in sc.loss_types:

@@ -41,7 +41,7 @@ def test_shipped_sweeps_declare_valid_members():
 MEMBERS = [
     {"dpo.beta": 0.03},
     {"dpo.beta": 0.3, "optim.learning_rate": 6e-4},
-    # another loss mix (ipo length-averages every log-prob) in the same program: a traced selection
+    # another loss mix (ipo length-averages its own term) in the same program: a traced selection
     {"dpo.label_smoothing": 0.2, "dpo.loss_type": "sigmoid+ipo", "dpo.loss_weights": (1.0, 0.5)},
     {"dpo.soft_target_temperature": 0.3, "dpo.seed": 7},  # its own data order: a [K, B, ...] batch when vectorised
 ]
@@ -221,3 +221,21 @@ def test_sequential_runs_resume_as_one_population_with_a_loss_mix(sequential, tm
     out = capsys.readouterr().out
     assert "[dpo] resumed 2 members from step 5" in out and "damaged" not in out
     _assert_members_equal(seq_dir, [r for r in seq if r["member"] in {sweep.member_name(m) for m in picked}], tmp_path)
+
+
+def test_new_objectives_in_one_population_equal_their_sequential_runs(sequential, tmp_path):
+    """A traced f-divergence, SimPO's gamma with its NLL term, and LD-DPO's alpha (reference tails cached) in one
+    program give each member's sequential run (the same SFT reference)."""
+    seq_dir, _, _ = sequential
+    members = [
+        {"dpo.f_divergence_type": "js_divergence", "dpo.beta": 0.3},
+        {"dpo.loss_type": "simpo+sft", "dpo.loss_weights": (1.0, 0.5), "dpo.simpo_gamma": 0.3, "dpo.beta": 1.0},
+        {"dpo.ld_alpha": 0.5},
+    ]
+    base = _shared_reference(_base(), seq_dir)
+    base.reference.cache_dir = str(tmp_path / "cache")
+    seq = sweep.run_sweep(SPEC, tmp_path / "seq", base=base, members=members, devices=jax.devices()[:1])
+    vec = sweep.run_sweep(SPEC, tmp_path / "vec", base=base, members=members, mode="vectorized",
+                          devices=jax.devices()[:1])  # fmt: skip
+    _assert_members_equal(tmp_path / "seq", seq, tmp_path / "vec", vec)
+    assert len({r["eval/loss"] for r in seq}) == 3
