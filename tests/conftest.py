@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # trl.experimental (CPO, ORPO: test oracles) warns on import
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
