@@ -187,7 +187,31 @@ PLOTS = (
     ("preference accuracy", ("train/rewards/accuracies", "eval/rewards/accuracies")),
     ("KL(pi || pi_ref)", ("eval/kl_sampled", "eval/kl_seq_exact")),
     ("true reward of samples", ("eval/reward",)),
-)
+    ("log pi - log pi_ref per token", ("train/logratio/chosen_per_token", "train/logratio/rejected_per_token",
+                                       "eval/logratio/chosen_per_token", "eval/logratio/rejected_per_token")),
+)  # fmt: skip
+FALLING_CHOSEN = "diagnostic/falling_chosen"  # logged (value: the chosen change per token) at the step it fired
+SFT_HINT = '--config.dpo.loss_type="sigmoid+sft" --config.dpo.loss_weights="(1.0, 0.2)"'
+
+
+def falling_chosen(row: dict, *, sft_weight: float = 0.0, tol: float = 1e-3) -> str | None:
+    """DPO's known failure mode in one eval row: the held-out chosen completions have become less likely than
+    under the reference (log pi - log pi_ref per token < -tol) while the implicit-reward margin has risen
+    (it is 0 at the reference, so > tol). Returns the warning, or None. ``sft_weight``: the run's weight of an
+    ``sft`` term already in its mix (the advice is then to raise it)."""
+    chosen, margin = row.get("eval/logratio/chosen_per_token"), row.get("eval/rewards/margins")
+    if chosen is None or margin is None or not (chosen < -tol and margin > tol):
+        return None
+    rejected = row.get("eval/logratio/rejected_per_token", float("nan"))
+    return (
+        f"step {row['step']}: the chosen completions' log-prob fell below the reference ({chosen:+.3g} nats per "
+        f"token; rejected {rejected:+.3g}) while the reward margin rose to {margin:.3g}: DPO is lowering both and "
+        f"the rejected faster (likelihood displacement). "
+        + (f"Raise the SFT term's weight (now {sft_weight:g}) to keep the chosen likely" if sft_weight > 0
+           else f"An SFT term keeps the chosen likely: {SFT_HINT}")
+    )  # fmt: skip
+
+
 # Metrics with a standard error: plotted with +-2 s.e. bars.
 STDERR = {"eval/kl_sampled": "eval/kl_sampled_se", "eval/reward": "eval/reward_se"}
 
@@ -237,6 +261,10 @@ def write_plots(history: list[dict], summary: dict, path: Path) -> Path:
                 ax.plot(steps, values, marker="o" if key.startswith("eval/") else None, ms=3, label=key)
         if title.startswith("true reward") and "reference/reward" in summary:
             ax.axhline(summary["reference/reward"], color="gray", ls="--", label="reference")
+        if title.startswith("log pi"):
+            ax.axhline(0.0, color="gray", ls="--", lw=0.8)
+        for r in series(FALLING_CHOSEN)[:1]:
+            ax.axvline(r["step"], color="red", ls=":", label="chosen below reference")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -490,6 +490,10 @@ def preference_loss(
         "logps/rejected": mean(jax.lax.stop_gradient(pr)),
         "preference_prob": mean(jax.nn.sigmoid(z)),
         "grad_weight": mean(jax.nn.sigmoid(-z)),
+        # log pi - log pi_ref per completion token: where each side's likelihood went (chosen < 0 while the
+        # margin rises is DPO's known failure mode; see dpo_jax.evaluate.falling_chosen)
+        "logratio/chosen_per_token": mean(jax.lax.stop_gradient(c / lc)),
+        "logratio/rejected_per_token": mean(jax.lax.stop_gradient(r / lr)),
     }
     if "bco_pair" in types:
         metrics["bco/batch_reward"] = batch_reward  # what a running mean is updated with

@@ -45,6 +45,7 @@ from dpo_jax.data.examples import load_sft_examples
 from dpo_jax.data.formats import DataError
 from dpo_jax.data.packing import Layout, batch_stats
 from dpo_jax.errors import NonFiniteLoss, Notes
+from dpo_jax.evaluate import FALLING_CHOSEN, falling_chosen
 from dpo_jax.logging import ConsoleWriter, JsonlWriter, MultiWriter, WandbWriter, Writer
 from dpo_jax.losses import preference_loss, temper_targets, update_running_moments
 from dpo_jax.signals import Preempted, stop_signals
@@ -324,6 +325,7 @@ class Member:
     loader: PreferenceLoader
     ckpt: checkpoint.Checkpointer
     writer: Writer
+    warnings: list = dataclasses.field(default_factory=list)  # diagnostics that fired (into the run's summary)
 
 
 @dataclasses.dataclass
@@ -468,6 +470,16 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
         for m, row in zip(members, rows, strict=True):
             m.writer.write(stage.log_offset + step, row)
         console.write(stage.log_offset + step, rows[0])
+        for k, (m, row) in enumerate(zip(members, rows, strict=True)):
+            if m.warnings or not float(m.hparams.uses_reference) or "kto" in stage.sc.loss_types:
+                continue  # once per run; reference-free and KTO members have no such reference point
+            types = stage.sc.loss_types
+            sft = float(m.hparams.loss_weights[types.index("sft")]) if "sft" in types else 0.0
+            warning = falling_chosen({**row, "step": stage.log_offset + step}, sft_weight=sft)
+            if warning:
+                m.warnings.append(warning)
+                m.writer.write(stage.log_offset + step, {FALLING_CHOSEN: row["eval/logratio/chosen_per_token"]})
+                console.note(f"[{stage.name}] warning{f' (member {k})' if k_members > 1 else ''}: {warning}")
 
     try:
         if stage.evaluator is not None and (start == 0 or eval_pending):
@@ -953,8 +965,8 @@ def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None) 
             summary = {**job.summary, **finals[k], **run_info(job, devices, t_start)}
             if len(cfgs) > 1:
                 summary["population/members"] = len(cfgs)
-            if notes.items:
-                summary["warnings"] = notes.items
+            if notes.items or stage.members[k].warnings:
+                summary["warnings"] = notes.items + stage.members[k].warnings
             if changes[k]:
                 summary["resume/changes"] = [f"{n}: {old!r} -> {new!r}" for n, old, new in changes[k]]
             write_outputs(c, wd, job.graphdef, sharding.take_member(params, k, job.mesh), job.tokenizer, summary)

@@ -402,3 +402,10 @@ def test_bco_running_delta_is_trl_pre_1_0():
     assert m["bco/batch_reward"] == pytest.approx(batch_mean, rel=1e-5) and m["bco/delta"] == pytest.approx(delta)
     first, _ = run(PC, PR, RC, RR, loss_type="bco_pair", beta=0.1, bco_delta=RunningMoments.init())
     np.testing.assert_allclose(first, np_pair_loss("bco_pair", PC - RC, PR - RR, 0.1, delta=batch_mean), rtol=1e-5)
+
+
+def test_per_token_log_ratio_metrics():
+    lc, lr = np.array([3, 5, 8, 2, 9, 4.0]), np.array([4, 4, 6, 7, 1, 3.0])
+    _, m = run(PC, PR, RC, RR, chosen_lengths=lc, rejected_lengths=lr)
+    assert m["logratio/chosen_per_token"] == pytest.approx(np.mean((PC - RC) / lc), rel=1e-5)
+    assert m["logratio/rejected_per_token"] == pytest.approx(np.mean((PR - RR) / lr), rel=1e-5)

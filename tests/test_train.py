@@ -125,6 +125,9 @@ def test_end_to_end_outputs(tmp_path):
     assert "true reward of samples" in titles and len(titles) == len(evaluate.PLOTS)
     no_reward = [{k: v for k, v in r.items() if not k.startswith("eval/reward")} for r in history]
     assert "true reward of samples" not in [t for t, _ in evaluate.plot_panels(no_reward)]  # a files task
+    # Healthy at this learning rate: the chosen completions gain likelihood, the diagnostic stays silent.
+    assert history[-1]["eval/logratio/chosen_per_token"] > 0
+    assert not any(evaluate.FALLING_CHOSEN in r for r in history) and "warnings" not in summary
     # (Reuse of the reference cache by a sibling run is checked in test_sweep.)
 
 
@@ -390,3 +393,17 @@ def test_bco_running_moments_live_in_the_state_and_follow_the_batch_means(step_s
     assert len(set(means)) == 3  # the policy moved: each batch mean differs
     assert float(state.moments.mean) == pytest.approx(np.mean(means), rel=1e-4, abs=1e-6)
     assert float(state.moments.count) == pytest.approx(3.0)
+
+
+def test_falling_chosen_diagnostic_fires_once_on_a_run_that_displaces_the_chosen(tmp_path):
+    """Ten times the learning rate: chosen and rejected both fall, the rejected faster: one warning (step named,
+    the SFT suggestion), one logged mark, and the run's summary keeps it."""
+    cfg = tiny_config("optim.learning_rate=3e-3", cache_dir=tmp_path / "cache")
+    summary = train.train(cfg, tmp_path / "run", devices=jax.devices()[:1])
+    history = read_history(tmp_path / "run" / "metrics.jsonl")
+    marks = [r for r in history if evaluate.FALLING_CHOSEN in r]
+    assert len(marks) == 1
+    row = next(r for r in history if r["step"] == marks[0]["step"] and "eval/loss" in r)
+    assert row["eval/logratio/chosen_per_token"] < 0 < row["eval/rewards/margins"]
+    (warning,) = summary["warnings"]
+    assert f"step {marks[0]['step']}:" in warning and evaluate.SFT_HINT in warning
