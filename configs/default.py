@@ -111,6 +111,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.reference = dict(
         mode="cached",  # cached: log-probs precomputed once and stored; frozen: a reference forward every step
         cache_dir="",  # default: <workdir>/../reference_cache, shared by sibling runs
+        # TR-DPO (Gorbatovski et al. 2024; TRL's sync_ref_model): every ref_model_sync_steps the reference becomes
+        # alpha * policy + (1 - alpha) * reference (alpha 1: a hard copy). Needs mode="frozen".
+        sync=False,
+        ref_model_mixup_alpha=0.6,
+        ref_model_sync_steps=512,
     )
     # member: devices groups a population's members are split over (0: as many as divide the members and devices;
     # a plain run is one member). Within a group: data, fsdp, tensor (-1: all remaining devices).

@@ -163,6 +163,14 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
     weights = tuple(cfg.dpo.loss_weights)
     _check(not weights or len(weights) == len(types), "dpo.loss_weights", f"() or {len(types)} weights", weights)
     _check(math.isfinite(cfg.dpo.beta) and cfg.dpo.beta > 0, "dpo.beta", "a number > 0", cfg.dpo.beta)
+    r = cfg.reference
+    if r.sync:
+        _check(r.mode == "frozen", "reference.sync", "False with reference.mode='cached' (a cached reference cannot "
+               "move): set --config.reference.mode=frozen", r.sync)  # fmt: skip
+        _check(0 < r.ref_model_mixup_alpha <= 1, "reference.ref_model_mixup_alpha", "a number in (0, 1]",
+               r.ref_model_mixup_alpha)  # fmt: skip
+        _check(isinstance(r.ref_model_sync_steps, int) and r.ref_model_sync_steps >= 1,
+               "reference.ref_model_sync_steps", "an integer >= 1", r.ref_model_sync_steps)  # fmt: skip
     _check(0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "a number in [0, 0.5)", cfg.dpo.label_smoothing)
     d = cfg.dpo
     f = d.f_divergence_type

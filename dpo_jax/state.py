@@ -34,6 +34,8 @@ class HParams:
     uses_reference: jax.Array  # 0 for a reference-free member (policy-only types, or dpo.reference_free): its
     # rewards are beta * log pi alone, in a population with a reference as when it runs alone
     desirable_weight: jax.Array  # KTO
+    ref_mixup_alpha: jax.Array  # TR-DPO: reference <- alpha * policy + (1 - alpha) * reference ...
+    ref_sync_steps: jax.Array  # ... every this many steps (reference.sync)
     undesirable_weight: jax.Array
 
     @classmethod
@@ -62,6 +64,8 @@ class HParams:
             uses_reference=np.float32(needs_reference(cfg)),
             desirable_weight=np.float32(cfg.dpo.desirable_weight),
             undesirable_weight=np.float32(cfg.dpo.undesirable_weight),
+            ref_mixup_alpha=np.float32(cfg.reference.ref_model_mixup_alpha),
+            ref_sync_steps=np.int32(cfg.reference.ref_model_sync_steps),
         )
 
     @classmethod
@@ -84,17 +88,23 @@ class TrainState:
     hparams: HParams
     nonfinite_step: jax.Array  # first step whose loss or gradient was not finite; -1 if none
     moments: Any = None  # bco_pair's running reward moments (dpo.bco_delta="running"); None otherwise
+    reference: Any = None  # TR-DPO's moving reference (reference.sync), the member's own; None otherwise
 
 
-def init_state(params, tx: optax.GradientTransformation, hparams: HParams, seed, running_moments=False) -> TrainState:
+def init_state(
+    params, tx: optax.GradientTransformation, hparams: HParams, seed, running_moments=False, reference=None
+) -> TrainState:
     """The one way a train state is made (vmap it over ``hparams`` and ``seed`` for a population);
-    ``running_moments``: carry bco_pair's running reward moments (absent otherwise, so checkpoints keep their form)."""
+    ``running_moments``: carry bco_pair's running reward moments; ``reference``: TR-DPO's moving reference
+    (both absent otherwise, so checkpoints keep their form)."""
     from dpo_jax.losses import RunningMoments
 
     hparams = jax.tree.map(jnp.asarray, hparams)
     moments = RunningMoments.init() if running_moments else None
     rng = jax.random.PRNGKey(seed)
-    return TrainState(jnp.int32(0), params, tx.init(params), rng, hparams, jnp.int32(-1), moments)
+    if reference is not None:
+        reference = jax.tree.map(jnp.copy, reference)
+    return TrainState(jnp.int32(0), params, tx.init(params), rng, hparams, jnp.int32(-1), moments, reference)
 
 
 def stack(trees: list):

@@ -51,7 +51,7 @@ VECTOR_KEYS = (
     "dpo.beta", "dpo.label_smoothing", "dpo.soft_target_temperature", "dpo.seed", "optim.learning_rate",
     "dpo.loss_type", "dpo.loss_weights", "dpo.f_divergence_type", "dpo.f_alpha_divergence_coef",
     "dpo.discopop_tau", "dpo.simpo_gamma", "dpo.ld_alpha", "dpo.desirable_weight", "dpo.undesirable_weight",
-    "dpo.reference_free",
+    "dpo.reference_free", "reference.ref_model_mixup_alpha", "reference.ref_model_sync_steps",
 )  # fmt: skip
 
 

@@ -69,6 +69,7 @@ class StepConfig:
     ld: bool = False  # some member down-weights completion tails (LD-DPO): sums and tails are scored
     wpo: bool = False  # WPO pair weights
     bco_delta: str = "zero"
+    sync_reference: bool = False  # TR-DPO: the state carries a reference mixed with the policy every k steps
 
     @property
     def head(self) -> dict:
@@ -229,7 +230,8 @@ def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx
         ref = None
         if sc.stage == "dpo":
             cached = not sc.frozen_reference
-            ref = reference_logps(graphdef, batch_m, reference_params, state.hparams, sc, cached=cached)
+            moving = state.reference if sc.sync_reference else reference_params  # TR-DPO: the member's own
+            ref = reference_logps(graphdef, batch_m, moving, state.hparams, sc, cached=cached)
         grad_fn = jax.value_and_grad(objective, has_aux=True)
         (loss, metrics), grads = grad_fn(state.params, graphdef, batch_m, ref, state.hparams, sc, totals, state.moments)
         return loss, metrics, grads
@@ -254,6 +256,12 @@ def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx
     params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+    reference = state.reference
+    if sc.sync_reference:  # TRL's SyncRefModelCallback: after every k-th step, mix the new policy in
+        hp = state.hparams
+        sync = ok & ((state.step + 1) % hp.ref_sync_steps == 0)
+        mixed = jax.tree.map(lambda p, r: hp.ref_mixup_alpha * p + (1.0 - hp.ref_mixup_alpha) * r, params, reference)
+        reference = jax.tree.map(lambda m, r: jnp.where(sync, m, r), mixed, reference)
     moments = state.moments
     if moments is not None:  # micro-batch means are share-weighted: their sum is the whole batch's mean reward
         moments = keep(update_running_moments(moments, metrics["bco/batch_reward"]), moments)
@@ -262,6 +270,7 @@ def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
         moments=moments,
+        reference=reference,
         nonfinite_step=jnp.where(~ok & (state.nonfinite_step < 0), state.step, state.nonfinite_step),
     )
     lr = current_lr(state.opt_state) * lr_scale
@@ -385,7 +394,8 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
     members, k_members = stage.members, len(stage.members)
     tx = make_optimizer(stage.optim, stage.steps)
     running = stage.sc.stage == "dpo" and stage.sc.bco_delta == "running"
-    one = jax.eval_shape(lambda p: init_state(p, tx, members[0].hparams, 0, running), init_params)
+    sync = stage.sc.stage == "dpo" and stage.sc.sync_reference  # the reference starts as the initial policy
+    one = jax.eval_shape(lambda p: init_state(p, tx, members[0].hparams, 0, running, p if sync else None), init_params)
     one_shardings = sharding.tree_shardings(one, mesh)
     population = jax.tree.map(lambda x: jax.ShapeDtypeStruct((k_members, *x.shape), x.dtype), one)
     shardings = sharding.tree_shardings(population, mesh, members=True)
@@ -399,7 +409,7 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
     metas = [r[2] if r else {} for r in restored]
     if latest == {None}:
         seeds = np.asarray([m.seed for m in members], np.int32)
-        init = jax.vmap(lambda p, h, s: init_state(p, tx, h, s, running), in_axes=(None, 0, 0))
+        init = jax.vmap(lambda p, h, s: init_state(p, tx, h, s, running, p if sync else None), in_axes=(None, 0, 0))
         state = jax.jit(init, out_shardings=shardings)(init_params, hparams, seeds)
     elif len(latest) == 1:
         state = jax.jit(lambda xs: stack(xs), out_shardings=shardings.replace(hparams=None))([r[1] for r in restored])
@@ -675,7 +685,7 @@ class Job:
         return StepConfig(
             "dpo", types, cfg.dpo.use_soft_targets, not any(needs_reference(c) for c in cfgs),
             cfg.reference.mode == "frozen", cfg.optim.grad_accum, ld=any(c.dpo.ld_alpha != 1 for c in cfgs),
-            wpo=cfg.dpo.use_weighting, bco_delta=cfg.dpo.bco_delta, **self.chunks,
+            wpo=cfg.dpo.use_weighting, bco_delta=cfg.dpo.bco_delta, sync_reference=cfg.reference.sync, **self.chunks,
         )  # fmt: skip
 
     def evaluator(self, cfgs):
@@ -702,7 +712,7 @@ class Job:
             )
             for c, wd, w in zip(cfgs, workdirs, writers, strict=True)
         ]
-        frozen = self.reference_params if sc.frozen_reference else None
+        frozen = self.reference_params if sc.frozen_reference and not sc.sync_reference else None  # TR-DPO: in state
         return Stage(
             "dpo", sc, cfg.optim.steps, dict(cfg.optim), members, frozen, self.ref_train, evaluator, self.sft_steps
         )

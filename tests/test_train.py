@@ -142,7 +142,10 @@ def test_end_to_end_outputs(tmp_path):
      ("dpo.ld_alpha=1.5", "dpo.ld_alpha"), ("dpo.discopop_tau=0.0", "dpo.discopop_tau"),
      ('dpo.bco_delta="mean"', "dpo.bco_delta"), ('dpo.loss_type="kto+sft"', "dpo.loss_type"),
      (('dpo.loss_type="aot"', "dpo.use_soft_targets=True"), "dpo.use_soft_targets"),
-     (('dpo.loss_type="kto"', "dpo.undesirable_weight=-1.0"), "dpo.undesirable_weight")],
+     (('dpo.loss_type="kto"', "dpo.undesirable_weight=-1.0"), "dpo.undesirable_weight"),
+     ("reference.sync=True", "reference.sync"),
+     (('reference.mode="frozen"', "reference.sync=True", "reference.ref_model_mixup_alpha=0.0"),
+      "reference.ref_model_mixup_alpha")],
 )  # fmt: skip
 def test_config_errors_name_the_field(override, field):
     cfg = tiny_config(*((override,) if isinstance(override, str) else override))
@@ -407,3 +410,31 @@ def test_falling_chosen_diagnostic_fires_once_on_a_run_that_displaces_the_chosen
     assert row["eval/logratio/chosen_per_token"] < 0 < row["eval/rewards/margins"]
     (warning,) = summary["warnings"]
     assert f"step {marks[0]['step']}:" in warning and evaluate.SFT_HINT in warning
+
+
+def test_tr_dpo_reference_is_the_exact_mix_after_each_sync_and_the_step_reads_it(step_setup):
+    """TR-DPO (reference.sync): untouched between syncs; after step k it is alpha * policy + (1 - alpha) * old
+    (NumPy, float32, to its last bits); the next step's loss is that of a frozen reference equal to the mix."""
+    graphdef, params, batch = step_setup
+    tx = train.make_optimizer(train.optim_section(learning_rate=1e-2, warmup_steps=0), 10)
+    hp = HParams.create(beta=0.5).replace(ref_mixup_alpha=np.float32(0.3), ref_sync_steps=np.int32(2))
+    sc = train.StepConfig("dpo", frozen_reference=True, sync_reference=True)
+    fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, sc=sc))
+    state = init_state(params, tx, hp, 0, reference=params)
+    initial = jax.tree.map(np.asarray, params)
+    state, _ = fn(state, batch, None)  # step 1: no sync
+    for r, p0 in zip(jax.tree.leaves(state.reference), jax.tree.leaves(initial), strict=True):
+        np.testing.assert_array_equal(np.asarray(r), p0)
+    state, _ = fn(state, batch, None)  # step 2: sync
+    a = np.float32(0.3)
+    for r, p, p0 in zip(*(jax.tree.leaves(t) for t in (state.reference, state.params, initial)), strict=True):
+        # equal up to float32 rounding of the two products (XLA may fuse them into one multiply-add)
+        ap, bp = a * np.asarray(p), (np.float32(1) - a) * p0
+        ulp = np.spacing(np.maximum(np.abs(ap), np.abs(bp)))
+        np.testing.assert_array_less(np.abs(np.asarray(r) - (ap + bp)), 3 * ulp + 1e-30)  # products + sum
+    _, synced = fn(state, batch, None)
+    frozen_fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
+                                          sc=train.StepConfig("dpo", frozen_reference=True)))  # fmt: skip
+    _, frozen = frozen_fn(state.replace(reference=None), batch, state.reference)
+    assert float(synced["loss"]) == pytest.approx(float(frozen["loss"]), rel=1e-6)
+    assert float(synced["loss"]) != pytest.approx(float(fn(state.replace(reference=params), batch, None)[1]["loss"]))
