@@ -263,7 +263,7 @@ def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx
         mixed = jax.tree.map(lambda p, r: hp.ref_mixup_alpha * p + (1.0 - hp.ref_mixup_alpha) * r, params, reference)
         reference = jax.tree.map(lambda m, r: jnp.where(sync, m, r), mixed, reference)
     moments = state.moments
-    if moments is not None:  # micro-batch means are share-weighted: their sum is the whole batch's mean reward
+    if moments is not None and "bco/batch_reward" in metrics:  # share-weighted micro-batch means sum to the batch's
         moments = keep(update_running_moments(moments, metrics["bco/batch_reward"]), moments)
     new_state = state.replace(
         step=state.step + 1,
@@ -393,7 +393,7 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
     """Train the K members of one stage together, with checkpoints and resume; returns their [K] parameters."""
     members, k_members = stage.members, len(stage.members)
     tx = make_optimizer(stage.optim, stage.steps)
-    running = stage.sc.stage == "dpo" and stage.sc.bco_delta == "running"
+    running = stage.sc.bco_delta == "running" and "bco_pair" in stage.sc.loss_types
     sync = stage.sc.stage == "dpo" and stage.sc.sync_reference  # the reference starts as the initial policy
     one = jax.eval_shape(lambda p: init_state(p, tx, members[0].hparams, 0, running, p if sync else None), init_params)
     one_shardings = sharding.tree_shardings(one, mesh)
