@@ -302,27 +302,25 @@ def _pairs(vocab, n=6, seed=0):
 
 
 def _trl_case(graphdef, params, ref_params, pairs):
-    """TRL's inputs: each prompt + completion alone through the model's full logits (NumPy log-softmax)."""
+    """TRL's inputs: each prompt + completion alone through the model's full logits (NumPy log-softmax); the
+    sequences run as one right-padded batch (causal attention: padding after a sequence cannot change it)."""
     from flax import nnx
 
-    width = max(len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs)
     n = len(pairs)
-    case = {k: np.zeros((2 * n, width - 1)) for k in ("policy", "reference", "log_sum_sq")}
-    case["mask"] = np.zeros((2 * n, width), np.int64)
-    for side in range(2):
-        for i, p in enumerate(pairs):
-            row = side * n + i
-            seq = np.concatenate([p.prompt, (p.chosen, p.rejected)[side]]).astype(np.int32)
-            case["mask"][row, len(p.prompt) : len(seq)] = 1
-            for key, prm in (("policy", params), ("reference", ref_params)):
-                logits = np.asarray(nnx.merge(graphdef, prm)(jnp.asarray(seq[None])).logits_BxTxV[0], np.float64)
-                logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-                for t in range(len(seq) - 1):
-                    case[key][row, t] = logp[t, seq[t + 1]]
-                    if key == "policy":
-                        case["log_sum_sq"][row, t] = np.logaddexp.reduce(2 * logp[t])
-    case["policy"] *= case["mask"][:, 1:]
-    case["reference"] *= case["mask"][:, 1:]
+    seqs = [np.concatenate([p.prompt, (p.chosen, p.rejected)[side]]) for side in range(2) for p in pairs]
+    width = max(len(x) for x in seqs)
+    tokens = np.zeros((2 * n, width), np.int32)
+    case = {"mask": np.zeros((2 * n, width), np.int64)}
+    for row, seq in enumerate(seqs):
+        tokens[row, : len(seq)] = seq
+        case["mask"][row, len(pairs[row % n].prompt) : len(seq)] = 1
+    for key, prm in (("policy", params), ("reference", ref_params)):
+        logits = np.asarray(jax.jit(lambda p: nnx.merge(graphdef, p)(jnp.asarray(tokens)).logits_BxTxV)(prm))
+        logp = logits.astype(np.float64)
+        logp = logp - np.logaddexp.reduce(logp, axis=-1, keepdims=True)
+        case[key] = np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0] * case["mask"][:, 1:]
+        if key == "policy":
+            case["log_sum_sq"] = np.logaddexp.reduce(2 * logp[:, :-1], axis=-1)
     return case
 
 

@@ -224,13 +224,12 @@ def test_sequential_runs_resume_as_one_population_with_a_loss_mix(sequential, tm
 
 
 def test_new_objectives_in_one_population_equal_their_sequential_runs(sequential, tmp_path):
-    """A traced f-divergence, SimPO's gamma with its NLL term, and LD-DPO's alpha (reference tails cached) in one
-    program give each member's sequential run (the same SFT reference)."""
+    """A traced f-divergence with LD-DPO's alpha (reference tails cached), and SimPO's gamma with its NLL term
+    (reference-free, beside a member with a reference) in one program give each member's sequential run."""
     seq_dir, _, _ = sequential
     members = [
-        {"dpo.f_divergence_type": "js_divergence", "dpo.beta": 0.3},
+        {"dpo.f_divergence_type": "js_divergence", "dpo.beta": 0.3, "dpo.ld_alpha": 0.5},
         {"dpo.loss_type": "simpo+sft", "dpo.loss_weights": (1.0, 0.5), "dpo.simpo_gamma": 0.3, "dpo.beta": 1.0},
-        {"dpo.ld_alpha": 0.5},
     ]
     base = _shared_reference(_base(), seq_dir)
     base.reference.cache_dir = str(tmp_path / "cache")
@@ -238,4 +237,4 @@ def test_new_objectives_in_one_population_equal_their_sequential_runs(sequential
     vec = sweep.run_sweep(SPEC, tmp_path / "vec", base=base, members=members, mode="vectorized",
                           devices=jax.devices()[:1])  # fmt: skip
     _assert_members_equal(tmp_path / "seq", seq, tmp_path / "vec", vec)
-    assert len({r["eval/loss"] for r in seq}) == 3
+    assert len({r["eval/loss"] for r in seq}) == 2
