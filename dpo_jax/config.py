@@ -188,7 +188,8 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
     _check(d.bco_delta in ("zero", "batch", "running"), "dpo.bco_delta", "zero | batch | running", d.bco_delta)
     _check("kto" not in types or types == ("kto",), "dpo.loss_type", "'kto' alone (unpaired data)", d.loss_type)
     if "kto" in types:
-        _check(not d.use_soft_targets, "dpo.use_soft_targets", "False with kto (the labels are its targets)", True)
+        _check(not d.use_soft_targets, "dpo.use_soft_targets", "False with kto (the labels are its targets)",
+               d.use_soft_targets)  # fmt: skip
         for key in ("desirable_weight", "undesirable_weight"):
             _check(math.isfinite(d[key]) and d[key] >= 0, f"dpo.{key}", "a number >= 0", d[key])
     sorted_types = [t for t in types if t in BATCH_LOSSES]

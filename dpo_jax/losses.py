@@ -446,18 +446,17 @@ def preference_loss(
 
     sc, sr = (f_divergence_scores(x, f_divergence_type, f_alpha_divergence_coef) for x in (c, r))
     lc, lr = lengths.get("chosen_lengths", 1.0), lengths.get("rejected_lengths", 1.0)  # none given: sums
-    inputs = {}  # per type: what it is a function of (TRL's conventions)
-    for t in types:
+
+    def operands(t):  # what each type is a function of (TRL's conventions)
         if t in _ON_SCORES:
-            inputs[t] = (sc, sr)
-        elif t in _ON_MEAN_SCORES:
-            inputs[t] = (sc / lc, sr / lr)
-        elif t in _ON_POLICY:
-            inputs[t] = (pc, pr)
-        elif t in _ON_MEAN_POLICY:
-            inputs[t] = (pc / lc, pr / lr)
-        else:
-            inputs[t] = (c, r)
+            return sc, sr
+        if t in _ON_MEAN_SCORES:
+            return sc / lc, sr / lr
+        if t in _ON_POLICY:
+            return pc, pr
+        if t in _ON_MEAN_POLICY:
+            return pc / lc, pr / lr
+        return c, r
 
     q_flip = (1.0 - eps) * p + eps * (1.0 - p)
     losses_B = jnp.zeros_like(pc)
@@ -471,7 +470,7 @@ def preference_loss(
         elif t == "aot_unpaired":
             per_type = _aot_losses(c, r, beta, eps, m)
         else:
-            fn, (x, y) = PAIR_LOSSES[t], inputs[t]
+            fn, (x, y) = PAIR_LOSSES[t], operands(t)
             q = p if t in _NATIVE_SMOOTHING else q_flip
             won, lost = fn(x, y, coefs), fn(y, x, coefs)
             # hard labels pick one side exactly (0 * inf would make an overflowing loss nan instead of inf)

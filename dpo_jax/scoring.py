@@ -95,8 +95,8 @@ def pair_values(batch: dict, key: str) -> jax.Array:
 def pair_logps(graphdef, params, batch: dict, **head):
     """Summed completion log-probs and token counts, each [G * P, 2] (chosen, rejected; rejected is empty in a
     chosen-only SFT batch), via the scored-token LM head."""
-    logps_ZxS = token_logps(graphdef, params, batch, **head)
-    return sequence_sums(logps_ZxS, batch), sequence_sums(batch["score_mask"].astype(jnp.float32), batch)
+    stats = pair_stats(graphdef, params, batch, **head)
+    return stats["logps"], stats["counts"]
 
 
 def pair_stats(graphdef, params, batch: dict, *, tails=False, wpo=False, **head) -> dict:

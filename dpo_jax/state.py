@@ -34,9 +34,9 @@ class HParams:
     uses_reference: jax.Array  # 0 for a reference-free member (policy-only types, or dpo.reference_free): its
     # rewards are beta * log pi alone, in a population with a reference as when it runs alone
     desirable_weight: jax.Array  # KTO
+    undesirable_weight: jax.Array
     ref_mixup_alpha: jax.Array  # TR-DPO: reference <- alpha * policy + (1 - alpha) * reference ...
     ref_sync_steps: jax.Array  # ... every this many steps (reference.sync)
-    undesirable_weight: jax.Array
 
     @classmethod
     def from_config(cls, cfg, types: tuple[str, ...] | None = None, peak_lr: float | None = None) -> HParams:

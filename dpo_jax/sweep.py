@@ -192,7 +192,18 @@ def write_summary(rows: list[dict], swept: list[str], workdir: Path) -> None:
         plot_members(rows, swept, workdir / "sweep.png")
 
 
-def _plot_categorical(rows, panels, axes, plt) -> None:
+def _reward_vs_kl_frame(ax, rows, title: str) -> None:
+    """The reward-vs-KL panel's reference line, title and axes."""
+    ref = next((r["reference/reward"] for r in rows if isinstance(r.get("reference/reward"), float)), None)
+    if ref is not None:
+        ax.axhline(ref, color="gray", ls="--", label="reference")
+        ax.legend(fontsize=7)
+    ax.set_title(title)
+    ax.set_xlabel("sampled KL(pi || pi_ref)")
+    ax.grid(alpha=0.3)
+
+
+def _plot_categorical(rows, panels, axes) -> None:
     """One point per member (±2 s.e. where logged), labelled by the member's name; reward vs KL annotated."""
     names = [str(r["member"]).replace("loss_type=", "") for r in rows]
     for ax, (key, title) in zip(axes, panels, strict=False):
@@ -210,17 +221,36 @@ def _plot_categorical(rows, panels, axes, plt) -> None:
                         yerr=2 * r.get("eval/reward_se", 0.0), fmt="o", capsize=2)  # fmt: skip
             ax.annotate(name, (r["eval/kl_sampled"], r["eval/reward"]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
-    ref = next((r["reference/reward"] for r in rows if isinstance(r.get("reference/reward"), float)), None)
-    if ref is not None:
-        ax.axhline(ref, color="gray", ls="--", label="reference")
-        ax.legend(fontsize=7)
-    ax.set_title("reward vs KL (±2 s.e.)")
-    ax.set_xlabel("sampled KL(pi || pi_ref)")
-    ax.grid(alpha=0.3)
+    _reward_vs_kl_frame(ax, rows, "reward vs KL (±2 s.e.)")
+
+
+def _plot_numeric(rows, panels, axes, x_key, line_key) -> None:
+    """Each panel against the first swept value, one line per value of the second; reward vs KL scattered."""
+    groups: dict[Any, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r.get(line_key) if line_key else None, []).append(r)
+    label = lambda g: f"{line_key.split('.')[-1]}={g}" if line_key else None  # noqa: E731
+    for ax, (key, title) in zip(axes, panels, strict=False):
+        for g, rs in groups.items():
+            pts = sorted((r[x_key], r[key]) for r in rs if isinstance(r.get(key), float))
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=label(g))
+        ax.set_title(title)
+        ax.set_xlabel(x_key)
+        ax.grid(alpha=0.3)
+        if line_key:
+            ax.legend(fontsize=7)
+    ax = axes[-1]
+    for g, rs in groups.items():
+        pts = [(r["eval/kl_sampled"], r["eval/reward"]) for r in rs if isinstance(r.get("eval/reward"), float)]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), label=label(g))
+    _reward_vs_kl_frame(ax, rows, "reward vs KL")
 
 
 def plot_members(rows: list[dict], swept: list[str], path: Path) -> None:
-    """Eval metrics against the first swept value (one line per value of the second), and reward vs KL."""
+    """Eval metrics against the first swept value (one line per value of the second; one point per member when
+    the values are not numbers, e.g. loss types), and reward vs KL."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,39 +264,10 @@ def plot_members(rows: list[dict], swept: list[str], path: Path) -> None:
         ("eval/rewards/margins", "held-out margin"),
     ]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4.2 * (len(panels) + 1), 3.4))
-    if not all(isinstance(r.get(x_key), int | float) for r in rows):  # categorical (e.g. loss types): a point each
-        _plot_categorical(rows, panels, axes, plt)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return
-    groups: dict[Any, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(r.get(line_key) if line_key else None, []).append(r)
-    for ax, (key, title) in zip(axes, panels, strict=False):
-        for g, rs in groups.items():
-            pts = sorted((r[x_key], r[key]) for r in rs if isinstance(r.get(key), float))
-            if pts and all(isinstance(p[0], int | float) for p in pts):
-                ax.plot(
-                    *zip(*pts, strict=True), marker="o", label=f"{line_key.split('.')[-1]}={g}" if line_key else None
-                )
-        ax.set_title(title)
-        ax.set_xlabel(x_key)
-        ax.grid(alpha=0.3)
-        if line_key:
-            ax.legend(fontsize=7)
-    ax = axes[-1]
-    for g, rs in groups.items():
-        pts = [(r["eval/kl_sampled"], r["eval/reward"]) for r in rs if isinstance(r.get("eval/reward"), float)]
-        if pts:
-            ax.scatter(*zip(*pts, strict=True), label=f"{line_key.split('.')[-1]}={g}" if line_key else None)
-    ref = next((r["reference/reward"] for r in rows if isinstance(r.get("reference/reward"), float)), None)
-    if ref is not None:
-        ax.axhline(ref, color="gray", ls="--", label="reference")
-        ax.legend(fontsize=7)
-    ax.set_title("reward vs KL")
-    ax.set_xlabel("sampled KL(pi || pi_ref)")
-    ax.grid(alpha=0.3)
+    if all(isinstance(r.get(x_key), int | float) for r in rows):
+        _plot_numeric(rows, panels, axes, x_key, line_key)
+    else:
+        _plot_categorical(rows, panels, axes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -394,7 +394,7 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
     members, k_members = stage.members, len(stage.members)
     tx = make_optimizer(stage.optim, stage.steps)
     running = stage.sc.bco_delta == "running" and "bco_pair" in stage.sc.loss_types
-    sync = stage.sc.stage == "dpo" and stage.sc.sync_reference  # the reference starts as the initial policy
+    sync = stage.sc.sync_reference  # TR-DPO: the member's reference starts as the initial policy
     one = jax.eval_shape(lambda p: init_state(p, tx, members[0].hparams, 0, running, p if sync else None), init_params)
     one_shardings = sharding.tree_shardings(one, mesh)
     population = jax.tree.map(lambda x: jax.ShapeDtypeStruct((k_members, *x.shape), x.dtype), one)
@@ -480,10 +480,10 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
         for m, row in zip(members, rows, strict=True):
             m.writer.write(stage.log_offset + step, row)
         console.write(stage.log_offset + step, rows[0])
+        types = stage.sc.loss_types
         for k, (m, row) in enumerate(zip(members, rows, strict=True)):
-            if m.warnings or not float(m.hparams.uses_reference) or "kto" in stage.sc.loss_types:
+            if m.warnings or not float(m.hparams.uses_reference) or "kto" in types:
                 continue  # once per run; reference-free and KTO members have no such reference point
-            types = stage.sc.loss_types
             sft = float(m.hparams.loss_weights[types.index("sft")]) if "sft" in types else 0.0
             warning = falling_chosen({**row, "step": stage.log_offset + step}, sft_weight=sft)
             if warning:
@@ -732,12 +732,12 @@ def make_mesh(cfg, devices, num_members: int = 1):
     return sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices, member=size)
 
 
-def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, num_members: int = 1, cfgs=None) -> Job:
+def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfgs=None) -> Job:
     """Data, tokenizer, model, the SFT stage (if configured) and the reference log-probs (of all members ``cfgs``,
     default ``[cfg]``: cached when one of them reads the reference, with tails when one uses LD-DPO)."""
     notes = notes or Notes()
     cfgs = cfgs or [cfg]
-    mesh = make_mesh(cfg, devices, num_members)
+    mesh = make_mesh(cfg, devices, len(cfgs))
     validate(cfg, num_devices=len(devices), members=mesh.shape["member"])
     tokenizer, paths = prepare_data(cfg, workdir)
     d = cfg.data
@@ -960,7 +960,7 @@ def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None) 
         notes = Notes()
         writers = [make_writer(c, wd) for c, wd in zip(cfgs, workdirs, strict=True)]
         try:
-            job = prepare(cfg, workdirs[0], devices, writers[0], notes, num_members=len(cfgs), cfgs=cfgs)
+            job = prepare(cfg, workdirs[0], devices, writers[0], notes, cfgs=cfgs)
             evaluator = job.evaluator(cfgs)
             stage = job.dpo_stage(cfgs, workdirs, writers, evaluator)
             params = job.run(stage, init_params=job.reference_params)
