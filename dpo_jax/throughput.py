@@ -15,7 +15,6 @@ import functools
 import time
 
 import jax
-import jax.numpy as jnp
 
 # Dense peak FLOP/s per device (bf16 without sparsity), from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -32,10 +31,10 @@ PEAK_FLOPS = {
 
 
 @functools.cache
-def measured_matmul_peak(n: int = 2048, repeats: int = 12) -> float:
-    """FLOP/s of the best of ``repeats`` float32 [n, n] @ [n, n] matmuls on the first device (all its threads),
-    after a warm-up; the best, since a shared host only ever slows a matmul down."""
-    x = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices()[0])
+def measured_matmul_peak(n: int = 2048, repeats: int = 12, dtype: str = "float32") -> float:
+    """FLOP/s of the best of ``repeats`` [n, n] @ [n, n] matmuls in ``dtype`` on the first device (all its
+    threads), after a warm-up; the best, since a shared host only ever slows a matmul down."""
+    x = jax.device_put(jax.random.normal(jax.random.key(0), (n, n), dtype), jax.devices()[0])
     f = jax.jit(lambda a: a @ a)
     for _ in range(3):
         f(x).block_until_ready()
@@ -67,6 +66,12 @@ def model_counts(model_cfg, matmul_params: int) -> dict:
         "head": head,
         "attn": model_cfg.num_layers * model_cfg.num_heads * model_cfg.head_dim,
     }
+
+
+def attention_cost(counts: dict) -> float:
+    """A (query, key) slot's forward FLOPs relative to a token's, 4 L H E / (2 N_trunk + N_head) (the head on
+    about half the tokens): how much a packed row's length costs beyond its tokens (``Layout.attention_cost``)."""
+    return 4 * counts["attn"] / (2 * counts["trunk"] + counts["head"])
 
 
 def step_flops(counts: dict, stats: dict, *, frozen_reference: bool = False) -> float:

@@ -618,9 +618,9 @@ def check_data(cfg, paths, reports, pairs, stats, notes: Notes) -> None:
             )
 
 
-def make_layout(cfg, mesh, *, sides: int = 2, accum: int = 1) -> Layout:
+def make_layout(cfg, mesh, *, sides: int = 2, accum: int = 1, counts: dict | None = None) -> Layout:
     """The batch layout the config asks for; packed batches hold a multiple of (data-parallel devices x accum)
-    rows."""
+    rows; ``counts`` (``throughput.model_counts``) weighs attention in the row length chosen from the data."""
     d = cfg.data
     return Layout(
         kind="packed" if d.packing else "padded",
@@ -630,6 +630,7 @@ def make_layout(cfg, mesh, *, sides: int = 2, accum: int = 1) -> Layout:
         scored_only=cfg.logprobs.scored_only,
         sides=sides,
         row_multiple=sharding.data_parallel_size(mesh) * accum,
+        attention_cost=throughput.attention_cost(counts) if counts else 0.0,
     )
 
 
@@ -701,7 +702,8 @@ class Job:
 
     def dpo_stage(self, cfgs, workdirs, writers, evaluator) -> Stage:
         cfg, sc = cfgs[0], self.step_config(cfgs)
-        kw = {**self.loader_kw, "layout": make_layout(cfg, self.mesh, accum=cfg.optim.grad_accum)}
+        counts = throughput.model_counts(self.model_config, self.matmul_params)
+        kw = {**self.loader_kw, "layout": make_layout(cfg, self.mesh, accum=cfg.optim.grad_accum, counts=counts)}
         members = [
             Member(
                 HParams.from_config(c, sc.loss_types, cfg.optim.learning_rate),
@@ -790,8 +792,9 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfg
     n_params, matmul_params = scoring.count_matmul_params(model)
     params = jax.device_put(params, sharding.param_shardings(params, mesh))
     index, count = sharding.batch_slice(mesh)
-    loader_kw = dict(layout=make_layout(cfg, mesh), pad_id=tokenizer.pad_token_id or 0, process_index=index,
-                     process_count=count)  # fmt: skip
+    counts = throughput.model_counts(model.config, matmul_params)
+    layout = make_layout(cfg, mesh, counts=counts)
+    loader_kw = dict(layout=layout, pad_id=tokenizer.pad_token_id or 0, process_index=index, process_count=count)
     chunks = head_options(cfg)
     run = functools.partial(
         run_stage, cfg=cfg, graphdef=graphdef, mesh=mesh, model_cfg=model.config, matmul_params=matmul_params
@@ -805,9 +808,8 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfg
                 f"too few valid rows in {paths['sft']}: {len(sft_pairs)}; one batch needs sft.batch_size="
                 f"{cfg.sft.batch_size}: add rows or lower sft.batch_size"
             )
-        sft_loader = PreferenceLoader(
-            sft_pairs, cfg.sft.batch_size, seed=cfg.seed, **{**loader_kw, "layout": make_layout(cfg, mesh, sides=1)}
-        )
+        sft_kw = {**loader_kw, "layout": make_layout(cfg, mesh, sides=1, counts=counts)}
+        sft_loader = PreferenceLoader(sft_pairs, cfg.sft.batch_size, seed=cfg.seed, **sft_kw)
         ckpt = stage_checkpointer(cfg, workdir, "sft")
         sft_hparams = HParams.from_config(cfg, ("sigmoid",))  # unused by SFT; one shape for every member's stage
         sft_member = Member(sft_hparams, cfg.seed, sft_loader, ckpt, writer)

@@ -82,14 +82,14 @@ def main(argv=None):
         tok_cfg = TokenizeConfig(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
         pairs, _ = tokenize_examples(examples, tok, tok_cfg)
         prep = len(pairs) / (time.perf_counter() - t0)
-    loader = PreferenceLoader(pairs, batch, layout=train.make_layout(cfg, make_mesh(devices=jax.devices()[:1])))
     mesh = make_mesh(devices=jax.devices()[:1])
     model = train.build_model(cfg, tok)
     graphdef, params = nnx.split(model)
     _, matmul = scoring.count_matmul_params(model)
+    counts = throughput.model_counts(model.config, matmul)
+    loader = PreferenceLoader(pairs, batch, layout=train.make_layout(cfg, mesh, counts=counts))
     length = loader.batch(0)["tokens"].shape[-1]
     peak, _ = throughput.peak_flops(cfg.peak_flops)
-    counts = throughput.model_counts(model.config, matmul)
 
     print(
         f"backend {jax.default_backend()}, {len(pairs)} pairs, batch {batch} pairs ({loader.describe()}, rows of "

@@ -11,15 +11,20 @@ token ids (a reference forward every step, dynamic padding: its defaults), float
 Cases: ``32k`` (the issue's 19M Llama: vocab 32,000, hidden 256, 4 layers, GQA 4/2, untied; 8 pairs of ~30 prompt
 + ~40 completion tokens), ``128k`` (vocab 128,256, hidden 512), ``long`` (the 32k model, ~512 prompt / ~64
 completion tokens). Steady-state figures: every batch shape is compiled before the timed pass. MFU counts real
-tokens only (``dpo_jax.throughput``) against this host's measured float32 matmul peak.
+tokens only (``dpo_jax.throughput``): on CPU against this host's measured float32 matmul peak; on an accelerator
+against its data-sheet dense bf16 peak (the measured matmul peak in the run's dtype is printed beside it).
+On a GPU, ``--dtype bfloat16`` computes in bf16 (float32 parameters and optimizer; TRL: ``bf16=True`` autocast),
+and larger batches (``--batch 64``) are what such a device needs.
 
     python experiments/throughput.py                      # all cases
     python experiments/throughput.py --cases 32k --steps 10
+    python experiments/throughput.py --cases 32k,long --batch 64 --dtype bfloat16     # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import tempfile
 import time
@@ -65,6 +70,7 @@ def make_pairs(case: dict, n: int, seed: int = 0) -> list[TokenizedPair]:
 
 def model_config(case: dict) -> ModelConfig:
     return ModelConfig(
+        dtype=case.get("dtype", "float32"),
         scan_layers=case.get("scan_layers", True),
         vocab_size=case["vocab"], hidden_size=case["hidden"], intermediate_size=case["ffn"],
         num_layers=case["layers"], num_heads=case["heads"], num_kv_heads=case["kv"], rms_norm_eps=1e-5,
@@ -73,6 +79,7 @@ def model_config(case: dict) -> ModelConfig:
 
 
 def time_layout(graphdef, params, pairs, batch, steps, layout, max_logits_mb, counts, peak) -> dict:
+    layout = dataclasses.replace(layout, attention_cost=throughput.attention_cost(counts))  # as train.make_layout
     loader = PreferenceLoader(pairs, batch, seed=0, layout=layout)
     batches = []
     for _, b in loader.iterate(0, steps):
@@ -151,18 +158,26 @@ def trl_run(graphdef, params, mc: ModelConfig, pairs, batch, steps, counts, peak
 
     class Clock(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             times.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as out:
         args = trl.DPOConfig(
             output_dir=out, per_device_train_batch_size=batch, max_steps=steps + 3, learning_rate=1e-5,
-            report_to="none", logging_steps=1000, save_strategy="no", use_cpu=True, bf16=False, fp16=False,
+            report_to="none", logging_steps=1000, save_strategy="no", use_cpu=jax.default_backend() == "cpu",
+            bf16=mc.dtype == "bfloat16", fp16=False,
             max_length=None, dataloader_num_workers=0, beta=0.1, seed=0,
         )  # fmt: skip
         trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[Clock()])
         trainer.train()
+        device = trainer.model.device
+    gaps = np.diff(times)[2:]  # the first steps warm up
+    print(f"  TRL on {device}: step times {', '.join(f'{g * 1e3:.0f}' for g in gaps)} ms", flush=True)
     folder.cleanup()
-    dt = (times[-1] - times[2]) / (len(times) - 3)  # the first steps warm up
+    # The median step: TRL's dynamic padding meets new shapes now and then (a slow step on a GPU, as a new shape
+    # is a compile for us; ours are all compiled before timing), so the median is the fair steady state.
+    dt = float(np.median(gaps))
     # TRL runs the policy on prompt + chosen and prompt + rejected and a reference forward on both: the unshared
     # layout's real tokens, plus the reference's forward.
     lay = Layout(share_prompt=False, row_length=4096)
@@ -186,13 +201,19 @@ def run_case(name: str, steps: int, batch: int, with_trl: bool) -> list[tuple[st
     n_params = sum(x.size for x in jax.tree.leaves(params))
     matmul = n_params - mc.vocab_size * mc.hidden_size  # the embedding lookup is free; the (untied) head is not
     counts = throughput.model_counts(mc, matmul)
-    peak = throughput.measured_matmul_peak()
+    if jax.default_backend() == "cpu":
+        peak = throughput.measured_matmul_peak()
+        peak_note = "measured float32 matmul"
+    else:
+        peak, source = throughput.peak_flops()
+        measured = throughput.measured_matmul_peak(8192, dtype=mc.dtype)
+        peak_note = f"{source}; measured {mc.dtype} 8192^3 matmul: {measured / 1e12:.0f} TFLOP/s"
     pairs = make_pairs(case, batch * steps * 2)
     mean = np.mean([len(p.prompt) for p in pairs]), np.mean([len(p.chosen) + len(p.rejected) for p in pairs]) / 2
     print(
         f"\n## {name}: {n_params / 1e6:.1f}M params (vocab {mc.vocab_size}, hidden {mc.hidden_size}, "
         f"{mc.num_layers} layers), {batch} pairs/step of ~{mean[0]:.0f} prompt + ~{mean[1]:.0f} completion tokens, "
-        f"{steps} timed steps; peak {peak / 1e9:.0f} GFLOP/s (measured float32 matmul)",
+        f"{steps} timed steps, {mc.dtype}; peak {peak / 1e9:.0f} GFLOP/s ({peak_note})",
         flush=True,
     )
     rows = []
@@ -238,12 +259,13 @@ def main(argv=None):
     parser.add_argument("--no-trl", action="store_true")
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of the layouts")
     parser.add_argument("--unrolled", action="store_true", help="layers unrolled instead of lax.scan")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     args = parser.parse_args(argv)
     for k in set(LAYOUTS) - set(args.layouts.split(",")):
         LAYOUTS.pop(k)
-    if args.unrolled:
-        for c in CASES.values():
-            c["scan_layers"] = False
+    for c in CASES.values():
+        c["scan_layers"] = not args.unrolled
+        c["dtype"] = args.dtype
     print(f"backend {jax.default_backend()}, {jax.device_count()} device(s): {jax.devices()[0].device_kind}")
     for name in args.cases.split(","):
         run_case(name, args.steps, args.batch, not args.no_trl)

@@ -69,7 +69,7 @@ class PreferenceLoader:
         self.row_length = 0
         if lay.kind == "packed":
             self.row_length = lay.row_length or packing.auto_row_length(
-                self._units, min(g, n), self._multiple, self.seed
+                self._units, min(g, n), self._multiple, self.seed, lay.attention_cost
             )
             if longest > self.row_length:
                 raise packing.DataError(

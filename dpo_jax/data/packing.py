@@ -52,6 +52,9 @@ class Layout:
     scored_only: bool = True  # False: the LM head runs on every slot (the old cost; for comparison)
     sides: int = 2  # 2 = chosen and rejected; 1 = chosen only (SFT)
     row_multiple: int = 1  # a packed batch's G is a multiple of this (data-parallel devices x grad_accum)
+    # packed, row_length 0: the cost of one (query, key) slot of a row's attention relative to a token's (the model
+    # computes every slot of a row, so long rows of many short pairs pay for attention across pairs)
+    attention_cost: float = 0.0
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -115,18 +118,22 @@ def pack_rows(lengths: Sequence[int], row_length: int) -> list[list[int]]:
     return rows
 
 
-def auto_row_length(lengths: np.ndarray, batch_size: int, row_multiple: int, seed: int = 0) -> int:
-    """The packed row length with the best packing efficiency on sample batches of the data (ties: the shortest,
-    since attention costs grow with the row)."""
+def auto_row_length(
+    lengths: np.ndarray, batch_size: int, row_multiple: int, seed: int = 0, attention_cost: float = 0.0
+) -> int:
+    """The packed row length of least cost on sample batches of the data: rows x T x (1 + attention_cost x T),
+    the tokens' work plus the attention every slot of a row pays (ties within 2%: the shortest). With
+    ``attention_cost`` 0, the best packing efficiency."""
     longest = int(lengths.max())
     rng = np.random.default_rng(seed)
     samples = [rng.choice(lengths, size=min(batch_size, len(lengths)), replace=False) for _ in range(16)]
-    best, best_eff = 0, -1.0
+    best, best_cost = 0, float("inf")
     for factor in (1, 1.5, 2, 3, 4, 6, 8):
         t = -(-int(longest * factor) // 8) * 8
-        eff = np.mean([s.sum() / (round_up(len(pack_rows(list(s), t)), row_multiple) * t) for s in samples])
-        if eff > best_eff * 1.02:
-            best, best_eff = t, eff
+        rows = np.mean([round_up(len(pack_rows(list(s), t)), row_multiple) for s in samples])
+        cost = rows * t * (1 + attention_cost * t)
+        if cost < best_cost * 0.98:
+            best, best_cost = t, cost
     return best
 
 
