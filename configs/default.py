@@ -117,6 +117,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ref_model_mixup_alpha=0.6,
         ref_model_sync_steps=512,
     )
+    c.lora = dict(
+        # rank 0: every parameter trains. rank r > 0: LoRA adapters (nnx.LoRA) on a frozen base; the reference is the
+        # base with the adapters off; the optimizer holds the adapters' moments only. Exports: hf/ (merged) and
+        # adapter/ (PEFT's adapter_config.json + adapter_model.safetensors).
+        rank=0,
+        alpha=16.0,  # scale alpha / rank (PEFT's lora_alpha)
+        targets="all-linear",  # or projection names: "q_proj,v_proj" (q k v o gate up down _proj)
+        base_dtype="float32",  # float32 | bfloat16: how the frozen base is stored (adapters train in float32)
+    )
     # member: devices groups a population's members are split over (0: as many as divide the members and devices;
     # a plain run is one member). Within a group: data, fsdp, tensor (-1: all remaining devices).
     c.mesh = dict(member=0, data=-1, fsdp=1, tensor=1)

@@ -16,6 +16,7 @@ from pathlib import Path
 import ml_collections
 
 from dpo_jax.errors import UserError
+from dpo_jax.lora import targets as lora_targets
 from dpo_jax.losses import BATCH_LOSSES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES, POLICY_ONLY
 from dpo_jax.models.config import REMAT_POLICIES
 
@@ -163,6 +164,15 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
     weights = tuple(cfg.dpo.loss_weights)
     _check(not weights or len(weights) == len(types), "dpo.loss_weights", f"() or {len(types)} weights", weights)
     _check(math.isfinite(cfg.dpo.beta) and cfg.dpo.beta > 0, "dpo.beta", "a number > 0", cfg.dpo.beta)
+    lo = cfg.lora
+    _check(isinstance(lo.rank, int) and lo.rank >= 0, "lora.rank", "an integer >= 0 (0: no adapters)", lo.rank)
+    if lo.rank:
+        _check(math.isfinite(lo.alpha) and lo.alpha > 0, "lora.alpha", "a number > 0", lo.alpha)
+        try:
+            lora_targets(lo.targets)
+        except ValueError as e:
+            _check(False, "lora.targets", str(e), lo.targets)
+        _check(lo.base_dtype in ("float32", "bfloat16"), "lora.base_dtype", "float32 | bfloat16", lo.base_dtype)
     r = cfg.reference
     if r.sync:
         _check(r.mode == "frozen", "reference.sync", "False with reference.mode='cached' (a cached reference cannot "

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dpo_jax import reference, sampling, scoring, signals
+from dpo_jax import lora, reference, sampling, scoring, signals
 from dpo_jax.data import PreferenceLoader, to_global
 from dpo_jax.errors import NonFiniteLoss
 from dpo_jax.logging import read_jsonl
@@ -51,16 +51,19 @@ class Evaluator:
         loader_kw,
         sc,
         reward_fn=None,
+        base=None,
     ):
         from dpo_jax.train import pair_losses, reference_logps
 
         self.cfg, self.graphdef, self.reference, self.mesh = cfg, graphdef, reference_params, mesh
+        self.base = base  # LoRA: members' params are adapters on this frozen base
         self.tokenizer, self.reward_fn, self.ref_eval = tokenizer, reward_fn, ref_eval
         self.loader = PreferenceLoader(eval_pairs, cfg.eval.batch_size, shuffle=False, drop_last=False, **loader_kw)
         self.last: list[dict] = []
         cached = ref_eval is not None
 
-        def pref(params, hparams, batch, ref_params):
+        def pref(params, hparams, batch, ref_params, base):
+            params = params if base is None else lora.compose(params, base)
             stats = scoring.pair_stats(graphdef, params, batch, tails=sc.ld, wpo=sc.wpo, **sc.head)
             ref = reference_logps(graphdef, batch, ref_params, hparams, sc, cached=cached)
             losses, metrics = pair_losses(stats, ref, batch, hparams, sc)
@@ -74,7 +77,7 @@ class Evaluator:
             sums.update(loss=jnp.sum(losses * valid), n=n, kl=jnp.sum(kl * valid), kl_tokens=jnp.sum(kl_tokens * valid))
             return sums
 
-        self._pref = jax.jit(jax.vmap(pref, in_axes=(0, 0, None, None)), out_shardings=replicated(mesh))
+        self._pref = jax.jit(jax.vmap(pref, in_axes=(0, 0, None, None, None)), out_shardings=replicated(mesh))
         self._ref_logps = jax.jit(functools.partial(scoring.sample_logps, graphdef))
         # KTO's examples (dpo_jax.data.kto) start with one per pair, in order: the prompts are those of the pairs
         prompt_pairs = eval_pairs[: len(eval_examples)]
@@ -109,7 +112,9 @@ class Evaluator:
             signals.check("during eval")
             if self.ref_eval is not None:
                 reference.attach(batch, self.ref_eval)
-            sums = jax.device_get(self._pref(params_K, hparams_K, to_global(batch, self.mesh), self.reference))
+            sums = jax.device_get(
+                self._pref(params_K, hparams_K, to_global(batch, self.mesh), self.reference, self.base)
+            )
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
         batches.close()
@@ -163,11 +168,16 @@ class Evaluator:
             res.update({f"{prefix}reward": rewards.mean(), f"{prefix}reward_se": rewards.std(ddof=1) / np.sqrt(n)})
         return {k: float(v) for k, v in res.items()}
 
+    def whole(self, params):
+        return params if self.base is None else lora.compose(params, self.base)
+
     def __call__(self, params_K, hparams_K, step: int) -> list[dict[str, float]]:
         """Every member's eval row."""
         key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed + 1), step)
         rows = self.preference(params_K, hparams_K)
-        self.last = [{**row, **self.sampled(take_member(params_K, k, self.mesh), key)} for k, row in enumerate(rows)]
+        self.last = [
+            {**row, **self.sampled(self.whole(take_member(params_K, k, self.mesh)), key)} for k, row in enumerate(rows)
+        ]
         return self.last
 
     def final(self, params_K, hparams_K, step: int) -> list[dict[str, float]]:
@@ -324,6 +334,11 @@ def write_outputs(cfg, workdir: Path, graphdef, params, tokenizer, summary: dict
         return
     if cfg.export_hf:
         model = nnx.merge(graphdef, jax.device_get(params))
+        if model.config.lora_rank:  # the adapter alone (PEFT's layout), and the merged model below
+            with atomic_dir(workdir / "adapter") as tmp:
+                lora.save_peft(lora.split(nnx.state(model))[0], model.config, tmp, base_model=cfg.model.hf_path)
+            summary["export_adapter"] = str(workdir / "adapter")
+            model = lora.detach(model)
         with atomic_dir(workdir / "hf") as tmp:  # the previous export stays whole until the new one is complete
             hf.save_pretrained(model, tmp, tokenizer)
             (tmp / "generation_config.json").write_text(

@@ -30,6 +30,11 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/bias$", P("tensor")),
     (r"(o_proj|down_proj)/bias$", P(None)),
     (r"(norm|layernorm)/weight$", P(None)),
+    # LoRA adapters (A [in, r], B [r, out]): the in / out axis as the projection's kernel, the rank replicated
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/lora/lora_a$", P("fsdp", None)),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/lora/lora_b$", P(None, "tensor")),
+    (r"(o_proj|down_proj)/lora/lora_a$", P("tensor", None)),
+    (r"(o_proj|down_proj)/lora/lora_b$", P(None, "fsdp")),
 )
 STACKED = re.compile(r"(^|/)layers/")  # parameters with a leading [L] axis
 

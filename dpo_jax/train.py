@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dpo_jax import checkpoint, reference, scoring, sharding, signals, throughput
+from dpo_jax import checkpoint, lora, reference, scoring, sharding, signals, throughput
 from dpo_jax.config import SFT_FIELDS, ConfigError, dpo_seed, loss_types, needs_reference, validate
 from dpo_jax.data import (
     Columns,
@@ -70,6 +70,7 @@ class StepConfig:
     wpo: bool = False  # WPO pair weights
     bco_delta: str = "zero"
     sync_reference: bool = False  # TR-DPO: the state carries a reference mixed with the policy every k steps
+    lora: bool = False  # the state's params are LoRA adapters; the step's frozen argument is the base
 
     @property
     def head(self) -> dict:
@@ -225,14 +226,21 @@ def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx
     """One optimizer step (``sc.grad_accum`` micro-batches); a non-finite loss or gradient leaves the state
     unchanged and records the step in ``nonfinite_step``."""
     totals = batch_totals(batch)
+    # LoRA: the adapters are trained (the gradient reaches nothing else); the base is the frozen argument, and the
+    # reference is the base with the adapters off (no second copy of the weights)
+    whole = functools.partial(lora.compose, base=reference_params) if sc.lora else (lambda p: p)
 
     def micro(batch_m):
         ref = None
         if sc.stage == "dpo":
             cached = not sc.frozen_reference
-            moving = state.reference if sc.sync_reference else reference_params  # TR-DPO: the member's own
+            moving = reference_params
+            if sc.sync_reference:  # TR-DPO: the member's own
+                moving = whole(state.reference)
+            elif sc.lora:
+                moving = whole(lora.off(state.params))
             ref = reference_logps(graphdef, batch_m, moving, state.hparams, sc, cached=cached)
-        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p, *a: objective(whole(p), *a), has_aux=True)
         (loss, metrics), grads = grad_fn(state.params, graphdef, batch_m, ref, state.hparams, sc, totals, state.moments)
         return loss, metrics, grads
 
@@ -344,7 +352,7 @@ class Stage:
     steps: int
     optim: dict  # the optimizer section; its learning rate is the schedule's peak (members scale it)
     members: list[Member]
-    reference_params: Any = None  # frozen mode
+    reference_params: Any = None  # frozen mode; LoRA: the frozen base
     ref_cache: np.ndarray | None = None  # cached mode: [N, 2] sums, or [N, 4] sums and LD-DPO tails
     evaluator: Any = None
     log_offset: int = 0  # logged step = log_offset + stage step (one increasing axis across stages)
@@ -678,6 +686,15 @@ class Job:
     ref_eval: np.ndarray | None
     sft_steps: int
     summary: dict
+    base: Any = None  # LoRA: the frozen base (reference_params is it with the adapters off)
+
+    def initial_params(self):
+        """What a DPO stage trains from: the reference (SFT'd) policy, or its adapters (B zero) in a LoRA run."""
+        return self.reference_params if self.base is None else lora.split(self.reference_params)[0]
+
+    def whole(self, params):
+        """The whole model's state of trained ``params`` (adapters composed with the base in a LoRA run)."""
+        return params if self.base is None else lora.compose(params, self.base)
 
     def step_config(self, cfgs) -> StepConfig:
         """The DPO step of members ``cfgs`` (equal but for what ``HParams`` holds): their loss types' union."""
@@ -686,7 +703,8 @@ class Job:
         return StepConfig(
             "dpo", types, cfg.dpo.use_soft_targets, not any(needs_reference(c) for c in cfgs),
             cfg.reference.mode == "frozen", cfg.optim.grad_accum, ld=any(c.dpo.ld_alpha != 1 for c in cfgs),
-            wpo=cfg.dpo.use_weighting, bco_delta=cfg.dpo.bco_delta, sync_reference=cfg.reference.sync, **self.chunks,
+            wpo=cfg.dpo.use_weighting, bco_delta=cfg.dpo.bco_delta, sync_reference=cfg.reference.sync,
+            lora=self.base is not None, **self.chunks,
         )  # fmt: skip
 
     def evaluator(self, cfgs):
@@ -697,7 +715,7 @@ class Job:
         return Evaluator(
             cfg=cfg, graphdef=self.graphdef, reference_params=self.reference_params, eval_pairs=self.eval_pairs,
             eval_examples=self.eval_examples, ref_eval=self.ref_eval, tokenizer=self.tokenizer, mesh=self.mesh,
-            loader_kw=self.loader_kw, sc=self.step_config(cfgs), reward_fn=reward_fn,
+            loader_kw=self.loader_kw, sc=self.step_config(cfgs), reward_fn=reward_fn, base=self.base,
         )  # fmt: skip
 
     def dpo_stage(self, cfgs, workdirs, writers, evaluator) -> Stage:
@@ -715,6 +733,8 @@ class Job:
             for c, wd, w in zip(cfgs, workdirs, writers, strict=True)
         ]
         frozen = self.reference_params if sc.frozen_reference and not sc.sync_reference else None  # TR-DPO: in state
+        if self.base is not None:
+            frozen = self.base  # LoRA: every step composes the policy (and the reference) from it
         return Stage(
             "dpo", sc, cfg.optim.steps, dict(cfg.optim), members, frozen, self.ref_train, evaluator, self.sft_steps
         )
@@ -783,6 +803,9 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfg
         notes.warn(f"dpo.loss_weights {tuple(cfg.dpo.loss_weights)} has a negative weight: that loss is maximised")
 
     model = build_model(cfg, tokenizer)
+    lo = cfg.lora
+    if lo.rank:  # adapters on the loaded or initialised model: the same function until trained
+        model = lora.attach(model, rank=lo.rank, alpha=lo.alpha, target_names=lora.targets(lo.targets), seed=cfg.seed)
     if d.max_length > model.config.max_position_embeddings:
         notes.warn(
             f"data.max_length={d.max_length} exceeds the model's max_position_embeddings="
@@ -790,7 +813,12 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfg
         )
     graphdef, params = nnx.split(model)
     n_params, matmul_params = scoring.count_matmul_params(model)
+    if lo.rank:
+        params = lora.cast_base(params, lo.base_dtype)
     params = jax.device_put(params, sharding.param_shardings(params, mesh))
+    base = None
+    if lo.rank:  # from here on ``params`` are the adapters; the base is frozen beside them
+        params, base = lora.split(params)
     index, count = sharding.batch_slice(mesh)
     counts = throughput.model_counts(model.config, matmul_params)
     layout = make_layout(cfg, mesh, counts=counts)
@@ -813,10 +841,14 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfg
         ckpt = stage_checkpointer(cfg, workdir, "sft")
         sft_hparams = HParams.from_config(cfg, ("sigmoid",))  # unused by SFT; one shape for every member's stage
         sft_member = Member(sft_hparams, cfg.seed, sft_loader, ckpt, writer)
-        sft = Stage("sft", StepConfig("sft", **chunks), cfg.sft.steps, dict(cfg.sft), [sft_member])
+        sc_sft = StepConfig("sft", **chunks, lora=base is not None)
+        sft = Stage("sft", sc_sft, cfg.sft.steps, dict(cfg.sft), [sft_member], reference_params=base)
         params = sharding.take_member(run(sft, init_params=params), 0, mesh)
+        if base is not None:  # the SFT adapters merged into the base: DPO's reference, adapters off
+            params, base = lora.split(lora.fold(lora.compose(params, base), model.config))
         sft_steps = cfg.sft.steps
-    reference_params = jax.tree.map(jnp.copy, params)  # the reference, kept outside the trained state
+    # the reference, kept outside the trained state; LoRA: the base with the adapters off (the same arrays, no copy)
+    reference_params = jax.tree.map(jnp.copy, params) if base is None else lora.compose(lora.off(params), base)
 
     ref_train = ref_eval = None
     summary["reference/mode"] = cfg.reference.mode
@@ -864,6 +896,7 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfg
         ref_eval,
         sft_steps,
         summary,
+        base,
     )
 
 
@@ -965,7 +998,7 @@ def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None) 
             job = prepare(cfg, workdirs[0], devices, writers[0], notes, cfgs=cfgs)
             evaluator = job.evaluator(cfgs)
             stage = job.dpo_stage(cfgs, workdirs, writers, evaluator)
-            params = job.run(stage, init_params=job.reference_params)
+            params = job.run(stage, init_params=job.initial_params())
             signals.check("after training (the final checkpoint is saved)")
             finals = evaluator.final(params, stack([m.hparams for m in stage.members]), cfg.optim.steps)
         finally:
@@ -981,7 +1014,8 @@ def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None) 
                 summary["warnings"] = notes.items + stage.members[k].warnings
             if changes[k]:
                 summary["resume/changes"] = [f"{n}: {old!r} -> {new!r}" for n, old, new in changes[k]]
-            write_outputs(c, wd, job.graphdef, sharding.take_member(params, k, job.mesh), job.tokenizer, summary)
+            final = job.whole(sharding.take_member(params, k, job.mesh))
+            write_outputs(c, wd, job.graphdef, final, job.tokenizer, summary)
             summaries.append(summary)
         _barrier("outputs")  # process 0 has written every member's summary
     return summaries

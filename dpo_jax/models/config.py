@@ -14,6 +14,9 @@ ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A Llama-family decoder. Parameters are float32; ``dtype`` is the compute dtype."""
@@ -47,6 +50,10 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     scan_layers: bool = True  # lax.scan over layers: compile time independent of depth
     remat: str = "none"  # none | full | dots | dots_no_batch
+    # LoRA adapters (dpo_jax.lora): rank 0 = none; the targets are projection names (q_proj, ..., down_proj)
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -59,6 +66,10 @@ class ModelConfig:
             raise ValueError(f"remat {self.remat!r} is not supported; expected one of {REMAT_POLICIES}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16; got {self.dtype!r}")
+        if self.lora_rank < 0 or (self.lora_rank and not set(self.lora_targets) <= set(LORA_TARGETS)):
+            raise ValueError(
+                f"lora: rank >= 0 and targets among {LORA_TARGETS}; got {self.lora_rank}, {self.lora_targets}"
+            )
         if self.architecture not in ARCHITECTURES:
             raise ValueError(
                 f"architecture {self.architecture!r} is not supported; expected one of {list(ARCHITECTURES)}"

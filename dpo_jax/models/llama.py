@@ -106,13 +106,27 @@ def attention_bias(
 
 
 class Linear(nnx.Module):
-    def __init__(self, d_in: int, d_out: int, *, bias: bool, std: float, rngs: nnx.Rngs):
+    """x W + b, plus (alpha / r) x A B when the config adapts this projection (``nnx.LoRA``: A [in, r] uniform as
+    PEFT's Kaiming init, B [r, out] zeros, so a new adapter changes nothing; its variables are ``nnx.LoRAParam``)."""
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, std: float, rngs: nnx.Rngs, cfg=None, name=""):
         self.kernel = nnx.Param(jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32) * std)
         self.bias = nnx.Param(jnp.zeros((d_out,), jnp.float32)) if bias else None
+        self.lora, self.lora_scale = nnx.data(None), 0.0
+        if cfg is not None and cfg.lora_rank and name in cfg.lora_targets:
+            self.lora = nnx.LoRA(
+                d_in, cfg.lora_rank, d_out, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32, rngs=rngs,
+                a_initializer=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+            )  # fmt: skip
+            self.lora_scale = cfg.lora_alpha / cfg.lora_rank
 
     def __call__(self, x: Array) -> Array:
         y = jnp.dot(x, self.kernel[...].astype(x.dtype))
-        return y + self.bias[...].astype(x.dtype) if self.bias is not None else y
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        if self.lora is not None:
+            y = y + (self.lora(x) * self.lora_scale).astype(x.dtype)
+        return y
 
 
 class RMSNorm(nnx.Module):
@@ -129,10 +143,10 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, k, e, std = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.initializer_range
-        self.q_proj = Linear(d, h * e, bias=cfg.qkv_bias, std=std, rngs=rngs)
-        self.k_proj = Linear(d, k * e, bias=cfg.qkv_bias, std=std, rngs=rngs)
-        self.v_proj = Linear(d, k * e, bias=cfg.qkv_bias, std=std, rngs=rngs)
-        self.o_proj = Linear(h * e, d, bias=cfg.o_bias, std=std, rngs=rngs)
+        self.q_proj = Linear(d, h * e, bias=cfg.qkv_bias, std=std, rngs=rngs, cfg=cfg, name="q_proj")
+        self.k_proj = Linear(d, k * e, bias=cfg.qkv_bias, std=std, rngs=rngs, cfg=cfg, name="k_proj")
+        self.v_proj = Linear(d, k * e, bias=cfg.qkv_bias, std=std, rngs=rngs, cfg=cfg, name="v_proj")
+        self.o_proj = Linear(h * e, d, bias=cfg.o_bias, std=std, rngs=rngs, cfg=cfg, name="o_proj")
         self.shape = (h, k, e)
 
     def __call__(self, x_BxTxD, positions_BxT, bias_Bx1x1xTxS, inv_freq, kv=None):
@@ -159,9 +173,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f, std = cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range
-        self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, std=std, rngs=rngs)
-        self.up_proj = Linear(d, f, bias=cfg.mlp_bias, std=std, rngs=rngs)
-        self.down_proj = Linear(f, d, bias=cfg.mlp_bias, std=std, rngs=rngs)
+        self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, std=std, rngs=rngs, cfg=cfg, name="gate_proj")
+        self.up_proj = Linear(d, f, bias=cfg.mlp_bias, std=std, rngs=rngs, cfg=cfg, name="up_proj")
+        self.down_proj = Linear(f, d, bias=cfg.mlp_bias, std=std, rngs=rngs, cfg=cfg, name="down_proj")
 
     def __call__(self, x_BxTxD):
         return self.down_proj(jax.nn.silu(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))

@@ -1,0 +1,158 @@
+"""LoRA policies: adapters (``nnx.LoRAParam``) on a frozen base, the base with adapters off as the reference.
+
+A LoRA run trains the adapters alone: the train state, its optimizer moments and its checkpoints hold the
+adapter tree; the base is one frozen tree beside it, shared by every member of a population. The reference is
+the base with the adapters off (B = 0, so x A B = 0 exactly): no second copy of the weights. Exports: the merged
+model (W + (alpha / r) A B) as a Hugging Face folder, and the adapter alone in PEFT's layout.
+
+Projections are ``[in, out]`` kernels here, ``[out, in]`` in torch: PEFT's ``lora_A.weight`` [r, in] is A^T and
+``lora_B.weight`` [out, r] is B^T.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from dpo_jax.models.config import LORA_TARGETS, ModelConfig
+
+ALL = "all-linear"  # PEFT's name for every linear projection of the blocks (not the LM head)
+
+
+def targets(value) -> tuple[str, ...]:
+    """``lora.targets`` as projection names: ``"all-linear"``, ``"q_proj,v_proj"`` or a tuple."""
+    if isinstance(value, str):
+        value = LORA_TARGETS if value == ALL else tuple(t.strip() for t in value.split(",") if t.strip())
+    bad = [t for t in value if t not in LORA_TARGETS]
+    if bad or not value:
+        raise ValueError(f"{ALL!r} or comma-separated names among {', '.join(LORA_TARGETS)}")
+    return tuple(value)
+
+
+def split(params: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """(adapters, base) of a LoRA model's state."""
+    return nnx.split_state(params, nnx.LoRAParam, ...)
+
+
+def compose(adapters, base):
+    """The whole model state from its two parts (no copy: the same arrays)."""
+    return nnx.merge_state(base, adapters)
+
+
+def off(adapters):
+    """Adapters that change nothing: every B zero (the reference's)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if "/lora_b" in _name(path) else x, adapters
+    )
+
+
+def _name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _adapted(pure: dict) -> list[tuple[tuple, dict]]:
+    """(path, the projection's dict) of every adapted projection of a pure-dict state."""
+    found = []
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            if "lora" in node:
+                found.append((prefix, node))
+                return
+            for k, v in node.items():
+                walk(v, (*prefix, k))
+
+    walk(pure, ())
+    return found
+
+
+def fold(params: nnx.State, cfg: ModelConfig) -> nnx.State:
+    """The state with each adapter merged into its kernel (W + (alpha / r) A B, in float32, then the kernel's
+    dtype) and B set to zero: the same function, the adapters off."""
+    pure = nnx.to_pure_dict(params)
+    scale = cfg.lora_alpha / cfg.lora_rank
+    for _, lin in _adapted(pure):
+        a, b = lin["lora"]["lora_a"], lin["lora"]["lora_b"]
+        w = lin["kernel"]
+        delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+        lin["kernel"] = (w.astype(jnp.float32) + delta).astype(w.dtype)
+        lin["lora"]["lora_b"] = jnp.zeros_like(b)
+    out = jax.tree.map(lambda x: x, params)
+    nnx.replace_by_pure_dict(out, pure)
+    return out
+
+
+def cast_base(params: nnx.State, dtype: str) -> nnx.State:
+    """The base's kernels, embeddings and head stored in ``dtype`` (the model casts them to the compute dtype);
+    adapters and norms stay float32."""
+    if dtype == "float32":
+        return params
+    adapters, base = split(params)
+    base = jax.tree_util.tree_map_with_path(
+        lambda path, x: x if "norm" in _name(path) or x.ndim < 2 else x.astype(jnp.dtype(dtype)), base
+    )
+    return compose(adapters, base)
+
+
+def peft_tensors(adapters: nnx.State, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """PEFT's tensor names and torch layout for the adapters of a (non-stacked-member) model."""
+    pure = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), nnx.to_pure_dict(adapters))
+    tensors = {}
+    for path, lin in _adapted(pure):
+        module = ".".join(map(str, path[1:]))  # layers / self_attn / q_proj -> self_attn.q_proj
+        for i in range(cfg.num_layers):
+            prefix = f"base_model.model.model.layers.{i}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(lin["lora"]["lora_a"][i].T)
+            tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(lin["lora"]["lora_b"][i].T)
+    return tensors
+
+
+def save_peft(adapters: nnx.State, cfg: ModelConfig, path, *, base_model: str = "") -> Path:
+    """``adapter_config.json`` + ``adapter_model.safetensors``: what ``peft.PeftModel.from_pretrained`` loads onto
+    the base."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model or None,
+        "r": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(cfg.lora_targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(peft_tensors(adapters, cfg), path / "adapter_model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def attach(model, *, rank: int, alpha: float, target_names, seed: int = 0):
+    """``model`` (a plain ``Decoder``) with new adapters on ``target_names``: the same function until trained.
+    Only the adapters are initialised (the rest of the random init is dead code to XLA)."""
+    from dpo_jax.models.llama import Decoder
+
+    cfg = model.config.replace(lora_rank=rank, lora_alpha=float(alpha), lora_targets=tuple(target_names))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(params=seed))))
+    adapters = jax.jit(lambda: split(nnx.split(Decoder(cfg, rngs=nnx.Rngs(params=seed)))[1])[0])()
+    return nnx.merge(graphdef, compose(adapters, nnx.state(model)))
+
+
+def detach(model):
+    """The plain ``Decoder`` of a LoRA model with the adapters merged into its kernels."""
+    from dpo_jax.models.llama import Decoder
+
+    cfg = model.config.replace(lora_rank=0, lora_targets=())
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, split(fold(nnx.state(model), model.config))[1])

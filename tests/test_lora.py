@@ -1,0 +1,133 @@
+"""LoRA policies (dpo_jax.lora): a new adapter changes nothing; the merged export equals the adapted model in
+``transformers``; ``peft`` loads the exported adapter onto the base with the same logits; shardings cover it."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+from conftest import padded_batch
+from flax import nnx
+from test_hf import our_logits, torch_logits
+from test_train import tiny_config
+
+from dpo_jax import hf, lora, sharding, train
+from dpo_jax.config import ConfigError, validate
+from dpo_jax.data import synthetic
+from dpo_jax.evaluate import read_history
+from dpo_jax.models import ModelConfig, init_decoder
+from dpo_jax.models.config import LORA_TARGETS
+
+
+def adapted(path, targets=LORA_TARGETS, rank=4, alpha=8.0, seed=1):
+    """The checkpoint with adapters whose B is random (as after training), so they change the function."""
+    model, _ = hf.load_pretrained(path)
+    model = lora.attach(model, rank=rank, alpha=alpha, target_names=targets, seed=seed)
+    graphdef, params = nnx.split(model)
+    adapters, base = lora.split(params)
+    keys = iter(jax.random.split(jax.random.key(seed), 64))
+    adapters = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(next(keys), x.shape), adapters)
+    return nnx.merge(graphdef, lora.compose(adapters, base))
+
+
+def test_a_new_adapter_changes_nothing(hf_checkpoint):
+    _, _, path = hf_checkpoint
+    base, _ = hf.load_pretrained(path)
+    model = lora.attach(base, rank=4, alpha=8.0, target_names=LORA_TARGETS, seed=1)
+    adapters, _ = lora.split(nnx.state(model))
+    a = [x for p, x in jax.tree_util.tree_leaves_with_path(adapters) if "lora_a" in jax.tree_util.keystr(p)]
+    assert a and all(float(jnp.abs(x).max()) > 0 for x in a)  # A random, B zero
+    ids, mask = padded_batch()
+    np.testing.assert_array_equal(our_logits(model, ids, mask), our_logits(base, ids, mask))
+
+
+def test_merged_export_equals_the_adapted_model_in_transformers(hf_checkpoint, tmp_path):
+    _, _, path = hf_checkpoint
+    model = adapted(path, LORA_TARGETS)
+    ids, mask = padded_batch()
+    ours = our_logits(model, ids, mask)
+    assert np.abs(ours - our_logits(hf.load_pretrained(path)[0], ids, mask)).max() > 1e-2  # the adapters act
+    hf.save_pretrained(lora.detach(model), tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert np.abs(ours - torch_logits(theirs, ids, mask))[mask.astype(bool)].max() <= 1e-4
+
+
+def test_peft_loads_the_adapter_onto_the_base(hf_checkpoint, tmp_path):
+    import peft
+
+    _, _, path = hf_checkpoint
+    model = adapted(path, ("q_proj", "k_proj", "o_proj", "up_proj", "down_proj"), rank=3, alpha=5.0)
+    adapters, _ = lora.split(nnx.state(model))
+    lora.save_peft(adapters, model.config, tmp_path / "adapter", base_model=str(path))
+    base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert theirs.peft_config["default"].r == 3
+    ids, mask = padded_batch()
+    ours = our_logits(model, ids, mask)
+    assert np.abs(ours - torch_logits(theirs, ids, mask))[mask.astype(bool)].max() <= 1e-4
+
+
+def test_adapter_shardings_follow_their_projection():
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    model = lora.attach(init_decoder(cfg), rank=4, alpha=8.0, target_names=LORA_TARGETS)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    tree = sharding.param_shardings(nnx.state(model), mesh)
+    spec = {sharding._path_str(p): tuple(s.spec) for p, s in jax.tree_util.tree_leaves_with_path(tree)}
+    assert spec["layers/self_attn/q_proj/lora/lora_a"] == (None, "fsdp", None)  # [L, D, r]
+    assert spec["layers/self_attn/q_proj/lora/lora_b"] == (None, None, "tensor")  # [L, r, H E]
+    assert spec["layers/mlp/down_proj/lora/lora_a"] == (None, "tensor", None)  # [L, F, r]
+    assert spec["layers/mlp/down_proj/lora/lora_b"] == (None, None, "fsdp")  # [L, r, D]
+
+
+def _dir_bytes(path):
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def test_lora_run_trains_the_adapters_alone(tmp_path):
+    """A LoRA DPO run (no SFT stage): its reference is the initial model (step-0 eval log-probs equal a full run's),
+    the frozen and cached references give the same run, the export differs from the initial weights only by a
+    rank-r product in the adapted kernels (nothing else moved), and the checkpoints hold the adapters alone."""
+    common = ("sft.steps=0", "optim.steps=10", "eval.every=10", "eval.num_prompts=0", "log_every=5")
+    lo = ("lora.rank=2", 'lora.targets="q_proj,v_proj,down_proj"', "lora.alpha=8.0", "optim.learning_rate=0.03")
+    runs = {}
+    for name, extra in [("full", ()), ("cached", lo), ("frozen", (*lo, 'reference.mode="frozen"'))]:
+        cfg = tiny_config(*common, *extra, cache_dir=tmp_path / "cache")
+        train.train(cfg, tmp_path / name, devices=jax.devices()[:1])
+        runs[name] = read_history(tmp_path / name / "metrics.jsonl")
+    first = {k: next(r for r in h if "eval/loss" in r) for k, h in runs.items()}
+    for key in ("eval/logps/chosen", "eval/logps/rejected"):
+        assert first["cached"][key] == pytest.approx(first["full"][key], rel=1e-6), key
+    losses = {k: [r["train/loss"] for r in h if "train/loss" in r] for k, h in runs.items()}
+    np.testing.assert_allclose(losses["frozen"], losses["cached"], rtol=1e-5)
+    assert losses["cached"][-1] < losses["cached"][0]  # it trains
+
+    initial = train.build_model(cfg, synthetic.build_tokenizer())
+    init = nnx.to_pure_dict(nnx.state(initial))
+    exported = nnx.to_pure_dict(nnx.state(hf.load_pretrained(tmp_path / "cached" / "hf")[0]))
+    flat_init, flat_out = nnx.traversals.flatten_mapping(init), nnx.traversals.flatten_mapping(exported)
+    assert flat_init.keys() == flat_out.keys()
+    for path, before in flat_init.items():
+        after, before = np.asarray(flat_out[path]), np.asarray(before)
+        if path[-1] == "kernel" and path[-2] in ("q_proj", "v_proj", "down_proj"):
+            diff = (after - before).astype(np.float64)
+            assert all(np.linalg.matrix_rank(d, tol=1e-6) == 2 for d in diff), path  # per layer: rank r
+        else:
+            np.testing.assert_array_equal(after, before, err_msg=str(path))
+    adapter = json.loads((tmp_path / "cached" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 2 and adapter["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+    assert _dir_bytes(tmp_path / "cached" / "dpo") < _dir_bytes(tmp_path / "full" / "dpo") / 4
+
+
+def test_lora_config_errors():
+    for field, value, expected in [
+        ("rank", -1, "an integer >= 0"),
+        ("targets", "q_proj,lm_head", "'all-linear' or comma-separated names"),
+        ("base_dtype", "int4", "float32 | bfloat16"),
+    ]:
+        cfg = tiny_config("lora.rank=4")
+        cfg.lora[field] = value
+        with pytest.raises(ConfigError, match=f"config.lora.{field}: expected {expected}"):
+            validate(cfg)
