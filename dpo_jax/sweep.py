@@ -113,6 +113,8 @@ def _sft_key(cfg) -> str:
         for part in field.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         values[field] = node
+    if cfg.lora.rank:  # a LoRA SFT stage trains adapters (keys of full-parameter runs stay as they were)
+        values["lora"] = cfg.lora.to_dict()
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

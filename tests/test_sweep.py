@@ -238,3 +238,17 @@ def test_new_objectives_in_one_population_equal_their_sequential_runs(sequential
                           devices=jax.devices()[:1])  # fmt: skip
     _assert_members_equal(tmp_path / "seq", seq, tmp_path / "vec", vec)
     assert len({r["eval/loss"] for r in seq}) == 2
+
+
+def test_lora_members_in_one_population_equal_their_sequential_runs(tmp_path):
+    """LoRA members (adapters vmapped, one shared frozen base) with different beta and learning rate."""
+    members = [{"dpo.beta": 0.1}, {"dpo.beta": 0.5, "optim.learning_rate": 3e-3}]
+    base = tiny_config(*BASE, "sft.steps=4", "lora.rank=4", 'lora.targets="q_proj,v_proj,up_proj"')
+    base.reference.cache_dir = str(tmp_path / "cache")
+    seq = sweep.run_sweep(SPEC, tmp_path / "seq", base=base, members=members, devices=jax.devices()[:1])
+    vec = sweep.run_sweep(SPEC, tmp_path / "vec", base=base, members=members, mode="vectorized",
+                          devices=jax.devices()[:1])  # fmt: skip
+    _assert_members_equal(tmp_path / "seq", seq, tmp_path / "vec", vec)
+    assert len({r["eval/loss"] for r in seq}) == 2
+    assert all((tmp_path / d / r["member"] / "adapter" / "adapter_model.safetensors").exists()
+               for d in ("seq", "vec") for r in seq)  # fmt: skip
