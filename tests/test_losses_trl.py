@@ -43,6 +43,7 @@ class _Model:
 
     training = True
     is_gradient_checkpointing = False
+    _modules: dict = {}  # no submodules (accelerate walks them when peft is installed, to test for a PeftModel)
 
     def __init__(self, log_probs, log_sum_sq=None):
         self.out = _Out(log_probs, torch.zeros_like(log_probs) if log_sum_sq is None else log_sum_sq)
@@ -373,6 +374,7 @@ class _KTOModel:
 
     training = True
     is_gradient_checkpointing = False
+    _modules: dict = {}  # no submodules (accelerate walks them when peft is installed, to test for a PeftModel)
 
     def __init__(self, main_ids, main, kl):
         self.main_ids, self.main, self.kl = main_ids, _Out(main, None), _Out(kl, None)
