@@ -63,7 +63,7 @@ class Evaluator:
         cached = ref_eval is not None
 
         def pref(params, hparams, batch, ref_params, base):
-            params = params if base is None else lora.compose(params, base)
+            params = lora.whole(params, base)
             stats = scoring.pair_stats(graphdef, params, batch, tails=sc.ld, wpo=sc.wpo, **sc.head)
             ref = reference_logps(graphdef, batch, ref_params, hparams, sc, cached=cached)
             losses, metrics = pair_losses(stats, ref, batch, hparams, sc)
@@ -168,16 +168,12 @@ class Evaluator:
             res.update({f"{prefix}reward": rewards.mean(), f"{prefix}reward_se": rewards.std(ddof=1) / np.sqrt(n)})
         return {k: float(v) for k, v in res.items()}
 
-    def whole(self, params):
-        return params if self.base is None else lora.compose(params, self.base)
-
     def __call__(self, params_K, hparams_K, step: int) -> list[dict[str, float]]:
         """Every member's eval row."""
         key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed + 1), step)
         rows = self.preference(params_K, hparams_K)
-        self.last = [
-            {**row, **self.sampled(self.whole(take_member(params_K, k, self.mesh)), key)} for k, row in enumerate(rows)
-        ]
+        members = (lora.whole(take_member(params_K, k, self.mesh), self.base) for k in range(len(rows)))
+        self.last = [{**row, **self.sampled(params, key)} for row, params in zip(rows, members, strict=True)]
         return self.last
 
     def final(self, params_K, hparams_K, step: int) -> list[dict[str, float]]:

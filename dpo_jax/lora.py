@@ -21,6 +21,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from dpo_jax.models.config import LORA_TARGETS, ModelConfig
+from dpo_jax.sharding import path_str
 
 ALL = "all-linear"  # PEFT's name for every linear projection of the blocks (not the LM head)
 
@@ -45,15 +46,17 @@ def compose(adapters, base):
     return nnx.merge_state(base, adapters)
 
 
+def whole(params, base):
+    """The whole model state of trained ``params``: composed with the frozen ``base`` in a LoRA run (``base``
+    None: ``params`` are the whole model)."""
+    return params if base is None else compose(params, base)
+
+
 def off(adapters):
     """Adapters that change nothing: every B zero (the reference's)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: jnp.zeros_like(x) if "/lora_b" in _name(path) else x, adapters
+        lambda path, x: jnp.zeros_like(x) if path_str(path).endswith("lora_b") else x, adapters
     )
-
-
-def _name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
 def _adapted(pure: dict) -> list[tuple[tuple, dict]]:
@@ -95,7 +98,7 @@ def cast_base(params: nnx.State, dtype: str) -> nnx.State:
         return params
     adapters, base = split(params)
     base = jax.tree_util.tree_map_with_path(
-        lambda path, x: x if "norm" in _name(path) or x.ndim < 2 else x.astype(jnp.dtype(dtype)), base
+        lambda path, x: x if "norm" in path_str(path) or x.ndim < 2 else x.astype(jnp.dtype(dtype)), base
     )
     return compose(adapters, base)
 

@@ -70,7 +70,8 @@ def member_axis_size(num_members: int, num_devices: int, data: int, fsdp: int, t
     return 1
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
+    """A pytree path as "layers/self_attn/q_proj/kernel" (variables' ``value`` keys left out)."""
     keys = []
     for k in path:
         name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
@@ -94,7 +95,7 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
 def param_shardings(tree, mesh: Mesh):
     """``NamedSharding`` for every array leaf of a parameter tree (an ``nnx.State`` or a pure dict)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: NamedSharding(mesh, spec_for(_path_str(path), tuple(x.shape), mesh)), tree
+        lambda path, x: NamedSharding(mesh, spec_for(path_str(path), tuple(x.shape), mesh)), tree
     )
 
 
@@ -104,7 +105,7 @@ def tree_shardings(tree, mesh: Mesh, *, members: bool = False):
     ``members``: the tree has a leading [K] axis, split over ``member`` (replicated if that does not divide K)."""
 
     def one(path, x):
-        p, shape = _path_str(path), tuple(x.shape)
+        p, shape = path_str(path), tuple(x.shape)
         lead = ()
         if members:
             lead, shape = ("member" if shape[0] % mesh.shape["member"] == 0 else None,), shape[1:]

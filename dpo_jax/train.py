@@ -228,7 +228,7 @@ def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx
     totals = batch_totals(batch)
     # LoRA: the adapters are trained (the gradient reaches nothing else); the base is the frozen argument, and the
     # reference is the base with the adapters off (no second copy of the weights)
-    whole = functools.partial(lora.compose, base=reference_params) if sc.lora else (lambda p: p)
+    whole = functools.partial(lora.whole, base=reference_params if sc.lora else None)
 
     def micro(batch_m):
         ref = None
@@ -692,10 +692,6 @@ class Job:
         """What a DPO stage trains from: the reference (SFT'd) policy, or its adapters (B zero) in a LoRA run."""
         return self.reference_params if self.base is None else lora.split(self.reference_params)[0]
 
-    def whole(self, params):
-        """The whole model's state of trained ``params`` (adapters composed with the base in a LoRA run)."""
-        return params if self.base is None else lora.compose(params, self.base)
-
     def step_config(self, cfgs) -> StepConfig:
         """The DPO step of members ``cfgs`` (equal but for what ``HParams`` holds): their loss types' union."""
         cfg = cfgs[0]
@@ -813,12 +809,10 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfg
         )
     graphdef, params = nnx.split(model)
     n_params, matmul_params = scoring.count_matmul_params(model)
-    if lo.rank:
-        params = lora.cast_base(params, lo.base_dtype)
+    params = lora.cast_base(params, lo.base_dtype) if lo.rank else params
     params = jax.device_put(params, sharding.param_shardings(params, mesh))
-    base = None
-    if lo.rank:  # from here on ``params`` are the adapters; the base is frozen beside them
-        params, base = lora.split(params)
+    # LoRA: from here on ``params`` are the adapters; the base is frozen beside them
+    params, base = lora.split(params) if lo.rank else (params, None)
     index, count = sharding.batch_slice(mesh)
     counts = throughput.model_counts(model.config, matmul_params)
     layout = make_layout(cfg, mesh, counts=counts)
@@ -1014,7 +1008,7 @@ def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None) 
                 summary["warnings"] = notes.items + stage.members[k].warnings
             if changes[k]:
                 summary["resume/changes"] = [f"{n}: {old!r} -> {new!r}" for n, old, new in changes[k]]
-            final = job.whole(sharding.take_member(params, k, job.mesh))
+            final = lora.whole(sharding.take_member(params, k, job.mesh), job.base)
             write_outputs(c, wd, job.graphdef, final, job.tokenizer, summary)
             summaries.append(summary)
         _barrier("outputs")  # process 0 has written every member's summary

@@ -70,7 +70,7 @@ def test_adapter_shardings_follow_their_projection():
     model = lora.attach(init_decoder(cfg), rank=4, alpha=8.0, target_names=LORA_TARGETS)
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     tree = sharding.param_shardings(nnx.state(model), mesh)
-    spec = {sharding._path_str(p): tuple(s.spec) for p, s in jax.tree_util.tree_leaves_with_path(tree)}
+    spec = {sharding.path_str(p): tuple(s.spec) for p, s in jax.tree_util.tree_leaves_with_path(tree)}
     assert spec["layers/self_attn/q_proj/lora/lora_a"] == (None, "fsdp", None)  # [L, D, r]
     assert spec["layers/self_attn/q_proj/lora/lora_b"] == (None, None, "tensor")  # [L, r, H E]
     assert spec["layers/mlp/down_proj/lora/lora_a"] == (None, "tensor", None)  # [L, F, r]

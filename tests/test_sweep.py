@@ -223,6 +223,18 @@ def test_sequential_runs_resume_as_one_population_with_a_loss_mix(sequential, tm
     _assert_members_equal(seq_dir, [r for r in seq if r["member"] in {sweep.member_name(m) for m in picked}], tmp_path)
 
 
+def _seq_and_vec_equal(base, members, tmp_path):
+    """Run ``members`` one by one and as one vectorised population (own reference cache): member by member equal,
+    and different from each other. Returns the sequential rows."""
+    base.reference.cache_dir = str(tmp_path / "cache")
+    seq = sweep.run_sweep(SPEC, tmp_path / "seq", base=base, members=members, devices=jax.devices()[:1])
+    vec = sweep.run_sweep(SPEC, tmp_path / "vec", base=base, members=members, mode="vectorized",
+                          devices=jax.devices()[:1])  # fmt: skip
+    _assert_members_equal(tmp_path / "seq", seq, tmp_path / "vec", vec)
+    assert len({r["eval/loss"] for r in seq}) == len(members)
+    return seq
+
+
 def test_new_objectives_in_one_population_equal_their_sequential_runs(sequential, tmp_path):
     """A traced f-divergence with LD-DPO's alpha (reference tails cached), and SimPO's gamma with its NLL term
     (reference-free, beside a member with a reference) in one program give each member's sequential run."""
@@ -231,24 +243,13 @@ def test_new_objectives_in_one_population_equal_their_sequential_runs(sequential
         {"dpo.f_divergence_type": "js_divergence", "dpo.beta": 0.3, "dpo.ld_alpha": 0.5},
         {"dpo.loss_type": "simpo+sft", "dpo.loss_weights": (1.0, 0.5), "dpo.simpo_gamma": 0.3, "dpo.beta": 1.0},
     ]
-    base = _shared_reference(_base(), seq_dir)
-    base.reference.cache_dir = str(tmp_path / "cache")
-    seq = sweep.run_sweep(SPEC, tmp_path / "seq", base=base, members=members, devices=jax.devices()[:1])
-    vec = sweep.run_sweep(SPEC, tmp_path / "vec", base=base, members=members, mode="vectorized",
-                          devices=jax.devices()[:1])  # fmt: skip
-    _assert_members_equal(tmp_path / "seq", seq, tmp_path / "vec", vec)
-    assert len({r["eval/loss"] for r in seq}) == 2
+    _seq_and_vec_equal(_shared_reference(_base(), seq_dir), members, tmp_path)
 
 
 def test_lora_members_in_one_population_equal_their_sequential_runs(tmp_path):
     """LoRA members (adapters vmapped, one shared frozen base) with different beta and learning rate."""
     members = [{"dpo.beta": 0.1}, {"dpo.beta": 0.5, "optim.learning_rate": 3e-3}]
     base = tiny_config(*BASE, "sft.steps=4", "lora.rank=4", 'lora.targets="q_proj,v_proj,up_proj"')
-    base.reference.cache_dir = str(tmp_path / "cache")
-    seq = sweep.run_sweep(SPEC, tmp_path / "seq", base=base, members=members, devices=jax.devices()[:1])
-    vec = sweep.run_sweep(SPEC, tmp_path / "vec", base=base, members=members, mode="vectorized",
-                          devices=jax.devices()[:1])  # fmt: skip
-    _assert_members_equal(tmp_path / "seq", seq, tmp_path / "vec", vec)
-    assert len({r["eval/loss"] for r in seq}) == 2
+    seq = _seq_and_vec_equal(base, members, tmp_path)
     assert all((tmp_path / d / r["member"] / "adapter" / "adapter_model.safetensors").exists()
                for d in ("seq", "vec") for r in seq)  # fmt: skip
