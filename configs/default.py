@@ -116,6 +116,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         sync=False,
         ref_model_mixup_alpha=0.6,
         ref_model_sync_steps=512,
+        hf_path="",  # a local Hugging Face folder to use as the reference instead of the initial policy
+    )
+    # The true reward of a completion, scored on eval samples (eval/reward) and by `dpo-jax rounds`: "" is the built-in
+    # task's (task="synthetic"; none for files), else "module:function" or "path/to/file.py:function" naming a
+    # function (prompt: str, completion: str) -> float (a conversational prompt arrives as its JSON).
+    c.reward = ""
+    # Iterative (online) DPO, `dpo-jax rounds`: each round samples `samples` completions per training prompt from the
+    # current policy, pairs the best and the worst by `reward` (prompts whose samples all tie are skipped) and trains
+    # an ordinary DPO run (optim.steps steps) on them in <workdir>/round_<r>, starting from the previous round's policy.
+    c.rounds = dict(
+        num=3,  # rounds after round 0 (the initial policy); raise it on a rerun to continue
+        samples=8,  # completions per prompt
+        prompts=0,  # training prompts per round (0: every distinct prompt of the training data)
+        reference="keep",  # keep: the round-0 policy stays the reference | refresh: the previous round's policy
+        temperature=1.0,
+        max_new_tokens=0,  # 0: eval.max_new_tokens
     )
     c.lora = dict(
         # rank 0: every parameter trains. rank r > 0: LoRA adapters (nnx.LoRA) on a frozen base; the reference is the

@@ -174,6 +174,13 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
             _check(False, "lora.targets", str(e), lo.targets)
         _check(lo.base_dtype in ("float32", "bfloat16"), "lora.base_dtype", "float32 | bfloat16", lo.base_dtype)
     r = cfg.reference
+    if r.get("hf_path", ""):
+        _check((Path(r.hf_path) / "config.json").exists(), "reference.hf_path",
+               "'' or a local Hugging Face folder with config.json", r.hf_path)  # fmt: skip
+        _check(not r.sync, "reference.sync", "False with reference.hf_path (TR-DPO's reference starts as the policy)",
+               r.sync)  # fmt: skip
+        _check(not (lo.rank and r.mode == "frozen"), "reference.mode", "'cached' with reference.hf_path and "
+               "lora.rank > 0 (a frozen LoRA reference is the base with the adapters off)", r.mode)  # fmt: skip
     if r.sync:
         _check(r.mode == "frozen", "reference.sync", "False with reference.mode='cached' (a cached reference cannot "
                "move): set --config.reference.mode=frozen", r.sync)  # fmt: skip
@@ -276,6 +283,20 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
             name,
         )
     _check(cfg.log_every > 0, "log_every", "> 0", cfg.log_every)
+    if cfg.get("reward", ""):
+        from dpo_jax import rewards
+
+        rewards.load(cfg.reward)
+    if "rounds" in cfg:
+        ro = cfg.rounds
+        _check(isinstance(ro.num, int) and ro.num >= 1, "rounds.num", "an integer >= 1", ro.num)
+        _check(isinstance(ro.samples, int) and ro.samples >= 2, "rounds.samples", "an integer >= 2", ro.samples)
+        _check(isinstance(ro.prompts, int) and ro.prompts >= 0, "rounds.prompts", "an integer >= 0", ro.prompts)
+        _check(ro.reference in ("keep", "refresh"), "rounds.reference", "'keep' or 'refresh'", ro.reference)
+        _check(math.isfinite(ro.temperature) and ro.temperature > 0, "rounds.temperature", "a number > 0",
+               ro.temperature)  # fmt: skip
+        _check(isinstance(ro.max_new_tokens, int) and ro.max_new_tokens >= 0, "rounds.max_new_tokens",
+               "an integer >= 0 (0: eval.max_new_tokens)", ro.max_new_tokens)  # fmt: skip
     _check(
         cfg.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", "offline | online | disabled", cfg.wandb.mode
     )

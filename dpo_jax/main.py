@@ -16,9 +16,10 @@ import traceback
 COMMANDS = {
     "train": "train a policy (SFT reference stage if configured, then DPO) from a config file",
     "sweep": "run the sweep declared in a config file (--mode=sequential|vectorized) or export it (--mode=export)",
+    "rounds": "iterative (online) DPO: sample from the policy, pair best vs worst by the reward, train; repeat",
 }
 USAGE = (
-    "usage: dpo-jax {train,sweep} --config configs/<name>.py[:arg] --workdir <dir> [--config.<field>=<v> ...]\n"
+    "usage: dpo-jax {train,sweep,rounds} --config configs/<name>.py[:arg] --workdir <dir> [--config.<field>=<v> ...]\n"
     + "\n".join(f"  {k:<8}{v}" for k, v in COMMANDS.items())
 )
 
@@ -64,7 +65,7 @@ def _run(command: str, argv: list[str], argv_full: list[str]) -> int:
                 process_id=FLAGS.process_id,
             )
         jax.distributed.initialize(**kw)
-    if command == "train" and FLAGS.config is None:
+    if command in ("train", "rounds") and FLAGS.config is None:
         print(f"dpo-jax: --config is required\n{USAGE}", file=sys.stderr)
         return 2
 
@@ -83,6 +84,11 @@ def _run(command: str, argv: list[str], argv_full: list[str]) -> int:
                     print(f"{kind}: {path}")
             else:
                 sweep.run_sweep(_config_spec(argv_full), FLAGS.workdir, base=FLAGS.config, mode=FLAGS.mode)
+            return 0
+        if command == "rounds":
+            from dpo_jax.rounds import run_rounds
+
+            run_rounds(FLAGS.config, FLAGS.workdir)
             return 0
         workdir = FLAGS.workdir
         if FLAGS.member_subdir:  # W&B sweep agents: one subfolder per member, named by its overrides

@@ -28,7 +28,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dpo_jax import checkpoint, lora, reference, scoring, sharding, signals, throughput
+from dpo_jax import checkpoint, lora, reference, rewards, scoring, sharding, signals, throughput
 from dpo_jax.config import SFT_FIELDS, ConfigError, dpo_seed, loss_types, needs_reference, validate
 from dpo_jax.data import (
     Columns,
@@ -585,6 +585,17 @@ def prepare_data(cfg, workdir: Path):
     return HFTokenizer.from_folder(tokenizer_dir), paths
 
 
+def tokenize_config(cfg) -> TokenizeConfig:
+    d = cfg.data
+    return TokenizeConfig(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                          truncation_mode=d.truncation_mode)  # fmt: skip
+
+
+def columns(cfg) -> Columns:
+    d = cfg.data
+    return Columns(d.prompt_column, d.chosen_column, d.rejected_column, d.prob_column or None, d.weight_column or None)
+
+
 def check_data(cfg, paths, reports, pairs, stats, notes: Notes) -> None:
     """Refuse data that cannot train as configured; warn once about data that is accepted but probably wrong."""
     d = cfg.data
@@ -665,6 +676,27 @@ def build_model(cfg, tokenizer):
     return init_decoder(mc, seed=cfg.seed)
 
 
+def load_reference(cfg, model, mesh):
+    """The parameters of ``reference.hf_path`` in the policy ``model``'s layout (LoRA: its adapters off), placed as
+    the policy's; a ``ConfigError`` when that model is not the policy's architecture and size."""
+    from dpo_jax import hf
+
+    m, lo = cfg.model, cfg.lora
+    ref, _ = hf.load_pretrained(cfg.reference.hf_path, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
+    policy_cfg = model.config.replace(lora_rank=0, lora_alpha=ref.config.lora_alpha, lora_targets=())
+    if ref.config != policy_cfg:
+        a, b = dataclasses.asdict(ref.config), dataclasses.asdict(policy_cfg)
+        diff = ", ".join(f"{k} {a[k]!r} (policy {b[k]!r})" for k in a if a[k] != b[k])
+        raise ConfigError(f"config.reference.hf_path: expected a model of the policy's architecture; {diff}")
+    if lo.rank:
+        ref = lora.attach(ref, rank=lo.rank, alpha=lo.alpha, target_names=lora.targets(lo.targets), seed=cfg.seed)
+    params = nnx.state(ref)
+    if lo.rank:
+        adapters, ref_base = lora.split(lora.cast_base(params, lo.base_dtype))
+        params = lora.compose(lora.off(adapters), ref_base)
+    return jax.device_put(params, sharding.param_shardings(params, mesh))
+
+
 @dataclasses.dataclass
 class Job:
     """Everything a DPO stage needs once data, model, SFT reference and reference log-probs are ready."""
@@ -707,7 +739,7 @@ class Job:
         from dpo_jax.evaluate import Evaluator
 
         cfg = cfgs[0]
-        reward_fn = functools.partial(synthetic.reward, kind=cfg.synthetic.reward) if cfg.task == "synthetic" else None
+        reward_fn = rewards.load(rewards.spec(cfg)) if rewards.spec(cfg) else None
         return Evaluator(
             cfg=cfg, graphdef=self.graphdef, reference_params=self.reference_params, eval_pairs=self.eval_pairs,
             eval_examples=self.eval_examples, ref_eval=self.ref_eval, tokenizer=self.tokenizer, mesh=self.mesh,
@@ -759,13 +791,8 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfg
     validate(cfg, num_devices=len(devices), members=mesh.shape["member"])
     tokenizer, paths = prepare_data(cfg, workdir)
     d = cfg.data
-    tok_cfg = TokenizeConfig(
-        max_length=d.max_length, max_prompt_length=d.max_prompt_length, truncation_mode=d.truncation_mode
-    )
-    columns = Columns(
-        d.prompt_column, d.chosen_column, d.rejected_column, d.prob_column or None, d.weight_column or None
-    )
-    load = functools.partial(load_examples, columns=columns, on_bad_row=d.on_bad_row, split=d.split or None)
+    tok_cfg = tokenize_config(cfg)
+    load = functools.partial(load_examples, columns=columns(cfg), on_bad_row=d.on_bad_row, split=d.split or None)
     (train_ex, train_report), (eval_ex, eval_report) = load(paths["train"]), load(paths["eval"])
     train_pairs, train_tok = tokenize_examples(train_ex, tokenizer, tok_cfg)
     eval_pairs, eval_tok = tokenize_examples(eval_ex, tokenizer, tok_cfg)
@@ -843,6 +870,9 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfg
         sft_steps = cfg.sft.steps
     # the reference, kept outside the trained state; LoRA: the base with the adapters off (the same arrays, no copy)
     reference_params = jax.tree.map(jnp.copy, params) if base is None else lora.compose(lora.off(params), base)
+    if cfg.reference.hf_path:  # another model as the reference (iterative rounds keep their first policy)
+        reference_params = load_reference(cfg, model, mesh)
+        summary["reference/hf_path"] = cfg.reference.hf_path
 
     ref_train = ref_eval = None
     summary["reference/mode"] = cfg.reference.mode

@@ -186,7 +186,7 @@ RUN_CONFIG = "run_config.json"
 FREE_ON_RESUME = (
     "eval.", "log_every", "checkpoint.", "wandb.", "export_hf", "peak_flops", "mesh.", "logprobs.", "data.buckets",
     "data.packing", "data.share_prompt", "data.pack_length",
-    "reference.cache_dir", "sft.dir", "resume.",
+    "reference.cache_dir", "sft.dir", "resume.", "rounds.", "reward",
 )  # fmt: skip
 # Fields whose change on resume is meaningful (continue with a new beta, a longer schedule, ...): allowed only when
 # named in ``resume.allow_changes``; the resumed run then trains with the new values.
@@ -222,7 +222,7 @@ def _added_fields(saved: dict[str, Any]) -> dict[str, Any]:
         "dpo.simpo_gamma": 0.5, "dpo.ld_alpha": 1.0, "dpo.use_weighting": False, "dpo.desirable_weight": 1.0,
         "dpo.undesirable_weight": 1.0, "reference.sync": False, "reference.ref_model_mixup_alpha": 0.6,
         "reference.ref_model_sync_steps": 512, "lora.rank": 0, "lora.alpha": 16.0, "lora.targets": "all-linear",
-        "lora.base_dtype": "float32",
+        "lora.base_dtype": "float32", "reference.hf_path": "", "reward": "",
         "dpo.bco_delta": "batch" if bco else "zero",  # bco_pair used the batch mean before TRL 1.16's zero
     }  # fmt: skip
 

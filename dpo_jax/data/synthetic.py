@@ -80,6 +80,16 @@ def reward(prompt: str, completion: str, kind: str = "positive") -> float:
     return sum(c in good for c in letters) / len(letters)
 
 
+def positive_reward(prompt: str, completion: str) -> float:
+    """``reward(..., "positive")``: the built-in task's default reward as a ``config.reward`` function."""
+    return reward(prompt, completion, "positive")
+
+
+def copy_prompt_reward(prompt: str, completion: str) -> float:
+    """``reward(..., "copy_prompt")`` as a ``config.reward`` function."""
+    return reward(prompt, completion, "copy_prompt")
+
+
 def _letters(rng: np.random.Generator, n: int) -> str:
     return "".join(rng.choice(list(ALPHABET), size=n))
 
