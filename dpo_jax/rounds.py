@@ -288,7 +288,7 @@ def measure(cfg, policy_dir, initial_dir, *, eval_path: str, key: int = 0) -> di
     return {
         "reward": float(r.mean()), "reward_se": float(r.std(ddof=1) / np.sqrt(n)),
         "kl": float(log_ratio.mean()), "kl_se": float(log_ratio.std(ddof=1) / np.sqrt(n)),
-        "prompts": n,
+        "eval_prompts": n,
     }  # fmt: skip
 
 
