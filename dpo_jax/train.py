@@ -676,18 +676,27 @@ def build_model(cfg, tokenizer):
     return init_decoder(mc, seed=cfg.seed)
 
 
+def check_reference(cfg, policy_config) -> None:
+    """``reference.hf_path`` must hold the policy's architecture (before anything trains)."""
+    from dpo_jax import hf
+
+    m = cfg.model
+    ref = hf.load_config(cfg.reference.hf_path, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
+    policy = policy_config.replace(lora_rank=0, lora_alpha=ref.lora_alpha, lora_targets=())
+    if ref != policy:
+        a, b = dataclasses.asdict(ref), dataclasses.asdict(policy)
+        diff = ", ".join(f"{k} {a[k]!r} (policy {b[k]!r})" for k in a if a[k] != b[k])
+        raise ConfigError(f"config.reference.hf_path: expected a model of the policy's architecture; got {diff}")
+
+
 def load_reference(cfg, model, mesh):
     """The parameters of ``reference.hf_path`` in the policy ``model``'s layout (LoRA: its adapters off), placed as
     the policy's; a ``ConfigError`` when that model is not the policy's architecture and size."""
     from dpo_jax import hf
 
     m, lo = cfg.model, cfg.lora
+    check_reference(cfg, model.config)
     ref, _ = hf.load_pretrained(cfg.reference.hf_path, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
-    policy_cfg = model.config.replace(lora_rank=0, lora_alpha=ref.config.lora_alpha, lora_targets=())
-    if ref.config != policy_cfg:
-        a, b = dataclasses.asdict(ref.config), dataclasses.asdict(policy_cfg)
-        diff = ", ".join(f"{k} {a[k]!r} (policy {b[k]!r})" for k in a if a[k] != b[k])
-        raise ConfigError(f"config.reference.hf_path: expected a model of the policy's architecture; {diff}")
     if lo.rank:
         ref = lora.attach(ref, rank=lo.rank, alpha=lo.alpha, target_names=lora.targets(lo.targets), seed=cfg.seed)
     params = nnx.state(ref)
@@ -834,6 +843,8 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfg
             f"data.max_length={d.max_length} exceeds the model's max_position_embeddings="
             f"{model.config.max_position_embeddings}: positions beyond it were never trained"
         )
+    if cfg.reference.hf_path:
+        check_reference(cfg, model.config)
     graphdef, params = nnx.split(model)
     n_params, matmul_params = scoring.count_matmul_params(model)
     params = lora.cast_base(params, lo.base_dtype) if lo.rank else params

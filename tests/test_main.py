@@ -118,6 +118,16 @@ CASES = {
     "truncated safetensors": (
         lambda i: _hf_folder(i, "trunc", _truncate), "invalid or truncated safetensors file", "trunc/model.safetensors"
     ),
+    "reward that cannot load": (
+        lambda i: ["--config.reward=no_such_module_xyz:f"], "config.reward: expected", "cannot import no_such_module"
+    ),
+    "reference folder missing": (
+        lambda i: ["--config.reference.hf_path=/nonexistent"], "config.reference.hf_path: expected '' or a local"
+    ),
+    "reference of another architecture": (
+        lambda i: [f"--config.reference.hf_path={i['root'] / 'model'}"],
+        "config.reference.hf_path: expected a model of the policy's architecture; got", "intermediate_size",
+    ),
 }  # fmt: skip
 
 
@@ -140,6 +150,11 @@ def test_every_user_error_is_one_line_and_exit_2(inputs, tmp_path):
         assert out.returncode == 2, (name, out.stderr[-2000:])
         assert len(lines) == 1 and lines[0].startswith("dpo-jax: "), (name, out.stderr[-2000:])
         assert all(f in lines[0] for f in fragments), (name, lines[0])
+    rounds = run(["rounds", "--config", str(ROOT / "configs/rounds.py"), "--workdir", str(tmp_path / "r"),
+                  "--config.rounds.reference=sometimes"])  # fmt: skip
+    assert rounds.returncode == 2 and rounds.stderr.strip().splitlines() == [
+        "dpo-jax: config.rounds.reference: expected 'keep' or 'refresh', got 'sometimes'"
+    ]
     verbose = run(["train", "--config", str(ROOT / "configs/default.py"), "--workdir", str(tmp_path / "v"),
                    "--config.optim.grad_accum=0", "--verbose"])  # fmt: skip
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr
