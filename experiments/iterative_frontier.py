@@ -53,7 +53,7 @@ def plot(offline: list[dict], paths: dict[str, list[dict]], path: Path) -> None:
     ax.set_ylabel("true reward of samples (held-out prompts)")
     ax.set_title("Iterative vs offline DPO (±2 s.e.)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
