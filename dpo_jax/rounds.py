@@ -278,7 +278,7 @@ def measure(cfg, policy_dir, initial_dir, *, eval_path: str, key: int = 0) -> di
         temperature=cfg.eval.temperature, eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id or 0,
     )  # fmt: skip
     graphdef, params = nnx.split(initial)
-    ref = jax.jit(lambda p: scoring.sample_logps(graphdef, p, prompt, mask, out.tokens_BxN, out.mask_BxN))(params)
+    ref = _sample_logps(graphdef, params, prompt, mask, out.tokens_BxN, out.mask_BxN)
     log_ratio = np.asarray(jnp.sum(out.logps_BxN - ref, axis=-1), np.float64)
     tokens, valid = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
     r = rewards.score_all(
@@ -290,6 +290,9 @@ def measure(cfg, policy_dir, initial_dir, *, eval_path: str, key: int = 0) -> di
         "kl": float(log_ratio.mean()), "kl_se": float(log_ratio.std(ddof=1) / np.sqrt(n)),
         "eval_prompts": n,
     }  # fmt: skip
+
+
+_sample_logps = jax.jit(scoring.sample_logps, static_argnums=0)  # one compile per model structure and shape
 
 
 def table(rows: list[dict]) -> str:
