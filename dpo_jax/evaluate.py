@@ -136,37 +136,10 @@ class Evaluator:
         if self.prompts is None or self.cfg.eval.num_prompts <= 0:
             return {}
         signals.check("during eval")
-        prompt, mask, texts = self.prompts
         model = nnx.merge(self.graphdef, params)
-        out = sampling.generate(
-            model,
-            prompt,
-            mask,
-            key=key,
-            max_new_tokens=self.cfg.eval.max_new_tokens,
-            temperature=self.cfg.eval.temperature,
-            eos_ids=(self.tokenizer.eos_token_id,),
-            pad_id=self.tokenizer.pad_token_id or 0,
-        )
-        ref = self._ref_logps(self.reference, prompt, mask, out.tokens_BxN, out.mask_BxN)
-        log_ratio = np.asarray(jnp.sum(out.logps_BxN - ref, axis=-1), np.float64)
-        lengths = np.asarray(out.mask_BxN).sum(-1)
-        n = len(log_ratio)
-        res = {
-            f"{prefix}kl_sampled": log_ratio.mean(),
-            f"{prefix}kl_sampled_se": log_ratio.std(ddof=1) / np.sqrt(n),
-            f"{prefix}sample_length": lengths.mean(),
-        }
-        if self.reward_fn is not None:
-            tokens, valid = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
-            rewards = np.array(
-                [
-                    self.reward_fn(t, self.tokenizer.decode(tok[v]))
-                    for t, tok, v in zip(texts, tokens, valid, strict=True)
-                ]
-            )
-            res.update({f"{prefix}reward": rewards.mean(), f"{prefix}reward_se": rewards.std(ddof=1) / np.sqrt(n)})
-        return {k: float(v) for k, v in res.items()}
+        ref_logps = functools.partial(self._ref_logps, self.reference)
+        res = sampled_metrics(model, ref_logps, self.prompts, self.tokenizer, self.cfg.eval, key, self.reward_fn)
+        return {f"{prefix}{k}": v for k, v in res.items()}
 
     def __call__(self, params_K, hparams_K, step: int) -> list[dict[str, float]]:
         """Every member's eval row."""
@@ -183,6 +156,31 @@ class Evaluator:
         key = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed + 1), step)
         ref = self.sampled(self.reference, key, prefix="reference/")
         return [{**row, **ref} for row in self.last]
+
+
+def sampled_metrics(model, ref_logps, prompts, tokenizer, ev, key, reward_fn=None) -> dict[str, float]:
+    """One sample per prompt from ``model`` (``prompts``: left-padded ids, mask, texts; ``ev``: the eval section's
+    temperature and max_new_tokens): the sequence KL E[log pi(y|x) - log pi_ref(y|x)] (``ref_logps(prompt, mask,
+    tokens, mask)``: the reference's per-token log-probs) and, with ``reward_fn(prompt, completion)``, the mean
+    true reward, each with its standard error (``kl_sampled``, ``reward`` and their ``_se``; ``sample_length``)."""
+    prompt, mask, texts = prompts
+    out = sampling.generate(
+        model, prompt, mask, key=key, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
+        eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id or 0,
+    )  # fmt: skip
+    ref = ref_logps(prompt, mask, out.tokens_BxN, out.mask_BxN)
+    log_ratio = np.asarray(jnp.sum(out.logps_BxN - ref, axis=-1), np.float64)
+    n = len(log_ratio)
+    res = {
+        "kl_sampled": log_ratio.mean(),
+        "kl_sampled_se": log_ratio.std(ddof=1) / np.sqrt(n),
+        "sample_length": np.asarray(out.mask_BxN).sum(-1).mean(),
+    }
+    if reward_fn is not None:
+        tokens, valid = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
+        rewards = np.array([reward_fn(t, tokenizer.decode(x[v])) for t, x, v in zip(texts, tokens, valid, strict=True)])
+        res.update(reward=rewards.mean(), reward_se=rewards.std(ddof=1) / np.sqrt(n))
+    return {k: float(v) for k, v in res.items()}
 
 
 # --- Outputs ----------------------------------------------------------------------------------------------------

@@ -8,11 +8,14 @@ config files are). Nothing is downloaded and no model folder's code runs. ``""``
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from dpo_jax.config import ConfigError
 
@@ -27,8 +30,10 @@ def spec(cfg) -> str:
     return BUILTIN.format(cfg.synthetic.reward) if cfg.task == "synthetic" else ""
 
 
+@functools.cache
 def load(value: str) -> Callable[[str, str], float]:
-    """The function ``value`` names; a ``ConfigError`` naming ``config.reward`` when it cannot be loaded."""
+    """The function ``value`` names (loaded once per process); a ``ConfigError`` naming ``config.reward`` when it
+    cannot be loaded."""
 
     def fail(why: str):
         raise ConfigError(f"config.reward: expected {EXPECTED}; {why}, got {value!r}")
@@ -57,24 +62,28 @@ def load(value: str) -> Callable[[str, str], float]:
     return fn
 
 
-def score(fn, prompt: str, completion: str, value: str) -> float:
-    """``fn(prompt, completion)`` as a finite float, or a ``ConfigError`` naming the reward and the prompt."""
-    r = fn(prompt, completion)
-    try:
-        r = float(r)
-    except (TypeError, ValueError):
-        r = math.nan
-    if not math.isfinite(r):
-        raise ConfigError(
-            f"config.reward: expected a finite number from {value} for prompt {prompt[:60]!r}, completion "
-            f"{completion[:60]!r}; got {fn(prompt, completion)!r}"
-        )
-    return r
-
-
-def score_all(value: str, prompts: list[str], completions: list[str]):
-    """[n] rewards of (prompt, completion) pairs under the reward ``value`` names."""
-    import numpy as np
-
+def scorer(value: str) -> Callable[[str, str], float]:
+    """``(prompt, completion) -> float`` of the reward ``value`` names, each value checked finite (otherwise a
+    ``ConfigError`` naming the reward, the prompt and the completion)."""
     fn = load(value)
-    return np.array([score(fn, p, y, value) for p, y in zip(prompts, completions, strict=True)], np.float64)
+
+    def score(prompt: str, completion: str) -> float:
+        raw = fn(prompt, completion)
+        try:
+            r = float(raw)
+        except (TypeError, ValueError):
+            r = math.nan
+        if not math.isfinite(r):
+            raise ConfigError(
+                f"config.reward: expected a finite number from {value} for prompt {prompt[:60]!r}, completion "
+                f"{completion[:60]!r}; got {raw!r}"
+            )
+        return r
+
+    return score
+
+
+def score_all(value: str, prompts: list[str], completions: list[str]) -> np.ndarray:
+    """[n] rewards of (prompt, completion) pairs under the reward ``value`` names."""
+    score = scorer(value)
+    return np.array([score(p, y) for p, y in zip(prompts, completions, strict=True)], np.float64)

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -40,7 +40,7 @@ from dpo_jax import checkpoint, hf, lora, rewards, sampling, scoring, signals, t
 from dpo_jax.config import ConfigError, validate
 from dpo_jax.data import load_examples, tokenize_examples
 from dpo_jax.errors import WorkdirError
-from dpo_jax.evaluate import Evaluator
+from dpo_jax.evaluate import Evaluator, sampled_metrics
 from dpo_jax.logging import Writer
 from dpo_jax.signals import stop_signals
 from dpo_jax.workdir import WorkdirLock, atomic_dir, atomic_write_text, check_resume_config, ensure_writable
@@ -272,24 +272,12 @@ def measure(cfg, policy_dir, initial_dir, *, eval_path: str, key: int = 0) -> di
     load = lambda p: hf.load_pretrained(p, dtype=cfg.model.dtype, scan_layers=cfg.model.scan_layers)  # noqa: E731
     (policy, tokenizer), (initial, _) = load(policy_dir), load(initial_dir)
     examples, pairs = load_prompts(cfg, eval_path, tokenizer, cfg.eval.num_prompts)
-    prompt, mask, texts = Evaluator._prompts(pairs, examples, cfg.eval.num_prompts, tokenizer.pad_token_id or 0)
-    out = sampling.generate(
-        policy, prompt, mask, key=jax.random.PRNGKey(key), max_new_tokens=cfg.eval.max_new_tokens,
-        temperature=cfg.eval.temperature, eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id or 0,
-    )  # fmt: skip
-    graphdef, params = nnx.split(initial)
-    ref = _sample_logps(graphdef, params, prompt, mask, out.tokens_BxN, out.mask_BxN)
-    log_ratio = np.asarray(jnp.sum(out.logps_BxN - ref, axis=-1), np.float64)
-    tokens, valid = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
-    r = rewards.score_all(
-        rewards.spec(cfg), texts, [tokenizer.decode(x[v]) for x, v in zip(tokens, valid, strict=True)]
-    )
-    n = len(r)
-    return {
-        "reward": float(r.mean()), "reward_se": float(r.std(ddof=1) / np.sqrt(n)),
-        "kl": float(log_ratio.mean()), "kl_se": float(log_ratio.std(ddof=1) / np.sqrt(n)),
-        "eval_prompts": n,
-    }  # fmt: skip
+    prompts = Evaluator._prompts(pairs, examples, cfg.eval.num_prompts, tokenizer.pad_token_id or 0)
+    ref_logps = functools.partial(_sample_logps, *nnx.split(initial))
+    m = sampled_metrics(policy, ref_logps, prompts, tokenizer, cfg.eval, jax.random.PRNGKey(key),
+                        rewards.scorer(rewards.spec(cfg)))  # fmt: skip
+    return {"reward": m["reward"], "reward_se": m["reward_se"], "kl": m["kl_sampled"], "kl_se": m["kl_sampled_se"],
+            "eval_prompts": len(prompts[2])}  # fmt: skip
 
 
 _sample_logps = jax.jit(scoring.sample_logps, static_argnums=0)  # one compile per model structure and shape

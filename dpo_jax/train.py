@@ -689,19 +689,17 @@ def check_reference(cfg, policy_config) -> None:
         raise ConfigError(f"config.reference.hf_path: expected a model of the policy's architecture; got {diff}")
 
 
-def load_reference(cfg, model, mesh):
-    """The parameters of ``reference.hf_path`` in the policy ``model``'s layout (LoRA: its adapters off), placed as
-    the policy's; a ``ConfigError`` when that model is not the policy's architecture and size."""
+def load_reference(cfg, mesh):
+    """The parameters of ``reference.hf_path`` (checked by ``check_reference``) in the policy's layout (LoRA: its
+    adapters off), placed as the policy's."""
     from dpo_jax import hf
 
     m, lo = cfg.model, cfg.lora
-    check_reference(cfg, model.config)
     ref, _ = hf.load_pretrained(cfg.reference.hf_path, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
-    if lo.rank:
-        ref = lora.attach(ref, rank=lo.rank, alpha=lo.alpha, target_names=lora.targets(lo.targets), seed=cfg.seed)
     params = nnx.state(ref)
     if lo.rank:
-        adapters, ref_base = lora.split(lora.cast_base(params, lo.base_dtype))
+        ref = lora.attach(ref, rank=lo.rank, alpha=lo.alpha, target_names=lora.targets(lo.targets), seed=cfg.seed)
+        adapters, ref_base = lora.split(lora.cast_base(nnx.state(ref), lo.base_dtype))
         params = lora.compose(lora.off(adapters), ref_base)
     return jax.device_put(params, sharding.param_shardings(params, mesh))
 
@@ -748,7 +746,7 @@ class Job:
         from dpo_jax.evaluate import Evaluator
 
         cfg = cfgs[0]
-        reward_fn = rewards.load(rewards.spec(cfg)) if rewards.spec(cfg) else None
+        reward_fn = rewards.scorer(rewards.spec(cfg)) if rewards.spec(cfg) else None
         return Evaluator(
             cfg=cfg, graphdef=self.graphdef, reference_params=self.reference_params, eval_pairs=self.eval_pairs,
             eval_examples=self.eval_examples, ref_eval=self.ref_eval, tokenizer=self.tokenizer, mesh=self.mesh,
@@ -880,10 +878,13 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfg
             params, base = lora.split(lora.fold(lora.compose(params, base), model.config))
         sft_steps = cfg.sft.steps
     # the reference, kept outside the trained state; LoRA: the base with the adapters off (the same arrays, no copy)
-    reference_params = jax.tree.map(jnp.copy, params) if base is None else lora.compose(lora.off(params), base)
     if cfg.reference.hf_path:  # another model as the reference (iterative rounds keep their first policy)
-        reference_params = load_reference(cfg, model, mesh)
+        reference_params = load_reference(cfg, mesh)
         summary["reference/hf_path"] = cfg.reference.hf_path
+    elif base is None:
+        reference_params = jax.tree.map(jnp.copy, params)
+    else:
+        reference_params = lora.compose(lora.off(params), base)
 
     ref_train = ref_eval = None
     summary["reference/mode"] = cfg.reference.mode

@@ -46,7 +46,8 @@ def test_reward_names_a_function(tmp_path):
     for y in ("abip", "zz", "hhhhp", ""):
         assert fn("abc:", y) == positive_fraction(y)
     file = tmp_path / "my_reward.py"
-    file.write_text("def length(prompt, completion):\n    return len(completion) - len(prompt)\n")
+    file.write_text("def length(prompt, completion):\n    return len(completion) - len(prompt)\n\n"
+                    "def nan(prompt, completion):\n    return float('nan')\n")  # fmt: skip
     assert rewards.load(f"{file}:length")("ab", "abcde") == 3
     for bad, why in [
         ("no_colon", "no ':function'"),
@@ -57,7 +58,7 @@ def test_reward_names_a_function(tmp_path):
         with pytest.raises(ConfigError, match=f"config.reward: expected .*{why}"):
             rewards.load(bad)
     with pytest.raises(ConfigError, match="config.reward: expected a finite number"):
-        rewards.score(lambda p, y: float("nan"), "a", "b", "x:f")
+        rewards.scorer(f"{file}:nan")("a", "b")
     cfg = tiny_config("rounds.samples=1")
     with pytest.raises(ConfigError, match="config.rounds.samples: expected an integer >= 2"):
         rounds.run_rounds(cfg, tmp_path / "r")
