@@ -77,8 +77,9 @@ def test_adapter_shardings_follow_their_projection():
     assert spec["layers/mlp/down_proj/lora/lora_b"] == (None, None, "fsdp")  # [L, r, D]
 
 
-def _dir_bytes(path):
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+def _data_bytes(path):
+    """Bytes of a stage's checkpointed array data (the tensorstore data files under .../d/)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.parent.name == "d")
 
 
 def test_lora_run_trains_the_adapters_alone(tmp_path):
@@ -113,7 +114,12 @@ def test_lora_run_trains_the_adapters_alone(tmp_path):
             np.testing.assert_array_equal(after, before, err_msg=str(path))
     adapter = json.loads((tmp_path / "cached" / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 2 and adapter["target_modules"] == ["down_proj", "q_proj", "v_proj"]
-    assert _dir_bytes(tmp_path / "cached" / "dpo") < _dir_bytes(tmp_path / "full" / "dpo") / 4
+    # the checkpoints hold the adapters alone (params and Adam moments), and their array data is a fraction of a
+    # full run's (the data files: metadata files of a tiny checkpoint are the same size either way)
+    meta = json.loads((tmp_path / "cached" / "dpo" / "checkpoints" / "10" / "state" / "_METADATA").read_text())
+    arrays = [k for k in meta["tree_metadata"] if k.endswith("'value')")]  # parameter-shaped leaves
+    assert len(arrays) == 3 * 2 * 3 and all("'lora'" in k for k in arrays)  # params, mu, nu of A, B on 3 targets
+    assert _data_bytes(tmp_path / "cached" / "dpo") < _data_bytes(tmp_path / "full" / "dpo") / 4
 
 
 def test_lora_config_errors():
