@@ -173,6 +173,10 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
         except ValueError as e:
             _check(False, "lora.targets", str(e), lo.targets)
         _check(lo.base_dtype in ("float32", "bfloat16"), "lora.base_dtype", "float32 | bfloat16", lo.base_dtype)
+    p = lo.dropout
+    _check(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1, "lora.dropout",
+           "a number in [0, 1)", p)  # fmt: skip
+    _check(not p or lo.rank, "lora.dropout", "0 without adapters (lora.rank = 0: there is no adapter to drop)", p)
     r = cfg.reference
     if r.get("hf_path", ""):
         _check((Path(r.hf_path) / "config.json").exists(), "reference.hf_path",

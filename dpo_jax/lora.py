@@ -127,7 +127,7 @@ def save_peft(adapters: nnx.State, cfg: ModelConfig, path, *, base_model: str = 
         "base_model_name_or_path": base_model or None,
         "r": cfg.lora_rank,
         "lora_alpha": cfg.lora_alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": cfg.lora_dropout,
         "target_modules": sorted(cfg.lora_targets),
         "bias": "none",
         "fan_in_fan_out": False,
@@ -141,21 +141,28 @@ def save_peft(adapters: nnx.State, cfg: ModelConfig, path, *, base_model: str = 
     return path
 
 
-def attach(model, *, rank: int, alpha: float, target_names, seed: int = 0):
+def attach(model, *, rank: int, alpha: float, target_names, dropout: float = 0.0, seed: int = 0):
     """``model`` (a plain ``Decoder``) with new adapters on ``target_names``: the same function until trained.
     Only the adapters are initialised (the rest of the random init is dead code to XLA)."""
     from dpo_jax.models.llama import Decoder
 
-    cfg = model.config.replace(lora_rank=rank, lora_alpha=float(alpha), lora_targets=tuple(target_names))
+    cfg = model.config.replace(
+        lora_rank=rank, lora_alpha=float(alpha), lora_targets=tuple(target_names), lora_dropout=float(dropout)
+    )
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(params=seed))))
     adapters = jax.jit(lambda: split(nnx.split(Decoder(cfg, rngs=nnx.Rngs(params=seed)))[1])[0])()
     return nnx.merge(graphdef, compose(adapters, nnx.state(model)))
+
+
+def attach_config(model, lo, seed: int):
+    """``attach`` as a config's ``lora`` section says."""
+    return attach(model, rank=lo.rank, alpha=lo.alpha, target_names=targets(lo.targets), dropout=lo.dropout, seed=seed)
 
 
 def detach(model):
     """The plain ``Decoder`` of a LoRA model with the adapters merged into its kernels."""
     from dpo_jax.models.llama import Decoder
 
-    cfg = model.config.replace(lora_rank=0, lora_targets=())
+    cfg = model.config.replace(lora_rank=0, lora_targets=(), lora_dropout=0.0)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
     return nnx.merge(graphdef, split(fold(nnx.state(model), model.config))[1])

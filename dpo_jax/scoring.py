@@ -16,8 +16,22 @@ from flax import nnx
 from dpo_jax import logprobs as lp
 
 
-def scored_hidden(graphdef, params, batch: dict):
-    """(model, hidden states [Z, S, D] at the scored entries): one forward over the batch's rows."""
+def token_keys(key: jax.Array, pair_BxT, branch_BxT, positions_BxT) -> jax.Array:
+    """A typed key per token from (dataset row of its pair, branch, position): what names a token in every layout,
+    so its dropout masks do not depend on the layout, the batch's order, grad_accum or the devices."""
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # a raw uint32 key (``TrainState.rng``)
+
+    def one(pair, branch, position):
+        return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, pair), branch), position)
+
+    ids = (pair_BxT, branch_BxT, positions_BxT)
+    return jax.vmap(one)(*(x.reshape(-1) for x in ids)).reshape(pair_BxT.shape)
+
+
+def scored_hidden(graphdef, params, batch: dict, dropout_key=None):
+    """(model, hidden states [Z, S, D] at the scored entries): one forward over the batch's rows (a training
+    step's ``dropout_key``: LoRA dropout, a mask per token from ``token_keys``)."""
     model = nnx.merge(graphdef, params)
     g, k, t = batch["tokens"].shape
 
@@ -25,6 +39,7 @@ def scored_hidden(graphdef, params, batch: dict):
         return batch[key].reshape(g * k, t)
 
     segments = rows("segment_ids")
+    keys = None if dropout_key is None else token_keys(dropout_key, rows("pair"), rows("branch"), rows("positions"))
     out = model(
         rows("tokens"),
         positions_BxT=rows("positions"),
@@ -32,6 +47,7 @@ def scored_hidden(graphdef, params, batch: dict):
         branch_ids_BxT=rows("branch"),
         attention_mask_BxT=segments > 0,
         return_logits=False,
+        dropout_keys_BxT=keys,
     )
     z = batch["score_src"].shape[0]
     hidden_ZxSlotsxD = out.hidden_BxTxD.reshape(z, g // z * k * t, -1)  # consecutive groups: a device-local reshape
@@ -39,10 +55,10 @@ def scored_hidden(graphdef, params, batch: dict):
 
 
 def token_logps(graphdef, params, batch: dict, *, token_chunk=1024, vocab_chunk=8192, max_logits_mb=256.0,
-                sum_sq=False):  # fmt: skip
+                sum_sq=False, dropout_key=None):  # fmt: skip
     """Log-probs [Z, S] of the scored entries (0 where ``score_mask`` is 0); with ``sum_sq`` also
     log sum_v p_v^2 [Z, S] at each entry (WPO's alignment term; no gradient)."""
-    model, h_ZxSxD = scored_hidden(graphdef, params, batch)
+    model, h_ZxSxD = scored_hidden(graphdef, params, batch, dropout_key)
     z, s, d = h_ZxSxD.shape
     head = dict(token_chunk=token_chunk, vocab_chunk=vocab_chunk, max_logits_mb=max_logits_mb)
     targets = jnp.where(batch["score_mask"] > 0, batch["score_target"], 0).reshape(z * s)
@@ -99,11 +115,11 @@ def pair_logps(graphdef, params, batch: dict, **head):
     return stats["logps"], stats["counts"]
 
 
-def pair_stats(graphdef, params, batch: dict, *, tails=False, wpo=False, **head) -> dict:
+def pair_stats(graphdef, params, batch: dict, *, tails=False, wpo=False, dropout_key=None, **head) -> dict:
     """``pair_logps`` and, on request, from the same pass: ``tails`` [G * P, 2], the part of each sum past the
     shorter completion (LD-DPO weights it: sum - (1 - alpha) * tail), and ``wpo`` [G * P, 2], each sequence's
     mean of log p - log sum p^2 (WPO's aligned log-probability; no gradient)."""
-    out = token_logps(graphdef, params, batch, sum_sq=wpo, **head)
+    out = token_logps(graphdef, params, batch, sum_sq=wpo, dropout_key=dropout_key, **head)
     logps_ZxS, sq_ZxS = out if wpo else (out, None)
     counts = sequence_sums(batch["score_mask"].astype(jnp.float32), batch)
     stats = {"logps": sequence_sums(logps_ZxS, batch), "counts": counts}

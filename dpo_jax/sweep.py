@@ -114,7 +114,7 @@ def _sft_key(cfg) -> str:
             node = node.get(part) if isinstance(node, dict) else None
         values[field] = node
     if cfg.lora.rank:  # a LoRA SFT stage trains adapters (keys of full-parameter runs stay as they were)
-        values["lora"] = cfg.lora.to_dict()
+        values["lora"] = {k: v for k, v in cfg.lora.to_dict().items() if k != "dropout" or v}  # keys before it
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

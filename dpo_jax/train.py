@@ -198,15 +198,17 @@ def pair_losses(stats: dict, ref_logps, batch, hparams: HParams, sc: StepConfig,
     )  # fmt: skip
 
 
-def objective(params, graphdef, batch, ref_logps, hparams: HParams, sc: StepConfig, totals=None, moments=None):
-    """Scalar loss and metrics of one (micro-)batch, normalised by ``totals`` (default: this batch's)."""
+def objective(params, graphdef, batch, ref_logps, hparams: HParams, sc: StepConfig, totals=None, moments=None,
+              dropout_key=None):  # fmt: skip
+    """Scalar loss and metrics of one (micro-)batch, normalised by ``totals`` (default: this batch's);
+    ``dropout_key``: a training step's (LoRA dropout; eval passes none)."""
     totals = batch_totals(batch) if totals is None else totals
     valid = scoring.pair_values(batch, "valid")
     if sc.stage == "sft":
-        logps = scoring.pair_logps(graphdef, params, batch, **sc.head)[0]
+        logps = scoring.pair_logps(graphdef, params, batch, dropout_key=dropout_key, **sc.head)[0]
         nll = -jnp.sum(logps[:, 0] * valid) / totals["tokens"]
         return nll, {"nll": nll}
-    stats = scoring.pair_stats(graphdef, params, batch, tails=sc.ld, wpo=sc.wpo, **sc.head)
+    stats = scoring.pair_stats(graphdef, params, batch, tails=sc.ld, wpo=sc.wpo, dropout_key=dropout_key, **sc.head)
     losses, metrics = pair_losses(stats, ref_logps, batch, hparams, sc, moments)
     metrics = {k: v for k, v in metrics.items() if not k.startswith("share/")}  # eval's pooling weights
     w = scoring.pair_values(batch, "weights") * valid
@@ -230,6 +232,10 @@ def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx
     # reference is the base with the adapters off (no second copy of the weights)
     whole = functools.partial(lora.whole, base=reference_params if sc.lora else None)
 
+    # LoRA dropout: masks from (seed, step) and each token's name (``scoring.token_keys``): resumable, and the same
+    # for any grad_accum, layout or device count
+    step_key = jax.random.fold_in(state.rng, state.step)
+
     def micro(batch_m):
         ref = None
         if sc.stage == "dpo":
@@ -241,7 +247,8 @@ def train_step(state: TrainState, batch: dict, reference_params, *, graphdef, tx
                 moving = whole(lora.off(state.params))
             ref = reference_logps(graphdef, batch_m, moving, state.hparams, sc, cached=cached)
         grad_fn = jax.value_and_grad(lambda p, *a: objective(whole(p), *a), has_aux=True)
-        (loss, metrics), grads = grad_fn(state.params, graphdef, batch_m, ref, state.hparams, sc, totals, state.moments)
+        args = (graphdef, batch_m, ref, state.hparams, sc, totals, state.moments, step_key)
+        (loss, metrics), grads = grad_fn(state.params, *args)
         return loss, metrics, grads
 
     a = sc.grad_accum
@@ -682,7 +689,7 @@ def check_reference(cfg, policy_config) -> None:
 
     m = cfg.model
     ref = hf.load_config(cfg.reference.hf_path, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
-    policy = policy_config.replace(lora_rank=0, lora_alpha=ref.lora_alpha, lora_targets=())
+    policy = policy_config.replace(lora_rank=0, lora_alpha=ref.lora_alpha, lora_targets=(), lora_dropout=0.0)
     if ref != policy:
         a, b = dataclasses.asdict(ref), dataclasses.asdict(policy)
         diff = ", ".join(f"{k} {a[k]!r} (policy {b[k]!r})" for k in a if a[k] != b[k])
@@ -698,7 +705,7 @@ def load_reference(cfg, mesh):
     ref, _ = hf.load_pretrained(cfg.reference.hf_path, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
     params = nnx.state(ref)
     if lo.rank:
-        ref = lora.attach(ref, rank=lo.rank, alpha=lo.alpha, target_names=lora.targets(lo.targets), seed=cfg.seed)
+        ref = lora.attach_config(ref, lo, cfg.seed)
         adapters, ref_base = lora.split(lora.cast_base(nnx.state(ref), lo.base_dtype))
         params = lora.compose(lora.off(adapters), ref_base)
     return jax.device_put(params, sharding.param_shardings(params, mesh))
@@ -835,7 +842,7 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfg
     model = build_model(cfg, tokenizer)
     lo = cfg.lora
     if lo.rank:  # adapters on the loaded or initialised model: the same function until trained
-        model = lora.attach(model, rank=lo.rank, alpha=lo.alpha, target_names=lora.targets(lo.targets), seed=cfg.seed)
+        model = lora.attach_config(model, lo, cfg.seed)
     if d.max_length > model.config.max_position_embeddings:
         notes.warn(
             f"data.max_length={d.max_length} exceeds the model's max_position_embeddings="

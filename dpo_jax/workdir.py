@@ -222,7 +222,7 @@ def _added_fields(saved: dict[str, Any]) -> dict[str, Any]:
         "dpo.simpo_gamma": 0.5, "dpo.ld_alpha": 1.0, "dpo.use_weighting": False, "dpo.desirable_weight": 1.0,
         "dpo.undesirable_weight": 1.0, "reference.sync": False, "reference.ref_model_mixup_alpha": 0.6,
         "reference.ref_model_sync_steps": 512, "lora.rank": 0, "lora.alpha": 16.0, "lora.targets": "all-linear",
-        "lora.base_dtype": "float32", "reference.hf_path": "", "reward": "",
+        "lora.base_dtype": "float32", "lora.dropout": 0.0, "reference.hf_path": "", "reward": "",
         "dpo.bco_delta": "batch" if bco else "zero",  # bco_pair used the batch mean before TRL 1.16's zero
     }  # fmt: skip
 

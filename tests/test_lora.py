@@ -1,7 +1,9 @@
 """LoRA policies (dpo_jax.lora): a new adapter changes nothing; the merged export equals the adapted model in
 ``transformers``; ``peft`` loads the exported adapter onto the base with the same logits; shardings cover it."""
 
+import functools
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -12,7 +14,7 @@ import transformers
 from conftest import padded_batch
 from flax import nnx
 from test_hf import our_logits, torch_logits
-from test_train import tiny_config
+from test_train import step_setup, tiny_config  # noqa: F401 (a fixture)
 
 from dpo_jax import hf, lora, sharding, train
 from dpo_jax.config import ConfigError, validate
@@ -20,6 +22,8 @@ from dpo_jax.data import synthetic
 from dpo_jax.evaluate import read_history
 from dpo_jax.models import ModelConfig, init_decoder
 from dpo_jax.models.config import LORA_TARGETS
+from dpo_jax.models.llama import Linear
+from dpo_jax.state import HParams, init_state
 
 
 def adapted(path, targets=LORA_TARGETS, rank=4, alpha=8.0, seed=1):
@@ -56,10 +60,10 @@ def test_peft_loads_the_adapter_onto_the_base(hf_checkpoint, tmp_path):
     _, _, path = hf_checkpoint
     model = adapted(path, ("q_proj", "k_proj", "o_proj", "up_proj", "down_proj"), rank=3, alpha=5.0)
     adapters, _ = lora.split(nnx.state(model))
-    lora.save_peft(adapters, model.config, tmp_path / "adapter", base_model=str(path))
+    lora.save_peft(adapters, model.config.replace(lora_dropout=0.05), tmp_path / "adapter", base_model=str(path))
     base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
-    assert theirs.peft_config["default"].r == 3
+    assert theirs.peft_config["default"].r == 3 and theirs.peft_config["default"].lora_dropout == 0.05
     ids, mask = padded_batch()
     ours = our_logits(model, ids, mask)
     assert np.abs(ours - torch_logits(theirs, ids, mask))[mask.astype(bool)].max() <= 1e-4
@@ -83,15 +87,18 @@ def _data_bytes(path):
 
 
 def test_lora_run_trains_the_adapters_alone(tmp_path):
-    """A LoRA DPO run (no SFT stage): its reference is the initial model (step-0 eval log-probs equal a full run's),
-    the frozen and cached references give the same run, the export differs from the initial weights only by a
-    rank-r product in the adapted kernels (nothing else moved), and the checkpoints hold the adapters alone."""
+    """A LoRA DPO run (no SFT stage, adapter dropout 0.1): its reference is the initial model (step-0 eval
+    log-probs equal a full run's: eval drops nothing), the frozen reference on 8 devices and the cached one on 1
+    give the same run (the same masks), the export differs from the initial weights only by a rank-r product in
+    the adapted kernels (nothing else moved), and the checkpoints hold the adapters alone."""
     common = ("sft.steps=0", "optim.steps=10", "eval.every=10", "eval.num_prompts=0", "log_every=5")
-    lo = ("lora.rank=2", 'lora.targets="q_proj,v_proj,down_proj"', "lora.alpha=8.0", "optim.learning_rate=0.03")
+    lo = ("lora.rank=2", 'lora.targets="q_proj,v_proj,down_proj"', "lora.alpha=8.0", "optim.learning_rate=0.03",
+          "lora.dropout=0.1")  # fmt: skip
     runs = {}
-    for name, extra in [("full", ()), ("cached", lo), ("frozen", (*lo, 'reference.mode="frozen"'))]:
+    eight = ('reference.mode="frozen"', "mesh.data=4", "mesh.fsdp=2")  # 8 devices: the same dropout masks
+    for name, extra in [("full", ()), ("cached", lo), ("frozen", (*lo, *eight))]:
         cfg = tiny_config(*common, *extra, cache_dir=tmp_path / "cache")
-        train.train(cfg, tmp_path / name, devices=jax.devices()[:1])
+        train.train(cfg, tmp_path / name, devices=jax.devices()[: 8 if name == "frozen" else 1])
         runs[name] = read_history(tmp_path / name / "metrics.jsonl")
     first = {k: next(r for r in h if "eval/loss" in r) for k, h in runs.items()}
     for key in ("eval/logps/chosen", "eval/logps/rejected"):
@@ -114,6 +121,7 @@ def test_lora_run_trains_the_adapters_alone(tmp_path):
             np.testing.assert_array_equal(after, before, err_msg=str(path))
     adapter = json.loads((tmp_path / "cached" / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 2 and adapter["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+    assert adapter["lora_dropout"] == 0.1
     # the checkpoints hold the adapters alone (params and Adam moments), and their array data is a fraction of a
     # full run's (the data files: metadata files of a tiny checkpoint are the same size either way)
     meta = json.loads((tmp_path / "cached" / "dpo" / "checkpoints" / "10" / "state" / "_METADATA").read_text())
@@ -127,8 +135,83 @@ def test_lora_config_errors():
         ("rank", -1, "an integer >= 0"),
         ("targets", "q_proj,lm_head", "'all-linear' or comma-separated names"),
         ("base_dtype", "int4", "float32 | bfloat16"),
+        ("dropout", 1.0, "a number in [0, 1)"),
+        ("dropout", -0.1, "a number in [0, 1)"),
     ]:
         cfg = tiny_config("lora.rank=4")
         cfg.lora[field] = value
-        with pytest.raises(ConfigError, match=f"config.lora.{field}: expected {expected}"):
+        with pytest.raises(ConfigError, match=f"config.lora.{field}: expected {re.escape(expected)}"):
             validate(cfg)
+    with pytest.raises(ConfigError, match=r"config.lora.dropout: expected 0 without adapters"):
+        validate(tiny_config("lora.dropout=0.1"))  # rank 0: nothing to drop, so the config is not what trains
+
+
+def _identity_adapter(name, p):
+    """A ``Linear`` whose adapter is the identity (A = B = I, alpha = r: scale 1), so ``y - x W`` is the adapter's
+    input as the adapter saw it."""
+    cfg = ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
+                      lora_rank=8, lora_alpha=8.0, lora_targets=LORA_TARGETS, lora_dropout=p)  # fmt: skip
+    lin = Linear(8, 8, bias=False, std=0.5, rngs=nnx.Rngs(0), cfg=cfg, name=name)
+    lin.lora.lora_a[...] = jnp.eye(8)
+    lin.lora.lora_b[...] = jnp.eye(8)
+    return lin
+
+
+def test_lora_dropout_drops_each_adapters_input_as_peft_does():
+    """PEFT's ``lora_B(lora_A(dropout(x))) * scaling``: each input entry of the adapter is zeroed with probability
+    p and the rest scaled by 1 / (1 - p) (checked entry by entry against x); x W is never dropped; no key = no
+    dropout; every projection draws its own mask from the layer's key."""
+    p = 0.25
+    x = jax.random.normal(jax.random.key(0), (64, 32, 8))
+    q = _identity_adapter("q_proj", p)
+    base = np.asarray(x @ q.kernel[...])
+    np.testing.assert_allclose(np.asarray(q(x)) - base, np.asarray(x), atol=1e-5)  # no key: no dropout
+    key = jax.random.split(jax.random.key(1), 64 * 32).reshape(64, 32)  # a key per token
+    seen = np.asarray(q(x, key)) - base
+    dropped = np.abs(seen) < 1e-6
+    n = dropped.size
+    assert abs(dropped.mean() - p) < 4 * np.sqrt(p * (1 - p) / n)  # binomial: 4 s.e.
+    np.testing.assert_allclose(seen[~dropped], np.asarray(x)[~dropped] / (1 - p), rtol=1e-4, atol=1e-5)
+    again = np.abs(np.asarray(q(x, key)) - base) < 1e-6
+    np.testing.assert_array_equal(again, dropped)  # a function of the key
+    k_mask = np.abs(np.asarray(_identity_adapter("k_proj", p)(x, key)) - base) < 1e-6
+    other = np.abs(np.asarray(q(x, jax.random.split(jax.random.key(2), 64 * 32).reshape(64, 32))) - base) < 1e-6
+    for mask in (k_mask, other):  # independent masks agree on p^2 + (1 - p)^2 of the entries, not all
+        assert abs((mask == dropped).mean() - (p**2 + (1 - p) ** 2)) < 4 * np.sqrt(0.5 / n)
+
+
+def test_lora_dropout_acts_in_training_steps_only(step_setup):  # noqa: F811 (test_train's fixture)
+    """In a model: no key, or adapters off, leave the function unchanged; in the train step the masks are a
+    function of (seed, step) (a resumed step draws the same ones) and change from step to step."""
+    graphdef, params, batch = step_setup
+    tiny = nnx.merge(graphdef, params)
+    ids = jnp.asarray(batch["tokens"].reshape(-1, batch["tokens"].shape[-1]))
+    models, losses = {}, {}
+    for p in (0.0, 0.5):
+        g, state_params = nnx.split(lora.attach(tiny, rank=4, alpha=8.0, target_names=LORA_TARGETS, dropout=p))
+        adapters, base = lora.split(state_params)
+        keys = list(jax.random.split(jax.random.key(5), len(jax.tree.leaves(adapters))))
+        noise = jax.tree.unflatten(jax.tree.structure(adapters), keys)  # B random, as after training: they act
+        adapters = jax.tree.map(lambda a, k: a + 0.3 * jax.random.normal(k, a.shape), adapters, noise)
+        models[p] = nnx.merge(g, lora.compose(adapters, base))
+        off = nnx.merge(g, lora.compose(lora.off(adapters), base))
+        tx = train.make_optimizer(train.optim_section(learning_rate=1e-3, warmup_steps=0), 10)
+        sc = train.StepConfig("dpo", frozen_reference=True, lora=True)
+        fn = jax.jit(functools.partial(train.train_step, graphdef=g, tx=tx, sc=sc))
+        for seed, step in ((0, 0), (0, 0), (0, 1), (1, 0)) if p else ((0, 0), (1, 1)):
+            state = init_state(adapters, tx, HParams.create(), seed).replace(step=jnp.int32(step))
+            losses.setdefault((p, seed, step), []).append(float(fn(state, batch, base)[1]["loss"]))
+
+    def run(m, k=None):
+        keys = None if k is None else jax.random.split(k, ids.size).reshape(ids.shape)
+        return np.asarray(m(ids, dropout_keys_BxT=keys).logits_BxTxV)
+
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(run(models[0.5]), run(models[0.0]))  # no key: eval, sampling, the reference
+    np.testing.assert_array_equal(run(models[0.0], key), run(models[0.0]))  # p = 0: no dropout
+    assert np.abs(run(models[0.5], key) - run(models[0.0])).max() > 1e-3  # a training step's key: dropout acts
+    assert np.abs(run(models[0.5], key) - run(models[0.5], jax.random.key(4))).max() > 1e-3
+    np.testing.assert_array_equal(run(off, key), run(off))  # the base path is never dropped (adapters off)
+    assert losses[0.0, 0, 0] == losses[0.0, 1, 1]  # no dropout: no randomness
+    assert losses[0.5, 0, 0][0] == losses[0.5, 0, 0][1]  # the same seed and step: the same masks
+    assert len({losses[0.5, 0, 0][0], losses[0.5, 0, 1][0], losses[0.5, 1, 0][0], losses[0.0, 0, 0][0]}) == 4

@@ -57,13 +57,13 @@ def torch_pair_logps(model, pairs):
     return out
 
 
-def layout_logps(graphdef, params, pairs, layout, batch_size):
+def layout_logps(graphdef, params, pairs, layout, batch_size, dropout_key=None):
     """[N, 2] log-probs, and a function of params giving a fixed random combination of them (for gradients)."""
     loader = PreferenceLoader(pairs, batch_size, shuffle=False, drop_last=False, layout=layout)
     coeffs = np.random.default_rng(1).normal(size=(len(pairs), 2))
     batches = [{k: jnp.asarray(v) for k, v in b.items()} for _, b in loader.epoch(0)]
     out = np.zeros((len(pairs), 2))
-    score = jax.jit(lambda p, b: scoring.pair_logps(graphdef, p, b)[0])
+    score = jax.jit(lambda p, b: scoring.pair_logps(graphdef, p, b, dropout_key=dropout_key)[0])
     for b in batches:
         logps = np.asarray(score(params, b))
         index = np.asarray(b["index"]).reshape(-1)
@@ -72,7 +72,7 @@ def layout_logps(graphdef, params, pairs, layout, batch_size):
     def combination(params):
         total = 0.0
         for b in batches:
-            logps = scoring.pair_logps(graphdef, params, b)[0]
+            logps = scoring.pair_logps(graphdef, params, b, dropout_key=dropout_key)[0]
             index = b["index"].reshape(-1)
             c = jnp.asarray(coeffs)[jnp.maximum(index, 0)] * (index >= 0)[:, None]
             total = total + jnp.sum(logps * c)
@@ -93,6 +93,31 @@ def models(tmp_path_factory):
         ours, _ = hf.load_pretrained(path)
         out[name] = (model, *nnx.split(ours))
     return out
+
+
+def test_lora_dropout_masks_do_not_depend_on_the_layout(models):
+    """A token's LoRA dropout masks come from (its pair's dataset row, branch, position): every layout and batch
+    size gives the padded layout's per-pair log-probs and gradients under the same step key (the shared prompt's
+    one copy is dropped as both copies of the unshared layouts), though dropout changes them."""
+    from dpo_jax import lora
+    from dpo_jax.models.config import LORA_TARGETS
+
+    _, graphdef, params = models["mistral_window"]
+    model = lora.attach(nnx.merge(graphdef, params), rank=4, alpha=8.0, target_names=LORA_TARGETS, dropout=0.5)
+    graphdef, params = nnx.split(model)
+    adapters, base_params = lora.split(params)
+    adapters = jax.tree.map(lambda x: x + 0.2 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), adapters)  # B != 0
+    params = lora.compose(adapters, base_params)
+    pairs, key = make_pairs(10), jax.random.key(7)
+    base, base_grad = layout_logps(graphdef, params, pairs, BASELINE, 10, dropout_key=key)
+    plain, _ = layout_logps(graphdef, params, pairs, BASELINE, 10)
+    assert np.abs(base - plain).max() > 1e-2  # dropout acts
+    base_grads = base_grad(params)
+    for layout, batch_size in [(LAYOUTS["padded_shared"], 10), (LAYOUTS["packed"], 4), (LAYOUTS["packed_shared"], 3)]:
+        got, grad = layout_logps(graphdef, params, pairs, layout, batch_size, dropout_key=key)
+        np.testing.assert_allclose(got, base, rtol=1e-5, atol=2e-5)
+        for g, b in zip(jax.tree.leaves(grad(params)), jax.tree.leaves(base_grads), strict=True):
+            np.testing.assert_allclose(g, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["llama3", "llama_bias_tied", "mistral_window", "qwen2"])

@@ -247,9 +247,10 @@ def test_new_objectives_in_one_population_equal_their_sequential_runs(sequential
 
 
 def test_lora_members_in_one_population_equal_their_sequential_runs(tmp_path):
-    """LoRA members (adapters vmapped, one shared frozen base) with different beta and learning rate."""
+    """LoRA members (adapters vmapped, one shared frozen base, adapter dropout) with different beta and learning
+    rate."""
     members = [{"dpo.beta": 0.1}, {"dpo.beta": 0.5, "optim.learning_rate": 3e-3}]
-    base = tiny_config(*BASE, "sft.steps=4", "lora.rank=4", 'lora.targets="q_proj,v_proj,up_proj"')
+    base = tiny_config(*BASE, "sft.steps=4", "lora.rank=4", 'lora.targets="q_proj,v_proj,up_proj"', "lora.dropout=0.1")
     seq = _seq_and_vec_equal(base, members, tmp_path)
     assert all((tmp_path / d / r["member"] / "adapter" / "adapter_model.safetensors").exists()
                for d in ("seq", "vec") for r in seq)  # fmt: skip

@@ -158,7 +158,7 @@ def pad_batches(batches: Sequence[dict]) -> list[dict]:
     rest["ref_logps"] = rest["ref_tails"] = (p, 2)
 
     def group_array(key, x):  # [G, ...] -> per block [Z, G / Z, ...], padded, back to [G', ...]
-        fill = -1 if key == "index" else (1 if key == "target_probs" else 0)
+        fill = -1 if key in ("index", "pair") else (1 if key == "target_probs" else 0)
         x = x.reshape(z, x.shape[0] // z, *x.shape[1:])
         new = (z, g // z, *rest[key])
         x = np.pad(x, [(0, n - d) for n, d in zip(new, x.shape, strict=True)], constant_values=fill)

@@ -5,8 +5,10 @@ P pairs per group, Z score blocks (consecutive runs of G / Z groups: one per dev
 entries per block.
 
 Every layout is described by the same arrays, so one scoring function serves all of them:
-  tokens, positions, segment_ids, branch   [G, K, T] int32  (segment 0 = padding; branch 0 = shared prefix,
-                                                             1 = chosen, 2 = rejected after a shared prompt)
+  tokens, positions, segment_ids, branch,  [G, K, T] int32  (segment 0 = padding; branch 0 = prompt, 1 =
+  pair                                                       chosen, 2 = rejected; pair: the dataset row of the
+                                                             token's pair, -1 = padding. (pair, branch, position)
+                                                             names a token in every layout: its dropout mask)
   score_src, score_target, score_seq       [Z, S] int32     (entry e: the hidden state at flat slot
   score_mask                               [Z, S] float32    ``score_src`` of its block's (G/Z)*K*T slots
                                                              predicts token ``score_target`` of sequence
@@ -37,7 +39,7 @@ import numpy as np
 from dpo_jax.data.formats import DataError
 from dpo_jax.data.tokenize import TokenizedPair
 
-ROW_KEYS = ("tokens", "positions", "segment_ids", "branch")
+ROW_KEYS = ("tokens", "positions", "segment_ids", "branch", "pair")
 SCORE_KEYS = ("score_src", "score_target", "score_seq", "score_mask")
 PAIR_KEYS = ("target_probs", "weights", "valid", "index")
 KINDS = ("packed", "padded")
@@ -146,12 +148,13 @@ def plan_groups(pairs: Sequence[TokenizedPair | None], layout: Layout, row_lengt
     return [[real[j] for j in row] for row in pack_rows(lengths, row_length)]
 
 
-def _place(seq_tokens, out, g, k, start, segment, branch, positions):
+def _place(seq_tokens, out, g, k, start, segment, branch, positions, pair):
     n = len(seq_tokens)
     out["tokens"][g, k, start : start + n] = seq_tokens
     out["positions"][g, k, start : start + n] = positions
     out["segment_ids"][g, k, start : start + n] = segment
     out["branch"][g, k, start : start + n] = branch
+    out["pair"][g, k, start : start + n] = pair
 
 
 def materialize(
@@ -172,6 +175,7 @@ def materialize(
     per_block = g_ // num_blocks
     out = {key: np.zeros((g_, k_, t_), np.int32) for key in ROW_KEYS}
     out["tokens"][:] = pad_id
+    out["pair"][:] = -1
     for key in SCORE_KEYS:
         out[key] = np.zeros((num_blocks, s_), np.float32 if key == "score_mask" else np.int32)
     out["target_probs"] = np.ones((g_, p_), np.float32)
@@ -190,24 +194,25 @@ def materialize(
             completions = (pair.chosen, pair.rejected)[: layout.sides]
             if layout.shared:  # one segment: prompt (branch 0), chosen (1), rejected (2)
                 base = cursor
-                _place(prompt, out, g, 0, base, slot + 1, 0, np.arange(p))
+                _place(prompt, out, g, 0, base, slot + 1, 0, np.arange(p), indices[i])
                 cursor += p
                 for side, comp in enumerate(completions):
                     c = len(comp)
-                    _place(comp, out, g, 0, cursor, slot + 1, side + 1, p + np.arange(c))
+                    _place(comp, out, g, 0, cursor, slot + 1, side + 1, p + np.arange(c), indices[i])
                     prev = np.concatenate([[base + p - 1], cursor + np.arange(c - 1)]) if c else np.zeros(0, int)
                     keep = prev >= base  # an empty prompt leaves the first token unpredicted
                     src += list(offset + prev[keep])
                     tgt += list(comp[keep])
                     seq += [2 * (pair0 + slot) + side] * int(keep.sum())
                     cursor += c
-            else:  # a segment per sequence: prompt + completion
+            else:  # a segment per sequence: prompt (branch 0) + completion (side + 1)
                 for side, comp in enumerate(completions):
                     k = side if k_ == 2 else 0
                     start = 0 if k_ == 2 else cursor
                     full = np.concatenate([prompt, comp])
                     segment = slot + 1 if k_ == 2 else layout.sides * slot + side + 1
-                    _place(full, out, g, k, start, segment, 0, np.arange(len(full)))
+                    _place(prompt, out, g, k, start, segment, 0, np.arange(p), indices[i])
+                    _place(comp, out, g, k, start + p, segment, side + 1, p + np.arange(len(comp)), indices[i])
                     first = max(p, 1)
                     src += list(offset + k * t_ + start + np.arange(first - 1, len(full) - 1))
                     tgt += list(full[first:])

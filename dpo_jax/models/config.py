@@ -54,6 +54,7 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()
+    lora_dropout: float = 0.0  # on the adapters' input (PEFT's), in training steps only: a call given a dropout key
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -66,6 +67,8 @@ class ModelConfig:
             raise ValueError(f"remat {self.remat!r} is not supported; expected one of {REMAT_POLICIES}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16; got {self.dtype!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1); got {self.lora_dropout}")
         if self.lora_rank < 0 or (self.lora_rank and not set(self.lora_targets) <= set(LORA_TARGETS)):
             raise ValueError(
                 f"lora: rank >= 0 and targets among {LORA_TARGETS}; got {self.lora_rank}, {self.lora_targets}"

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpo_jax.models.config import ModelConfig
+from dpo_jax.models.config import LORA_TARGETS, ModelConfig
 
 Array = jax.Array
 _MASKED = float(np.finfo(np.float32).min)  # finite, so a fully masked (padding) row gives no NaN
@@ -105,9 +105,16 @@ def attention_bias(
     return jnp.where(allowed, 0.0, _MASKED)[:, None, None, :, :]
 
 
+def fold_keys(keys: Array, data) -> Array:
+    """``fold_in(key, data)`` for each key of an array of typed keys (the same ``data``)."""
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys.reshape(-1), data).reshape(keys.shape)
+
+
 class Linear(nnx.Module):
     """x W + b, plus (alpha / r) x A B when the config adapts this projection (``nnx.LoRA``: A [in, r] uniform as
-    PEFT's Kaiming init, B [r, out] zeros, so a new adapter changes nothing; its variables are ``nnx.LoRAParam``)."""
+    PEFT's Kaiming init, B [r, out] zeros, so a new adapter changes nothing; its variables are ``nnx.LoRAParam``).
+    Given dropout keys (one per token), the adapter's input is dropped at ``config.lora_dropout`` as PEFT does
+    (x W is not): each token's mask is drawn from its own key, so it does not depend on where the token sits."""
 
     def __init__(self, d_in: int, d_out: int, *, bias: bool, std: float, rngs: nnx.Rngs, cfg=None, name=""):
         self.kernel = nnx.Param(jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32) * std)
@@ -119,12 +126,19 @@ class Linear(nnx.Module):
                 a_initializer=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
             )  # fmt: skip
             self.lora_scale = cfg.lora_alpha / cfg.lora_rank
+            self.dropout, self.dropout_id = cfg.lora_dropout, LORA_TARGETS.index(name)
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x_BxTxD: Array, dropout_keys_BxT: Array | None = None) -> Array:
+        x = x_BxTxD
         y = jnp.dot(x, self.kernel[...].astype(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         if self.lora is not None:
+            if dropout_keys_BxT is not None and self.dropout > 0:  # a mask of its own for each projection
+                keep = 1.0 - self.dropout
+                keys_N = fold_keys(dropout_keys_BxT, self.dropout_id).reshape(-1)
+                kept = jax.vmap(lambda k: jax.random.bernoulli(k, keep, x.shape[-1:]))(keys_N).reshape(x.shape)
+                x = jnp.where(kept, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
             y = y + (self.lora(x) * self.lora_scale).astype(x.dtype)
         return y
 
@@ -149,13 +163,14 @@ class Attention(nnx.Module):
         self.o_proj = Linear(h * e, d, bias=cfg.o_bias, std=std, rngs=rngs, cfg=cfg, name="o_proj")
         self.shape = (h, k, e)
 
-    def __call__(self, x_BxTxD, positions_BxT, bias_Bx1x1xTxS, inv_freq, kv=None):
+    def __call__(self, x_BxTxD, positions_BxT, bias_Bx1x1xTxS, inv_freq, kv=None, dropout_keys_BxT=None):
         """``kv``: optional (cache_k_BxSxKxE, cache_v_BxSxKxE, index) to write into and attend over."""
         h, k, e = self.shape
         b, t, _ = x_BxTxD.shape
-        q_BxTxHxE = apply_rope(self.q_proj(x_BxTxD).reshape(b, t, h, e), positions_BxT, inv_freq)
-        k_BxTxKxE = apply_rope(self.k_proj(x_BxTxD).reshape(b, t, k, e), positions_BxT, inv_freq)
-        v_BxTxKxE = self.v_proj(x_BxTxD).reshape(b, t, k, e)
+        keys = dropout_keys_BxT
+        q_BxTxHxE = apply_rope(self.q_proj(x_BxTxD, keys).reshape(b, t, h, e), positions_BxT, inv_freq)
+        k_BxTxKxE = apply_rope(self.k_proj(x_BxTxD, keys).reshape(b, t, k, e), positions_BxT, inv_freq)
+        v_BxTxKxE = self.v_proj(x_BxTxD, keys).reshape(b, t, k, e)
         new_kv = None
         if kv is not None:
             cache_k, cache_v, index = kv
@@ -167,7 +182,7 @@ class Attention(nnx.Module):
         scores_BxKxGxTxS = scores_BxKxGxTxS.astype(jnp.float32) * (e**-0.5) + bias_Bx1x1xTxS
         probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(x_BxTxD.dtype)
         out_BxTxKxGxE = jnp.einsum("bkgts,bske->btkge", probs, v_BxTxKxE.astype(x_BxTxD.dtype))
-        return self.o_proj(out_BxTxKxGxE.reshape(b, t, h * e)), new_kv
+        return self.o_proj(out_BxTxKxGxE.reshape(b, t, h * e), keys), new_kv
 
 
 class MLP(nnx.Module):
@@ -177,8 +192,9 @@ class MLP(nnx.Module):
         self.up_proj = Linear(d, f, bias=cfg.mlp_bias, std=std, rngs=rngs, cfg=cfg, name="up_proj")
         self.down_proj = Linear(f, d, bias=cfg.mlp_bias, std=std, rngs=rngs, cfg=cfg, name="down_proj")
 
-    def __call__(self, x_BxTxD):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x_BxTxD)) * self.up_proj(x_BxTxD))
+    def __call__(self, x_BxTxD, dropout_keys_BxT=None):
+        keys = dropout_keys_BxT
+        return self.down_proj(jax.nn.silu(self.gate_proj(x_BxTxD, keys)) * self.up_proj(x_BxTxD, keys), keys)
 
 
 class Block(nnx.Module):
@@ -188,10 +204,12 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BxTxD, positions_BxT, bias, inv_freq, kv=None):
-        attn, new_kv = self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT, bias, inv_freq, kv)
+    def __call__(self, x_BxTxD, positions_BxT, bias, inv_freq, kv=None, dropout_keys_BxT=None):
+        """``dropout_keys_BxT``: this layer's, per token (each projection folds in its own index)."""
+        keys = dropout_keys_BxT
+        attn, new_kv = self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT, bias, inv_freq, kv, keys)
         x_BxTxD = x_BxTxD + attn
-        return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD)), new_kv
+        return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD), keys), new_kv
 
 
 _REMAT = {
@@ -239,6 +257,7 @@ class Decoder(nnx.Module):
         attention_mask_BxT: Array | None = None,
         cache: KVCache | None = None,
         return_logits: bool = True,
+        dropout_keys_BxT: Array | None = None,
     ) -> DecoderOutput:
         """Run the decoder.
 
@@ -253,6 +272,8 @@ class Decoder(nnx.Module):
           attention_mask_BxT: 1 for real tokens, 0 for padding (keys that must not be attended to).
           cache: a ``KVCache`` to write these tokens into (at ``cache.index``) and attend over.
           return_logits: False skips the LM head (use ``lm_head_weight()`` with the chunked log-probs).
+          dropout_keys_BxT: a training step's typed key per token: LoRA dropout at ``config.lora_dropout`` (None:
+            none, as in eval and sampling); each layer and projection folds in its own index.
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -291,18 +312,22 @@ class Decoder(nnx.Module):
         x_BxTxD = jnp.take(self.embed_tokens[...], tokens_BxT, axis=0).astype(dtype)
         graphdef, layer_state = nnx.split(self.layers)
 
-        def layer_fn(x_BxTxD, layer_state, kv):
-            return nnx.merge(graphdef, layer_state)(x_BxTxD, positions_BxT, bias, inv_freq, kv)
+        dropout = dropout_keys_BxT is not None and cfg.lora_rank > 0 and cfg.lora_dropout > 0
+
+        def layer_fn(x_BxTxD, layer_state, kv, layer=None):
+            keys = fold_keys(dropout_keys_BxT, layer) if dropout else None
+            return nnx.merge(graphdef, layer_state)(x_BxTxD, positions_BxT, bias, inv_freq, kv, keys)
 
         if cfg.remat != "none":
             layer_fn = jax.checkpoint(layer_fn, policy=_REMAT[cfg.remat])
 
         if cache is None:
             if cfg.scan_layers:
-                x_BxTxD, _ = jax.lax.scan(lambda x, st: (layer_fn(x, st, None)[0], None), x_BxTxD, layer_state)
+                xs = (layer_state, jnp.arange(cfg.num_layers))
+                x_BxTxD, _ = jax.lax.scan(lambda x, xs: (layer_fn(x, xs[0], None, xs[1])[0], None), x_BxTxD, xs)
             else:
                 for i in range(cfg.num_layers):
-                    x_BxTxD, _ = layer_fn(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], layer_state), None)
+                    x_BxTxD, _ = layer_fn(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], layer_state), None, i)
             new_cache = None
         else:
 
