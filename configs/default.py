@@ -140,7 +140,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         rank=0,
         alpha=16.0,  # scale alpha / rank (PEFT's lora_alpha)
         targets="all-linear",  # or projection names: "q_proj,v_proj" (q k v o gate up down _proj)
-        base_dtype="float32",  # float32 | bfloat16: how the frozen base is stored (adapters train in float32)
+        # how the frozen base is stored (adapters train in float32): float32 | bfloat16 | int8 (qwix: symmetric,
+        # a float32 scale per output channel / embedding row / vocabulary column; dequantized at use)
+        base_dtype="float32",
         dropout=0.0,  # PEFT's lora_dropout: on each adapter's input, in training steps only (not eval/sampling)
     )
     # member: devices groups a population's members are split over (0: as many as divide the members and devices;

@@ -172,7 +172,8 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
             lora_targets(lo.targets)
         except ValueError as e:
             _check(False, "lora.targets", str(e), lo.targets)
-        _check(lo.base_dtype in ("float32", "bfloat16"), "lora.base_dtype", "float32 | bfloat16", lo.base_dtype)
+        _check(lo.base_dtype in ("float32", "bfloat16", "int8"), "lora.base_dtype", "float32 | bfloat16 | int8",
+               lo.base_dtype)  # fmt: skip
     p = lo.dropout
     _check(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1, "lora.dropout",
            "a number in [0, 1)", p)  # fmt: skip

@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 from flax import nnx
 from safetensors.numpy import save_file
 
@@ -84,23 +85,55 @@ def fold(params: nnx.State, cfg: ModelConfig) -> nnx.State:
         a, b = lin["lora"]["lora_a"], lin["lora"]["lora_b"]
         w = lin["kernel"]
         delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32)) * scale
-        lin["kernel"] = (w.astype(jnp.float32) + delta).astype(w.dtype)
+        if _is_q(w):  # an int8 base: requantized, the same channels
+            axes = tuple(i for i, (n, m) in enumerate(zip(w.scale.shape, w.qvalue.shape, strict=True)) if n == m)
+            lin["kernel"] = quantize(qwix.dequantize(w) + delta, axes)
+        else:
+            lin["kernel"] = (w.astype(jnp.float32) + delta).astype(w.dtype)
         lin["lora"]["lora_b"] = jnp.zeros_like(b)
     out = jax.tree.map(lambda x: x, params)
     nnx.replace_by_pure_dict(out, pure)
     return out
 
 
+def _channels(path: str, ndim: int) -> tuple[int, ...]:
+    """The axes that keep their own int8 scale: each layer's output channels, each embedding row, each head
+    column (a vocabulary entry)."""
+    if "layers" in path:
+        return (0, ndim - 1)
+    return (0,) if path.endswith("embed_tokens") else (ndim - 1,)
+
+
+def quantize(x, axes) -> qwix.QArray:
+    """Symmetric int8 with an absmax float32 scale per channel (``axes``), by qwix."""
+    return qwix.quantize(jnp.asarray(x, jnp.float32), "int8", channelwise_axes=axes)
+
+
+def _is_q(x) -> bool:
+    return isinstance(x, qwix.QArray)
+
+
+def dequantized(tree):
+    """``tree`` with every int8 weight back in float32 (what the model computes with)."""
+    return jax.tree.map(lambda x: qwix.dequantize(x) if _is_q(x) else x, tree, is_leaf=_is_q)
+
+
 def cast_base(params: nnx.State, dtype: str) -> nnx.State:
-    """The base's kernels, embeddings and head stored in ``dtype`` (the model casts them to the compute dtype);
-    adapters and norms stay float32."""
+    """The base's kernels, embeddings and head stored in ``dtype`` (the model casts them to the compute dtype;
+    ``int8``: qwix ``QArray``s, dequantized at use; biases stay float32); adapters and norms stay float32."""
     if dtype == "float32":
         return params
     adapters, base = split(params)
-    base = jax.tree_util.tree_map_with_path(
-        lambda path, x: x if "norm" in path_str(path) or x.ndim < 2 else x.astype(jnp.dtype(dtype)), base
-    )
-    return compose(adapters, base)
+
+    def cast(path, x):
+        p = path_str(path)
+        if "norm" in p or x.ndim < 2:
+            return x
+        if dtype != "int8":
+            return x.astype(jnp.dtype(dtype))
+        return x if p.endswith("bias") else quantize(x, _channels(p, x.ndim))  # biases stay float32
+
+    return compose(adapters, jax.tree_util.tree_map_with_path(cast, base))
 
 
 def peft_tensors(adapters: nnx.State, cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -160,9 +193,10 @@ def attach_config(model, lo, seed: int):
 
 
 def detach(model):
-    """The plain ``Decoder`` of a LoRA model with the adapters merged into its kernels."""
+    """The plain ``Decoder`` of a LoRA model with the adapters merged into its kernels (an int8 base dequantized
+    first: the float32 function the policy computes)."""
     from dpo_jax.models.llama import Decoder
 
     cfg = model.config.replace(lora_rank=0, lora_targets=(), lora_dropout=0.0)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
-    return nnx.merge(graphdef, split(fold(nnx.state(model), model.config))[1])
+    return nnx.merge(graphdef, split(fold(dequantized(nnx.state(model)), model.config))[1])

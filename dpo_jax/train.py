@@ -306,6 +306,7 @@ class Programs:
         key = tuple((k, v.shape) for k, v in sorted(batch.items())) + tuple(
             x.shape for x in jax.tree.leaves(state.hparams)
         )
+        key += (jax.tree.structure(rest), *((x.shape, x.dtype) for x in jax.tree.leaves(rest)))  # the frozen tree
         if key not in self.compiled:
             t0 = time.perf_counter()
             self.compiled[key] = self.jitted.lower(state, batch, *rest).compile()
@@ -369,7 +370,8 @@ _STEP_FNS: dict = {}  # jitted steps, reused by later runs in this process (swee
 
 
 def _jitted_step(graphdef, tx, sc, optim_key, shardings, batch_shardings, ref_shardings, mesh, shared: bool):
-    key = (graphdef, sc, optim_key, mesh, tuple(sorted(batch_shardings)), ref_shardings is None, shared)
+    ref = (jax.tree.structure(ref_shardings), tuple(jax.tree.leaves(ref_shardings)))  # e.g. an int8 LoRA base
+    key = (graphdef, sc, optim_key, mesh, tuple(sorted(batch_shardings)), ref, shared)
     if key not in _STEP_FNS:
         step = jax.vmap(
             functools.partial(train_step, graphdef=graphdef, tx=tx, sc=sc), in_axes=(0, None if shared else 0, None)

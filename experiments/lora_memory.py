@@ -3,7 +3,9 @@
 XLA's memory analysis of each compiled train step (cached reference): the bytes the step takes as arguments
 (train state, the LoRA base, the batch), the temporaries it allocates, and their sum (the step's peak, donated
 outputs aliasing their inputs); then the mean time of the timed steps. Rows: full fine-tuning; LoRA rank r on
-every projection with a float32 base; the same with a bfloat16 base.
+every projection with a float32 base; the same with a bfloat16 base and with an int8 base (qwix: int8 values, a
+float32 scale per channel, dequantized at use); the float32 one with adapter dropout (``--dropout``, default 0.05:
+the masks' cost).
 
     python experiments/lora_memory.py                       # the 32k model of experiments/throughput.py
     python experiments/lora_memory.py --case 128k --rank 16 --steps 4
@@ -29,10 +31,10 @@ from dpo_jax.state import HParams, init_state
 MB = 1 << 20
 
 
-def run(mc, pairs, batch, steps, rank, base_dtype) -> dict:
+def run(mc, pairs, batch, steps, rank, base_dtype, dropout=0.0) -> dict:
     model = init_decoder(mc, seed=0)
     if rank:
-        model = lora.attach(model, rank=rank, alpha=2.0 * rank, target_names=LORA_TARGETS, seed=0)
+        model = lora.attach(model, rank=rank, alpha=2.0 * rank, target_names=LORA_TARGETS, dropout=dropout, seed=0)
     graphdef, params = nnx.split(model)
     base = None
     if rank:
@@ -76,6 +78,7 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--dropout", type=float, default=0.05)
     args = parser.parse_args(argv)
     case = CASES[args.case]
     mc = model_config(case)
@@ -86,7 +89,10 @@ def main(argv=None):
         ("full fine-tuning", run(mc, pairs, args.batch, args.steps, 0, "float32")),
         (f"LoRA r={args.rank}, float32 base", run(mc, pairs, args.batch, args.steps, args.rank, "float32")),
         (f"LoRA r={args.rank}, bfloat16 base", run(mc, pairs, args.batch, args.steps, args.rank, "bfloat16")),
-    ]
+        (f"LoRA r={args.rank}, int8 base", run(mc, pairs, args.batch, args.steps, args.rank, "int8")),
+        (f"LoRA r={args.rank}, float32 base, dropout {args.dropout}",
+         run(mc, pairs, args.batch, args.steps, args.rank, "float32", args.dropout)),
+    ]  # fmt: skip
     full = rows[0][1]
     print("\n| run | trained params | train state MB | frozen base MB | step peak MB (args + temps) | temps MB "
           "| ms/step | peak vs full |")  # fmt: skip

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 import transformers
 from conftest import padded_batch
 from flax import nnx
@@ -81,6 +82,60 @@ def test_adapter_shardings_follow_their_projection():
     assert spec["layers/mlp/down_proj/lora/lora_b"] == (None, None, "fsdp")  # [L, r, D]
 
 
+def _numpy_int8(w, channel_axes):
+    """Symmetric int8 by hand: scale = absmax / 127.5 over the non-channel axes (qwix's bound: the top bucket is
+    [126.5, 127.5)), values rounded and clipped to [-128, 127]; returns (int8 values, scale, where w / scale is a
+    rounding tie: each channel's absmax lands on +-127.5, which float32 rounding may send either way)."""
+    w = np.asarray(w, np.float64)
+    reduce = tuple(i for i in range(w.ndim) if i not in channel_axes)
+    scale = np.abs(w).max(axis=reduce, keepdims=True) / 127.5
+    v = w / scale
+    ties = np.abs(np.abs(v - np.floor(v)) - 0.5) < 1e-3
+    return np.clip(np.rint(v), -128, 127).astype(np.int8), scale, ties
+
+
+def test_int8_base_stores_qwix_int8_and_computes_with_its_dequantized_weights(hf_checkpoint):
+    """lora.base_dtype="int8": every kernel, the embedding and the head become int8 with a float32 scale per output
+    channel (per layer) / embedding row / vocabulary column, equal to a NumPy quantization of the float weights (but
+    at rounding ties, one step either way): a byte per weight and a scale per channel; the adapted model's logits
+    are those of a float32 model holding the NumPy-dequantized weights; adapters, norms and biases stay float32."""
+    import qwix
+
+    _, _, path = hf_checkpoint
+    model = adapted(path, LORA_TARGETS)
+    graphdef, params = nnx.split(model)
+    q = lora.cast_base(params, "int8")
+    adapters, base = lora.split(q)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(adapters))
+    by_path = dict(jax.tree_util.tree_leaves_with_path(base, is_leaf=lambda x: isinstance(x, qwix.QArray)))
+    float_base = dict(jax.tree_util.tree_leaves_with_path(lora.split(params)[1]))
+    pure = nnx.to_pure_dict(params)
+    for kp, x in by_path.items():
+        name = sharding.path_str(kp)
+        w = np.asarray(float_base[kp])
+        if "norm" in name or name.endswith("bias") or w.ndim < 2:
+            assert not isinstance(x, qwix.QArray) and x.dtype == jnp.float32, name
+            continue
+        assert isinstance(x, qwix.QArray) and x.qvalue.dtype == jnp.int8, name
+        axes = (0, w.ndim - 1) if name.startswith("layers") else ((0,) if name == "embed_tokens" else (1,))
+        values, scale, ties = _numpy_int8(w, axes)
+        np.testing.assert_allclose(np.asarray(x.scale), scale, rtol=1e-6)
+        steps = np.abs(np.asarray(x.qvalue, np.int32) - values)
+        assert steps.max() <= 1 and (ties | (steps == 0)).all(), name
+        assert 4 * x.qvalue.nbytes == w.nbytes and x.scale.size == np.prod([w.shape[i] for i in axes]), name
+        node = pure
+        for key in name.split("/")[:-1]:
+            node = node[key]
+        node[name.split("/")[-1]] = jnp.asarray(np.asarray(x.qvalue, np.float64) * scale, jnp.float32)
+    oracle_state = jax.tree.map(lambda x: x, params)
+    nnx.replace_by_pure_dict(oracle_state, pure)
+    oracle = nnx.merge(graphdef, oracle_state)  # the float32 model of the hand-dequantized weights
+    ids, mask = padded_batch()
+    ours = our_logits(nnx.merge(graphdef, q), ids, mask)
+    assert np.abs(ours - our_logits(oracle, ids, mask))[mask.astype(bool)].max() <= 1e-4
+    assert np.abs(ours - our_logits(model, ids, mask)).max() > 1e-4  # int8 is not float32
+
+
 def _data_bytes(path):
     """Bytes of a stage's checkpointed array data (the tensorstore data files under .../d/)."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.parent.name == "d")
@@ -106,6 +161,14 @@ def test_lora_run_trains_the_adapters_alone(tmp_path):
     losses = {k: [r["train/loss"] for r in h if "train/loss" in r] for k, h in runs.items()}
     np.testing.assert_allclose(losses["frozen"], losses["cached"], rtol=1e-5)
     assert losses["cached"][-1] < losses["cached"][0]  # it trains
+
+    # an int8 base (qwix), with an SFT stage whose adapters are folded into it (requantized): trains and exports
+    cfg8 = tiny_config(*common, *lo, 'lora.base_dtype="int8"', "sft.steps=3", cache_dir=tmp_path / "cache")
+    train.train(cfg8, tmp_path / "int8", devices=jax.devices()[:1])
+    int8 = [r["train/loss"] for r in read_history(tmp_path / "int8" / "metrics.jsonl") if "train/loss" in r]
+    assert int8[-1] < int8[0] and np.isfinite(int8).all()
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "int8" / "hf")
+    assert all(p.dtype == torch.float32 for p in exported.parameters())  # the merged model, dequantized
 
     initial = train.build_model(cfg, synthetic.build_tokenizer())
     init = nnx.to_pure_dict(nnx.state(initial))
@@ -134,7 +197,7 @@ def test_lora_config_errors():
     for field, value, expected in [
         ("rank", -1, "an integer >= 0"),
         ("targets", "q_proj,lm_head", "'all-linear' or comma-separated names"),
-        ("base_dtype", "int4", "float32 | bfloat16"),
+        ("base_dtype", "int4", "float32 | bfloat16 | int8"),
         ("dropout", 1.0, "a number in [0, 1)"),
         ("dropout", -0.1, "a number in [0, 1)"),
     ]:

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 from flax import nnx
 
 from dpo_jax.models.config import LORA_TARGETS, ModelConfig
@@ -105,6 +106,22 @@ def attention_bias(
     return jnp.where(allowed, 0.0, _MASKED)[:, None, None, :, :]
 
 
+def weight(variable, dtype) -> Array:
+    """A parameter's value in ``dtype``; an int8 base weight (a ``qwix.QArray``: int8 values, a float scale per
+    channel) is dequantized first."""
+    x = variable.get_value()
+    return (qwix.dequantize(x) if isinstance(x, qwix.QArray) else x).astype(dtype)
+
+
+def embed(table, tokens_BxT: Array, dtype) -> Array:
+    """Rows of the embedding table (of an int8 one: only the rows taken are dequantized)."""
+    x = table.get_value()
+    if isinstance(x, qwix.QArray):  # per-row scales [V, 1]
+        rows = jnp.take(x.qvalue, tokens_BxT, axis=0).astype(x.scale.dtype) * jnp.take(x.scale, tokens_BxT, axis=0)
+        return rows.astype(dtype)
+    return jnp.take(x, tokens_BxT, axis=0).astype(dtype)
+
+
 def fold_keys(keys: Array, data) -> Array:
     """``fold_in(key, data)`` for each key of an array of typed keys (the same ``data``)."""
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys.reshape(-1), data).reshape(keys.shape)
@@ -130,7 +147,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x_BxTxD: Array, dropout_keys_BxT: Array | None = None) -> Array:
         x = x_BxTxD
-        y = jnp.dot(x, self.kernel[...].astype(x.dtype))
+        y = jnp.dot(x, weight(self.kernel, x.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         if self.lora is not None:
@@ -244,8 +261,8 @@ class Decoder(nnx.Module):
 
     def lm_head_weight(self) -> Array:
         """[D, V] in the compute dtype: the input embedding transposed when tied."""
-        w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        return w.astype(jnp.dtype(self.config.dtype))
+        dtype = jnp.dtype(self.config.dtype)
+        return weight(self.embed_tokens, dtype).T if self.lm_head is None else weight(self.lm_head, dtype)
 
     def __call__(
         self,
@@ -309,7 +326,7 @@ class Decoder(nnx.Module):
             s = cache.mask_BxS.shape[1]
             bias = attention_bias(q_slots_BxT, jnp.arange(s), kv_mask_BxS, None, None, cfg.sliding_window)
 
-        x_BxTxD = jnp.take(self.embed_tokens[...], tokens_BxT, axis=0).astype(dtype)
+        x_BxTxD = embed(self.embed_tokens, tokens_BxT, dtype)
         graphdef, layer_state = nnx.split(self.layers)
 
         dropout = dropout_keys_BxT is not None and cfg.lora_rank > 0 and cfg.lora_dropout > 0
