@@ -4,6 +4,7 @@
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,12 +64,10 @@ def test_sigkill_then_resume_equals_uninterrupted_and_sigterm_saves(tmp_path):
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130 and "Ctrl-C: saved step" in output and "Traceback" not in output
-    assert cli(tmp_path / "int", *slow).returncode == 0
-    d = load_file(tmp_path / "int/hf/model.safetensors")
-    for k in a:
-        np.testing.assert_array_equal(a[k], d[k], err_msg=k)
+    step = int(re.search(r"Ctrl-C: saved step (\d+)", output).group(1))
+    assert (tmp_path / "int/dpo/checkpoints" / str(step)).is_dir()  # resuming from it: SIGTERM's path above
     # Every resumed run logged each step once (the steps redone after a resume replace the lost ones).
-    for run in ("killed", "term", "int"):
+    for run in ("killed", "term"):
         steps = [r["step"] for r in read_history(tmp_path / run / "metrics.jsonl") if "train/loss" in r]
         assert steps == sorted(set(steps)) and steps[-1] == 20, (run, steps)
 

