@@ -94,11 +94,13 @@ def _numpy_int8(w, channel_axes):
     return np.clip(np.rint(v), -128, 127).astype(np.int8), scale, ties
 
 
+@pytest.mark.parametrize("hf_checkpoint", ["llama_bias_tied", "qwen2"], indirect=True)  # biases, a tied head
 def test_int8_base_stores_qwix_int8_and_computes_with_its_dequantized_weights(hf_checkpoint):
     """lora.base_dtype="int8": every kernel, the embedding and the head become int8 with a float32 scale per output
     channel (per layer) / embedding row / vocabulary column, equal to a NumPy quantization of the float weights (but
     at rounding ties, one step either way): a byte per weight and a scale per channel; the adapted model's logits
-    are those of a float32 model holding the NumPy-dequantized weights; adapters, norms and biases stay float32."""
+    are those of a float32 model holding the NumPy-dequantized weights; adapters, norms and biases stay float32
+    (on the architectures with biases and with a tied head)."""
     import qwix
 
     _, _, path = hf_checkpoint
