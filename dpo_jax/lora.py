@@ -81,12 +81,12 @@ def fold(params: nnx.State, cfg: ModelConfig) -> nnx.State:
     dtype) and B set to zero: the same function, the adapters off."""
     pure = nnx.to_pure_dict(params)
     scale = cfg.lora_alpha / cfg.lora_rank
-    for _, lin in _adapted(pure):
+    for path, lin in _adapted(pure):
         a, b = lin["lora"]["lora_a"], lin["lora"]["lora_b"]
         w = lin["kernel"]
         delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32)) * scale
-        if _is_q(w):  # an int8 base: requantized, the same channels
-            axes = tuple(i for i, (n, m) in enumerate(zip(w.scale.shape, w.qvalue.shape, strict=True)) if n == m)
+        if _is_q(w):  # an int8 base: requantized, the same channels as ``cast_base`` gave it
+            axes = _channels("/".join(map(str, (*path, "kernel"))), w.qvalue.ndim)
             lin["kernel"] = quantize(qwix.dequantize(w) + delta, axes)
         else:
             lin["kernel"] = (w.astype(jnp.float32) + delta).astype(w.dtype)

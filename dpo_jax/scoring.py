@@ -39,7 +39,9 @@ def scored_hidden(graphdef, params, batch: dict, dropout_key=None):
         return batch[key].reshape(g * k, t)
 
     segments = rows("segment_ids")
-    keys = None if dropout_key is None else token_keys(dropout_key, rows("pair"), rows("branch"), rows("positions"))
+    keys = None
+    if dropout_key is not None and model.config.lora_dropout > 0:  # only a model that drops needs the token keys
+        keys = token_keys(dropout_key, rows("pair"), rows("branch"), rows("positions"))
     out = model(
         rows("tokens"),
         positions_BxT=rows("positions"),

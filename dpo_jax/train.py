@@ -705,11 +705,11 @@ def load_reference(cfg, mesh):
 
     m, lo = cfg.model, cfg.lora
     ref, _ = hf.load_pretrained(cfg.reference.hf_path, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
-    params = nnx.state(ref)
     if lo.rank:
-        ref = lora.attach_config(ref, lo, cfg.seed)
-        adapters, ref_base = lora.split(lora.cast_base(nnx.state(ref), lo.base_dtype))
+        adapters, ref_base = lora.split(lora.cast_base(nnx.state(lora.attach_config(ref, lo, cfg.seed)), lo.base_dtype))
         params = lora.compose(lora.off(adapters), ref_base)
+    else:
+        params = nnx.state(ref)
     return jax.device_put(params, sharding.param_shardings(params, mesh))
 
 
