@@ -200,6 +200,32 @@ def chunked_sequence_logprobs(
     return masked_sums(token_logps_BxT, mask_BxT)
 
 
+@jax.custom_vjp
+def _materialised_token_logprobs(h_NxD, w_DxV, t_N):
+    return token_logprobs(jnp.dot(h_NxD, w_DxV, preferred_element_type=f32), t_N)
+
+
+def _materialised_fwd(h_NxD, w_DxV, t_N):
+    logits_NxV = jnp.dot(h_NxD, w_DxV, preferred_element_type=f32)
+    lse_N = jax.nn.logsumexp(logits_NxV, axis=-1)
+    target_N = jnp.take_along_axis(logits_NxV, t_N[:, None], axis=-1)[:, 0]
+    return target_N - lse_N, (h_NxD, w_DxV, t_N, logits_NxV, lse_N)
+
+
+def _materialised_bwd(residuals, g_N):
+    """d logp_n / d logits_nv = onehot(t_n)_v - softmax_nv, in one pass over the kept logits (autodiff takes three:
+    the softmax, the scatter of the target term, their sum)."""
+    h_NxD, w_DxV, t_N, logits_NxV, lse_N = residuals
+    onehot_NxV = t_N[:, None] == jnp.arange(logits_NxV.shape[1])[None, :]
+    d_NxV = jnp.where(onehot_NxV, g_N[:, None], 0.0) - g_N[:, None] * jnp.exp(logits_NxV - lse_N[:, None])
+    gh_NxD = jnp.dot(d_NxV.astype(h_NxD.dtype), w_DxV.T, preferred_element_type=f32).astype(h_NxD.dtype)
+    gw_DxV = jnp.dot(h_NxD.T, d_NxV.astype(w_DxV.dtype), preferred_element_type=f32).astype(w_DxV.dtype)
+    return gh_NxD, gw_DxV, None
+
+
+_materialised_token_logprobs.defvjp(_materialised_fwd, _materialised_bwd)
+
+
 def head_token_logprobs(
     h_NxD: Array,
     lm_head_DxV: Array,
@@ -217,8 +243,7 @@ def head_token_logprobs(
     """
     n, v = h_NxD.shape[0], lm_head_DxV.shape[1]
     if n * v * 4 <= max_logits_mb * 2**20:
-        logits_NxV = jnp.dot(h_NxD, lm_head_DxV, preferred_element_type=f32)
-        return token_logprobs(logits_NxV, targets_N)
+        return _materialised_token_logprobs(h_NxD, lm_head_DxV, targets_N.astype(jnp.int32))
     return chunked_token_logprobs(
         h_NxD[None], lm_head_DxV, targets_N[None], token_chunk=token_chunk, vocab_chunk=vocab_chunk
     )[0]

@@ -10,9 +10,10 @@ token ids (a reference forward every step, dynamic padding: its defaults), float
 
 Cases: ``32k`` (the issue's 19M Llama: vocab 32,000, hidden 256, 4 layers, GQA 4/2, untied; 8 pairs of ~30 prompt
 + ~40 completion tokens), ``128k`` (vocab 128,256, hidden 512), ``long`` (the 32k model, ~512 prompt / ~64
-completion tokens). Steady-state figures: every batch shape is compiled before the timed pass. MFU counts real
-tokens only (``dpo_jax.throughput``): on CPU against this host's measured float32 matmul peak; on an accelerator
-against its data-sheet dense bf16 peak (the measured matmul peak in the run's dtype is printed beside it).
+completion tokens). Steady-state figures: every batch shape is compiled before the timed pass, and every figure
+(ours and TRL's) is the median of the timed steps. MFU counts real tokens only (``dpo_jax.throughput``): on CPU
+against this host's measured float32 matmul peak; on an accelerator against its data-sheet dense bf16 peak (the
+measured matmul peak in the run's dtype is printed beside it).
 On a GPU, ``--dtype bfloat16`` computes in bf16 (float32 parameters and optimizer; TRL: ``bf16=True`` autocast),
 and larger batches (``--batch 64``) are what such a device needs.
 
@@ -101,11 +102,13 @@ def time_layout(graphdef, params, pairs, batch, steps, layout, max_logits_mb, co
         state, m = step(state, b, None)
     jax.block_until_ready(m)
     compile_and_first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for b in device_batches:
+    times = []
+    for b in device_batches:  # each step on its own clock; the median, as for TRL below
+        t0 = time.perf_counter()
         state, m = step(state, b, None)
-    jax.block_until_ready(m)
-    dt = (time.perf_counter() - t0) / steps
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    dt = float(np.median(times))
     real = sum(s["real_tokens"] for s in stats) / steps
     return {
         "s_per_step": dt,

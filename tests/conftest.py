@@ -1,10 +1,19 @@
 """Test-wide setup: 8 simulated CPU devices (set before JAX is imported) and tiny Hugging Face checkpoints."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # trl.experimental (CPO, ORPO: test oracles) warns on import
+# One XLA compilation cache for the whole test run, shared by the xdist workers and the CLI processes tests start
+# (they inherit this environment): many tests compile the same tiny programs. A fresh directory per run, removed at
+# its end, so every run still compiles each program once; what it saves is compiling it again.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE_DIR = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dpo_jax_tests_xla_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -84,3 +93,13 @@ SLOW_FILES = (
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOW_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
+def xla_devices(n: int) -> str:
+    """XLA_FLAGS for a CLI process the test starts with ``n`` simulated devices."""
+    return f"--xla_force_host_platform_device_count={n}"
+
+
+def pytest_unconfigure(config):
+    if "_CACHE_DIR" in globals():  # the process that made it (the controller)
+        shutil.rmtree(_CACHE_DIR, ignore_errors=True)

@@ -163,3 +163,24 @@ def test_head_log_sum_sq_probs_matches_numpy(max_logits_mb):
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
     grad = jax.grad(lambda x: jnp.sum(lp.head_log_sum_sq_probs(x, jnp.asarray(w), max_logits_mb=max_logits_mb)))
     assert np.all(np.asarray(grad(jnp.asarray(h))) == 0)
+
+
+@pytest.mark.parametrize("max_logits_mb", [256.0, 0.0])  # materialised (logits kept), streamed
+def test_head_token_logprobs_value_and_gradient_match_numpy(max_logits_mb):
+    """The scored-token head's log-probs and both gradients against NumPy float64: d logp_n / d logits_n =
+    onehot(t_n) - softmax_n, chained through logits = h w by hand."""
+    rng = np.random.default_rng(4)
+    h, w = rng.normal(size=(13, 8)).astype(np.float32), rng.normal(size=(8, 37)).astype(np.float32)
+    t, g = rng.integers(0, 37, size=13), rng.normal(size=13)
+    logits = h.astype(np.float64) @ w.astype(np.float64)
+    logp = np_log_softmax(logits)
+    d_logits = g[:, None] * (np.eye(37)[t] - np.exp(logp))
+
+    def f(h_, w_):
+        out = lp.head_token_logprobs(h_, w_, jnp.asarray(t), token_chunk=4, vocab_chunk=10, max_logits_mb=max_logits_mb)
+        return jnp.sum(jnp.asarray(g, jnp.float32) * out), out
+
+    (_, got), (gh, gw) = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(jnp.asarray(h), jnp.asarray(w))
+    np.testing.assert_allclose(np.asarray(got), logp[np.arange(13), t], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gh), d_logits @ w.T.astype(np.float64), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gw), h.T.astype(np.float64) @ d_logits, rtol=1e-4, atol=1e-5)

@@ -126,3 +126,31 @@ def test_bad_config_is_rejected():
         TINY.replace(num_kv_heads=3)
     with pytest.raises(ValueError, match="remat"):
         TINY.replace(remat="everything")
+
+
+def test_dense_and_swiglu_gradients_equal_torch():
+    """The hand-written backwards of the projections (x @ w) and the MLP activation (silu(gate) * up) against
+    torch's autograd (float64)."""
+    from dpo_jax.models.llama import dense, swiglu
+
+    rng = np.random.default_rng(0)
+    x, w, g = rng.normal(size=(3, 5, 4)), rng.normal(size=(4, 6)), rng.normal(size=(3, 5, 6))
+    with jax.enable_x64(True):
+        y, vjp = jax.vjp(dense, jnp.asarray(x), jnp.asarray(w))
+        dx, dw = vjp(jnp.asarray(g))
+    tx, tw = (torch.tensor(a, requires_grad=True) for a in (x, w))
+    (tx @ tw).backward(torch.tensor(g))
+    np.testing.assert_allclose(np.asarray(y), x @ w, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(dx), tx.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(dw), tw.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+    gate, up, g = (rng.normal(size=(3, 5, 7)) * 4 for _ in range(3))
+    with jax.enable_x64(True):
+        y, vjp = jax.vjp(swiglu, jnp.asarray(gate), jnp.asarray(up))
+        d_gate, d_up = vjp(jnp.asarray(g))
+    tg, tu = (torch.tensor(x, requires_grad=True) for x in (gate, up))
+    ty = torch.nn.functional.silu(tg) * tu
+    ty.backward(torch.tensor(g))
+    np.testing.assert_allclose(np.asarray(y), ty.detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(d_gate), tg.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(d_up), tu.grad.numpy(), rtol=1e-10, atol=1e-12)
