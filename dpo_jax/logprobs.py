@@ -202,7 +202,8 @@ def chunked_sequence_logprobs(
 
 @jax.custom_vjp
 def _materialised_token_logprobs(h_NxD, w_DxV, t_N):
-    return token_logprobs(jnp.dot(h_NxD, w_DxV, preferred_element_type=f32), t_N)
+    logps_N, _ = _materialised_fwd(h_NxD, w_DxV, t_N)
+    return logps_N
 
 
 def _materialised_fwd(h_NxD, w_DxV, t_N):

@@ -95,11 +95,6 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
 
 
-def xla_devices(n: int) -> str:
-    """XLA_FLAGS for a CLI process the test starts with ``n`` simulated devices."""
-    return f"--xla_force_host_platform_device_count={n}"
-
-
 def pytest_unconfigure(config):
     if "_CACHE_DIR" in globals():  # the process that made it (the controller)
         shutil.rmtree(_CACHE_DIR, ignore_errors=True)

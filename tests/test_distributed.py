@@ -14,7 +14,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import xla_devices
 from safetensors.numpy import load_file
 from test_train import ROOT, TINY, cli, tiny_config
 
@@ -107,7 +106,7 @@ def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
 
 def test_two_processes_train_together_like_one(tmp_path):
     common = ("log_every=1", "eval.num_prompts=0", "optim.steps=6", "sft.steps=0", "eval.every=100", "export_hf=False")
-    single = cli(tmp_path / "single", *common, env={"XLA_FLAGS": xla_devices(2)})
+    single = cli(tmp_path / "single", *common, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert single.returncode == 0, single.stderr
     port = 20000 + os.getpid() % 20000
     procs = [
@@ -115,7 +114,7 @@ def test_two_processes_train_together_like_one(tmp_path):
             [sys.executable, "-m", "dpo_jax", "train", "--config", str(ROOT / "configs/default.py"),
              "--workdir", str(tmp_path / "multi"), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
              f"--process_id={i}", *(f"--config.{o}" for o in (*TINY, *common))],
-            env={**os.environ, "XLA_FLAGS": xla_devices(1)},
+            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for i in (0, 1)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import COMMON, xla_devices
+from conftest import COMMON
 from safetensors.numpy import load_file, save_file
 from test_train import ROOT, TINY, cli
 from test_workdir import tmpfs
@@ -20,7 +20,7 @@ from dpo_jax.data import synthetic
 
 def run(args, env=None):
     cmd = [sys.executable, "-m", "dpo_jax", *args]
-    full_env = {**os.environ, "XLA_FLAGS": xla_devices(1), **(env or {})}
+    full_env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import xla_devices
 from test_train import TINY, tiny_config
 
 from dpo_jax import sweep, train
@@ -179,7 +178,7 @@ def test_members_across_two_processes_equal_sequential_runs(sequential, tmp_path
             [sys.executable, "-m", "dpo_jax", "sweep", "--config", str(spec), "--workdir", str(tmp_path / "multi"),
              "--mode", "vectorized", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
              f"--process_id={i}", *(f"--config.{o}" for o in overrides)],
-            env={**os.environ, "XLA_FLAGS": xla_devices(2)},
+            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for i in (0, 1)

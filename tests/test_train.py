@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import COMMON, xla_devices
+from conftest import COMMON
 from flax import nnx
 
 from dpo_jax import evaluate, sharding, train
@@ -74,7 +74,7 @@ def cli(workdir, *extra, env=None, wait=True):
         str(workdir),
         *(f"--config.{o}" for o in (*TINY, *extra)),
     ]
-    full_env = {**os.environ, "XLA_FLAGS": xla_devices(1), **(env or {})}
+    full_env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
