@@ -100,6 +100,20 @@ def decay_mask(params):
     )
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` (its rule and its empty state) as one scalar factor on every leaf. optax
+    divides every element by the norm, and XLA:CPU writes that quotient out as a clipped copy of each gradient
+    before AdamW's three passes read it: a pass over the embedding and the head per step."""
+
+    def update(updates, state, params=None):
+        del params
+        g_norm = optax.tree.norm(updates)
+        scale = jnp.where(g_norm < max_norm, 1.0, max_norm / g_norm)
+        return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(o, steps: int) -> optax.GradientTransformation:
     """AdamW with warmup + cosine/linear decay, global-norm clipping and a weight-decay mask, from an optimizer
     config section (``optim`` or ``sft``: every field explicit). The learning rate is an injected hyper-parameter
@@ -109,7 +123,7 @@ def make_optimizer(o, steps: int) -> optax.GradientTransformation:
         learning_rate=schedule, b1=o["b1"], b2=o["b2"], weight_decay=o["weight_decay"], mask=decay_mask
     )
     clip = o["clip_norm"]
-    return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
+    return optax.chain(clip_by_global_norm(clip), adamw) if clip > 0 else adamw
 
 
 def optim_section(**values) -> dict:

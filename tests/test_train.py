@@ -237,6 +237,32 @@ def test_state_shardings_cover_optimizer_moments():
     assert mu_q and all(s == jax.sharding.PartitionSpec(None, "fsdp", "tensor") for s in mu_q)
 
 
+@pytest.mark.parametrize("scale", [0.01, 10.0])  # under the clip norm (1.0) and over it
+def test_optimizer_is_optax_clip_then_adamw(scale):
+    """Our clip (one scalar factor) + optax AdamW equals optax.clip_by_global_norm + optax.adamw, state tree and
+    values, over steps with and without clipping (so checkpoints of either restore into the other)."""
+    import optax
+
+    o = train.optim_section(learning_rate=1e-2, warmup_steps=2, clip_norm=1.0, weight_decay=0.1)
+    tx = train.make_optimizer(o, 10)
+    schedule = train.lr_schedule(o["learning_rate"], 10, o["warmup_steps"], o["schedule"], o["end_lr_fraction"])
+    adamw = optax.inject_hyperparams(optax.adamw)(
+        learning_rate=schedule, b1=o["b1"], b2=o["b2"], weight_decay=o["weight_decay"], mask=train.decay_mask
+    )
+    oracle = optax.chain(optax.clip_by_global_norm(1.0), adamw)
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32), "norm": jnp.ones(4, jnp.float32)}
+    runs = {"ours": (tx, params, tx.init(params)), "optax": (oracle, params, oracle.init(params))}
+    assert jax.tree.structure(runs["ours"][2]) == jax.tree.structure(runs["optax"][2])
+    for _ in range(4):
+        g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * scale, jnp.float32), params)
+        for name, (t, p, s) in runs.items():
+            u, s = jax.jit(t.update)(g, s, p)
+            runs[name] = (t, optax.apply_updates(p, u), s)
+    for a, b in zip(jax.tree.leaves(runs["ours"][1:]), jax.tree.leaves(runs["optax"][1:]), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-7)
+
+
 def test_hf_local_config_trains_a_local_checkpoint_on_local_files(tmp_path):
     """configs/hf_local.py end to end: a transformers checkpoint + tokenizer folder + JSONL files, no SFT."""
     import transformers
