@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     command = argv.pop(1)
+    from dpo_jax import xla_flags
+
+    xla_flags.apply()  # before JAX starts its backend
 
     from absl import app, flags
     from ml_collections import config_flags

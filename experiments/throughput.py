@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dpo_jax import throughput, train
+from dpo_jax import throughput, train, xla_flags
 from dpo_jax.data import Layout, PreferenceLoader, TokenizedPair
 from dpo_jax.data.packing import batch_stats
 from dpo_jax.models import ModelConfig, init_decoder
@@ -264,6 +264,7 @@ def main(argv=None):
     parser.add_argument("--unrolled", action="store_true", help="layers unrolled instead of lax.scan")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     args = parser.parse_args(argv)
+    xla_flags.apply()  # as the dpo-jax command runs (read when JAX starts its backend, below)
     for k in set(LAYOUTS) - set(args.layouts.split(",")):
         LAYOUTS.pop(k)
     for c in CASES.values():

@@ -15,6 +15,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+from dpo_jax import xla_flags  # noqa: E402  (imports JAX: after the cache settings above, read at import)
+
+xla_flags.apply()  # the flags the dpo-jax command runs with (read when JAX starts its backend)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

@@ -396,3 +396,14 @@ def test_tr_dpo_reference_is_the_exact_mix_after_each_sync_and_the_step_reads_it
     _, frozen = frozen_fn(state.replace(reference=None), batch, state.reference)
     assert float(synced["loss"]) == pytest.approx(float(frozen["loss"]), rel=1e-6)
     assert float(synced["loss"]) != pytest.approx(float(fn(state.replace(reference=params), batch, None)[1]["loss"]))
+
+
+def test_xla_flags_are_added_and_a_users_own_setting_kept():
+    from dpo_jax import xla_flags
+
+    flag = xla_flags.CPU_FLAGS[0].split("=")[0]
+    assert xla_flags.apply({}) == f"{flag}=true"
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert xla_flags.apply(env).split() == ["--xla_force_host_platform_device_count=8", f"{flag}=true"]
+    assert xla_flags.apply({"XLA_FLAGS": f"{flag}=false"}) == f"{flag}=false"
+    assert flag in os.environ["XLA_FLAGS"]  # the tests run with them, as the command does
