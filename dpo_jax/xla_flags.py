@@ -1,5 +1,7 @@
-"""XLA flags dpo_jax runs with: added to ``XLA_FLAGS`` before JAX starts its backend (by the ``dpo-jax`` command,
-the benchmarks and the tests); a flag the user already set is left as they set it. None changes a value."""
+"""XLA flags dpo_jax runs with: added to ``XLA_FLAGS`` before JAX starts its backend by the ``dpo-jax`` command,
+``experiments/throughput.py`` and the tests; a flag the user already set is left as they set it. None changes a
+value. A program that calls ``dpo_jax.train`` itself gets them by calling ``apply()`` before its first JAX
+computation (later, the backend has read ``XLA_FLAGS`` already)."""
 
 from __future__ import annotations
 
