@@ -6,7 +6,10 @@ Layouts (``dpo_jax.data.packing``), each timed on the same pairs with the jitted
   packed            whole pairs packed into rows (padding-free), prompt per completion
   packed + shared   packed, and the prompt once per pair (prompt | chosen | rejected) — the default
 then, when ``trl`` is installed (``pip install -e ".[bench]"``), TRL's DPOTrainer on the same Llama weights and
-token ids (a reference forward every step, dynamic padding: its defaults), float32, in the same invocation.
+token ids (a reference forward every step, dynamic padding: its defaults), float32, in the same invocation, twice,
+each in a process of its own: with glibc malloc as installed (what a TRL user runs: the ratio's baseline), and with
+the malloc settings dpo_jax runs with (``dpo_jax.xla_flags.MALLOC``: freed memory kept for reuse, not faulted in
+afresh every step), which speed TRL up as well.
 
 Cases: ``32k`` (the issue's 19M Llama: vocab 32,000, hidden 256, 4 layers, GQA 4/2, untied; 8 pairs of ~30 prompt
 + ~40 completion tokens), ``128k`` (vocab 128,256, hidden 512), ``long`` (the 32k model, ~512 prompt / ~64
@@ -27,6 +30,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
+import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -52,7 +60,9 @@ LAYOUTS = {
     "packed": (Layout(share_prompt=False), 256.0),
     "packed + shared": (Layout(share_prompt=True), 256.0),
 }
+TRL_ROWS = {"TRL DPOTrainer": False, "TRL + dpo_jax malloc": True}  # label: glibc malloc as dpo_jax runs it
 EOS = 2
+USER_TUNABLES = os.environ.get("GLIBC_TUNABLES", "")  # before xla_flags.apply() adds dpo_jax's
 
 
 def make_pairs(case: dict, n: int, seed: int = 0) -> list[TokenizedPair]:
@@ -102,12 +112,13 @@ def time_layout(graphdef, params, pairs, batch, steps, layout, max_logits_mb, co
         state, m = step(state, b, None)
     jax.block_until_ready(m)
     compile_and_first = time.perf_counter() - t0
-    times = []
+    times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for b in device_batches:  # each step on its own clock; the median, as for TRL below
         t0 = time.perf_counter()
         state, m = step(state, b, None)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     dt = float(np.median(times))
     real = sum(s["real_tokens"] for s in stats) / steps
     return {
@@ -118,6 +129,7 @@ def time_layout(graphdef, params, pairs, batch, steps, layout, max_logits_mb, co
         "padding": 1 - sum(s["real_tokens"] for s in stats) / sum(s["slots"] for s in stats),
         "programs": len({tuple(x.shape for x in b.values()) for b in batches}),
         "first_pass_s": compile_and_first,
+        "page_faults": faults / steps,
     }
 
 
@@ -158,12 +170,14 @@ def trl_run(graphdef, params, mc: ModelConfig, pairs, batch, steps, counts, peak
         }
     )
     times: list[float] = []
+    faults: list[int] = []
 
     class Clock(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
     with tempfile.TemporaryDirectory() as out:
         args = trl.DPOConfig(
@@ -194,16 +208,36 @@ def trl_run(graphdef, params, mc: ModelConfig, pairs, batch, steps, counts, peak
         "padding": float("nan"),
         "programs": 0,
         "first_pass_s": 0.0,
+        "page_faults": float(np.median(np.diff(faults)[2:])),
     }
 
 
-def run_case(name: str, steps: int, batch: int, with_trl: bool) -> list[tuple[str, dict]]:
+def case_setup(name: str, dtype: str):
+    """The case's model (seed 0), its FLOP counts and the peak MFU is measured against."""
     case = CASES[name]
     mc = model_config(case)
     graphdef, params = nnx.split(init_decoder(mc, seed=0))
     n_params = sum(x.size for x in jax.tree.leaves(params))
     matmul = n_params - mc.vocab_size * mc.hidden_size  # the embedding lookup is free; the (untied) head is not
-    counts = throughput.model_counts(mc, matmul)
+    return case, mc, graphdef, params, n_params, throughput.model_counts(mc, matmul)
+
+
+def trl_subprocess(name: str, steps: int, batch: int, peak: float, keep_memory: bool) -> dict | None:
+    """``trl_run`` in a fresh process: with glibc malloc as installed (``keep_memory=False``: what a TRL user runs)
+    or with the settings dpo_jax runs with (``dpo_jax.xla_flags.MALLOC``), which must be in place from the start."""
+    env = dict(os.environ, GLIBC_TUNABLES=USER_TUNABLES, DPO_JAX_KEEP_MEMORY="1" if keep_memory else "0")
+    if not USER_TUNABLES:
+        env.pop("GLIBC_TUNABLES")
+    argv = [sys.executable, __file__, "--trl-only", "--cases", name, "--steps", str(steps), "--batch", str(batch),
+            "--peak", repr(peak), "--dtype", CASES[name]["dtype"]]  # fmt: skip
+    out = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True, check=True).stdout
+    print("\n".join(line for line in out.splitlines() if line.startswith("  TRL on")), flush=True)
+    result = [line for line in out.splitlines() if line.startswith("{")]
+    return json.loads(result[-1]) if result else None
+
+
+def run_case(name: str, steps: int, batch: int, with_trl: bool) -> list[tuple[str, dict]]:
+    case, mc, graphdef, params, n_params, counts = case_setup(name, CASES[name]["dtype"])
     if jax.default_backend() == "cpu":
         peak = throughput.measured_matmul_peak()
         peak_note = "measured float32 matmul"
@@ -223,33 +257,40 @@ def run_case(name: str, steps: int, batch: int, with_trl: bool) -> list[tuple[st
     for label, (layout, mb) in LAYOUTS.items():
         rows.append((label, time_layout(graphdef, params, pairs, batch, steps, layout, mb, counts, peak)))
         print_row(label, rows[-1][1], None)
-    if with_trl:
-        r = trl_run(graphdef, params, mc, pairs, batch, steps, counts, peak)
+    for label, keep in TRL_ROWS.items() if with_trl else ():
+        r = trl_subprocess(name, steps, batch, peak, keep)
         if r is None:
             print("TRL: not installed (pip install -e '.[bench]')")
-        else:
-            rows.append(("TRL DPOTrainer", r))
-            print_row("TRL DPOTrainer", r, None)
-    trl_pps = dict(rows).get("TRL DPOTrainer", {}).get("pairs_per_s")
-    print(f"\n| {name} | ms/step | pairs/s | real tokens/s | MFU | padding | × TRL |")
-    print("|---|---|---|---|---|---|---|")
+            break
+        rows.append((label, r))
+        print_row(label, r, None)
+    trl_pps = [dict(rows).get(label, {}).get("pairs_per_s") for label in TRL_ROWS]
+    print(f"\n| {name} | ms/step | pairs/s | real tokens/s | MFU | padding | × TRL | × TRL + malloc |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, r in rows:
         print_row(label, r, trl_pps, markdown=True)
     return rows
 
 
+def trl_only(name: str, steps: int, batch: int, peak: float) -> None:
+    """The subprocess of ``trl_subprocess``: prints TRL's figures as one JSON line."""
+    case, mc, graphdef, params, _, counts = case_setup(name, CASES[name]["dtype"])
+    r = trl_run(graphdef, params, mc, make_pairs(case, batch * steps * 2), batch, steps, counts, peak)
+    print(json.dumps(r))
+
+
 def print_row(label, r, trl_pps, markdown=False):
-    ratio = f"{r['pairs_per_s'] / trl_pps:.2f}" if trl_pps else "-"
+    ratios = [f"{r['pairs_per_s'] / pps:.2f}" if pps else "-" for pps in trl_pps or [None, None]]
     pad = "-" if np.isnan(r["padding"]) else f"{r['padding']:.0%}"
     cells = [label, f"{r['s_per_step'] * 1e3:.0f}", f"{r['pairs_per_s']:.2f}", f"{r['tokens_per_s']:,.0f}",
-             f"{r['mfu']:.1%}", pad, ratio]  # fmt: skip
+             f"{r['mfu']:.1%}", pad, *ratios]  # fmt: skip
     if markdown:
         print("| " + " | ".join(cells) + " |", flush=True)
     else:
-        extra = f"({r['programs']} programs, first pass {r['first_pass_s']:.1f} s)"
+        extra = f"({r['programs']} programs, first pass {r['first_pass_s']:.1f} s, {r['page_faults']:,.0f} page faults"
         print(
             f"  {label:<16} {cells[1]:>7} ms/step {cells[2]:>8} pairs/s {cells[3]:>9} tok/s  MFU {cells[4]:>6}  "
-            f"padding {pad:>4}  {extra}",
+            f"padding {pad:>4}  {extra}/step)",
             flush=True,
         )
 
@@ -263,6 +304,8 @@ def main(argv=None):
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of the layouts")
     parser.add_argument("--unrolled", action="store_true", help="layers unrolled instead of lax.scan")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    parser.add_argument("--trl-only", action="store_true", help=argparse.SUPPRESS)  # trl_subprocess's child
+    parser.add_argument("--peak", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     xla_flags.apply()  # as the dpo-jax command runs (read when JAX starts its backend, below)
     for k in set(LAYOUTS) - set(args.layouts.split(",")):
@@ -270,6 +313,8 @@ def main(argv=None):
     for c in CASES.values():
         c["scan_layers"] = not args.unrolled
         c["dtype"] = args.dtype
+    if args.trl_only:
+        return trl_only(args.cases, args.steps, args.batch, args.peak)
     print(f"backend {jax.default_backend()}, {jax.device_count()} device(s): {jax.devices()[0].device_kind}")
     for name in args.cases.split(","):
         run_case(name, args.steps, args.batch, not args.no_trl)

@@ -407,3 +407,45 @@ def test_xla_flags_are_added_and_a_users_own_setting_kept():
     assert xla_flags.apply(env).split() == ["--xla_force_host_platform_device_count=8", f"{flag}=true"]
     assert xla_flags.apply({"XLA_FLAGS": f"{flag}=false"}) == f"{flag}=false"
     assert flag in os.environ["XLA_FLAGS"]  # the tests run with them, as the command does
+
+
+def test_malloc_settings_are_added_and_a_users_own_kept():
+    from dpo_jax import xla_flags
+
+    mine = xla_flags.keep_memory({}).split(":")
+    assert mine == [f"glibc.malloc.{k}={v}" for k, v in xla_flags.MALLOC.items()]
+    theirs = xla_flags.keep_memory({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}).split(":")
+    assert theirs[0] == "glibc.malloc.arena_max=4" and "glibc.malloc.arena_max=1" not in theirs and len(theirs) == 3
+    assert xla_flags.keep_memory({"DPO_JAX_KEEP_MEMORY": "0"}) == ""  # glibc's defaults, if the user asks
+    if os.environ.get("DPO_JAX_KEEP_MEMORY") != "0":
+        assert "glibc.malloc.mmap_max=0" in os.environ["GLIBC_TUNABLES"]  # the tests run with them, as the command does
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.environ.get("DPO_JAX_KEEP_MEMORY") == "0", reason="glibc malloc")
+def test_a_large_block_freed_by_a_worker_thread_stays_in_the_process_for_reuse():
+    """What ``xla_flags.MALLOC`` is for: XLA:CPU allocates a program's temporaries (~350 MB for the 32k step) from
+    its worker threads on every call. glibc's defaults map such a block afresh and unmap it on free, so every call
+    faults in fresh pages; with the settings it comes from the heap and stays there when freed."""
+    import ctypes
+    import threading
+
+    class Info(ctypes.Structure):  # <malloc.h> struct mallinfo2
+        names = ["arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks"]
+        _fields_ = [(n, ctypes.c_size_t) for n in [*names, "keepcost"]]
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.free.argtypes, libc.mallinfo2.restype = ctypes.c_void_p, [ctypes.c_void_p], Info
+    size, seen = 64 << 20, {}
+
+    def worker():
+        before = libc.mallinfo2()
+        block = libc.malloc(size)
+        during = libc.mallinfo2()
+        libc.free(block)
+        seen["mapped"] = during.hblkhd - before.hblkhd  # bytes mmapped for the block
+        seen["kept"] = libc.mallinfo2().fordblks - during.fordblks  # bytes the heap holds free once it is freed
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["mapped"] == 0 and seen["kept"] >= size, seen
