@@ -17,9 +17,9 @@ CPU_FLAGS = ("--xla_cpu_copy_insertion_use_region_analysis=true",)
 
 # glibc malloc. XLA:CPU allocates a program's temporaries afresh on every call (~350 MB for the 32k-vocabulary
 # step), from its worker threads. glibc serves a request that large with mmap and returns it with munmap, so every
-# step faults in ~80k fresh zeroed pages (~25% of the step on a 2-core host). One arena, no mmap and no trimming
-# below 2 GiB keep freed memory in the process to be reused: the step faults in nothing (the process keeps its peak).
-MALLOC = {"arena_max": 1, "mmap_max": 0, "trim_threshold": 2**31 - 1}
+# step faults in ~80k fresh zeroed pages (a quarter of the step on a 2-core host). One arena, no mmap and no
+# trimming keep freed memory in the process to be reused: the step faults in nothing (the process keeps its peak).
+MALLOC = {"arena_max": 1, "mmap_max": 0, "trim_threshold": -1}  # mallopt(3): a trim threshold of -1 never trims
 _MALLOPT = {"trim_threshold": -1, "mmap_max": -4, "arena_max": -8}  # <malloc.h>: M_TRIM_THRESHOLD, ...
 
 
@@ -42,7 +42,7 @@ def keep_memory(environ: MutableMapping[str, str] = os.environ) -> str:
         return current
     mine = {k: v for k, v in MALLOC.items() if f"glibc.malloc.{k}=" not in current}
     environ["GLIBC_TUNABLES"] = ":".join(
-        [*filter(None, [current]), *(f"glibc.malloc.{k}={v}" for k, v in mine.items())]
+        [*filter(None, [current]), *(f"glibc.malloc.{k}={v % 2**64}" for k, v in mine.items())]
     )
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
     if environ is os.environ and mallopt is not None:

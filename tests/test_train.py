@@ -413,7 +413,8 @@ def test_malloc_settings_are_added_and_a_users_own_kept():
     from dpo_jax import xla_flags
 
     mine = xla_flags.keep_memory({}).split(":")
-    assert mine == [f"glibc.malloc.{k}={v}" for k, v in xla_flags.MALLOC.items()]
+    never = "18446744073709551615"  # SIZE_MAX: GLIBC_TUNABLES' size_t for mallopt's -1 (no trimming)
+    assert mine == ["glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={never}"]
     theirs = xla_flags.keep_memory({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}).split(":")
     assert theirs[0] == "glibc.malloc.arena_max=4" and "glibc.malloc.arena_max=1" not in theirs and len(theirs) == 3
     assert xla_flags.keep_memory({"DPO_JAX_KEEP_MEMORY": "0"}) == ""  # glibc's defaults, if the user asks
