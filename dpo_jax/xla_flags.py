@@ -44,8 +44,7 @@ def keep_memory(environ: MutableMapping[str, str] = os.environ) -> str:
     environ["GLIBC_TUNABLES"] = ":".join(
         [*filter(None, [current]), *(f"glibc.malloc.{k}={v % 2**64}" for k, v in mine.items())]
     )
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
-    if environ is os.environ and mallopt is not None:
+    if environ is os.environ and sys.platform == "linux":
         for k, v in mine.items():
-            mallopt(_MALLOPT[k], v)
+            ctypes.CDLL(None).mallopt(_MALLOPT[k], v)
     return environ["GLIBC_TUNABLES"]

@@ -212,8 +212,8 @@ def trl_run(graphdef, params, mc: ModelConfig, pairs, batch, steps, counts, peak
     }
 
 
-def case_setup(name: str, dtype: str):
-    """The case's model (seed 0), its FLOP counts and the peak MFU is measured against."""
+def case_setup(name: str):
+    """The case, its model config, model (seed 0), parameter count and FLOP counts."""
     case = CASES[name]
     mc = model_config(case)
     graphdef, params = nnx.split(init_decoder(mc, seed=0))
@@ -237,7 +237,7 @@ def trl_subprocess(name: str, steps: int, batch: int, peak: float, keep_memory: 
 
 
 def run_case(name: str, steps: int, batch: int, with_trl: bool) -> list[tuple[str, dict]]:
-    case, mc, graphdef, params, n_params, counts = case_setup(name, CASES[name]["dtype"])
+    case, mc, graphdef, params, n_params, counts = case_setup(name)
     if jax.default_backend() == "cpu":
         peak = throughput.measured_matmul_peak()
         peak_note = "measured float32 matmul"
@@ -274,7 +274,7 @@ def run_case(name: str, steps: int, batch: int, with_trl: bool) -> list[tuple[st
 
 def trl_only(name: str, steps: int, batch: int, peak: float) -> None:
     """The subprocess of ``trl_subprocess``: prints TRL's figures as one JSON line."""
-    case, mc, graphdef, params, _, counts = case_setup(name, CASES[name]["dtype"])
+    case, mc, graphdef, params, _, counts = case_setup(name)
     r = trl_run(graphdef, params, mc, make_pairs(case, batch * steps * 2), batch, steps, counts, peak)
     print(json.dumps(r))
 

@@ -435,7 +435,8 @@ def test_a_large_block_freed_by_a_worker_thread_stays_in_the_process_for_reuse()
         _fields_ = [(n, ctypes.c_size_t) for n in [*names, "keepcost"]]
 
     libc = ctypes.CDLL(None)
-    libc.malloc.restype, libc.free.argtypes, libc.mallinfo2.restype = ctypes.c_void_p, [ctypes.c_void_p], Info
+    libc.malloc.argtypes, libc.malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
+    libc.free.argtypes, libc.mallinfo2.restype = [ctypes.c_void_p], Info
     size, seen = 64 << 20, {}
 
     def worker():
