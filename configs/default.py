@@ -42,6 +42,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         weight_column="weight",
         on_bad_row="error",  # error | skip
         max_length=32,  # prompt + completion tokens
+        # rows with a text of more characters are refused before tokenizing (a tokenizer takes hundreds of bytes
+        # per character); 0: 100 x max_length
+        max_row_chars=0,
         max_prompt_length=16,
         truncation_mode="keep_end",
         packing=True,  # whole pairs packed into rows (padding-free); False: one padded row per pair

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -21,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from dpo_jax.errors import one_line
+from dpo_jax.errors import NonFiniteLoss, WorkdirError, one_line
 from dpo_jax.workdir import ensure_free_space, os_error
 
 SAVE_SLACK_BYTES = 512 * 1024
@@ -60,8 +61,15 @@ def digest(tree) -> list[list[int]]:
     return np.asarray(jax.device_get(_digest(tree))).astype(np.int64).tolist()
 
 
+@jax.jit
+def _finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def all_finite(tree) -> bool:
-    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact))
+    """Whether every float in ``tree`` is finite (one compiled reduction, sharded arrays included)."""
+    return bool(_finite(tree))
 
 
 def state_bytes(tree) -> int:
@@ -84,12 +92,24 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def last_good(self) -> str:
+        """Where a rerun resumes from, for messages."""
+        step = self.latest_step()
+        if step is None:
+            return f"none yet in {self.directory} (a rerun starts the {self.name} stage afresh)"
+        return f"step {step} in {self.directory}"
+
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
         """Asynchronous save (every ``every`` steps, or now with ``force``); returns whether one started.
         Refuses with ``DiskFullError`` (before writing anything) when the disk cannot hold the checkpoint."""
         if not force and not self.manager.should_save(step):
             return False
         self.wait()  # the previous save's files are on disk: the free space below is real
+        if not all_finite(state):  # never a "last good" checkpoint that is not
+            raise NonFiniteLoss(
+                f"[{self.name}] the state of step {step} holds NaN/Inf values: not saved. Last good checkpoint: "
+                f"{self.last_good()}"
+            )
         # Orbax's files are about the arrays' size plus metadata; the slack keeps its writer clear of ENOSPC (which
         # it reports from background threads, tracebacks and all).
         needed = int(state_bytes(state) * 1.05) + SAVE_SLACK_BYTES
@@ -118,25 +138,57 @@ class Checkpointer:
             return "it holds NaN/Inf values"
         return None
 
+    def layout_change(self, step: int, abstract_state) -> str | None:
+        """What differs between the arrays (shapes, dtypes) saved at ``step`` and those ``abstract_state`` asks for,
+        read from the checkpoint's metadata; None when they agree or the metadata cannot be read."""
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+            have = Counter((tuple(m.shape), str(m.dtype)) for m in jax.tree.leaves(saved) if hasattr(m, "shape"))
+        except Exception:  # unreadable metadata: the files are damaged, not the config changed
+            return None
+        want = Counter((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(abstract_state))
+        if have == want:
+            return None
+        extra, missing = sorted((have - want).elements()), sorted((want - have).elements())
+        return f"it holds arrays {extra[:3]} where this config makes {missing[:3]}"
+
+    def restore_step(self, step: int, abstract_state):
+        """(state, meta) of ``step`` if it is intact; else it is moved aside (one line) and None is returned. A
+        checkpoint whose arrays have other shapes than the config makes is not damaged: that is a ``WorkdirError``
+        (the config changed), and nothing is moved."""
+        try:
+            state, meta = self.restore(step, abstract_state)
+            problem = self._problem(state, meta)
+        except Exception as e:  # a truncated / missing / unparsable file: Orbax and TensorStore errors vary
+            change = self.layout_change(step, abstract_state)
+            if change is not None:
+                raise WorkdirError(
+                    f"checkpoint step {step} in {self.directory} was made with another config ({change}): rerun "
+                    "with the config it was made with, or use a new --workdir"
+                ) from None
+            problem = f"it cannot be read ({one_line(e).split(' See full')[0][:160]})"
+        if problem is None:
+            return state, meta
+        aside = self.directory / f"damaged-{step}"
+        if jax.process_index() == 0:
+            os.replace(self.directory / str(step), aside)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"damaged-{step}")
+        older = [s for s in self.manager.all_steps() if s < step]
+        then = f"falling back to step {max(older)}" if older else "no older checkpoint: starting the stage afresh"
+        print(f"[{self.name}] checkpoint step {step} is damaged ({problem}); moved to {aside}; {then}", flush=True)
+        self.manager.reload()
+        return None
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def restore_latest(self, abstract_state):
         """(step, state, meta) of the newest intact checkpoint, or None; damaged steps are moved aside."""
         for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                state, meta = self.restore(step, abstract_state)
-                problem = self._problem(state, meta)
-            except Exception as e:  # a truncated / missing / unparsable file: Orbax and TensorStore errors vary
-                problem = f"it cannot be read ({one_line(e).split(' See full')[0][:160]})"
-            if problem is None:
-                return step, state, meta
-            aside = self.directory / f"damaged-{step}"
-            if jax.process_index() == 0:
-                os.replace(self.directory / str(step), aside)
-            if jax.process_count() > 1:
-                multihost_utils.sync_global_devices(f"damaged-{step}")
-            older = [s for s in self.manager.all_steps() if s < step]
-            then = f"falling back to step {max(older)}" if older else "no older checkpoint: starting the stage afresh"
-            print(f"[{self.name}] checkpoint step {step} is damaged ({problem}); moved to {aside}; {then}", flush=True)
-            self.manager.reload()
+            restored = self.restore_step(step, abstract_state)
+            if restored is not None:
+                return step, *restored
         return None
 
     def wait(self):

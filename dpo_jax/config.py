@@ -31,6 +31,7 @@ SFT_FIELDS = (
     "seed", "task", "model", "sft.steps", "sft.batch_size", "sft.learning_rate", "sft.warmup_steps", "sft.schedule",
     "sft.end_lr_fraction", "sft.weight_decay", "sft.b1", "sft.b2", "sft.clip_norm",
     "data.sft_path", "data.tokenizer_path", "data.max_length", "data.max_prompt_length", "data.truncation_mode",
+    "data.max_row_chars",
     "synthetic.seed", "synthetic.prompt_length", "synthetic.completion_length", "synthetic.n_sft",
 )  # fmt: skip
 
@@ -82,6 +83,49 @@ def needs_reference(cfg) -> bool:
     return not cfg.dpo.reference_free and not set(loss_types(cfg)) <= POLICY_ONLY
 
 
+MAX_STEPS = 2**31 - 1  # the step counter is an int32 on device
+# Fields that name local files of a task="files" run: the built-in task (task="synthetic") makes its own data,
+# tokenizer and model, so a value here would be silently ignored.
+FILE_FIELDS = ("data.train_path", "data.eval_path", "data.sft_path", "data.tokenizer_path", "data.split",
+               "model.hf_path")  # fmt: skip
+
+
+def _leaves(tree, prefix=""):
+    for k, v in tree.items():
+        if isinstance(v, dict | ml_collections.ConfigDict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def check_numbers(cfg) -> None:
+    """Every number in the config is finite (an ``inf`` learning rate would pass a ``> 0`` check)."""
+    for field, v in _leaves(cfg):
+        values = v if isinstance(v, tuple | list) else (v,)
+        for x in values:
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ConfigError(f"config.{field}: expected a finite number, got {v!r}")
+
+
+def check_unused_fields(cfg) -> None:
+    """Refuse fields the run would ignore: file paths with the built-in task, a model folder without
+    ``model.init='hf'``."""
+    values = dict(_leaves(cfg))
+    if cfg.task == "synthetic":
+        named = [f for f in FILE_FIELDS if values.get(f)]
+        if named or cfg.model.init == "hf":
+            fields = ", ".join(named + (["model.init='hf'"] if cfg.model.init == "hf" else []))
+            raise ConfigError(
+                f"config.task: 'synthetic' (the built-in task: its own data, tokenizer and scratch model) would "
+                f"ignore {fields}: set --config.task=files to train on them, or clear them"
+            )
+    elif cfg.model.init == "scratch" and cfg.model.hf_path:
+        raise ConfigError(
+            f"config.model.hf_path: set ({cfg.model.hf_path!r}) but model.init='scratch' would ignore it: add "
+            "--config.model.init=hf to train that checkpoint, or clear it"
+        )
+
+
 def _check(cond: bool, field: str, expected: str, value) -> None:
     if not cond:
         raise ConfigError(f"config.{field}: expected {expected}, got {value!r}")
@@ -102,6 +146,8 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
     )
     num_devices //= members
     _check(cfg.task in ("synthetic", "files"), "task", "'synthetic' or 'files'", cfg.task)
+    check_numbers(cfg)
+    check_unused_fields(cfg)
     if cfg.task == "files":
         for key in ("train_path", "eval_path"):
             p = cfg.data[key]
@@ -122,6 +168,8 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
         f"0 < max_prompt_length < max_length ({cfg.data.max_length})",
         cfg.data.max_prompt_length,
     )
+    _check(isinstance(cfg.data.max_row_chars, int) and cfg.data.max_row_chars >= 0, "data.max_row_chars",
+           "an integer >= 0 (0: 100 x data.max_length)", cfg.data.max_row_chars)  # fmt: skip
     _check(cfg.data.pack_length >= 0, "data.pack_length", "0 (from the data) or a row length > 0", cfg.data.pack_length)
     _check(cfg.logprobs.max_logits_mb >= 0, "logprobs.max_logits_mb", ">= 0", cfg.logprobs.max_logits_mb)
     _check(
@@ -241,9 +289,12 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
         num_devices // known if cfg.mesh.fsdp == -1 else cfg.mesh.fsdp
     )
     _check(cfg.optim.grad_accum >= 1, "optim.grad_accum", ">= 1", cfg.optim.grad_accum)
+    _check(isinstance(cfg.optim.steps, int) and 0 < cfg.optim.steps <= MAX_STEPS, "optim.steps",
+           f"an integer in [1, {MAX_STEPS}]", cfg.optim.steps)  # fmt: skip
+    _check(isinstance(cfg.sft.steps, int) and 0 <= cfg.sft.steps <= MAX_STEPS, "sft.steps",
+           f"an integer in [0, {MAX_STEPS}] (0: no SFT stage)", cfg.sft.steps)  # fmt: skip
     for stage in ("sft", "optim"):
         s = cfg[stage]
-        _check(s.steps >= 0, f"{stage}.steps", ">= 0", s.steps)
         _check(s.learning_rate > 0, f"{stage}.learning_rate", "> 0", s.learning_rate)
         accum = cfg.optim.grad_accum if stage == "optim" else 1
         _check(
@@ -252,7 +303,6 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
             f"a multiple of data-parallel size x grad_accum = {data_parallel} x {accum}",
             s.batch_size,
         )
-    _check(cfg.optim.steps > 0, "optim.steps", "> 0", cfg.optim.steps)
     for stage in ("sft", "optim"):
         s = cfg[stage]
         kinds = ("cosine", "linear", "constant")

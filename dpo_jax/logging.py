@@ -22,8 +22,10 @@ from dpo_jax.workdir import atomic_write_text
 class Writer:
     def write(self, step: int, metrics: dict[str, float]) -> None: ...
 
-    def rewind(self, step: int, *, keep_evals: bool = True) -> None:
-        """Forget rows after ``step`` (and eval rows at ``step`` unless ``keep_evals``): they are about to be redone."""
+    def rewind(self, step: int, *, stage: str = "dpo", keep_evals: bool = True) -> None:
+        """Forget ``stage``'s rows after ``step`` (and its eval rows at ``step`` unless ``keep_evals``): they are about
+        to be redone. Another stage's rows stay: an SFT stage that falls back to an older checkpoint and is redone
+        keeps the DPO rows logged after it."""
 
     def note(self, line: str) -> None: ...
 
@@ -50,18 +52,25 @@ class JsonlWriter(Writer):
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **{k: _plain(v) for k, v in metrics.items()}}) + "\n")
 
-    def rewind(self, step, *, keep_evals=True):
+    def rewind(self, step, *, stage="dpo", keep_evals=True):
         if not self.path.exists():
             return
         rows = read_jsonl(self.path)
 
         def keep(r):
             at = r.get("step", 0)
+            if row_stage(r) != stage:
+                return True
             return at < step or (at == step and (keep_evals or not any(k.startswith("eval/") for k in r)))
 
         kept = [r for r in rows if keep(r)]
         if len(kept) != len(rows) or self.path.read_text().count("\n") != len(rows):
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def row_stage(row: dict) -> str:
+    """The stage a logged row belongs to: "sft" (its metrics are under ``sft/``) or "dpo"."""
+    return "sft" if any(k.startswith("sft/") for k in row) else "dpo"
 
 
 def _plain(v):
@@ -185,9 +194,9 @@ class MultiWriter(Writer):
         for w in self.writers:
             w.write(step, metrics)
 
-    def rewind(self, step, *, keep_evals=True):
+    def rewind(self, step, *, stage="dpo", keep_evals=True):
         for w in self.writers:
-            w.rewind(step, keep_evals=keep_evals)
+            w.rewind(step, stage=stage, keep_evals=keep_evals)
 
     def close(self):
         for w in self.writers:

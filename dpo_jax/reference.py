@@ -24,16 +24,30 @@ from dpo_jax.data.loader import PreferenceLoader, to_global
 from dpo_jax.sharding import batch_sharding, batch_slice, data_parallel_size
 
 
-def cache_key(params, model_config, pairs, settings: dict) -> str:
+def ids_digest(pairs) -> str:
+    """sha256 of the pairs' token ids (prompt, chosen, rejected, in order): what a cache's rows belong to."""
     h = hashlib.sha256()
-    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda kv: jax.tree_util.keystr(kv[0])):
-        h.update(jax.tree_util.keystr(path).encode())
-        h.update(np.asarray(jax.device_get(leaf)).tobytes())
-    h.update(repr(model_config).encode())
     for p in pairs:
         for ids in (p.prompt, p.chosen, p.rejected):
             h.update(np.asarray(ids, np.int32).tobytes())
             h.update(b"|")
+    return h.hexdigest()
+
+
+def cache_key(params, model_config, pairs, settings: dict) -> str:
+    """The cache entry of a reference's log-probs of ``pairs``. LoRA adapter leaves and LoRA config fields are left
+    out: a reference with its adapters off computes what the plain model does, so a LoRA run and a full run of one
+    checkpoint share an entry (an int8 or bfloat16 base holds other weights, so it still gets its own)."""
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda kv: jax.tree_util.keystr(kv[0])):
+        name = jax.tree_util.keystr(path)
+        if "lora" in name:
+            continue
+        h.update(name.encode())
+        h.update(np.asarray(jax.device_get(leaf)).tobytes())
+    plain = dataclasses.replace(model_config, lora_rank=0, lora_alpha=16.0, lora_targets=(), lora_dropout=0.0)
+    h.update(repr(plain).encode())
+    h.update(ids_digest(pairs).encode())
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:32]
 
@@ -85,21 +99,36 @@ def compute_logps(graphdef, params, pairs, *, mesh, batch_size, layout, pad_id, 
     return out
 
 
-def cached_logps(cache_dir: str | os.PathLike, key: str, compute) -> tuple[np.ndarray, bool]:
-    """Load ``<cache_dir>/<key>.npy`` or compute and store it (process 0 writes, atomically); (values, hit)."""
-    path = Path(cache_dir) / f"{key}.npy"
+def _read_cache(path: Path, pairs) -> tuple[np.ndarray | None, str]:
+    """(values, "") of a cache file that holds one finite row per pair of ``pairs``, else (None, what is wrong)."""
+    try:
+        with np.load(path) as f:
+            values, rows, digest = f["logps"], int(f["rows"]), str(f["ids_digest"])
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        return None, f"unreadable ({type(e).__name__})"
+    if values.ndim != 2 or values.shape[1] not in (2, 4) or rows != values.shape[0]:
+        return None, f"values of shape {values.shape} for {rows} rows"
+    if rows != len(pairs) or digest != ids_digest(pairs):
+        return None, f"{rows} rows of other token ids than the data's {len(pairs)} pairs"
+    if not np.isfinite(values).all():
+        return None, "NaN/Inf values"
+    return values, ""
+
+
+def cached_logps(cache_dir: str | os.PathLike, key: str, compute, pairs) -> tuple[np.ndarray, bool]:
+    """Load ``<cache_dir>/<key>.npz`` or compute and store it (process 0 writes, atomically); (values, hit). A cache
+    file is used only when it holds exactly one finite row per pair of ``pairs``, made from the same token ids (its
+    row count and their digest are stored with the values); otherwise it is recomputed, with one line saying why."""
+    path = Path(cache_dir) / f"{key}.npz"
     if path.exists():
-        try:
-            values = np.load(path)
-            if values.ndim == 2 and values.shape[1] in (2, 4) and np.isfinite(values).all():
-                return values, True
-        except (OSError, ValueError):
-            pass
-        print(f"reference cache {path} is damaged; recomputing it", flush=True)
+        values, problem = _read_cache(path, pairs)
+        if values is not None:
+            return values, True
+        print(f"reference cache {path} does not match the data ({problem}); recomputing it", flush=True)
     values = compute()
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, values)
+        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
+        np.savez(tmp, logps=values, rows=np.int64(len(pairs)), ids_digest=np.str_(ids_digest(pairs)))
         os.replace(tmp, path)
     return values, False

@@ -89,7 +89,7 @@ def initial_policy(cfg, workdir: Path, devices) -> Path:
             step = checkpoint.latest_step_on_disk(folder / "checkpoints")
             check_resume_config(folder, record, allow=set(), step=step)
     job = train.prepare(c, out, devices, Writer())
-    params = jax.device_get(job.reference_params)
+    params = jax.device_get(job.initial_policy())
     if jax.process_index() == 0:
         model = nnx.merge(job.graphdef, params)
         model = lora.detach(model) if model.config.lora_rank else model
@@ -113,7 +113,8 @@ def data_paths(cfg, workdir: Path) -> dict[str, str]:
 def load_prompts(cfg, path: str, tokenizer, n: int = 0):
     """(examples, tokenized pairs) of ``path``, one per distinct tokenized prompt (the first ``n``; 0: all)."""
     d = cfg.data
-    examples, _ = load_examples(path, columns=train.columns(cfg), on_bad_row=d.on_bad_row, split=d.split or None)
+    examples, _ = load_examples(path, columns=train.columns(cfg), on_bad_row=d.on_bad_row, split=d.split or None,
+                                max_chars=train.max_row_chars(cfg))  # fmt: skip
     pairs, _ = tokenize_examples(examples, tokenizer, train.tokenize_config(cfg))
     seen, keep = set(), []
     for ex, pair in zip(examples, pairs, strict=True):

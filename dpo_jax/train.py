@@ -50,7 +50,16 @@ from dpo_jax.logging import ConsoleWriter, JsonlWriter, MultiWriter, WandbWriter
 from dpo_jax.losses import preference_loss, temper_targets, update_running_moments
 from dpo_jax.signals import Preempted, stop_signals
 from dpo_jax.state import HParams, TrainState, init_state, member, stack
-from dpo_jax.workdir import WorkdirLock, allowed_changes, atomic_dir, check_resume_config, ensure_writable, flatten
+from dpo_jax.workdir import (
+    DIGEST,
+    WorkdirLock,
+    allowed_changes,
+    atomic_dir,
+    check_resume_config,
+    ensure_writable,
+    file_digest,
+    flatten,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -458,8 +467,9 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
         for m in members:
             m.ckpt.close()
         return state.params
-    for m in members:  # drop log rows of steps that will be redone (and an interrupted eval's row, redone too)
-        m.writer.rewind(stage.log_offset + start, keep_evals=not eval_pending)
+    for m in members:  # drop this stage's rows of steps that will be redone (and of an eval that will be redone: an
+        # interrupted one, or step 0's when no checkpoint was made after it)
+        m.writer.rewind(stage.log_offset + start, stage=stage.name, keep_evals=not (eval_pending or start == 0))
 
     shared = len({m.seed for m in members}) == 1
     sample = next(population_batches(stage, min(start, stage.steps - 1), shared))[1]
@@ -485,7 +495,7 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
             who = f"member {k}: " if k_members > 1 else ""
             raise NonFiniteLoss(
                 f"[{stage.name}] {who}the loss or gradient became NaN/Inf at step {int(bad[k])}; stopped without "
-                f"saving. Last good checkpoint: step {members[k].ckpt.latest_step()} in {members[k].ckpt.directory}"
+                f"saving. Last good checkpoint: {members[k].ckpt.last_good()}"
             )
 
     def save(step: int, **meta):
@@ -614,6 +624,11 @@ def tokenize_config(cfg) -> TokenizeConfig:
                           truncation_mode=d.truncation_mode)  # fmt: skip
 
 
+def max_row_chars(cfg) -> int:
+    """The longest text a data row may hold: ``data.max_row_chars``, or 100 characters per token of max_length."""
+    return cfg.data.get("max_row_chars", 0) or 100 * cfg.data.max_length
+
+
 def columns(cfg) -> Columns:
     d = cfg.data
     return Columns(d.prompt_column, d.chosen_column, d.rejected_column, d.prob_column or None, d.weight_column or None)
@@ -633,6 +648,11 @@ def check_data(cfg, paths, reports, pairs, stats, notes: Notes) -> None:
         r, st, where = reports[split], stats[split], paths[split]
         if split == "train" and all(p.weight == 0 for p in pairs[split]):
             notes.warn(f"every pair in {where} has weight 0 ({d.weight_column!r}): the loss is 0 and nothing trains")
+        if r.duplicate_keys:
+            notes.warn(
+                f"{r.duplicate_keys} rows of {where} give a JSON key twice (the last value is used), the first at "
+                f"{r.first_duplicate}"
+            )
         if r.null_prompts:
             notes.warn(
                 f"{r.null_prompts} rows of {where} have a null {d.prompt_column!r}: their prompt was taken as the "
@@ -743,6 +763,7 @@ class Job:
     train_pairs: list
     eval_pairs: list
     eval_examples: list
+    policy: Any  # what DPO trains from: the (SFT'd) policy, or its adapters (B zero) in a LoRA run
     reference_params: Any
     ref_train: np.ndarray | None
     ref_eval: np.ndarray | None
@@ -751,8 +772,13 @@ class Job:
     base: Any = None  # LoRA: the frozen base (reference_params is it with the adapters off)
 
     def initial_params(self):
-        """What a DPO stage trains from: the reference (SFT'd) policy, or its adapters (B zero) in a LoRA run."""
-        return self.reference_params if self.base is None else lora.split(self.reference_params)[0]
+        """What a DPO stage trains from: the (SFT'd) policy of ``model.*``, or its adapters (B zero) in a LoRA
+        run; never ``reference.hf_path``'s weights, which are only the reference."""
+        return self.policy
+
+    def initial_policy(self):
+        """The whole initial policy (LoRA: its adapters on the base)."""
+        return lora.whole(self.policy, self.base)
 
     def step_config(self, cfgs) -> StepConfig:
         """The DPO step of members ``cfgs`` (equal but for what ``HParams`` holds): their loss types' union."""
@@ -822,7 +848,8 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfg
     tokenizer, paths = prepare_data(cfg, workdir)
     d = cfg.data
     tok_cfg = tokenize_config(cfg)
-    load = functools.partial(load_examples, columns=columns(cfg), on_bad_row=d.on_bad_row, split=d.split or None)
+    load = functools.partial(load_examples, columns=columns(cfg), on_bad_row=d.on_bad_row, split=d.split or None,
+                             max_chars=max_row_chars(cfg))  # fmt: skip
     (train_ex, train_report), (eval_ex, eval_report) = load(paths["train"]), load(paths["eval"])
     train_pairs, train_tok = tokenize_examples(train_ex, tokenizer, tok_cfg)
     eval_pairs, eval_tok = tokenize_examples(eval_ex, tokenizer, tok_cfg)
@@ -882,7 +909,7 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfg
     )
     sft_steps = 0
     if cfg.sft.steps > 0 and "sft" in paths:
-        sft_ex = load_sft_examples(paths["sft"], on_bad_row=d.on_bad_row)
+        sft_ex = load_sft_examples(paths["sft"], on_bad_row=d.on_bad_row, max_chars=max_row_chars(cfg))
         sft_pairs, _ = tokenize_examples(sft_ex, tokenizer, tok_cfg)
         if len(sft_pairs) < cfg.sft.batch_size:
             raise DataError(
@@ -927,7 +954,7 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfg
         hits = []
         for pairs in (train_pairs, eval_pairs):
             key = reference.cache_key(reference_params, model.config, pairs, settings)
-            values, hit = reference.cached_logps(cache_dir, key, functools.partial(compute, pairs))
+            values, hit = reference.cached_logps(cache_dir, key, functools.partial(compute, pairs), pairs)
             hits.append(hit)
             ref_train, ref_eval = (values, ref_eval) if pairs is train_pairs else (ref_train, values)
         summary.update(
@@ -950,6 +977,7 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfg
         train_pairs,
         eval_pairs,
         eval_ex,
+        params,
         reference_params,
         ref_train,
         ref_eval,
@@ -984,7 +1012,14 @@ def stage_records(cfg, workdir: Path) -> dict[Path, dict]:
     share) depends on ``SFT_FIELDS`` only; the DPO stage on everything."""
     full = flatten(cfg.to_dict())
     sft_dir = Path(cfg.sft.dir) / "sft" if cfg.sft.get("dir") else workdir / "sft"
-    sft = {k: v for k, v in full.items() if any(k == f or k.startswith(f + ".") for f in SFT_FIELDS)}
+    if cfg.task == "files":  # what the files hold, not only where they are: a changed file is refused on resume
+        for key in ("train_path", "eval_path", "sft_path"):
+            if cfg.data[key] and Path(cfg.data[key]).exists():
+                full[f"data.{key}{DIGEST}"] = file_digest(cfg.data[key])
+    fields = (*SFT_FIELDS, "lora") if cfg.lora.rank else SFT_FIELDS  # a LoRA SFT stage trains adapters
+    sft = {k: v for k, v in full.items() if any(k == f or k.startswith(f + ".") for f in fields)}
+    if f"data.sft_path{DIGEST}" in full:
+        sft[f"data.sft_path{DIGEST}"] = full[f"data.sft_path{DIGEST}"]
     has_sft = cfg.sft.steps > 0 and (cfg.task == "synthetic" or bool(cfg.data.sft_path))
     return {**({sft_dir: sft} if has_sft else {}), workdir / "dpo": full}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -210,6 +211,22 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+DIGEST = ":digest"  # a record key "<field>:digest" holds the sha256 of the file or folder that field names
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, or of a folder's files (their relative names and bytes, in sorted order)."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def _free(key: str) -> bool:
     return any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE_ON_RESUME)
 
@@ -224,15 +241,32 @@ def _added_fields(saved: dict[str, Any]) -> dict[str, Any]:
         "reference.ref_model_sync_steps": 512, "lora.rank": 0, "lora.alpha": 16.0, "lora.targets": "all-linear",
         "lora.base_dtype": "float32", "lora.dropout": 0.0, "reference.hf_path": "", "reward": "",
         "dpo.bco_delta": "batch" if bco else "zero",  # bco_pair used the batch mean before TRL 1.16's zero
+        "data.max_row_chars": 0,
     }  # fmt: skip
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(field, saved value, current value) for every field that differs and matters for training."""
-    if "dpo.loss_type" in saved:  # a record of the DPO section, from before some of its fields existed
-        saved = {**{k: v for k, v in _added_fields(saved).items() if k in current}, **saved}
+    # a record from before some fields existed (or of a stage that records them only when set, as an SFT stage
+    # records lora.* when lora.rank > 0): the values that reproduce what it trained with
+    saved = {**{k: v for k, v in _added_fields(saved).items() if k in current}, **saved}
     keys = sorted(set(saved) | set(current))
-    return [(k, saved.get(k), current.get(k)) for k in keys if not _free(k) and saved.get(k) != current.get(k)]
+    recorded = lambda k: not k.endswith(DIGEST) or k in saved  # noqa: E731 (records from before data digests)
+    return [
+        (k, saved.get(k), current.get(k))
+        for k in keys
+        if not _free(k) and recorded(k) and saved.get(k) != current.get(k)
+    ]
+
+
+def _describe(changes, current) -> str:
+    def one(k, old, new):
+        if k.endswith(DIGEST):
+            field = k[: -len(DIGEST)]
+            return f"the contents of {field} ({current.get(field)}: sha256 {str(old)[:12]}… -> {str(new)[:12]}…)"
+        return f"{k} {old!r} -> {new!r}"
+
+    return ", ".join(one(*c) for c in changes)
 
 
 def allowed_changes(spec: str) -> set[str]:
@@ -257,16 +291,17 @@ def check_resume_config(
             saved = None  # a damaged record: the checkpoint is still the source of truth; rewrite it
         if saved is not None:
             changes = config_changes(saved, current)
-            fixed = [c for c in changes if c[0] not in CHANGEABLE_ON_RESUME]
-            refused = [c for c in changes if c[0] in CHANGEABLE_ON_RESUME and c[0] not in allow]
-            desc = lambda cs: ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in cs)  # noqa: E731
+            field = lambda k: k.removesuffix(DIGEST)  # noqa: E731 (new contents are allowed as a new path is)
+            fixed = [c for c in changes if field(c[0]) not in CHANGEABLE_ON_RESUME]
+            refused = [c for c in changes if field(c[0]) in CHANGEABLE_ON_RESUME and field(c[0]) not in allow]
+            desc = lambda cs: _describe(cs, current)  # noqa: E731
             if fixed:
                 raise WorkdirError(
                     f"config changed since the checkpoint (step {step}) in {folder}: {desc(fixed)}: these fields "
                     "cannot change on resume; rerun with the original values or use a new --workdir"
                 )
             if refused:
-                names = ",".join(k for k, _, _ in refused)
+                names = ",".join(dict.fromkeys(field(k) for k, _, _ in refused))
                 raise WorkdirError(
                     f"config changed since the checkpoint (step {step}) in {folder}: {desc(refused)}: rerun with the "
                     f"original values, use a new --workdir, or continue with the new values by adding "

@@ -4,9 +4,11 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from dpo_jax import checkpoint
+from dpo_jax.errors import NonFiniteLoss, WorkdirError
 
 
 def _state():
@@ -91,14 +93,36 @@ def test_a_damaged_newest_step_falls_back_to_the_intact_one(tmp_path, capsys, da
     assert "falling back to step 1" in out[0] and (tmp_path / "ckpt" / "damaged-2").is_dir()
 
 
-def test_non_finite_parameters_are_not_restored(tmp_path, capsys):
-    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", every=1, keep=5, name="test")
+def test_non_finite_parameters_are_never_saved_nor_restored(tmp_path, capsys):
+    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", every=1, keep=1, name="test")
     bad = _state()
     bad["params"]["w"] = bad["params"]["w"].at[0, 0].set(jnp.nan)
-    ckpt.save(1, bad, {"data_step": 1}, force=True)
+    with pytest.raises(NonFiniteLoss, match=r"\[test\] the state of step 1 holds NaN/Inf.*none yet in"):
+        ckpt.save(1, bad, {"data_step": 1}, force=True)
+    ckpt.save(1, _state(), {"data_step": 1}, force=True)
+    with pytest.raises(NonFiniteLoss, match="Last good checkpoint: step 1 in"):
+        ckpt.save(2, bad, {"data_step": 2}, force=True)  # keep=1: the good step must survive
+    ckpt.wait()
+    assert ckpt.steps() == [1]
+    # written behind the checker's back (as a damaged disk might): refused on restore all the same
+    args = ocp.args.Composite(state=ocp.args.StandardSave(bad), meta=ocp.args.JsonSave({"data_step": 3}))
+    ckpt.manager.save(3, args=args, force=True)
     ckpt.wait()
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), bad)
-    assert ckpt.restore_latest(abstract) is None
+    assert ckpt.restore_latest(abstract) is None  # step 3 moved aside; step 1 was deleted by keep=1 meanwhile
     ckpt.close()
     out = capsys.readouterr().out
-    assert "holds NaN/Inf values" in out and "no older checkpoint: starting the stage afresh" in out
+    assert "step 3 is damaged (it holds NaN/Inf values)" in out
+
+
+def test_a_checkpoint_of_another_config_is_refused_not_moved_aside(tmp_path):
+    """A restore that fails because the config makes other shapes (say another lora.rank) is no damage."""
+    _saved(tmp_path)
+    state = _state()
+    state["params"]["w"] = jnp.zeros((64, 32), jnp.float32)  # what a changed config would make
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", every=1, keep=5, name="test")
+    with pytest.raises(WorkdirError, match=r"checkpoint step 2 in .* was made with another config .*\(64, 48\)"):
+        ckpt.restore_latest(abstract)
+    ckpt.close()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "2"]  # nothing moved aside

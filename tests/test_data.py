@@ -1,5 +1,6 @@
 """Data layer: every format, every bad-input case, exact masks, resumable order, host shards, synthetic task."""
 
+import codecs
 import json
 import math
 
@@ -228,6 +229,54 @@ def test_non_utf8_bytes_are_named_with_line_and_offset_or_skipped(tmp_path):
     assert f"{path}:line 2" in str(err.value) and f"byte offset {offset} (0xff)" in str(err.value)
     examples, report = load_examples(path, on_bad_row="skip")
     assert len(examples) == 2 and sum(report.skipped.values()) == 1
+
+
+def test_byte_order_marks_and_gzip_files_are_read(tmp_path):
+    import gzip
+
+    lines = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
+    files = {
+        "bom.jsonl": codecs.BOM_UTF8 + lines,
+        "bom.json": codecs.BOM_UTF8 + json.dumps(ROWS).encode(),
+        "rows.jsonl.gz": gzip.compress(lines),
+        "rows.json.gz": gzip.compress(json.dumps(ROWS).encode()),
+        "plain_name.jsonl": gzip.compress(codecs.BOM_UTF8 + lines),  # gzip content under a plain name
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        assert as_tuples(load_examples(tmp_path / name)[0]) == EXPECTED, name
+    bad = codecs.BOM_UTF8 + b'{"prompt": "\xff"}\n'
+    (tmp_path / "bad.jsonl").write_bytes(bad)
+    with pytest.raises(DataError, match=r"bad.jsonl:line 1: .*not UTF-8 at byte offset 15 \(0xff\)"):
+        load_examples(tmp_path / "bad.jsonl")  # the offset counts the 3-byte mark: 3 + len('{"prompt": "')
+
+
+def test_duplicate_json_keys_are_counted_with_the_first_place(tmp_path):
+    text = (
+        '{"prompt": "a:", "chosen": "b", "rejected": "c", "chosen": "d"}\n'
+        '{"prompt": "a:", "chosen": "b", "rejected": "c"}\n'
+        '{"prompt": [{"role": "user", "content": "a", "content": "x"}], '
+        '"chosen": [{"role": "assistant", "content": "b"}], "rejected": [{"role": "assistant", "content": "c"}]}\n'
+    )
+    (tmp_path / "dup.jsonl").write_text(text)
+    examples, report = load_examples(tmp_path / "dup.jsonl")
+    assert examples[0].chosen == "d" and examples[2].prompt[0]["content"] == "x"  # json's rule: the last value
+    assert report.duplicate_keys == 2 and report.first_duplicate == f"{tmp_path / 'dup.jsonl'}:line 1 ('chosen')"
+
+
+def test_a_row_far_past_max_length_is_refused_before_tokenizing(tmp_path):
+    good = json.dumps({"prompt": "a:", "chosen": "b", "rejected": "c"})
+    huge = json.dumps({"prompt": "a:", "chosen": "b" * 5000, "rejected": "c"})
+    convo = json.dumps({"prompt": [{"role": "user", "content": "a" * 3000}, {"role": "user", "content": "a" * 3000}],
+                        "chosen": [{"role": "assistant", "content": "b"}],
+                        "rejected": [{"role": "assistant", "content": "c"}]})  # fmt: skip
+    (tmp_path / "long.jsonl").write_text(f"{good}\n{huge}\n{convo}\n")
+    with pytest.raises(DataError, match=r"long.jsonl:line 2: field 'chosen': 5,000 characters, far past .*"
+                       r"max_row_chars=4,096"):  # fmt: skip
+        load_examples(tmp_path / "long.jsonl", max_chars=4096)
+    examples, report = load_examples(tmp_path / "long.jsonl", max_chars=4096, on_bad_row="skip")
+    assert len(examples) == 1 and report.skipped == {"row too long": 2}  # 6,000 characters of messages
+    assert len(load_examples(tmp_path / "long.jsonl")[0]) == 3  # no bound
 
 
 @pytest.mark.parametrize("name,content", [("e.jsonl", b""), ("b.jsonl", b"\n  \n"), ("e.json", b"[]")])

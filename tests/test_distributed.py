@@ -68,8 +68,11 @@ def test_sigkill_then_resume_equals_uninterrupted_and_sigterm_saves(tmp_path):
     assert (tmp_path / "int/dpo/checkpoints" / str(step)).is_dir()  # resuming from it: SIGTERM's path above
     # Every resumed run logged each step once (the steps redone after a resume replace the lost ones).
     for run in ("killed", "term"):
-        steps = [r["step"] for r in read_history(tmp_path / run / "metrics.jsonl") if "train/loss" in r]
+        history = read_history(tmp_path / run / "metrics.jsonl")
+        steps = [r["step"] for r in history if "train/loss" in r]
         assert steps == sorted(set(steps)) and steps[-1] == 20, (run, steps)
+        evals = [r["step"] for r in history if "eval/loss" in r]
+        assert evals == sorted(set(evals)), (run, evals)  # the step-0 eval too, once
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -25,6 +25,23 @@ def test_rewind_drops_redone_steps_and_a_line_cut_short(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text().endswith("\n")
 
 
+def test_rewind_forgets_only_its_own_stages_rows(tmp_path):
+    """An SFT stage redone from an older checkpoint keeps the DPO rows; a DPO stage that restarts at step 0 (no
+    checkpoint yet) drops its step-0 eval, which it redoes, and keeps the SFT stage's last row at that step."""
+    w = JsonlWriter(tmp_path / "metrics.jsonl")
+    for step in (5, 10):
+        w.write(step, {"sft/loss": 1.0 / step})
+    w.write(10, {"eval/loss": 0.7})  # the DPO stage's step 0 (logged after the 10 SFT steps)
+    w.write(15, {"train/loss": 0.6})
+    w.rewind(5, stage="sft")  # the SFT checkpoint of step 10 was damaged: steps 6-10 are redone
+    assert [(r.pop("step"), *r) for r in read_jsonl(w.path)] == [
+        (5, "sft/loss"), (10, "eval/loss"), (15, "train/loss")
+    ]  # fmt: skip
+    w.write(10, {"sft/loss": 0.1})
+    w.rewind(10, stage="dpo", keep_evals=False)
+    assert [(r.pop("step"), *r) for r in read_jsonl(w.path)] == [(5, "sft/loss"), (10, "sft/loss")]
+
+
 def _closed_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

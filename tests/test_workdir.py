@@ -113,3 +113,55 @@ def test_lock_is_exclusive_within_one_process_too(tmp_path):
     with WorkdirLock(tmp_path), pytest.raises(WorkdirError, match=f"pid {os.getpid()}"):
         WorkdirLock(tmp_path).acquire()
     WorkdirLock(tmp_path).acquire().release()  # released on exit: free again
+
+
+def test_the_sft_stage_records_its_lora_fields_and_refuses_their_change(tmp_path):
+    from test_train import tiny_config
+
+    from dpo_jax.train import stage_records
+
+    def sft_record(*extra):
+        (folder, record), *_ = stage_records(tiny_config(*extra), tmp_path).items()
+        assert folder.name == "sft"
+        return record
+
+    full = sft_record()
+    assert not any(k.startswith("lora.") for k in full)  # full fine-tuning: lora.* play no part
+    check_resume_config(tmp_path / "sft", full, allow=set(), step=None)
+    assert check_resume_config(tmp_path / "sft", sft_record("lora.alpha=32.0"), allow=set(), step=5) == []
+    with pytest.raises(WorkdirError, match="lora.rank 0 -> 4: these fields cannot change"):
+        check_resume_config(tmp_path / "sft", sft_record("lora.rank=4"), allow=set(), step=5)
+    check_resume_config(tmp_path / "lora", sft_record("lora.rank=4"), allow=set(), step=None)
+    for change, message in (("lora.alpha=32.0", "lora.alpha 16.0 -> 32.0"), ("lora.rank=8", "lora.rank 4 -> 8")):
+        with pytest.raises(WorkdirError, match=message):
+            check_resume_config(tmp_path / "lora", sft_record("lora.rank=4", change), allow=set(), step=5)
+
+
+def test_data_changed_between_stop_and_resume_is_refused_unless_allowed(tmp_path):
+    from test_train import tiny_config
+
+    from dpo_jax.train import stage_records
+
+    train, evals = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    for f in (train, evals):
+        f.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    paths = ('task="files"', f'data.train_path="{train}"', f'data.eval_path="{evals}"')
+
+    def check(*extra, allow=frozenset()):
+        return check_resume_config(
+            tmp_path / "dpo", stage_records(tiny_config(*paths, *extra), tmp_path)[tmp_path / "dpo"],
+            allow=set(allow), step=10,
+        )  # fmt: skip
+
+    check_resume_config(tmp_path / "dpo", stage_records(tiny_config(*paths), tmp_path)[tmp_path / "dpo"],
+                        allow=set(), step=None)  # fmt: skip
+    assert check() == []  # the same bytes
+    train.write_text('{"prompt": "a", "chosen": "b", "rejected": "d"}\n')  # one letter of one row
+    with pytest.raises(WorkdirError, match=r"the contents of data.train_path \(.*train.jsonl: sha256") as err:
+        check()
+    assert "--config.resume.allow_changes=data.train_path" in str(err.value) and "\n" not in str(err.value)
+    assert [k for k, _, _ in check(allow={"data.train_path"})] == ["data.train_path:digest"]
+    record = json.loads((tmp_path / "dpo" / "run_config.json").read_text())
+    del record["data.train_path:digest"], record["data.eval_path:digest"]  # a record from before data digests
+    (tmp_path / "dpo" / "run_config.json").write_text(json.dumps(record))
+    assert check() == []

@@ -15,7 +15,7 @@ import os
 from collections import Counter
 from typing import Any
 
-from dpo_jax.data.formats import DataError, read_rows
+from dpo_jax.data.formats import DataError, duplicate_keys, read_rows
 
 Messages = tuple[dict[str, str], ...]
 
@@ -51,6 +51,8 @@ class LoadReport:
     identical_dropped: int = 0
     skipped: Counter = dataclasses.field(default_factory=Counter)  # reason -> count
     null_prompts: int = 0  # kept rows whose prompt column was present but null (taken as the shared prefix)
+    duplicate_keys: int = 0  # kept rows with a JSON key given twice (the last value was used)
+    first_duplicate: str = ""  # where the first of them is, and its keys
     with_prob: int = 0  # kept rows with a soft-probability value
 
     def summary(self) -> str:
@@ -126,13 +128,39 @@ def _unpaired_row(row: dict, where: str, columns: Columns) -> PreferenceExample:
     return PreferenceExample(prompt, completion, completion, float(bool(label)), weight, where, unpaired=True)
 
 
-def parse_row(row: Any, where: str, columns: Columns = Columns()) -> PreferenceExample:
+def _chars(value) -> int:
+    """Characters of a text or of a conversation's contents."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(len(m.get("content", "")) if isinstance(m, dict) and isinstance(m.get("content"), str) else 0
+                   for m in value)  # fmt: skip
+    return 0
+
+
+def check_size(row: dict, where: str, max_chars: int) -> None:
+    """Refuse a row whose text is far past what a run tokenizes (``max_chars``; 0: no bound) before it is
+    tokenized: a tokenizer takes hundreds of bytes of memory per character."""
+    if not max_chars:
+        return
+    for key, value in row.items():
+        n = _chars(value)
+        if n > max_chars:
+            raise _BadRow(
+                where, key, "row too long",
+                f"{n:,} characters, far past data.max_length (rows over data.max_row_chars={max_chars:,} characters "
+                "are refused before tokenizing: raise it, or data.on_bad_row='skip' skips such rows)",
+            )  # fmt: skip
+
+
+def parse_row(row: Any, where: str, columns: Columns = Columns(), max_chars: int = 0) -> PreferenceExample:
     """One raw row -> a ``PreferenceExample``; raises ``DataError`` naming ``where`` and the field. A row with
     ``completion`` and ``label`` and no chosen column is TRL's unpaired format (KTO)."""
     if isinstance(row, DataError):
         raise _BadRow(where, "<line>", "malformed line", str(row).split(": ", 1)[-1])
     if not isinstance(row, dict):
         raise _BadRow(where, "<row>", "malformed line", f"expected an object, got {type(row).__name__}")
+    check_size(row, where, max_chars)
     if columns.chosen not in row and "completion" in row and "label" in row:
         return _unpaired_row(row, where, columns)
     chosen = _text_or_messages(row, columns.chosen, where)
@@ -171,8 +199,10 @@ def load_examples(
     columns: Columns = Columns(),
     on_bad_row: str = "error",
     split: str | None = None,
+    max_chars: int = 0,
 ) -> tuple[list[PreferenceExample], LoadReport]:
-    """All valid examples of a file, and what was dropped or skipped (``on_bad_row``: "error" or "skip")."""
+    """All valid examples of a file, and what was dropped or skipped (``on_bad_row``: "error" or "skip");
+    ``max_chars``: the longest text a row may hold (``check_size``)."""
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     report = LoadReport()
@@ -180,7 +210,7 @@ def load_examples(
     for where, row in read_rows(path, split=split):
         report.rows += 1
         try:
-            ex = parse_row(row, where, columns)
+            ex = parse_row(row, where, columns, max_chars)
         except _BadRow as e:
             if on_bad_row == "error":
                 raise DataError(str(e)) from None
@@ -190,6 +220,9 @@ def load_examples(
             report.identical_dropped += 1
             continue
         report.null_prompts += columns.prompt in row and row[columns.prompt] is None
+        if dup := duplicate_keys(row):
+            report.duplicate_keys += 1
+            report.first_duplicate = report.first_duplicate or f"{where} ({', '.join(map(repr, dup))})"
         report.with_prob += columns.prob is not None and row.get(columns.prob) is not None
         examples.append(ex)
     report.kept = len(examples)
@@ -197,7 +230,12 @@ def load_examples(
 
 
 def load_sft_examples(
-    path: str | os.PathLike, *, prompt: str = "prompt", completion: str = "completion", on_bad_row: str = "error"
+    path: str | os.PathLike,
+    *,
+    prompt: str = "prompt",
+    completion: str = "completion",
+    on_bad_row: str = "error",
+    max_chars: int = 0,
 ) -> list[PreferenceExample]:
     """SFT demonstrations ``{prompt, completion}`` as examples whose chosen and rejected are the completion
     (the loader's layout; the SFT step scores the chosen row only)."""
@@ -208,6 +246,7 @@ def load_sft_examples(
                 raise _BadRow(where, "<line>", "malformed line", str(row).split(": ", 1)[-1])
             if not isinstance(row, dict):
                 raise _BadRow(where, "<row>", "malformed line", f"expected an object, got {type(row).__name__}")
+            check_size(row, where, max_chars)
             p = _text_or_messages(row, prompt, where)
             c = _text_or_messages(row, completion, where)
             if isinstance(c, str) and not c.strip():

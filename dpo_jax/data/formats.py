@@ -7,6 +7,8 @@ import at run time); a ``DatasetDict`` folder needs ``split``.
 
 from __future__ import annotations
 
+import codecs
+import gzip
 import json
 import os
 from collections.abc import Iterator
@@ -22,6 +24,47 @@ class DataError(UserError, ValueError):
     """Bad input data; the message names the file, the line or row, and the field."""
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class Row(dict):
+    """A JSON object that had a key more than once (``json`` keeps the last value): ``duplicate_keys`` names them."""
+
+    duplicate_keys: tuple[str, ...] = ()
+
+
+def _object(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) == len(keys):
+        return dict(pairs)
+    row = Row(pairs)
+    row.duplicate_keys = tuple(sorted({k for k in keys if keys.count(k) > 1}))
+    return row
+
+
+def _loads(text: str):
+    return json.loads(text, object_pairs_hook=_object)
+
+
+def duplicate_keys(row) -> tuple[str, ...]:
+    """Keys that occurred twice in a row's JSON object or in one of its messages."""
+    found = list(getattr(row, "duplicate_keys", ()))
+    for value in row.values() if isinstance(row, dict) else ():
+        for m in value if isinstance(value, list) else ():
+            found += getattr(m, "duplicate_keys", ())
+    return tuple(found)
+
+
+def _is_gzip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
+def _open(path: Path):
+    """A binary file object of the file's bytes (gzip-compressed files decompressed)."""
+    return gzip.open(path, "rb") if _is_gzip(path) else path.open("rb")
+
+
 def detect_format(path: str | os.PathLike) -> str:
     path = Path(path)
     if path.is_dir():
@@ -29,6 +72,10 @@ def detect_format(path: str | os.PathLike) -> str:
             return "hf_disk"
         raise DataError(f"{path}: a folder that is not a Hugging Face save_to_disk dataset (no state.json)")
     suffix = path.suffix.lower()
+    if suffix == ".gz":  # rows.jsonl.gz: the format of what it holds
+        suffix = Path(path.stem).suffix.lower()
+        if suffix not in (".jsonl", ".ndjson", ".json"):
+            raise DataError(f"{path}: a gzip file of unknown content {suffix!r}; expected .jsonl.gz or .json.gz")
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
     if suffix == ".json":
@@ -55,19 +102,21 @@ def read_rows(path: str | os.PathLike, *, split: str | None = None) -> Iterator[
         raise DataError(f"no rows in {path}: expected preference rows (prompt, chosen, rejected)")
 
 
-def _utf8_error(path: Path, data: bytes, e: UnicodeDecodeError, start: int = 0) -> str:
-    offset = start + e.start
-    line = data[: e.start].count(b"\n") + 1 if start == 0 else None
-    where = f"{path}:line {line}" if line else str(path)
+def _utf8_error(path: Path, data: bytes, e: UnicodeDecodeError, skipped: int = 0) -> str:
+    offset = skipped + e.start
+    line = data[: e.start].count(b"\n") + 1
+    where = f"{path}:line {line}"
     return f"{where}: bytes that are not UTF-8 at byte offset {offset} (0x{data[e.start]:02x}); expected UTF-8 text"
 
 
 def _read_jsonl(path: Path):
     offset = 0
-    with path.open("rb") as f:
+    with _open(path) as f:
         for lineno, raw in enumerate(f, 1):
             start, offset = offset, offset + len(raw)
             where = f"{path}:line {lineno}"
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # a byte-order mark is not data
+                raw, start = raw[len(codecs.BOM_UTF8) :], start + len(codecs.BOM_UTF8)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -82,17 +131,19 @@ def _read_jsonl(path: Path):
             if not line.strip():
                 continue
             try:
-                yield where, json.loads(line)
+                yield where, _loads(line)
             except json.JSONDecodeError as e:
                 yield where, DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})")
 
 
 def _read_json(path: Path):
-    raw = path.read_bytes()
+    with _open(path) as f:
+        raw = f.read()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = _loads(raw[bom:].decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise DataError(_utf8_error(path, raw, e)) from None
+        raise DataError(_utf8_error(path, raw[bom:], e, skipped=bom)) from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:line {e.lineno}: malformed JSON ({e.msg}); expected a JSON list of rows") from None
     if isinstance(data, dict):  # {"data": [...]} or column-oriented {"prompt": [...], ...}
