@@ -125,6 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # task's (task="synthetic"; none for files), else "module:function" or "path/to/file.py:function" naming a
     # function (prompt: str, completion: str) -> float (a conversational prompt arrives as its JSON).
     c.reward = ""
+    c.reward_timeout_s = 60.0  # a reward call that takes longer ends the run with one line naming it
     # Iterative (online) DPO, `dpo-jax rounds`: each round samples `samples` completions per training prompt from the
     # current policy, pairs the best and the worst by `reward` (prompts whose samples all tie are skipped) and trains
     # an ordinary DPO run (optim.steps steps) on them in <workdir>/round_<r>, starting from the previous round's policy.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -169,16 +170,23 @@ class Checkpointer:
             problem = f"it cannot be read ({one_line(e).split(' See full')[0][:160]})"
         if problem is None:
             return state, meta
-        aside = self.directory / f"damaged-{step}"
-        if jax.process_index() == 0:
-            os.replace(self.directory / str(step), aside)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"damaged-{step}")
+        aside = self.move_aside(step, "damaged")
         older = [s for s in self.manager.all_steps() if s < step]
         then = f"falling back to step {max(older)}" if older else "no older checkpoint: starting the stage afresh"
         print(f"[{self.name}] checkpoint step {step} is damaged ({problem}); moved to {aside}; {then}", flush=True)
-        self.manager.reload()
         return None
+
+    def move_aside(self, step: int, why: str) -> Path:
+        """Rename step ``step``'s folder to ``<why>-<step>`` (process 0; every process waits for it)."""
+        aside = self.directory / f"{why}-{step}"
+        if jax.process_index() == 0:
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(self.directory / str(step), aside)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"{why}-{step}")
+        self.manager.reload()
+        return aside
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -204,6 +212,32 @@ class Checkpointer:
     def close(self):
         self.wait()
         self.manager.close()
+
+
+def restore_common(ckpts: list[Checkpointer], abstract_state):
+    """(step, [(state, meta)] per checkpointer) at the newest step every one of them holds intact, or None. A
+    population killed between two members' saves has members at different steps: it resumes from the newest step
+    they share, and a member's newer checkpoints are moved aside to ``ahead-<step>`` (they are redone)."""
+    while True:
+        common = set.intersection(*(set(c.steps()) for c in ckpts))
+        step = max(common) if common else None
+        ahead = [(c, s) for c in ckpts for s in c.steps() if step is None or s > step]
+        if ahead:
+            where = "from step {}, the newest they share".format(step) if common else "afresh: they share no step"
+            print(f"[{ckpts[0].name}] the members' checkpoints are at steps {[c.latest_step() for c in ckpts]}: "
+                  f"resuming {where}; {len(ahead)} newer member checkpoints moved to ahead-<step>", flush=True)
+            for c, s in ahead:
+                c.move_aside(s, "ahead")
+        if step is None:
+            return None
+        out = []
+        for c in ckpts:
+            restored = c.restore_step(step, abstract_state)
+            if restored is None:  # damaged (moved aside): look for an older shared step
+                break
+            out.append(restored)
+        else:
+            return step, out
 
 
 def latest_step_on_disk(directory: str | os.PathLike) -> int | None:

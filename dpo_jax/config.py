@@ -338,6 +338,7 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
             name,
         )
     _check(cfg.log_every > 0, "log_every", "> 0", cfg.log_every)
+    _check(cfg.reward_timeout_s > 0, "reward_timeout_s", "a number of seconds > 0", cfg.reward_timeout_s)
     if cfg.get("reward", ""):
         from dpo_jax import rewards
 

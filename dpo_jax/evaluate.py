@@ -161,7 +161,7 @@ class Evaluator:
 def sampled_metrics(model, ref_logps, prompts, tokenizer, ev, key, reward_fn=None) -> dict[str, float]:
     """One sample per prompt from ``model`` (``prompts``: left-padded ids, mask, texts; ``ev``: the eval section's
     temperature and max_new_tokens): the sequence KL E[log pi(y|x) - log pi_ref(y|x)] (``ref_logps(prompt, mask,
-    tokens, mask)``: the reference's per-token log-probs) and, with ``reward_fn(prompt, completion)``, the mean
+    tokens, mask)``: the reference's per-token log-probs) and, with ``reward_fn(prompts, completions)``, the mean
     true reward, each with its standard error (``kl_sampled``, ``reward`` and their ``_se``; ``sample_length``)."""
     prompt, mask, texts = prompts
     out = sampling.generate(
@@ -178,7 +178,7 @@ def sampled_metrics(model, ref_logps, prompts, tokenizer, ev, key, reward_fn=Non
     }
     if reward_fn is not None:
         tokens, valid = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
-        rewards = np.array([reward_fn(t, tokenizer.decode(x[v])) for t, x, v in zip(texts, tokens, valid, strict=True)])
+        rewards = reward_fn(texts, [tokenizer.decode(x[v]) for x, v in zip(tokens, valid, strict=True)])
         res.update(reward=rewards.mean(), reward_se=rewards.std(ddof=1) / np.sqrt(n))
     return {k: float(v) for k, v in res.items()}
 

@@ -111,8 +111,12 @@ def _run(command: str, argv: list[str], argv_full: list[str]) -> int:
         return fail(str(e), e.exit_code)
     except NonFiniteLoss as e:
         return fail(str(e), 1)
-    except KeyboardInterrupt:  # the second Ctrl-C: abort without saving
-        return fail("aborted (second Ctrl-C); the last checkpoint is kept", 130)
+    except KeyboardInterrupt:  # the second Ctrl-C (abort without saving), or one before the run's handlers were set
+        from dpo_jax import signals
+
+        if signals.requested():
+            return fail("aborted (second Ctrl-C); the last checkpoint is kept", 130)
+        return fail("interrupted (Ctrl-C) before the run could save anything; the last checkpoint is kept", 130)
     return 0
 
 

@@ -12,11 +12,14 @@ import functools
 import importlib
 import importlib.util
 import math
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from dpo_jax import signals
 from dpo_jax.config import ConfigError
 
 BUILTIN = "dpo_jax.data.synthetic:{}_reward"  # the built-in task's rewards, by synthetic.reward
@@ -62,28 +65,83 @@ def load(value: str) -> Callable[[str, str], float]:
     return fn
 
 
-def scorer(value: str) -> Callable[[str, str], float]:
-    """``(prompt, completion) -> float`` of the reward ``value`` names, each value checked finite (otherwise a
-    ``ConfigError`` naming the reward, the prompt and the completion)."""
-    fn = load(value)
+class RewardError(ConfigError):
+    """The reward function raised, returned something that is not a finite number, or did not return in time."""
 
-    def score(prompt: str, completion: str) -> float:
-        raw = fn(prompt, completion)
-        try:
-            r = float(raw)
-        except (TypeError, ValueError):
-            r = math.nan
-        if not math.isfinite(r):
-            raise ConfigError(
-                f"config.reward: expected a finite number from {value} for prompt {prompt[:60]!r}, completion "
-                f"{completion[:60]!r}; got {raw!r}"
+
+def _number(raw) -> float:
+    """A reward value as a float: an int, float or NumPy number; never a string or a bool."""
+    if isinstance(raw, bool | np.bool_) or not isinstance(raw, int | float | np.integer | np.floating):
+        return math.nan
+    return float(raw)
+
+
+class Scorer:
+    """Scores (prompt, completion) pairs with the function ``config.reward`` names. The calls run in a worker
+    thread, so a stop signal is honoured within ``POLL_S`` (``signals.Preempted``) however long a call takes, and
+    a call that runs past ``timeout_s`` ends the run with one line naming it; the worker is abandoned (a daemon
+    thread: it cannot keep the process alive)."""
+
+    POLL_S = 0.1
+
+    def __init__(self, value: str, timeout_s: float = 60.0):
+        self.value, self.fn, self.timeout_s = value, load(value), timeout_s
+
+    def _where(self, prompt: str, completion: str) -> str:
+        return f"prompt {prompt[:60]!r}, completion {completion[:60]!r}"
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> np.ndarray:
+        """[n] rewards; raises ``RewardError`` (one line: the reward, the row, what went wrong)."""
+        n = len(prompts)
+        out = np.full(n, np.nan, np.float64)
+        progress = {"done": 0, "error": None, "raw": None}
+        finished = threading.Event()
+
+        def work():
+            for i, (p, y) in enumerate(zip(prompts, completions, strict=True)):
+                try:
+                    raw = self.fn(p, y)
+                except Exception as e:
+                    progress["error"] = e
+                    break
+                out[i] = _number(raw)
+                if not math.isfinite(out[i]):
+                    progress["raw"] = raw
+                    break
+                progress["done"] = i + 1
+            finished.set()
+
+        threading.Thread(target=work, name="dpo-jax-reward", daemon=True).start()
+        done, since = 0, time.monotonic()
+        while not finished.wait(self.POLL_S):
+            signals.check(f"while {self.value} scored samples (rerun to continue)")
+            if progress["done"] != done:
+                done, since = progress["done"], time.monotonic()
+            elif time.monotonic() - since > self.timeout_s:
+                raise RewardError(
+                    f"config.reward: {self.value} took longer than reward_timeout_s={self.timeout_s:g} s on "
+                    f"{self._where(prompts[done], completions[done])}; expected a function that returns"
+                )
+        i = progress["done"]
+        if progress["error"] is not None:
+            e = progress["error"]
+            raise RewardError(
+                f"config.reward: {self.value} raised {type(e).__name__}: {str(e).strip()[:200]} on "
+                f"{self._where(prompts[i], completions[i])}"
             )
-        return r
+        if i < n:
+            raise RewardError(
+                f"config.reward: expected a finite number (int or float) from {self.value} for "
+                f"{self._where(prompts[i], completions[i])}; got {progress['raw']!r}"
+            )
+        return out
 
-    return score
+
+def scorer(value: str, timeout_s: float = 60.0) -> Scorer:
+    """The batch scorer of the reward ``value`` names (``Scorer``)."""
+    return Scorer(value, timeout_s)
 
 
-def score_all(value: str, prompts: list[str], completions: list[str]) -> np.ndarray:
+def score_all(value: str, prompts: list[str], completions: list[str], timeout_s: float = 60.0) -> np.ndarray:
     """[n] rewards of (prompt, completion) pairs under the reward ``value`` names."""
-    score = scorer(value)
-    return np.array([score(p, y) for p, y in zip(prompts, completions, strict=True)], np.float64)
+    return Scorer(value, timeout_s)(prompts, completions)

@@ -196,8 +196,9 @@ def make_pairs(cfg, workdir: Path, r: int, policy_dir: Path) -> dict:
     )  # fmt: skip
     prompts = [examples[i].prompt for i in chosen]
     flat = rewards.score_all(
-        rewards.spec(cfg), [prompt_text(p) for p in prompts for _ in range(ro.samples)], sum(texts, [])
-    )
+        rewards.spec(cfg), [prompt_text(p) for p in prompts for _ in range(ro.samples)], sum(texts, []),
+        cfg.reward_timeout_s,
+    )  # fmt: skip
     scores = flat.reshape(len(prompts), ro.samples)
     # an empty completion (EOS first) cannot be a data row: such samples are not paired
     eligible = np.array([[bool(y.strip()) for y in ys] for ys in texts])
@@ -276,7 +277,7 @@ def measure(cfg, policy_dir, initial_dir, *, eval_path: str, key: int = 0) -> di
     prompts = Evaluator._prompts(pairs, examples, cfg.eval.num_prompts, tokenizer.pad_token_id or 0)
     ref_logps = functools.partial(_sample_logps, *nnx.split(initial))
     m = sampled_metrics(policy, ref_logps, prompts, tokenizer, cfg.eval, jax.random.PRNGKey(key),
-                        rewards.scorer(rewards.spec(cfg)))  # fmt: skip
+                        rewards.scorer(rewards.spec(cfg), cfg.reward_timeout_s))  # fmt: skip
     return {"reward": m["reward"], "reward_se": m["reward_se"], "kl": m["kl_sampled"], "kl_se": m["kl_sampled_se"],
             "eval_prompts": len(prompts[2])}  # fmt: skip
 

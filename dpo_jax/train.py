@@ -410,11 +410,14 @@ def _jitted_step(graphdef, tx, sc, optim_key, shardings, batch_shardings, ref_sh
     return _STEP_FNS[key]
 
 
-def stage_checkpointer(cfg, workdir: Path, name: str) -> checkpoint.Checkpointer:
+def stage_checkpointer(cfg, workdir: Path, name: str, population: bool = False) -> checkpoint.Checkpointer:
+    """A stage's checkpoints; a population member keeps at least two, so a kill between two members' saves always
+    leaves a step they share (``checkpoint.restore_common``)."""
     root = Path(cfg.sft.dir) if name == "sft" and cfg.sft.get("dir") else workdir
     c = cfg.checkpoint
+    keep = max(c.keep, 2) if population else c.keep
     return checkpoint.Checkpointer(
-        root / name / "checkpoints", every=c.every, keep=c.keep, reserve_mb=c.get("reserve_mb", 0.0), name=name
+        root / name / "checkpoints", every=c.every, keep=keep, reserve_mb=c.get("reserve_mb", 0.0), name=name
     )
 
 
@@ -444,23 +447,18 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
     # config (recorded in the checkpoint's meta), so a member can resume alone or in a population of other loss types.
     saved, saved_shardings = one.replace(hparams=None), one_shardings.replace(hparams=None)
     take = jax.jit(lambda s, k: member(s, k).replace(hparams=None), out_shardings=saved_shardings)
-    restored = [m.ckpt.restore_latest(checkpoint.abstract_like(saved, saved_shardings)) for m in members]
-    latest = {r[0] if r else None for r in restored}
-    metas = [r[2] if r else {} for r in restored]
-    if latest == {None}:
+    restored = checkpoint.restore_common([m.ckpt for m in members], checkpoint.abstract_like(saved, saved_shardings))
+    metas = [meta for _, meta in restored[1]] if restored else [{}] * k_members
+    if restored is None:
         seeds = np.asarray([m.seed for m in members], np.int32)
         init = jax.vmap(lambda p, h, s: init_state(p, tx, h, s, running, p if sync else None), in_axes=(None, 0, 0))
         state = jax.jit(init, out_shardings=shardings)(init_params, hparams, seeds)
-    elif len(latest) == 1:
-        state = jax.jit(lambda xs: stack(xs), out_shardings=shardings.replace(hparams=None))([r[1] for r in restored])
+    else:
+        states = [s for s, _ in restored[1]]
+        state = jax.jit(lambda xs: stack(xs), out_shardings=shardings.replace(hparams=None))(states)
         state = state.replace(hparams=hparams)
         who = f" {k_members} members" if k_members > 1 else ""
-        print(f"[{stage.name}] resumed{who} from step {restored[0][0]} (data step {metas[0]['data_step']})", flush=True)
-    else:
-        raise ConfigError(
-            f"sweep: the members' {stage.name} checkpoints are at different steps {sorted(latest, key=str)}; "
-            "resume them one by one (--mode=sequential)"
-        )
+        print(f"[{stage.name}] resumed{who} from step {restored[0]} (data step {metas[0]['data_step']})", flush=True)
     eval_pending = any(m.get("eval_pending") for m in metas)
     start = int(sharding.fetch(state.step)[0])
     if start >= stage.steps and not eval_pending:
@@ -795,7 +793,7 @@ class Job:
         from dpo_jax.evaluate import Evaluator
 
         cfg = cfgs[0]
-        reward_fn = rewards.scorer(rewards.spec(cfg)) if rewards.spec(cfg) else None
+        reward_fn = rewards.scorer(rewards.spec(cfg), cfg.reward_timeout_s) if rewards.spec(cfg) else None
         return Evaluator(
             cfg=cfg, graphdef=self.graphdef, reference_params=self.reference_params, eval_pairs=self.eval_pairs,
             eval_examples=self.eval_examples, ref_eval=self.ref_eval, tokenizer=self.tokenizer, mesh=self.mesh,
@@ -811,7 +809,7 @@ class Job:
                 HParams.from_config(c, sc.loss_types, cfg.optim.learning_rate),
                 dpo_seed(c),
                 PreferenceLoader(self.train_pairs, cfg.optim.batch_size, seed=dpo_seed(c), **kw),
-                stage_checkpointer(c, wd, "dpo"),
+                stage_checkpointer(c, wd, "dpo", population=len(cfgs) > 1),
                 w,
             )
             for c, wd, w in zip(cfgs, workdirs, writers, strict=True)

@@ -187,7 +187,7 @@ RUN_CONFIG = "run_config.json"
 FREE_ON_RESUME = (
     "eval.", "log_every", "checkpoint.", "wandb.", "export_hf", "peak_flops", "mesh.", "logprobs.", "data.buckets",
     "data.packing", "data.share_prompt", "data.pack_length",
-    "reference.cache_dir", "sft.dir", "resume.", "rounds.", "reward",
+    "reference.cache_dir", "sft.dir", "resume.", "rounds.", "reward", "reward_timeout_s",
 )  # fmt: skip
 # Fields whose change on resume is meaningful (continue with a new beta, a longer schedule, ...): allowed only when
 # named in ``resume.allow_changes``; the resumed run then trains with the new values.

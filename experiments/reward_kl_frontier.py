@@ -53,7 +53,7 @@ def reference_rewards(cfg, workdir: Path, samples: int, batch_rows: int = 4096, 
             pad_id=tok.pad_token_id or 0,
         )
         tokens, valid = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
-        r = [evaluator.reward_fn(t, tok.decode(x[v])) for t, x, v in zip(texts * reps, tokens, valid, strict=True)]
+        r = evaluator.reward_fn(texts * reps, [tok.decode(x[v]) for x, v in zip(tokens, valid, strict=True)])
         rewards.append(np.asarray(r).reshape(reps, len(texts)).T)
     return np.concatenate(rewards, axis=1)
 

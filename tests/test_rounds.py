@@ -58,7 +58,7 @@ def test_reward_names_a_function(tmp_path):
         with pytest.raises(ConfigError, match=f"config.reward: expected .*{why}"):
             rewards.load(bad)
     with pytest.raises(ConfigError, match="config.reward: expected a finite number"):
-        rewards.scorer(f"{file}:nan")("a", "b")
+        rewards.scorer(f"{file}:nan")(["a"], ["b"])
     cfg = tiny_config("rounds.samples=1")
     with pytest.raises(ConfigError, match="config.rounds.samples: expected an integer >= 2"):
         rounds.run_rounds(cfg, tmp_path / "r")

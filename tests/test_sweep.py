@@ -207,19 +207,24 @@ def test_members_are_grouped_by_what_cannot_be_vectorised():
 
 def test_sequential_runs_resume_as_one_population_with_a_loss_mix(sequential, tmp_path, capsys):
     """Runs interrupted alone (each its own loss types) resume together: checkpoints hold no hyper-parameters,
-    the population's step computes the union of types, and the members finish as the uninterrupted runs did."""
+    the population's step computes the union of types, and the members finish as the uninterrupted runs did. The
+    members stopped at different steps (as a population killed between two members' saves): they resume from the
+    newest step they share."""
     seq_dir, seq, _ = sequential
     picked = [MEMBERS[0], MEMBERS[2]]  # sigmoid alone, and "sigmoid+ipo"
-    for m in picked:
+    for k, m in enumerate(picked):
         name = sweep.member_name(m)
         shutil.copytree(seq_dir / name, tmp_path / name, ignore=shutil.ignore_patterns("wandb", "hf"))
-        shutil.rmtree(tmp_path / name / "dpo/checkpoints/8")
+        if k == 0:
+            shutil.rmtree(tmp_path / name / "dpo/checkpoints/8")  # member 0 at step 5, member 1 at 5 and 8
         (tmp_path / name / "summary.json").unlink()
     base = _shared_reference(_base(), seq_dir)
     capsys.readouterr()
     sweep.run_sweep(SPEC, tmp_path, base=base, members=picked, mode="vectorized", devices=jax.devices()[:1])
     out = capsys.readouterr().out
+    assert "the members' checkpoints are at steps [5, 8]: resuming from step 5, the newest they share" in out
     assert "[dpo] resumed 2 members from step 5" in out and "damaged" not in out
+    assert (tmp_path / sweep.member_name(picked[1]) / "dpo/checkpoints/ahead-8").is_dir()
     _assert_members_equal(seq_dir, [r for r in seq if r["member"] in {sweep.member_name(m) for m in picked}], tmp_path)
 
 
