@@ -223,9 +223,12 @@ def restore_common(ckpts: list[Checkpointer], abstract_state):
         step = max(common) if common else None
         ahead = [(c, s) for c in ckpts for s in c.steps() if step is None or s > step]
         if ahead:
-            where = "from step {}, the newest they share".format(step) if common else "afresh: they share no step"
-            print(f"[{ckpts[0].name}] the members' checkpoints are at steps {[c.latest_step() for c in ckpts]}: "
-                  f"resuming {where}; {len(ahead)} newer member checkpoints moved to ahead-<step>", flush=True)
+            where = f"from step {step}, the newest they share" if common else "afresh: they share no step"
+            print(
+                f"[{ckpts[0].name}] the members' checkpoints are at steps {[c.latest_step() for c in ckpts]}: "
+                f"resuming {where}; {len(ahead)} newer member checkpoints moved to ahead-<step>",
+                flush=True,
+            )
             for c, s in ahead:
                 c.move_aside(s, "ahead")
         if step is None:

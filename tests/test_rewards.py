@@ -12,7 +12,7 @@ import pytest
 from dpo_jax import rewards, signals
 from dpo_jax.signals import Preempted
 
-REWARDS = '''
+REWARDS = """
 import time
 
 def length(prompt, completion):
@@ -37,7 +37,7 @@ def hangs(prompt, completion):
     if completion == "slow":
         time.sleep(60)
     return 0.0
-'''
+"""
 
 
 @pytest.fixture()
