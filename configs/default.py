@@ -136,6 +136,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         reference="keep",  # keep: the round-0 policy stays the reference | refresh: the previous round's policy
         temperature=1.0,
         max_new_tokens=0,  # 0: eval.max_new_tokens
+        # a sample cut off at max_new_tokens: "score" pairs it as cut (marked <column>_cut in pairs.jsonl, tokenized
+        # without an end-of-turn); "drop" never pairs it
+        cut_samples="score",
+        sample_memory_mb=2048.0,  # device memory one sampling call may take; its rows are sized from it
     )
     c.lora = dict(
         # rank 0: every parameter trains. rank r > 0: LoRA adapters (nnx.LoRA) on a frozen base; the reference is the

@@ -5,12 +5,31 @@ best-vs-worst pairs of 8 samples per prompt from the previous round's policy, sc
     dpo-jax rounds --config configs/rounds.py --workdir runs/rounds_refresh --config.rounds.reference=refresh
     dpo-jax rounds --config configs/rounds.py:runlocal --workdir runs/rounds_smoke     # about a minute on a CPU
     dpo-jax rounds --config configs/rounds.py --workdir runs/rounds --config.rounds.num=4   # one round more
+
+``configs/rounds.py:hf`` runs rounds on a local Hugging Face checkpoint (``configs/hf_local.py``'s settings): its
+prompts come from the training file, its held-out pairs from the eval file, and ``config.reward`` scores the
+samples (``hf_cpu``: a first look on a CPU, as ``hf_local.py:cpu``):
+
+    dpo-jax rounds --config configs/rounds.py:hf --workdir runs/my_rounds \\
+        --config.model.hf_path=/models/SmolLM2-135M-Instruct --config.reward=my_rewards.py:helpfulness \\
+        --config.data.train_path=/data/prompts.jsonl --config.data.eval_path=/data/prefs_eval.jsonl
 """
 
 from dpo_jax.configs.default import get_config as default_config
+from dpo_jax.configs.hf_local import get_config as hf_local_config
 
 
 def get_config(arg=None):
+    if arg in ("hf", "hf_cpu"):
+        c = hf_local_config("cpu" if arg == "hf_cpu" else None)
+        # 64 prompts a round, 4 samples each (memory for the sampling calls is sized from rounds.sample_memory_mb)
+        c.rounds.update(num=3, samples=4, prompts=64, max_new_tokens=c.eval.max_new_tokens)
+        c.optim.steps = 20 if arg == "hf_cpu" else 200
+        return c
+    if arg not in (None, "runlocal"):
+        raise ValueError(
+            f"configs/rounds.py: unknown config argument {arg!r}; expected runlocal, hf, hf_cpu or nothing"
+        )
     c = default_config("runlocal" if arg == "runlocal" else None)
     c.rounds.update(num=3, samples=8)
     if arg == "runlocal":

@@ -353,6 +353,8 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
                ro.temperature)  # fmt: skip
         _check(isinstance(ro.max_new_tokens, int) and ro.max_new_tokens >= 0, "rounds.max_new_tokens",
                "an integer >= 0 (0: eval.max_new_tokens)", ro.max_new_tokens)  # fmt: skip
+        _check(ro.cut_samples in ("score", "drop"), "rounds.cut_samples", "'score' or 'drop'", ro.cut_samples)
+        _check(ro.sample_memory_mb > 0, "rounds.sample_memory_mb", "a number of MiB > 0", ro.sample_memory_mb)
     _check(
         cfg.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", "offline | online | disabled", cfg.wandb.mode
     )

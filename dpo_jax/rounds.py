@@ -46,7 +46,6 @@ from dpo_jax.signals import stop_signals
 from dpo_jax.workdir import WorkdirLock, atomic_dir, atomic_write_text, check_resume_config, ensure_writable
 
 RECORD = "rounds_config.json"  # what the pairs are made from; fixed for a workdir
-ROWS_PER_CALL = 4096  # sampled rows per generate call
 
 
 def round_dir(workdir, r: int) -> Path:
@@ -55,7 +54,7 @@ def round_dir(workdir, r: int) -> Path:
 
 def _record(cfg) -> dict:
     ro = cfg.rounds
-    fields = ("samples", "prompts", "reference", "temperature", "max_new_tokens")
+    fields = ("samples", "prompts", "reference", "temperature", "max_new_tokens", "cut_samples")
     return {**{f"rounds.{k}": ro[k] for k in fields}, "reward": rewards.spec(cfg)}
 
 
@@ -64,7 +63,7 @@ def check_record(cfg, workdir: Path) -> None:
     path, current = workdir / RECORD, _record(cfg)
     if path.exists():
         saved = json.loads(path.read_text())
-        diff = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
+        diff = [f"{k} {saved[k]!r} -> {v!r}" for k, v in current.items() if k in saved and saved[k] != v]
         if diff:
             raise WorkdirError(
                 f"config changed since the rounds in {workdir} began: {', '.join(diff)}: rerun with the original "
@@ -143,13 +142,19 @@ def best_and_worst(rewards_PxN: np.ndarray, eligible_PxN: np.ndarray) -> tuple[n
 
 
 def sample_completions(model, tokenizer, prompt_ids: list[np.ndarray], *, n: int, key, temperature: float,
-                       max_new_tokens: int) -> list[list[str]]:  # fmt: skip
-    """[P][n] decoded completions, n per prompt; every generate call has one shape (one compile)."""
+                       max_new_tokens: int, budget_mb: float) -> tuple[list[list[str]], np.ndarray]:  # fmt: skip
+    """[P][n] decoded completions, n per prompt, and [P, n] whether each ended (False: cut off at
+    ``max_new_tokens``). Each generate call holds as many prompts' samples as ``budget_mb`` of memory does (at
+    most all of them; the last call padded to the same shape: one compile); every sample draws from a key of its
+    own (prompt, sample) index, so the samples do not depend on how the calls are cut."""
     width = max(len(x) for x in prompt_ids)
-    pad = tokenizer.pad_token_id or 0
-    per_call = max(ROWS_PER_CALL // n, 1)
-    out_texts = []
-    for i, start in enumerate(range(0, len(prompt_ids), per_call)):
+    pad, eos = tokenizer.pad_token_id or 0, (tokenizer.eos_token_id,)
+    rows = sampling.rows_per_call(model.config, width, max_new_tokens, rows=len(prompt_ids) * n, group=n,
+                                  budget_mb=budget_mb)  # fmt: skip
+    per_call = rows // n
+    row_key = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
+    out_texts, out_ended = [], []
+    for start in range(0, len(prompt_ids), per_call):
         signals.check("while sampling a round's completions (rerun to sample again)")
         chunk = prompt_ids[start : start + per_call]
         chunk = chunk + [chunk[0]] * (per_call - len(chunk))  # the last call padded to the same shape
@@ -158,15 +163,18 @@ def sample_completions(model, tokenizer, prompt_ids: list[np.ndarray], *, n: int
             prompt[j, width - len(x) :] = x
         prompt, lengths = np.repeat(prompt, n, axis=0), np.repeat([len(x) for x in chunk], n)
         mask = (np.arange(width)[None, :] >= width - lengths[:, None]).astype(np.int32)
+        keys = row_key(key, np.arange(start * n, (start + per_call) * n, dtype=np.uint32))
         out = sampling.generate(
-            model, prompt, mask, key=jax.random.fold_in(key, i), max_new_tokens=max_new_tokens,
-            temperature=temperature, eos_ids=(tokenizer.eos_token_id,), pad_id=pad,
+            model, prompt, mask, key=keys, max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=eos,
+            pad_id=pad,
         )  # fmt: skip
         tokens, valid = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
         texts = [tokenizer.decode(t[v]) for t, v in zip(tokens, valid, strict=True)]
+        ended = sampling.ended(tokens, valid, eos)
         real = min(per_call, len(prompt_ids) - start)
         out_texts += [texts[j * n : (j + 1) * n] for j in range(real)]
-    return out_texts
+        out_ended.append(ended[: real * n].reshape(real, n))
+    return out_texts, np.concatenate(out_ended)
 
 
 def round_prompts(count: int, cfg, r: int) -> np.ndarray:
@@ -190,9 +198,9 @@ def make_pairs(cfg, workdir: Path, r: int, policy_dir: Path) -> dict:
     chosen = round_prompts(len(pairs), cfg, r)
     ro = cfg.rounds
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 2), r)
-    texts = sample_completions(
+    texts, ended = sample_completions(
         model, tokenizer, [pairs[i].prompt for i in chosen], n=ro.samples, key=key, temperature=ro.temperature,
-        max_new_tokens=ro.max_new_tokens or cfg.eval.max_new_tokens,
+        max_new_tokens=ro.max_new_tokens or cfg.eval.max_new_tokens, budget_mb=ro.sample_memory_mb,
     )  # fmt: skip
     prompts = [examples[i].prompt for i in chosen]
     flat = rewards.score_all(
@@ -200,8 +208,10 @@ def make_pairs(cfg, workdir: Path, r: int, policy_dir: Path) -> dict:
         cfg.reward_timeout_s,
     )  # fmt: skip
     scores = flat.reshape(len(prompts), ro.samples)
-    # an empty completion (EOS first) cannot be a data row: such samples are not paired
-    eligible = np.array([[bool(y.strip()) for y in ys] for ys in texts])
+    # an empty completion (EOS first) cannot be a data row: such samples are not paired; nor, with
+    # rounds.cut_samples="drop", one cut off at max_new_tokens (with "score" it is paired, marked <column>_cut, and
+    # tokenized without an end-of-turn: scored as the policy produced it)
+    eligible = np.array([[bool(y.strip()) for y in ys] for ys in texts]) & (ended | (ro.cut_samples == "score"))
     best, worst, distinct = best_and_worst(scores, eligible)
     d = cfg.data
     as_completion = lambda p, y: y if isinstance(p, str) else [{"role": "assistant", "content": y}]  # noqa: E731
@@ -212,8 +222,10 @@ def make_pairs(cfg, workdir: Path, r: int, policy_dir: Path) -> dict:
             d.rejected_column: as_completion(p, ys[w]),
             "chosen_reward": float(s[b]),
             "rejected_reward": float(s[w]),
+            **({f"{d.chosen_column}_cut": True} if not e[b] else {}),
+            **({f"{d.rejected_column}_cut": True} if not e[w] else {}),
         }  # fmt: skip
-        for p, ys, s, b, w, ok in zip(prompts, texts, scores, best, worst, distinct, strict=True)
+        for p, ys, s, e, b, w, ok in zip(prompts, texts, scores, ended, best, worst, distinct, strict=True)
         if ok
     ]
     stats = {
@@ -223,12 +235,20 @@ def make_pairs(cfg, workdir: Path, r: int, policy_dir: Path) -> dict:
         "samples_per_prompt": ro.samples,
         "pairs": len(rows),
         "skipped_ties": int((~distinct).sum()),
-        "empty_samples": int((~eligible).sum()),
+        "empty_samples": int(sum(not y.strip() for ys in texts for y in ys)),
+        "cut_samples": int((~ended).sum()),  # cut off at max_new_tokens: dropped, or paired as cut (cut_samples)
+        "cut_in_pairs": sum(f"{c}_cut" in row for row in rows for c in (d.chosen_column, d.rejected_column)),
         "sample_reward": float(scores.mean()),
         "best_reward": float(scores.max(axis=1).mean()),
         "worst_reward": float(scores.min(axis=1).mean()),
     }
     if not rows:
+        if ro.cut_samples == "drop" and stats["cut_samples"]:
+            raise ConfigError(
+                f"config.rounds.cut_samples: 'drop' left no pairs in round {r}: {stats['cut_samples']} of "
+                f"{len(prompts) * ro.samples} samples were cut off at max_new_tokens (raise rounds.max_new_tokens, "
+                "or pair them as cut with 'score')"
+            )
         raise ConfigError(
             f"config.reward: every one of the {len(prompts)} prompts of round {r} had {ro.samples} samples with equal "
             "rewards: no pairs to train on (raise rounds.samples or rounds.temperature)"

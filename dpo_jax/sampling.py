@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dpo_jax.models.llama import Decoder, KVCache
@@ -46,14 +47,17 @@ def process_logits(logits_BxV: Array, temperature: float, top_k: int, top_p: flo
 
 
 def _pick(key, logits_BxV, temperature, top_k, top_p):
-    """Token, its policy log-prob and its sampling log-prob."""
+    """Token, its policy log-prob and its sampling log-prob; ``key``: one for the batch, or one per row [B, 2]."""
     policy_logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
     if temperature == 0.0:
         token_B = jnp.argmax(logits_BxV, axis=-1)
         sampling_logp_B = jnp.zeros(token_B.shape, jnp.float32)  # a point mass
     else:
         processed_BxV = process_logits(logits_BxV, temperature, top_k, top_p)
-        token_B = jax.random.categorical(key, processed_BxV, axis=-1)
+        if key.ndim == 2:  # a key per row: a row's tokens do not depend on the other rows of its call
+            token_B = jax.vmap(lambda k, x: jax.random.categorical(k, x))(key, processed_BxV)
+        else:
+            token_B = jax.random.categorical(key, processed_BxV, axis=-1)
         sampling_logp_B = jnp.take_along_axis(jax.nn.log_softmax(processed_BxV, -1), token_B[:, None], -1)[:, 0]
     logp_B = jnp.take_along_axis(policy_logp_BxV, token_B[:, None], axis=-1)[:, 0]
     return token_B.astype(jnp.int32), logp_B, sampling_logp_B
@@ -69,7 +73,9 @@ def _generate(
     valid_BxP = prompt_mask_BxP.astype(bool)
     positions_BxP = jnp.maximum(jnp.cumsum(valid_BxP, axis=1) - 1, 0)
     cache = KVCache.init(model.config, b, p + n)
-    out = model(prompt_BxP, positions_BxT=positions_BxP, attention_mask_BxT=valid_BxP, cache=cache)
+    # the prefill's logits at the last position only: [B, V], not [B, P, V]
+    out = model(prompt_BxP, positions_BxT=positions_BxP, attention_mask_BxT=valid_BxP, cache=cache, return_logits=False)
+    last_BxV = jnp.dot(out.hidden_BxTxD[:, -1], model.lm_head_weight())
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
     def cond(carry):
@@ -78,7 +84,10 @@ def _generate(
 
     def body(carry):
         i, cache, logits_BxV, pos_B, done_B, key, buffers = carry
-        key, sub = jax.random.split(key)
+        if key.ndim == 2:
+            sub = jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, i)
+        else:
+            key, sub = jax.random.split(key)
         token_B, logp_B, slogp_B = _pick(sub, logits_BxV, temperature, top_k, top_p)
         live_B = ~done_B
         token_B = jnp.where(live_B, token_B, pad_id)
@@ -101,7 +110,7 @@ def _generate(
     init = (
         jnp.int32(0),
         out.cache,
-        out.logits_BxTxV[:, -1],
+        last_BxV,
         jnp.sum(valid_BxP, axis=1),
         jnp.zeros((b,), bool),
         key,
@@ -109,6 +118,34 @@ def _generate(
     )
     *_, buffers = jax.lax.while_loop(cond, body, init)
     return SampleOutput(*buffers)
+
+
+def row_bytes(cfg, prompt_length: int, max_new_tokens: int) -> int:
+    """An upper estimate of the device memory one sampled row takes in ``generate``: its KV cache, the prefill's
+    attention scores and MLP activations, and the decode step's vocabulary-sized temporaries (logits, their
+    log-softmax, the filtered, sorted and summed copies: about 10 float32 vectors of the vocabulary in XLA's memory
+    analysis on CPU, counted as 12)."""
+    slots = prompt_length + max_new_tokens
+    act = jnp.dtype(cfg.dtype).itemsize
+    cache = 2 * cfg.num_layers * slots * cfg.num_kv_heads * cfg.head_dim * act
+    scores = 2 * cfg.num_heads * prompt_length * slots * 4  # float32 scores and their softmax
+    mlp = prompt_length * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * 4
+    vocab = 12 * cfg.vocab_size * 4
+    return cache + scores + mlp + vocab
+
+
+def rows_per_call(cfg, prompt_length: int, max_new_tokens: int, *, rows: int, group: int, budget_mb: float) -> int:
+    """Rows of one ``generate`` call: as many as ``budget_mb`` of device memory holds (``row_bytes``), at most
+    the ``rows`` needed, a multiple of ``group`` (a prompt's samples stay in one call) and at least one group."""
+    fit = int(budget_mb * 2**20 // row_bytes(cfg, prompt_length, max_new_tokens))
+    need = -(-rows // group) * group
+    return max(min(fit, need) // group, 1) * group
+
+
+def ended(tokens_BxN, mask_BxN, eos_ids) -> np.ndarray:
+    """[B] whether each sampled row ended with an EOS (False: cut off at ``max_new_tokens``)."""
+    tokens, mask = np.asarray(tokens_BxN), np.asarray(mask_BxN).astype(bool)
+    return (np.isin(tokens, np.asarray(eos_ids)) & mask).any(axis=1)
 
 
 def generate(
@@ -127,7 +164,8 @@ def generate(
     """Sample ``max_new_tokens`` per row from left-padded prompts (``prompt_mask`` 1 = real token).
 
     ``eos_ids`` defaults to the model config's EOS ids; a row stops after its first EOS. ``key`` seeds the
-    sampling (an int or a PRNG key). The loop exits early once every row has finished.
+    sampling (an int or a PRNG key), or each row's sampling with a [B, 2] array of keys (a row's tokens then do not
+    depend on which other rows share the call). The loop exits early once every row has finished.
     """
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")

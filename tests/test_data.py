@@ -135,6 +135,25 @@ def test_conversational_rows_no_double_bos_and_one_eos(tmp_path, tok):
     assert pair.rejected.tolist() == [ids["m"], ids["n"], tok.eos_token_id]
 
 
+def test_a_cut_completion_is_tokenized_without_an_end_of_turn(tmp_path, tok):
+    """Rounds mark samples cut off at max_new_tokens (<column>_cut): scored as the policy produced them."""
+    rows = [
+        {"prompt": "abc", "chosen": "ab", "rejected": "mn", "chosen_cut": True},
+        {"prompt": [{"role": "user", "content": "abc"}], "chosen": [{"role": "assistant", "content": "ab"}],
+         "rejected": [{"role": "assistant", "content": "mn"}], "rejected_cut": True},
+    ]  # fmt: skip
+    ex, _ = load_examples(write(tmp_path, "cut.jsonl", rows))
+    text, convo = (tokenize_example(e, tok, TokenizeConfig(max_length=32, max_prompt_length=16)) for e in ex)
+    ids = {c: tok.tokenizer.token_to_id(c) for c in "abmn"}
+    assert text.chosen.tolist() == [ids["a"], ids["b"]]  # cut: no EOS appended
+    assert text.rejected.tolist() == [ids["m"], ids["n"], tok.eos_token_id]
+    assert convo.chosen.tolist() == [ids["a"], ids["b"], tok.eos_token_id]  # the template ends the turn
+    assert convo.rejected.tolist() == [ids["m"], ids["n"]] and not convo.template_mismatch
+    bad = {"prompt": "a", "chosen": "b", "rejected": "c", "chosen_cut": "yes"}
+    with pytest.raises(DataError, match=r"line 1: field 'chosen_cut': expected true or false, got 'yes'"):
+        load_examples(write(tmp_path, "bad_cut.jsonl", [bad]))
+
+
 def test_no_conversational_template_is_an_error(tmp_path, tok):
     rows = [
         {

@@ -14,6 +14,7 @@ from test_train import tiny_config
 from dpo_jax import checkpoint, rewards, rounds, signals
 from dpo_jax.config import ConfigError
 from dpo_jax.errors import WorkdirError
+from dpo_jax.evaluate import read_history
 from dpo_jax.signals import Preempted
 
 ROUNDS = ["rounds.num=2", "rounds.samples=4", "rounds.prompts=48", "optim.steps=10", "eval.every=10"]
@@ -98,9 +99,27 @@ def test_rounds_end_to_end_and_a_round_resumed_mid_way(tmp_path, monkeypatch):
         assert (out / "summary.json").exists() and (out / "metrics.jsonl").exists()
     s1, s2 = (json.loads((a / f"round_{r}/summary.json").read_text()) for r in (1, 2))
     assert s2["reference/hf_path"] == str(a / "round_0" / "hf")
+    # round 2 starts from round 1's policy, not from its reference (round 0's): KL at its step 0 is not zero
+    step0 = [next(x for x in read_history(a / f"round_{r}/metrics.jsonl") if "eval/kl_seq_exact" in x) for r in (1, 2)]
+    assert abs(step0[0]["eval/kl_seq_exact"]) < 1e-6 and step0[1]["eval/kl_seq_exact"] > 1e-3
     for k in ("reference/reward", "reference/kl_sampled"):  # kept: round 2's reference is round 1's (round 0's)
         assert s1[k] == s2[k]
     assert "| 2 |" in (a / "rounds.md").read_text()
+
+    # samples cut off at max_new_tokens (3 of the task's 6 letters): paired as cut, or dropped
+    cut = tiny_config(*ROUNDS, "rounds.max_new_tokens=3")
+    for mode in ("score", "drop"):
+        stats = rounds.make_pairs(tiny_config(*ROUNDS, "rounds.max_new_tokens=3", f'rounds.cut_samples="{mode}"'),
+                                  a, 3, a / "round_2" / "hf")  # fmt: skip
+        pairs = [json.loads(line) for line in (a / "round_3/pairs.jsonl").read_text().splitlines()]
+        flags = [p.get(f"{side}_cut", False) for p in pairs for side in ("chosen", "rejected")]
+        # one character a token: a sample that ended (its EOS within the 3 tokens) holds at most 2 letters
+        lengths = [len(p[side]) for p in pairs for side in ("chosen", "rejected")]
+        assert all(n <= 3 if cut else n <= 2 for cut, n in zip(flags, lengths, strict=True))
+        assert (3 in lengths) == (mode == "score")
+        assert stats["cut_in_pairs"] == sum(flags) and stats["cut_samples"] > 48
+        assert sum(flags) > 0 if mode == "score" else sum(flags) == 0
+        shutil.rmtree(a / "round_3")
 
     # b: a copy of a's rounds 0-1 (a rerun may add rounds: num 1 -> 2), stopped as by SIGTERM right after round
     # 2's checkpoint at step 5, then resumed: round 2 ends with a's final parameters
@@ -132,3 +151,21 @@ def test_rounds_end_to_end_and_a_round_resumed_mid_way(tmp_path, monkeypatch):
     assert _digest(b / "round_2") == _digest(a / "round_2")  # the same final parameters, bit for bit
     same = lambda rows: [{k: v for k, v in r.items() if k != "policy"} for r in rows]  # noqa: E731
     assert same(rows_b) == same(rows)
+
+
+def test_the_local_checkpoint_preset_validates_and_the_builtin_task_refuses_paths(tmp_path):
+    from test_train import ROOT
+
+    from dpo_jax.config import load_config_file, validate
+
+    smoke = load_config_file(f"{ROOT}/configs/rounds.py:runlocal")
+    smoke.model.hf_path = str(tmp_path)  # silently ignored before: a scratch model on the built-in task
+    with pytest.raises(ConfigError, match=r"config.task: 'synthetic' .* would ignore model.hf_path: set"):
+        validate(smoke, num_devices=1)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "rows.jsonl").write_text("")
+    local = load_config_file(f"{ROOT}/configs/rounds.py:hf_cpu")
+    local.model.hf_path, local.reward = str(tmp_path), "dpo_jax.data.synthetic:positive_reward"
+    local.data.train_path = local.data.eval_path = str(tmp_path / "rows.jsonl")
+    validate(local, num_devices=1)
+    assert local.task == "files" and local.model.init == "hf" and local.rounds.samples >= 2

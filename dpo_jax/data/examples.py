@@ -4,7 +4,9 @@ Accepted rows (column names configurable with ``Columns``):
   standard        {"prompt": str, "chosen": str, "rejected": str}
   conversational  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}, messages {role, content}
   implicit prompt {"chosen": str | [messages], "rejected": ...}: the prompt is their common prefix
-Optional per-pair columns: a soft preference probability that ``chosen`` wins (``chosen_prob``) and a weight.
+Optional per-pair columns: a soft preference probability that ``chosen`` wins (``chosen_prob``), a weight, and
+``<chosen>_cut`` / ``<rejected>_cut`` (true: the completion was cut off, as a sample that reached its token limit;
+it is tokenized without an end-of-turn).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class PreferenceExample:
     weight: float = 1.0
     where: str = ""
     unpaired: bool = False  # TRL's unpaired format (KTO): chosen is the completion, prob its label (1 / 0)
+    cut: tuple[bool, bool] = (False, False)  # (chosen, rejected) cut off: scored without an end-of-turn
 
     @property
     def conversational(self) -> bool:
@@ -190,7 +193,13 @@ def parse_row(row: Any, where: str, columns: Columns = Columns(), max_chars: int
                 raise _BadRow(where, key, "empty completion", "empty completion")
     prob = _number(row, columns.prob, where, 1.0, 0.0, 1.0)
     weight = _number(row, columns.weight, where, 1.0, 0.0, math.inf)
-    return PreferenceExample(prompt, chosen, rejected, prob, weight, where)
+    cut = []
+    for key in (f"{columns.chosen}_cut", f"{columns.rejected}_cut"):
+        value = row.get(key, False)
+        if not isinstance(value, bool):
+            raise _BadRow(where, key, "bad flag", f"expected true or false, got {value!r}")
+        cut.append(value)
+    return PreferenceExample(prompt, chosen, rejected, prob, weight, where, cut=tuple(cut))
 
 
 def load_examples(

@@ -57,7 +57,8 @@ class TokenizedPair:
 
 
 def conversation_ids(ex: PreferenceExample, tokenizer) -> tuple[list[int], list[list[int]], bool]:
-    """(prompt ids, [chosen ids, rejected ids], mismatch) of a conversational row, as the chat template makes them."""
+    """(prompt ids, [chosen ids, rejected ids], mismatch) of a conversational row, as the chat template makes them.
+    A cut completion is its text right after the generation prompt, as it was sampled: no end-of-turn."""
 
     def render(messages, **kw):
         try:
@@ -67,23 +68,27 @@ def conversation_ids(ex: PreferenceExample, tokenizer) -> tuple[list[int], list[
 
     prompt = render(list(ex.prompt), add_generation_prompt=True)
     completions, mismatch = [], False
-    for completion in (ex.chosen, ex.rejected):
-        full = render(list(ex.prompt) + list(completion))
+    for completion, cut in zip((ex.chosen, ex.rejected), ex.cut, strict=True):
+        if cut:
+            text = "".join(m["content"] for m in completion)
+            full = tokenizer.encode(tokenizer.apply_chat_template(list(ex.prompt), add_generation_prompt=True) + text)
+        else:
+            full = render(list(ex.prompt) + list(completion))
         mismatch |= full[: len(prompt)] != prompt
         completions.append(full[len(prompt) :])
     return prompt, completions, mismatch
 
 
 def text_ids(ex: PreferenceExample, tokenizer, cfg: TokenizeConfig) -> tuple[list[int], list[list[int]]]:
-    """(prompt ids with BOS, [chosen ids, rejected ids] each ending in one EOS) of a text row."""
+    """(prompt ids with BOS, [chosen ids, rejected ids] each ending in one EOS, unless cut) of a text row."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     prompt = tokenizer.encode(ex.prompt)
     if cfg.add_bos and bos is not None and (not prompt or prompt[0] != bos):
         prompt = [bos, *prompt]
     completions = []
-    for text in (ex.chosen, ex.rejected):
+    for text, cut in zip((ex.chosen, ex.rejected), ex.cut, strict=True):
         ids = tokenizer.encode(text)
-        if cfg.add_eos and eos is not None and (not ids or ids[-1] != eos):
+        if cfg.add_eos and not cut and eos is not None and (not ids or ids[-1] != eos):
             ids = [*ids, eos]
         completions.append(ids)
     return prompt, completions
