@@ -107,7 +107,6 @@ def test_rounds_end_to_end_and_a_round_resumed_mid_way(tmp_path, monkeypatch):
     assert "| 2 |" in (a / "rounds.md").read_text()
 
     # samples cut off at max_new_tokens (3 of the task's 6 letters): paired as cut, or dropped
-    cut = tiny_config(*ROUNDS, "rounds.max_new_tokens=3")
     for mode in ("score", "drop"):
         stats = rounds.make_pairs(tiny_config(*ROUNDS, "rounds.max_new_tokens=3", f'rounds.cut_samples="{mode}"'),
                                   a, 3, a / "round_2" / "hf")  # fmt: skip

@@ -159,7 +159,7 @@ def test_row_keys_make_each_row_independent_of_its_call(pair):
     halves = [sampling.generate(ours, ids[s], mask[s], key=keys[s], **kw) for s in (slice(0, 2), slice(2, 4))]
     np.testing.assert_array_equal(together.tokens_BxN, np.concatenate([h.tokens_BxN for h in halves]))
     tokens, valid = np.asarray(together.tokens_BxN), np.asarray(together.mask_BxN)
-    by_hand = [any(t == 5 and v for t, v in zip(row, live, strict=True)) for row, live in zip(tokens, valid)]
+    by_hand = [any(t == 5 and v for t, v in zip(*row, strict=True)) for row in zip(tokens, valid, strict=True)]
     assert sampling.ended(tokens, valid, (5,)).tolist() == by_hand
 
 
