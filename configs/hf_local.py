@@ -10,7 +10,8 @@ The checkpoint is also the reference; its log-probs are cached once. The result 
         --config.data.train_path=/data/prefs_train.jsonl --config.data.eval_path=/data/prefs_eval.jsonl
 
 ``configs/hf_local.py:cpu`` is a first look on a CPU (float32, short sequences, 20 steps of 8 pairs, a small eval):
-minutes for a ~100M-parameter checkpoint on a laptop, with the same code path as the full run.
+minutes for a ~100M-parameter checkpoint on a laptop, with the same code path as the full run. ``:lora`` (or
+``:cpu,lora``) trains rank-16 adapters on every projection instead, at a LoRA-sized learning rate.
 """
 
 import ml_collections
@@ -38,13 +39,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dpo.beta = 0.1
     c.eval.update(every=200, batch_size=32, num_prompts=64, max_new_tokens=128)
     c.checkpoint.every = 200
-    if arg == "cpu":
+    args = set((arg or "").split(",")) - {""}
+    if args - {"cpu", "lora"}:
+        raise ValueError(f"configs/hf_local.py: unknown argument {arg!r}; expected cpu, lora, cpu,lora or nothing")
+    if "cpu" in args:
         c.model.update(dtype="float32", remat="none")
         c.data.update(max_length=256, max_prompt_length=128, buckets=(128, 256))
         c.optim.update(steps=20, batch_size=8, warmup_steps=2)
         c.eval.update(every=10, batch_size=8, num_prompts=8, max_new_tokens=32)
         c.checkpoint.every = 10
         c.log_every = 2
-    elif arg:
-        raise ValueError(f"configs/hf_local.py: unknown config argument {arg!r}; expected 'cpu' or nothing")
+    if "lora" in args:
+        c.lora.update(rank=16, alpha=32.0)
+        # at the same learning rate rank-16 adapters move the margins ~50x less than full fine-tuning (measured on
+        # SmolLM2-135M): 50 x 5e-7
+        c.optim.learning_rate = 2.5e-5
     return c

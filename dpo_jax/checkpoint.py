@@ -83,7 +83,11 @@ class Checkpointer:
         self.name = name or self.directory.parent.name
         self.reserve_mb = reserve_mb
         self.options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=True, create=True
+            max_to_keep=keep,
+            save_interval_steps=every,
+            enable_async_checkpointing=True,
+            create=True,
+            cleanup_tmp_directories=True,  # a save cut short by a kill or a full disk leaves a tmp folder
         )
         try:
             self.manager = ocp.CheckpointManager(self.directory, options=self.options)

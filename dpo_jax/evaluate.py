@@ -298,19 +298,19 @@ def summary_table(summary: dict) -> str:
 
 
 def generation_config(model_config, tokenizer, cfg) -> dict:
-    """``generation_config.json`` for the export: the special tokens and the sampling settings eval used."""
+    """``generation_config.json`` for the export: the source checkpoint's own, as it was, when it has one (DPO
+    changes the weights, not how the model is meant to be sampled); otherwise only the special tokens, so that
+    ``generate`` keeps transformers' defaults (greedy) rather than this run's eval settings."""
+    if cfg.model.init == "hf":
+        src = Path(cfg.model.hf_path) / "generation_config.json"
+        if src.exists():
+            return json.loads(src.read_text())
     eos = model_config.eos_token_id if model_config.eos_token_id is not None else tokenizer.eos_token_id
     out = {
         "bos_token_id": model_config.bos_token_id if model_config.bos_token_id is not None else tokenizer.bos_token_id,
         "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
         "pad_token_id": model_config.pad_token_id if model_config.pad_token_id is not None else tokenizer.pad_token_id,
-        "do_sample": cfg.eval.temperature > 0,
-        "temperature": cfg.eval.temperature if cfg.eval.temperature > 0 else 1.0,
     }
-    if cfg.model.init == "hf":  # the source checkpoint's own generation settings win
-        src = Path(cfg.model.hf_path) / "generation_config.json"
-        if src.exists():
-            out = {**out, **json.loads(src.read_text())}
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -20,11 +20,11 @@ import jax
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from dpo_jax.errors import MissingFileError, ModelError, one_line
 from dpo_jax.models.config import ARCHITECTURES, ModelConfig, config_from_hf, config_to_hf
 from dpo_jax.models.llama import Decoder
+from dpo_jax.workdir import save_tensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -205,12 +205,12 @@ def save_pretrained(
         shards[-1][name] = value
         size += value.nbytes
     if len(shards) == 1:
-        save_file(shards[0], path / SINGLE_FILE, metadata={"format": "pt"})
+        save_tensors(shards[0], path / SINGLE_FILE)
     else:
         weight_map = {}
         for k, shard in enumerate(shards, 1):
             file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, path / file, metadata={"format": "pt"})
+            save_tensors(shard, path / file)
             weight_map.update(dict.fromkeys(shard, file))
         index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())}, "weight_map": weight_map}
         (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 from flax import nnx
-from safetensors.numpy import save_file
 
 from dpo_jax.models.config import LORA_TARGETS, ModelConfig
 from dpo_jax.sharding import path_str
+from dpo_jax.workdir import save_tensors
 
 ALL = "all-linear"  # PEFT's name for every linear projection of the blocks (not the LM head)
 
@@ -170,7 +170,7 @@ def save_peft(adapters: nnx.State, cfg: ModelConfig, path, *, base_model: str = 
         "modules_to_save": None,
     }
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(peft_tensors(adapters, cfg), path / "adapter_model.safetensors", metadata={"format": "pt"})
+    save_tensors(peft_tensors(adapters, cfg), path / "adapter_model.safetensors")
     return path
 
 

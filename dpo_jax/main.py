@@ -120,6 +120,28 @@ def _run(command: str, argv: list[str], argv_full: list[str]) -> int:
     return 0
 
 
+class _LibraryErrors:
+    """A logging filter: drops the records of Orbax's asynchronous writer and of asyncio."""
+
+    def filter(self, record) -> bool:
+        return record.name != "asyncio" and "/orbax/" not in record.pathname.replace("\\", "/")
+
+
+def quiet_library_errors() -> None:
+    """Without ``--verbose``, the tracebacks libraries print from their own threads are not shown: Orbax's
+    asynchronous writer reports a full disk from each of its threads and tasks (hundreds of lines), while the
+    run's own one-line error says what happened and what to do."""
+    import logging
+    import threading
+
+    from absl import logging as absl_logging
+
+    sys.unraisablehook = lambda args: None  # "Exception ignored in ..." from callbacks on a closed event loop
+    threading.excepthook = lambda args: None  # an exception that ends a library's thread
+    absl_logging.get_absl_handler().addFilter(_LibraryErrors())
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
 def _flag_error(error: Exception, argv: list[str]) -> str:
     """A config-flag error as one line: the config file's own error, or a mistyped ``--config.a.b`` with the
     nearest field name."""
@@ -197,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         from absl import logging
 
         logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every checkpoint step at INFO
+        if not flags.FLAGS.verbose:
+            quiet_library_errors()
         result["code"] = _run(command, rest, argv)
 
     try:

@@ -56,6 +56,7 @@ from dpo_jax.workdir import (
     allowed_changes,
     atomic_dir,
     check_resume_config,
+    clean_stale_tmp,
     ensure_writable,
     file_digest,
     flatten,
@@ -884,6 +885,12 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfg
     lo = cfg.lora
     if lo.rank:  # adapters on the loaded or initialised model: the same function until trained
         model = lora.attach_config(model, lo, cfg.seed)
+    if lo.rank and cfg.optim.learning_rate < 2e-6:
+        notes.warn(
+            f"lora.rank={lo.rank} with optim.learning_rate={cfg.optim.learning_rate:g}, a full fine-tuning rate: "
+            "adapters move the margins ~50x less per step at the same rate; LoRA runs usually take 1e-5 to 1e-4 "
+            "(configs/hf_local.py:lora uses 2.5e-5)"
+        )
     if d.max_length > model.config.max_position_embeddings:
         notes.warn(
             f"data.max_length={d.max_length} exceeds the model's max_position_embeddings="
@@ -921,7 +928,8 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfg
         sft_member = Member(sft_hparams, cfg.seed, sft_loader, ckpt, writer)
         sc_sft = StepConfig("sft", **chunks, lora=base is not None)
         sft = Stage("sft", sc_sft, cfg.sft.steps, dict(cfg.sft), [sft_member], reference_params=base)
-        params = sharding.take_member(run(sft, init_params=params), 0, mesh)
+        with shared_stage_lock(cfg):  # parallel sweep members share one SFT stage: one trains it, the others wait
+            params = sharding.take_member(run(sft, init_params=params), 0, mesh)
         if base is not None:  # the SFT adapters merged into the base: DPO's reference, adapters off
             params, base = lora.split(lora.fold(lora.compose(params, base), model.config))
         sft_steps = cfg.sft.steps
@@ -940,6 +948,8 @@ def prepare(cfg, workdir: Path, devices, writer, notes: Notes | None = None, cfg
     if cfg.reference.mode == "cached" and any(needs_reference(c) for c in cfgs):
         tails = any(c.dpo.ld_alpha != 1 for c in cfgs)
         cache_dir = cfg.reference.cache_dir or str(workdir.parent / "reference_cache")
+        if jax.process_index() == 0:
+            clean_stale_tmp(cache_dir)
         compute = functools.partial(
             reference.compute_logps, graphdef, reference_params, mesh=mesh, batch_size=cfg.eval.batch_size,
             layout=loader_kw["layout"], pad_id=loader_kw["pad_id"], head=chunks, tails=tails,
@@ -1038,6 +1048,18 @@ def check_stage_configs(cfg, workdir: Path) -> list:
 
 
 @contextlib.contextmanager
+def shared_stage_lock(cfg):
+    """Process 0 holds the lock of a shared SFT folder (``sft.dir``) while the stage runs, waiting for another
+    run that holds it (sweep members started in parallel from ``commands.sh``)."""
+    if not cfg.sft.get("dir") or jax.process_index() != 0:
+        yield
+        return
+    Path(cfg.sft.dir).mkdir(parents=True, exist_ok=True)
+    with WorkdirLock(cfg.sft.dir, wait=True):
+        yield
+
+
+@contextlib.contextmanager
 def workdir_lock(workdir: Path):
     """Process 0 holds the workdir's lock for the whole run (other processes of the same run share it)."""
     if jax.process_index() != 0:
@@ -1080,6 +1102,8 @@ def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None) 
     with contextlib.ExitStack() as stack_:
         for wd in workdirs:
             stack_.enter_context(workdir_lock(wd))
+            if jax.process_index() == 0 and (stale := clean_stale_tmp(wd)):
+                print(f"removed {len(stale)} temporary files an earlier, killed run left in {wd}", flush=True)
         stack_.enter_context(stop_signals())
         if changes is None:
             changes = [check_stage_configs(c, wd) for c, wd in zip(cfgs, workdirs, strict=True)]

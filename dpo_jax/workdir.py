@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -72,6 +73,19 @@ def atomic_dir(path: str | os.PathLike):
         raise
 
 
+def save_tensors(tensors: dict, path: str | os.PathLike) -> None:
+    """``safetensors.numpy.save_file`` (torch's metadata), its I/O errors as ``OSError``s (safetensors raises its own
+    error type with the OS error in the text): a full disk then reads as one."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as e:
+        code = errno.ENOSPC if "os error 28" in str(e) or "No space left" in str(e) else errno.EIO
+        raise OSError(code, str(e), str(path)) from e
+
+
 def tree_bytes(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -103,6 +117,9 @@ def os_error(e: OSError, path: str | os.PathLike, *, needed: int | None = None) 
         )
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return WorkdirError(f"cannot write in {path}: {os.strerror(e.errno)}; choose a writable --workdir")
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):  # a folder was expected where a file is
+        file = _existing(Path(e.filename) if e.filename else Path(path))
+        return WorkdirError(f"{file} is a file, not a folder: expected a folder here; choose another --workdir")
     return e
 
 
@@ -131,6 +148,32 @@ def ensure_writable(workdir: str | os.PathLike) -> Path:
     return workdir
 
 
+_TMP = re.compile(r"^\..+\.(?:tmp|old)-(\d+)(?:\.\w+)?$|^\.write-probe-(\d+)$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return pid != 0
+
+
+def clean_stale_tmp(*folders: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and folders that atomic writes of a process that no longer runs left in
+    ``folders`` and their sub-folders (a kill between write and rename); returns what was removed."""
+    removed = []
+    for folder in map(Path, folders):
+        for p in [*folder.glob(".*"), *folder.glob("*/.*")]:
+            m = _TMP.match(p.name)
+            if m and not _alive(int(m.group(1) or m.group(2))):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
 # --- One run per workdir --------------------------------------------------------------------------------------
 
 
@@ -138,9 +181,11 @@ class WorkdirLock:
     """An exclusive ``flock`` on ``<workdir>/.lock``. The kernel drops it when its process dies, so a killed
     run's lock never blocks the resume; a live holder is named (pid, host, start time) in the error."""
 
-    def __init__(self, workdir: str | os.PathLike):
+    def __init__(self, workdir: str | os.PathLike, *, wait: bool = False):
+        """``wait``: block until the holder releases it (saying so once), instead of refusing."""
         self.path = Path(workdir) / ".lock"
         self.fd: int | None = None
+        self.wait = wait
 
     def acquire(self) -> WorkdirLock:
         try:
@@ -151,16 +196,20 @@ class WorkdirLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(fd, 4096).decode(errors="replace")
-            os.close(fd)
             try:
                 h = json.loads(holder)
                 who = f"pid {h['pid']} on {h['host']} (since {h['started']})"
             except (ValueError, KeyError, TypeError):
                 who = "another process"
-            raise WorkdirError(
-                f"workdir {self.path.parent} is in use by {who}: wait for that run to end, stop it, or use another "
-                "--workdir"
-            ) from None
+            if self.wait:
+                print(f"waiting for {self.path.parent}: in use by {who}", flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                os.close(fd)
+                raise WorkdirError(
+                    f"workdir {self.path.parent} is in use by {who}: wait for that run to end, stop it, or use "
+                    "another --workdir"
+                ) from None
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)

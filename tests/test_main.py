@@ -91,6 +91,9 @@ CASES = {
     ),
     "missing config file": (lambda i: ["--config", "configs/nope.py"], "config file not found in --config: configs/no"),
     "grad_accum=0": (lambda i: ["--config.optim.grad_accum=0"], "config.optim.grad_accum: expected >= 1, got 0"),
+    "steps past int32": (
+        lambda i: ["--config.optim.steps=3000000000"], "config.optim.steps: expected an integer in [1, 2147483647]"
+    ),
     "too few rows": (
         lambda i: _files(i, _write(i, "few.jsonl", GOOD * 5)), "too few valid pairs in", "needs 16 (optim.batch_size)"
     ),
@@ -219,3 +222,31 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path)
         subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)  # the user frees space
         resumed = cli(disk / "run", "optim.steps=10", "sft.steps=10", "eval.num_prompts=0", "wandb.enabled=False")
         assert resumed.returncode == 0 and "resumed from step" in resumed.stdout, resumed.stderr
+
+
+def test_library_tracebacks_are_not_printed_without_verbose(monkeypatch, capfd):
+    """Orbax's writer threads report a full disk from each thread and task: without --verbose none of it is
+    printed (the run's own error is one line); a library's ordinary warning still is."""
+    import logging
+    import threading
+
+    from absl import logging as absl_logging
+
+    from dpo_jax import main
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    handler = absl_logging.get_absl_handler()
+    monkeypatch.setattr(handler, "filters", list(handler.filters))
+    monkeypatch.setattr(logging.getLogger("asyncio"), "level", logging.getLogger("asyncio").level)
+    main.quiet_library_errors()
+    t = threading.Thread(target=lambda: 1 / 0)
+    t.start()
+    t.join()
+
+    def record(path, message):
+        return logging.LogRecord("absl", logging.ERROR, path, 1, message, None, None)
+
+    assert not handler.filter(record("/x/site-packages/orbax/checkpoint/future.py", "ENOSPC"))
+    assert handler.filter(record("/x/site-packages/jax/_src/xla_bridge.py", "a JAX warning"))
+    assert "ZeroDivisionError" not in capfd.readouterr().err

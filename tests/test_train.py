@@ -293,6 +293,20 @@ def test_hf_local_config_trains_a_local_checkpoint_on_local_files(tmp_path):
     assert exported.config.vocab_size == tok.vocab_size
 
 
+def test_the_export_keeps_the_sources_generation_config_as_it_was(tmp_path):
+    from dpo_jax.models import ModelConfig
+
+    source = {"bos_token_id": 1, "eos_token_id": [2, 7], "max_new_tokens": 512}  # no do_sample: greedy
+    (tmp_path / "generation_config.json").write_text(json.dumps(source))
+    mc = ModelConfig(vocab_size=9, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    tok = synthetic.build_tokenizer()
+    cfg = tiny_config('model.init="hf"', f'model.hf_path="{tmp_path}"')
+    assert evaluate.generation_config(mc, tok, cfg) == source
+    scratch = evaluate.generation_config(mc, tok, tiny_config())  # no source: the special tokens only
+    assert scratch == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+
 def test_nonfinite_parameters_are_never_exported(tmp_path, step_setup):
     graphdef, params, _ = step_setup
     bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf) if x.ndim else x, params)

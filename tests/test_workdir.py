@@ -16,8 +16,10 @@ from dpo_jax.workdir import (
     atomic_dir,
     atomic_write_text,
     check_resume_config,
+    clean_stale_tmp,
     ensure_free_space,
     ensure_writable,
+    save_tensors,
 )
 
 
@@ -60,6 +62,74 @@ def test_atomic_writes_keep_the_old_file_whole_when_the_disk_fills(tmp_path):
         assert target.read_text() == '{"done": true}' and sorted(p.name for p in disk.iterdir()) == ["summary.json"]
         with pytest.raises(DiskFullError, match=r"not enough disk space in .*small: .* MiB free, 1\.0 MiB needed for"):
             ensure_free_space(disk, 2**20, "a checkpoint")
+
+
+def test_a_full_disk_during_an_export_or_an_async_checkpoint_is_one_line(tmp_path):
+    """safetensors reports ENOSPC as its own error, Orbax from its writer threads: both end as DiskFullError."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dpo_jax import checkpoint
+
+    with tmpfs(tmp_path / "small", "256k") as disk:
+        with pytest.raises(DiskFullError, match=rf"disk full in {disk}/hf"), atomic_dir(disk / "hf") as tmp:
+            save_tensors({"w": np.zeros((512, 512), np.float32)}, tmp / "model.safetensors")  # 1 MiB
+        assert list(disk.iterdir()) == []  # the half-written folder is gone
+        ckpt = checkpoint.Checkpointer(disk / "ckpt", every=1, keep=1, name="test")
+        state = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(256, 256)), jnp.float32)}  # 256 KiB
+        original, checkpoint.SAVE_SLACK_BYTES = checkpoint.SAVE_SLACK_BYTES, -(2**20)
+        try:
+            with pytest.raises(DiskFullError, match=rf"disk full in {disk}/ckpt: .*; free some space and rerun"):
+                ckpt.save(1, state, {"data_step": 1}, force=True)
+                ckpt.wait()
+        finally:
+            checkpoint.SAVE_SLACK_BYTES = original
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("")
+    for target in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        with pytest.raises(WorkdirError) as err:
+            ensure_writable(target)
+        assert str(err.value) == f"{tmp_path / 'afile'} is a file, not a folder: expected a folder here; choose " \
+            "another --workdir"
+
+
+def test_temporary_files_of_killed_runs_are_removed_and_a_live_ones_kept(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / f".summary.json.tmp-{dead.pid}").write_text("{")
+    (tmp_path / "hf" / f".config.json.tmp-{dead.pid}").parent.mkdir()
+    (tmp_path / "hf" / f".config.json.tmp-{dead.pid}").write_text("{")
+    (tmp_path / f".hf.tmp-{dead.pid}").mkdir()
+    (tmp_path / f".plots.tmp-{dead.pid}.png").write_bytes(b"")
+    (tmp_path / f".data.tmp-{os.getpid()}").mkdir()  # a live process's: kept
+    (tmp_path / ".lock").write_text("")
+    removed = clean_stale_tmp(tmp_path)
+    assert len(removed) == 4 and sorted(p.name for p in tmp_path.iterdir()) == [
+        f".data.tmp-{os.getpid()}", ".lock", "hf"
+    ]  # fmt: skip
+    assert list((tmp_path / "hf").iterdir()) == []
+
+
+def test_a_shared_folder_lock_waits_for_its_holder(tmp_path):
+    import threading
+    import time
+
+    held = WorkdirLock(tmp_path).acquire()
+    got = threading.Event()
+
+    def second():
+        with WorkdirLock(tmp_path, wait=True):
+            got.set()
+
+    t = threading.Thread(target=second)
+    t.start()
+    time.sleep(0.5)
+    assert not got.is_set()  # waits, does not refuse
+    held.release()
+    t.join(10)
+    assert got.is_set()
 
 
 def test_atomic_dir_replaces_a_folder_only_when_complete(tmp_path):
