@@ -51,6 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         share_prompt=True,  # prompt | chosen | rejected in one segment: the prompt computed once per pair
         pack_length=0,  # tokens per packed row; 0: chosen from the data's lengths
         buckets=(32,),  # padded rows (packing=False): lengths; batches use the smallest that fits
+        # at most this many batch shapes (compiled programs) a stage's batches take, chosen from a sample of its
+        # steps to pad least; 0: each batch's sizes rounded to a grid (dozens of programs on data of varied lengths)
+        max_shapes=4,
     )
     c.model = dict(
         init="scratch",  # scratch | hf (load model.hf_path)

@@ -170,6 +170,8 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
     )
     _check(isinstance(cfg.data.max_row_chars, int) and cfg.data.max_row_chars >= 0, "data.max_row_chars",
            "an integer >= 0 (0: 100 x data.max_length)", cfg.data.max_row_chars)  # fmt: skip
+    _check(isinstance(cfg.data.max_shapes, int) and cfg.data.max_shapes >= 0, "data.max_shapes",
+           "an integer >= 0 (0: grid-rounded shapes)", cfg.data.max_shapes)  # fmt: skip
     _check(cfg.data.pack_length >= 0, "data.pack_length", "0 (from the data) or a row length > 0", cfg.data.pack_length)
     _check(cfg.logprobs.max_logits_mb >= 0, "logprobs.max_logits_mb", ">= 0", cfg.logprobs.max_logits_mb)
     _check(

@@ -692,6 +692,7 @@ def make_layout(cfg, mesh, *, sides: int = 2, accum: int = 1, counts: dict | Non
         sides=sides,
         row_multiple=sharding.data_parallel_size(mesh) * accum,
         attention_cost=throughput.attention_cost(counts) if counts else 0.0,
+        max_shapes=d.get("max_shapes", 0),
     )
 
 

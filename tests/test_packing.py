@@ -24,6 +24,7 @@ LAYOUTS = {
     "packed": Layout(share_prompt=False),
     "packed_shared": Layout(share_prompt=True),
     "packed_shared_short_rows": Layout(share_prompt=True, row_length=30),
+    "packed_shared_two_shapes": Layout(share_prompt=True, row_length=30, max_shapes=2),
 }
 
 
@@ -229,6 +230,50 @@ def test_shared_row_masks_and_positions():
 def test_round_up_grid():
     assert [packing.round_up(n) for n in (1, 3, 4, 5, 9, 17, 100)] == [1, 3, 4, 5, 10, 20, 112]
     assert packing.round_up(9, 8) == 16 and packing.round_up(33, 8) == 40
+
+
+def test_shape_templates_minimise_the_padded_cost():
+    """Nested templates over the steps ordered by cost; the cuts found equal a brute-force search."""
+    import itertools
+
+    rng = np.random.default_rng(0)
+    needs = [tuple(int(x) for x in rng.integers(1, 9, size=3)) for _ in range(12)]
+    weights = (3.0, 1.0, 0.5)
+    cost = lambda n: float(np.dot(weights, n))  # noqa: E731
+    ordered = sorted(needs, key=cost)
+
+    def padded_cost(templates):  # every step takes the first template that holds it
+        return sum(cost(next(t for t in templates if all(a >= b for a, b in zip(t, n, strict=True)))) for n in needs)
+
+    def nested(ends):
+        return [tuple(int(v) for v in np.max(ordered[: e + 1], axis=0)) for e in ends]
+
+    for count in (1, 2, 3):
+        got = packing.shape_templates(needs, count, weights)
+        assert len(got) <= count and got[-1] == tuple(int(v) for v in np.max(needs, axis=0))
+        assert all(all(a <= b for a, b in zip(s, t, strict=True)) for s, t in itertools.pairwise(got))
+        best = min(padded_cost(nested([*ends, len(needs) - 1]))
+                   for ends in itertools.combinations(range(len(needs) - 1), count - 1))  # fmt: skip
+        assert padded_cost(got) <= best + 1e-9
+
+
+def test_a_loader_with_few_shapes_holds_the_same_pairs():
+    """Pairs of varied lengths take dozens of grid-rounded shapes; max_shapes=3 takes at most 3, each batch holding
+    exactly the grid batch's pairs and scored tokens."""
+    rng = np.random.default_rng(1)
+    ids = lambda m: np.ones(min(int(rng.lognormal(m, 0.8)) + 1, 50), np.int32)  # noqa: E731
+    pairs = [TokenizedPair(ids(3.0), ids(3.5), ids(3.5), 1.0, 1.0) for _ in range(600)]
+    grid = PreferenceLoader(pairs, 8, layout=Layout(row_length=160, row_multiple=2))
+    few = PreferenceLoader(pairs, 8, layout=Layout(row_length=160, row_multiple=2, max_shapes=3))
+    shapes = {"grid": set(), "few": set()}
+    for step in range(60):
+        a, b = grid.batch(step), few.batch(step)
+        for name, batch in (("grid", a), ("few", b)):
+            shapes[name].add(tuple(batch[k].shape for k in ("tokens", "score_src", "valid")))
+        assert sorted(a["index"][a["index"] >= 0]) == sorted(b["index"][b["index"] >= 0])
+        assert a["score_mask"].sum() == b["score_mask"].sum() and (a["segment_ids"] > 0).sum() == (
+            b["segment_ids"] > 0).sum()  # fmt: skip
+    assert len(shapes["few"]) <= 3 < len(shapes["grid"])
 
 
 def test_padded_member_batches_score_the_same(models):

@@ -91,8 +91,10 @@ def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
     for target in (tmp_path / "afile", tmp_path / "afile" / "run"):
         with pytest.raises(WorkdirError) as err:
             ensure_writable(target)
-        assert str(err.value) == f"{tmp_path / 'afile'} is a file, not a folder: expected a folder here; choose " \
+        assert (
+            str(err.value) == f"{tmp_path / 'afile'} is a file, not a folder: expected a folder here; choose "
             "another --workdir"
+        )
 
 
 def test_temporary_files_of_killed_runs_are_removed_and_a_live_ones_kept(tmp_path):

@@ -64,6 +64,7 @@ class PreferenceLoader:
         if lay.kind == "padded" and longest > max(lay.buckets):
             self.layout = lay = dataclasses.replace(lay, buckets=(*lay.buckets, longest))
         self._multiple = math.lcm(lay.row_multiple, self.process_count)
+        self._templates = None
         if lay.kind == "padded" and g % self._multiple:
             raise ValueError(f"a padded batch of {g} pairs does not split into {self._multiple} devices/micro-batches")
         self.row_length = 0
@@ -100,8 +101,9 @@ class PreferenceLoader:
         idx = order[k * self.global_batch_size : (k + 1) * self.global_batch_size]
         return np.pad(idx, (0, self.global_batch_size - len(idx)), constant_values=-1)
 
-    def plan(self, step: int) -> dict:
-        """The global batch's groups and static sizes (identical on every process)."""
+    def _needs(self, step: int) -> tuple[dict, tuple[int, int, int, int]]:
+        """The global batch's groups and its own grid-rounded sizes (groups, row length, scored entries per block,
+        pairs per group)."""
         lay = self.layout
         idx = self.global_indices(step)
         pairs = [self.pairs[i] if i >= 0 else None for i in idx]
@@ -111,16 +113,39 @@ class PreferenceLoader:
             length = self.row_length
         groups = packing.plan_groups(pairs, lay, length)
         num_groups = len(groups) if lay.kind == "padded" else packing.round_up(len(groups), self._multiple)
-        groups = groups + [[] for _ in range(num_groups - len(groups))]
         blocks = self._multiple  # one per (device, micro-batch); divides the number of groups
+        groups = groups + [[] for _ in range(num_groups - len(groups))]
         if lay.scored_only:
             scored = packing.round_up(packing.block_scored(pairs, groups, lay, blocks), 8, steps_per_octave=8)
         else:
             scored = num_groups // blocks * lay.rows_per_group * length
         per_group = 1 if lay.kind == "padded" else packing.round_up(packing.most_pairs(groups))
-        return dict(
-            idx=idx, pairs=pairs, groups=groups, blocks=blocks, length=length, scored=scored, pairs_per_group=per_group
-        )
+        return dict(idx=idx, pairs=pairs, groups=groups, blocks=blocks), (num_groups, length, scored, per_group)
+
+    def templates(self) -> list[tuple[int, int, int, int]]:
+        """The run's static shapes (``Layout.max_shapes``), from up to 256 steps spread over two epochs (the same on
+        every process and every resume: a function of the data, the seed and the layout)."""
+        if self._templates is None:
+            lay = self.layout
+            span = 2 * self.steps_per_epoch if self.shuffle else self.steps_per_epoch
+            steps = np.unique(np.linspace(0, span - 1, min(256, span)).astype(int))
+            needs = [self._needs(int(s))[1] for s in steps]
+            weights = (lay.rows_per_group * max(n[1] for n in needs), 0.0, 1.0 * self._multiple, 0.0)  # G*T + S
+            self._templates = packing.shape_templates(needs, lay.max_shapes, weights)
+        return self._templates
+
+    def plan(self, step: int) -> dict:
+        """The global batch's groups and static sizes (identical on every process)."""
+        plan, need = self._needs(step)
+        if self.layout.max_shapes:  # the first template that holds this batch, else its own shape
+            need = next((t for t in self.templates() if all(a >= b for a, b in zip(t, need, strict=True))), need)
+        num_groups, length, scored, per_group = need
+        # a template with more groups: empty groups at the end of every block, so each block holds the pairs (and
+        # the scored entries) it holds in the batch's own shape
+        groups, z = plan["groups"], plan["blocks"]
+        per, extra = len(groups) // z, (num_groups - len(groups)) // z
+        plan["groups"] = [g for b in range(z) for g in (*groups[b * per : (b + 1) * per], *([] for _ in range(extra)))]
+        return dict(**plan, length=length, scored=scored, pairs_per_group=per_group)
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's slice of the global batch at ``step``."""

@@ -57,6 +57,9 @@ class Layout:
     # packed, row_length 0: the cost of one (query, key) slot of a row's attention relative to a token's (the model
     # computes every slot of a row, so long rows of many short pairs pay for attention across pairs)
     attention_cost: float = 0.0
+    # at most this many static batch shapes (programs) for the run's batches, chosen from a sample of its steps
+    # (``shape_templates``); a batch that fits none takes its own grid-rounded shape. 0: grid-rounded shapes only
+    max_shapes: int = 0
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -146,6 +149,32 @@ def plan_groups(pairs: Sequence[TokenizedPair | None], layout: Layout, row_lengt
         return [[i] if pairs[i] is not None else [] for i in range(len(pairs))]
     lengths = [unit_length(pairs[i], layout) for i in real]
     return [[real[j] for j in row] for row in pack_rows(lengths, row_length)]
+
+
+def shape_templates(needs: Sequence[tuple[int, ...]], count: int, weights: tuple[float, ...]) -> list[tuple[int, ...]]:
+    """At most ``count`` static shapes for batches whose sizes are ``needs`` (one tuple per sampled step): with the
+    steps ordered by cost (``weights`` . need), nested templates, each the element-wise maximum of the steps up to a
+    cut, so each step fits the first template that holds it and the last holds them all. The cuts minimise the
+    padded cost of the sample (dynamic programming over the ordered steps)."""
+    cost = lambda n: float(np.dot(weights, n))  # noqa: E731
+    ordered = np.asarray(sorted(needs, key=cost))
+    prefix = np.maximum.accumulate(ordered, axis=0)  # the template that ends at each step
+    unit = prefix @ np.asarray(weights, float)  # its cost per step
+    n = len(ordered)
+    best = np.full((count + 1, n + 1), np.inf)
+    best[0, 0] = 0.0
+    cut = np.zeros((count + 1, n + 1), int)
+    for k in range(1, count + 1):
+        for j in range(1, n + 1):  # steps [i, j) take the template that ends at step j - 1
+            totals = best[k - 1, :j] + (j - np.arange(j)) * unit[j - 1]
+            cut[k, j] = int(np.argmin(totals))
+            best[k, j] = totals[cut[k, j]]
+    k = int(np.argmin(best[1:, n])) + 1
+    ends, j = [], n
+    while j > 0:
+        ends.append(j - 1)
+        j, k = cut[k, j], k - 1
+    return list(dict.fromkeys(tuple(int(v) for v in prefix[e]) for e in sorted(ends)))
 
 
 def _place(seq_tokens, out, g, k, start, segment, branch, positions, pair):
