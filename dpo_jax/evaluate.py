@@ -188,7 +188,7 @@ def sampled_metrics(model, ref_logps, prompts, tokenizer, ev, key, reward_fn=Non
 PLOTS = (
     ("loss", ("sft/loss", "train/loss", "eval/loss")),
     ("implicit reward margin", ("train/rewards/margins", "eval/rewards/margins")),
-    ("preference accuracy", ("train/rewards/accuracies", "eval/rewards/accuracies")),
+    ("preference accuracy", ("train/rewards/accuracies", "eval/rewards/accuracies", "eval/rewards/ties")),
     ("KL(pi || pi_ref)", ("eval/kl_sampled", "eval/kl_seq_exact")),
     ("true reward of samples", ("eval/reward",)),
     ("log pi - log pi_ref per token", ("train/logratio/chosen_per_token", "train/logratio/rejected_per_token",
@@ -242,22 +242,29 @@ def plot_panels(history: list[dict]) -> list[tuple[str, list[str]]]:
 
 
 def write_plots(history: list[dict], summary: dict, path: Path) -> Path:
-    """One panel per metric group that has data (a files task has no true reward: no empty panel); eval metrics
-    with a standard error get +-2 s.e. bars; the DPO curves start at step 0 (the reference itself)."""
+    """One panel per metric group that has data (a files task has no true reward: no empty panel), three to a row;
+    eval metrics with a standard error get +-2 s.e. bars. The x axis counts DPO steps: step 0 is the reference
+    itself (where every pair's rewards tie: accuracy 0, ties 1), an SFT stage's steps are negative."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    offset = summary.get("sft/steps", 0)  # logged steps count the SFT stage's first (W&B's axis)
+
     def series(key):
         return [r for r in history if isinstance(r.get(key), float)]
 
     panels = plot_panels(history)
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.2 * max(len(panels), 1), 3.4), squeeze=False)
-    for ax, (title, keys) in zip(axes[0], panels, strict=False):
+    cols = min(3, max(len(panels), 1))
+    rows_ = -(-max(len(panels), 1) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(4.6 * cols, 3.6 * rows_), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (title, keys) in zip(axes.flat, panels, strict=False):
         for key in keys:
             rows = series(key)
-            steps, values = [r["step"] for r in rows], [r[key] for r in rows]
+            steps, values = [r["step"] - offset for r in rows], [r[key] for r in rows]
             se = [2 * r.get(STDERR.get(key, ""), float("nan")) for r in rows]
             if key in STDERR and all(np.isfinite(se)):
                 ax.errorbar(steps, values, yerr=se, marker="o", ms=3, capsize=2, label=f"{key} ± 2 s.e.")
@@ -268,9 +275,9 @@ def write_plots(history: list[dict], summary: dict, path: Path) -> Path:
         if title.startswith("log pi"):
             ax.axhline(0.0, color="gray", ls="--", lw=0.8)
         for r in series(FALLING_CHOSEN)[:1]:
-            ax.axvline(r["step"], color="red", ls=":", label="chosen below reference")
+            ax.axvline(r["step"] - offset, color="red", ls=":", label="chosen below reference")
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel("DPO step" + (" (SFT before 0)" if offset else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

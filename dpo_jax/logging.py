@@ -29,6 +29,8 @@ class Writer:
 
     def note(self, line: str) -> None: ...
 
+    def restart_clock(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -177,6 +179,10 @@ class ConsoleWriter(Writer):
         if evals:
             shown = ("eval/loss", "eval/rewards/accuracies", "eval/reward", "eval/kl_sampled", "eval/kl_token")
             self.bar.write(f"step {step}: " + ", ".join(f"{k[5:]}={evals[k]:.4g}" for k in shown if k in evals))
+
+    def restart_clock(self):
+        """Rate and ETA from now on (after a pause the bar should not count, such as an eval)."""
+        self.bar.unpause()
 
     def note(self, line: str):
         """A line above the bar."""

@@ -485,6 +485,9 @@ def preference_loss(
         "rewards/rejected": mean(rejected_rewards),
         "rewards/margins": mean(chosen_rewards - rejected_rewards),
         "rewards/accuracies": mean((chosen_rewards > rejected_rewards).astype(m.dtype)),
+        # pairs whose implicit rewards tie (|h| < 1e-3 nats): all of them at the reference itself, where
+        # accuracy (chosen strictly above rejected, as TRL counts it) is 0
+        "rewards/ties": mean((jnp.abs(jax.lax.stop_gradient(c - r)) < 1e-3).astype(m.dtype)),
         "logps/chosen": mean(jax.lax.stop_gradient(pc)),
         "logps/rejected": mean(jax.lax.stop_gradient(pr)),
         "preference_prob": mean(jax.nn.sigmoid(z)),

@@ -387,7 +387,8 @@ class Stage:
     reference_params: Any = None  # frozen mode; LoRA: the frozen base
     ref_cache: np.ndarray | None = None  # cached mode: [N, 2] sums, or [N, 4] sums and LD-DPO tails
     evaluator: Any = None
-    log_offset: int = 0  # logged step = log_offset + stage step (one increasing axis across stages)
+    log_offset: int = 0  # logged step = log_offset + stage step (one increasing axis across stages, W&B's)
+    compiled: list = dataclasses.field(default_factory=list)  # seconds each new step program took to compile
 
 
 _STEP_FNS: dict = {}  # jitted steps, reused by later runs in this process (sweep members differ in traced values)
@@ -518,14 +519,14 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
         except Preempted:  # saved with the eval marked pending: the resume redoes it
             stop(step, eval_pending=True)
         for m, row in zip(members, rows, strict=True):
-            m.writer.write(stage.log_offset + step, row)
+            m.writer.write(stage.log_offset + step, {**row, f"{stage.name}/step": step})
         console.write(stage.log_offset + step, rows[0])
         types = stage.sc.loss_types
         for k, (m, row) in enumerate(zip(members, rows, strict=True)):
             if m.warnings or not float(m.hparams.uses_reference) or "kto" in types:
                 continue  # once per run; reference-free and KTO members have no such reference point
             sft = float(m.hparams.loss_weights[types.index("sft")]) if "sft" in types else 0.0
-            warning = falling_chosen({**row, "step": stage.log_offset + step}, sft_weight=sft)
+            warning = falling_chosen({**row, "step": step}, sft_weight=sft)  # the DPO step, as console and plots
             if warning:
                 m.warnings.append(warning)
                 m.writer.write(stage.log_offset + step, {FALLING_CHOSEN: row["eval/logratio/chosen_per_token"]})
@@ -534,6 +535,7 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
     try:
         if stage.evaluator is not None and (start == 0 or eval_pending):
             evaluate(start)  # step 0: the reference itself, the first point of every curve
+            console.restart_clock()  # the bar's rate and ETA count training steps, not this eval
         t0, steps_timed, acc = time.perf_counter(), 0, {}
         for step, batch in population_batches(stage, start, shared):
             if signals.requested():
@@ -552,12 +554,16 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
                 acc = {k: acc.get(k, 0.0) + v for k, v in stats.items()}
             for shape, seconds in step_fn.take_new():
                 acc["compile_s"] = acc.get("compile_s", 0.0) + seconds
+                stage.compiled.append(seconds)
                 console.note(f"[{stage.name}] compiled the step for batch {shape} in {seconds:.1f} s")
             if done % cfg.log_every == 0 or done == stage.steps:
                 metrics = jax.device_get(metrics)
                 check_finite()
                 dt = time.perf_counter() - t0 - acc.get("compile_s", 0.0) - acc.get("paused_s", 0.0)
                 figures = throughput_metrics(stage.name, acc, steps_timed, dt, peak)
+                figures[f"{stage.name}/programs"] = len(stage.compiled)  # compiled so far in this process
+                figures[f"{stage.name}/compile_s_total"] = sum(stage.compiled)
+                figures[f"{stage.name}/step"] = done
                 if k_members > 1:
                     figures[f"{stage.name}/members"] = k_members
                 for k, m in enumerate(members):
@@ -1123,8 +1129,10 @@ def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None) 
                 w.close()
         signals.check("after the final eval (the final checkpoint is saved)")
         summaries = []
+        compiled = {"sft/steps": job.sft_steps, "dpo/programs": len(stage.compiled),
+                    "dpo/compile_s": sum(stage.compiled)}  # fmt: skip
         for k, (c, wd) in enumerate(zip(cfgs, workdirs, strict=True)):
-            summary = {**job.summary, **finals[k], **run_info(job, devices, t_start)}
+            summary = {**job.summary, **finals[k], **run_info(job, devices, t_start), **compiled}
             if len(cfgs) > 1:
                 summary["population/members"] = len(cfgs)
             if notes.items or stage.members[k].warnings:

@@ -120,6 +120,14 @@ def test_end_to_end_outputs(tmp_path):
     first = next(r for r in history if "eval/loss" in r)
     assert first["step"] == cfg.sft.steps and first["eval/loss"] == pytest.approx(np.log(2), rel=1e-5)
     assert first["eval/kl_token"] == pytest.approx(0.0, abs=1e-6)
+    # every pair ties there (accuracy counts chosen strictly above rejected); DPO steps count from 0 there
+    assert first["eval/rewards/ties"] == 1.0 and first["eval/rewards/accuracies"] == 0.0 and first["dpo/step"] == 0
+    assert [r["dpo/step"] for r in history if "eval/loss" in r] == [0, 10, 20]
+    assert summary["dpo/programs"] >= 1 and summary["dpo/compile_s"] > 0 and summary["sft/steps"] == cfg.sft.steps
+    import matplotlib.image
+
+    height, width = matplotlib.image.imread(run / "plots.png").shape[:2]
+    assert width < 3 * height  # panels in a grid, three to a row (a row of six was 7.4 times wider than high)
     titles = [t for t, _ in evaluate.plot_panels(history)]
     assert "true reward of samples" in titles and len(titles) == len(evaluate.PLOTS)
     no_reward = [{k: v for k, v in r.items() if not k.startswith("eval/reward")} for r in history]
