@@ -85,8 +85,10 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         cache_dir=tmp_path / "cache",
     )
     cfg.export_hf = False
-    with pytest.raises(train.NonFiniteLoss, match=r"NaN/Inf at step (\d+).*Last good checkpoint: step") as err:
+    with pytest.raises(train.NonFiniteLoss, match=r"NaN/Inf at step (\d+).*Last good checkpoint: ") as err:
         train.train(cfg, tmp_path / "run", devices=jax.devices()[:1])
+    assert "None" not in str(err.value)  # no checkpoint yet reads "none yet in <folder> (a rerun starts ...)"
+    assert ("none yet in" in str(err.value)) == (not (tmp_path / "run/dpo/checkpoints/5").exists())
     ckpts = sorted(int(p.name) for p in (tmp_path / "run/dpo/checkpoints").iterdir() if p.name.isdigit())
     bad = int(err.value.args[0].split("at step ")[1].split(";")[0])
     assert all(c <= bad for c in ckpts)

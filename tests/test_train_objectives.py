@@ -79,4 +79,6 @@ def test_falling_chosen_diagnostic_fires_once_on_a_run_that_displaces_the_chosen
     row = next(r for r in history if r["step"] == marks[0]["step"] and "eval/loss" in r)
     assert row["eval/logratio/chosen_per_token"] < 0 < row["eval/rewards/margins"]
     (warning,) = summary["warnings"]
-    assert f"step {marks[0]['step']}:" in warning and evaluate.SFT_HINT in warning
+    # one numbering: the warning names the DPO step (as the console and the plots), the row carries it
+    assert f"step {int(row['dpo/step'])}:" in warning and evaluate.SFT_HINT in warning
+    assert row["dpo/step"] == marks[0]["step"] - cfg.sft.steps
