@@ -164,6 +164,14 @@ def test_config_errors_name_the_field(override, field):
         validate(cfg, num_devices=8)
 
 
+def test_hf_local_lora_variants_take_a_lora_sized_learning_rate():
+    rates = {a: load_config_file(str(ROOT / f"configs/hf_local.py{a}")).optim for a in ("", ":cpu,lora", ":lora")}
+    assert rates[":lora"].learning_rate == rates[":cpu,lora"].learning_rate == 50 * rates[""].learning_rate
+    assert load_config_file(str(ROOT / "configs/hf_local.py:lora")).lora.rank == 16
+    with pytest.raises(ValueError, match="unknown argument 'gpu'"):
+        load_config_file(str(ROOT / "configs/hf_local.py:gpu"))
+
+
 def test_cli_rejects_bad_override_before_compiling(tmp_path):
     out = cli(tmp_path / "bad", "dpo.beta=-0.5")
     assert out.returncode == 2 and "config.dpo.beta: expected a number > 0, got -0.5" in out.stderr
