@@ -66,6 +66,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dtype="float32",  # compute dtype; parameters are always float32
         scan_layers=True,
         remat="none",  # none | full | dots | dots_no_batch
+        # auto: the einsum for rows of one block, the blockwise kernel (memory linear in the row) for longer ones;
+        # or einsum | blockwise | cudnn (GPU; data.packing=False) | pallas (GPU flash; data.share_prompt=False)
+        attention="auto",
+        attention_block=512,  # blockwise: query and key tokens per block
     )
     # Stage that builds the reference policy (skipped when sft.steps == 0).
     c.sft = dict(
@@ -163,7 +167,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         token_chunk=1024,  # chunked LM head: tokens and vocabulary entries per chunk
         vocab_chunk=8192,
         scored_only=True,  # the LM head on completion tokens only (False: every slot, for comparison)
-        max_logits_mb=256.0,  # scored logits up to this size are kept for the backward; above it, chunked
+        # scored logits up to this size (MiB) are kept for the backward; above it, chunked. -1: 256 on a CPU,
+        # 1/32 of the device's memory on an accelerator
+        max_logits_mb=-1.0,
     )
     c.eval = dict(
         every=100,  # steps; and at the end

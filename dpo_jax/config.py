@@ -18,7 +18,7 @@ import ml_collections
 from dpo_jax.errors import UserError
 from dpo_jax.lora import targets as lora_targets
 from dpo_jax.losses import BATCH_LOSSES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES, POLICY_ONLY
-from dpo_jax.models.config import REMAT_POLICIES
+from dpo_jax.models.config import ATTENTION, REMAT_POLICIES
 
 
 class ConfigError(UserError, ValueError):
@@ -173,7 +173,8 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
     _check(isinstance(cfg.data.max_shapes, int) and cfg.data.max_shapes >= 0, "data.max_shapes",
            "an integer >= 0 (0: grid-rounded shapes)", cfg.data.max_shapes)  # fmt: skip
     _check(cfg.data.pack_length >= 0, "data.pack_length", "0 (from the data) or a row length > 0", cfg.data.pack_length)
-    _check(cfg.logprobs.max_logits_mb >= 0, "logprobs.max_logits_mb", ">= 0", cfg.logprobs.max_logits_mb)
+    _check(cfg.logprobs.max_logits_mb >= 0 or cfg.logprobs.max_logits_mb == -1, "logprobs.max_logits_mb",
+           ">= 0, or -1 (sized from the device's memory)", cfg.logprobs.max_logits_mb)  # fmt: skip
     _check(
         len(cfg.data.buckets) > 0 and all(b > 0 for b in cfg.data.buckets),
         "data.buckets",
@@ -206,6 +207,22 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
             cfg.model.num_kv_heads,
         )
     _check(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 | bfloat16", cfg.model.dtype)
+    impl, block = cfg.model.attention, cfg.model.attention_block
+    _check(impl in ATTENTION, "model.attention", " | ".join(ATTENTION), impl)
+    _check(isinstance(block, int) and block >= 8 and block % 8 == 0, "model.attention_block",
+           "a multiple of 8 tokens", block)  # fmt: skip
+    _check(
+        impl != "cudnn" or not (cfg.data.packing or cfg.data.share_prompt),
+        "model.attention",
+        "'cudnn' with data.packing=False and data.share_prompt=False (cuDNN takes one sequence a row)",
+        impl,
+    )
+    _check(
+        impl != "pallas" or not cfg.data.share_prompt,
+        "model.attention",
+        "'pallas' with data.share_prompt=False (its flash kernel takes segments, not a shared prompt's branches)",
+        impl,
+    )
     _check(cfg.model.remat in REMAT_POLICIES, "model.remat", " | ".join(REMAT_POLICIES), cfg.model.remat)
 
     types = loss_types(cfg)

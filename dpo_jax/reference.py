@@ -45,7 +45,15 @@ def cache_key(params, model_config, pairs, settings: dict) -> str:
             continue
         h.update(name.encode())
         h.update(np.asarray(jax.device_get(leaf)).tobytes())
-    plain = dataclasses.replace(model_config, lora_rank=0, lora_alpha=16.0, lora_targets=(), lora_dropout=0.0)
+    plain = dataclasses.replace(
+        model_config,
+        lora_rank=0,
+        lora_alpha=16.0,
+        lora_targets=(),
+        lora_dropout=0.0,
+        attention="auto",
+        attention_block=512,
+    )  # how attention is computed: same values
     h.update(repr(plain).encode())
     h.update(ids_digest(pairs).encode())
     h.update(json.dumps(settings, sort_keys=True).encode())

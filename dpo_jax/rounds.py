@@ -191,7 +191,7 @@ def make_pairs(cfg, workdir: Path, r: int, policy_dir: Path) -> dict:
     """Round r's ``pairs.jsonl`` from samples of the policy in ``policy_dir``; returns its sampling stats."""
     out = round_dir(workdir, r)
     paths = data_paths(cfg, workdir)
-    model, tokenizer = hf.load_pretrained(policy_dir, dtype=cfg.model.dtype, scan_layers=cfg.model.scan_layers)
+    model, tokenizer = hf.load_pretrained(policy_dir, **{**train.model_options(cfg), "remat": "none"})
     if tokenizer is None:
         raise ConfigError(f"config.model.hf_path: expected tokenizer.json in {policy_dir} (the prompts are sampled)")
     examples, pairs = load_prompts(cfg, paths["train"], tokenizer)
@@ -291,7 +291,7 @@ def measure(cfg, policy_dir, initial_dir, *, eval_path: str, key: int = 0) -> di
     (``eval.num_prompts``, ``eval.temperature``, ``eval.max_new_tokens``): mean true reward of one sample per
     prompt and the sampled sequence KL(pi || pi_0), each with its standard error. The same ``key`` samples the
     same way for every policy (offline runs and rounds alike)."""
-    load = lambda p: hf.load_pretrained(p, dtype=cfg.model.dtype, scan_layers=cfg.model.scan_layers)  # noqa: E731
+    load = lambda p: hf.load_pretrained(p, **{**train.model_options(cfg), "remat": "none"})  # noqa: E731
     (policy, tokenizer), (initial, _) = load(policy_dir), load(initial_dir)
     examples, pairs = load_prompts(cfg, eval_path, tokenizer, cfg.eval.num_prompts)
     prompts = Evaluator._prompts(pairs, examples, cfg.eval.num_prompts, tokenizer.pad_token_id or 0)

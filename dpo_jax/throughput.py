@@ -46,6 +46,25 @@ def measured_matmul_peak(n: int = 2048, repeats: int = 12, dtype: str = "float32
     return 2 * n**3 / best
 
 
+def device_memory_bytes(device=None) -> int | None:
+    """The memory one device may allocate (an accelerator's ``bytes_limit``); None on a CPU, whose memory is the
+    host's."""
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return None
+    stats = device.memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def logits_budget_mb(configured: float, device=None) -> float:
+    """``logprobs.max_logits_mb``: as configured when >= 0; -1 (the default) is 256 MiB on a CPU (above that the
+    host's caches favour the chunked head) and 1/32 of an accelerator's memory (4.4 GiB of an H200's 141 GB)."""
+    if configured >= 0:
+        return configured
+    limit = device_memory_bytes(device)
+    return 256.0 if limit is None else limit / 32 / 2**20
+
+
 def peak_flops(override_per_device: float = 0.0) -> tuple[float, str]:
     """(peak FLOP/s of all devices of the run, where the figure comes from)."""
     n = jax.device_count()

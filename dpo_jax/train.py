@@ -48,6 +48,7 @@ from dpo_jax.errors import NonFiniteLoss, Notes
 from dpo_jax.evaluate import FALLING_CHOSEN, falling_chosen
 from dpo_jax.logging import ConsoleWriter, JsonlWriter, MultiWriter, WandbWriter, Writer
 from dpo_jax.losses import preference_loss, temper_targets, update_running_moments
+from dpo_jax.models import attention
 from dpo_jax.signals import Preempted, stop_signals
 from dpo_jax.state import HParams, TrainState, init_state, member, stack
 from dpo_jax.workdir import (
@@ -336,10 +337,11 @@ class Programs:
             self.compiled[key] = self.jitted.lower(state, batch, *rest).compile()
             self.compile_s[key] = time.perf_counter() - t0
             shape = "x".join(map(str, batch["tokens"].shape)) + f", S={batch['score_src'].shape[1]}"
-            self.pending.append((shape, self.compile_s[key]))
+            self.pending.append((shape, self.compile_s[key], batch["tokens"].shape[-1]))
         return self.compiled[key](state, batch, *rest)
 
-    def take_new(self) -> list[tuple[str, float]]:
+    def take_new(self) -> list[tuple[str, float, int]]:
+        """(batch shape, compile seconds, row length) of the programs compiled since the last call."""
         new, self.pending = self.pending, []
         return new
 
@@ -552,10 +554,13 @@ def run_stage(stage: Stage, *, cfg, graphdef, init_params, mesh, model_cfg, matm
                 stats = {k: v * slices for k, v in stats.items()}
                 stats["flops"] = throughput.step_flops(counts, stats, frozen_reference=stage.sc.frozen_reference)
                 acc = {k: acc.get(k, 0.0) + v for k, v in stats.items()}
-            for shape, seconds in step_fn.take_new():
+            for shape, seconds, row in step_fn.take_new():
                 acc["compile_s"] = acc.get("compile_s", 0.0) + seconds
                 stage.compiled.append(seconds)
-                console.note(f"[{stage.name}] compiled the step for batch {shape} in {seconds:.1f} s")
+                impl = attention.resolve(model_cfg.attention, row, row, model_cfg.attention_block)
+                blocks = f" of {model_cfg.attention_block}-token blocks" if impl == "blockwise" else ""
+                console.note(f"[{stage.name}] compiled the step for batch {shape} in {seconds:.1f} s "
+                             f"(attention: {impl}{blocks})")  # fmt: skip
             if done % cfg.log_every == 0 or done == stage.steps:
                 metrics = jax.device_get(metrics)
                 check_finite()
@@ -704,7 +709,15 @@ def make_layout(cfg, mesh, *, sides: int = 2, accum: int = 1, counts: dict | Non
 
 def head_options(cfg) -> dict:
     lp = cfg.logprobs
-    return dict(token_chunk=lp.token_chunk, vocab_chunk=lp.vocab_chunk, max_logits_mb=lp.max_logits_mb)
+    budget = throughput.logits_budget_mb(lp.max_logits_mb)
+    return dict(token_chunk=lp.token_chunk, vocab_chunk=lp.vocab_chunk, max_logits_mb=budget)
+
+
+def model_options(cfg) -> dict:
+    """How the config runs a model, whatever its weights: compute dtype, remat, scan, attention."""
+    m = cfg.model
+    return dict(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, attention=m.get("attention", "auto"),
+                attention_block=m.get("attention_block", 512))  # fmt: skip
 
 
 def build_model(cfg, tokenizer):
@@ -713,12 +726,12 @@ def build_model(cfg, tokenizer):
 
     m = cfg.model
     if m.init == "hf":
-        model, _ = hf.load_pretrained(m.hf_path, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
+        model, _ = hf.load_pretrained(m.hf_path, **model_options(cfg))
         return model
     mc = ModelConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-        num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, dtype=m.dtype,
-        scan_layers=m.scan_layers, remat=m.remat, bos_token_id=tokenizer.bos_token_id,
+        num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, **model_options(cfg),
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         max_position_embeddings=cfg.data.max_length,
     )  # fmt: skip
@@ -729,8 +742,7 @@ def check_reference(cfg, policy_config) -> None:
     """``reference.hf_path`` must hold the policy's architecture (before anything trains)."""
     from dpo_jax import hf
 
-    m = cfg.model
-    ref = hf.load_config(cfg.reference.hf_path, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
+    ref = hf.load_config(cfg.reference.hf_path, **model_options(cfg))
     policy = policy_config.replace(lora_rank=0, lora_alpha=ref.lora_alpha, lora_targets=(), lora_dropout=0.0)
     if ref != policy:
         a, b = dataclasses.asdict(ref), dataclasses.asdict(policy)
@@ -743,8 +755,8 @@ def load_reference(cfg, mesh):
     adapters off), placed as the policy's."""
     from dpo_jax import hf
 
-    m, lo = cfg.model, cfg.lora
-    ref, _ = hf.load_pretrained(cfg.reference.hf_path, dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers)
+    lo = cfg.lora
+    ref, _ = hf.load_pretrained(cfg.reference.hf_path, **model_options(cfg))
     if lo.rank:
         adapters, ref_base = lora.split(lora.cast_base(nnx.state(lora.attach_config(ref, lo, cfg.seed)), lo.base_dtype))
         params = lora.compose(lora.off(adapters), ref_base)

@@ -235,7 +235,8 @@ RUN_CONFIG = "run_config.json"
 # Fields that never change what is trained (cadence, logging, layout, where shared files live): free on resume.
 FREE_ON_RESUME = (
     "eval.", "log_every", "checkpoint.", "wandb.", "export_hf", "peak_flops", "mesh.", "logprobs.", "data.buckets",
-    "data.packing", "data.share_prompt", "data.pack_length", "data.max_shapes",
+    "data.packing", "data.share_prompt", "data.pack_length", "data.max_shapes", "model.attention",
+    "model.attention_block",
     "reference.cache_dir", "sft.dir", "resume.", "rounds.", "reward", "reward_timeout_s",
 )  # fmt: skip
 # Fields whose change on resume is meaningful (continue with a new beta, a longer schedule, ...): allowed only when

@@ -184,3 +184,18 @@ def test_head_token_logprobs_value_and_gradient_match_numpy(max_logits_mb):
     np.testing.assert_allclose(np.asarray(got), logp[np.arange(13), t], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(gh), d_logits @ w.T.astype(np.float64), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(gw), h.T.astype(np.float64) @ d_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_the_kept_logits_budget_is_sized_from_the_device():
+    """logprobs.max_logits_mb=-1: 256 MiB on a CPU, 1/32 of an accelerator's memory; a set value as set."""
+    from dpo_jax import throughput
+
+    class H200:
+        platform = "gpu"
+
+        def memory_stats(self):
+            return {"bytes_limit": 141 * 10**9}
+
+    assert throughput.logits_budget_mb(-1.0) == 256.0  # this host's CPU
+    assert throughput.logits_budget_mb(-1.0, H200()) == pytest.approx(141e9 / 32 / 2**20)
+    assert throughput.logits_budget_mb(64.0, H200()) == 64.0

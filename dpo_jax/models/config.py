@@ -12,6 +12,7 @@ ARCHITECTURES = {  # Hugging Face architecture -> model_type
 }
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION = ("auto", "einsum", "blockwise", "cudnn", "pallas")
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -50,6 +51,10 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     scan_layers: bool = True  # lax.scan over layers: compile time independent of depth
     remat: str = "none"  # none | full | dots | dots_no_batch
+    # attention (dpo_jax.models.attention): auto | einsum | blockwise | cudnn | pallas; blockwise works in blocks
+    # of attention_block queries and keys (memory linear in the row)
+    attention: str = "auto"
+    attention_block: int = 512
     # LoRA adapters (dpo_jax.lora): rank 0 = none; the targets are projection names (q_proj, ..., down_proj)
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -65,6 +70,11 @@ class ModelConfig:
             raise ValueError(f"rope_type {self.rope_type!r} is not supported; expected one of {ROPE_TYPES}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} is not supported; expected one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION or self.attention_block < 8 or self.attention_block % 8:
+            raise ValueError(
+                f"attention must be one of {ATTENTION} with attention_block a multiple of 8; got {self.attention!r}, "
+                f"{self.attention_block}"
+            )
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16; got {self.dtype!r}")
         if not 0.0 <= self.lora_dropout < 1.0:

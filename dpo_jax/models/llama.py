@@ -17,10 +17,11 @@ import numpy as np
 import qwix
 from flax import nnx
 
+from dpo_jax.models import attention
+from dpo_jax.models.attention import Ids
 from dpo_jax.models.config import LORA_TARGETS, ModelConfig
 
 Array = jax.Array
-_MASKED = float(np.finfo(np.float32).min)  # finite, so a fully masked (padding) row gives no NaN
 
 
 class KVCache(NamedTuple):
@@ -81,29 +82,6 @@ def segment_positions(segment_ids_BxT: Array) -> Array:
     )
     start_BxT = jax.lax.cummax(jnp.where(is_start, t, 0), axis=1)
     return t - start_BxT
-
-
-def attention_bias(
-    q_slot_BxT, k_slot_S, kv_valid_BxS, q_seg_BxT, k_seg_BxS, window, q_pos_BxT=None, k_pos_BxS=None, branch_BxT=None
-) -> Array:
-    """Additive mask [B, 1, 1, T, S]: causal, valid keys, same segment, optional sliding window.
-
-    The window compares positions when given (a shared-prompt row's rejected tokens continue from the prompt's
-    end, so their distance to a prompt token is a position difference, not a slot difference), else slots.
-    ``branch_BxT`` (no cache; T = S): 0 = shared prefix, 1, 2, ... = completions after it; a token sees the shared
-    prefix and its own branch only.
-    """
-    allowed = (k_slot_S[None, None, :] <= q_slot_BxT[:, :, None]) & kv_valid_BxS[:, None, :]
-    if q_seg_BxT is not None:
-        allowed &= q_seg_BxT[:, :, None] == k_seg_BxS[:, None, :]
-    if branch_BxT is not None:
-        allowed &= (branch_BxT[:, None, :] == 0) | (branch_BxT[:, None, :] == branch_BxT[:, :, None])
-    if window is not None:
-        if q_pos_BxT is not None:
-            allowed &= q_pos_BxT[:, :, None] - k_pos_BxS[:, None, :] < window
-        else:
-            allowed &= q_slot_BxT[:, :, None] - k_slot_S[None, None, :] < window
-    return jnp.where(allowed, 0.0, _MASKED)[:, None, None, :, :]
 
 
 def weight(variable, dtype) -> Array:
@@ -200,9 +178,11 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, k * e, bias=cfg.qkv_bias, std=std, rngs=rngs, cfg=cfg, name="v_proj")
         self.o_proj = Linear(h * e, d, bias=cfg.o_bias, std=std, rngs=rngs, cfg=cfg, name="o_proj")
         self.shape = (h, k, e)
+        self.config = cfg
 
-    def __call__(self, x_BxTxD, positions_BxT, bias_Bx1x1xTxS, inv_freq, kv=None, dropout_keys_BxT=None):
-        """``kv``: optional (cache_k_BxSxKxE, cache_v_BxSxKxE, index) to write into and attend over."""
+    def __call__(self, x_BxTxD, positions_BxT, ids, inv_freq, kv=None, dropout_keys_BxT=None):
+        """``ids``: (query ``Ids``, key ``Ids``) the mask is made of; ``kv``: optional (cache_k_BxSxKxE,
+        cache_v_BxSxKxE, index) to write into and attend over."""
         h, k, e = self.shape
         b, t, _ = x_BxTxD.shape
         keys = dropout_keys_BxT
@@ -216,10 +196,11 @@ class Attention(nnx.Module):
             v_BxTxKxE = jax.lax.dynamic_update_slice_in_dim(cache_v, v_BxTxKxE.astype(cache_v.dtype), index, axis=1)
             new_kv = (k_BxTxKxE, v_BxTxKxE)
         q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
-        scores_BxKxGxTxS = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, k_BxTxKxE.astype(q_BxTxHxE.dtype))
-        scores_BxKxGxTxS = scores_BxKxGxTxS.astype(jnp.float32) * (e**-0.5) + bias_Bx1x1xTxS
-        probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(x_BxTxD.dtype)
-        out_BxTxKxGxE = jnp.einsum("bkgts,bske->btkge", probs, v_BxTxKxE.astype(x_BxTxD.dtype))
+        cfg = self.config
+        out_BxTxKxGxE = attention.attend(
+            q_BxTxKxGxE, k_BxTxKxE.astype(q_BxTxHxE.dtype), v_BxTxKxE.astype(x_BxTxD.dtype), *ids,
+            window=cfg.sliding_window, implementation=cfg.attention, block=cfg.attention_block,
+        )  # fmt: skip
         return self.o_proj(out_BxTxKxGxE.reshape(b, t, h * e), keys), new_kv
 
 
@@ -264,10 +245,10 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BxTxD, positions_BxT, bias, inv_freq, kv=None, dropout_keys_BxT=None):
+    def __call__(self, x_BxTxD, positions_BxT, ids, inv_freq, kv=None, dropout_keys_BxT=None):
         """``dropout_keys_BxT``: this layer's, per token (each projection folds in its own index)."""
         keys = dropout_keys_BxT
-        attn, new_kv = self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT, bias, inv_freq, kv, keys)
+        attn, new_kv = self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT, ids, inv_freq, kv, keys)
         x_BxTxD = x_BxTxD + attn
         return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD), keys), new_kv
 
@@ -348,26 +329,18 @@ class Decoder(nnx.Module):
                 positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
         inv_freq = rope_inv_freq(cfg)
 
-        if cache is None:
-            slots_T = jnp.arange(t)
-            bias = attention_bias(
-                jnp.broadcast_to(slots_T, (b, t)),
-                slots_T,
-                valid_BxT,
-                segment_ids_BxT,
-                segment_ids_BxT,
-                cfg.sliding_window,
-                positions_BxT,
-                positions_BxT,
-                branch_ids_BxT,
-            )
+        if cache is None:  # the mask is made of each token's ids, per block (never a [T, S] array)
+            slots_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            ids = Ids(slots_BxT, valid_BxT, segment_ids_BxT, branch_ids_BxT, positions_BxT)
+            ids = (ids, ids)
         else:
             if segment_ids_BxT is not None or branch_ids_BxT is not None:
                 raise ValueError("segment_ids / branch_ids are not supported together with a KV cache")
             kv_mask_BxS = jax.lax.dynamic_update_slice_in_dim(cache.mask_BxS, valid_BxT, cache.index, axis=1)
-            q_slots_BxT = jnp.broadcast_to(cache.index + jnp.arange(t), (b, t))
+            q_slots_BxT = jnp.broadcast_to(cache.index + jnp.arange(t, dtype=jnp.int32), (b, t))
             s = cache.mask_BxS.shape[1]
-            bias = attention_bias(q_slots_BxT, jnp.arange(s), kv_mask_BxS, None, None, cfg.sliding_window)
+            k_slots_BxS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            ids = (Ids(q_slots_BxT, valid_BxT), Ids(k_slots_BxS, kv_mask_BxS))  # the window counts slots here
 
         x_BxTxD = embed(self.embed_tokens, tokens_BxT, dtype)
         graphdef, layer_state = nnx.split(self.layers)
@@ -376,7 +349,7 @@ class Decoder(nnx.Module):
 
         def layer_fn(x_BxTxD, layer_state, kv, layer=None):
             keys = fold_keys(dropout_keys_BxT, layer) if dropout else None
-            return nnx.merge(graphdef, layer_state)(x_BxTxD, positions_BxT, bias, inv_freq, kv, keys)
+            return nnx.merge(graphdef, layer_state)(x_BxTxD, positions_BxT, ids, inv_freq, kv, keys)
 
         if cfg.remat != "none":
             layer_fn = jax.checkpoint(layer_fn, policy=_REMAT[cfg.remat])

@@ -1,0 +1,305 @@
+"""Attention over a mask built from token ids: the reference einsum, a blockwise (flash-style) implementation whose
+memory is linear in the row, and the dispatch between them and the platforms' kernels.
+
+Shape letters: B batch, T query tokens, S key slots, K key/value heads, G = H // K query heads per KV head, E head
+width, Q query block, C key block (chunk), NQ / NC blocks of a row.
+
+Who may attend to whom is never an array [T, S]: it is a function of each token's ids (``Ids``), evaluated per
+block. A query sees a key when the key's slot is not after its own (causal), the key is a real token, both are in
+the same segment (packed rows), the key is in the shared prefix or the query's own branch (shared-prompt rows:
+a completion sees the prompt and itself), and, with a sliding window, the key is within ``window`` positions
+(positions when given: a shared row's rejected tokens continue from the prompt's end).
+
+``blockwise`` is a ``jax.custom_vjp``: the forward keeps the output and the log-sum-exp of every query (O(T));
+the backward recomputes each block's probabilities. Key blocks that no query of a block can see (after the last
+query: causal; before the first key of the block's earliest segment) are skipped, in the forward and backward.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+MASKED = float(np.finfo(np.float32).min)  # the einsum path's additive mask: finite, so padding rows stay finite
+IMPLEMENTATIONS = ("auto", "einsum", "blockwise", "cudnn", "pallas")
+
+
+class Ids(NamedTuple):
+    """What the mask is made of, per token. Queries and keys each have one (the same for self-attention)."""
+
+    slot: Array  # [B, N] int32: the token's place in the row (or the KV cache)
+    valid: Array  # [B, N] bool: a real token (keys: may be attended to)
+    segment: Array | None = None  # [B, N] int32: packed sequences (0 = padding)
+    branch: Array | None = None  # [B, N] int32: 0 = shared prefix, 1, 2, ... = completions after it
+    position: Array | None = None  # [B, N] int32: RoPE positions (the window's distance when given)
+
+    def pad(self, n: int) -> Ids:
+        """Padded to ``n`` tokens with invalid ones (slots continue, so the causal rule stays monotone)."""
+        extra = n - self.slot.shape[1]
+        if extra == 0:
+            return self
+        b = self.slot.shape[0]
+        tail = self.slot[:, -1:] + 1 + jnp.arange(extra)[None]
+        cat = lambda x, fill: None if x is None else jnp.concatenate([x, jnp.full((b, extra), fill, x.dtype)], 1)  # noqa: E731
+        return Ids(jnp.concatenate([self.slot, tail], 1), cat(self.valid, False), cat(self.segment, 0),
+                   cat(self.branch, 0), cat(self.position, 0))  # fmt: skip
+
+
+def allowed(q: Ids, k: Ids, window: int | None) -> Array:
+    """[B, T, S] bool from the ids (the einsum path's mask, and each block's in ``blockwise``)."""
+    ok = (k.slot[:, None, :] <= q.slot[:, :, None]) & k.valid[:, None, :]
+    if q.segment is not None:
+        ok &= q.segment[:, :, None] == k.segment[:, None, :]
+    if q.branch is not None:
+        ok &= (k.branch[:, None, :] == 0) | (k.branch[:, None, :] == q.branch[:, :, None])
+    if window is not None:
+        if q.position is not None and k.position is not None:
+            ok &= q.position[:, :, None] - k.position[:, None, :] < window
+        else:
+            ok &= q.slot[:, :, None] - k.slot[:, None, :] < window
+    return ok
+
+
+def einsum_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: int | None, softcap=None):
+    """The reference: every score of the row at once ([B, K, G, T, S] float32), an additive mask."""
+    e = q_BxTxKxGxE.shape[-1]
+    dtype = q_BxTxKxGxE.dtype
+    scores = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE.astype(dtype)).astype(jnp.float32) * (e**-0.5)
+    if softcap:
+        scores = softcap * jnp.tanh(scores / softcap)
+    bias = jnp.where(allowed(q, k, window), 0.0, MASKED)[:, None, None, :, :]
+    probs = jax.nn.softmax(scores + bias, axis=-1).astype(dtype)
+    return jnp.einsum("bkgts,bske->btkge", probs, v_BxSxKxE.astype(dtype))
+
+
+# --- Blockwise --------------------------------------------------------------------------------------------------
+
+
+def _take(x, start, size, axis=0):
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+def _block_ids(ids: Ids, start, size) -> Ids:
+    return Ids(*(None if x is None else _take(x, start, size) for x in ids))
+
+
+def _block_mask(q: Ids, k: Ids, window) -> Array:
+    """[Q, C] of one row's blocks (the ids without their batch axis)."""
+    add = lambda x: None if x is None else x[None]  # noqa: E731
+    return allowed(Ids(*map(add, q)), Ids(*map(add, k)), window)[0]
+
+
+def _bounds(q: Ids, k: Ids, qb: int, kb: int, nq: int, nk: int) -> tuple[Array, Array]:
+    """[NQ] first and last key block each query block may see (last < first: none). The last follows from the
+    causal rule; the first from the earliest segment start (or first valid key) among the block's real queries."""
+    first_key = jnp.argmax(k.valid)  # a row's first real key: left padding before it
+    if q.segment is not None:  # a token's segment starts where its segment id last changed
+        t = jnp.arange(q.segment.shape[0])
+        change = jnp.concatenate([jnp.ones(1, bool), q.segment[1:] != q.segment[:-1]])
+        start = jnp.maximum(jax.lax.cummax(jnp.where(change, t, 0)), first_key)
+    else:
+        start = jnp.full(q.slot.shape, first_key)
+    big = jnp.iinfo(jnp.int32).max
+    lo_slot = jnp.where(q.valid, start, big).reshape(nq, qb).min(axis=1)
+    hi_slot = jnp.where(q.valid, q.slot, -1).reshape(nq, qb).max(axis=1)
+    k0 = k.slot[0]  # slot of the row's first key (0; a KV cache's slots start at 0 too)
+    lo = jnp.clip((lo_slot - k0) // kb, 0, nk - 1)
+    hi = jnp.where(hi_slot >= 0, jnp.minimum((hi_slot - k0) // kb, nk - 1), -1)
+    return lo.astype(jnp.int32), hi.astype(jnp.int32)
+
+
+def _scores(q_QxKxGxE, k_CxKxE, scale, softcap):
+    """[K, G, Q, C] float32 scores, and tanh of the uncapped ones / softcap (for the backward) when capped."""
+    s = jnp.einsum("qkge,cke->kgqc", q_QxKxGxE, k_CxKxE.astype(q_QxKxGxE.dtype), preferred_element_type=jnp.float32)
+    s = s * scale
+    if not softcap:
+        return s, None
+    t = jnp.tanh(s / softcap)
+    return softcap * t, t
+
+
+def _fwd_row(q_TxKxGxE, k_SxKxE, v_SxKxE, q: Ids, k: Ids, window, qb, kb, softcap):
+    """One row: output [T, K, G, E] and log-sum-exp [T, K, G] (+inf for a query that sees nothing)."""
+    t, kh, g, e = q_TxKxGxE.shape
+    nq, nk = t // qb, k_SxKxE.shape[0] // kb
+    scale = e**-0.5
+    lo, hi = _bounds(q, k, qb, kb, nq, nk)
+    dtype = q_TxKxGxE.dtype
+
+    def one_query_block(i):
+        q_i, qi = _take(q_TxKxGxE, i * qb, qb), _block_ids(q, i * qb, qb)
+
+        def body(j, carry):
+            m, denom, acc = carry
+            kj, vj, kid = _take(k_SxKxE, j * kb, kb), _take(v_SxKxE, j * kb, kb), _block_ids(k, j * kb, kb)
+            s, _ = _scores(q_i, kj, scale, softcap)
+            s = jnp.where(_block_mask(qi, kid, window)[None, None], s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.exp(s - shift[..., None])
+            corr = jnp.exp(m - shift)
+            denom = denom * corr + p.sum(axis=-1)
+            pv = jnp.einsum("kgqc,cke->kgqe", p.astype(dtype), vj.astype(dtype), preferred_element_type=jnp.float32)
+            return m_new, denom, acc * corr[..., None] + pv
+
+        init = (jnp.full((kh, g, qb), -jnp.inf), jnp.zeros((kh, g, qb)), jnp.zeros((kh, g, qb, e)))
+        m, denom, acc = jax.lax.fori_loop(lo[i], hi[i] + 1, body, init)
+        seen = denom > 0
+        out = acc / jnp.where(seen, denom, 1.0)[..., None]
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, denom, 1.0)), jnp.inf)
+        return out.transpose(2, 0, 1, 3).astype(dtype), lse.transpose(2, 0, 1)
+
+    out, lse = jax.lax.map(one_query_block, jnp.arange(nq))
+    return out.reshape(t, kh, g, e), lse.reshape(t, kh, g)
+
+
+def _bwd_row(q_TxKxGxE, k_SxKxE, v_SxKxE, q: Ids, k: Ids, out, lse, dout, window, qb, kb, softcap):
+    """One row's gradients, key block by key block (dk, dv of a block stay in the carry; dq accumulates)."""
+    t, kh, g, e = q_TxKxGxE.shape
+    s_len = k_SxKxE.shape[0]
+    nq, nk = t // qb, s_len // kb
+    scale = e**-0.5
+    lo, hi = _bounds(q, k, qb, kb, nq, nk)
+    needs = (lo[:, None] <= jnp.arange(nk)[None]) & (jnp.arange(nk)[None] <= hi[:, None])  # [NQ, NC]
+    any_q = needs.any(axis=0)
+    first_q = jnp.where(any_q, jnp.argmax(needs, axis=0), 0)
+    last_q = jnp.where(any_q, nq - 1 - jnp.argmax(needs[::-1], axis=0), -1)
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [T, K, G]
+    dtype = q_TxKxGxE.dtype
+
+    def one_key_block(dq, j):
+        kj, vj, kid = _take(k_SxKxE, j * kb, kb), _take(v_SxKxE, j * kb, kb), _block_ids(k, j * kb, kb)
+
+        def body(i, carry):
+            dq, dk, dv = carry
+            q_i, qi = _take(q_TxKxGxE, i * qb, qb), _block_ids(q, i * qb, qb)
+            do_i = _take(dout, i * qb, qb).astype(dtype)
+            lse_i = _take(lse, i * qb, qb).transpose(1, 2, 0)  # [K, G, Q]
+            d_i = _take(delta, i * qb, qb).transpose(1, 2, 0)
+            s, tanh = _scores(q_i, kj, scale, softcap)
+            p = jnp.where(_block_mask(qi, kid, window)[None, None], jnp.exp(s - lse_i[..., None]), 0.0)
+            dv = dv + jnp.einsum("kgqc,qkge->cke", p.astype(dtype), do_i, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("qkge,cke->kgqc", do_i, vj.astype(dtype), preferred_element_type=jnp.float32)
+            ds = p * (dp - d_i[..., None])
+            if softcap:
+                ds = ds * (1.0 - tanh * tanh)
+            ds = (ds * scale).astype(dtype)
+            dq_i = jnp.einsum("kgqc,cke->qkge", ds, kj.astype(dtype), preferred_element_type=jnp.float32)
+            dq = jax.lax.dynamic_update_slice_in_dim(dq, _take(dq, i * qb, qb) + dq_i, i * qb, axis=0)
+            dk = dk + jnp.einsum("kgqc,qkge->cke", ds, q_i, preferred_element_type=jnp.float32)
+            return dq, dk, dv
+
+        zeros = jnp.zeros((kb, kh, e), jnp.float32)
+        dq, dk, dv = jax.lax.fori_loop(first_q[j], last_q[j] + 1, body, (dq, zeros, zeros))
+        return dq, (dk, dv)
+
+    dq, (dk, dv) = jax.lax.scan(one_key_block, jnp.zeros((t, kh, g, e), jnp.float32), jnp.arange(nk))
+    return dq, dk.reshape(s_len, kh, e), dv.reshape(s_len, kh, e)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _blockwise(q, k, v, q_ids, k_ids, window, qb, kb, softcap):
+    return jax.vmap(functools.partial(_fwd_row, window=window, qb=qb, kb=kb, softcap=softcap))(q, k, v, q_ids, k_ids)[0]
+
+
+def _blockwise_fwd(q, k, v, q_ids, k_ids, window, qb, kb, softcap):
+    out, lse = jax.vmap(functools.partial(_fwd_row, window=window, qb=qb, kb=kb, softcap=softcap))(
+        q, k, v, q_ids, k_ids
+    )
+    return out, (q, k, v, q_ids, k_ids, out, lse)
+
+
+def _blockwise_bwd(window, qb, kb, softcap, residuals, dout):
+    q, k, v, q_ids, k_ids, out, lse = residuals
+    row = functools.partial(_bwd_row, window=window, qb=qb, kb=kb, softcap=softcap)
+    dq, dk, dv = jax.vmap(row)(q, k, v, q_ids, k_ids, out, lse, dout)
+    no_grad = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (q_ids, k_ids))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def blockwise_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: int | None, *, block: int = 512,
+                        softcap: float | None = None) -> Array:  # fmt: skip
+    """Attention whose memory is O(T x block): queries in blocks of ``block``, keys in blocks of ``block``, an
+    online softmax; rows padded up to whole blocks with invalid tokens. Equal to ``einsum_attention`` wherever a
+    query sees at least one key (a padding query, which sees none, gives 0 here)."""
+    t, s = q_BxTxKxGxE.shape[1], k_BxSxKxE.shape[1]
+    qb, kb = min(block, _ceil(t, 8)), min(block, _ceil(s, 8))
+    tp, sp = _ceil(t, qb), _ceil(s, kb)
+    pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    out = _blockwise(pad(q_BxTxKxGxE, tp), pad(k_BxSxKxE, sp), pad(v_BxSxKxE, sp), q.pad(tp), k.pad(sp),
+                     window, qb, kb, softcap)  # fmt: skip
+    return out[:, :t]
+
+
+def _ceil(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+# --- Dispatch ---------------------------------------------------------------------------------------------------
+
+
+def resolve(implementation: str, t: int, s: int, block: int) -> str:
+    """The implementation a program uses: ``auto`` is the einsum when the row fits one block (the same work,
+    without the loop) and the blockwise kernel otherwise, on every backend. The platform kernels are chosen by
+    name, where the layout lets them express the mask: ``cudnn`` (rows of one sequence) and ``pallas`` (packed
+    sequences, no shared prompt, no window); neither can express a shared prompt's branches, the default layout."""
+    if implementation != "auto":
+        return implementation
+    return "einsum" if max(t, s) <= block else "blockwise"
+
+
+def cudnn_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: int | None, implementation=None):
+    """Rows of one right-padded sequence through ``jax.nn.dot_product_attention`` (cuDNN on GPU; ``implementation``
+    "xla" runs the same call on any backend, which is how it is tested here)."""
+    b, t, kh, g, e = q_BxTxKxGxE.shape
+    lengths = jnp.sum(k.valid, axis=1).astype(jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q_BxTxKxGxE.reshape(b, t, kh * g, e), k_BxSxKxE, v_BxSxKxE, is_causal=True,
+        query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+        local_window_size=None if window is None else (window - 1, 0), implementation=implementation,
+    )  # fmt: skip
+    return out.reshape(b, t, kh, g, e)
+
+
+def pallas_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, *, block: int = 128, interpret: bool = False):
+    """Packed rows through JAX's Pallas flash attention for GPUs (``jax.experimental.pallas.ops.gpu.attention``:
+    causal, segment ids; Triton on GPU, ``interpret=True`` anywhere, which is how it is tested here). Key/value
+    heads are repeated for their query heads (it takes as many as the queries)."""
+    from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # GPU kernels: imported when chosen
+
+    b, t, kh, g, e = q_BxTxKxGxE.shape
+    tp = _ceil(t, block)
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    heads = lambda x: pad(jnp.repeat(x, g, axis=2))  # noqa: E731  [B, S, K, E] -> [B, S', K * G, E]
+    segments = pad(jnp.where(q.valid, q.segment if q.segment is not None else 1, 0))
+    blocks = pallas_gpu.BlockSizes(*(min(block, tp),) * 6)
+    out = pallas_gpu.mha(
+        pad(q_BxTxKxGxE.reshape(b, t, kh * g, e)), heads(k_BxSxKxE), heads(v_BxSxKxE), segments,
+        sm_scale=e**-0.5, causal=True, block_sizes=blocks, interpret=interpret,
+    )  # fmt: skip
+    return out[:, :t].reshape(b, t, kh, g, e)
+
+
+def attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, *, window: int | None, implementation: str = "auto",
+           block: int = 512, softcap: float | None = None) -> Array:  # fmt: skip
+    """[B, T, K, G, E] attention outputs by the implementation ``resolve`` picks."""
+    impl = resolve(implementation, q_BxTxKxGxE.shape[1], k_BxSxKxE.shape[1], block)
+    if impl == "blockwise":
+        return blockwise_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, block=block, softcap=softcap)
+    if impl == "cudnn":  # the layout's rows hold one sequence each (checked with the config: data.packing=False)
+        if softcap:
+            raise ValueError("model.attention='cudnn' takes no softcap")
+        return cudnn_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, implementation="cudnn")
+    if impl == "pallas":  # branches are redundant when each sequence is its own segment (data.share_prompt=False)
+        if window is not None or softcap:
+            raise ValueError("model.attention='pallas' takes no sliding window and no softcap")
+        return pallas_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q)
+    return einsum_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, softcap)
