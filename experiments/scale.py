@@ -21,6 +21,9 @@ gradient checkpointing on).
 
     python experiments/scale.py run --model llama-3.2-1b --row 4096 --pairs 8 --steps 10 --trl
     python experiments/scale.py run --model llama-3.1-8b --lora 16 --row 4096 --pairs 4 --steps 10 --trl
+    python experiments/scale.py longest --model llama-3.2-1b --row 4096 --trl   # longest pair each trains
+
+``experiments/scale_gpu.sh`` runs the three of them within about 8 minutes of a GPU (the issue's accelerator check).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -42,6 +47,8 @@ MODELS = {  # the checkpoints' config.json values
                          rms_norm_eps=1e-6, architecture="Qwen2ForCausalLM"),
     "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                          num_kv_heads=8, rope_theta=500000.0, rope_type="llama3", rope_factor=8.0),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                 rope_theta=10000.0),  # the tests' smoke runs
     "llama-3.1-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
                           num_kv_heads=8, rope_theta=500000.0, rope_type="llama3", rope_factor=8.0),
 }  # fmt: skip
@@ -53,6 +60,7 @@ PLANS = {
     "8b-lora-141gb": ("llama-3.1-8b", 1, 16, 141),
     "70b-lora-fsdp8": ("llama-3.1-70b", 8, 16, 80),
 }
+SMOKE_PLANS = {"tiny-fsdp8": ("tiny", 8, 0, 1), "tiny-lora": ("tiny", 1, 4, 1)}  # the tests'; not in the table
 GB = 10**9
 
 
@@ -135,21 +143,39 @@ def step_program(mc, mesh, row: int, pairs_per_device: int = 1):
     return step.lower(*args).compile(), batch
 
 
+def cpu_weight_upcasts(compiled) -> int:
+    """Bytes of the float32 copies XLA:CPU makes of bfloat16 arguments: it computes bfloat16 matmuls in float32 and
+    hoists the converted weights (a frozen LoRA base: all of it) out of the layer loop. An accelerator multiplies
+    bfloat16 natively and makes no such copies, so a plan subtracts them (and reports them)."""
+    text = compiled.as_text()
+    entry = text[text.index("\nENTRY") :]
+    params = set(re.findall(r"%([\w.\-]+) = [^\n]*? parameter\(", entry))
+    total = 0
+    for m in re.finditer(r"= f32\[([\d,]+)\][^\n]*? fusion\(%([\w.\-]+)\)[^\n]*calls=%wrapped_convert", entry):
+        if m.group(2) in params:
+            total += 4 * math.prod(int(d) for d in m.group(1).split(","))
+    return total
+
+
 def plan(name: str, rows: list[int]) -> list[dict]:
-    model, devices, rank, memory_gb = PLANS[name]
+    model, devices, rank, memory_gb = {**PLANS, **SMOKE_PLANS}[name]
     mc = model_config(model, lora_rank=rank)
     mesh = sharding.make_mesh(data=1, fsdp=devices, devices=jax.devices()[:devices])
     out = []
     for row in rows:
         t0 = time.perf_counter()
-        m = step_program(mc, mesh, row)[0].memory_analysis()
+        compiled = step_program(mc, mesh, row)[0]
+        m = compiled.memory_analysis()
         peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+        upcast = cpu_weight_upcasts(compiled) if jax.default_backend() == "cpu" else 0
         result = dict(plan=name, model=model, devices=devices, lora=rank, memory_gb=memory_gb, row=row,
                       args_gb=m.argument_size_in_bytes / GB, temp_gb=m.temp_size_in_bytes / GB, peak_gb=peak / GB,
-                      fits=peak <= memory_gb * GB * 0.95, compile_s=time.perf_counter() - t0)  # fmt: skip
+                      upcast_gb=upcast / GB, device_gb=(peak - upcast) / GB,
+                      fits=peak - upcast <= memory_gb * GB * 0.95, compile_s=time.perf_counter() - t0)  # fmt: skip
         print(f"  {name}: row {row:6d}: arguments {result['args_gb']:6.1f} GB + temporaries {result['temp_gb']:6.1f} GB"
-              f" = {result['peak_gb']:6.1f} GB per device ({'fits' if result['fits'] else 'does not fit'} "
-              f"{memory_gb} GB; compiled in {result['compile_s']:.0f} s)", flush=True)  # fmt: skip
+              f" (of which XLA:CPU's f32 weight copies {result['upcast_gb']:.1f}) = {result['device_gb']:6.1f} GB per "
+              f"device on an accelerator ({'fits' if result['fits'] else 'does not fit'} {memory_gb} GB; compiled in "
+              f"{result['compile_s']:.0f} s)", flush=True)  # fmt: skip
         out.append(result)
         if not result["fits"]:
             break
@@ -195,7 +221,8 @@ def run(args) -> dict:
     matmul = total if mc.tie_word_embeddings else total - mc.vocab_size * mc.hidden_size  # the lookup is free
     flops = throughput.step_flops(throughput.model_counts(mc, matmul), stats)
     peak, source = throughput.peak_flops()
-    measured = throughput.measured_matmul_peak(8192, dtype="bfloat16") * len(devices)
+    on_cpu = jax.default_backend() == "cpu"  # peak_flops already measured the host's matmuls
+    measured = peak if on_cpu else throughput.measured_matmul_peak(8192, dtype="bfloat16") * len(devices)
     memory = devices[0].memory_stats() or {}
     return dict(model=args.model, lora=args.lora, row=args.row, pairs=stats["pairs"], step_s=dt,
                 pairs_per_s=stats["pairs"] / dt, tokens_per_s=stats["real_tokens"] / dt, mfu=flops / dt / peak,
@@ -227,6 +254,28 @@ def trl_run(args) -> dict | None:
     return json.loads(lines[-1])
 
 
+def longest(args) -> dict:
+    """The longest pair (doubling from ``--row``) one DPO step trains without running out of device memory, for
+    dpo_jax and, with ``--trl``, for TRL (each row in its own process, so an out-of-memory ends only that try)."""
+    found = {"dpo_jax": 0, "TRL": 0}
+    for who in ("dpo_jax", "TRL") if args.trl else ("dpo_jax",):
+        row = args.row
+        while row <= args.max_row:
+            if who == "dpo_jax":
+                cmd = [sys.executable, __file__, "run", "--model", args.model, "--lora", str(args.lora), "--row",
+                       str(row), "--pairs", "1", "--steps", "1"]  # fmt: skip
+            else:
+                cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "trl_scale.py"), "--model", args.model,
+                       "--lora", str(args.lora), "--row", str(row), "--pairs", "1", "--steps", "1"]  # fmt: skip
+            ok = subprocess.run(cmd, capture_output=True, text=True).returncode == 0
+            print(f"  {who}: a pair of {row:,} tokens {'trains' if ok else 'does not fit'}", flush=True)
+            if not ok:
+                break
+            found[who], row = row, row * 2
+    print(f"\nlongest pair: dpo_jax {found['dpo_jax']:,} tokens" + (f", TRL {found['TRL']:,}" if args.trl else ""))
+    return found
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -241,21 +290,35 @@ def main(argv=None):
     r.add_argument("--steps", type=int, default=10)
     r.add_argument("--remat", default="full")
     r.add_argument("--trl", action="store_true", help="also run TRL's DPOTrainer on the same shapes")
+    g = sub.add_parser("longest", help="the longest pair one step trains (doubling rows), and TRL's with --trl")
+    g.add_argument("--model", default="llama-3.2-1b", choices=sorted(MODELS))
+    g.add_argument("--lora", type=int, default=0)
+    g.add_argument("--row", type=int, default=4096, help="the first row tried")
+    g.add_argument("--max-row", type=int, default=262144)
+    g.add_argument("--trl", action="store_true")
     args = parser.parse_args(argv)
     print(f"backend {jax.default_backend()}, {jax.device_count()} devices ({jax.devices()[0].device_kind})", flush=True)
+    if args.mode == "longest":
+        return longest(args)
     if args.mode == "plan":
         rows = [int(x) for x in args.rows.split(",")]
         results = [x for name in args.plans.split(",") for x in plan(name, rows)]
-        print("\n| plan | model | devices | LoRA | device memory | row tokens | per-device GB (args + temps) | fits |")
-        print("|---|---|---|---|---|---|---|---|")
+        print(
+            "\n| plan | model | devices | LoRA | device memory | row tokens | arguments GB | temporaries GB "
+            "(XLA:CPU f32 weight copies) | per device on an accelerator GB | fits |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for x in results:
             print(f"| {x['plan']} | {x['model']} | {x['devices']} | {x['lora'] or '–'} | {x['memory_gb']} GB | "
-                  f"{x['row']:,} | {x['peak_gb']:.1f} ({x['args_gb']:.1f} + {x['temp_gb']:.1f}) | "
-                  f"{'yes' if x['fits'] else 'no'} |")  # fmt: skip
+                  f"{x['row']:,} | {x['args_gb']:.1f} | {x['temp_gb']:.1f} ({x['upcast_gb']:.1f}) | "
+                  f"{x['device_gb']:.1f} | {'yes' if x['fits'] else 'no'} |")  # fmt: skip
         return results
     ours = run(args)
     print(json.dumps(ours), flush=True)
     theirs = trl_run(args) if args.trl else None
+    if theirs:  # the same useful work per pair: its MFU in the same units as ours
+        theirs["mfu"] = ours["mfu"] * theirs["pairs_per_s"] / ours["pairs_per_s"]
+        theirs["mfu_measured"] = ours["mfu_measured"] * theirs["pairs_per_s"] / ours["pairs_per_s"]
     print("\n| run | ms/step | pairs/s | tokens/s | MFU (data sheet) | MFU (measured matmul) | peak memory GB |")
     print("|---|---|---|---|---|---|---|")
     for label, x in (("dpo_jax", ours), ("TRL", theirs)):
@@ -265,8 +328,11 @@ def main(argv=None):
                 f"{x['mfu']:.1%} | {x.get('mfu_measured', float('nan')):.1%} | {x['peak_memory_gb']:.1f} |"
             )
     if theirs:
-        print(f"\npairs/s vs TRL: {ours['pairs_per_s'] / theirs['pairs_per_s']:.2f}x")
-    return ours
+        print(
+            f"\npairs/s vs TRL: {ours['pairs_per_s'] / theirs['pairs_per_s']:.2f}x (TRL's attention: "
+            f"{theirs['attention']})"
+        )
+    return {"ours": ours, "trl": theirs}
 
 
 if __name__ == "__main__":

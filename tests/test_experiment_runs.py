@@ -36,3 +36,26 @@ def test_reward_kl_frontier_smoke(tmp_path):
             assert min(rewards) <= r["bon_reward_at_kl"] <= max(rewards)
             assert r["dpo_minus_bon"] == pytest.approx(r["reward"] - r["bon_reward_at_kl"])
         assert 0.0 <= r["reward"] <= 1.0 and np.isfinite(r["kl"])
+
+
+def test_scale_plans_and_runs_at_smoke_size():
+    """experiments/scale.py on a test-sized model: a memory plan over the 8 simulated devices (the train state split
+    eight ways), a LoRA plan (XLA:CPU's float32 copies of the bfloat16 base found and set apart), and a timed run
+    beside TRL's DPOTrainer (the prepared GPU check, run here on the CPU)."""
+    import jax
+    from flax import nnx
+
+    from dpo_jax.models import init_decoder
+    from experiments import scale
+
+    shapes = jax.eval_shape(lambda: nnx.state(init_decoder(scale.model_config("tiny"))))
+    n = sum(x.size for x in jax.tree.leaves(shapes))
+    (plan,) = scale.plan("tiny-fsdp8", [256])
+    state = 12 * n  # float32 parameters and AdamW's two moments
+    assert state / 8 <= plan["args_gb"] * 1e9 <= state / 8 + 2e6 and plan["upcast_gb"] == 0 and plan["fits"]
+    (lora,) = scale.plan("tiny-lora", [256])
+    assert 0 < lora["upcast_gb"] * 1e9 <= 4 * n and lora["device_gb"] < lora["peak_gb"]
+    result = scale.main(["run", "--model", "tiny", "--row", "128", "--pairs", "2", "--steps", "2", "--trl"])
+    ours, trl = result["ours"], result["trl"]
+    assert ours["pairs"] == 2 * jax.device_count() and ours["pairs_per_s"] > 0 and 0 < ours["mfu"] < 1
+    assert trl is not None and trl["pairs_per_s"] > 0 and trl["attention"] == "sdpa"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The accelerator check of the scale issue, on one GPU (H100 / H200): about 8 minutes. Writes its log to $OUT (or
+# runs/scale_gpu) and prints three tables: the 1B-shaped model at 4k-token pairs and the 8B-shaped model with LoRA,
+# each beside TRL's DPOTrainer on the same shapes, and the longest pair each side trains.
+#   pip install -e ".[bench]" && bash experiments/scale_gpu.sh
+set -euo pipefail
+out=${OUT:-runs/scale_gpu}
+mkdir -p "$out"
+cd "$(dirname "$0")"
+{
+  nvidia-smi --query-gpu=name,memory.total --format=csv || true
+  timeout 200 python scale.py run --model llama-3.2-1b --row 4096 --pairs 8 --steps 8 --trl
+  timeout 180 python scale.py run --model llama-3.1-8b --lora 16 --row 4096 --pairs 4 --steps 6 --trl
+  timeout 150 python scale.py longest --model llama-3.2-1b --row 8192 --max-row 131072 --trl
+} 2>&1 | tee "$out/scale_gpu.log"
