@@ -197,7 +197,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.log_every = 10
     c.export_hf = True
-    c.peak_flops = 0.0  # per device, for MFU; 0 = an estimate for the backend (see dpo_jax/train.py)
+    c.peak_flops = 0.0  # per device, for MFU; 0: the data sheet's (accelerators), a measured matmul (CPUs)
 
     if arg == "runlocal":
         c.synthetic.update(n_sft=256, n_train=256, n_eval=64)

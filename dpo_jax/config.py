@@ -13,17 +13,15 @@ import importlib.util
 import math
 from pathlib import Path
 
+import jax
 import ml_collections
 
-from dpo_jax.errors import UserError
+from dpo_jax import rewards
+from dpo_jax.errors import ConfigError
 from dpo_jax.lora import targets as lora_targets
 from dpo_jax.losses import BATCH_LOSSES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES, POLICY_ONLY
 from dpo_jax.models.config import ATTENTION, REMAT_POLICIES
-
-
-class ConfigError(UserError, ValueError):
-    """A config value is invalid; the message names the field (``config.section.field``)."""
-
+from dpo_jax.workdir import CHANGEABLE_ON_RESUME, allowed_changes
 
 # What the SFT reference depends on; runs (and sweep members) equal on these share one SFT stage. (The built-in
 # task draws its SFT demonstrations first, so label noise, tau, the reward and the pair counts do not change them.)
@@ -134,8 +132,6 @@ def _check(cond: bool, field: str, expected: str, value) -> None:
 def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, members: int = 1) -> None:
     """Raise ``ConfigError`` naming the first invalid field; ``members``: the size of the mesh's member axis
     (each member group has num_devices / members devices)."""
-    import jax
-
     num_devices = num_devices or jax.device_count()
     member_axis = cfg.mesh.member
     _check(
@@ -147,6 +143,15 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
     num_devices //= members
     _check(cfg.task in ("synthetic", "files"), "task", "'synthetic' or 'files'", cfg.task)
     check_numbers(cfg)
+    _check_data(cfg)
+    _check_model(cfg)
+    _check_objective(cfg)
+    data_parallel = _check_mesh(cfg, num_devices, members)
+    _check_schedules(cfg, data_parallel)
+
+
+def _check_data(cfg) -> None:
+    """``task``'s files and the ``data.*`` and ``logprobs.*`` fields."""
     check_unused_fields(cfg)
     if cfg.task == "files":
         for key in ("train_path", "eval_path"):
@@ -182,6 +187,9 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
         cfg.data.buckets,
     )
 
+
+def _check_model(cfg) -> None:
+    """``model.*``: a local checkpoint, or the sizes of a new model; the attention implementation."""
     _check(cfg.model.init in ("scratch", "hf"), "model.init", "'scratch' or 'hf'", cfg.model.init)
     if cfg.model.init == "hf":
         p = cfg.model.hf_path
@@ -225,6 +233,9 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
     )
     _check(cfg.model.remat in REMAT_POLICIES, "model.remat", " | ".join(REMAT_POLICIES), cfg.model.remat)
 
+
+def _check_objective(cfg) -> None:
+    """``dpo.*`` (loss types and their coefficients), ``lora.*`` and ``reference.*``."""
     types = loss_types(cfg)
     for t in types:
         _check(t in LOSS_TYPES, "dpo.loss_type", f"types from {LOSS_TYPES} joined by '+'", cfg.dpo.loss_type)
@@ -290,6 +301,9 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
     seed = cfg.dpo.get("seed", -1)
     _check(isinstance(seed, int) and seed >= -1, "dpo.seed", "an integer >= 0, or -1 for the run's seed", seed)
 
+
+def _check_mesh(cfg, num_devices: int, members: int) -> int:
+    """``mesh.*`` against the devices of a member group; returns the data-parallel size."""
     mesh = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
     _check(
         all(m == -1 or m >= 1 for m in mesh) and mesh.count(-1) <= 1,
@@ -307,6 +321,11 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
     data_parallel = (num_devices // known if cfg.mesh.data == -1 else cfg.mesh.data) * (
         num_devices // known if cfg.mesh.fsdp == -1 else cfg.mesh.fsdp
     )
+    return data_parallel
+
+
+def _check_schedules(cfg, data_parallel: int) -> None:
+    """The stages' optimizers and batch sizes, eval, checkpoints, resume, logging, the reward, rounds, W&B."""
     _check(cfg.optim.grad_accum >= 1, "optim.grad_accum", ">= 1", cfg.optim.grad_accum)
     _check(isinstance(cfg.optim.steps, int) and 0 < cfg.optim.steps <= MAX_STEPS, "optim.steps",
            f"an integer in [1, {MAX_STEPS}]", cfg.optim.steps)  # fmt: skip
@@ -347,8 +366,6 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
         dict(cfg.checkpoint),
     )
     _check(cfg.checkpoint.reserve_mb >= 0, "checkpoint.reserve_mb", ">= 0", cfg.checkpoint.reserve_mb)
-    from dpo_jax.workdir import CHANGEABLE_ON_RESUME, allowed_changes
-
     for name in allowed_changes(cfg.resume.allow_changes):
         _check(
             name in CHANGEABLE_ON_RESUME,
@@ -359,8 +376,6 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
     _check(cfg.log_every > 0, "log_every", "> 0", cfg.log_every)
     _check(cfg.reward_timeout_s > 0, "reward_timeout_s", "a number of seconds > 0", cfg.reward_timeout_s)
     if cfg.get("reward", ""):
-        from dpo_jax import rewards
-
         rewards.load(cfg.reward)
     if "rounds" in cfg:
         ro = cfg.rounds

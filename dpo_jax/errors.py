@@ -5,9 +5,17 @@ Messages read ``<what> in <file/field>: <expected>``; the traceback is shown onl
 
 from __future__ import annotations
 
+import sys
+
+import jax
+
 
 class UserError(Exception):
     """Bad input, a bad config or a workdir problem: the message alone tells the user what to change."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value is invalid; the message names the field (``config.section.field``)."""
 
 
 class ModelError(UserError, ValueError):
@@ -48,9 +56,5 @@ class Notes:
         if message in self.items:
             return
         self.items.append(message)
-        import jax
-
         if jax.process_index() == 0:
-            import sys
-
             print(f"dpo-jax: warning: {message}", file=sys.stderr, flush=True)

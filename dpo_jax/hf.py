@@ -19,7 +19,9 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors import safe_open
+from tokenizers import Tokenizer
 
 from dpo_jax.errors import MissingFileError, ModelError, one_line
 from dpo_jax.models.config import ARCHITECTURES, ModelConfig, config_from_hf, config_to_hf
@@ -230,8 +232,6 @@ class HFTokenizer:
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike) -> HFTokenizer:
-        from tokenizers import Tokenizer
-
         path = Path(path)
         file = path / "tokenizer.json"
         if not file.exists():
@@ -286,7 +286,6 @@ class HFTokenizer:
         """Render the chat template as ``transformers`` does (sandboxed Jinja, trim/lstrip blocks)."""
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat_template (tokenizer_config.json / chat_template.jinja)")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
             raise ValueError(f"chat template: {message}")

@@ -12,9 +12,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import sys
+import threading
 import uuid
 from pathlib import Path
+from urllib.parse import urlparse
+
+import jax
+from tqdm import tqdm
 
 from dpo_jax.workdir import atomic_write_text
 
@@ -89,10 +95,6 @@ def wandb_mode(configured: str) -> str:
 def wandb_reachable(timeout: float = 5.0) -> bool:
     """Whether the W&B server (``WANDB_BASE_URL``, default api.wandb.ai) accepts a TCP connection within
     ``timeout`` seconds; name resolution is bounded too (it runs in a thread)."""
-    import socket
-    import threading
-    from urllib.parse import urlparse
-
     url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
     host, port = url.hostname or "api.wandb.ai", url.port or (443 if url.scheme == "https" else 80)
     ok = []
@@ -112,7 +114,7 @@ def wandb_reachable(timeout: float = 5.0) -> bool:
 
 class WandbWriter(Writer):
     def __init__(self, wandb_cfg, workdir: str | os.PathLike, config: dict, job_type: str):
-        import wandb
+        import wandb  # heavy (seconds to import): only runs that log to W&B
 
         workdir = Path(workdir)
         id_file = workdir / "wandb_run_id.txt"
@@ -154,8 +156,6 @@ class ConsoleWriter(Writer):
     """A progress bar with loss and throughput, and one line per eval."""
 
     def __init__(self, total: int, initial: int, desc: str, offset: int = 0, *, file=None, mininterval: float = 1.0):
-        from tqdm import tqdm
-
         self.bar = tqdm(
             total=total,
             initial=initial,
@@ -207,3 +207,11 @@ class MultiWriter(Writer):
     def close(self):
         for w in self.writers:
             w.close()
+
+
+def progress(iterable, total: int, desc: str):
+    """A progress bar with an ETA on process 0's console (stderr); a plain iterator elsewhere."""
+    return tqdm(
+        iterable, total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True, mininterval=1.0,
+        disable=jax.process_index() != 0,
+    )  # fmt: skip

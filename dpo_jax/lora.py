@@ -21,6 +21,7 @@ import qwix
 from flax import nnx
 
 from dpo_jax.models.config import LORA_TARGETS, ModelConfig
+from dpo_jax.models.llama import Decoder
 from dpo_jax.sharding import path_str
 from dpo_jax.workdir import save_tensors
 
@@ -177,8 +178,6 @@ def save_peft(adapters: nnx.State, cfg: ModelConfig, path, *, base_model: str = 
 def attach(model, *, rank: int, alpha: float, target_names, dropout: float = 0.0, seed: int = 0):
     """``model`` (a plain ``Decoder``) with new adapters on ``target_names``: the same function until trained.
     Only the adapters are initialised (the rest of the random init is dead code to XLA)."""
-    from dpo_jax.models.llama import Decoder
-
     cfg = model.config.replace(
         lora_rank=rank, lora_alpha=float(alpha), lora_targets=tuple(target_names), lora_dropout=float(dropout)
     )
@@ -195,8 +194,6 @@ def attach_config(model, lo, seed: int):
 def detach(model):
     """The plain ``Decoder`` of a LoRA model with the adapters merged into its kernels (an int8 base dequantized
     first: the float32 function the policy computes)."""
-    from dpo_jax.models.llama import Decoder
-
     cfg = model.config.replace(lora_rank=0, lora_targets=(), lora_dropout=0.0)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
     return nnx.merge(graphdef, split(fold(dequantized(nnx.state(model)), model.config))[1])

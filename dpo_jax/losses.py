@@ -374,111 +374,32 @@ def preference_loss(
         raise ValueError(f"loss_type 'kto' trains on unpaired examples: it cannot be mixed with {list(types)}")
     if "kto" in types and target_probs is None:
         raise ValueError("loss_type 'kto' needs target_probs: the labels (1 desirable, 0 undesirable)")
-    pc = _float(policy_chosen_logps)
-    pr = _float(policy_rejected_logps)
-    if pc.ndim != 1 or pr.shape != pc.shape:
-        raise ValueError(
-            f"policy_chosen_logps and policy_rejected_logps must both have shape [B]; got {pc.shape} and {pr.shape}"
-        )
-    missing = reference_chosen_logps is None or reference_rejected_logps is None
-    if reference_free or (missing and set(types) <= POLICY_ONLY):  # metrics: rewards are beta * policy log-probs
-        rc = rr = jnp.zeros_like(pc)
-    else:
-        if missing:
-            raise ValueError("reference_chosen_logps / reference_rejected_logps are required unless reference_free")
-        rc = _float(reference_chosen_logps)
-        rr = _float(reference_rejected_logps)
-        if rc.shape != pc.shape or rr.shape != pc.shape:
-            raise ValueError(f"reference log-probs must have shape {pc.shape}; got {rc.shape} and {rr.shape}")
-
-    _check_range("beta", beta, 0.0, np.inf, lo_open=True, hi_open=True)
-    _check_range("label_smoothing", label_smoothing, 0.0, 0.5, hi_open=True)
-    _check_range("discopop_tau", discopop_tau, 0.0, np.inf, lo_open=True, hi_open=True)
-    if isinstance(f_divergence_type, str):
-        if f_divergence_type not in F_DIVERGENCES:
-            names = ", ".join(F_DIVERGENCES)
-            raise ValueError(f"f_divergence_type: expected one of {names}; got {f_divergence_type!r}")
-        if f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSS_TYPES:
-            raise ValueError(
-                f"f_divergence_type {f_divergence_type!r} applies to loss types {sorted(F_DIVERGENCE_LOSS_TYPES)} "
-                f"only; got {list(types)}"
-            )
-    beta = _float(beta)
-    eps = _float(label_smoothing)
+    pc, pr, rc, rr = _logps(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                            reference_rejected_logps, types, reference_free)  # fmt: skip
+    _check_hyperparameters(beta, label_smoothing, discopop_tau, f_divergence_type, types)
+    beta, eps = _float(beta), _float(label_smoothing)
     if "kto" in types:
         return _kto(pc - rc, pr - rr, pc, beta, _float(target_probs), mask, desirable_weight, undesirable_weight)
-    if target_probs is None:
-        p = jnp.ones_like(pc)
-    else:
-        if set(types) & set(BATCH_LOSSES):
-            raise ValueError("aot / aot_unpaired sort the batch: per-pair target_probs have no pair to apply to")
-        _check_range("target_probs", target_probs, 0.0, 1.0)
-        p = jnp.broadcast_to(_float(target_probs), pc.shape)
-
-    lengths = {}
-    for name, value in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
-        if value is not None:
-            _check_range(name, value, 0.0, np.inf, lo_open=True, hi_open=True)
-            lengths[name] = jnp.broadcast_to(_float(value), pc.shape)
-    if len(lengths) == 1 and set(types) & (_ON_MEAN_SCORES | _ON_MEAN_POLICY):
-        raise ValueError("length-averaging loss types need both chosen_lengths and rejected_lengths; got one")
-    if "sft" in types and "chosen_lengths" not in lengths:
-        raise ValueError("loss_type 'sft' needs chosen_lengths (completion token counts) for its token mean")
-
+    p = _targets(target_probs, types, pc)
+    lc, lr = _lengths(chosen_lengths, rejected_lengths, types, pc.shape)
     m = jnp.ones_like(pc) if mask is None else _float(mask)
 
     def mean(x):
         return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
 
     c, r = pc - rc, pr - rr  # log-ratios
-    chosen_rewards = jax.lax.stop_gradient(beta * c)
-    rejected_rewards = jax.lax.stop_gradient(beta * r)
+    chosen_rewards, rejected_rewards = jax.lax.stop_gradient(beta * c), jax.lax.stop_gradient(beta * r)
     batch_reward = (mean(chosen_rewards) + mean(rejected_rewards)) / 2  # the mean of both sides' rewards
-    if isinstance(bco_delta, RunningMoments):  # TRL < 1.0: update with this batch's mean, then use the mean
-        delta = update_running_moments(bco_delta, batch_reward).mean
-    elif isinstance(bco_delta, str):
-        if bco_delta != "batch":
-            raise ValueError(f"bco_delta: expected a number, 'batch' or RunningMoments; got {bco_delta!r}")
-        delta = batch_reward
-    else:
-        delta = jax.lax.stop_gradient(_float(bco_delta))
+    delta = _bco_delta(bco_delta, batch_reward)
     coefs = Coefs(beta, eps, delta, _float(discopop_tau), _float(simpo_gamma))
-
     sc, sr = (f_divergence_scores(x, f_divergence_type, f_alpha_divergence_coef) for x in (c, r))
-    lc, lr = lengths.get("chosen_lengths", 1.0), lengths.get("rejected_lengths", 1.0)  # none given: sums
-
-    def operands(t):  # what each type is a function of (TRL's conventions)
-        if t in _ON_SCORES:
-            return sc, sr
-        if t in _ON_MEAN_SCORES:
-            return sc / lc, sr / lr
-        if t in _ON_POLICY:
-            return pc, pr
-        if t in _ON_MEAN_POLICY:
-            return pc / lc, pr / lr
-        return c, r
-
-    q_flip = (1.0 - eps) * p + eps * (1.0 - p)
+    operands = {"scores": (sc, sr), "mean_scores": (sc / lc, sr / lr), "policy": (pc, pr),
+                "mean_policy": (pc / lc, pr / lr), "ratios": (c, r)}  # fmt: skip
     losses_B = jnp.zeros_like(pc)
     for k, t in enumerate(types):
-        if t == "sft":
-            # TRL's nll_loss: NLL pooled over all chosen tokens of the batch, the same value for every pair.
-            tokens = jnp.maximum(jnp.sum(lc * m), 1.0)
-            per_type = jnp.broadcast_to(-jnp.sum(pc * m) / tokens, pc.shape)
-        elif t == "aot":
-            per_type = _aot_losses(pc - pr, rc - rr, beta, eps, m)
-        elif t == "aot_unpaired":
-            per_type = _aot_losses(c, r, beta, eps, m)
-        else:
-            fn, (x, y) = PAIR_LOSSES[t], operands(t)
-            q = p if t in _NATIVE_SMOOTHING else q_flip
-            won, lost = fn(x, y, coefs), fn(y, x, coefs)
-            # hard labels pick one side exactly (0 * inf would make an overflowing loss nan instead of inf)
-            per_type = jnp.where(q == 1, won, jnp.where(q == 0, lost, q * won + (1.0 - q) * lost))
-        losses_B = losses_B + weights_K[k] * per_type
+        losses_B = losses_B + weights_K[k] * _type_losses(t, operands, p, eps, coefs, pc, pr, rc, rr, lc, m)
     if pair_weights is not None:
         losses_B = losses_B * jax.lax.stop_gradient(_float(pair_weights))
-
     z = jax.lax.stop_gradient(beta * (c - r))
     metrics = {
         "rewards/chosen": mean(chosen_rewards),
@@ -501,6 +422,104 @@ def preference_loss(
         metrics["bco/batch_reward"] = batch_reward  # what a running mean is updated with
         metrics["bco/delta"] = delta
     return losses_B, metrics
+
+
+def _logps(pc, pr, rc, rr, types, reference_free: bool):
+    """The four [B] log-prob sums as float arrays, checked; a reference of zeros when there is none."""
+    pc, pr = _float(pc), _float(pr)
+    if pc.ndim != 1 or pr.shape != pc.shape:
+        raise ValueError(
+            f"policy_chosen_logps and policy_rejected_logps must both have shape [B]; got {pc.shape} and {pr.shape}"
+        )
+    missing = rc is None or rr is None
+    if reference_free or (missing and set(types) <= POLICY_ONLY):  # metrics: rewards are beta * policy log-probs
+        return pc, pr, jnp.zeros_like(pc), jnp.zeros_like(pc)
+    if missing:
+        raise ValueError("reference_chosen_logps / reference_rejected_logps are required unless reference_free")
+    rc, rr = _float(rc), _float(rr)
+    if rc.shape != pc.shape or rr.shape != pc.shape:
+        raise ValueError(f"reference log-probs must have shape {pc.shape}; got {rc.shape} and {rr.shape}")
+    return pc, pr, rc, rr
+
+
+def _check_hyperparameters(beta, label_smoothing, discopop_tau, f_divergence_type, types) -> None:
+    _check_range("beta", beta, 0.0, np.inf, lo_open=True, hi_open=True)
+    _check_range("label_smoothing", label_smoothing, 0.0, 0.5, hi_open=True)
+    _check_range("discopop_tau", discopop_tau, 0.0, np.inf, lo_open=True, hi_open=True)
+    if isinstance(f_divergence_type, str):
+        if f_divergence_type not in F_DIVERGENCES:
+            names = ", ".join(F_DIVERGENCES)
+            raise ValueError(f"f_divergence_type: expected one of {names}; got {f_divergence_type!r}")
+        if f_divergence_type != "reverse_kl" and not set(types) <= F_DIVERGENCE_LOSS_TYPES:
+            raise ValueError(
+                f"f_divergence_type {f_divergence_type!r} applies to loss types {sorted(F_DIVERGENCE_LOSS_TYPES)} "
+                f"only; got {list(types)}"
+            )
+
+
+def _targets(target_probs, types, pc) -> Array:
+    """[B] soft targets (hard labels: 1), shaped like ``pc``."""
+    if target_probs is None:
+        return jnp.ones_like(pc)
+    if set(types) & set(BATCH_LOSSES):
+        raise ValueError("aot / aot_unpaired sort the batch: per-pair target_probs have no pair to apply to")
+    _check_range("target_probs", target_probs, 0.0, 1.0)
+    return jnp.broadcast_to(_float(target_probs), pc.shape)
+
+
+def _lengths(chosen_lengths, rejected_lengths, types, shape) -> tuple[Array | float, Array | float]:
+    """(chosen, rejected) completion token counts as [B] arrays; 1.0 where not given (then sums are used)."""
+    lengths = {}
+    for name, value in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
+        if value is not None:
+            _check_range(name, value, 0.0, np.inf, lo_open=True, hi_open=True)
+            lengths[name] = jnp.broadcast_to(_float(value), shape)
+    if len(lengths) == 1 and set(types) & (_ON_MEAN_SCORES | _ON_MEAN_POLICY):
+        raise ValueError("length-averaging loss types need both chosen_lengths and rejected_lengths; got one")
+    if "sft" in types and "chosen_lengths" not in lengths:
+        raise ValueError("loss_type 'sft' needs chosen_lengths (completion token counts) for its token mean")
+    return lengths.get("chosen_lengths", 1.0), lengths.get("rejected_lengths", 1.0)
+
+
+def _bco_delta(bco_delta, batch_reward) -> Array:
+    """``bco_pair``'s reward offset (see ``preference_loss``)."""
+    if isinstance(bco_delta, RunningMoments):  # TRL < 1.0: update with this batch's mean, then use the mean
+        return update_running_moments(bco_delta, batch_reward).mean
+    if isinstance(bco_delta, str):
+        if bco_delta != "batch":
+            raise ValueError(f"bco_delta: expected a number, 'batch' or RunningMoments; got {bco_delta!r}")
+        return batch_reward
+    return jax.lax.stop_gradient(_float(bco_delta))
+
+
+def _operands(t: str) -> str:
+    """What loss type ``t`` is a function of (TRL's conventions)."""
+    if t in _ON_SCORES:
+        return "scores"
+    if t in _ON_MEAN_SCORES:
+        return "mean_scores"
+    if t in _ON_POLICY:
+        return "policy"
+    if t in _ON_MEAN_POLICY:
+        return "mean_policy"
+    return "ratios"
+
+
+def _type_losses(t: str, operands: dict, p, eps, coefs, pc, pr, rc, rr, lc, m) -> Array:
+    """[B] losses of loss type ``t`` at soft targets ``p`` (label smoothing ``eps`` flips them, but for types
+    that smooth natively)."""
+    if t == "sft":  # TRL's nll_loss: NLL pooled over all chosen tokens of the batch, the same value for every pair
+        tokens = jnp.maximum(jnp.sum(lc * m), 1.0)
+        return jnp.broadcast_to(-jnp.sum(pc * m) / tokens, pc.shape)
+    if t == "aot":
+        return _aot_losses(pc - pr, rc - rr, coefs.beta, eps, m)
+    if t == "aot_unpaired":
+        return _aot_losses(pc - rc, pr - rr, coefs.beta, eps, m)
+    fn, (x, y) = PAIR_LOSSES[t], operands[_operands(t)]
+    q = p if t in _NATIVE_SMOOTHING else (1.0 - eps) * p + eps * (1.0 - p)
+    won, lost = fn(x, y, coefs), fn(y, x, coefs)
+    # hard labels pick one side exactly (0 * inf would make an overflowing loss nan instead of inf)
+    return jnp.where(q == 1, won, jnp.where(q == 0, lost, q * won + (1.0 - q) * lost))
 
 
 def optimal_policy(ref_logps, rewards, beta):

@@ -10,8 +10,26 @@ SIGTERM / Ctrl-C (the step is saved: rerun the same command to resume).
 
 from __future__ import annotations
 
+import difflib
+import logging
 import sys
+import threading
 import traceback
+from pathlib import Path
+
+import jax
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from dpo_jax import signals, sweep, xla_flags
+from dpo_jax.config import load_config_file
+from dpo_jax.errors import NonFiniteLoss, UserError
+from dpo_jax.rounds import run_rounds
+from dpo_jax.signals import Preempted
+from dpo_jax.sweep import member_name
+from dpo_jax.train import train
+from dpo_jax.workdir import flatten, os_error
 
 COMMANDS = {
     "train": "train a policy (SFT reference stage if configured, then DPO) from a config file",
@@ -42,14 +60,6 @@ def _config_spec(argv: list[str]) -> str:
 
 
 def _run(command: str, argv: list[str], argv_full: list[str]) -> int:
-    import jax
-    from absl import flags
-
-    from dpo_jax.errors import NonFiniteLoss, UserError
-    from dpo_jax.signals import Preempted
-    from dpo_jax.train import train
-    from dpo_jax.workdir import os_error
-
     FLAGS = flags.FLAGS
     if len(argv) > 1:
         print(f"dpo-jax: unexpected arguments {argv[1:]}\n{USAGE}", file=sys.stderr)
@@ -77,8 +87,6 @@ def _run(command: str, argv: list[str], argv_full: list[str]) -> int:
 
     try:
         if command == "sweep":
-            from dpo_jax import sweep
-
             if FLAGS.mode == "export":
                 for kind, path in sweep.export_sweep(_config_spec(argv_full), FLAGS.workdir, base=FLAGS.config).items():
                     print(f"{kind}: {path}")
@@ -86,16 +94,10 @@ def _run(command: str, argv: list[str], argv_full: list[str]) -> int:
                 sweep.run_sweep(_config_spec(argv_full), FLAGS.workdir, base=FLAGS.config, mode=FLAGS.mode)
             return 0
         if command == "rounds":
-            from dpo_jax.rounds import run_rounds
-
             run_rounds(FLAGS.config, FLAGS.workdir)
             return 0
         workdir = FLAGS.workdir
         if FLAGS.member_subdir:  # W&B sweep agents: one subfolder per member, named by its overrides
-            from pathlib import Path
-
-            from dpo_jax.sweep import member_name
-
             overrides = dict(a[len("--config.") :].split("=", 1) for a in argv_full if a.startswith("--config."))
             overrides = {k: v for k, v in overrides.items() if not k.startswith("wandb.")}
             workdir = str(Path(workdir) / member_name(overrides))
@@ -112,8 +114,6 @@ def _run(command: str, argv: list[str], argv_full: list[str]) -> int:
     except NonFiniteLoss as e:
         return fail(str(e), 1)
     except KeyboardInterrupt:  # the second Ctrl-C (abort without saving), or one before the run's handlers were set
-        from dpo_jax import signals
-
         if signals.requested():
             return fail("aborted (second Ctrl-C); the last checkpoint is kept", 130)
         return fail("interrupted (Ctrl-C) before the run could save anything; the last checkpoint is kept", 130)
@@ -131,11 +131,6 @@ def quiet_library_errors() -> None:
     """Without ``--verbose``, the tracebacks libraries print from their own threads are not shown: Orbax's
     asynchronous writer reports a full disk from each of its threads and tasks (hundreds of lines), while the
     run's own one-line error says what happened and what to do."""
-    import logging
-    import threading
-
-    from absl import logging as absl_logging
-
     sys.unraisablehook = lambda args: None  # "Exception ignored in ..." from callbacks on a closed event loop
     threading.excepthook = lambda args: None  # an exception that ends a library's thread
     absl_logging.get_absl_handler().addFilter(_LibraryErrors())
@@ -145,11 +140,6 @@ def quiet_library_errors() -> None:
 def _flag_error(error: Exception, argv: list[str]) -> str:
     """A config-flag error as one line: the config file's own error, or a mistyped ``--config.a.b`` with the
     nearest field name."""
-    import difflib
-
-    from dpo_jax.config import load_config_file
-    from dpo_jax.workdir import flatten
-
     spec = _config_arg(argv)
     try:
         known = set(flatten(load_config_file(spec).to_dict()))
@@ -172,12 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         return 2
     command = argv.pop(1)
-    from dpo_jax import xla_flags
-
-    xla_flags.apply()  # before JAX starts its backend
-
-    from absl import app, flags
-    from ml_collections import config_flags
+    xla_flags.apply()  # before JAX starts its backend (importing JAX does not start it; the first device use does)
 
     if "workdir" not in flags.FLAGS:
         config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
@@ -195,12 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         flags.DEFINE_bool("member_subdir", False, "train: use <workdir>/<member name from the overrides>")
         flags.DEFINE_bool("verbose", False, "print the full traceback of an error, not just its one-line message")
     spec = _config_arg(argv)
-    if spec is not None:
-        from pathlib import Path
-
-        if not Path(spec.split(":", 1)[0]).is_file():
-            print(f"dpo-jax: config file not found in --config: {spec.split(':', 1)[0]}", file=sys.stderr)
-            return 2
+    if spec is not None and not Path(spec.split(":", 1)[0]).is_file():
+        print(f"dpo-jax: config file not found in --config: {spec.split(':', 1)[0]}", file=sys.stderr)
+        return 2
     result = {}
 
     def parse(args):
@@ -216,9 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(2)
 
     def absl_main(rest):
-        from absl import logging
-
-        logging.set_verbosity(logging.WARNING)  # Orbax and JAX log every checkpoint step at INFO
+        absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and JAX log every checkpoint step at INFO
         if not flags.FLAGS.verbose:
             quiet_library_errors()
         result["code"] = _run(command, rest, argv)

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from dpo_jax import scoring, signals
 from dpo_jax.data.loader import PreferenceLoader, to_global
+from dpo_jax.logging import progress
 from dpo_jax.sharding import batch_sharding, batch_slice, data_parallel_size
 
 
@@ -60,15 +61,6 @@ def cache_key(params, model_config, pairs, settings: dict) -> str:
     return h.hexdigest()[:32]
 
 
-def attach(batch: dict, cache: np.ndarray) -> dict:
-    """Put the cached values of the batch's pairs in it: ``ref_logps`` [G, P, 2] (and ``ref_tails``)."""
-    values = cache[np.maximum(batch["index"], 0)] * batch["valid"][..., None]
-    batch["ref_logps"] = values[..., :2]
-    if cache.shape[1] == 4:
-        batch["ref_tails"] = values[..., 2:]
-    return batch
-
-
 def compute_logps(graphdef, params, pairs, *, mesh, batch_size, layout, pad_id, head: dict, tails: bool = False):
     """One pass of the reference over ``pairs`` (in order); every process gets all [N, 2] values ([N, 4] with
     the LD-DPO tails)."""
@@ -89,11 +81,9 @@ def compute_logps(graphdef, params, pairs, *, mesh, batch_size, layout, pad_id, 
     def score(params, batch):  # [G, P, width]: grouped like the batch, so it stays sharded
         stats = scoring.pair_stats(graphdef, params, batch, tails=tails, **head)
         logps = jnp.concatenate([stats["logps"], stats["tails"]], axis=1) if tails else stats["logps"]
-        return logps.reshape(*batch["valid"].shape, width), batch["index"]
+        return logps.reshape(*batch.valid_GxP.shape, width), batch.index_GxP
 
     score = jax.jit(score, out_shardings=(batch_sharding(mesh, 3), batch_sharding(mesh, 2)))
-    from dpo_jax.evaluate import progress
-
     out = np.zeros((len(pairs), width), np.float32)
     batches = progress(loader.epoch(0), loader.steps_per_epoch, "reference log-probs")
     for _step, batch in batches:

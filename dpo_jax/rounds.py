@@ -36,11 +36,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dpo_jax import checkpoint, hf, lora, rewards, sampling, scoring, signals, train
+from dpo_jax import builders, checkpoint, hf, inputs, lora, rewards, runs, sampling, scoring, signals, train
 from dpo_jax.config import ConfigError, validate
 from dpo_jax.data import load_examples, tokenize_examples
 from dpo_jax.errors import WorkdirError
-from dpo_jax.evaluate import Evaluator, sampled_metrics
+from dpo_jax.evaluate import sample_prompts, sampled_metrics
 from dpo_jax.logging import Writer
 from dpo_jax.signals import stop_signals
 from dpo_jax.workdir import WorkdirLock, atomic_dir, atomic_write_text, check_resume_config, ensure_writable
@@ -83,18 +83,18 @@ def initial_policy(cfg, workdir: Path, devices) -> Path:
     c = copy.deepcopy(cfg)
     c.reference.mode = "frozen"  # no reference pass over the offline pairs: only the policy is wanted here
     c.reference.hf_path = ""
-    for folder, record in train.stage_records(c, out).items():  # a resumed SFT stage must match the config
+    for folder, record in runs.stage_records(c, out).items():  # a resumed SFT stage must match the config
         if folder.name == "sft":
             step = checkpoint.latest_step_on_disk(folder / "checkpoints")
             check_resume_config(folder, record, allow=set(), step=step)
-    job = train.prepare(c, out, devices, Writer())
-    params = jax.device_get(job.initial_policy())
+    job = train.build_job(c, out, devices, Writer())
+    params = jax.device_get(job.policy.whole())
     if jax.process_index() == 0:
-        model = nnx.merge(job.graphdef, params)
+        model = nnx.merge(job.policy.graphdef, params)
         model = lora.detach(model) if model.config.lora_rank else model
         with atomic_dir(out / "hf") as tmp:
             hf.save_pretrained(model, tmp, job.tokenizer)
-    train._barrier("round_0")
+    runs.barrier("round_0")
     return out
 
 
@@ -112,9 +112,9 @@ def data_paths(cfg, workdir: Path) -> dict[str, str]:
 def load_prompts(cfg, path: str, tokenizer, n: int = 0):
     """(examples, tokenized pairs) of ``path``, one per distinct tokenized prompt (the first ``n``; 0: all)."""
     d = cfg.data
-    examples, _ = load_examples(path, columns=train.columns(cfg), on_bad_row=d.on_bad_row, split=d.split or None,
-                                max_chars=train.max_row_chars(cfg))  # fmt: skip
-    pairs, _ = tokenize_examples(examples, tokenizer, train.tokenize_config(cfg))
+    examples, _ = load_examples(path, columns=inputs.columns(cfg), on_bad_row=d.on_bad_row, split=d.split or None,
+                                max_chars=inputs.max_row_chars(cfg))  # fmt: skip
+    pairs, _ = tokenize_examples(examples, tokenizer, inputs.tokenize_config(cfg))
     seen, keep = set(), []
     for ex, pair in zip(examples, pairs, strict=True):
         if pair.prompt.tobytes() not in seen:
@@ -191,7 +191,7 @@ def make_pairs(cfg, workdir: Path, r: int, policy_dir: Path) -> dict:
     """Round r's ``pairs.jsonl`` from samples of the policy in ``policy_dir``; returns its sampling stats."""
     out = round_dir(workdir, r)
     paths = data_paths(cfg, workdir)
-    model, tokenizer = hf.load_pretrained(policy_dir, **{**train.model_options(cfg), "remat": "none"})
+    model, tokenizer = hf.load_pretrained(policy_dir, **{**builders.model_options(cfg), "remat": "none"})
     if tokenizer is None:
         raise ConfigError(f"config.model.hf_path: expected tokenizer.json in {policy_dir} (the prompts are sampled)")
     examples, pairs = load_prompts(cfg, paths["train"], tokenizer)
@@ -257,7 +257,7 @@ def make_pairs(cfg, workdir: Path, r: int, policy_dir: Path) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "sampling.json", json.dumps(stats, indent=1) + "\n")
         atomic_write_text(out / "pairs.jsonl", "".join(json.dumps(row) + "\n" for row in rows))  # last: "sampled"
-    train._barrier(f"round_{r}_pairs")
+    runs.barrier(f"round_{r}_pairs")
     return stats
 
 
@@ -291,10 +291,10 @@ def measure(cfg, policy_dir, initial_dir, *, eval_path: str, key: int = 0) -> di
     (``eval.num_prompts``, ``eval.temperature``, ``eval.max_new_tokens``): mean true reward of one sample per
     prompt and the sampled sequence KL(pi || pi_0), each with its standard error. The same ``key`` samples the
     same way for every policy (offline runs and rounds alike)."""
-    load = lambda p: hf.load_pretrained(p, **{**train.model_options(cfg), "remat": "none"})  # noqa: E731
+    load = lambda p: hf.load_pretrained(p, **{**builders.model_options(cfg), "remat": "none"})  # noqa: E731
     (policy, tokenizer), (initial, _) = load(policy_dir), load(initial_dir)
     examples, pairs = load_prompts(cfg, eval_path, tokenizer, cfg.eval.num_prompts)
-    prompts = Evaluator._prompts(pairs, examples, cfg.eval.num_prompts, tokenizer.pad_token_id or 0)
+    prompts = sample_prompts(pairs, examples, cfg.eval.num_prompts, tokenizer.pad_token_id or 0)
     ref_logps = functools.partial(_sample_logps, *nnx.split(initial))
     m = sampled_metrics(policy, ref_logps, prompts, tokenizer, cfg.eval, jax.random.PRNGKey(key),
                         rewards.scorer(rewards.spec(cfg), cfg.reward_timeout_s))  # fmt: skip
@@ -348,7 +348,7 @@ def run_rounds(cfg, workdir, *, devices=None) -> list[dict]:
                 make_pairs(cfg, workdir, r, round_dir(workdir, r - 1) / "hf")
             stats = json.loads((out / "sampling.json").read_text())
             if (out / "summary.json").exists():
-                summary = train.load_summary(out)
+                summary = runs.load_summary(out)
             else:
                 print(f"[round {r}] {stats['pairs']} pairs ({stats['skipped_ties']} tied); training", flush=True)
                 summary = train.train(round_config(cfg, workdir, r), out, devices=devices)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dpo_jax import logprobs as lp
+from dpo_jax.data.batch import Batch
 
 
 def token_keys(key: jax.Array, pair_BxT, branch_BxT, positions_BxT) -> jax.Array:
@@ -29,101 +30,101 @@ def token_keys(key: jax.Array, pair_BxT, branch_BxT, positions_BxT) -> jax.Array
     return jax.vmap(one)(*(x.reshape(-1) for x in ids)).reshape(pair_BxT.shape)
 
 
-def scored_hidden(graphdef, params, batch: dict, dropout_key=None):
+def scored_hidden(graphdef, params, batch: Batch, dropout_key=None):
     """(model, hidden states [Z, S, D] at the scored entries): one forward over the batch's rows (a training
     step's ``dropout_key``: LoRA dropout, a mask per token from ``token_keys``)."""
     model = nnx.merge(graphdef, params)
-    g, k, t = batch["tokens"].shape
+    g, k, t = batch.tokens_GxKxT.shape
 
-    def rows(key):
-        return batch[key].reshape(g * k, t)
+    def rows(x_GxKxT):
+        return x_GxKxT.reshape(g * k, t)
 
-    segments = rows("segment_ids")
+    segments = rows(batch.segment_ids_GxKxT)
     keys = None
     if dropout_key is not None and model.config.lora_dropout > 0:  # only a model that drops needs the token keys
-        keys = token_keys(dropout_key, rows("pair"), rows("branch"), rows("positions"))
+        keys = token_keys(dropout_key, rows(batch.pair_GxKxT), rows(batch.branch_GxKxT), rows(batch.positions_GxKxT))
     out = model(
-        rows("tokens"),
-        positions_BxT=rows("positions"),
+        rows(batch.tokens_GxKxT),
+        positions_BxT=rows(batch.positions_GxKxT),
         segment_ids_BxT=segments,
-        branch_ids_BxT=rows("branch"),
+        branch_ids_BxT=rows(batch.branch_GxKxT),
         attention_mask_BxT=segments > 0,
         return_logits=False,
         dropout_keys_BxT=keys,
     )
-    z = batch["score_src"].shape[0]
+    z = batch.score_src_ZxS.shape[0]
     hidden_ZxSlotsxD = out.hidden_BxTxD.reshape(z, g // z * k * t, -1)  # consecutive groups: a device-local reshape
-    return model, jnp.take_along_axis(hidden_ZxSlotsxD, batch["score_src"][..., None], axis=1)
+    return model, jnp.take_along_axis(hidden_ZxSlotsxD, batch.score_src_ZxS[..., None], axis=1)
 
 
-def token_logps(graphdef, params, batch: dict, *, token_chunk=1024, vocab_chunk=8192, max_logits_mb=256.0,
+def token_logps(graphdef, params, batch: Batch, *, token_chunk=1024, vocab_chunk=8192, max_logits_mb=256.0,
                 sum_sq=False, dropout_key=None):  # fmt: skip
     """Log-probs [Z, S] of the scored entries (0 where ``score_mask`` is 0); with ``sum_sq`` also
     log sum_v p_v^2 [Z, S] at each entry (WPO's alignment term; no gradient)."""
     model, h_ZxSxD = scored_hidden(graphdef, params, batch, dropout_key)
     z, s, d = h_ZxSxD.shape
     head = dict(token_chunk=token_chunk, vocab_chunk=vocab_chunk, max_logits_mb=max_logits_mb)
-    targets = jnp.where(batch["score_mask"] > 0, batch["score_target"], 0).reshape(z * s)
+    targets = jnp.where(batch.score_mask_ZxS > 0, batch.score_target_ZxS, 0).reshape(z * s)
     h_NxD, w_DxV = h_ZxSxD.reshape(z * s, d), model.lm_head_weight()
     logps = lp.head_token_logprobs(h_NxD, w_DxV, targets, **head)
-    logps = jnp.where(batch["score_mask"] > 0, logps.reshape(z, s), 0.0)
+    logps = jnp.where(batch.score_mask_ZxS > 0, logps.reshape(z, s), 0.0)
     if not sum_sq:
         return logps
     sq = lp.head_log_sum_sq_probs(h_NxD, w_DxV, **head).reshape(z, s)
-    return logps, jnp.where(batch["score_mask"] > 0, sq, 0.0)
+    return logps, jnp.where(batch.score_mask_ZxS > 0, sq, 0.0)
 
 
-def completion_ranks(batch: dict) -> jax.Array:
+def completion_ranks(batch: Batch) -> jax.Array:
     """[Z, S] 0-based position of each scored entry within its completion (entries of a sequence are
     consecutive in their block, in token order)."""
-    z, s = batch["score_seq"].shape
-    g, p = batch["valid"].shape
+    z, s = batch.score_seq_ZxS.shape
+    g, p = batch.valid_GxP.shape
     idx_S = jnp.arange(s)
 
     def one(seq_S, mask_S):
         first = jax.ops.segment_min(jnp.where(mask_S > 0, idx_S, s), seq_S, num_segments=2 * (g // z) * p)
         return idx_S - first[seq_S]
 
-    return jax.vmap(one)(batch["score_seq"], batch["score_mask"])
+    return jax.vmap(one)(batch.score_seq_ZxS, batch.score_mask_ZxS)
 
 
-def tail_mask(batch: dict, counts: jax.Array) -> jax.Array:
+def tail_mask(batch: Batch, counts: jax.Array) -> jax.Array:
     """[Z, S] entries past the shorter completion of their pair (LD-DPO's verbose tail); ``counts`` [G * P, 2]."""
-    z = batch["score_seq"].shape[0]
+    z = batch.score_seq_ZxS.shape[0]
     shared_Zx = jnp.min(counts, axis=1).reshape(z, -1)  # per block, pair slot
-    shared_ZxS = jnp.take_along_axis(shared_Zx, batch["score_seq"] // 2, axis=1)
-    return (completion_ranks(batch) >= shared_ZxS) & (batch["score_mask"] > 0)
+    shared_ZxS = jnp.take_along_axis(shared_Zx, batch.score_seq_ZxS // 2, axis=1)
+    return (completion_ranks(batch) >= shared_ZxS) & (batch.score_mask_ZxS > 0)
 
 
-def sequence_sums(values_ZxS: jax.Array, batch: dict) -> jax.Array:
+def sequence_sums(values_ZxS: jax.Array, batch: Batch) -> jax.Array:
     """Per-pair, per-side sums [G * P, 2] of per-entry values (a segment sum over ``score_seq`` in each block)."""
-    g, p = batch["valid"].shape
-    z = batch["score_seq"].shape[0]
+    g, p = batch.valid_GxP.shape
+    z = batch.score_seq_ZxS.shape[0]
     q = 2 * (g // z) * p  # sequences per block
-    values_ZxS = jnp.where(batch["score_mask"] > 0, values_ZxS, 0.0)
-    sums_ZxQ = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=q))(values_ZxS, batch["score_seq"])
+    values_ZxS = jnp.where(batch.score_mask_ZxS > 0, values_ZxS, 0.0)
+    sums_ZxQ = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=q))(values_ZxS, batch.score_seq_ZxS)
     return sums_ZxQ.reshape(g * p, 2)
 
 
-def pair_values(batch: dict, key: str) -> jax.Array:
+def pair_values(values_GxP: jax.Array) -> jax.Array:
     """A per-pair array of the batch, flattened to [G * P] in the order of ``pair_logps``."""
-    return batch[key].reshape(-1)
+    return values_GxP.reshape(-1)
 
 
-def pair_logps(graphdef, params, batch: dict, **head):
+def pair_logps(graphdef, params, batch: Batch, **head):
     """Summed completion log-probs and token counts, each [G * P, 2] (chosen, rejected; rejected is empty in a
     chosen-only SFT batch), via the scored-token LM head."""
     stats = pair_stats(graphdef, params, batch, **head)
     return stats["logps"], stats["counts"]
 
 
-def pair_stats(graphdef, params, batch: dict, *, tails=False, wpo=False, dropout_key=None, **head) -> dict:
+def pair_stats(graphdef, params, batch: Batch, *, tails=False, wpo=False, dropout_key=None, **head) -> dict:
     """``pair_logps`` and, on request, from the same pass: ``tails`` [G * P, 2], the part of each sum past the
     shorter completion (LD-DPO weights it: sum - (1 - alpha) * tail), and ``wpo`` [G * P, 2], each sequence's
     mean of log p - log sum p^2 (WPO's aligned log-probability; no gradient)."""
     out = token_logps(graphdef, params, batch, sum_sq=wpo, dropout_key=dropout_key, **head)
     logps_ZxS, sq_ZxS = out if wpo else (out, None)
-    counts = sequence_sums(batch["score_mask"].astype(jnp.float32), batch)
+    counts = sequence_sums(batch.score_mask_ZxS.astype(jnp.float32), batch)
     stats = {"logps": sequence_sums(logps_ZxS, batch), "counts": counts}
     if tails:
         stats["tails"] = sequence_sums(jnp.where(tail_mask(batch, counts), logps_ZxS, 0.0), batch)
@@ -133,12 +134,12 @@ def pair_stats(graphdef, params, batch: dict, *, tails=False, wpo=False, dropout
     return stats
 
 
-def completion_token_kl(graphdef, policy, reference, batch: dict):
+def completion_token_kl(graphdef, policy, reference, batch: Batch):
     """Exact full-vocabulary KL(pi || pi_ref) summed over each chosen completion's tokens: ([G * P], token counts).
     Full logits are computed at the scored entries only."""
     pol, h_pol = scored_hidden(graphdef, policy, batch)
     ref, h_ref = scored_hidden(graphdef, reference, batch)
-    chosen_ZxS = (batch["score_seq"] % 2 == 0) & (batch["score_mask"] > 0)
+    chosen_ZxS = (batch.score_seq_ZxS % 2 == 0) & (batch.score_mask_ZxS > 0)
     kl_ZxS = lp.token_kl(h_pol @ pol.lm_head_weight(), h_ref @ ref.lm_head_weight(), chosen_ZxS)
     n = chosen_ZxS.astype(jnp.float32)
     return sequence_sums(kl_ZxS, batch)[:, 0], sequence_sums(n, batch)[:, 0]

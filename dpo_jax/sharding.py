@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -122,8 +123,6 @@ def tree_shardings(tree, mesh: Mesh, *, members: bool = False):
 def fetch(x) -> np.ndarray:
     """The whole value of a global array on every process (it may span other hosts' devices)."""
     if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 

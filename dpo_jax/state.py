@@ -15,6 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dpo_jax.config import loss_types, needs_reference
+from dpo_jax.configs.default import get_config as default_config
+from dpo_jax.losses import F_DIVERGENCES, RunningMoments
+
 
 @flax.struct.dataclass
 class HParams:
@@ -42,9 +46,6 @@ class HParams:
     def from_config(cls, cfg, types: tuple[str, ...] | None = None, peak_lr: float | None = None) -> HParams:
         """The member ``cfg``'s values; ``types``: the step's loss types (a population's union; default: the
         member's own), ``peak_lr``: the shared schedule's peak (default: the member's learning rate)."""
-        from dpo_jax.config import loss_types, needs_reference
-        from dpo_jax.losses import F_DIVERGENCES
-
         own = loss_types(cfg)
         types = own if types is None else tuple(types)
         w = tuple(cfg.dpo.loss_weights) or (1.0,) * len(own)
@@ -71,9 +72,7 @@ class HParams:
     @classmethod
     def create(cls, **values) -> HParams:
         """Tests and benchmarks: the default config with ``dpo`` fields (and ``loss_type``) replaced."""
-        from dpo_jax.configs.default import get_config
-
-        cfg = get_config()
+        cfg = default_config()
         for k, v in values.items():
             cfg.dpo[k] = v
         return cls.from_config(cfg)
@@ -97,8 +96,6 @@ def init_state(
     """The one way a train state is made (vmap it over ``hparams`` and ``seed`` for a population);
     ``running_moments``: carry bco_pair's running reward moments; ``reference``: TR-DPO's moving reference
     (both absent otherwise, so checkpoints keep their form)."""
-    from dpo_jax.losses import RunningMoments
-
     hparams = jax.tree.map(jnp.asarray, hparams)
     moments = RunningMoments.init() if running_moments else None
     rng = jax.random.PRNGKey(seed)

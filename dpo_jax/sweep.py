@@ -30,9 +30,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 
 from dpo_jax.config import SFT_FIELDS, ConfigError, load_config_module
+from dpo_jax.loop import StepCache
+from dpo_jax.runs import load_summary
+from dpo_jax.train import train, train_population
 
 SUMMARY_COLUMNS = (
     "eval/loss",
@@ -133,12 +137,18 @@ def member_config(base, overrides: dict[str, Any], workdir: Path):
 
 
 def run_sweep(
-    spec: str, workdir: str | Path, *, base=None, members=None, mode: str = "sequential", devices=None
+    spec: str,
+    workdir: str | Path,
+    *,
+    base=None,
+    members=None,
+    mode: str = "sequential",
+    devices=None,
+    cache: StepCache | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) every member, one after another or (``mode="vectorized"``) all in one vmapped program;
-    returns one summary row per member. ``members`` replaces the file's list."""
-    from dpo_jax.train import load_summary, train
-
+    returns one summary row per member. ``members`` replaces the file's list; ``cache``: compiled steps to share
+    (default: the sweep's own, so members that differ only in traced values compile each step once)."""
     base, declared = load_sweep(spec, base)
     members = declared if members is None else list(members)
     workdir = Path(workdir)
@@ -147,9 +157,8 @@ def run_sweep(
     todo = [i for i, n in enumerate(names) if not (workdir / n / "summary.json").exists()]
     for i in sorted(set(range(len(members))) - set(todo)):
         print(f"[sweep] {i + 1}/{len(members)} {names[i]}: finished, skipped", flush=True)
+    cache = StepCache() if cache is None else cache
     if mode == "vectorized" and todo:
-        from dpo_jax.train import train_population
-
         groups = [[todo[j] for j in g] for g in vector_groups([members[i] for i in todo])]
         for n, group in enumerate(groups):
             print(
@@ -158,19 +167,17 @@ def run_sweep(
                 flush=True,
             )
             cfgs = [member_config(base, members[i], workdir) for i in group]
-            train_population(cfgs, [workdir / names[i] for i in group], devices=devices)
+            train_population(cfgs, [workdir / names[i] for i in group], devices=devices, cache=cache)
     elif todo:
         for i in todo:
             print(f"[sweep] {i + 1}/{len(members)} {names[i]}", flush=True)
-            train(member_config(base, members[i], workdir), workdir / names[i], devices=devices)
+            train(member_config(base, members[i], workdir), workdir / names[i], devices=devices, cache=cache)
     swept = list(dict.fromkeys(k for m in members for k in m))  # every key any member sets, in order
     rows = []
     for name, overrides in zip(names, members, strict=True):
         summary = load_summary(workdir / name)
         values = {k: overrides.get(k, _get(base, k)) for k in swept}  # the member's effective values
         rows.append({"member": name, **values, **{k: summary.get(k) for k in SUMMARY_COLUMNS}})
-    import jax
-
     if jax.process_index() == 0:
         write_summary(rows, swept, workdir)
     return rows
@@ -257,7 +264,7 @@ def _plot_numeric(rows, panels, axes, x_key, line_key) -> None:
 def plot_members(rows: list[dict], swept: list[str], path: Path) -> None:
     """Eval metrics against the first swept value (one line per value of the second; one point per member when
     the values are not numbers, e.g. loss types), and reward vs KL."""
-    import matplotlib
+    import matplotlib  # heavy (about a second to import): only a finished sweep draws
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

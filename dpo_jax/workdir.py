@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+from safetensors.numpy import save_file
+
 from dpo_jax.errors import DiskFullError, WorkdirError
 
 # --- Atomic writes ---------------------------------------------------------------------------------------------
@@ -76,9 +79,6 @@ def atomic_dir(path: str | os.PathLike):
 def save_tensors(tensors: dict, path: str | os.PathLike) -> None:
     """``safetensors.numpy.save_file`` (torch's metadata), its I/O errors as ``OSError``s (safetensors raises its own
     error type with the OS error in the text): a full disk then reads as one."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import save_file
-
     try:
         save_file(tensors, path, metadata={"format": "pt"})
     except SafetensorError as e:

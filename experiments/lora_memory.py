@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from throughput import CASES, make_pairs, model_config  # experiments/, the script's folder
 
-from dpo_jax import lora, train
+from dpo_jax import lora, step
 from dpo_jax.data import Layout, PreferenceLoader
 from dpo_jax.models import init_decoder
 from dpo_jax.models.config import LORA_TARGETS
@@ -42,23 +42,23 @@ def run(mc, pairs, batch, steps, rank, base_dtype, dropout=0.0) -> dict:
     loader = PreferenceLoader(pairs, batch, seed=0, layout=Layout())
     batches = []
     for _, b in loader.iterate(0, steps):
-        b["ref_logps"] = np.full((*b["index"].shape, 2), -60.0, np.float32)
+        b = b.replace(ref_logps_GxPx2=np.full((*b.index_GxP.shape, 2), -60.0, np.float32))
         batches.append(jax.device_put(b))
-    tx = train.make_optimizer(train.optim_section(learning_rate=1e-4, warmup_steps=0), 1000)
+    tx = step.make_optimizer(step.optim_section(learning_rate=1e-4, warmup_steps=0), 1000)
     state = jax.jit(lambda p: init_state(p, tx, HParams.create(), 0))(params)
-    sc = train.StepConfig("dpo", lora=bool(rank))
-    step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, sc=sc), donate_argnums=0)
-    compiled = step.lower(state, batches[0], base).compile()
+    sc = step.StepConfig("dpo", lora=bool(rank))
+    train_fn = jax.jit(functools.partial(step.train_step, graphdef=graphdef, tx=tx, sc=sc), donate_argnums=0)
+    compiled = train_fn.lower(state, batches[0], base).compile()
     mem = compiled.memory_analysis()
     trained = sum(x.size for x in jax.tree.leaves(state.params))
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     base_bytes = sum(x.nbytes for x in jax.tree.leaves(base)) if base is not None else 0
     for b in batches:  # every batch shape compiled once before timing
-        state, m = step(state, b, base)
+        state, m = train_fn(state, b, base)
     jax.block_until_ready(m)
     t0 = time.perf_counter()
     for b in batches:
-        state, m = step(state, b, base)
+        state, m = train_fn(state, b, base)
     jax.block_until_ready(m)
     return {
         "trained": trained,

@@ -24,18 +24,18 @@ import numpy as np
 from flax import nnx
 
 from dpo_jax import best_of_n, sampling, sweep, train
-from dpo_jax.evaluate import read_history
 from dpo_jax.logging import Writer
+from dpo_jax.outputs import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def reference_rewards(cfg, workdir: Path, samples: int, batch_rows: int = 4096, seed: int = 1234) -> np.ndarray:
     """[P, M] true rewards of M completions sampled from the reference for each held-out eval prompt."""
-    job = train.prepare(cfg, workdir, jax.devices()[:1], Writer())  # finished SFT and cached reference: cheap
+    job = train.build_job(cfg, workdir, jax.devices()[:1], Writer())  # finished SFT and cached reference: cheap
     evaluator = job.evaluator([cfg])
     prompt, mask, texts = evaluator.prompts
-    model = nnx.merge(job.graphdef, job.reference_params)
+    model = nnx.merge(job.policy.graphdef, job.reference)
     tok = job.tokenizer
     per_call = max(batch_rows // len(texts), 1)
     rewards, key = [], jax.random.PRNGKey(seed)

@@ -80,7 +80,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dpo_jax import lora, sharding, throughput, train  # noqa: E402
+from dpo_jax import lora, sharding, step, throughput  # noqa: E402
 from dpo_jax.data import Layout, PreferenceLoader, TokenizedPair  # noqa: E402
 from dpo_jax.data.packing import batch_stats  # noqa: E402
 from dpo_jax.models import ModelConfig, init_decoder  # noqa: E402
@@ -125,22 +125,22 @@ def step_program(mc, mesh, row: int, pairs_per_device: int = 1):
     n = sharding.data_parallel_size(mesh) * pairs_per_device
     layout = Layout(row_length=row, row_multiple=sharding.data_parallel_size(mesh))
     batch = PreferenceLoader(pairs_for(row, n, mc.vocab_size), n, shuffle=False, layout=layout).batch(0)
-    batch["ref_logps"] = np.full((*batch["index"].shape, 2), -float(row), np.float32)
-    tx = train.make_optimizer(train.optim_section(learning_rate=1e-5, warmup_steps=0), 1000)
+    batch = batch.replace(ref_logps_GxPx2=np.full((*batch.index_GxP.shape, 2), -float(row), np.float32))
+    tx = step.make_optimizer(step.optim_section(learning_rate=1e-5, warmup_steps=0), 1000)
     state = jax.eval_shape(lambda p: init_state(p, tx, HParams.create(), 0), params)
     state_sh = sharding.tree_shardings(state, mesh)
-    batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+    batch_sh = jax.tree.map(lambda v: sharding.batch_sharding(mesh, v.ndim), batch)
     base_sh = None if base is None else sharding.param_shardings(base, mesh)
-    sc = train.StepConfig("dpo", lora=base is not None, max_logits_mb=throughput.logits_budget_mb(-1.0))
-    step = jax.jit(
-        functools.partial(train.train_step, graphdef=graphdef, tx=tx, sc=sc),
+    sc = step.StepConfig("dpo", lora=base is not None, max_logits_mb=throughput.logits_budget_mb(-1.0))
+    train_fn = jax.jit(
+        functools.partial(step.train_step, graphdef=graphdef, tx=tx, sc=sc),
         in_shardings=(state_sh, batch_sh, base_sh), out_shardings=(state_sh, sharding.replicated(mesh)),
         donate_argnums=0,
     )  # fmt: skip
     spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
-    args = (jax.tree.map(spec, state, state_sh), {k: spec(v, batch_sh[k]) for k, v in batch.items()},
+    args = (jax.tree.map(spec, state, state_sh), jax.tree.map(spec, batch, batch_sh),
             None if base is None else jax.tree.map(spec, base, base_sh))  # fmt: skip
-    return step.lower(*args).compile(), batch
+    return train_fn.lower(*args).compile(), batch
 
 
 def cpu_weight_upcasts(compiled) -> int:
@@ -202,13 +202,13 @@ def run(args) -> dict:
     params_abs, base_abs = jax.eval_shape(init)
     shard = lambda tree: None if tree is None else sharding.param_shardings(tree, mesh)  # noqa: E731
     params, base = jax.jit(init, out_shardings=(shard(params_abs), shard(base_abs)))()  # made in place, sharded
-    tx = train.make_optimizer(train.optim_section(learning_rate=1e-5, warmup_steps=0), 1000)
+    tx = step.make_optimizer(step.optim_section(learning_rate=1e-5, warmup_steps=0), 1000)
     make_state = lambda p: init_state(p, tx, HParams.create(), 0)  # noqa: E731
     state_sh = sharding.tree_shardings(jax.eval_shape(make_state, params_abs), mesh)
     state = jax.jit(make_state, out_shardings=state_sh)(params)
     del params
     stats = batch_stats(batch)
-    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+    batch = jax.tree.map(lambda v: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)), batch)
     for _ in range(2):  # warm-up
         state, metrics = compiled(state, batch, base)
     jax.block_until_ready(metrics)

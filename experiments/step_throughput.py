@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpo_jax import scoring, throughput, train
+from dpo_jax import builders, inputs, scoring, step, throughput
 from dpo_jax.config import load_config_file
 from dpo_jax.data import PreferenceLoader, TokenizeConfig, load_examples, synthetic, to_global, tokenize_examples
 from dpo_jax.data.packing import batch_stats
@@ -36,19 +36,19 @@ def time_loader(loader, steps):
 
 
 def time_step(cfg, graphdef, params, loader, mesh, *, frozen: bool, steps: int):
-    sc = train.StepConfig("dpo", frozen_reference=frozen)
-    tx = train.make_optimizer({**dict(cfg.optim), "warmup_steps": 10}, 1000)
+    sc = step.StepConfig("dpo", frozen_reference=frozen)
+    tx = step.make_optimizer({**dict(cfg.optim), "warmup_steps": 10}, 1000)
 
     def init(p):
         return init_state(p, tx, HParams.from_config(cfg), 0)
 
     state = jax.jit(init, out_shardings=tree_shardings(jax.eval_shape(init, params), mesh))(params)
     reference = jax.device_put(jax.tree.map(jnp.copy, params), param_shardings(params, mesh)) if frozen else None
-    step_fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, sc=sc), donate_argnums=0)
+    step_fn = jax.jit(functools.partial(step.train_step, graphdef=graphdef, tx=tx, sc=sc), donate_argnums=0)
     batches = []
     for _, b in loader.iterate(0, steps + 1):
         if not frozen:
-            b["ref_logps"] = np.full((*b["index"].shape, 2), -20.0, np.float32)
+            b = b.replace(ref_logps_GxPx2=np.full((*b.index_GxP.shape, 2), -20.0, np.float32))
         batches.append(to_global(b, mesh))
     state, m = step_fn(state, batches[0], reference)  # compile
     jax.block_until_ready(m)
@@ -83,12 +83,12 @@ def main(argv=None):
         pairs, _ = tokenize_examples(examples, tok, tok_cfg)
         prep = len(pairs) / (time.perf_counter() - t0)
     mesh = make_mesh(devices=jax.devices()[:1])
-    model = train.build_model(cfg, tok)
+    model = builders.build_model(cfg, tok)
     graphdef, params = nnx.split(model)
     _, matmul = scoring.count_matmul_params(model)
     counts = throughput.model_counts(model.config, matmul)
-    loader = PreferenceLoader(pairs, batch, layout=train.make_layout(cfg, mesh, counts=counts))
-    length = loader.batch(0)["tokens"].shape[-1]
+    loader = PreferenceLoader(pairs, batch, layout=inputs.make_layout(cfg, mesh, counts=counts))
+    length = loader.batch(0).tokens_GxKxT.shape[-1]
     peak, _ = throughput.peak_flops(cfg.peak_flops)
 
     print(

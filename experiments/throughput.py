@@ -42,7 +42,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dpo_jax import throughput, train, xla_flags
+from dpo_jax import step, throughput, xla_flags
 from dpo_jax.data import Layout, PreferenceLoader, TokenizedPair
 from dpo_jax.data.packing import batch_stats
 from dpo_jax.models import ModelConfig, init_decoder
@@ -90,32 +90,32 @@ def model_config(case: dict) -> ModelConfig:
 
 
 def time_layout(graphdef, params, pairs, batch, steps, layout, max_logits_mb, counts, peak) -> dict:
-    layout = dataclasses.replace(layout, attention_cost=throughput.attention_cost(counts))  # as train.make_layout
+    layout = dataclasses.replace(layout, attention_cost=throughput.attention_cost(counts))  # as inputs.make_layout
     loader = PreferenceLoader(pairs, batch, seed=0, layout=layout)
     batches = []
     for _, b in loader.iterate(0, steps):
-        b["ref_logps"] = np.full((*b["index"].shape, 2), -60.0, np.float32)
+        b = b.replace(ref_logps_GxPx2=np.full((*b.index_GxP.shape, 2), -60.0, np.float32))
         batches.append(b)
     stats = [batch_stats(b) for b in batches]
     flops = sum(throughput.step_flops(counts, s) for s in stats)
-    sc = train.StepConfig("dpo", max_logits_mb=max_logits_mb)
-    tx = train.make_optimizer(train.optim_section(learning_rate=1e-5, warmup_steps=0), 1000)
+    sc = step.StepConfig("dpo", max_logits_mb=max_logits_mb)
+    tx = step.make_optimizer(step.optim_section(learning_rate=1e-5, warmup_steps=0), 1000)
 
     def init(p):
         return init_state(p, tx, HParams.create(), 0)
 
     state = jax.jit(init)(params)
-    step = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, sc=sc), donate_argnums=0)
+    train_fn = jax.jit(functools.partial(step.train_step, graphdef=graphdef, tx=tx, sc=sc), donate_argnums=0)
     device_batches = [jax.device_put(b) for b in batches]
     t0 = time.perf_counter()
     for b in device_batches:  # compile every shape once
-        state, m = step(state, b, None)
+        state, m = train_fn(state, b, None)
     jax.block_until_ready(m)
     compile_and_first = time.perf_counter() - t0
     times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for b in device_batches:  # each step on its own clock; the median, as for TRL below
         t0 = time.perf_counter()
-        state, m = step(state, b, None)
+        state, m = train_fn(state, b, None)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults

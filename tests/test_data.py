@@ -107,13 +107,13 @@ def test_completion_tokens_are_exactly_the_scored_tokens(tmp_path, tok):
     batch = PreferenceLoader(pairs, 3, shuffle=False, layout=padded).batch(0)
     for i, row in enumerate(ROWS):
         for j, key in enumerate(("chosen", "rejected")):
-            entries = (batch["score_mask"][0] == 1) & (batch["score_seq"][0] == 2 * i + j)  # one block: pair i
+            entries = (batch.score_mask_ZxS[0] == 1) & (batch.score_seq_ZxS[0] == 2 * i + j)  # one block: pair i
             expected = [tok.tokenizer.token_to_id(c) for c in row[key]] + [tok.eos_token_id]
-            assert batch["score_target"][0][entries].tolist() == expected
+            assert batch.score_target_ZxS[0][entries].tolist() == expected
             # each scored token is predicted by the slot before it, in its own row
-            flat = batch["tokens"].reshape(-1)
-            assert (flat[batch["score_src"][0][entries] + 1] == batch["score_target"][0][entries]).all()
-            real = batch["tokens"][i, j][batch["segment_ids"][i, j] > 0]
+            flat = batch.tokens_GxKxT.reshape(-1)
+            assert (flat[batch.score_src_ZxS[0][entries] + 1] == batch.score_target_ZxS[0][entries]).all()
+            real = batch.tokens_GxKxT[i, j][batch.segment_ids_GxKxT[i, j] > 0]
             prompt = [tok.bos_token_id] + [tok.tokenizer.token_to_id(c) for c in row["prompt"]]
             assert real.tolist() == prompt + expected
 
@@ -420,7 +420,7 @@ def task_pairs(tok, tmp_path_factory):
 
 def test_fixed_shapes_from_buckets(task_pairs):
     loader = PreferenceLoader(task_pairs, 16, layout=Layout("padded", share_prompt=False, buckets=(8, 16, 64)))
-    shapes = {loader.batch(s)["tokens"].shape for s in range(30)}
+    shapes = {loader.batch(s).tokens_GxKxT.shape for s in range(30)}
     assert shapes == {(16, 2, 16)}  # every sequence is 7 + 7 tokens: the 16 bucket
 
 
@@ -429,8 +429,8 @@ def test_resume_at_any_step_equals_uninterrupted(task_pairs):
     uninterrupted = [b for _, b in loader.iterate(0, 30)]
     resumed = [b for _, b in PreferenceLoader(task_pairs, 16, seed=3).iterate(17, 13)]
     for a, b in zip(uninterrupted[17:], resumed, strict=True):
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k])
+        for k, x in a.arrays().items():
+            np.testing.assert_array_equal(x, getattr(b, k))
 
 
 def test_epochs_cover_rows_once_and_reshuffle(task_pairs):
@@ -454,10 +454,10 @@ def test_two_hosts_see_every_row_once_per_epoch(task_pairs, layout):
     seen = []
     for step in range(hosts[0].steps_per_epoch):
         batches = [h.batch(step) for h in hosts]
-        for k in batches[0]:
-            assert batches[0][k].shape == batches[1][k].shape
+        for k, x in batches[0].arrays().items():
+            assert x.shape == getattr(batches[1], k).shape
         for b in batches:
-            seen.extend(b["index"][b["valid"] == 1].tolist())
+            seen.extend(b.index_GxP[b.valid_GxP == 1].tolist())
     assert sorted(seen) == list(range(len(task_pairs)))
 
 
@@ -465,11 +465,11 @@ def test_last_batch_padding_is_marked_invalid(task_pairs):
     padded = Layout("padded", share_prompt=False)
     loader = PreferenceLoader(task_pairs, 16, shuffle=False, drop_last=False, layout=padded)
     last = loader.batch(loader.steps_per_epoch - 1)
-    assert last["valid"].sum() == 203 % 16 and (last["index"][last["valid"] == 0] == -1).all()
-    empty = last["valid"][:, 0] == 0
-    assert (last["segment_ids"][empty] == 0).all()
-    assert last["score_mask"].sum() == sum(len(task_pairs[i].chosen) + len(task_pairs[i].rejected)
-                                           for i in last["index"][~empty, 0])  # fmt: skip
+    assert last.valid_GxP.sum() == 203 % 16 and (last.index_GxP[last.valid_GxP == 0] == -1).all()
+    empty = last.valid_GxP[:, 0] == 0
+    assert (last.segment_ids_GxKxT[empty] == 0).all()
+    assert last.score_mask_ZxS.sum() == sum(len(task_pairs[i].chosen) + len(task_pairs[i].rejected)
+                                           for i in last.index_GxP[~empty, 0])  # fmt: skip
 
 
 def test_global_arrays_on_8_devices(task_pairs):
@@ -480,10 +480,10 @@ def test_global_arrays_on_8_devices(task_pairs):
         task_pairs, 16, layout=Layout("padded", share_prompt=False, buckets=(16,), row_multiple=8)
     ).batch(0)
     arrays = to_global(batch, mesh)
-    assert arrays["tokens"].shape == (16, 2, 16) and len(arrays["tokens"].sharding.device_set) == 8
-    np.testing.assert_array_equal(np.asarray(arrays["tokens"]), batch["tokens"])
-    flat = np.asarray(jax.jit(lambda t: t.reshape(32, 16))(arrays["tokens"]))
-    np.testing.assert_array_equal(flat[0::2], batch["tokens"][:, 0])  # pair-major: chosen rows are even
+    assert arrays.tokens_GxKxT.shape == (16, 2, 16) and len(arrays.tokens_GxKxT.sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(arrays.tokens_GxKxT), batch.tokens_GxKxT)
+    flat = np.asarray(jax.jit(lambda t: t.reshape(32, 16))(arrays.tokens_GxKxT))
+    np.testing.assert_array_equal(flat[0::2], batch.tokens_GxKxT[:, 0])  # pair-major: chosen rows are even
 
 
 # --- Synthetic task ---------------------------------------------------------------------------------------------

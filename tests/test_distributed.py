@@ -18,7 +18,8 @@ from safetensors.numpy import load_file
 from test_train import ROOT, TINY, cli, tiny_config
 
 from dpo_jax import train
-from dpo_jax.evaluate import read_history
+from dpo_jax.errors import NonFiniteLoss
+from dpo_jax.outputs import read_history
 
 
 def _wait_for_checkpoint(proc, directory: Path, step: int, timeout=240):
@@ -85,7 +86,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         cache_dir=tmp_path / "cache",
     )
     cfg.export_hf = False
-    with pytest.raises(train.NonFiniteLoss, match=r"NaN/Inf at step (\d+).*Last good checkpoint: ") as err:
+    with pytest.raises(NonFiniteLoss, match=r"NaN/Inf at step (\d+).*Last good checkpoint: ") as err:
         train.train(cfg, tmp_path / "run", devices=jax.devices()[:1])
     assert "None" not in str(err.value)  # no checkpoint yet reads "none yet in <folder> (a rerun starts ...)"
     assert ("none yet in" in str(err.value)) == (not (tmp_path / "run/dpo/checkpoints/5").exists())

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dpo_jax import evaluate
+from dpo_jax import evaluate, outputs
 
 
 def _row(step, chosen, rejected, margin):
@@ -40,6 +40,6 @@ def test_plots_mark_where_the_diagnostic_fired(tmp_path):
         {"step": 20, "eval/loss": 0.5, "eval/logratio/chosen_per_token": -0.3},
         {"step": 20, evaluate.FALLING_CHOSEN: -0.3},
     ]
-    titles = [t for t, _ in evaluate.plot_panels(history)]
+    titles = [t for t, _ in outputs.plot_panels(history)]
     assert "log pi - log pi_ref per token" in titles
-    assert evaluate.write_plots(history, {}, tmp_path / "plots.png").stat().st_size > 0
+    assert outputs.write_plots(history, {}, tmp_path / "plots.png").stat().st_size > 0

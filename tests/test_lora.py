@@ -17,13 +17,13 @@ from flax import nnx
 from test_hf import our_logits, torch_logits
 from test_train import step_setup, tiny_config  # noqa: F401 (a fixture)
 
-from dpo_jax import hf, lora, sharding, train
+from dpo_jax import builders, hf, lora, sharding, step, train
 from dpo_jax.config import ConfigError, validate
 from dpo_jax.data import synthetic
-from dpo_jax.evaluate import read_history
 from dpo_jax.models import ModelConfig, init_decoder
 from dpo_jax.models.config import LORA_TARGETS
 from dpo_jax.models.llama import Linear
+from dpo_jax.outputs import read_history
 from dpo_jax.state import HParams, init_state
 
 
@@ -172,7 +172,7 @@ def test_lora_run_trains_the_adapters_alone(tmp_path):
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "int8" / "hf")
     assert all(p.dtype == torch.float32 for p in exported.parameters())  # the merged model, dequantized
 
-    initial = train.build_model(cfg, synthetic.build_tokenizer())
+    initial = builders.build_model(cfg, synthetic.build_tokenizer())
     init = nnx.to_pure_dict(nnx.state(initial))
     exported = nnx.to_pure_dict(nnx.state(hf.load_pretrained(tmp_path / "cached" / "hf")[0]))
     flat_init, flat_out = nnx.traversals.flatten_mapping(init), nnx.traversals.flatten_mapping(exported)
@@ -250,7 +250,7 @@ def test_lora_dropout_acts_in_training_steps_only(step_setup):  # noqa: F811 (te
     function of (seed, step) (a resumed step draws the same ones) and change from step to step."""
     graphdef, params, batch = step_setup
     tiny = nnx.merge(graphdef, params)
-    ids = jnp.asarray(batch["tokens"].reshape(-1, batch["tokens"].shape[-1]))
+    ids = jnp.asarray(batch.tokens_GxKxT.reshape(-1, batch.tokens_GxKxT.shape[-1]))
     models, losses = {}, {}
     for p in (0.0, 0.5):
         g, state_params = nnx.split(lora.attach(tiny, rank=4, alpha=8.0, target_names=LORA_TARGETS, dropout=p))
@@ -260,12 +260,12 @@ def test_lora_dropout_acts_in_training_steps_only(step_setup):  # noqa: F811 (te
         adapters = jax.tree.map(lambda a, k: a + 0.3 * jax.random.normal(k, a.shape), adapters, noise)
         models[p] = nnx.merge(g, lora.compose(adapters, base))
         off = nnx.merge(g, lora.compose(lora.off(adapters), base))
-        tx = train.make_optimizer(train.optim_section(learning_rate=1e-3, warmup_steps=0), 10)
-        sc = train.StepConfig("dpo", frozen_reference=True, lora=True)
-        fn = jax.jit(functools.partial(train.train_step, graphdef=g, tx=tx, sc=sc))
-        for seed, step in ((0, 0), (0, 0), (0, 1), (1, 0)) if p else ():
-            state = init_state(adapters, tx, HParams.create(), seed).replace(step=jnp.int32(step))
-            losses.setdefault((p, seed, step), []).append(float(fn(state, batch, base)[1]["loss"]))
+        tx = step.make_optimizer(step.optim_section(learning_rate=1e-3, warmup_steps=0), 10)
+        sc = step.StepConfig("dpo", frozen_reference=True, lora=True)
+        fn = jax.jit(functools.partial(step.train_step, graphdef=g, tx=tx, sc=sc))
+        for seed, at in ((0, 0), (0, 0), (0, 1), (1, 0)) if p else ():
+            state = init_state(adapters, tx, HParams.create(), seed).replace(step=jnp.int32(at))
+            losses.setdefault((p, seed, at), []).append(float(fn(state, batch, base)[1]["loss"]))
 
     def run(m, k=None):
         keys = None if k is None else jax.random.split(k, ids.size).reshape(ids.shape)

@@ -20,6 +20,7 @@ import trl.experimental.orpo.orpo_trainer as trl_orpo
 import trl.trainer.dpo_trainer as trl_dpo
 import trl.trainer.kto_trainer as trl_kto
 
+from dpo_jax import builders, scoring, step
 from dpo_jax.losses import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, preference_loss
 
 B, T = 6, 14  # pairs, token slots per sequence (first slot is the prompt's last token)
@@ -281,12 +282,11 @@ def _tiny_model():
     from dpo_jax.configs.default import get_config
     from flax import nnx
 
-    from dpo_jax import train
     from dpo_jax.data import synthetic
 
     cfg = get_config()
     cfg.model.update(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
-    return nnx.split(train.build_model(cfg, synthetic.build_tokenizer()))
+    return nnx.split(builders.build_model(cfg, synthetic.build_tokenizer()))
 
 
 def _pairs(vocab, n=6, seed=0):
@@ -335,26 +335,25 @@ def model_case():
 
     pairs = _pairs(synthetic.build_tokenizer().vocab_size)
     loader = PreferenceLoader(pairs, len(pairs), shuffle=False, drop_last=False, layout=Layout(share_prompt=True))
-    batch = {k: jnp.asarray(v) for k, v in loader.batch(0).items()}
-    valid = np.asarray(batch["valid"]).reshape(-1) > 0
-    order = np.asarray(batch["index"]).reshape(-1)[valid]
+    batch = jax.tree.map(jnp.asarray, loader.batch(0))
+    valid = np.asarray(batch.valid_GxP).reshape(-1) > 0
+    order = np.asarray(batch.index_GxP).reshape(-1)[valid]
     case = _trl_case(graphdef, params, ref_params, [pairs[i] for i in order])
     return graphdef, params, ref_params, batch, valid, case
 
 
 @pytest.mark.parametrize("ld_alpha,wpo", [(0.3, False), (0.0, False), (1.0, True), (0.5, True)])
 def test_ld_dpo_and_wpo_equal_trl_on_the_model_log_probs(model_case, ld_alpha, wpo):
-    """Our packed, shared-prompt batch through the scored-token head (train.pair_losses) vs TRL's _compute_loss
+    """Our packed, shared-prompt batch through the scored-token head (step.pair_losses) vs TRL's _compute_loss
     given each sequence's per-token log-probs (and log sum p^2) from the full logits."""
-    from dpo_jax import train
     from dpo_jax.state import HParams
 
     graphdef, params, ref_params, batch, valid, case = model_case
-    sc = train.StepConfig("dpo", ("sigmoid",), ld=ld_alpha != 1.0, wpo=wpo)
+    sc = step.StepConfig("dpo", ("sigmoid",), ld=ld_alpha != 1.0, wpo=wpo)
     hp = HParams.create(beta=0.5, ld_alpha=ld_alpha)
-    stats = train.scoring.pair_stats(graphdef, params, batch, tails=sc.ld, wpo=wpo)
-    ref = train.reference_logps(graphdef, batch, ref_params, hp, sc, cached=False)
-    losses, _ = train.pair_losses(stats, ref, batch, hp, sc)
+    stats = scoring.pair_stats(graphdef, params, batch, tails=sc.ld, wpo=wpo)
+    ref = step.reference_logps(graphdef, batch, ref_params, hp, sc, cached=False)
+    losses, _ = step.pair_losses(stats, ref, batch, hp, sc)
     got = float(np.asarray(losses)[valid].mean())
 
     global B

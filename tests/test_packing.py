@@ -62,19 +62,19 @@ def layout_logps(graphdef, params, pairs, layout, batch_size, dropout_key=None):
     """[N, 2] log-probs, and a function of params giving a fixed random combination of them (for gradients)."""
     loader = PreferenceLoader(pairs, batch_size, shuffle=False, drop_last=False, layout=layout)
     coeffs = np.random.default_rng(1).normal(size=(len(pairs), 2))
-    batches = [{k: jnp.asarray(v) for k, v in b.items()} for _, b in loader.epoch(0)]
+    batches = [jax.tree.map(jnp.asarray, b) for _, b in loader.epoch(0)]
     out = np.zeros((len(pairs), 2))
     score = jax.jit(lambda p, b: scoring.pair_logps(graphdef, p, b, dropout_key=dropout_key)[0])
     for b in batches:
         logps = np.asarray(score(params, b))
-        index = np.asarray(b["index"]).reshape(-1)
+        index = np.asarray(b.index_GxP).reshape(-1)
         out[index[index >= 0]] = logps[index >= 0]
 
     def combination(params):
         total = 0.0
         for b in batches:
             logps = scoring.pair_logps(graphdef, params, b, dropout_key=dropout_key)[0]
-            index = b["index"].reshape(-1)
+            index = b.index_GxP.reshape(-1)
             c = jnp.asarray(coeffs)[jnp.maximum(index, 0)] * (index >= 0)[:, None]
             total = total + jnp.sum(logps * c)
         return total
@@ -157,7 +157,7 @@ def test_chunked_head_equals_materialised_logits(models):
     _, graphdef, params = models["llama3"]
     pairs = make_pairs(6)
     loader = PreferenceLoader(pairs, 6, shuffle=False, layout=Layout())
-    batch = {k: jnp.asarray(v) for k, v in loader.batch(0).items()}
+    batch = jax.tree.map(jnp.asarray, loader.batch(0))
 
     def f(p, mb):
         return jnp.sum(scoring.pair_logps(graphdef, p, batch, max_logits_mb=mb, token_chunk=8, vocab_chunk=16)[0])
@@ -177,14 +177,14 @@ def test_one_pair_per_row_and_many_pairs_per_row():
     one = PreferenceLoader(pairs, 16, shuffle=False, layout=Layout(row_length=max(units)))
     many = PreferenceLoader(pairs, 16, shuffle=False, layout=Layout(row_length=8 * max(units)))
     b1, bm = one.batch(0), many.batch(0)
-    assert b1["valid"].sum() == bm["valid"].sum() == 16
-    assert b1["valid"].sum(1).max() <= 2  # the longest pairs sit alone
-    assert bm["valid"].sum(1).max() >= 6
+    assert b1.valid_GxP.sum() == bm.valid_GxP.sum() == 16
+    assert b1.valid_GxP.sum(1).max() <= 2  # the longest pairs sit alone
+    assert bm.valid_GxP.sum(1).max() >= 6
     for b, row in ((b1, max(units)), (bm, 8 * max(units))):
-        assert b["tokens"].shape[-1] == row
+        assert b.tokens_GxKxT.shape[-1] == row
         # every row holds whole pairs, within its length; segments are contiguous
-        assert ((b["segment_ids"] > 0).sum(-1) <= row).all()
-        real = (b["segment_ids"] > 0).sum()
+        assert ((b.segment_ids_GxKxT > 0).sum(-1) <= row).all()
+        real = (b.segment_ids_GxKxT > 0).sum()
         assert real == sum(units)
 
 
@@ -201,7 +201,7 @@ def test_auto_row_length_fits_the_longest_and_rows_are_a_multiple_of_devices():
     assert loader.row_length >= max(packing.unit_length(p, Layout()) for p in pairs)
     for step in range(4):
         b = loader.batch(step)
-        assert b["tokens"].shape[0] % 8 == 0 and b["valid"].sum() == 32
+        assert b.tokens_GxKxT.shape[0] % 8 == 0 and b.valid_GxP.sum() == 32
 
 
 def test_auto_row_length_weighs_attention():
@@ -218,13 +218,13 @@ def test_shared_row_masks_and_positions():
     predicted by the last prompt slot."""
     p = TokenizedPair(np.array([5, 6, 7], np.int32), np.array([8, 9], np.int32), np.array([10, 11, 12], np.int32), 1, 1)
     b = PreferenceLoader([p], 1, layout=Layout(row_length=8)).batch(0)
-    assert b["tokens"][0, 0].tolist() == [5, 6, 7, 8, 9, 10, 11, 12]
-    assert b["positions"][0, 0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]
-    assert b["branch"][0, 0].tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
-    n = int(b["score_mask"].sum())
-    assert b["score_src"][0, :n].tolist() == [2, 3, 2, 5, 6]
-    assert b["score_target"][0, :n].tolist() == [8, 9, 10, 11, 12]
-    assert b["score_seq"][0, :n].tolist() == [0, 0, 1, 1, 1]
+    assert b.tokens_GxKxT[0, 0].tolist() == [5, 6, 7, 8, 9, 10, 11, 12]
+    assert b.positions_GxKxT[0, 0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]
+    assert b.branch_GxKxT[0, 0].tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+    n = int(b.score_mask_ZxS.sum())
+    assert b.score_src_ZxS[0, :n].tolist() == [2, 3, 2, 5, 6]
+    assert b.score_target_ZxS[0, :n].tolist() == [8, 9, 10, 11, 12]
+    assert b.score_seq_ZxS[0, :n].tolist() == [0, 0, 1, 1, 1]
 
 
 def test_round_up_grid():
@@ -269,10 +269,10 @@ def test_a_loader_with_few_shapes_holds_the_same_pairs():
     for step in range(60):
         a, b = grid.batch(step), few.batch(step)
         for name, batch in (("grid", a), ("few", b)):
-            shapes[name].add(tuple(batch[k].shape for k in ("tokens", "score_src", "valid")))
-        assert sorted(a["index"][a["index"] >= 0]) == sorted(b["index"][b["index"] >= 0])
-        assert a["score_mask"].sum() == b["score_mask"].sum() and (a["segment_ids"] > 0).sum() == (
-            b["segment_ids"] > 0).sum()  # fmt: skip
+            shapes[name].add((batch.tokens_GxKxT.shape, batch.score_src_ZxS.shape, batch.valid_GxP.shape))
+        assert sorted(a.index_GxP[a.index_GxP >= 0]) == sorted(b.index_GxP[b.index_GxP >= 0])
+        assert a.score_mask_ZxS.sum() == b.score_mask_ZxS.sum() and (a.segment_ids_GxKxT > 0).sum() == (
+            b.segment_ids_GxKxT > 0).sum()  # fmt: skip
     assert len(shapes["few"]) <= 3 < len(shapes["grid"])
 
 
@@ -283,10 +283,10 @@ def test_padded_member_batches_score_the_same(models):
     batches = [PreferenceLoader(pairs, 8, seed=s, layout=Layout(row_multiple=2)).batch(0) for s in (0, 1, 2)]
     score = jax.jit(lambda b: scoring.pair_logps(graphdef, params, b)[0])
     for before, after in zip(batches, packing_pad(batches), strict=True):
-        index = before["index"].reshape(-1)
+        index = before.index_GxP.reshape(-1)
         expected = np.asarray(score(before))[index >= 0]
-        got_index = after["index"].reshape(-1)
+        got_index = after.index_GxP.reshape(-1)
         got = np.asarray(score(after))
         order = {int(i): n for n, i in enumerate(got_index) if i >= 0}
         np.testing.assert_allclose(got[[order[int(i)] for i in index[index >= 0]]], expected, rtol=1e-6)
-    assert len({tuple(b["tokens"].shape) for b in batches}) > 1 or len({b["score_src"].shape for b in batches}) > 1
+    assert len({tuple(b.tokens_GxKxT.shape) for b in batches}) > 1 or len({b.score_src_ZxS.shape for b in batches}) > 1

@@ -14,7 +14,7 @@ from test_train import tiny_config
 from dpo_jax import checkpoint, rewards, rounds, signals
 from dpo_jax.config import ConfigError
 from dpo_jax.errors import WorkdirError
-from dpo_jax.evaluate import read_history
+from dpo_jax.outputs import read_history
 from dpo_jax.signals import Preempted
 
 ROUNDS = ["rounds.num=2", "rounds.samples=4", "rounds.prompts=48", "optim.steps=10", "eval.every=10"]

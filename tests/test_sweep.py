@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from test_train import TINY, tiny_config
 
-from dpo_jax import sweep, train
+from dpo_jax import runs, sweep
 from dpo_jax.config import ConfigError
-from dpo_jax.evaluate import read_history
+from dpo_jax.loop import StepCache
+from dpo_jax.outputs import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,9 +58,9 @@ def _base():
 @pytest.fixture(scope="module")
 def sequential(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("seq")
-    before = len(train._STEP_FNS)
-    rows = sweep.run_sweep(SPEC, workdir, base=_base(), members=MEMBERS, devices=jax.devices()[:1])
-    return workdir, rows, len(train._STEP_FNS) - before
+    cache = StepCache()
+    rows = sweep.run_sweep(SPEC, workdir, base=_base(), members=MEMBERS, devices=jax.devices()[:1], cache=cache)
+    return workdir, rows, len(cache.programs)
 
 
 def test_sequential_sweep_shares_compile_sft_and_reference_and_resumes(sequential, capsys):
@@ -70,7 +71,7 @@ def test_sequential_sweep_shares_compile_sft_and_reference_and_resumes(sequentia
     # the member with another loss mix (run alone, its step computes its own types only).
     assert new_steps == 4
     assert len(list((workdir / "_shared").iterdir())) == 1 and not (workdir / rows[1]["member"] / "sft").exists()
-    assert all(train.load_summary(workdir / r["member"])["reference/cache_hit"] for r in rows[1:])
+    assert all(runs.load_summary(workdir / r["member"])["reference/cache_hit"] for r in rows[1:])
     assert rows[0]["eval/rewards/margins"] != rows[1]["eval/rewards/margins"]  # beta really differs
     with (workdir / "summary.csv").open() as f:
         assert [r["member"] for r in csv.DictReader(f)] == [r["member"] for r in rows]
@@ -107,7 +108,7 @@ def _assert_members_equal(seq_dir, seq, out_dir, out=None, *, eval_keys=("eval/l
         assert [r["member"] for r in out] == [r["member"] for r in seq]
     for row in seq:
         name = row["member"]
-        got = train.load_summary(out_dir / name)
+        got = runs.load_summary(out_dir / name)
         for key in eval_keys:
             assert got[key] == pytest.approx(row[key], rel=1e-4, abs=1e-6), (name, key)
         s_hist, v_hist = read_history(seq_dir / name / "metrics.jsonl"), read_history(out_dir / name / "metrics.jsonl")
@@ -130,7 +131,7 @@ def test_vectorized_members_equal_sequential_runs(sequential, tmp_path):
         assert (member / "hf/model.safetensors").exists() and (member / "plots.png").exists()
         assert sorted(p.name for p in (member / "dpo/checkpoints").iterdir() if p.name.isdigit())[-1] == "8"
         assert list((member / "wandb").glob("offline-run-*"))
-        assert train.load_summary(member)["population/members"] == len(MEMBERS)
+        assert runs.load_summary(member)["population/members"] == len(MEMBERS)
     # Resume: lose every member's last checkpoint and summary; the population restarts from step 5 (the members'
     # own checkpoints), redoes steps 6-8 and logs them once, with the same losses.
     before = {n: read_history(tmp_path / n / "metrics.jsonl") for n in (r["member"] for r in seq)}

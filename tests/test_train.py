@@ -14,7 +14,7 @@ import pytest
 from conftest import COMMON
 from flax import nnx
 
-from dpo_jax import evaluate, sharding, train
+from dpo_jax import builders, evaluate, inputs, outputs, sharding, step, train
 from dpo_jax.config import ConfigError, load_config_file, validate
 from dpo_jax.data import (
     Layout,
@@ -24,8 +24,9 @@ from dpo_jax.data import (
     synthetic,
     tokenize_examples,
 )
-from dpo_jax.evaluate import read_history
+from dpo_jax.errors import NonFiniteLoss, Notes
 from dpo_jax.hf import load_pretrained
+from dpo_jax.outputs import read_history
 from dpo_jax.state import HParams, init_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,10 +129,10 @@ def test_end_to_end_outputs(tmp_path):
 
     height, width = matplotlib.image.imread(run / "plots.png").shape[:2]
     assert width < 3 * height  # panels in a grid, three to a row (a row of six was 7.4 times wider than high)
-    titles = [t for t, _ in evaluate.plot_panels(history)]
-    assert "true reward of samples" in titles and len(titles) == len(evaluate.PLOTS)
+    titles = [t for t, _ in outputs.plot_panels(history)]
+    assert "true reward of samples" in titles and len(titles) == len(outputs.PLOTS)
     no_reward = [{k: v for k, v in r.items() if not k.startswith("eval/reward")} for r in history]
-    assert "true reward of samples" not in [t for t, _ in evaluate.plot_panels(no_reward)]  # a files task
+    assert "true reward of samples" not in [t for t, _ in outputs.plot_panels(no_reward)]  # a files task
     # Healthy at this learning rate: the chosen completions gain likelihood, the diagnostic stays silent.
     assert history[-1]["eval/logratio/chosen_per_token"] > 0
     assert not any(evaluate.FALLING_CHOSEN in r for r in history) and "warnings" not in summary
@@ -191,22 +192,22 @@ def step_setup(tmp_path_factory):
         load_examples(paths["train"])[0], tok, TokenizeConfig(max_length=16, max_prompt_length=8)
     )
     cfg = tiny_config()
-    model = train.build_model(cfg, tok)
+    model = builders.build_model(cfg, tok)
     graphdef, params = nnx.split(model)
     # packed rows (a multiple of 4, for 4 micro-batches) that hold different numbers of pairs
     row = 3 * max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs[:8])
     batch = PreferenceLoader(pairs[:8], 8, layout=Layout(row_multiple=4, row_length=row)).batch(0)
-    assert len(set(batch["valid"].sum(1).tolist())) > 1
-    return graphdef, params, {k: jnp.asarray(v) for k, v in batch.items()}
+    assert len(set(batch.valid_GxP.sum(1).tolist())) > 1
+    return graphdef, params, jax.tree.map(jnp.asarray, batch)
 
 
 def _step(setup, sc, hparams=None, reference=None, ref_logps=None):
     graphdef, params, batch = setup
-    tx = train.make_optimizer(train.optim_section(learning_rate=1e-3, warmup_steps=0), 10)
+    tx = step.make_optimizer(step.optim_section(learning_rate=1e-3, warmup_steps=0), 10)
     state = init_state(params, tx, HParams.create(**(hparams or {})), 0)
     if ref_logps is not None:
-        batch = {**batch, "ref_logps": ref_logps}
-    fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, sc=sc))
+        batch = batch.replace(ref_logps_GxPx2=ref_logps)
+    fn = jax.jit(functools.partial(step.train_step, graphdef=graphdef, tx=tx, sc=sc))
     return fn, state, batch, reference
 
 
@@ -215,10 +216,10 @@ def test_frozen_and_cached_reference_agree(step_setup):
     from dpo_jax import scoring
 
     ref = jax.tree.map(lambda x: x * 1.01, params)  # a reference that differs from the policy
-    ref_logps = scoring.pair_logps(graphdef, ref, batch)[0].reshape(*batch["index"].shape, 2)
-    fn, state, b, _ = _step(step_setup, train.StepConfig("dpo", frozen_reference=True))
+    ref_logps = scoring.pair_logps(graphdef, ref, batch)[0].reshape(*batch.index_GxP.shape, 2)
+    fn, state, b, _ = _step(step_setup, step.StepConfig("dpo", frozen_reference=True))
     frozen_state, frozen_m = fn(state, b, ref)
-    fn, state, b, _ = _step(step_setup, train.StepConfig("dpo"), ref_logps=ref_logps)
+    fn, state, b, _ = _step(step_setup, step.StepConfig("dpo"), ref_logps=ref_logps)
     cached_state, cached_m = fn(state, b, None)
     np.testing.assert_allclose(frozen_m["loss"], cached_m["loss"], rtol=1e-6)
     for x, y in zip(jax.tree.leaves(frozen_state.params), jax.tree.leaves(cached_state.params), strict=True):
@@ -227,10 +228,10 @@ def test_frozen_and_cached_reference_agree(step_setup):
 
 def test_gradient_accumulation_equals_one_big_batch(step_setup):
     graphdef, params, batch = step_setup
-    ref_logps = jnp.asarray(np.random.default_rng(0).normal(-20, 1, size=(*batch["index"].shape, 2)), jnp.float32)
+    ref_logps = jnp.asarray(np.random.default_rng(0).normal(-20, 1, size=(*batch.index_GxP.shape, 2)), jnp.float32)
     results = []
     for accum in (1, 2, 4):
-        fn, state, b, _ = _step(step_setup, train.StepConfig("dpo", grad_accum=accum), ref_logps=ref_logps)
+        fn, state, b, _ = _step(step_setup, step.StepConfig("dpo", grad_accum=accum), ref_logps=ref_logps)
         results.append(fn(state, b, None))
     for new_state, metrics in results[1:]:
         np.testing.assert_allclose(metrics["loss"], results[0][1]["loss"], rtol=1e-5)
@@ -240,8 +241,8 @@ def test_gradient_accumulation_equals_one_big_batch(step_setup):
 
 
 def test_beta_and_smoothing_are_traced_one_compile(step_setup):
-    ref_logps = jnp.full((*step_setup[2]["index"].shape, 2), -20.0)
-    fn, state, b, _ = _step(step_setup, train.StepConfig("dpo"), ref_logps=ref_logps)
+    ref_logps = jnp.full((*step_setup[2].index_GxP.shape, 2), -20.0)
+    fn, state, b, _ = _step(step_setup, step.StepConfig("dpo"), ref_logps=ref_logps)
     losses = []
     for beta, eps in ((0.1, 0.0), (0.5, 0.2), (2.0, 0.1)):
         s = state.replace(hparams=state.hparams.replace(beta=jnp.float32(beta), label_smoothing=jnp.float32(eps)))
@@ -251,8 +252,8 @@ def test_beta_and_smoothing_are_traced_one_compile(step_setup):
 
 def test_state_shardings_cover_optimizer_moments():
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    graphdef, params = nnx.split(train.build_model(tiny_config(), synthetic.build_tokenizer()))
-    tx = train.make_optimizer(train.optim_section(learning_rate=1e-3, warmup_steps=2), 10)
+    graphdef, params = nnx.split(builders.build_model(tiny_config(), synthetic.build_tokenizer()))
+    tx = step.make_optimizer(step.optim_section(learning_rate=1e-3, warmup_steps=2), 10)
     abstract = jax.eval_shape(lambda p: init_state(p, tx, HParams.create(), 0), params)
     sh = sharding.tree_shardings(abstract, mesh)
     specs = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(sh)}
@@ -266,11 +267,11 @@ def test_optimizer_is_optax_clip_then_adamw(scale):
     values, over steps with and without clipping (so checkpoints of either restore into the other)."""
     import optax
 
-    o = train.optim_section(learning_rate=1e-2, warmup_steps=2, clip_norm=1.0, weight_decay=0.1)
-    tx = train.make_optimizer(o, 10)
-    schedule = train.lr_schedule(o["learning_rate"], 10, o["warmup_steps"], o["schedule"], o["end_lr_fraction"])
+    o = step.optim_section(learning_rate=1e-2, warmup_steps=2, clip_norm=1.0, weight_decay=0.1)
+    tx = step.make_optimizer(o, 10)
+    schedule = step.lr_schedule(o["learning_rate"], 10, o["warmup_steps"], o["schedule"], o["end_lr_fraction"])
     adamw = optax.inject_hyperparams(optax.adamw)(
-        learning_rate=schedule, b1=o["b1"], b2=o["b2"], weight_decay=o["weight_decay"], mask=train.decay_mask
+        learning_rate=schedule, b1=o["b1"], b2=o["b2"], weight_decay=o["weight_decay"], mask=step.decay_mask
     )
     oracle = optax.chain(optax.clip_by_global_norm(1.0), adamw)
     rng = np.random.default_rng(0)
@@ -321,16 +322,16 @@ def test_the_export_keeps_the_sources_generation_config_as_it_was(tmp_path):
                      bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
     tok = synthetic.build_tokenizer()
     cfg = tiny_config('model.init="hf"', f'model.hf_path="{tmp_path}"')
-    assert evaluate.generation_config(mc, tok, cfg) == source
-    scratch = evaluate.generation_config(mc, tok, tiny_config())  # no source: the special tokens only
+    assert outputs.generation_config(mc, tok, cfg) == source
+    scratch = outputs.generation_config(mc, tok, tiny_config())  # no source: the special tokens only
     assert scratch == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
 
 def test_nonfinite_parameters_are_never_exported(tmp_path, step_setup):
     graphdef, params, _ = step_setup
     bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.inf) if x.ndim else x, params)
-    with pytest.raises(train.NonFiniteLoss, match="contain NaN/Inf: not exported"):
-        evaluate.write_outputs(tiny_config(), tmp_path, graphdef, bad, synthetic.build_tokenizer(), {})
+    with pytest.raises(NonFiniteLoss, match="contain NaN/Inf: not exported"):
+        outputs.write_outputs(tiny_config(), tmp_path, graphdef, bad, synthetic.build_tokenizer(), {})
     assert not list(tmp_path.iterdir())
 
 
@@ -348,9 +349,9 @@ def test_input_that_is_probably_wrong_is_warned_once(tmp_path):
     loaded = {k: load_examples(p) for k, p in paths.items()}
     tok_cfg = TokenizeConfig(max_length=cfg.data.max_length, max_prompt_length=2)
     tokenized = {k: tokenize_examples(ex, tok, tok_cfg) for k, (ex, _) in loaded.items()}
-    notes = train.Notes()
+    notes = Notes()
     for _ in range(2):  # a second pass (e.g. the eval split) does not repeat them
-        train.check_data(
+        inputs.check_data(
             cfg, paths, {k: r for k, (_, r) in loaded.items()}, {k: p for k, (p, _) in tokenized.items()},
             {k: s for k, (_, s) in tokenized.items()}, notes,
         )  # fmt: skip
@@ -365,14 +366,14 @@ def test_input_that_is_probably_wrong_is_warned_once(tmp_path):
 
 def test_a_damaged_or_stale_builtin_data_folder_is_rewritten(tmp_path):
     cfg = tiny_config()
-    _, paths = train.prepare_data(cfg, tmp_path)
+    _, paths = inputs.task_files(cfg, tmp_path)
     good = paths["train"].read_text()
     paths["train"].write_text(good[: len(good) // 2])  # what a kill mid-write used to leave
     (tmp_path / "data" / "task.json").unlink()
-    _, paths = train.prepare_data(cfg, tmp_path)
+    _, paths = inputs.task_files(cfg, tmp_path)
     assert paths["train"].read_text() == good
     cfg.synthetic.n_train = 64  # other settings: other data, not the stale folder
-    _, paths = train.prepare_data(cfg, tmp_path)
+    _, paths = inputs.task_files(cfg, tmp_path)
     assert len(paths["train"].read_text().splitlines()) == 64
 
 
@@ -392,14 +393,14 @@ def test_bco_running_moments_live_in_the_state_and_follow_the_batch_means(step_s
     """dpo.bco_delta="running": the state carries the moments; after n steps their mean is the mean of the n
     logged batch rewards (NumPy), and the loss of each step used the mean including its own batch."""
     graphdef, params, batch = step_setup
-    sc = train.StepConfig("dpo", ("bco_pair",), bco_delta="running")
-    tx = train.make_optimizer(train.optim_section(learning_rate=1e-2, warmup_steps=0), 10)
+    sc = step.StepConfig("dpo", ("bco_pair",), bco_delta="running")
+    tx = step.make_optimizer(step.optim_section(learning_rate=1e-2, warmup_steps=0), 10)
     state = init_state(params, tx, HParams.create(loss_type="bco_pair"), 0, running_moments=True)
-    ref = jnp.asarray(np.random.default_rng(0).normal(-20, 1, size=(*batch["index"].shape, 2)), jnp.float32)
-    fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, sc=sc))
+    ref = jnp.asarray(np.random.default_rng(0).normal(-20, 1, size=(*batch.index_GxP.shape, 2)), jnp.float32)
+    fn = jax.jit(functools.partial(step.train_step, graphdef=graphdef, tx=tx, sc=sc))
     means = []
     for _ in range(3):
-        state, m = fn(state, {**batch, "ref_logps": ref}, None)
+        state, m = fn(state, batch.replace(ref_logps_GxPx2=ref), None)
         means.append(float(m["bco/batch_reward"]))
         assert float(m["bco/delta"]) == pytest.approx(np.mean(means), rel=1e-4, abs=1e-6)
     assert len(set(means)) == 3  # the policy moved: each batch mean differs
@@ -411,10 +412,10 @@ def test_tr_dpo_reference_is_the_exact_mix_after_each_sync_and_the_step_reads_it
     """TR-DPO (reference.sync): untouched between syncs; after step k it is alpha * policy + (1 - alpha) * old
     (NumPy, float32, to its last bits); the next step's loss is that of a frozen reference equal to the mix."""
     graphdef, params, batch = step_setup
-    tx = train.make_optimizer(train.optim_section(learning_rate=1e-2, warmup_steps=0), 10)
+    tx = step.make_optimizer(step.optim_section(learning_rate=1e-2, warmup_steps=0), 10)
     hp = HParams.create(beta=0.5).replace(ref_mixup_alpha=np.float32(0.3), ref_sync_steps=np.int32(2))
-    sc = train.StepConfig("dpo", frozen_reference=True, sync_reference=True)
-    fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx, sc=sc))
+    sc = step.StepConfig("dpo", frozen_reference=True, sync_reference=True)
+    fn = jax.jit(functools.partial(step.train_step, graphdef=graphdef, tx=tx, sc=sc))
     state = init_state(params, tx, hp, 0, reference=params)
     initial = jax.tree.map(np.asarray, params)
     state, _ = fn(state, batch, None)  # step 1: no sync
@@ -428,8 +429,8 @@ def test_tr_dpo_reference_is_the_exact_mix_after_each_sync_and_the_step_reads_it
         ulp = np.spacing(np.maximum(np.abs(ap), np.abs(bp)))
         np.testing.assert_array_less(np.abs(np.asarray(r) - (ap + bp)), 3 * ulp + 1e-30)  # products + sum
     _, synced = fn(state, batch, None)
-    frozen_fn = jax.jit(functools.partial(train.train_step, graphdef=graphdef, tx=tx,
-                                          sc=train.StepConfig("dpo", frozen_reference=True)))  # fmt: skip
+    frozen_fn = jax.jit(functools.partial(step.train_step, graphdef=graphdef, tx=tx,
+                                          sc=step.StepConfig("dpo", frozen_reference=True)))  # fmt: skip
     _, frozen = frozen_fn(state.replace(reference=None), batch, state.reference)
     assert float(synced["loss"]) == pytest.approx(float(frozen["loss"]), rel=1e-6)
     assert float(synced["loss"]) != pytest.approx(float(fn(state.replace(reference=params), batch, None)[1]["loss"]))

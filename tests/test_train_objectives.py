@@ -12,7 +12,7 @@ from test_train import tiny_config
 
 from dpo_jax import evaluate, train
 from dpo_jax.data import DataError, synthetic
-from dpo_jax.evaluate import read_history
+from dpo_jax.outputs import read_history
 
 
 def test_policy_only_objectives_run_no_reference_pass_and_kto_trains_on_split_pairs(tmp_path):

@@ -190,7 +190,7 @@ def test_lock_is_exclusive_within_one_process_too(tmp_path):
 def test_the_sft_stage_records_its_lora_fields_and_refuses_their_change(tmp_path):
     from test_train import tiny_config
 
-    from dpo_jax.train import stage_records
+    from dpo_jax.runs import stage_records
 
     def sft_record(*extra):
         (folder, record), *_ = stage_records(tiny_config(*extra), tmp_path).items()
@@ -212,7 +212,7 @@ def test_the_sft_stage_records_its_lora_fields_and_refuses_their_change(tmp_path
 def test_data_changed_between_stop_and_resume_is_refused_unless_allowed(tmp_path):
     from test_train import tiny_config
 
-    from dpo_jax.train import stage_records
+    from dpo_jax.runs import stage_records
 
     train, evals = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     for f in (train, evals):

@@ -15,6 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from dpo_jax.errors import UserError, one_line
 
 FORMATS = ("jsonl", "json", "parquet", "hf_disk")
@@ -166,9 +169,6 @@ def _read_arrow_table(table, label: str):
 
 
 def _read_parquet(path: Path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
@@ -184,8 +184,6 @@ def _json_file(file: Path, what: str):
 
 
 def _read_hf_disk(path: Path, split: str | None):
-    import pyarrow as pa
-
     if (path / "dataset_dict.json").exists():
         splits = _json_file(path / "dataset_dict.json", "a datasets DatasetDict index").get("splits", [])
         if split is None or split not in splits:

@@ -16,11 +16,14 @@ import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 
+import jax
 import numpy as np
 
 from dpo_jax.data import packing
+from dpo_jax.data.batch import PAIRS, REFERENCE, ROWS, Batch
 from dpo_jax.data.packing import Layout
 from dpo_jax.data.tokenize import TokenizedPair
+from dpo_jax.sharding import batch_sharding, batch_slice
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -47,6 +50,9 @@ class PreferenceLoader:
     pad_id: int = 0
     process_index: int = 0
     process_count: int = 1
+    # the reference's cached log-probs of ``pairs`` ([N, 2] sums, or [N, 4] with LD-DPO tails): every batch carries
+    # its pairs' values (``Batch.ref_logps_GxPx2``); None: none attached
+    reference: np.ndarray | None = None
 
     def __post_init__(self):
         n, g = len(self.pairs), self.global_batch_size
@@ -147,43 +153,43 @@ class PreferenceLoader:
         plan["groups"] = [g for b in range(z) for g in (*groups[b * per : (b + 1) * per], *([] for _ in range(extra)))]
         return dict(**plan, length=length, scored=scored, pairs_per_group=per_group)
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        """This process's slice of the global batch at ``step``."""
+    def batch(self, step: int) -> Batch:
+        """This process's slice of the global batch at ``step`` (with the reference's values of its pairs)."""
         p = self.plan(step)
         local = len(p["groups"]) // self.process_count
         lo = self.process_index * local
-        return packing.materialize(
+        batch = packing.materialize(
             p["pairs"], p["idx"], p["groups"][lo : lo + local], self.layout,
             num_blocks=p["blocks"] // self.process_count, length=p["length"], scored=p["scored"],
             pairs_per_group=p["pairs_per_group"], pad_id=self.pad_id,
         )  # fmt: skip
+        return batch if self.reference is None else batch.with_reference(self.reference)
 
-    def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[tuple[int, dict]]:
+    def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[tuple[int, Batch]]:
         """``(step, batch)`` from ``start_step``, across epochs, forever or for ``num_steps``."""
         step = start_step
         while num_steps is None or step < start_step + num_steps:
             yield step, self.batch(step)
             step += 1
 
-    def epoch(self, epoch: int = 0) -> Iterator[tuple[int, dict]]:
+    def epoch(self, epoch: int = 0) -> Iterator[tuple[int, Batch]]:
         """The batches of one epoch (e.g. a full eval pass)."""
         return self.iterate(epoch * self.steps_per_epoch, self.steps_per_epoch)
 
 
-def pad_batches(batches: Sequence[dict]) -> list[dict]:
+def pad_batches(batches: Sequence[Batch]) -> list[Batch]:
     """Pad batches of one layout (the same number of score blocks) to common static sizes: vectorised members
     whose batches differ. Groups are padded within each block, and the score indices re-addressed."""
-    z = batches[0]["score_src"].shape[0]
-    g = max(b["tokens"].shape[0] for b in batches)
-    k, t = batches[0]["tokens"].shape[1], max(b["tokens"].shape[2] for b in batches)
-    p = max(b["valid"].shape[1] for b in batches)
-    s = max(b["score_src"].shape[1] for b in batches)
+    z = batches[0].score_src_ZxS.shape[0]
+    g = max(b.tokens_GxKxT.shape[0] for b in batches)
+    k, t = batches[0].tokens_GxKxT.shape[1], max(b.tokens_GxKxT.shape[2] for b in batches)
+    p = max(b.valid_GxP.shape[1] for b in batches)
+    s = max(b.score_src_ZxS.shape[1] for b in batches)
 
-    rest = {key: (k, t) for key in packing.ROW_KEYS} | {key: (p,) for key in packing.PAIR_KEYS}
-    rest["ref_logps"] = rest["ref_tails"] = (p, 2)
+    rest = {key: (k, t) for key in ROWS} | {key: (p,) for key in PAIRS} | {key: (p, 2) for key in REFERENCE}
 
     def group_array(key, x):  # [G, ...] -> per block [Z, G / Z, ...], padded, back to [G', ...]
-        fill = -1 if key in ("index", "pair") else (1 if key == "target_probs" else 0)
+        fill = -1 if key in ("index_GxP", "pair_GxKxT") else (1 if key == "target_probs_GxP" else 0)
         x = x.reshape(z, x.shape[0] // z, *x.shape[1:])
         new = (z, g // z, *rest[key])
         x = np.pad(x, [(0, n - d) for n, d in zip(new, x.shape, strict=True)], constant_values=fill)
@@ -191,31 +197,31 @@ def pad_batches(batches: Sequence[dict]) -> list[dict]:
 
     out = []
     for b in batches:
-        tb, pb = b["tokens"].shape[2], b["valid"].shape[1]
-        src, seq = b["score_src"], b["score_seq"]
-        group, within = divmod(src, k * tb)
-        row, slot = divmod(within, tb)
-        pair, side = divmod(seq, 2)
-        group_p, pslot = divmod(pair, pb)
+        tb, pb = b.tokens_GxKxT.shape[2], b.valid_GxP.shape[1]
+        group, within = np.divmod(b.score_src_ZxS, k * tb)
+        row, slot = np.divmod(within, tb)
+        pair, side = np.divmod(b.score_seq_ZxS, 2)
+        group_p, pslot = np.divmod(pair, pb)
         moved = {
-            "score_src": group * k * t + row * t + slot,
-            "score_seq": 2 * (group_p * p + pslot) + side,
-            "score_target": b["score_target"],
-            "score_mask": b["score_mask"],
+            "score_src_ZxS": group * k * t + row * t + slot,
+            "score_seq_ZxS": 2 * (group_p * p + pslot) + side,
+            "score_target_ZxS": b.score_target_ZxS,
+            "score_mask_ZxS": b.score_mask_ZxS,
         }
         padded = {key: np.pad(v, [(0, 0), (0, s - v.shape[1])]) for key, v in moved.items()}
-        padded.update({key: group_array(key, v) for key, v in b.items() if key not in moved})
-        out.append(padded)
+        padded.update({key: group_array(key, v) for key, v in b.arrays().items() if key not in moved})
+        out.append(Batch(**padded))
     return out
 
 
-def to_global(batch: dict[str, np.ndarray], mesh, *, members: bool = False) -> dict:
+def stack(batches: Sequence[Batch]) -> Batch:
+    """Members' own batches (of one shape) as one with a leading member axis."""
+    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
+
+
+def to_global(batch: Batch, mesh, *, members: bool = False) -> Batch:
     """Assemble every process's slice of a batch (``sharding.batch_slice``) into global arrays split over the
-    mesh's batch axes; ``members``: arrays [K, ...] of members' own batches, also split over ``member``."""
-    import jax
-
-    from dpo_jax.sharding import batch_sharding, batch_slice
-
+    mesh's batch axes; ``members``: arrays [M, ...] of members' own batches, also split over ``member``."""
     index, count = batch_slice(mesh)
     ax = 1 if members else 0
 
@@ -232,4 +238,4 @@ def to_global(batch: dict[str, np.ndarray], mesh, *, members: bool = False) -> d
 
         return jax.make_array_from_callback(tuple(shape), batch_sharding(mesh, x.ndim, members=members), local)
 
-    return {k: put(v) for k, v in batch.items()}
+    return jax.tree.map(put, batch)

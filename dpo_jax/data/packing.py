@@ -4,7 +4,8 @@ Shape letters: G groups (rows of a packed batch, pairs of a padded one), K rows 
 P pairs per group, Z score blocks (consecutive runs of G / Z groups: one per device and micro-batch), S scored
 entries per block.
 
-Every layout is described by the same arrays, so one scoring function serves all of them:
+Every layout is described by the same arrays (a ``dpo_jax.data.batch.Batch``), so one scoring function serves
+all of them:
   tokens, positions, segment_ids, branch,  [G, K, T] int32  (segment 0 = padding; branch 0 = prompt, 1 =
   pair                                                       chosen, 2 = rejected; pair: the dataset row of the
                                                              token's pair, -1 = padding. (pair, branch, position)
@@ -17,6 +18,7 @@ Every layout is described by the same arrays, so one scoring function serves all
                                                              the block * P + pair slot in the group)
   target_probs, weights, valid             [G, P] float32
   index                                    [G, P] int32     (dataset row; -1 = an empty pair slot)
+The batch's fields carry these shapes in their names (``tokens_GxKxT``, ``score_src_ZxS``, ``valid_GxP``).
 
 Layouts (``Layout.kind`` x ``Layout.share_prompt``):
   padded, unshared   G = pairs, K = 2: a chosen row and a rejected row, right-padded to a bucket length
@@ -36,12 +38,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dpo_jax.data.batch import ROWS, SCORES, Batch
 from dpo_jax.data.formats import DataError
 from dpo_jax.data.tokenize import TokenizedPair
 
-ROW_KEYS = ("tokens", "positions", "segment_ids", "branch", "pair")
-SCORE_KEYS = ("score_src", "score_target", "score_seq", "score_mask")
-PAIR_KEYS = ("target_probs", "weights", "valid", "index")
 KINDS = ("packed", "padded")
 
 
@@ -179,11 +179,11 @@ def shape_templates(needs: Sequence[tuple[int, ...]], count: int, weights: tuple
 
 def _place(seq_tokens, out, g, k, start, segment, branch, positions, pair):
     n = len(seq_tokens)
-    out["tokens"][g, k, start : start + n] = seq_tokens
-    out["positions"][g, k, start : start + n] = positions
-    out["segment_ids"][g, k, start : start + n] = segment
-    out["branch"][g, k, start : start + n] = branch
-    out["pair"][g, k, start : start + n] = pair
+    out["tokens_GxKxT"][g, k, start : start + n] = seq_tokens
+    out["positions_GxKxT"][g, k, start : start + n] = positions
+    out["segment_ids_GxKxT"][g, k, start : start + n] = segment
+    out["branch_GxKxT"][g, k, start : start + n] = branch
+    out["pair_GxKxT"][g, k, start : start + n] = pair
 
 
 def materialize(
@@ -197,20 +197,20 @@ def materialize(
     scored: int,
     pairs_per_group: int,
     pad_id: int,
-) -> dict[str, np.ndarray]:
-    """The arrays of ``groups`` (lists of positions into ``pairs``; as many as the batch has groups), padded to the
+) -> Batch:
+    """The batch of ``groups`` (lists of positions into ``pairs``; as many as the batch has groups), padded to the
     given static sizes; ``num_blocks`` must divide the number of groups."""
     g_, k_, t_, s_, p_ = len(groups), layout.rows_per_group, length, scored, pairs_per_group
     per_block = g_ // num_blocks
-    out = {key: np.zeros((g_, k_, t_), np.int32) for key in ROW_KEYS}
-    out["tokens"][:] = pad_id
-    out["pair"][:] = -1
-    for key in SCORE_KEYS:
-        out[key] = np.zeros((num_blocks, s_), np.float32 if key == "score_mask" else np.int32)
-    out["target_probs"] = np.ones((g_, p_), np.float32)
-    out["weights"] = np.zeros((g_, p_), np.float32)
-    out["valid"] = np.zeros((g_, p_), np.float32)
-    out["index"] = np.full((g_, p_), -1, np.int32)
+    out = {key: np.zeros((g_, k_, t_), np.int32) for key in ROWS}
+    out["tokens_GxKxT"][:] = pad_id
+    out["pair_GxKxT"][:] = -1
+    for key in SCORES:
+        out[key] = np.zeros((num_blocks, s_), np.float32 if key == "score_mask_ZxS" else np.int32)
+    out["target_probs_GxP"] = np.ones((g_, p_), np.float32)
+    out["weights_GxP"] = np.zeros((g_, p_), np.float32)
+    out["valid_GxP"] = np.zeros((g_, p_), np.float32)
+    out["index_GxP"] = np.full((g_, p_), -1, np.int32)
     entries: list[tuple[list, list, list]] = [([], [], []) for _ in range(num_blocks)]
     for g, group in enumerate(groups):
         src, tgt, seq = entries[g // per_block]
@@ -248,17 +248,17 @@ def materialize(
                     seq += [2 * (pair0 + slot) + side] * (len(full) - first)
                     if k_ == 1:
                         cursor += len(full)
-            out["target_probs"][g, slot] = pair.prob
-            out["weights"][g, slot] = pair.weight
-            out["valid"][g, slot] = 1.0
-            out["index"][g, slot] = indices[i]
+            out["target_probs_GxP"][g, slot] = pair.prob
+            out["weights_GxP"][g, slot] = pair.weight
+            out["valid_GxP"][g, slot] = 1.0
+            out["index_GxP"][g, slot] = indices[i]
     for z, (src, tgt, seq) in enumerate(entries):
         n = len(src)
-        out["score_src"][z, :n] = src
-        out["score_target"][z, :n] = tgt
-        out["score_seq"][z, :n] = seq
-        out["score_mask"][z, :n] = 1.0
-    return out
+        out["score_src_ZxS"][z, :n] = src
+        out["score_target_ZxS"][z, :n] = tgt
+        out["score_seq_ZxS"][z, :n] = seq
+        out["score_mask_ZxS"][z, :n] = 1.0
+    return Batch(**out)
 
 
 def block_scored(pairs, groups, layout: Layout, num_blocks: int) -> int:
@@ -272,22 +272,23 @@ def most_pairs(groups) -> int:
     return max((len(g) for g in groups), default=1)
 
 
-def batch_stats(batch: dict) -> dict[str, float]:
+def batch_stats(batch: Batch) -> dict[str, float]:
     """Real tokens, slots, scored tokens and pairs of a (local) batch: the throughput accounting's inputs."""
-    real = float((batch["segment_ids"] > 0).sum())
+    real = float((batch.segment_ids_GxKxT > 0).sum())
     return {
         "real_tokens": real,
-        "slots": float(batch["segment_ids"].size),
-        "scored_tokens": float(batch["score_mask"].sum()),
-        "head_entries": float(batch["score_mask"].size),
-        "pairs": float(batch["valid"].sum()),
+        "slots": float(batch.segment_ids_GxKxT.size),
+        "scored_tokens": float(batch.score_mask_ZxS.sum()),
+        "head_entries": float(batch.score_mask_ZxS.size),
+        "pairs": float(batch.valid_GxP.sum()),
         "attended_keys": float(_attended_keys(batch)),
     }
 
 
-def _attended_keys(batch: dict) -> int:
+def _attended_keys(batch: Batch) -> int:
     """Sum over real tokens of the keys each attends to (causal, its segment, shared prefix + own branch)."""
-    seg, br = batch["segment_ids"].reshape(-1, batch["segment_ids"].shape[-1]), batch["branch"]
+    seg = batch.segment_ids_GxKxT.reshape(-1, batch.segment_ids_GxKxT.shape[-1])
+    br = batch.branch_GxKxT
     br = br.reshape(seg.shape)
     total = 0
     for s_row, b_row in zip(seg, br, strict=True):

@@ -27,7 +27,11 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from dpo_jax import sampling
 from dpo_jax.hf import HFTokenizer
 
 ALPHABET = "abcdefghijklmnop"
@@ -60,8 +64,6 @@ class TaskConfig:
 
 def build_tokenizer() -> HFTokenizer:
     """A character-level tokenizer: <pad>=0, <s>=1, </s>=2, then the letters and the separator."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
     vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, *ALPHABET, SEPARATOR])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=PAD))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
@@ -139,9 +141,6 @@ def write_rows(rows: list[dict], path: Path) -> Path:
     elif path.suffix == ".json":
         path.write_text(json.dumps(rows))
     elif path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         pq.write_table(pa.Table.from_pylist(rows), path)
     else:
         raise ValueError(f"{path}: write .jsonl, .json or .parquet")
@@ -166,8 +165,6 @@ def onpolicy_rows(
     model, tokenizer: HFTokenizer, prompts: list[str], cfg: TaskConfig, *, key=0, temperature: float = 1.0
 ) -> list[dict]:
     """Preference rows from two samples of ``model`` per prompt (e.g. the SFT reference), labelled as above."""
-    from dpo_jax import sampling
-
     ids = [[tokenizer.bos_token_id, *tokenizer.encode(p)] for p in prompts]
     width = max(map(len, ids))
     prompt_BxP = np.array([[tokenizer.pad_token_id] * (width - len(x)) + x for x in ids] * 2, np.int32)
