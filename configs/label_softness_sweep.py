@@ -13,7 +13,9 @@ from dpo_jax.configs.default import get_config as default_config
 
 
 def get_config(arg=None):
-    return default_config("runlocal" if arg == "runlocal" else None)
+    c = default_config("runlocal" if arg == "runlocal" else None)
+    c.dpo.beta = 0.1  # the ablation's figure (docs/experiments.md)
+    return c
 
 
 def get_sweep(arg=None):

@@ -32,6 +32,7 @@ def get_config(arg=None):
         )
     c = default_config("runlocal" if arg == "runlocal" else None)
     c.rounds.update(num=3, samples=8)
+    c.dpo.beta = 0.1  # the iterative-vs-offline figure's (docs/rounds.md)
     if arg == "runlocal":
         c.rounds.update(num=2, samples=4, prompts=128)
     else:

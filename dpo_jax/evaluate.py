@@ -1,4 +1,4 @@
-"""Evaluation during training and the run's outputs (summary, plots, Hugging Face export).
+"""Evaluation during training, and the diagnostic of DPO's known failure mode (``falling_chosen``).
 
 Shape letters: B pairs, n sampled prompts, P prompt tokens, N new tokens.
 

@@ -30,7 +30,8 @@ from dpo_jax.outputs import read_history
 from dpo_jax.state import HParams, init_state
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [  # overrides that make the built-in job a seconds-long run
+TINY = [  # overrides that make the built-in job a seconds-long run (at the beta the tests' expectations assume)
+    "dpo.beta=0.1",
     "synthetic.n_sft=128",
     "synthetic.n_train=128",
     "synthetic.n_eval=32",
