@@ -89,8 +89,10 @@ def main(argv=None) -> list[dict]:
         ok = "yes" if r["passes"] else "no"
         lines.append(f"| {r['seed']} | {r['reward']:.3f} ± {r['reward_se']:.3f} | {r['kl']:.2f} | {r['accuracy']:.3f} "
                      f"| {r['reference']:.3f} | {r['lowest_eval']:.3f} | {ok} |")  # fmt: skip
-    lines += [f"| mean ± s.d. ({len(rows)} seeds) | {stat('reward')} | {stat('kl')} | {stat('accuracy')} | "
-              f"{stat('reference')} | {stat('lowest_eval')} | {sum(r['passes'] for r in rows)}/{len(rows)} |"]
+    lines += [
+        f"| mean ± s.d. ({len(rows)} seeds) | {stat('reward')} | {stat('kl')} | {stat('accuracy')} | "
+        f"{stat('reference')} | {stat('lowest_eval')} | {sum(r['passes'] for r in rows)}/{len(rows)} |"
+    ]
     table = "\n".join(lines) + "\n"
     (workdir / "main_job_seeds.md").write_text(table)
     print("\n" + table, flush=True)
