@@ -234,11 +234,19 @@ def test_gradient_accumulation_equals_one_big_batch(step_setup):
     for accum in (1, 2, 4):
         fn, state, b, _ = _step(step_setup, step.StepConfig("dpo", grad_accum=accum), ref_logps=ref_logps)
         results.append(fn(state, b, None))
+    def first_moments(state):  # AdamW's mu after one step: (1 - b1) x the (clipped) gradient, leaf by leaf
+        found = jax.tree_util.tree_leaves_with_path(state.opt_state)
+        return [x for path, x in found if "mu" in jax.tree_util.keystr(path)]
+
     for new_state, metrics in results[1:]:
         np.testing.assert_allclose(metrics["loss"], results[0][1]["loss"], rtol=1e-5)
         np.testing.assert_allclose(metrics["grad_norm"], results[0][1]["grad_norm"], rtol=1e-4)
-        for x, y in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(results[0][0].params), strict=True):
-            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+        # the gradients themselves (the parameters after one step encode little more than their signs: Adam's first
+        # update is lr * g / (|g| + eps), which float rounding swings for an entry whose gradient is near eps)
+        mus, expected = first_moments(new_state), first_moments(results[0][0])
+        assert len(mus) == len(jax.tree.leaves(new_state.params)) > 0
+        for x, y in zip(mus, expected, strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * float(np.abs(y).max()))
 
 
 def test_beta_and_smoothing_are_traced_one_compile(step_setup):
