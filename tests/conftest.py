@@ -4,7 +4,17 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The tests' programs are tiny: compiling them (LLVM's optimisations) costs far more than running them. They are
+# compiled with fewer optimisations: the same computations, only less time spent making them fast.
+COMPILE_LESS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_env(devices: int) -> str:
+    """XLA_FLAGS for a process the tests start: ``devices`` simulated CPU devices, compiled as the tests are."""
+    return f"--xla_force_host_platform_device_count={devices} {COMPILE_LESS}"
+
+
+os.environ.setdefault("XLA_FLAGS", xla_env(8))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # trl.experimental (CPO, ORPO: test oracles) warns on import
 # One XLA compilation cache for the whole test run, shared by the xdist workers and the CLI processes tests start
@@ -97,6 +107,9 @@ SLOW_FILES = (
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOW_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+    for item in items:  # -m quick: the edit loop
+        if item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.quick)
 
 
 def pytest_unconfigure(config):

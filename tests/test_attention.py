@@ -101,6 +101,7 @@ def test_key_blocks_nobody_sees_are_skipped():
     assert hi.tolist() == [0, 1, 2, -1, -1, -1, -1, -1]
 
 
+@pytest.mark.slow
 def test_a_model_scores_packed_shared_pairs_alike_with_either_attention(tmp_path, arch="mistral_window"):
     """Per-pair log-probs and their gradients through the whole model (every layer, GQA, a sliding window shorter
     than the pairs): blockwise with 8-token blocks equals the einsum."""
@@ -121,6 +122,7 @@ def test_a_model_scores_packed_shared_pairs_alike_with_either_attention(tmp_path
     assert_grads_close(results[1][1], results[0][1])
 
 
+@pytest.mark.slow
 def test_a_32k_token_row_compiles_and_runs():
     """A packed row of 32,768 tokens (eight 4k sequences) through a test-sized model, forward and backward: the
     blockwise kernel holds O(T x block) (the einsum's scores alone would be 2 x 32k^2 x 4 bytes = 8 GiB)."""

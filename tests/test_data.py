@@ -562,6 +562,7 @@ def test_tokenizer_folder_loads_through_the_hf_path(tmp_path):
     assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (1, 2, 0)
 
 
+@pytest.mark.slow
 def test_onpolicy_pairs_from_a_model(tok):
     from dpo_jax.models import ModelConfig, init_decoder
 

@@ -14,12 +14,15 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import xla_env
 from safetensors.numpy import load_file
 from test_train import ROOT, TINY, cli, tiny_config
 
 from dpo_jax import train
 from dpo_jax.errors import NonFiniteLoss
 from dpo_jax.outputs import read_history
+
+pytestmark = pytest.mark.slow  # end-to-end runs and processes: not in -m quick
 
 
 def _wait_for_checkpoint(proc, directory: Path, step: int, timeout=240):
@@ -112,7 +115,7 @@ def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
 
 def test_two_processes_train_together_like_one(tmp_path):
     common = ("log_every=1", "eval.num_prompts=0", "optim.steps=6", "sft.steps=0", "eval.every=100", "export_hf=False")
-    single = cli(tmp_path / "single", *common, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    single = cli(tmp_path / "single", *common, env={"XLA_FLAGS": xla_env(2)})
     assert single.returncode == 0, single.stderr
     port = 20000 + os.getpid() % 20000
     procs = [
@@ -120,7 +123,7 @@ def test_two_processes_train_together_like_one(tmp_path):
             [sys.executable, "-m", "dpo_jax", "train", "--config", str(ROOT / "configs/default.py"),
              "--workdir", str(tmp_path / "multi"), f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
              f"--process_id={i}", *(f"--config.{o}" for o in (*TINY, *common))],
-            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+            env={**os.environ, "XLA_FLAGS": xla_env(1)},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for i in (0, 1)

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # end-to-end runs and processes: not in -m quick
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -85,6 +85,7 @@ def _sigmoid(x):
     return 1 / (1 + np.exp(-np.asarray(x, np.float64)))
 
 
+@pytest.mark.slow
 def test_seed_figures_match_numpy(tmp_path):
     from experiments import seed_figures
 

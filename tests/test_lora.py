@@ -38,6 +38,7 @@ def adapted(path, targets=LORA_TARGETS, rank=4, alpha=8.0, seed=1):
     return nnx.merge(graphdef, lora.compose(adapters, base))
 
 
+@pytest.mark.slow
 def test_a_new_adapter_changes_nothing_and_the_merged_export_equals_the_adapted_model(hf_checkpoint, tmp_path):
     _, _, path = hf_checkpoint
     base, _ = hf.load_pretrained(path)
@@ -55,6 +56,7 @@ def test_a_new_adapter_changes_nothing_and_the_merged_export_equals_the_adapted_
     assert np.abs(ours - torch_logits(theirs, ids, mask))[mask.astype(bool)].max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_peft_loads_the_adapter_onto_the_base(hf_checkpoint, tmp_path):
     import peft
 
@@ -143,6 +145,7 @@ def _data_bytes(path):
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.parent.name == "d")
 
 
+@pytest.mark.slow
 def test_lora_run_trains_the_adapters_alone(tmp_path):
     """A LoRA DPO run (no SFT stage, adapter dropout 0.1): its reference is the initial model (step-0 eval
     log-probs equal a full run's: eval drops nothing), the frozen reference on 8 devices and the cached one on 1
@@ -245,6 +248,7 @@ def test_lora_dropout_drops_each_adapters_input_as_peft_does():
         assert abs((mask == dropped).mean() - (p**2 + (1 - p) ** 2)) < 4 * np.sqrt(0.5 / n)
 
 
+@pytest.mark.slow
 def test_lora_dropout_acts_in_training_steps_only(step_setup):  # noqa: F811 (test_train's fixture)
     """In a model: no key, or adapters off, leave the function unchanged; in the train step the masks are a
     function of (seed, step) (a resumed step draws the same ones) and change from step to step."""

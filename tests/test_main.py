@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import COMMON
+from conftest import COMMON, xla_env
 from safetensors.numpy import load_file, save_file
 from test_train import ROOT, TINY, cli
 from test_workdir import tmpfs
@@ -20,7 +20,7 @@ from dpo_jax.data import synthetic
 
 def run(args, env=None):
     cmd = [sys.executable, "-m", "dpo_jax", *args]
-    full_env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}
+    full_env = {**os.environ, "XLA_FLAGS": xla_env(1), **(env or {})}
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
 
 
@@ -134,6 +134,7 @@ CASES = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_every_user_error_is_one_line_and_exit_2(inputs, tmp_path):
     def one(item):
         name, (build, *fragments) = item
@@ -163,6 +164,7 @@ def test_every_user_error_is_one_line_and_exit_2(inputs, tmp_path):
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr
 
 
+@pytest.mark.slow
 def test_read_only_workdir_is_one_line(tmp_path):
     with tmpfs(tmp_path / "ro", "1m", readonly=True) as disk:
         out = run(["train", "--config", str(ROOT / "configs/default.py"), "--workdir", str(disk / "run")])
@@ -177,6 +179,7 @@ def _checkpoint_hparams(step_dir: Path) -> dict:
     return json.loads((step_dir / "meta" / "metadata").read_text())["hparams"]
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_config_refuses_or_continues_with_the_new_values(tmp_path):
     base = ["optim.steps=10", "sft.steps=5", "eval.num_prompts=0", "export_hf=False"]
     first = cli(tmp_path / "run", *base)
@@ -209,6 +212,7 @@ def test_resume_with_a_changed_config_refuses_or_continues_with_the_new_values(t
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
     # 1200k holds the data and two SFT checkpoints (about 280k each) with the save slack (512k), not a third.
     with tmpfs(tmp_path / "disk", "1200k") as disk:

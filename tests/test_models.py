@@ -37,6 +37,7 @@ def test_logits_match_transformers_on_padded_batches(hf_checkpoint):
 TINY = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_layers=3, num_heads=4, num_kv_heads=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(scan_layers=False), dict(remat="full"), dict(remat="dots")])
 def test_layer_options_do_not_change_the_function(options):
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 61, (2, 9)))

@@ -104,6 +104,7 @@ def models(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_lora_dropout_masks_do_not_depend_on_the_layout(models):
     """A token's LoRA dropout masks come from (its pair's dataset row, branch, position): the packed layouts (a
     prompt per completion or one per pair) at other batch sizes give the padded layout's per-pair log-probs (and
@@ -129,6 +130,7 @@ def test_lora_dropout_masks_do_not_depend_on_the_layout(models):
     assert_grads_close(grad(params), base_grad(params))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama3", "llama_bias_tied", "mistral_window", "qwen2"])
 def test_layouts_equal_transformers_and_each_other(models, name):
     torch_model, graphdef, params = models[name]
@@ -153,6 +155,7 @@ def test_shared_rows_window_uses_positions(models):
     np.testing.assert_allclose(got, torch_pair_logps(torch_model, pairs), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_chunked_head_equals_materialised_logits(models):
     _, graphdef, params = models["llama3"]
     pairs = make_pairs(6)

@@ -79,6 +79,7 @@ def _digest(folder: Path) -> str:
     return hashlib.sha256((folder / "hf" / "model.safetensors").read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_rounds_end_to_end_and_a_round_resumed_mid_way(tmp_path, monkeypatch):
     cfg = tiny_config(*ROUNDS, cache_dir=tmp_path / "cache")
     a = tmp_path / "a"

@@ -10,12 +10,15 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import xla_env
 from test_train import TINY, tiny_config
 
 from dpo_jax import runs, sweep
 from dpo_jax.config import ConfigError
 from dpo_jax.loop import StepCache
 from dpo_jax.outputs import read_history
+
+pytestmark = pytest.mark.slow  # end-to-end runs and processes: not in -m quick
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,7 +182,7 @@ def test_members_across_two_processes_equal_sequential_runs(sequential, tmp_path
             [sys.executable, "-m", "dpo_jax", "sweep", "--config", str(spec), "--workdir", str(tmp_path / "multi"),
              "--mode", "vectorized", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
              f"--process_id={i}", *(f"--config.{o}" for o in overrides)],
-            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+            env={**os.environ, "XLA_FLAGS": xla_env(2)},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for i in (0, 1)

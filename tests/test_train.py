@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import COMMON
+from conftest import COMMON, xla_env
 from flax import nnx
 
 from dpo_jax import builders, evaluate, inputs, outputs, sharding, step, train
@@ -76,12 +76,13 @@ def cli(workdir, *extra, env=None, wait=True):
         str(workdir),
         *(f"--config.{o}" for o in (*TINY, *extra)),
     ]
-    full_env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}
+    full_env = {**os.environ, "XLA_FLAGS": xla_env(1), **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_end_to_end_outputs(tmp_path):
     cfg = tiny_config("wandb.enabled=True", cache_dir=tmp_path / "cache")
     summary = train.train(cfg, tmp_path / "run", devices=jax.devices()[:1])
@@ -177,6 +178,7 @@ def test_hf_local_lora_variants_take_a_lora_sized_learning_rate():
         load_config_file(str(ROOT / "configs/hf_local.py:gpu"))
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_override_before_compiling(tmp_path):
     out = cli(tmp_path / "bad", "dpo.beta=-0.5")
     assert out.returncode == 2 and "config.dpo.beta: expected a number > 0, got -0.5" in out.stderr
@@ -212,6 +214,7 @@ def _step(setup, sc, hparams=None, reference=None, ref_logps=None):
     return fn, state, batch, reference
 
 
+@pytest.mark.slow
 def test_frozen_and_cached_reference_agree(step_setup):
     graphdef, params, batch = step_setup
     from dpo_jax import scoring
@@ -227,6 +230,7 @@ def test_frozen_and_cached_reference_agree(step_setup):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_one_big_batch(step_setup):
     graphdef, params, batch = step_setup
     ref_logps = jnp.asarray(np.random.default_rng(0).normal(-20, 1, size=(*batch.index_GxP.shape, 2)), jnp.float32)
@@ -234,6 +238,7 @@ def test_gradient_accumulation_equals_one_big_batch(step_setup):
     for accum in (1, 2, 4):
         fn, state, b, _ = _step(step_setup, step.StepConfig("dpo", grad_accum=accum), ref_logps=ref_logps)
         results.append(fn(state, b, None))
+
     def first_moments(state):  # AdamW's mu after one step: (1 - b1) x the (clipped) gradient, leaf by leaf
         found = jax.tree_util.tree_leaves_with_path(state.opt_state)
         return [x for path, x in found if "mu" in jax.tree_util.keystr(path)]
@@ -249,6 +254,7 @@ def test_gradient_accumulation_equals_one_big_batch(step_setup):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5 * float(np.abs(y).max()))
 
 
+@pytest.mark.slow
 def test_beta_and_smoothing_are_traced_one_compile(step_setup):
     ref_logps = jnp.full((*step_setup[2].index_GxP.shape, 2), -20.0)
     fn, state, b, _ = _step(step_setup, step.StepConfig("dpo"), ref_logps=ref_logps)
@@ -296,6 +302,7 @@ def test_optimizer_is_optax_clip_then_adamw(scale):
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_hf_local_config_trains_a_local_checkpoint_on_local_files(tmp_path):
     """configs/hf_local.py end to end: a transformers checkpoint + tokenizer folder + JSONL files, no SFT."""
     import transformers
@@ -398,6 +405,7 @@ def test_configs_are_a_package_and_loading_one_leaves_sys_path_alone():
     assert cpu.model.dtype == "float32" and cpu.optim.steps == 20 and cpu.data.max_length == 256
 
 
+@pytest.mark.slow
 def test_bco_running_moments_live_in_the_state_and_follow_the_batch_means(step_setup):
     """dpo.bco_delta="running": the state carries the moments; after n steps their mean is the mean of the n
     logged batch rewards (NumPy), and the loss of each step used the mean including its own batch."""
@@ -417,6 +425,7 @@ def test_bco_running_moments_live_in_the_state_and_follow_the_batch_means(step_s
     assert float(state.moments.count) == pytest.approx(3.0)
 
 
+@pytest.mark.slow
 def test_tr_dpo_reference_is_the_exact_mix_after_each_sync_and_the_step_reads_it(step_setup):
     """TR-DPO (reference.sync): untouched between syncs; after step k it is alpha * policy + (1 - alpha) * old
     (NumPy, float32, to its last bits); the next step's loss is that of a frozen reference equal to the mix."""

@@ -14,6 +14,8 @@ from dpo_jax import evaluate, train
 from dpo_jax.data import DataError, synthetic
 from dpo_jax.outputs import read_history
 
+pytestmark = pytest.mark.slow  # end-to-end runs and processes: not in -m quick
+
 
 def test_policy_only_objectives_run_no_reference_pass_and_kto_trains_on_split_pairs(tmp_path):
     """SimPO reads no reference (no cache entry is written); KTO trains on 2 examples per pair, and at the
