@@ -24,7 +24,8 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from dpo_jax.errors import MissingFileError, ModelError, one_line
-from dpo_jax.models.config import ARCHITECTURES, ModelConfig, config_from_hf, config_to_hf
+from dpo_jax.models.config import ARCHITECTURES, ModelConfig
+from dpo_jax.models.families import config_from_hf, config_to_hf
 from dpo_jax.models.llama import Decoder
 from dpo_jax.workdir import save_tensors
 
@@ -40,31 +41,68 @@ class _Entry:
     path: tuple[str, ...]  # into the decoder's pure state dict
     transpose: bool = False
     layer: int | None = None  # index on the stacked [L] axis
+    expert: int | None = None  # index on a mixture's stacked [E] axis (after [L])
+    rows: tuple[int, int] | None = None  # a fused tensor's slice [start, stop) of its first (torch out) axis
+
+
+def _linear_entries(cfg: ModelConfig, prefix: str, i: int) -> list[_Entry]:
+    """A layer's projections: Llama's names, or Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` split by rows."""
+    h, k, e, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    attn = [("q_proj", cfg.qkv_bias), ("k_proj", cfg.qkv_bias), ("v_proj", cfg.qkv_bias), ("o_proj", cfg.o_bias)]
+    mlp = [] if cfg.num_experts else [("gate_proj", cfg.mlp_bias), ("up_proj", cfg.mlp_bias), ("down_proj", cfg.mlp_bias)]
+    fused = {}
+    if cfg.architecture == "Phi3ForCausalLM":
+        fused = {"q_proj": ("self_attn.qkv_proj", 0, h * e), "k_proj": ("self_attn.qkv_proj", h * e, (h + k) * e),
+                 "v_proj": ("self_attn.qkv_proj", (h + k) * e, (h + 2 * k) * e),
+                 "gate_proj": ("mlp.gate_up_proj", 0, f), "up_proj": ("mlp.gate_up_proj", f, 2 * f)}  # fmt: skip
+    out = []
+    for module, names in (("self_attn", attn), ("mlp", mlp)):
+        for name, bias in names:
+            path = ("layers", module, name)
+            hf, rows = f"{module}.{name}", None
+            if name in fused:
+                hf, start, stop = fused[name]
+                rows = (start, stop)
+            out.append(_Entry(prefix + hf + ".weight", (*path, "kernel"), transpose=True, layer=i, rows=rows))
+            if bias:
+                out.append(_Entry(prefix + hf + ".bias", (*path, "bias"), layer=i, rows=rows))
+    return out
+
+
+def _expert_entries(cfg: ModelConfig, prefix: str, i: int) -> list[_Entry]:
+    """A mixture's router and experts: Qwen3-MoE's ``mlp.gate`` / ``mlp.experts.{e}.*_proj``, Mixtral's
+    ``block_sparse_moe.gate`` / ``block_sparse_moe.experts.{e}.w1`` (gate), ``w3`` (up), ``w2`` (down)."""
+    if cfg.architecture == "MixtralForCausalLM":
+        module, names = "block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    else:
+        module, names = "mlp", {n: n for n in ("gate_proj", "up_proj", "down_proj")}
+    out = [_Entry(f"{prefix}{module}.gate.weight", ("layers", "mlp", "router"), transpose=True, layer=i)]
+    for x in range(cfg.num_experts):
+        for ours, theirs in names.items():
+            name = f"{prefix}{module}.experts.{x}.{theirs}.weight"
+            out.append(_Entry(name, ("layers", "mlp", ours), transpose=True, layer=i, expert=x))
+    return out
 
 
 def weight_entries(cfg: ModelConfig) -> list[_Entry]:
-    """Every Hugging Face tensor of this config and where it lives in the decoder."""
+    """Every Hugging Face tensor (or fused tensor's slice) of this config and where it lives in the decoder."""
     entries = [_Entry("model.embed_tokens.weight", ("embed_tokens",)), _Entry("model.norm.weight", ("norm", "weight"))]
     if not cfg.tie_word_embeddings:
         entries.append(_Entry("lm_head.weight", ("lm_head",), transpose=True))
-    linears = [
-        ("self_attn.q_proj", cfg.qkv_bias),
-        ("self_attn.k_proj", cfg.qkv_bias),
-        ("self_attn.v_proj", cfg.qkv_bias),
-        ("self_attn.o_proj", cfg.o_bias),
-        ("mlp.gate_proj", cfg.mlp_bias),
-        ("mlp.up_proj", cfg.mlp_bias),
-        ("mlp.down_proj", cfg.mlp_bias),
-    ]
+    norms = {"pre": ("input_layernorm", "post_attention_layernorm"),
+             "post": ("post_attention_layernorm", "post_feedforward_layernorm"),
+             "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                          "post_feedforward_layernorm")}[cfg.norm_layout]  # fmt: skip
     for i in range(cfg.num_layers):
         prefix = f"model.layers.{i}."
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        for norm in norms:
             entries.append(_Entry(prefix + norm + ".weight", ("layers", norm, "weight"), layer=i))
-        for name, bias in linears:
-            path = ("layers", *name.split("."))
-            entries.append(_Entry(prefix + name + ".weight", (*path, "kernel"), transpose=True, layer=i))
-            if bias:
-                entries.append(_Entry(prefix + name + ".bias", (*path, "bias"), layer=i))
+        if cfg.qk_norm != "none":
+            for norm in ("q_norm", "k_norm"):
+                entries.append(_Entry(f"{prefix}self_attn.{norm}.weight", ("layers", "self_attn", norm, "weight"), layer=i))
+        entries += _linear_entries(cfg, prefix, i)
+        if cfg.num_experts:
+            entries += _expert_entries(cfg, prefix, i)
     return entries
 
 
@@ -114,7 +152,9 @@ def load_weights(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, Any]:
     """Read a folder's safetensors into the decoder's pure state dict (float32), checking names and shapes."""
     path = Path(path)
     abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))[1])
-    entries = {e.hf_name: e for e in weight_entries(cfg)}
+    entries: dict[str, list[_Entry]] = {}
+    for e in weight_entries(cfg):
+        entries.setdefault(e.hf_name, []).append(e)
     files = _weight_files(path)
     missing = sorted(set(entries) - set(files))
     if missing:
@@ -125,31 +165,41 @@ def load_weights(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, Any]:
     out = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), abstract)
     unexpected = []
     for name, file, tensor in _read_tensors(files):
-        entry = entries.get(name)
-        if entry is None:
+        if name not in entries:
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue  # a tied head saved anyway: the embedding is the source of truth
             if not name.endswith(_IGNORED_SUFFIXES):
                 unexpected.append(name)
             continue
-        value = np.asarray(tensor, np.float32)
-        value = value.T if entry.transpose else value
-        target = out
-        for key in entry.path[:-1]:
-            target = target[key]
-        leaf = target[entry.path[-1]]
-        expected = leaf.shape[1:] if entry.layer is not None else leaf.shape
-        if value.shape != expected:
-            stored = tuple(reversed(value.shape)) if entry.transpose else value.shape
-            want = tuple(reversed(expected)) if entry.transpose else expected
-            raise ModelError(f"{file.name}: tensor {name} has shape {stored}; config.json implies {want}")
-        if entry.layer is None:
-            target[entry.path[-1]] = value
-        else:
-            leaf[entry.layer] = value
+        for entry in entries[name]:
+            _place(out, entry, np.asarray(tensor, np.float32), file)
     if unexpected:
         raise ModelError(f"unexpected tensors in {path}: {sorted(unexpected)[:8]}; expected a {cfg.architecture}")
     return out
+
+
+def _place(out: dict, entry: _Entry, value: np.ndarray, file: Path) -> None:
+    """Write one tensor (or its slice) into the pure state dict, checking its shape."""
+    if entry.rows is not None:
+        if value.shape[0] < entry.rows[1]:
+            raise ModelError(f"{file.name}: tensor {entry.hf_name} has {value.shape[0]} rows; config.json implies "
+                             f"at least {entry.rows[1]}")  # fmt: skip
+        value = value[entry.rows[0] : entry.rows[1]]
+    value = value.T if entry.transpose else value
+    target = out
+    for key in entry.path[:-1]:
+        target = target[key]
+    leaf = target[entry.path[-1]]
+    index = tuple(i for i in (entry.layer, entry.expert) if i is not None)
+    expected = leaf.shape[len(index) :]
+    if value.shape != expected:
+        stored = tuple(reversed(value.shape)) if entry.transpose else value.shape
+        want = tuple(reversed(expected)) if entry.transpose else expected
+        raise ModelError(f"{file.name}: tensor {entry.hf_name} has shape {stored}; config.json implies {want}")
+    if index:
+        leaf[index] = value
+    else:
+        target[entry.path[-1]] = value
 
 
 def load_config(path: str | os.PathLike, **overrides) -> ModelConfig:
@@ -180,14 +230,16 @@ def load_pretrained(path: str | os.PathLike, **overrides) -> tuple[Decoder, HFTo
 def export_tensors(model: Decoder) -> dict[str, np.ndarray]:
     """The decoder's parameters under Hugging Face names, torch layout, float32."""
     pure = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), nnx.to_pure_dict(nnx.state(model)))
-    tensors = {}
+    tensors: dict[str, list[np.ndarray]] = {}
     for e in weight_entries(model.config):
         value = pure
         for key in e.path:
             value = value[key]
-        value = value[e.layer] if e.layer is not None else value
-        tensors[e.hf_name] = np.ascontiguousarray(value.T if e.transpose else value)
-    return tensors
+        for i in (e.layer, e.expert):
+            value = value if i is None else value[i]
+        tensors.setdefault(e.hf_name, []).append(value.T if e.transpose else value)
+    return {name: np.ascontiguousarray(np.concatenate(parts) if len(parts) > 1 else parts[0])
+            for name, parts in tensors.items()}  # fmt: skip
 
 
 def save_pretrained(

@@ -60,7 +60,24 @@ HF_CASES = {
     ),
     "mistral_window": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=4, head_dim=8)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
-}
+    # head_dim of its own; per-head q / k norms
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
+    # sliding and global layers (their own RoPE bases), a query scale of its own, both soft-caps, (1 + w) norms
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=8, sliding_window=4, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=12,
+        rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_theta=1000.0, rope_local_base_freq=100.0,
+        attn_logit_softcapping=3.0, final_logit_softcapping=5.0)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(rms_norm_eps=1e-6)),
+    # fused projections, partial rotary, longrope (rows past 6 positions take the long factors), a window
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(
+        max_position_embeddings=24, original_max_position_embeddings=6, sliding_window=5, rope_scaling={
+            "rope_type": "longrope", "short_factor": [1.0, 1.5], "long_factor": [2.0, 4.0],
+            "partial_rotary_factor": 0.5})),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+}  # fmt: skip
+MOE_CASES = ("qwen3_moe", "mixtral")
 
 
 def make_hf_model(name: str, seed: int = 0, scale: float = 0.3):

@@ -1,4 +1,4 @@
-"""Decoder configuration, and its mapping to and from Hugging Face ``config.json``."""
+"""Decoder configuration: one dataclass for every family (``dpo_jax.models.families`` maps ``config.json`` to it)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,18 @@ ARCHITECTURES = {  # Hugging Face architecture -> model_type
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3_text",
+    "Olmo2ForCausalLM": "olmo2",
+    "Phi3ForCausalLM": "phi3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
 }
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+QK_NORMS = ("none", "head", "full")
+NORM_LAYOUTS = ("pre", "post", "sandwich")
+ACTIVATIONS = ("silu", "gelu_tanh")
+MOE_IMPLS = ("grouped", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION = ("auto", "einsum", "blockwise", "cudnn", "pallas")
 
@@ -20,7 +30,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-family decoder. Parameters are float32; ``dtype`` is the compute dtype."""
+    """A decoder of the Llama lineage. Parameters are float32; ``dtype`` is the compute dtype. The family fields
+    below default to Llama's; ``dpo_jax.models.families`` sets them from a checkpoint's ``config.json``."""
 
     vocab_size: int
     hidden_size: int
@@ -43,6 +54,29 @@ class ModelConfig:
     o_bias: bool = False  # Llama attention_bias: also on o
     mlp_bias: bool = False
     sliding_window: int | None = None  # Mistral: a query sees at most this many keys (itself included)
+    # per layer "sliding" | "full" (Gemma 3 alternates); empty: every layer sliding when sliding_window is set
+    layer_types: tuple[str, ...] = ()
+    local_rope_theta: float | None = None  # the sliding layers' own RoPE base (Gemma 3), unscaled
+    rope_fraction: float = 1.0  # partial rotary: the first fraction of each head's width is rotated (Phi-3 family)
+    rope_short_factor: tuple[float, ...] = ()  # longrope (Phi-3): per-frequency factors for rows up to
+    rope_long_factor: tuple[float, ...] = ()  # rope_original_max_position, and past it
+    rope_attention_factor: float = 1.0  # longrope: cos and sin scaled by it
+    qk_norm: str = "none"  # none | head (Qwen3, Gemma 3: RMSNorm over each head) | full (OLMo 2: whole projection)
+    norm_layout: str = "pre"  # pre (Llama) | post (OLMo 2: after attention / MLP) | sandwich (Gemma 3: both)
+    norm_offset: float = 0.0  # Gemma: RMSNorm scales by (offset + w)
+    norm_scale_f32: bool = False  # (x * w) in float32, then cast (Gemma, OLMo 2); Llama casts, then scales
+    mlp_activation: str = "silu"  # silu | gelu_tanh (Gemma's GeGLU)
+    embed_scale: float = 1.0  # Gemma: embeddings times sqrt(hidden_size)
+    query_scale: float | None = None  # attention scores' scale; default head_dim ** -0.5 (Gemma 3: its own)
+    attn_softcap: float | None = None  # soft-capping of attention scores: cap * tanh(s / cap)
+    final_softcap: float | None = None  # ... and of the final logits (Gemma 3 when its config sets it)
+    # mixture of experts (Qwen3-MoE, Mixtral): experts > 0 replaces every layer's MLP
+    num_experts: int = 0
+    experts_per_token: int = 2
+    expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
+    router_aux_loss_coef: float = 0.001  # the checkpoint's (config.json); moe.aux_loss_coef may override it
+    moe_impl: str = "grouped"  # grouped (tokens sorted by expert, jax.lax.ragged_dot) | dense (every expert)
     architecture: str = "LlamaForCausalLM"
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -83,6 +117,20 @@ class ModelConfig:
             raise ValueError(
                 f"lora: rank >= 0 and targets among {LORA_TARGETS}; got {self.lora_rank}, {self.lora_targets}"
             )
+        for name, value, allowed in (("qk_norm", self.qk_norm, QK_NORMS), ("norm_layout", self.norm_layout,
+                                     NORM_LAYOUTS), ("mlp_activation", self.mlp_activation, ACTIVATIONS),
+                                     ("moe_impl", self.moe_impl, MOE_IMPLS)):  # fmt: skip
+            if value not in allowed:
+                raise ValueError(f"{name} {value!r} is not supported; expected one of {allowed}")
+        if self.layer_types and (len(self.layer_types) != self.num_layers or set(self.layer_types) - {"sliding", "full"}):
+            raise ValueError(f"layer_types: expected one of sliding / full per layer; got {self.layer_types}")
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise ValueError(f"experts_per_token must be in [1, {self.num_experts}]; got {self.experts_per_token}")
+        if self.num_experts and self.lora_rank and set(self.lora_targets) & {"gate_proj", "up_proj", "down_proj"}:
+            raise ValueError(
+                f"lora targets {self.lora_targets}: a mixture-of-experts model's experts take no adapters; choose "
+                f"among q_proj, k_proj, v_proj, o_proj"
+            )
         if self.architecture not in ARCHITECTURES:
             raise ValueError(
                 f"architecture {self.architecture!r} is not supported; expected one of {list(ARCHITECTURES)}"
@@ -92,114 +140,18 @@ class ModelConfig:
         return dataclasses.replace(self, **kw)
 
     @property
+    def windows(self) -> tuple[int | None, ...]:
+        """Each layer's sliding window (None: full attention)."""
+        if not self.layer_types:
+            return (self.sliding_window,) * self.num_layers
+        return tuple(self.sliding_window if t == "sliding" else None for t in self.layer_types)
+
+    @property
+    def scores_scale(self) -> float:
+        return self.head_dim**-0.5 if self.query_scale is None else self.query_scale
+
+    @property
     def eos_ids(self) -> tuple[int, ...]:
         if self.eos_token_id is None:
             return ()
         return (self.eos_token_id,) if isinstance(self.eos_token_id, int) else tuple(self.eos_token_id)
-
-
-def _rope_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
-    # transformers >= 5 writes "rope_parameters"; older checkpoints "rope_theta" and "rope_scaling".
-    params = dict(hf.get("rope_parameters") or {})
-    if not params:
-        params = dict(hf.get("rope_scaling") or {})
-        params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"{where}: rope type {rope_type!r} is not supported yet; supported: {ROPE_TYPES}")
-    out = {"rope_theta": float(params.get("rope_theta", 10000.0)), "rope_type": rope_type}
-    if rope_type in ("linear", "llama3"):
-        out["rope_factor"] = float(params["factor"])
-    if rope_type == "llama3":
-        out["rope_low_freq_factor"] = float(params["low_freq_factor"])
-        out["rope_high_freq_factor"] = float(params["high_freq_factor"])
-        out["rope_original_max_position"] = int(params["original_max_position_embeddings"])
-    return out
-
-
-def config_from_hf(hf: dict[str, Any], *, where: str = "config.json", **overrides) -> ModelConfig:
-    """Build a ``ModelConfig`` from a parsed Hugging Face ``config.json``; ``where`` names it in errors."""
-    archs = hf.get("architectures") or []
-    arch = next((a for a in archs if a in ARCHITECTURES), None)
-    if arch is None:
-        raise ValueError(f"{where}: architectures {archs} are not supported; supported: {', '.join(ARCHITECTURES)}")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (only silu)")
-    if arch == "Qwen2ForCausalLM" and hf.get("use_sliding_window", False):
-        raise ValueError(f"{where}: Qwen2 use_sliding_window=true is not supported yet")
-    missing = [
-        k
-        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-        if k not in hf
-    ]
-    if missing:
-        raise ValueError(f"{where}: missing required fields {missing}")
-    eos = hf.get("eos_token_id")
-    kw = dict(
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim"),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
-        o_bias=arch == "LlamaForCausalLM" and bool(hf.get("attention_bias", False)),
-        mlp_bias=bool(hf.get("mlp_bias", False)),
-        sliding_window=hf.get("sliding_window") if arch == "MistralForCausalLM" else None,
-        architecture=arch,
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-        pad_token_id=hf.get("pad_token_id"),
-        initializer_range=float(hf.get("initializer_range", 0.02)),
-        **_rope_from_hf(hf, where),
-    )
-    kw.update(overrides)
-    return ModelConfig(**kw)
-
-
-def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """A ``config.json`` dict that ``transformers`` loads as the same architecture."""
-    rope: dict[str, Any] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
-    if cfg.rope_type in ("linear", "llama3"):
-        rope["factor"] = cfg.rope_factor
-    if cfg.rope_type == "llama3":
-        rope.update(
-            low_freq_factor=cfg.rope_low_freq_factor,
-            high_freq_factor=cfg.rope_high_freq_factor,
-            original_max_position_embeddings=cfg.rope_original_max_position,
-        )
-    hf = {
-        "architectures": [cfg.architecture],
-        "model_type": ARCHITECTURES[cfg.architecture],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "initializer_range": cfg.initializer_range,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id,
-        "torch_dtype": "float32",
-        # Both spellings: transformers >= 5 reads rope_parameters, 4.x reads rope_theta / rope_scaling.
-        "rope_parameters": rope,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None if cfg.rope_type == "default" else {**rope, "type": cfg.rope_type},
-    }
-    if cfg.architecture == "LlamaForCausalLM":
-        hf.update(attention_bias=cfg.o_bias, mlp_bias=cfg.mlp_bias)
-    if cfg.architecture == "MistralForCausalLM":
-        hf["sliding_window"] = cfg.sliding_window
-    if cfg.architecture == "Qwen2ForCausalLM":
-        hf.update(use_sliding_window=False, sliding_window=None)
-    return hf

@@ -1,4 +1,6 @@
-"""Flax NNX decoder for the Llama family (Llama 2/3, Mistral, Qwen2) as Hugging Face defines it.
+"""Flax NNX decoder for the Llama lineage as Hugging Face defines it: Llama 2/3, Mistral, Qwen2, Qwen3, Gemma 3,
+OLMo 2, Phi-3, and the mixtures of experts Qwen3-MoE and Mixtral (``dpo_jax.models.moe``), one decoder whose
+``ModelConfig`` family fields switch what differs (``dpo_jax.models.families`` lists them).
 
 Shape letters: B batch, T query tokens, S key slots (T, or the KV-cache length), D model width, H query heads,
 K key/value heads, G = H // K query heads per KV head, E head width, F MLP width, V vocabulary, L layers.
@@ -20,6 +22,7 @@ from flax import nnx
 from dpo_jax.models import attention
 from dpo_jax.models.attention import Ids
 from dpo_jax.models.config import LORA_TARGETS, ModelConfig
+from dpo_jax.models.moe import MoE
 
 Array = jax.Array
 
@@ -43,14 +46,21 @@ class DecoderOutput(NamedTuple):
     logits_BxTxV: Array | None
     hidden_BxTxD: Array  # after the final norm: the LM head's input
     cache: KVCache | None
+    router: dict | None = None  # mixtures of experts: per-layer router statistics [L, ...] (``moe.router_stats``)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Rotary inverse frequencies [E/2], with Hugging Face's linear and Llama-3 scaling."""
-    e = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, e, 2, dtype=np.float64) / e))
+def rope_inv_freq(cfg: ModelConfig, *, local: bool = False, factors: tuple[float, ...] = ()) -> np.ndarray:
+    """Rotary inverse frequencies [E'/2] (E' = the rotated part of a head), with Hugging Face's linear, Llama-3 and
+    longrope (``factors``) scaling; ``local``: a sliding layer's own unscaled base (Gemma 3)."""
+    e = int(cfg.head_dim * cfg.rope_fraction)
+    theta = cfg.local_rope_theta if local and cfg.local_rope_theta else cfg.rope_theta
+    inv = 1.0 / (theta ** (np.arange(0, e, 2, dtype=np.float64) / e))
+    if local and cfg.local_rope_theta:
+        return inv.astype(np.float32)
     if cfg.rope_type == "linear":
         inv = inv / cfg.rope_factor
+    elif cfg.rope_type == "longrope":
+        inv = inv / np.asarray(factors or cfg.rope_short_factor, np.float64)
     elif cfg.rope_type == "llama3":
         old = cfg.rope_original_max_position
         low_wavelen, high_wavelen = old / cfg.rope_low_freq_factor, old / cfg.rope_high_freq_factor
@@ -63,15 +73,29 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def apply_rope(x_BxTxNxE: Array, positions_BxT: Array, inv_freq: np.ndarray) -> Array:
-    """Rotate-half RoPE (the Hugging Face layout: first half / second half of each head)."""
+def layer_inv_freq(cfg: ModelConfig, positions_BxT: Array) -> Array:
+    """[L, E'/2] each layer's frequencies. Longrope takes its long factors when the batch's furthest position is past
+    the original context (as transformers does, for the whole batch)."""
+    local = [t == "sliding" for t in cfg.layer_types] or [False] * cfg.num_layers
+    per_layer = lambda **kw: jnp.asarray(np.stack([rope_inv_freq(cfg, local=lo, **kw) for lo in local]))  # noqa: E731
+    if cfg.rope_type != "longrope":
+        return per_layer()
+    long = jnp.max(positions_BxT) + 1 > cfg.rope_original_max_position
+    return jnp.where(long, per_layer(factors=cfg.rope_long_factor), per_layer(factors=cfg.rope_short_factor))
+
+
+def apply_rope(x_BxTxNxE: Array, positions_BxT: Array, inv_freq, scale: float = 1.0) -> Array:
+    """Rotate-half RoPE (the Hugging Face layout: first half / second half of each head's rotated part, which is
+    the first 2 * len(inv_freq) entries of it); ``scale`` multiplies cos and sin (longrope's attention factor)."""
     freqs_BxTxE2 = positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     emb_BxTxE = jnp.concatenate([freqs_BxTxE2, freqs_BxTxE2], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb_BxTxE), jnp.sin(emb_BxTxE)
+    cos, sin = jnp.cos(emb_BxTxE) * scale, jnp.sin(emb_BxTxE) * scale
     x = x_BxTxNxE.astype(jnp.float32)
-    half = x.shape[-1] // 2
+    rot = emb_BxTxE.shape[-1]
+    x, rest = x[..., :rot], x[..., rot:]
+    half = rot // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x * cos + rotated * sin).astype(x_BxTxNxE.dtype)
+    return jnp.concatenate([x * cos + rotated * sin, rest], axis=-1).astype(x_BxTxNxE.dtype)
 
 
 def segment_positions(segment_ids_BxT: Array) -> Array:
@@ -160,14 +184,24 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, d: int, eps: float):
-        self.weight = nnx.Param(jnp.ones((d,), jnp.float32))
-        self.eps = eps
+    """RMSNorm over the last axis, scaled by (offset + w): Llama casts the normed value, then scales; Gemma and OLMo 2
+    scale in float32, then cast (``scale_f32``). Gemma's w starts at 0 (offset 1)."""
+
+    def __init__(self, d: int, eps: float, offset: float = 0.0, scale_f32: bool = False):
+        self.weight = nnx.Param(jnp.full((d,), 1.0 - offset, jnp.float32))
+        self.eps, self.offset, self.scale_f32 = eps, offset, scale_f32
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, d: int) -> RMSNorm:
+        return cls(d, cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_scale_f32)
 
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)  # HF order: cast, then scale
+        w = self.weight[...] + self.offset if self.offset else self.weight[...]
+        if self.scale_f32:
+            return (normed * w).astype(x.dtype)
+        return w.astype(x.dtype) * normed.astype(x.dtype)  # HF order: cast, then scale
 
 
 class Attention(nnx.Module):
@@ -177,17 +211,30 @@ class Attention(nnx.Module):
         self.k_proj = Linear(d, k * e, bias=cfg.qkv_bias, std=std, rngs=rngs, cfg=cfg, name="k_proj")
         self.v_proj = Linear(d, k * e, bias=cfg.qkv_bias, std=std, rngs=rngs, cfg=cfg, name="v_proj")
         self.o_proj = Linear(h * e, d, bias=cfg.o_bias, std=std, rngs=rngs, cfg=cfg, name="o_proj")
+        if cfg.qk_norm != "none":  # Qwen3 / Gemma 3: over each head; OLMo 2: over the whole projection
+            self.q_norm = RMSNorm.of(cfg, e if cfg.qk_norm == "head" else h * e)
+            self.k_norm = RMSNorm.of(cfg, e if cfg.qk_norm == "head" else k * e)
         self.shape = (h, k, e)
         self.config = cfg
 
-    def __call__(self, x_BxTxD, positions_BxT, ids, inv_freq, kv=None, dropout_keys_BxT=None):
+    def __call__(self, x_BxTxD, positions_BxT, ids, inv_freq, kv=None, dropout_keys_BxT=None, window=None):
         """``ids``: (query ``Ids``, key ``Ids``) the mask is made of; ``kv``: optional (cache_k_BxSxKxE,
-        cache_v_BxSxKxE, index) to write into and attend over."""
+        cache_v_BxSxKxE, index) to write into and attend over; ``window``: this layer's sliding window (None: full;
+        a traced scalar when the layers differ)."""
         h, k, e = self.shape
         b, t, _ = x_BxTxD.shape
-        keys = dropout_keys_BxT
-        q_BxTxHxE = apply_rope(self.q_proj(x_BxTxD, keys).reshape(b, t, h, e), positions_BxT, inv_freq)
-        k_BxTxKxE = apply_rope(self.k_proj(x_BxTxD, keys).reshape(b, t, k, e), positions_BxT, inv_freq)
+        keys, cfg = dropout_keys_BxT, self.config
+        q, kk = self.q_proj(x_BxTxD, keys), self.k_proj(x_BxTxD, keys)
+        if cfg.qk_norm == "full":
+            q, kk = self.q_norm(q), self.k_norm(kk)
+        q, kk = q.reshape(b, t, h, e), kk.reshape(b, t, k, e)
+        if cfg.qk_norm == "head":
+            q, kk = self.q_norm(q), self.k_norm(kk)
+        if cfg.query_scale is not None:  # the kernels scale scores by e ** -0.5: fold the rest into q
+            q = q * jnp.asarray(cfg.query_scale * e**0.5, q.dtype)
+        rope_scale = cfg.rope_attention_factor
+        q_BxTxHxE = apply_rope(q, positions_BxT, inv_freq, rope_scale)
+        k_BxTxKxE = apply_rope(kk, positions_BxT, inv_freq, rope_scale)
         v_BxTxKxE = self.v_proj(x_BxTxD, keys).reshape(b, t, k, e)
         new_kv = None
         if kv is not None:
@@ -196,10 +243,10 @@ class Attention(nnx.Module):
             v_BxTxKxE = jax.lax.dynamic_update_slice_in_dim(cache_v, v_BxTxKxE.astype(cache_v.dtype), index, axis=1)
             new_kv = (k_BxTxKxE, v_BxTxKxE)
         q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
-        cfg = self.config
         out_BxTxKxGxE = attention.attend(
             q_BxTxKxGxE, k_BxTxKxE.astype(q_BxTxHxE.dtype), v_BxTxKxE.astype(x_BxTxD.dtype), *ids,
-            window=cfg.sliding_window, implementation=cfg.attention, block=cfg.attention_block,
+            window=window, implementation=cfg.attention,
+            block=cfg.attention_block, softcap=cfg.attn_softcap,
         )  # fmt: skip
         return self.o_proj(out_BxTxKxGxE.reshape(b, t, h * e), keys), new_kv
 
@@ -233,24 +280,56 @@ class MLP(nnx.Module):
         self.up_proj = Linear(d, f, bias=cfg.mlp_bias, std=std, rngs=rngs, cfg=cfg, name="up_proj")
         self.down_proj = Linear(f, d, bias=cfg.mlp_bias, std=std, rngs=rngs, cfg=cfg, name="down_proj")
 
+        self.activation = cfg.mlp_activation
+
     def __call__(self, x_BxTxD, dropout_keys_BxT=None):
         keys = dropout_keys_BxT
-        return self.down_proj(swiglu(self.gate_proj(x_BxTxD, keys), self.up_proj(x_BxTxD, keys)), keys)
+        gate, up = self.gate_proj(x_BxTxD, keys), self.up_proj(x_BxTxD, keys)
+        if self.activation == "gelu_tanh":  # Gemma's GeGLU
+            return self.down_proj(jax.nn.gelu(gate, approximate=True) * up, keys)
+        return self.down_proj(swiglu(gate, up), keys)
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, rngs)
+    """Attention and MLP (or mixture of experts) with residuals; where the norms sit is ``config.norm_layout``:
+    pre (Llama: before each), post (OLMo 2: on each output), sandwich (Gemma 3: both). Names as in Hugging Face."""
 
-    def __call__(self, x_BxTxD, positions_BxT, ids, inv_freq, kv=None, dropout_keys_BxT=None):
-        """``dropout_keys_BxT``: this layer's, per token (each projection folds in its own index)."""
-        keys = dropout_keys_BxT
-        attn, new_kv = self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT, ids, inv_freq, kv, keys)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, layout = cfg.hidden_size, cfg.norm_layout
+        self.layout = layout
+        if layout != "post":
+            self.input_layernorm = RMSNorm.of(cfg, d)
+        self.post_attention_layernorm = RMSNorm.of(cfg, d)  # Llama's applies before the MLP, despite its name
+        if layout == "sandwich":
+            self.pre_feedforward_layernorm = RMSNorm.of(cfg, d)
+        if layout != "pre":
+            self.post_feedforward_layernorm = RMSNorm.of(cfg, d)
+        self.self_attn = Attention(cfg, rngs)
+        self.mlp = MoE(cfg, rngs) if cfg.num_experts else MLP(cfg, rngs)
+
+    def __call__(self, x_BxTxD, positions_BxT, ids, inv_freq, kv=None, dropout_keys_BxT=None, window=None,
+                 router_logits=False):  # fmt: skip
+        """(x, new_kv, router statistics or None); ``dropout_keys_BxT``: this layer's, per token (each projection
+        folds in its own index)."""
+        keys, layout = dropout_keys_BxT, self.layout
+        h = x_BxTxD if layout == "post" else self.input_layernorm(x_BxTxD)
+        attn, new_kv = self.self_attn(h, positions_BxT, ids, inv_freq, kv, keys, window)
+        if layout != "pre":
+            attn = self.post_attention_layernorm(attn)
         x_BxTxD = x_BxTxD + attn
-        return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD), keys), new_kv
+        h = x_BxTxD
+        if layout == "pre":
+            h = self.post_attention_layernorm(x_BxTxD)
+        elif layout == "sandwich":
+            h = self.pre_feedforward_layernorm(x_BxTxD)
+        stats = None
+        if isinstance(self.mlp, MoE):
+            out, stats = self.mlp(h, ids[0].valid, router_logits=router_logits)
+        else:
+            out = self.mlp(h, keys)
+        if layout != "pre":
+            out = self.post_feedforward_layernorm(out)
+        return x_BxTxD + out, new_kv, stats
 
 
 _REMAT = {
@@ -276,7 +355,7 @@ class Decoder(nnx.Module):
             return Block(cfg, rngs)
 
         self.layers = make_layers(rngs)  # parameters stacked along a leading [L] axis
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm.of(cfg, cfg.hidden_size)
         self.lm_head = (
             None
             if cfg.tie_word_embeddings
@@ -299,6 +378,7 @@ class Decoder(nnx.Module):
         cache: KVCache | None = None,
         return_logits: bool = True,
         dropout_keys_BxT: Array | None = None,
+        router_logits: bool = False,
     ) -> DecoderOutput:
         """Run the decoder.
 
@@ -315,6 +395,7 @@ class Decoder(nnx.Module):
           return_logits: False skips the LM head (use ``lm_head_weight()`` with the chunked log-probs).
           dropout_keys_BxT: a training step's typed key per token: LoRA dropout at ``config.lora_dropout`` (None:
             none, as in eval and sampling); each layer and projection folds in its own index.
+          router_logits: a mixture of experts also returns every layer's router logits [L, B, T, E] (eval's drift).
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -327,7 +408,9 @@ class Decoder(nnx.Module):
                 positions_BxT = jnp.maximum(jnp.cumsum(valid_BxT, axis=1) - 1, 0)
             else:
                 positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
-        inv_freq = rope_inv_freq(cfg)
+        inv_freq_LxE2 = layer_inv_freq(cfg, positions_BxT)
+        windows = cfg.windows  # uniform: a static window; Gemma 3's alternate: a traced one per layer (full = 2^30)
+        window_L = None if len(set(windows)) == 1 else jnp.asarray([w or 2**30 for w in windows], jnp.int32)
 
         if cache is None:  # the mask is made of each token's ids, per block (never a [T, S] array)
             slots_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -343,38 +426,57 @@ class Decoder(nnx.Module):
             ids = (Ids(q_slots_BxT, valid_BxT), Ids(k_slots_BxS, kv_mask_BxS))  # the window counts slots here
 
         x_BxTxD = embed(self.embed_tokens, tokens_BxT, dtype)
+        if cfg.embed_scale != 1.0:  # Gemma: the scale rounded to the compute dtype, as transformers does
+            x_BxTxD = x_BxTxD * jnp.asarray(cfg.embed_scale, dtype)
         graphdef, layer_state = nnx.split(self.layers)
 
         dropout = dropout_keys_BxT is not None and cfg.lora_rank > 0 and cfg.lora_dropout > 0
 
-        def layer_fn(x_BxTxD, layer_state, kv, layer=None):
+        def layer_fn(x_BxTxD, layer_state, kv, layer):
             keys = fold_keys(dropout_keys_BxT, layer) if dropout else None
-            return nnx.merge(graphdef, layer_state)(x_BxTxD, positions_BxT, ids, inv_freq, kv, keys)
+            window = windows[0] if window_L is None else window_L[layer]
+            block = nnx.merge(graphdef, layer_state)
+            return block(x_BxTxD, positions_BxT, ids, inv_freq_LxE2[layer], kv, keys, window, router_logits)
 
         if cfg.remat != "none":
             layer_fn = jax.checkpoint(layer_fn, policy=_REMAT[cfg.remat])
 
+        layer_L = jnp.arange(cfg.num_layers)
         if cache is None:
             if cfg.scan_layers:
-                xs = (layer_state, jnp.arange(cfg.num_layers))
-                x_BxTxD, _ = jax.lax.scan(lambda x, xs: (layer_fn(x, xs[0], None, xs[1])[0], None), x_BxTxD, xs)
+
+                def scan_body(x, xs):
+                    x, _, stats = layer_fn(x, xs[0], None, xs[1])
+                    return x, stats
+
+                x_BxTxD, router = jax.lax.scan(scan_body, x_BxTxD, (layer_state, layer_L))
             else:
+                per_layer = []
                 for i in range(cfg.num_layers):
-                    x_BxTxD, _ = layer_fn(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], layer_state), None, i)
+                    x_BxTxD, _, stats = layer_fn(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], layer_state), None, i)
+                    per_layer.append(stats)
+                router = None if per_layer[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
             new_cache = None
         else:
 
             def body(x, xs):
-                st, ck, cv = xs
-                x, (ck, cv) = layer_fn(x, st, (ck, cv, cache.index))
+                st, ck, cv, layer = xs
+                x, (ck, cv), _ = layer_fn(x, st, (ck, cv, cache.index), layer)
                 return x, (ck, cv)
 
-            x_BxTxD, (k_new, v_new) = jax.lax.scan(body, x_BxTxD, (layer_state, cache.k_LxBxSxKxE, cache.v_LxBxSxKxE))
-            new_cache = KVCache(k_new, v_new, kv_mask_BxS, cache.index + t)
+            xs = (layer_state, cache.k_LxBxSxKxE, cache.v_LxBxSxKxE, layer_L)
+            x_BxTxD, (k_new, v_new) = jax.lax.scan(body, x_BxTxD, xs)
+            new_cache, router = KVCache(k_new, v_new, kv_mask_BxS, cache.index + t), None
 
         hidden_BxTxD = self.norm(x_BxTxD)
-        logits = jnp.dot(hidden_BxTxD, self.lm_head_weight()) if return_logits else None
-        return DecoderOutput(logits, hidden_BxTxD, new_cache)
+        logits = self.logits(hidden_BxTxD) if return_logits else None
+        return DecoderOutput(logits, hidden_BxTxD, new_cache, router)
+
+    def logits(self, hidden_BxTxD: Array) -> Array:
+        """The LM head on final hidden states (soft-capped when the config says so)."""
+        logits = jnp.dot(hidden_BxTxD, self.lm_head_weight())
+        cap = self.config.final_softcap
+        return cap * jnp.tanh(logits / cap) if cap else logits
 
 
 def init_decoder(cfg: ModelConfig, seed: int = 0) -> Decoder:
