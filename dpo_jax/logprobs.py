@@ -227,6 +227,23 @@ def _materialised_bwd(residuals, g_N):
 _materialised_token_logprobs.defvjp(_materialised_fwd, _materialised_bwd)
 
 
+def _capped_token_logprobs(h_NxD: Array, w_DxV: Array, t_N: Array, cap: float, token_chunk: int) -> Array:
+    """Log-probs under soft-capped logits cap * tanh(h @ w / cap) (Gemma), token chunk by token chunk, each chunk's
+    logits recomputed in the backward pass (autodiff through the tanh)."""
+    n = h_NxD.shape[0]
+    c = min(token_chunk, n)
+    pad = -n % c
+
+    @jax.checkpoint
+    def per_chunk(args):
+        h_CxD, t_C = args
+        logits_CxV = cap * jnp.tanh(jnp.dot(h_CxD, w_DxV, preferred_element_type=f32) / cap)
+        return jnp.take_along_axis(logits_CxV, t_C[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits_CxV, axis=-1)
+
+    chunks = (_token_chunks(jnp.pad(h_NxD, ((0, pad), (0, 0))), c), _token_chunks(jnp.pad(t_N, (0, pad)), c))
+    return jax.lax.map(per_chunk, chunks).reshape(-1)[:n]
+
+
 def head_token_logprobs(
     h_NxD: Array,
     lm_head_DxV: Array,
@@ -235,6 +252,7 @@ def head_token_logprobs(
     token_chunk: int = 1024,
     vocab_chunk: int = 8192,
     max_logits_mb: float = 256.0,
+    softcap: float | None = None,
 ) -> Array:
     """Log-probs [N] of ``targets`` under ``h @ lm_head`` for a compact buffer of scored hidden states.
 
@@ -243,6 +261,8 @@ def head_token_logprobs(
     vocab_chunk] at a time, at the price of recomputing them in the backward pass).
     """
     n, v = h_NxD.shape[0], lm_head_DxV.shape[1]
+    if softcap:
+        return _capped_token_logprobs(h_NxD, lm_head_DxV, targets_N.astype(jnp.int32), softcap, token_chunk)
     if n * v * 4 <= max_logits_mb * 2**20:
         return _materialised_token_logprobs(h_NxD, lm_head_DxV, targets_N.astype(jnp.int32))
     return chunked_token_logprobs(
@@ -251,14 +271,17 @@ def head_token_logprobs(
 
 
 def head_log_sum_sq_probs(
-    h_NxD: Array, lm_head_DxV: Array, *, token_chunk: int = 1024, vocab_chunk: int = 8192, max_logits_mb: float = 256.0
-) -> Array:
+    h_NxD: Array, lm_head_DxV: Array, *, token_chunk: int = 1024, vocab_chunk: int = 8192, max_logits_mb: float = 256.0,
+    softcap: float | None = None,
+) -> Array:  # fmt: skip
     """log sum_v softmax(h @ lm_head)_v^2 per row [N] = lse(2 * logits) - 2 lse(logits), without gradient (WPO's
-    alignment term), materialised or streamed like ``head_token_logprobs``."""
+    alignment term), materialised or streamed like ``head_token_logprobs`` (materialised when soft-capped)."""
     h_NxD, w_DxV = jax.lax.stop_gradient(h_NxD), jax.lax.stop_gradient(lm_head_DxV)
     n, v = h_NxD.shape[0], w_DxV.shape[1]
-    if n * v * 4 <= max_logits_mb * 2**20:
+    if n * v * 4 <= max_logits_mb * 2**20 or softcap:
         logits_NxV = jnp.dot(h_NxD, w_DxV, preferred_element_type=f32)
+        if softcap:
+            logits_NxV = softcap * jnp.tanh(logits_NxV / softcap)
         return jax.nn.logsumexp(2.0 * logits_NxV, axis=-1) - 2.0 * jax.nn.logsumexp(logits_NxV, axis=-1)
     c = min(token_chunk, n)
     pad = -n % c

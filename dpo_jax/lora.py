@@ -137,16 +137,46 @@ def cast_base(params: nnx.State, dtype: str) -> nnx.State:
     return compose(adapters, jax.tree_util.tree_map_with_path(cast, base))
 
 
+def fused_parts(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
+    """Phi-3's fused projections: our projection -> (its fused module, first row, last row + 1)."""
+    if cfg.architecture != "Phi3ForCausalLM":
+        return {}
+    h, k, e, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    return {"q_proj": ("qkv_proj", 0, h * e), "k_proj": ("qkv_proj", h * e, (h + k) * e),
+            "v_proj": ("qkv_proj", (h + k) * e, (h + 2 * k) * e), "gate_proj": ("gate_up_proj", 0, f),
+            "up_proj": ("gate_up_proj", f, 2 * f)}  # fmt: skip
+
+
+def peft_modules(cfg: ModelConfig) -> dict[str, list[str]]:
+    """PEFT's target module -> our adapted projections in it (more than one: a fused module's parts, in row order)."""
+    fused = fused_parts(cfg)
+    out: dict[str, list[str]] = {}
+    for name in (n for n in LORA_TARGETS if n in cfg.lora_targets):
+        out.setdefault(fused[name][0] if name in fused else name, []).append(name)
+    return out
+
+
 def peft_tensors(adapters: nnx.State, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """PEFT's tensor names and torch layout for the adapters of a (non-stacked-member) model."""
+    """PEFT's tensor names and torch layout for the adapters of a (non-stacked-member) model. A fused module's
+    parts become one adapter of rank r x parts: A stacked, B block-diagonal (``save_peft`` scales alpha alike)."""
     pure = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), nnx.to_pure_dict(adapters))
+    found = {path[-1]: (path, lin["lora"]) for path, lin in _adapted(pure)}
+    fused, r = fused_parts(cfg), cfg.lora_rank
     tensors = {}
-    for path, lin in _adapted(pure):
-        module = ".".join(map(str, path[1:]))  # layers / self_attn / q_proj -> self_attn.q_proj
+    for module, parts in peft_modules(cfg).items():
+        group = found[parts[0]][0][1]  # self_attn | mlp
         for i in range(cfg.num_layers):
-            prefix = f"base_model.model.model.layers.{i}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(lin["lora"]["lora_a"][i].T)
-            tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(lin["lora"]["lora_b"][i].T)
+            prefix = f"base_model.model.model.layers.{i}.{group}.{module}"
+            a = np.concatenate([found[p][1]["lora_a"][i].T for p in parts])  # [r * parts, in]
+            if parts[0] not in fused:
+                b = found[parts[0]][1]["lora_b"][i].T
+            else:
+                rows = max(fused[p][2] for p in fused if fused[p][0] == module)
+                b = np.zeros((rows, r * len(parts)), np.float32)
+                for j, p in enumerate(parts):
+                    b[fused[p][1] : fused[p][2], j * r : (j + 1) * r] = found[p][1]["lora_b"][i].T
+            tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a)
+            tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b)
     return tensors
 
 
@@ -155,6 +185,7 @@ def save_peft(adapters: nnx.State, cfg: ModelConfig, path, *, base_model: str = 
     the base."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    modules = peft_modules(cfg)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -162,7 +193,9 @@ def save_peft(adapters: nnx.State, cfg: ModelConfig, path, *, base_model: str = 
         "r": cfg.lora_rank,
         "lora_alpha": cfg.lora_alpha,
         "lora_dropout": cfg.lora_dropout,
-        "target_modules": sorted(cfg.lora_targets),
+        "target_modules": sorted(modules),
+        "rank_pattern": {m: cfg.lora_rank * len(p) for m, p in modules.items() if len(p) > 1},
+        "alpha_pattern": {m: cfg.lora_alpha * len(p) for m, p in modules.items() if len(p) > 1},
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,
@@ -187,8 +220,12 @@ def attach(model, *, rank: int, alpha: float, target_names, dropout: float = 0.0
 
 
 def attach_config(model, lo, seed: int):
-    """``attach`` as a config's ``lora`` section says."""
-    return attach(model, rank=lo.rank, alpha=lo.alpha, target_names=targets(lo.targets), dropout=lo.dropout, seed=seed)
+    """``attach`` as a config's ``lora`` section says (``all-linear`` on a mixture of experts: the attention's
+    projections, its only linear layers; named MLP projections there are an error)."""
+    names = targets(lo.targets)
+    if model.config.num_experts and lo.targets == ALL:
+        names = tuple(n for n in names if n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    return attach(model, rank=lo.rank, alpha=lo.alpha, target_names=names, dropout=lo.dropout, seed=seed)
 
 
 def detach(model):

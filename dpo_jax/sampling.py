@@ -74,8 +74,13 @@ def _generate(
     positions_BxP = jnp.maximum(jnp.cumsum(valid_BxP, axis=1) - 1, 0)
     cache = KVCache.init(model.config, b, p + n)
     # the prefill's logits at the last position only: [B, V], not [B, P, V]
-    out = model(prompt_BxP, positions_BxT=positions_BxP, attention_mask_BxT=valid_BxP, cache=cache, return_logits=False)
-    last_BxV = jnp.dot(out.hidden_BxTxD[:, -1], model.lm_head_weight())
+    # longrope: the factors of the longest row this call can make, for the prefill and every step (transformers
+    # instead switches at the original context, recomputing its cache; the two agree on rows that stay on one side)
+    cfg = model.config
+    long = cfg.rope_type == "longrope" and p + n > cfg.rope_original_max_position
+    out = model(prompt_BxP, positions_BxT=positions_BxP, attention_mask_BxT=valid_BxP, cache=cache, return_logits=False,
+                rope_long=long)  # fmt: skip
+    last_BxV = model.logits(out.hidden_BxTxD[:, -1])
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
     def cond(carry):
@@ -98,7 +103,8 @@ def _generate(
             )
         )
         done_B = done_B | jnp.isin(token_B, eos)
-        step = model(token_B[:, None], positions_BxT=pos_B[:, None], attention_mask_BxT=live_B[:, None], cache=cache)
+        step = model(token_B[:, None], positions_BxT=pos_B[:, None], attention_mask_BxT=live_B[:, None], cache=cache,
+                     rope_long=long)  # fmt: skip
         return i + 1, step.cache, step.logits_BxTxV[:, -1], pos_B + 1, done_B, key, buffers
 
     buffers = (

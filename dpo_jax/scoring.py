@@ -63,7 +63,8 @@ def token_logps(graphdef, params, batch: Batch, *, token_chunk=1024, vocab_chunk
     log sum_v p_v^2 [Z, S] at each entry (WPO's alignment term; no gradient)."""
     model, h_ZxSxD = scored_hidden(graphdef, params, batch, dropout_key)
     z, s, d = h_ZxSxD.shape
-    head = dict(token_chunk=token_chunk, vocab_chunk=vocab_chunk, max_logits_mb=max_logits_mb)
+    head = dict(token_chunk=token_chunk, vocab_chunk=vocab_chunk, max_logits_mb=max_logits_mb,
+                softcap=model.config.final_softcap)  # fmt: skip
     targets = jnp.where(batch.score_mask_ZxS > 0, batch.score_target_ZxS, 0).reshape(z * s)
     h_NxD, w_DxV = h_ZxSxD.reshape(z * s, d), model.lm_head_weight()
     logps = lp.head_token_logprobs(h_NxD, w_DxV, targets, **head)
@@ -140,7 +141,7 @@ def completion_token_kl(graphdef, policy, reference, batch: Batch):
     pol, h_pol = scored_hidden(graphdef, policy, batch)
     ref, h_ref = scored_hidden(graphdef, reference, batch)
     chosen_ZxS = (batch.score_seq_ZxS % 2 == 0) & (batch.score_mask_ZxS > 0)
-    kl_ZxS = lp.token_kl(h_pol @ pol.lm_head_weight(), h_ref @ ref.lm_head_weight(), chosen_ZxS)
+    kl_ZxS = lp.token_kl(pol.logits(h_pol), ref.logits(h_ref), chosen_ZxS)
     n = chosen_ZxS.astype(jnp.float32)
     return sequence_sums(kl_ZxS, batch)[:, 0], sequence_sums(n, batch)[:, 0]
 

@@ -80,14 +80,16 @@ HF_CASES = {
 MOE_CASES = ("qwen3_moe", "mixtral")
 
 
-def make_hf_model(name: str, seed: int = 0, scale: float = 0.3):
+def make_hf_model(name: str, seed: int = 0, scale: float = 0.3, **overrides):
     """A tiny random transformers model; weights perturbed so that norms and biases are not trivial."""
     import torch
     import transformers
 
     config_cls, model_cls, extra = HF_CASES[name]
     torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**COMMON, **extra)).eval()
+    config = getattr(transformers, config_cls)(**COMMON, **{**extra, **overrides})
+    config._attn_implementation = "eager"  # transformers' reference attention
+    model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * scale)

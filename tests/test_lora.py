@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import padded_batch
+from conftest import MOE_CASES, padded_batch
 from flax import nnx
 from test_hf import our_logits, torch_logits
 from test_train import step_setup, tiny_config  # noqa: F401 (a fixture)
@@ -38,17 +38,21 @@ def adapted(path, targets=LORA_TARGETS, rank=4, alpha=8.0, seed=1):
     return nnx.merge(graphdef, lora.compose(adapters, base))
 
 
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # a mixture of experts' linear layers
+
+
 @pytest.mark.slow
 def test_a_new_adapter_changes_nothing_and_the_merged_export_equals_the_adapted_model(hf_checkpoint, tmp_path):
-    _, _, path = hf_checkpoint
+    name, _, path = hf_checkpoint
+    targets = ATTENTION if name in MOE_CASES else LORA_TARGETS
     base, _ = hf.load_pretrained(path)
-    new = lora.attach(base, rank=4, alpha=8.0, target_names=LORA_TARGETS, seed=1)
+    new = lora.attach(base, rank=4, alpha=8.0, target_names=targets, seed=1)
     a = [x for p, x in jax.tree_util.tree_leaves_with_path(nnx.state(new)) if "lora_a" in jax.tree_util.keystr(p)]
-    assert len(a) == len(LORA_TARGETS) and all(float(jnp.abs(x).max()) > 0 for x in a)  # A random, B zero
+    assert len(a) == len(targets) and all(float(jnp.abs(x).max()) > 0 for x in a)  # A random, B zero
     ids, mask = padded_batch()
     np.testing.assert_array_equal(our_logits(new, ids, mask), our_logits(base, ids, mask))
 
-    model = adapted(path, LORA_TARGETS)  # B random, as after training
+    model = adapted(path, targets)  # B random, as after training
     ours = our_logits(model, ids, mask)
     assert np.abs(ours - our_logits(base, ids, mask)).max() > 1e-2  # the adapters act
     hf.save_pretrained(lora.detach(model), tmp_path)
@@ -60,8 +64,10 @@ def test_a_new_adapter_changes_nothing_and_the_merged_export_equals_the_adapted_
 def test_peft_loads_the_adapter_onto_the_base(hf_checkpoint, tmp_path):
     import peft
 
-    _, _, path = hf_checkpoint
-    model = adapted(path, ("q_proj", "k_proj", "o_proj", "up_proj", "down_proj"), rank=3, alpha=5.0)
+    name, _, path = hf_checkpoint
+    # Phi-3: q and k are two of qkv_proj's three parts, up one of gate_up_proj's two (one adapter each in PEFT)
+    targets = ("q_proj", "k_proj", "o_proj") if name in MOE_CASES else ("q_proj", "k_proj", "o_proj", "up_proj", "down_proj")
+    model = adapted(path, targets, rank=3, alpha=5.0)
     adapters, _ = lora.split(nnx.state(model))
     lora.save_peft(adapters, model.config.replace(lora_dropout=0.05), tmp_path / "adapter", base_model=str(path))
     base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()

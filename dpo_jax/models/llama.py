@@ -73,14 +73,15 @@ def rope_inv_freq(cfg: ModelConfig, *, local: bool = False, factors: tuple[float
     return inv.astype(np.float32)
 
 
-def layer_inv_freq(cfg: ModelConfig, positions_BxT: Array) -> Array:
+def layer_inv_freq(cfg: ModelConfig, positions_BxT: Array, long: bool | None = None) -> Array:
     """[L, E'/2] each layer's frequencies. Longrope takes its long factors when the batch's furthest position is past
-    the original context (as transformers does, for the whole batch)."""
+    the original context (as transformers does, for the whole batch), or as ``long`` says."""
     local = [t == "sliding" for t in cfg.layer_types] or [False] * cfg.num_layers
     per_layer = lambda **kw: jnp.asarray(np.stack([rope_inv_freq(cfg, local=lo, **kw) for lo in local]))  # noqa: E731
     if cfg.rope_type != "longrope":
         return per_layer()
-    long = jnp.max(positions_BxT) + 1 > cfg.rope_original_max_position
+    if long is None:
+        long = jnp.max(positions_BxT) + 1 > cfg.rope_original_max_position
     return jnp.where(long, per_layer(factors=cfg.rope_long_factor), per_layer(factors=cfg.rope_short_factor))
 
 
@@ -379,6 +380,7 @@ class Decoder(nnx.Module):
         return_logits: bool = True,
         dropout_keys_BxT: Array | None = None,
         router_logits: bool = False,
+        rope_long: bool | None = None,
     ) -> DecoderOutput:
         """Run the decoder.
 
@@ -396,6 +398,7 @@ class Decoder(nnx.Module):
           dropout_keys_BxT: a training step's typed key per token: LoRA dropout at ``config.lora_dropout`` (None:
             none, as in eval and sampling); each layer and projection folds in its own index.
           router_logits: a mixture of experts also returns every layer's router logits [L, B, T, E] (eval's drift).
+          rope_long: longrope's factor set (default: from this call's furthest position, as transformers).
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -408,7 +411,7 @@ class Decoder(nnx.Module):
                 positions_BxT = jnp.maximum(jnp.cumsum(valid_BxT, axis=1) - 1, 0)
             else:
                 positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
-        inv_freq_LxE2 = layer_inv_freq(cfg, positions_BxT)
+        inv_freq_LxE2 = layer_inv_freq(cfg, positions_BxT, rope_long)
         windows = cfg.windows  # uniform: a static window; Gemma 3's alternate: a traced one per layer (full = 2^30)
         window_L = None if len(set(windows)) == 1 else jnp.asarray([w or 2**30 for w in windows], jnp.int32)
 
