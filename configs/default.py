@@ -58,6 +58,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = dict(
         init="scratch",  # scratch | hf (load model.hf_path)
         hf_path="",
+        # a new model's family (dpo_jax.models.families): LlamaForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM,
+        # Olmo2ForCausalLM, Phi3ForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3MoeForCausalLM, MixtralForCausalLM
+        architecture="LlamaForCausalLM",
+        num_experts=0,  # a new mixture of experts (Qwen3MoeForCausalLM, MixtralForCausalLM): experts per layer,
+        experts_per_token=2,  # ... routed to per token,
+        expert_intermediate_size=0,  # ... and each expert's MLP width (0: intermediate_size)
         hidden_size=64,
         intermediate_size=128,
         num_layers=2,
@@ -70,6 +76,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # or einsum | blockwise | cudnn (GPU; data.packing=False) | pallas (GPU flash; data.share_prompt=False)
         attention="auto",
         attention_block=512,  # blockwise: query and key tokens per block
+    )
+    # Mixtures of experts (dpo_jax.models.moe): TRL's router_aux_loss_coef and beyond.
+    c.moe = dict(
+        aux_loss_coef=-1.0,  # load-balancing loss weight, added to every objective; -1: the checkpoint's (0.001 new)
+        freeze_router=False,  # keep the reference's routing: router weights never update
+        impl="grouped",  # grouped (tokens sorted by expert, jax.lax.ragged_dot) | dense (every expert, every token)
     )
     # Stage that builds the reference policy (skipped when sft.steps == 0).
     c.sft = dict(
@@ -164,7 +176,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     # member: devices groups a population's members are split over (0: as many as divide the members and devices;
     # a plain run is one member). Within a group: data, fsdp, tensor (-1: all remaining devices).
-    c.mesh = dict(member=0, data=-1, fsdp=1, tensor=1)
+    c.mesh = dict(member=0, data=-1, fsdp=1, tensor=1, expert=1)  # expert: a mixture's experts split (and batch)
     c.logprobs = dict(
         token_chunk=1024,  # chunked LM head: tokens and vocabulary entries per chunk
         vocab_chunk=8192,

@@ -16,17 +16,18 @@ from flax import nnx
 from dpo_jax import hf, lora, reference, scoring, sharding, signals, throughput
 from dpo_jax.config import ConfigError, needs_reference
 from dpo_jax.errors import Notes
-from dpo_jax.models import ModelConfig, init_decoder
+from dpo_jax.models import ModelConfig, config_from_hf, init_decoder
 from dpo_jax.workdir import clean_stale_tmp
 
 
 def make_mesh(cfg, devices, num_members: int = 1):
-    """The config's ``(member, data, fsdp, tensor)`` mesh over ``devices`` for ``num_members`` members."""
+    """The config's ``(member, data, fsdp, expert, tensor)`` mesh over ``devices`` for ``num_members`` members."""
     m = cfg.mesh
-    size = m.member or sharding.member_axis_size(num_members, len(devices), m.data, m.fsdp, m.tensor)
+    expert = m.get("expert", 1)
+    size = m.member or sharding.member_axis_size(num_members, len(devices) // expert, m.data, m.fsdp, m.tensor)
     if num_members % size:
         raise ConfigError(f"config.mesh.member: expected a divisor of the {num_members} members, got {size}")
-    return sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices, member=size)
+    return sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices, member=size, expert=expert)
 
 
 def head_options(cfg) -> dict:
@@ -40,7 +41,32 @@ def model_options(cfg) -> dict:
     """How the config runs a model, whatever its weights: compute dtype, remat, scan, attention."""
     m = cfg.model
     return dict(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, attention=m.get("attention", "auto"),
-                attention_block=m.get("attention_block", 512))  # fmt: skip
+                attention_block=m.get("attention_block", 512), moe_impl=cfg.moe.impl)  # fmt: skip
+
+
+def moe_options(cfg, model: ModelConfig) -> dict:
+    """The step's mixture-of-experts switches: the load-balancing weight (``moe.aux_loss_coef``, -1: the
+    checkpoint's) and ``moe.freeze_router``; nothing for a dense model."""
+    if not model.num_experts:
+        return {}
+    coef = cfg.moe.aux_loss_coef
+    return dict(aux_loss_coef=model.router_aux_loss_coef if coef < 0 else coef, freeze_router=cfg.moe.freeze_router)
+
+
+def scratch_config(cfg, tokenizer) -> ModelConfig:
+    """A new model of ``model.*``'s sizes and family: the family's switches set as from its ``config.json``."""
+    m = cfg.model
+    hf = dict(
+        architectures=[m.architecture], vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size, num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads, max_position_embeddings=cfg.data.max_length, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        num_experts=m.num_experts, num_experts_per_tok=m.experts_per_token, norm_topk_prob=True,
+        moe_intermediate_size=m.expert_intermediate_size or m.intermediate_size,
+    )  # fmt: skip
+    if m.architecture == "MixtralForCausalLM":
+        hf["intermediate_size"] = m.expert_intermediate_size or m.intermediate_size
+    return config_from_hf(hf, where="config.model", **model_options(cfg))
 
 
 def build_model(cfg, tokenizer):
@@ -49,13 +75,7 @@ def build_model(cfg, tokenizer):
     if m.init == "hf":
         model, _ = hf.load_pretrained(m.hf_path, **model_options(cfg))
         return model
-    mc = ModelConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-        num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, **model_options(cfg),
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=cfg.data.max_length,
-    )  # fmt: skip
-    return init_decoder(mc, seed=cfg.seed)
+    return init_decoder(scratch_config(cfg, tokenizer), seed=cfg.seed)
 
 
 @dataclasses.dataclass

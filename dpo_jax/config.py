@@ -20,7 +20,7 @@ from dpo_jax import rewards
 from dpo_jax.errors import ConfigError
 from dpo_jax.lora import targets as lora_targets
 from dpo_jax.losses import BATCH_LOSSES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES, POLICY_ONLY
-from dpo_jax.models.config import ATTENTION, REMAT_POLICIES
+from dpo_jax.models.config import ARCHITECTURES, ATTENTION, MOE_IMPLS, REMAT_POLICIES
 from dpo_jax.workdir import CHANGEABLE_ON_RESUME, allowed_changes
 
 # What the SFT reference depends on; runs (and sweep members) equal on these share one SFT stage. (The built-in
@@ -208,6 +208,14 @@ def _check_model(cfg) -> None:
         )
         for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             _check(cfg.model[key] > 0, f"model.{key}", "> 0", cfg.model[key])
+        _check(cfg.model.architecture in ARCHITECTURES, "model.architecture", " | ".join(ARCHITECTURES),
+               cfg.model.architecture)  # fmt: skip
+        moe = cfg.model.architecture in ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
+        _check(cfg.model.num_experts > 0 if moe else cfg.model.num_experts == 0, "model.num_experts",
+               "> 0 for a mixture of experts, else 0", cfg.model.num_experts)  # fmt: skip
+        if moe:
+            _check(0 < cfg.model.experts_per_token <= cfg.model.num_experts, "model.experts_per_token",
+                   f"in [1, num_experts={cfg.model.num_experts}]", cfg.model.experts_per_token)  # fmt: skip
         _check(
             cfg.model.num_heads % cfg.model.num_kv_heads == 0,
             "model.num_kv_heads",
@@ -215,6 +223,8 @@ def _check_model(cfg) -> None:
             cfg.model.num_kv_heads,
         )
     _check(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 | bfloat16", cfg.model.dtype)
+    _check(cfg.moe.impl in MOE_IMPLS, "moe.impl", " | ".join(MOE_IMPLS), cfg.moe.impl)
+    _check(isinstance(cfg.moe.freeze_router, bool), "moe.freeze_router", "true or false", cfg.moe.freeze_router)
     impl, block = cfg.model.attention, cfg.model.attention_block
     _check(impl in ATTENTION, "model.attention", " | ".join(ATTENTION), impl)
     _check(isinstance(block, int) and block >= 8 and block % 8 == 0, "model.attention_block",
@@ -304,6 +314,10 @@ def _check_objective(cfg) -> None:
 
 def _check_mesh(cfg, num_devices: int, members: int) -> int:
     """``mesh.*`` against the devices of a member group; returns the data-parallel size."""
+    expert = cfg.mesh.get("expert", 1)
+    _check(isinstance(expert, int) and expert >= 1 and num_devices % expert == 0, "mesh.expert",
+           f"a divisor of the {num_devices} devices", expert)  # fmt: skip
+    num_devices //= expert
     mesh = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
     _check(
         all(m == -1 or m >= 1 for m in mesh) and mesh.count(-1) <= 1,
@@ -315,13 +329,14 @@ def _check_mesh(cfg, num_devices: int, members: int) -> int:
     _check(
         num_devices % known == 0 if -1 in mesh else known == num_devices,
         "mesh",
-        f"data * fsdp * tensor = {num_devices} devices" + (f" per member group ({members})" if members > 1 else ""),
+        f"data * fsdp * tensor = {num_devices} devices" + (f" per member group ({members})" if members > 1 else "")
+        + (f" per expert group ({expert})" if expert > 1 else ""),
         dict(cfg.mesh),
     )
     data_parallel = (num_devices // known if cfg.mesh.data == -1 else cfg.mesh.data) * (
         num_devices // known if cfg.mesh.fsdp == -1 else cfg.mesh.fsdp
     )
-    return data_parallel
+    return data_parallel * expert
 
 
 def _check_schedules(cfg, data_parallel: int) -> None:

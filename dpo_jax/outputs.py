@@ -25,6 +25,9 @@ PLOTS = (
     ("preference accuracy", ("train/rewards/accuracies", "eval/rewards/accuracies", "eval/rewards/ties")),
     ("KL(pi || pi_ref)", ("eval/kl_sampled", "eval/kl_seq_exact")),
     ("true reward of samples", ("eval/reward",)),
+    ("experts: load (1 = balanced), router drift KL", ("train/moe/load_max", "train/moe/load_min",
+                                                        "eval/moe/router_kl")),
+    ("load-balancing loss", ("train/aux_loss", "sft/aux_loss")),
     ("log pi - log pi_ref per token", ("train/logratio/chosen_per_token", "train/logratio/rejected_per_token",
                                        "eval/logratio/chosen_per_token", "eval/logratio/rejected_per_token")),
 )  # fmt: skip

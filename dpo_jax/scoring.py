@@ -15,6 +15,7 @@ from flax import nnx
 
 from dpo_jax import logprobs as lp
 from dpo_jax.data.batch import Batch
+from dpo_jax.models import moe
 
 
 def token_keys(key: jax.Array, pair_BxT, branch_BxT, positions_BxT) -> jax.Array:
@@ -30,9 +31,10 @@ def token_keys(key: jax.Array, pair_BxT, branch_BxT, positions_BxT) -> jax.Array
     return jax.vmap(one)(*(x.reshape(-1) for x in ids)).reshape(pair_BxT.shape)
 
 
-def scored_hidden(graphdef, params, batch: Batch, dropout_key=None):
-    """(model, hidden states [Z, S, D] at the scored entries): one forward over the batch's rows (a training
-    step's ``dropout_key``: LoRA dropout, a mask per token from ``token_keys``)."""
+def scored_hidden(graphdef, params, batch: Batch, dropout_key=None, *, router_logits=False):
+    """(model, hidden states [Z, S, D] at the scored entries, router statistics or None): one forward over the
+    batch's rows (a training step's ``dropout_key``: LoRA dropout, a mask per token from ``token_keys``). The router
+    statistics of a mixture of experts cover every real token of the rows (``router_logits``: with the logits)."""
     model = nnx.merge(graphdef, params)
     g, k, t = batch.tokens_GxKxT.shape
 
@@ -51,17 +53,21 @@ def scored_hidden(graphdef, params, batch: Batch, dropout_key=None):
         attention_mask_BxT=segments > 0,
         return_logits=False,
         dropout_keys_BxT=keys,
+        router_logits=router_logits,
     )
     z = batch.score_src_ZxS.shape[0]
     hidden_ZxSlotsxD = out.hidden_BxTxD.reshape(z, g // z * k * t, -1)  # consecutive groups: a device-local reshape
-    return model, jnp.take_along_axis(hidden_ZxSlotsxD, batch.score_src_ZxS[..., None], axis=1)
+    return model, jnp.take_along_axis(hidden_ZxSlotsxD, batch.score_src_ZxS[..., None], axis=1), out.router
 
 
 def token_logps(graphdef, params, batch: Batch, *, token_chunk=1024, vocab_chunk=8192, max_logits_mb=256.0,
-                sum_sq=False, dropout_key=None):  # fmt: skip
+                sum_sq=False, dropout_key=None, router=None):  # fmt: skip
     """Log-probs [Z, S] of the scored entries (0 where ``score_mask`` is 0); with ``sum_sq`` also
-    log sum_v p_v^2 [Z, S] at each entry (WPO's alignment term; no gradient)."""
-    model, h_ZxSxD = scored_hidden(graphdef, params, batch, dropout_key)
+    log sum_v p_v^2 [Z, S] at each entry (WPO's alignment term; no gradient). ``router``: a dict that receives the
+    forward's router statistics (a mixture of experts)."""
+    model, h_ZxSxD, stats = scored_hidden(graphdef, params, batch, dropout_key)
+    if router is not None and stats is not None:
+        router["router"] = stats
     z, s, d = h_ZxSxD.shape
     head = dict(token_chunk=token_chunk, vocab_chunk=vocab_chunk, max_logits_mb=max_logits_mb,
                 softcap=model.config.final_softcap)  # fmt: skip
@@ -122,11 +128,13 @@ def pair_logps(graphdef, params, batch: Batch, **head):
 def pair_stats(graphdef, params, batch: Batch, *, tails=False, wpo=False, dropout_key=None, **head) -> dict:
     """``pair_logps`` and, on request, from the same pass: ``tails`` [G * P, 2], the part of each sum past the
     shorter completion (LD-DPO weights it: sum - (1 - alpha) * tail), and ``wpo`` [G * P, 2], each sequence's
-    mean of log p - log sum p^2 (WPO's aligned log-probability; no gradient)."""
-    out = token_logps(graphdef, params, batch, sum_sq=wpo, dropout_key=dropout_key, **head)
+    mean of log p - log sum p^2 (WPO's aligned log-probability; no gradient); a mixture of experts adds
+    ``router``, the forward's router statistics (``dpo_jax.models.moe``)."""
+    router: dict = {}
+    out = token_logps(graphdef, params, batch, sum_sq=wpo, dropout_key=dropout_key, router=router, **head)
     logps_ZxS, sq_ZxS = out if wpo else (out, None)
     counts = sequence_sums(batch.score_mask_ZxS.astype(jnp.float32), batch)
-    stats = {"logps": sequence_sums(logps_ZxS, batch), "counts": counts}
+    stats = {"logps": sequence_sums(logps_ZxS, batch), "counts": counts, **router}
     if tails:
         stats["tails"] = sequence_sums(jnp.where(tail_mask(batch, counts), logps_ZxS, 0.0), batch)
     if wpo:
@@ -136,14 +144,21 @@ def pair_stats(graphdef, params, batch: Batch, *, tails=False, wpo=False, dropou
 
 
 def completion_token_kl(graphdef, policy, reference, batch: Batch):
-    """Exact full-vocabulary KL(pi || pi_ref) summed over each chosen completion's tokens: ([G * P], token counts).
-    Full logits are computed at the scored entries only."""
-    pol, h_pol = scored_hidden(graphdef, policy, batch)
-    ref, h_ref = scored_hidden(graphdef, reference, batch)
+    """Exact full-vocabulary KL(pi || pi_ref) summed over each chosen completion's tokens: ([G * P], token counts,
+    router drift). Full logits are computed at the scored entries only. The router drift of a mixture of experts is
+    (the sum over the rows' real tokens of KL(policy routing || reference routing), averaged over layers; tokens),
+    else None."""
+    pol, h_pol, r_pol = scored_hidden(graphdef, policy, batch, router_logits=True)
+    ref, h_ref, r_ref = scored_hidden(graphdef, reference, batch, router_logits=True)
     chosen_ZxS = (batch.score_seq_ZxS % 2 == 0) & (batch.score_mask_ZxS > 0)
     kl_ZxS = lp.token_kl(pol.logits(h_pol), ref.logits(h_ref), chosen_ZxS)
     n = chosen_ZxS.astype(jnp.float32)
-    return sequence_sums(kl_ZxS, batch)[:, 0], sequence_sums(n, batch)[:, 0]
+    drift = None
+    if r_pol is not None:
+        g, k, t = batch.tokens_GxKxT.shape
+        valid_BxT = batch.segment_ids_GxKxT.reshape(g * k, t) > 0
+        drift = moe.routing_kl(r_pol["logits"], r_ref["logits"], valid_BxT)
+    return sequence_sums(kl_ZxS, batch)[:, 0], sequence_sums(n, batch)[:, 0], drift
 
 
 def sample_logps(graphdef, params, prompt_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN):

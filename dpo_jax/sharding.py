@@ -19,8 +19,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("member", "data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("member", "data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # (regex on the '/'-joined parameter path, spec of one layer's tensor). Kernels are [in, out].
 PARTITION_RULES: tuple[tuple[str, P], ...] = (
@@ -31,6 +31,11 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/bias$", P("tensor")),
     (r"(o_proj|down_proj)/bias$", P(None)),
     (r"(norm|layernorm)/weight$", P(None)),
+    # a mixture of experts (dpo_jax.models.moe): experts [E, D, F] / [E, F, D] split over ``expert``, then as an
+    # MLP's kernels; the router [D, E] as a column-parallel kernel with its few experts replicated
+    (r"mlp/(gate_proj|up_proj)$", P("expert", "fsdp", "tensor")),
+    (r"mlp/down_proj$", P("expert", "tensor", "fsdp")),
+    (r"mlp/router$", P("fsdp", None)),
     # LoRA adapters (A [in, r], B [r, out]): the in / out axis as the projection's kernel, the rank replicated
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/lora/lora_a$", P("fsdp", None)),
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/lora/lora_b$", P(None, "tensor")),
@@ -41,23 +46,29 @@ STACKED = re.compile(r"(^|/)layers/")  # parameters with a leading [L] axis
 
 
 def make_mesh(
-    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None, member: int = 1
-) -> Mesh:
-    """A ``(member, data, fsdp, tensor)`` mesh over all devices; one of data/fsdp/tensor may be -1 (the rest)."""
+    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None, member: int = 1,
+    expert: int = 1,
+) -> Mesh:  # fmt: skip
+    """A ``(member, data, fsdp, expert, tensor)`` mesh over all devices; one of data/fsdp/tensor may be -1 (the
+    rest). ``expert`` splits a mixture's experts (and, like data, the batch)."""
     devices = list(jax.devices() if devices is None else devices)
     if member < 1 or len(devices) % member:
         raise ValueError(f"mesh: member={member} does not divide {len(devices)} devices")
+    if expert < 1 or (len(devices) // member) % expert:
+        raise ValueError(f"mesh: expert={expert} does not divide a member group's {len(devices) // member} devices")
+    devices_per_group = len(devices) // member // expert
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1; got {sizes}")
-    known, group = int(np.prod([s for s in sizes if s != -1])), len(devices) // member
+    known, group = int(np.prod([s for s in sizes if s != -1])), devices_per_group
     if -1 in sizes:
         if group % known:
             raise ValueError(f"mesh: {group} devices per member group are not divisible by {known} (sizes {sizes})")
         sizes[sizes.index(-1)] = group // known
     if int(np.prod(sizes)) != group:
-        raise ValueError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but a member group has {group} devices")
-    return Mesh(np.asarray(devices).reshape([member, *sizes]), MESH_AXES)
+        raise ValueError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but a member group has {group * expert} "
+                         f"devices ({expert} expert groups)")  # fmt: skip
+    return Mesh(np.asarray(devices).reshape([member, sizes[0], sizes[1], expert, sizes[2]]), MESH_AXES)
 
 
 def member_axis_size(num_members: int, num_devices: int, data: int, fsdp: int, tensor: int) -> int:

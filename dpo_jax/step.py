@@ -23,6 +23,8 @@ from dpo_jax import lora, scoring
 from dpo_jax.configs.default import get_config as default_config
 from dpo_jax.data.batch import Batch
 from dpo_jax.losses import preference_loss, temper_targets, update_running_moments
+from dpo_jax.models import moe
+from dpo_jax.sharding import path_str
 from dpo_jax.state import HParams, TrainState
 
 
@@ -44,6 +46,8 @@ class StepConfig:
     bco_delta: str = "zero"
     sync_reference: bool = False  # TR-DPO: the state carries a reference mixed with the policy every k steps
     lora: bool = False  # the state's params are LoRA adapters; the step's frozen argument is the base
+    aux_loss_coef: float = 0.0  # a mixture of experts: the load-balancing loss's weight in every objective
+    freeze_router: bool = False  # ... and its routers never update (the reference's routing kept)
 
     @property
     def head(self) -> dict:
@@ -189,16 +193,31 @@ def objective(params, graphdef, batch, ref_logps, hparams: HParams, sc: StepConf
     ``dropout_key``: a training step's (LoRA dropout; eval passes none)."""
     totals = batch_totals(batch) if totals is None else totals
     valid = scoring.pair_values(batch.valid_GxP)
-    if sc.stage == "sft":
-        logps = scoring.pair_logps(graphdef, params, batch, dropout_key=dropout_key, **sc.head)[0]
-        nll = -jnp.sum(logps[:, 0] * valid) / totals["tokens"]
-        return nll, {"nll": nll}
-    stats = scoring.pair_stats(graphdef, params, batch, tails=sc.ld, wpo=sc.wpo, dropout_key=dropout_key, **sc.head)
-    losses, metrics = pair_losses(stats, ref_logps, batch, hparams, sc, moments)
-    metrics = {k: v for k, v in metrics.items() if not k.startswith("share/")}  # eval's pooling weights
-    w = scoring.pair_values(batch.weights_GxP) * valid
     share = jnp.sum(valid) / totals["pairs"]  # metrics are means over this micro-batch's pairs
-    return jnp.sum(losses * w) / totals["weight"], jax.tree.map(lambda m: m * share, metrics)
+    if sc.stage == "sft":
+        stats = scoring.pair_stats(graphdef, params, batch, dropout_key=dropout_key, **sc.head)
+        nll = -jnp.sum(stats["logps"][:, 0] * valid) / totals["tokens"]
+        loss, metrics = nll, {"nll": nll}
+    else:
+        stats = scoring.pair_stats(graphdef, params, batch, tails=sc.ld, wpo=sc.wpo, dropout_key=dropout_key,
+                                   **sc.head)  # fmt: skip
+        losses, metrics = pair_losses(stats, ref_logps, batch, hparams, sc, moments)
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("share/")}  # eval's pooling weights
+        w = scoring.pair_values(batch.weights_GxP) * valid
+        loss = jnp.sum(losses * w) / totals["weight"]
+        metrics = jax.tree.map(lambda m: m * share, metrics)
+    if "router" in stats:  # TRL's router_aux_loss_coef * aux_loss, a micro-batch's share of it
+        router_metrics = router_summary(stats["router"])
+        loss = loss + sc.aux_loss_coef * router_metrics["aux_loss"] * share
+        metrics.update(jax.tree.map(lambda m: m * share, router_metrics))
+    return loss, metrics
+
+
+def router_summary(stats_L: dict) -> dict:
+    """A mixture's load-balancing loss and expert load (max and min over experts of the mean over layers of an
+    expert's share of the top-k assignments, times the number of experts: 1 is balanced)."""
+    load_E = jnp.mean(moe.expert_load(stats_L), axis=0) * stats_L["counts"].shape[-1]
+    return {"aux_loss": moe.aux_loss(stats_L), "moe/load_max": jnp.max(load_E), "moe/load_min": jnp.min(load_E)}
 
 
 def micro_batches(x, *, a: int, blocks: int):
@@ -253,6 +272,10 @@ def train_step(state: TrainState, batch: Batch, reference_params, *, graphdef, t
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     lr_scale = state.hparams.lr_scale  # each member's learning rate over the shared schedule's peak
     updates = jax.tree.map(lambda u: u * lr_scale, updates)
+    if sc.freeze_router:  # the routers keep the reference's weights: no update (weight decay included)
+        updates = jax.tree_util.tree_map_with_path(
+            lambda path, u: jnp.zeros_like(u) if path_str(path).endswith("mlp/router") else u, updates
+        )
     params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
@@ -288,7 +311,11 @@ def eval_sums(params, hparams: HParams, batch: Batch, reference_params, base, *,
     losses, metrics = pair_losses(stats, ref, batch, hparams, sc)
     valid = scoring.pair_values(batch.valid_GxP)
     n = jnp.sum(valid)
-    kl, kl_tokens = scoring.completion_token_kl(graphdef, params, reference_params, batch)
+    kl, kl_tokens, drift = scoring.completion_token_kl(graphdef, params, reference_params, batch)
+    if drift is not None:  # router drift per token (``n/moe/router_kl``: its tokens), load and aux loss per pair
+        tokens = jnp.maximum(drift[1], 1.0)
+        metrics.update({"moe/router_kl": drift[0] / tokens, "share/moe/router_kl": tokens / jnp.maximum(n, 1.0)})
+        metrics.update(router_summary(stats["router"]))
     shares = {k[len("share/") :]: v for k, v in metrics.items() if k.startswith("share/")}
     sums = {k: v * n * shares.get(k, 1.0) for k, v in metrics.items() if not k.startswith("share/")}
     sums.update({f"n/{k}": n * s for k, s in shares.items()})

@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.custom_batching import custom_vmap
 
 from dpo_jax.models.config import ModelConfig
 
@@ -32,6 +33,55 @@ def route(logits_NxE: Array, k: int, renormalise: bool) -> tuple[Array, Array, A
     return probs_NxE, top_w_NxK, top_i_NxK
 
 
+def _all_batched(axis_size, in_batched, *args):
+    """A ``custom_vmap`` rule's arguments, each with the batch on axis 0 (the unbatched broadcast to it)."""
+    return [a if b else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, b in zip(args, in_batched, strict=True)]
+
+
+@custom_vmap
+def _ragged(x_MxA, w_ExAxB, sizes_E):
+    return jax.lax.ragged_dot(x_MxA, w_ExAxB, sizes_E)
+
+
+@_ragged.def_vmap
+def _ragged_vmap(axis_size, in_batched, *args):  # one level of vmap (a population's members)
+    return jax.vmap(jax.lax.ragged_dot)(*_all_batched(axis_size, in_batched, *args)), True
+
+
+def _raw_grads(x_MxA, w_ExAxB, sizes_E, dy_MxB):
+    _, vjp = jax.vjp(lambda x, w: jax.lax.ragged_dot(x, w, sizes_E), x_MxA, w_ExAxB)
+    return vjp(dy_MxB)
+
+
+_ragged_grads = custom_vmap(_raw_grads)
+
+
+@_ragged_grads.def_vmap
+def _ragged_grads_vmap(axis_size, in_batched, *args):
+    return jax.vmap(_raw_grads)(*_all_batched(axis_size, in_batched, *args)), (True, True)
+
+
+@jax.custom_vjp
+def ragged_dot(x_MxA: Array, w_ExAxB: Array, sizes_E: Array) -> Array:
+    """``jax.lax.ragged_dot`` that a ``vmap`` may batch on any of its arguments (a population's members, an
+    unbatched reference): JAX's own batching rule takes only all three batched on axis 0, so the unbatched ones are
+    broadcast to it, in the forward and in the backward."""
+    return _ragged(x_MxA, w_ExAxB, sizes_E)
+
+
+def _ragged_fwd(x, w, sizes):
+    return _ragged(x, w, sizes), (x, w, sizes)
+
+
+def _ragged_bwd(res, dy):
+    x, w, sizes = res
+    dx, dw = _ragged_grads(x, w, sizes, dy)
+    return dx, dw, None
+
+
+ragged_dot.defvjp(_ragged_fwd, _ragged_bwd)
+
+
 def grouped_experts(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFxD) -> Array:
     """sum_k w_nk MLP_{i_nk}(x_n) [N, D]: assignments sorted by expert, each projection one ``ragged_dot``."""
     n, k = top_i_NxK.shape
@@ -40,8 +90,8 @@ def grouped_experts(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFx
     token_M = order_M // k
     sizes_E = jnp.bincount(flat_M, length=gate_ExDxF.shape[0]).astype(jnp.int32)
     x_MxD = jnp.take(x_NxD, token_M, axis=0)
-    h_MxF = jax.nn.silu(jax.lax.ragged_dot(x_MxD, gate_ExDxF, sizes_E)) * jax.lax.ragged_dot(x_MxD, up_ExDxF, sizes_E)
-    y_MxD = jax.lax.ragged_dot(h_MxF, down_ExFxD, sizes_E)
+    h_MxF = jax.nn.silu(ragged_dot(x_MxD, gate_ExDxF, sizes_E)) * ragged_dot(x_MxD, up_ExDxF, sizes_E)
+    y_MxD = ragged_dot(h_MxF, down_ExFxD, sizes_E)
     y_MxD = y_MxD * jnp.take(top_w_NxK.reshape(-1), order_M)[:, None].astype(y_MxD.dtype)
     return jax.ops.segment_sum(y_MxD, token_M, num_segments=n)
 
