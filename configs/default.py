@@ -59,7 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         init="scratch",  # scratch | hf (load model.hf_path)
         hf_path="",
         # a new model's family (dpo_jax.models.families): LlamaForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM,
-        # Olmo2ForCausalLM, Phi3ForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3MoeForCausalLM, MixtralForCausalLM
+        # Olmo2ForCausalLM, Phi3ForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3MoeForCausalLM,
+        # MixtralForCausalLM
         architecture="LlamaForCausalLM",
         num_experts=0,  # a new mixture of experts (Qwen3MoeForCausalLM, MixtralForCausalLM): experts per layer,
         experts_per_token=2,  # ... routed to per token,

@@ -329,7 +329,8 @@ def _check_mesh(cfg, num_devices: int, members: int) -> int:
     _check(
         num_devices % known == 0 if -1 in mesh else known == num_devices,
         "mesh",
-        f"data * fsdp * tensor = {num_devices} devices" + (f" per member group ({members})" if members > 1 else "")
+        f"data * fsdp * tensor = {num_devices} devices"
+        + (f" per member group ({members})" if members > 1 else "")
         + (f" per expert group ({expert})" if expert > 1 else ""),
         dict(cfg.mesh),
     )

@@ -49,7 +49,9 @@ def _linear_entries(cfg: ModelConfig, prefix: str, i: int) -> list[_Entry]:
     """A layer's projections: Llama's names, or Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` split by rows."""
     h, k, e, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
     attn = [("q_proj", cfg.qkv_bias), ("k_proj", cfg.qkv_bias), ("v_proj", cfg.qkv_bias), ("o_proj", cfg.o_bias)]
-    mlp = [] if cfg.num_experts else [("gate_proj", cfg.mlp_bias), ("up_proj", cfg.mlp_bias), ("down_proj", cfg.mlp_bias)]
+    mlp = (
+        [] if cfg.num_experts else [("gate_proj", cfg.mlp_bias), ("up_proj", cfg.mlp_bias), ("down_proj", cfg.mlp_bias)]
+    )
     fused = {}
     if cfg.architecture == "Phi3ForCausalLM":
         fused = {"q_proj": ("self_attn.qkv_proj", 0, h * e), "k_proj": ("self_attn.qkv_proj", h * e, (h + k) * e),
@@ -99,7 +101,9 @@ def weight_entries(cfg: ModelConfig) -> list[_Entry]:
             entries.append(_Entry(prefix + norm + ".weight", ("layers", norm, "weight"), layer=i))
         if cfg.qk_norm != "none":
             for norm in ("q_norm", "k_norm"):
-                entries.append(_Entry(f"{prefix}self_attn.{norm}.weight", ("layers", "self_attn", norm, "weight"), layer=i))
+                entries.append(
+                    _Entry(f"{prefix}self_attn.{norm}.weight", ("layers", "self_attn", norm, "weight"), layer=i)
+                )
         entries += _linear_entries(cfg, prefix, i)
         if cfg.num_experts:
             entries += _expert_entries(cfg, prefix, i)

@@ -66,7 +66,9 @@ def test_peft_loads_the_adapter_onto_the_base(hf_checkpoint, tmp_path):
 
     name, _, path = hf_checkpoint
     # Phi-3: q and k are two of qkv_proj's three parts, up one of gate_up_proj's two (one adapter each in PEFT)
-    targets = ("q_proj", "k_proj", "o_proj") if name in MOE_CASES else ("q_proj", "k_proj", "o_proj", "up_proj", "down_proj")
+    targets = (
+        ("q_proj", "k_proj", "o_proj") if name in MOE_CASES else ("q_proj", "k_proj", "o_proj", "up_proj", "down_proj")
+    )
     model = adapted(path, targets, rank=3, alpha=5.0)
     adapters, _ = lora.split(nnx.state(model))
     lora.save_peft(adapters, model.config.replace(lora_dropout=0.05), tmp_path / "adapter", base_model=str(path))

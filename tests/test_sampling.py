@@ -11,7 +11,10 @@ from dpo_jax import hf, sampling
 from dpo_jax import logprobs as lp
 
 
-@pytest.fixture(scope="module", params=["llama3", "mistral_window", "qwen2", "qwen3", "gemma3", "olmo2", "phi3", "qwen3_moe", "mixtral"])
+@pytest.fixture(
+    scope="module",
+    params=["llama3", "mistral_window", "qwen2", "qwen3", "gemma3", "olmo2", "phi3", "qwen3_moe", "mixtral"],
+)
 def pair(request, tmp_path_factory):
     # Phi-3 with an original context longer than the rows here: transformers' generate recomputes its cache when a
     # row crosses it (longrope's factor switch), which a KV-cache sampler does not (dpo_jax.sampling says what it does)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 ARCHITECTURES = {  # Hugging Face architecture -> model_type
     "LlamaForCausalLM": "llama",
@@ -122,7 +121,9 @@ class ModelConfig:
                                      ("moe_impl", self.moe_impl, MOE_IMPLS)):  # fmt: skip
             if value not in allowed:
                 raise ValueError(f"{name} {value!r} is not supported; expected one of {allowed}")
-        if self.layer_types and (len(self.layer_types) != self.num_layers or set(self.layer_types) - {"sliding", "full"}):
+        if self.layer_types and (
+            len(self.layer_types) != self.num_layers or set(self.layer_types) - {"sliding", "full"}
+        ):
             raise ValueError(f"layer_types: expected one of sliding / full per layer; got {self.layer_types}")
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
             raise ValueError(f"experts_per_token must be in [1, {self.num_experts}]; got {self.experts_per_token}")

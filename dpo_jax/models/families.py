@@ -7,8 +7,8 @@ Every supported architecture is the Llama decoder with a few switches (``ModelCo
 | Mistral | a sliding window |
 | Qwen2 | bias on q, k, v |
 | Qwen3 | RMSNorm over each head of q and k, ``head_dim`` of its own |
-| Gemma 3 (text) | embeddings x sqrt(D), (1 + w) RMSNorm, norms before and after attention and MLP, GeGLU (tanh), its own
-  query scale, sliding / global layers with their own RoPE bases, soft-capping when set |
+| Gemma 3 (text) | embeddings x sqrt(D), (1 + w) RMSNorm, norms before and after attention and MLP, GeGLU
+  (tanh), its own query scale, sliding / global layers with their own RoPE bases, final soft-capping when set |
 | OLMo 2 | norms after attention and MLP only, q / k RMSNorm over the whole projection |
 | Phi-3 | fused ``qkv_proj`` / ``gate_up_proj`` in its files (split on load), partial rotary, longrope |
 | Qwen3-MoE | Qwen3 with a mixture of experts in every layer |

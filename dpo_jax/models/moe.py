@@ -122,7 +122,11 @@ class MoE(nnx.Module):
         logits_NxE = jnp.dot(x_NxD, self.router[...].astype(dtype))
         probs_NxE, top_w_NxK, top_i_NxK = route(logits_NxE, self.k, self.renormalise)
         experts = grouped_experts if self.impl == "grouped" else dense_experts
-        weights = (self.gate_proj[...].astype(dtype), self.up_proj[...].astype(dtype), self.down_proj[...].astype(dtype))
+        weights = (
+            self.gate_proj[...].astype(dtype),
+            self.up_proj[...].astype(dtype),
+            self.down_proj[...].astype(dtype),
+        )
         y_NxD = experts(x_NxD, top_w_NxK.astype(dtype), top_i_NxK, *weights)
         stats = router_stats(probs_NxE, top_i_NxK, valid_BxT.reshape(-1))
         if router_logits:
