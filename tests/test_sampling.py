@@ -10,7 +10,6 @@ from conftest import make_hf_model
 from dpo_jax import hf, sampling
 from dpo_jax import logprobs as lp
 
-
 SAMPLER = ["llama3", "mistral_window", "qwen2"]  # the sampler's own logic (filtering, keys, stops, shapes)
 FAMILIES = ["qwen3", "gemma3", "olmo2", "phi3", "qwen3_moe", "mixtral"]  # each family's decoding through the cache
 
