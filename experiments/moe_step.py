@@ -50,7 +50,8 @@ def main() -> None:
     )  # fmt: skip
     print(f"backend {jax.default_backend()}; {a.layers} layers, D {a.hidden}, {a.experts} experts of F "
           f"{a.expert_width}, top {a.top_k}, {a.tokens} tokens; forward + backward")  # fmt: skip
-    times = {impl: step_time(base.replace(moe_impl=impl), a.tokens, a.repeats) for impl in ("grouped", "dense")}
+    impls = ("blocked", "grouped", "dense")
+    times = {impl: step_time(base.replace(moe_impl=impl), a.tokens, a.repeats) for impl in impls}
     print("| experts | step ms | × dense |\n|---|---|---|")
     for impl, t in times.items():
         print(f"| {impl} | {t * 1e3:.0f} | {times['dense'] / t:.2f}× |")

@@ -1,6 +1,8 @@
 """Mixtures of experts: the load-balancing loss equals transformers', grouped experts equal dense ones (values and
 gradients), the router drift equals a NumPy KL of transformers' router logits, a frozen router does not move."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,7 +58,8 @@ def test_router_drift_is_the_kl_of_transformers_router_distributions(pair, tmp_p
     assert abs(float(same)) < 1e-6
 
 
-def test_grouped_experts_equal_dense_values_and_gradients():
+@pytest.mark.parametrize("impl", ["grouped", "blocked"])
+def test_grouped_experts_equal_dense_values_and_gradients(impl):
     k = jax.random.split(jax.random.key(0), 5)
     n, d, f, e, top = 37, 8, 12, 5, 2
     x = jax.random.normal(k[0], (n, d))
@@ -69,15 +72,18 @@ def test_grouped_experts_equal_dense_values_and_gradients():
         _, top_w, top_i = moe.route(logits, top, True)
         return jnp.sum(experts(x, top_w, top_i, *w) ** 2)
 
+    # blocks of 8 rows: several per expert, padding in most, unused blocks at the end
+    sparse = moe.grouped_experts if impl == "grouped" else functools.partial(moe.blocked_experts, block=8)
+
     for argnum in range(5):
-        g = jax.grad(run, argnums=argnum + 1)(moe.grouped_experts, x, logits, *weights)
+        g = jax.grad(run, argnums=argnum + 1)(sparse, x, logits, *weights)
         r = jax.grad(run, argnums=argnum + 1)(moe.dense_experts, x, logits, *weights)
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(run(moe.grouped_experts, x, logits, *weights),
+    np.testing.assert_allclose(run(sparse, x, logits, *weights),
                                run(moe.dense_experts, x, logits, *weights), rtol=1e-5)  # fmt: skip
     # a population's vmap batches the policy's experts but not the shared inputs (the eval's case)
     stacked = [jnp.stack([w, 2 * w]) for w in weights]
-    grouped = jax.vmap(lambda *w: run(moe.grouped_experts, x, logits, *w))(*stacked)
+    grouped = jax.vmap(lambda *w: run(sparse, x, logits, *w))(*stacked)
     dense = jax.vmap(lambda *w: run(moe.dense_experts, x, logits, *w))(*stacked)
     np.testing.assert_allclose(np.asarray(grouped), np.asarray(dense), rtol=1e-5)
 
@@ -85,8 +91,6 @@ def test_grouped_experts_equal_dense_values_and_gradients():
 def test_a_frozen_router_keeps_the_references_routing_and_the_aux_loss_trains_it(tmp_path):
     """A DPO step of a new Qwen3-MoE (the configs/moe.py model): with ``moe.freeze_router`` the routers do not move
     (the experts do); without it they do, and the loss includes coef * aux_loss (a higher coef, a higher loss)."""
-    import functools
-
     from flax import nnx
     from test_train import tiny_config
 

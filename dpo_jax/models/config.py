@@ -19,7 +19,7 @@ ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 QK_NORMS = ("none", "head", "full")
 NORM_LAYOUTS = ("pre", "post", "sandwich")
 ACTIVATIONS = ("silu", "gelu_tanh")
-MOE_IMPLS = ("grouped", "dense")
+MOE_IMPLS = ("blocked", "grouped", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION = ("auto", "einsum", "blockwise", "cudnn", "pallas")
 
@@ -75,7 +75,7 @@ class ModelConfig:
     expert_intermediate_size: int = 0
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
     router_aux_loss_coef: float = 0.001  # the checkpoint's (config.json); moe.aux_loss_coef may override it
-    moe_impl: str = "grouped"  # grouped (tokens sorted by expert, jax.lax.ragged_dot) | dense (every expert)
+    moe_impl: str = "blocked"  # blocked (sorted, padded to blocks, scanned) | grouped (ragged_dot) | dense
     architecture: str = "LlamaForCausalLM"
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None

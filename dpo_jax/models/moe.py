@@ -5,7 +5,9 @@ Shape letters: N tokens, D model width, F expert width, E experts, K experts per
 Routing is Hugging Face's: softmax of the router logits in float32, the top K, renormalised to sum to 1 when
 ``norm_topk_prob`` (Mixtral always). ``grouped`` sorts the N * K (token, expert) assignments by expert and runs each
 projection as one ``jax.lax.ragged_dot`` over the groups (the work of K dense MLPs); ``dense`` runs every expert on
-every token and weights the outputs (E MLPs: the reference, and faster for a few tiny experts).
+every token and weights the outputs (E MLPs: the reference, and faster for a few tiny experts). ``blocked`` (the
+default) pads each expert's group to whole blocks of rows and scans the blocks through their experts: on XLA:CPU,
+whose ``ragged_dot`` is a slow loop, the fastest of the three (``python experiments/moe_step.py``).
 
 Each layer returns its router statistics over real tokens: the summed routing probabilities and top-K counts per
 expert (what transformers' ``load_balancing_loss_func`` is made of) and, on request, the logits (eval's drift).
@@ -96,6 +98,42 @@ def grouped_experts(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFx
     return jax.ops.segment_sum(y_MxD, token_M, num_segments=n)
 
 
+def blocked_experts(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFxD, *, block: int = 256) -> Array:
+    """The same sum as ``grouped_experts``, with each expert's group of assignments padded to whole blocks of
+    ``block`` rows: a scan over the blocks runs each through its expert's MLP (blocks past the used ones are
+    skipped). The work of k dense MLPs plus the groups' padding; no ragged kernel needed (XLA:CPU's is a loop)."""
+    n, k = top_i_NxK.shape
+    e, d, _ = gate_ExDxF.shape
+    m = n * k
+    b = max(8, min(block, -(-m // 8) * 8))
+    flat_M = top_i_NxK.reshape(-1)
+    order_M = jnp.argsort(flat_M, stable=True)
+    sorted_e_M = jnp.take(flat_M, order_M)
+    sizes_E = jnp.bincount(flat_M, length=e)
+    padded_E = -(-sizes_E // b) * b
+    start_E, padded_start_E = jnp.cumsum(sizes_E) - sizes_E, jnp.cumsum(padded_E) - padded_E
+    slot_M = padded_start_E[sorted_e_M] + jnp.arange(m) - start_E[sorted_e_M]  # each sorted assignment's row
+    blocks = -(-(m + e * (b - 1)) // b)  # the most the padded groups can take
+    x_PxD = jnp.zeros((blocks * b, d), x_NxD.dtype).at[slot_M].set(jnp.take(x_NxD, order_M // k, axis=0))
+    used = jnp.sum(padded_E) // b
+    expert_B = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded_E), jnp.arange(blocks) * b, side="right"), e - 1)
+
+    def one_block(_, xs):
+        i, x_bxD = xs
+        ex = expert_B[i]
+
+        def mlp(x):
+            h = jax.nn.silu(x @ gate_ExDxF[ex]) * (x @ up_ExDxF[ex])
+            return h @ down_ExFxD[ex]
+
+        return None, jax.lax.cond(i < used, mlp, jnp.zeros_like, x_bxD)
+
+    _, y_BxbxD = jax.lax.scan(one_block, None, (jnp.arange(blocks), x_PxD.reshape(blocks, b, d)))
+    y_MxD = jnp.take(y_BxbxD.reshape(blocks * b, d), slot_M, axis=0)
+    y_MxD = y_MxD * jnp.take(top_w_NxK.reshape(-1), order_M)[:, None].astype(y_MxD.dtype)
+    return jax.ops.segment_sum(y_MxD, order_M // k, num_segments=n)
+
+
 def dense_experts(x_NxD, top_w_NxK, top_i_NxK, gate_ExDxF, up_ExDxF, down_ExFxD) -> Array:
     """The same sum with every expert run on every token (weight 0 where not chosen)."""
     e = gate_ExDxF.shape[0]
@@ -121,7 +159,7 @@ class MoE(nnx.Module):
         x_NxD = x_BxTxD.reshape(b * t, d)
         logits_NxE = jnp.dot(x_NxD, self.router[...].astype(dtype))
         probs_NxE, top_w_NxK, top_i_NxK = route(logits_NxE, self.k, self.renormalise)
-        experts = grouped_experts if self.impl == "grouped" else dense_experts
+        experts = {"grouped": grouped_experts, "blocked": blocked_experts, "dense": dense_experts}[self.impl]
         weights = (
             self.gate_proj[...].astype(dtype),
             self.up_proj[...].astype(dtype),
