@@ -17,7 +17,9 @@ import jax
 import ml_collections
 
 from dpo_jax import rewards
+from dpo_jax.data.formats import local_paths
 from dpo_jax.errors import ConfigError
+from dpo_jax.hub import resolve_config
 from dpo_jax.lora import targets as lora_targets
 from dpo_jax.losses import BATCH_LOSSES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES, POLICY_ONLY
 from dpo_jax.models.config import ARCHITECTURES, ATTENTION, MOE_IMPLS, REMAT_POLICIES
@@ -142,6 +144,10 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int | None = None, 
     )
     num_devices //= members
     _check(cfg.task in ("synthetic", "files"), "task", "'synthetic' or 'files'", cfg.task)
+    check_unused_fields(cfg)
+    for note in resolve_config(cfg):  # hub ids -> their local snapshots (never downloaded)
+        if jax.process_index() == 0:
+            print(f"resolved {note}", flush=True)
     check_numbers(cfg)
     _check_data(cfg)
     _check_model(cfg)
@@ -156,10 +162,11 @@ def _check_data(cfg) -> None:
     if cfg.task == "files":
         for key in ("train_path", "eval_path"):
             p = cfg.data[key]
-            _check(bool(p) and Path(p).exists(), f"data.{key}", "an existing local file or folder", p)
+            _check(bool(p) and all(f.exists() for f in local_paths(p)), f"data.{key}",
+                   "an existing local file or folder, or a dataset in the Hugging Face cache", p)  # fmt: skip
     for key in ("sft_path", "tokenizer_path"):
         p = cfg.data[key]
-        _check(not p or Path(p).exists(), f"data.{key}", "an existing path or ''", p)
+        _check(not p or all(f.exists() for f in local_paths(p)), f"data.{key}", "an existing path or ''", p)
     _check(cfg.data.on_bad_row in ("error", "skip"), "data.on_bad_row", "'error' or 'skip'", cfg.data.on_bad_row)
     _check(
         cfg.data.truncation_mode in ("keep_end", "keep_start"),
@@ -196,7 +203,7 @@ def _check_model(cfg) -> None:
         _check(
             bool(p) and (Path(p) / "config.json").exists(),
             "model.hf_path",
-            "a local Hugging Face folder with config.json",
+            "a local Hugging Face folder with config.json, or a model id in the Hugging Face cache",
             p,
         )
     else:

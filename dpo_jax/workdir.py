@@ -265,15 +265,17 @@ DIGEST = ":digest"  # a record key "<field>:digest" holds the sha256 of the file
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, or of a folder's files (their relative names and bytes, in sorted order)."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    """sha256 of a file's bytes, or of a folder's files (their relative names and bytes, in sorted order); of
+    several shards joined by ``os.pathsep`` (a hub dataset's split), all of them in order."""
     h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
-        with f.open("rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
+    for part in str(path).split(os.pathsep):
+        root = Path(part)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for f in files:
+            h.update(str(f.relative_to(root) if root.is_dir() else f.name).encode() + b"\0")
+            with f.open("rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    h.update(chunk)
     return h.hexdigest()
 
 

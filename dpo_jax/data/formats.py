@@ -85,22 +85,32 @@ def detect_format(path: str | os.PathLike) -> str:
         return "json"
     if suffix in (".parquet", ".pq"):
         return "parquet"
+    if suffix == ".arrow":
+        return "arrow"
     raise DataError(
         f"{path}: unknown data format {suffix!r}; expected .jsonl, .json, .parquet or a save_to_disk folder"
     )
 
 
+def local_paths(path: str | os.PathLike) -> list[Path]:
+    """The files of a data path: one path, or the shards of a split joined by ``os.pathsep`` (``dpo_jax.hub``)."""
+    return [Path(p) for p in str(path).split(os.pathsep)]
+
+
 def read_rows(path: str | os.PathLike, *, split: str | None = None) -> Iterator[tuple[str, Any]]:
-    """Yield ``(where, row)`` for every row of a local file or folder."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file not found: {path}: expected a local .jsonl, .json, .parquet or save_to_disk folder")
-    fmt = detect_format(path)
-    reader = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet}.get(fmt)
-    rows = reader(path) if reader else _read_hf_disk(path, split)
+    """Yield ``(where, row)`` for every row of a local file or folder (or of several shards, in order)."""
     n = 0
-    for n, item in enumerate(rows, 1):  # noqa: B007 (n counts the rows)
-        yield item
+    for part in local_paths(path):
+        if not part.exists():
+            raise DataError(
+                f"data file not found: {part}: expected a local .jsonl, .json, .parquet or save_to_disk folder"
+            )
+        fmt = detect_format(part)
+        reader = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "arrow": _read_arrow}.get(fmt)
+        rows = reader(part) if reader else _read_hf_disk(part, split)
+        for item in rows:
+            n += 1
+            yield item
     if n == 0:
         raise DataError(f"no rows in {path}: expected preference rows (prompt, chosen, rejected)")
 
@@ -173,6 +183,16 @@ def _read_parquet(path: Path):
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"unreadable Parquet file {path} ({one_line(e)[:160]}): expected a Parquet table") from None
+    yield from _read_arrow_table(table, str(path))
+
+
+def _read_arrow(path: Path):
+    """An Arrow IPC stream file: what ``load_dataset`` prepares in its cache (and ``save_to_disk`` writes)."""
+    try:
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_stream(source).read_all()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"unreadable Arrow file {path} ({one_line(e)[:120]}): expected an Arrow stream") from None
     yield from _read_arrow_table(table, str(path))
 
 
