@@ -98,10 +98,10 @@ def fold(params: nnx.State, cfg: ModelConfig) -> nnx.State:
 
 
 def _channels(path: str, ndim: int) -> tuple[int, ...]:
-    """The axes that keep their own int8 scale: each layer's output channels, each embedding row, each head
-    column (a vocabulary entry)."""
+    """The axes that keep their own int8 scale: each layer's output channels (each expert's, in a mixture), each
+    embedding row, each head column (a vocabulary entry)."""
     if "layers" in path:
-        return (0, ndim - 1)
+        return (0, 1, ndim - 1) if ndim == 4 else (0, ndim - 1)  # [L, E, in, out]: per layer, expert, output
     return (0,) if path.endswith("embed_tokens") else (ndim - 1,)
 
 

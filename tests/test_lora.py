@@ -104,7 +104,8 @@ def _numpy_int8(w, channel_axes):
     return np.clip(np.rint(v), -128, 127).astype(np.int8), scale, ties
 
 
-@pytest.mark.parametrize("hf_checkpoint", ["llama_bias_tied", "qwen2"], indirect=True)  # biases, a tied head
+# biases, a tied head, a mixture's experts (a scale per layer, expert and output)
+@pytest.mark.parametrize("hf_checkpoint", ["llama_bias_tied", "qwen2", "qwen3_moe"], indirect=True)
 def test_int8_base_stores_qwix_int8_and_computes_with_its_dequantized_weights(hf_checkpoint):
     """lora.base_dtype="int8": every kernel, the embedding and the head become int8 with a float32 scale per output
     channel (per layer) / embedding row / vocabulary column, equal to a NumPy quantization of the float weights (but
@@ -113,8 +114,8 @@ def test_int8_base_stores_qwix_int8_and_computes_with_its_dequantized_weights(hf
     (on the architectures with biases and with a tied head)."""
     import qwix
 
-    _, _, path = hf_checkpoint
-    model = adapted(path, LORA_TARGETS)
+    name, _, path = hf_checkpoint
+    model = adapted(path, ATTENTION if name in MOE_CASES else LORA_TARGETS)
     graphdef, params = nnx.split(model)
     q = lora.cast_base(params, "int8")
     adapters, base = lora.split(q)
@@ -130,6 +131,7 @@ def test_int8_base_stores_qwix_int8_and_computes_with_its_dequantized_weights(hf
             continue
         assert isinstance(x, qwix.QArray) and x.qvalue.dtype == jnp.int8, name
         axes = (0, w.ndim - 1) if name.startswith("layers") else ((0,) if name == "embed_tokens" else (1,))
+        axes = (0, 1, 3) if w.ndim == 4 else axes
         values, scale, ties = _numpy_int8(w, axes)
         np.testing.assert_allclose(np.asarray(x.scale), scale, rtol=1e-6)
         steps = np.abs(np.asarray(x.qvalue, np.int32) - values)

@@ -22,7 +22,7 @@ from flax import nnx
 from dpo_jax.models import attention
 from dpo_jax.models.attention import Ids
 from dpo_jax.models.config import LORA_TARGETS, ModelConfig
-from dpo_jax.models.moe import MoE
+from dpo_jax.models.moe import MoE, weight
 
 Array = jax.Array
 
@@ -107,13 +107,6 @@ def segment_positions(segment_ids_BxT: Array) -> Array:
     )
     start_BxT = jax.lax.cummax(jnp.where(is_start, t, 0), axis=1)
     return t - start_BxT
-
-
-def weight(variable, dtype) -> Array:
-    """A parameter's value in ``dtype``; an int8 base weight (a ``qwix.QArray``: int8 values, a float scale per
-    channel) is dequantized first."""
-    x = variable.get_value()
-    return (qwix.dequantize(x) if isinstance(x, qwix.QArray) else x).astype(dtype)
 
 
 def embed(table, tokens_BxT: Array, dtype) -> Array:

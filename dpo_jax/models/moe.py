@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import qwix
 from flax import nnx
 from jax.custom_batching import custom_vmap
 
@@ -24,6 +25,13 @@ from dpo_jax.models.config import ModelConfig
 
 Array = jax.Array
 f32 = jnp.float32
+
+
+def weight(variable, dtype) -> Array:
+    """A parameter's value in ``dtype``; an int8 base weight (a ``qwix.QArray``: int8 values, a float scale per
+    channel) is dequantized first."""
+    x = variable.get_value()
+    return (qwix.dequantize(x) if isinstance(x, qwix.QArray) else x).astype(dtype)
 
 
 def route(logits_NxE: Array, k: int, renormalise: bool) -> tuple[Array, Array, Array]:
@@ -157,14 +165,10 @@ class MoE(nnx.Module):
         b, t, d = x_BxTxD.shape
         dtype = x_BxTxD.dtype
         x_NxD = x_BxTxD.reshape(b * t, d)
-        logits_NxE = jnp.dot(x_NxD, self.router[...].astype(dtype))
+        logits_NxE = jnp.dot(x_NxD, weight(self.router, dtype))
         probs_NxE, top_w_NxK, top_i_NxK = route(logits_NxE, self.k, self.renormalise)
         experts = {"grouped": grouped_experts, "blocked": blocked_experts, "dense": dense_experts}[self.impl]
-        weights = (
-            self.gate_proj[...].astype(dtype),
-            self.up_proj[...].astype(dtype),
-            self.down_proj[...].astype(dtype),
-        )
+        weights = tuple(weight(w, dtype) for w in (self.gate_proj, self.up_proj, self.down_proj))
         y_NxD = experts(x_NxD, top_w_NxK.astype(dtype), top_i_NxK, *weights)
         stats = router_stats(probs_NxE, top_i_NxK, valid_BxT.reshape(-1))
         if router_logits:
