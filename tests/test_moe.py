@@ -119,10 +119,42 @@ def test_a_frozen_router_keeps_the_references_routing_and_the_aux_loss_trains_it
         fn = jax.jit(functools.partial(step.train_step, graphdef=graphdef, tx=tx, sc=sc))
         return fn(state, batch.replace(ref_logps_GxPx2=ref_logps), None)
 
-    frozen, _ = run(aux_loss_coef=0.01, freeze_router=True)
+    frozen, m = run(aux_loss_coef=0.01, freeze_router=True)
     np.testing.assert_array_equal(router(frozen.params), router(params))
     assert np.abs(experts(frozen.params) - experts(params)).max() > 1e-4
-    free, m = run(aux_loss_coef=0.01)
+    free, m_heavy = run(aux_loss_coef=1.0)  # the same starting parameters: the losses differ by 0.99 aux_loss
     assert np.abs(router(free.params) - router(params)).max() > 1e-4 and m["aux_loss"] > 1.0
-    _, m_heavy = run(aux_loss_coef=1.0)
     np.testing.assert_allclose(m_heavy["loss"] - m["loss"], 0.99 * m["aux_loss"], rtol=1e-4)
+
+
+def test_experts_split_over_the_expert_axis_give_the_one_device_forward_and_gradients():
+    """A Mixtral-style model on 8 simulated devices, mesh (data 2, expert 2, tensor 2): each device holds half the
+    experts (the partition rules), the batch is split over data and expert, and the loss and its gradients equal
+    one device's."""
+    from flax import nnx
+
+    from dpo_jax import sharding as sh
+    from dpo_jax.models import ModelConfig, init_decoder
+
+    assert jax.device_count() == 8, "tests/conftest.py sets 8 simulated CPU devices"
+    cfg = ModelConfig(vocab_size=61, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      architecture="MixtralForCausalLM", num_experts=4, experts_per_token=2,
+                      expert_intermediate_size=8, initializer_range=0.3)  # fmt: skip
+    graphdef, state = nnx.split(init_decoder(cfg, seed=1))
+    mesh = sh.make_mesh(data=2, tensor=2, expert=2)
+    sharded = jax.device_put(state, sh.param_shardings(state, mesh))
+    gate = sharded["layers"]["mlp"]["gate_proj"][...]
+    assert gate.sharding.spec[1] == "expert" and gate.addressable_shards[0].data.shape[1] == 2
+    ids, mask = padded_batch(4, 9, vocab=61, seed=4)
+
+    def loss(s, x, m):
+        out = nnx.merge(graphdef, s)(x, attention_mask_BxT=m)
+        return jnp.mean(out.logits_BxTxV**2) + moe.aux_loss(out.router)
+
+    fn = jax.jit(jax.value_and_grad(loss))
+    single, g1 = fn(state, jnp.asarray(ids), jnp.asarray(mask))
+    batch = sh.batch_sharding(mesh)
+    multi, g8 = fn(sharded, jax.device_put(jnp.asarray(ids), batch), jax.device_put(jnp.asarray(mask), batch))
+    np.testing.assert_allclose(float(multi), float(single), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)

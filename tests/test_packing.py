@@ -133,6 +133,11 @@ def test_lora_dropout_masks_do_not_depend_on_the_layout(models):
     assert_grads_close(grad(params), base_grad(params))
 
 
+# Every layout for the Llama lineage; the default (packed, shared prompt) and packed rows for the other families,
+# whose differences are inside the layer (norms, soft-caps, per-layer windows and RoPE, experts), not in the layout
+FAMILY_LAYOUTS = ("packed", "packed_shared")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama3", "llama_bias_tied", "mistral_window", "qwen2", "qwen3", "gemma3", "olmo2",
                                   "phi3", "qwen3_moe", "mixtral"])  # fmt: skip
@@ -143,7 +148,10 @@ def test_layouts_equal_transformers_and_each_other(models, name):
     base, base_grad = layout_logps(graphdef, params, pairs, BASELINE, 10)
     np.testing.assert_allclose(base, expected, rtol=1e-5, atol=1e-4)
     base_grads = base_grad(params)
-    for layout in LAYOUTS.values():
+    family = name not in ("llama3", "llama_bias_tied", "mistral_window", "qwen2")
+    for key, layout in LAYOUTS.items():
+        if family and key not in FAMILY_LAYOUTS:
+            continue
         got, grad = layout_logps(graphdef, params, pairs, layout, 10)
         np.testing.assert_allclose(got, base, rtol=1e-5, atol=2e-5)
         assert_grads_close(grad(params), base_grads)
