@@ -43,6 +43,7 @@ class Member:
     ckpt: checkpoint.Checkpointer
     writer: Writer
     warnings: list = dataclasses.field(default_factory=list)  # what diagnostics found (into the run's summary)
+    failed_step: int | None = None  # the step its loss, gradient or parameters became NaN/Inf (frozen since)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,17 +181,33 @@ class Loop:
         raise Preempted(f"[{self.stage.name}] {signals.name()}: saved step {step}; rerun the same command to resume")
 
     def check_finite(self):
-        """Raise ``NonFiniteLoss`` naming the step and the last good checkpoint if a member's step was not finite."""
+        """A member whose step was not finite: a run stops (``NonFiniteLoss`` naming the step and the last good
+        checkpoint); a population marks it failed (console, summary, log) and trains the others on, until none is
+        left. The failed member's state is its last good one (``step.train_step`` keeps it)."""
         bad = sharding.fetch(self.state.nonfinite_step)
-        if (bad >= 0).any():
+        if not (bad >= 0).any():
+            return
+        if len(self.members) == 1 or (bad >= 0).all():
             k = int(np.argmax(bad >= 0))
             for m in self.members:
                 m.ckpt.wait()
             who = f"member {k}: " if len(self.members) > 1 else ""
+            every = "every member has failed; " if len(self.members) > 1 else ""
             raise NonFiniteLoss(
-                f"[{self.stage.name}] {who}the loss or gradient became NaN/Inf at step {int(bad[k])}; stopped "
+                f"[{self.stage.name}] {every}{who}the loss or gradient became NaN/Inf at step {int(bad[k])}; stopped "
                 f"without saving. Last good checkpoint: {self.members[k].ckpt.last_good()}"
             )
+        for k, m in enumerate(self.members):
+            if bad[k] >= 0 and m.failed_step is None:
+                m.failed_step = int(bad[k])
+                line = (
+                    f"[{self.stage.name}] member {k}: the loss, gradient or parameters became NaN/Inf at step "
+                    f"{m.failed_step}: frozen at its last good state, marked failed; the others train on"
+                )
+                m.warnings.append(line)
+                self.console.note(line)
+                row = {f"{self.stage.name}/failed_step": m.failed_step}
+                m.writer.write(self.stage.log_offset + m.failed_step, row)
 
     def close(self):
         for m in self.members:

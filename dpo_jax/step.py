@@ -229,8 +229,9 @@ def micro_batches(x, *, a: int, blocks: int):
 
 
 def train_step(state: TrainState, batch: Batch, reference_params, *, graphdef, tx, sc: StepConfig):
-    """One optimizer step (``sc.grad_accum`` micro-batches); a non-finite loss or gradient leaves the state
-    unchanged and records the step in ``nonfinite_step``."""
+    """One optimizer step (``sc.grad_accum`` micro-batches); a non-finite loss, gradient or updated parameter
+    leaves the state unchanged and records the step in ``nonfinite_step``, after which the member's state never
+    changes again (the loop stops a run, or lets a population's other members train on)."""
     totals = batch_totals(batch)
     # LoRA: the adapters are trained (the gradient reaches nothing else); the base is the frozen argument, and the
     # reference is the base with the adapters off (no second copy of the weights)
@@ -277,7 +278,13 @@ def train_step(state: TrainState, batch: Batch, reference_params, *, graphdef, t
             lambda path, u: jnp.zeros_like(u) if path_str(path).endswith("mlp/router") else u, updates
         )
     params = optax.apply_updates(state.params, updates)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # a member that failed once stays at its last good state (a population trains the others on)
+    ok = (
+        jnp.isfinite(loss)
+        & jnp.isfinite(grad_norm)
+        & jnp.isfinite(optax.tree.norm(params))
+        & ~(state.nonfinite_step >= 0)
+    )
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
     reference = state.reference
     if sc.sync_reference:  # TRL's SyncRefModelCallback: after every k-th step, mix the new policy in

@@ -332,6 +332,8 @@ def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None,
             summary = {**job.summary, **finals[k], **run_info(job.policy.n_params, devices, t_start), **compiled}
             if len(cfgs) > 1:
                 summary["population/members"] = len(cfgs)
+            if stage.members[k].failed_step is not None:  # frozen at its last good state; the others trained on
+                summary["population/failed_step"] = stage.members[k].failed_step
             if notes.items or stage.members[k].warnings:
                 summary["warnings"] = notes.items + stage.members[k].warnings
             if changes[k]:

@@ -263,3 +263,22 @@ def test_lora_members_in_one_population_equal_their_sequential_runs(tmp_path):
     seq = _seq_and_vec_equal(base, members, tmp_path)
     assert all((tmp_path / d / r["member"] / "adapter" / "adapter_model.safetensors").exists()
                for d in ("seq", "vec") for r in seq)  # fmt: skip
+
+
+def test_a_diverging_member_fails_alone(sequential, tmp_path, capsys):
+    """A member at 1e30 x the learning rate becomes NaN/Inf in one step: it is frozen at its last good state and
+    marked failed (console, summary, log), and the others' losses and held-out metrics equal their sequential runs."""
+    seq_dir, seq, _ = sequential
+    base = _shared_reference(_base(), seq_dir)
+    members = [MEMBERS[1], {"dpo.beta": 0.1, "optim.learning_rate": 1e30}]
+    out = sweep.run_sweep(SPEC, tmp_path, base=base, members=members, mode="vectorized", devices=jax.devices()[:1])
+    _assert_members_equal(seq_dir, seq[1:2], tmp_path)
+    failed = tmp_path / out[1]["member"]
+    summary = runs.load_summary(failed)
+    assert summary["population/failed_step"] == 0 and "frozen at its last good state" in " ".join(summary["warnings"])
+    assert "member 1: the loss, gradient or parameters became NaN/Inf at step 0" in capsys.readouterr().out
+    assert any(r.get("dpo/failed_step") == 0 for r in read_history(failed / "metrics.jsonl"))
+    assert "population/failed_step" not in runs.load_summary(tmp_path / out[0]["member"])
+    from safetensors.numpy import load_file
+
+    assert all(np.isfinite(v).all() for v in load_file(failed / "hf/model.safetensors").values())  # the last good
