@@ -78,6 +78,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         attention="auto",
         attention_block=512,  # blockwise: query and key tokens per block
     )
+    # Population-based training over a vectorised sweep's members (dpo_jax.pbt; dpo-jax sweep --mode vectorized):
+    # every `every` steps (a multiple of eval.every) the bottom `fraction` by `metric` take the state and the
+    # hyper-parameters of members drawn from the top, each hyper-parameter in `hparams` times a factor in `factors`,
+    # clipped to its bounds. metric: reward (eval/reward) | loss | accuracy | reward_kl (reward - kl_coef * KL).
+    c.pbt = dict(
+        enabled=False,
+        every=50,
+        metric="reward",
+        kl_coef=0.0,
+        fraction=0.25,
+        hparams="beta,lr_scale",
+        factors=(0.8, 1.25),
+        seed=0,
+        beta_bounds=(0.01, 2.0),
+        lr_scale_bounds=(0.05, 20.0),
+        label_smoothing_bounds=(0.0, 0.45),
+        target_temperature_bounds=(0.1, 10.0),
+    )
     # Mixtures of experts (dpo_jax.models.moe): TRL's router_aux_loss_coef and beyond.
     c.moe = dict(
         aux_loss_coef=-1.0,  # load-balancing loss weight, added to every objective; -1: the checkpoint's (0.001 new)

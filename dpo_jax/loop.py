@@ -56,6 +56,7 @@ class Hook:
     every: int = 1
     at_start: bool = False
     paused: bool = False
+    resume: Callable[[int], None] | None = None  # told the step a run resumes from (to forget what came after)
 
     def due(self, step: int, last: int) -> bool:
         return step % self.every == 0 or step == last
@@ -117,6 +118,8 @@ class Stage:
     flops: Callable[[dict], float] | None = None  # a step's FLOPs from its ``batch_stats``
     note: str = ""  # a line the console prints at the start
     compiled: list = dataclasses.field(default_factory=list)  # seconds each new step program took to compile
+    # the members' hyper-parameters change during the stage (PBT): a resume takes them from the checkpoints
+    hparams_from_checkpoints: bool = False
 
 
 class Loop:
@@ -136,6 +139,8 @@ class Loop:
         self._take = jax.jit(lambda s, k: member(s, k).replace(hparams=None), out_shardings=self.saved_sh)
         self.console: Writer = Writer()
         self.state = self.metrics = None
+        self.last_eval: tuple[int, list[dict]] | None = None  # (step, the members' eval rows), for hooks after it
+        self._gather = jax.jit(lambda s, i: jax.tree.map(lambda x: x[i], s), out_shardings=self.population_sh)
         self._clock = time.perf_counter()
         self._acc: dict[str, float] = {}
         self._steps_timed = 0
@@ -158,6 +163,11 @@ class Loop:
         step, per_member = restored
         states = [s for s, _ in per_member]
         self.state = jax.jit(stack, out_shardings=self.population_sh.replace(hparams=None))(states)
+        if stage.hparams_from_checkpoints:  # each member's values when it was saved (PBT changes them)
+            for m, (_, meta) in zip(members, per_member, strict=True):
+                m.hparams = m.hparams.replace(**{k: np.asarray(v, np.asarray(getattr(m.hparams, k)).dtype)
+                                                 for k, v in meta["hparams"].items()})  # fmt: skip
+            self.hparams = jax.device_put(stack([m.hparams for m in members]), self.population_sh.hparams)
         self.state = self.state.replace(hparams=self.hparams)
         meta = per_member[0][1]
         who = f" {len(members)} members" if len(members) > 1 else ""
@@ -172,6 +182,16 @@ class Loop:
             record = {f.name: np.asarray(getattr(m.hparams, f.name)).tolist() for f in dataclasses.fields(m.hparams)}
             info = {"data_step": step, "stage": self.stage.name, **meta, "hparams": record}
             m.ckpt.save(step, self._take(self.state, k), info, force=True)
+
+    def exploit(self, index_K: np.ndarray, hparams: list):
+        """Member k takes member ``index_K[k]``'s whole state (a gather along the member axis) and ``hparams[k]``."""
+        self.state = self._gather(self.state, jax.numpy.asarray(index_K, jax.numpy.int32))
+        for k, (m, hp) in enumerate(zip(self.members, hparams, strict=True)):
+            m.hparams = hp
+            if index_K[k] != k:
+                m.failed_step = None  # a failed member replaced by an exploit trains again
+        self.hparams = jax.device_put(stack(hparams), self.population_sh.hparams)
+        self.state = self.state.replace(hparams=self.hparams)
 
     def stop(self, step: int, *, eval_pending: bool = False):
         """Save ``step`` (unless the regular save has it) and raise ``Preempted``."""
@@ -293,6 +313,9 @@ class Loop:
             return self.state.params
         for m in self.members:  # this stage's rows of steps that will be redone, and of an eval that will be redone
             m.writer.rewind(stage.log_offset + start, stage=stage.name, keep_evals=not (eval_pending or start == 0))
+        for hook in stage.hooks:
+            if hook.resume is not None:
+                hook.resume(start)
         sample = next(self.batches(min(start, stage.steps - 1)))[1]
         program = self.program(sample)
         if jax.process_index() == 0:

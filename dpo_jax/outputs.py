@@ -28,6 +28,7 @@ PLOTS = (
     ("experts: load (1 = balanced), router drift KL", ("train/moe/load_max", "train/moe/load_min",
                                                         "eval/moe/router_kl")),
     ("load-balancing loss", ("train/aux_loss", "sft/aux_loss")),
+    ("PBT hyper-parameters", ("pbt/beta", "pbt/lr_scale", "pbt/label_smoothing", "pbt/target_temperature")),
     ("log pi - log pi_ref per token", ("train/logratio/chosen_per_token", "train/logratio/rejected_per_token",
                                        "eval/logratio/chosen_per_token", "eval/logratio/rejected_per_token")),
 )  # fmt: skip

@@ -19,11 +19,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpo_jax import builders, inputs, lora, rewards, sharding, signals, step, throughput
+from dpo_jax import builders, inputs, lora, pbt, rewards, sharding, signals, step, throughput
 from dpo_jax.builders import Policy
 from dpo_jax.config import dpo_seed, loss_types, needs_reference, validate
 from dpo_jax.data import PreferenceLoader
-from dpo_jax.errors import Notes
+from dpo_jax.errors import ConfigError, Notes
 from dpo_jax.evaluate import FALLING_CHOSEN, Evaluator, falling_chosen
 from dpo_jax.inputs import Data
 from dpo_jax.loop import Hook, Loop, Member, Stage, StepCache, checkpoint_hook, preemption_hook
@@ -108,6 +108,7 @@ def eval_hook(evaluator: Evaluator, every: int, sc: StepConfig) -> Hook:
         except Preempted:
             loop.stop(step_, eval_pending=True)
         offset = loop.stage.log_offset
+        loop.last_eval = (step_, rows)
         for m, row in zip(loop.members, rows, strict=True):
             m.writer.write(offset + step_, {**row, f"{loop.stage.name}/step": step_})
         loop.console.write(offset + step_, rows[0])
@@ -211,11 +212,17 @@ class Job:
         if self.policy.base is not None:
             frozen = self.policy.base  # LoRA: every step composes the policy (and the reference) from it
         peak, _ = throughput.peak_flops(cfg.peak_flops)
-        hooks = [log_hook(cfg, "dpo", peak), eval_hook(evaluator, cfg.eval.every, sc),
-                 checkpoint_hook(cfg.checkpoint.every), preemption_hook()]  # fmt: skip
+        hooks = [log_hook(cfg, "dpo", peak), eval_hook(evaluator, cfg.eval.every, sc)]
+        if cfg.pbt.enabled:  # after the eval it ranks by, before the checkpoint that keeps its result
+            hooks.append(
+                pbt.pbt_hook(cfg, Path(workdirs[0]).parent / "lineage.jsonl", [Path(w).name for w in workdirs])
+            )
+        hooks += [checkpoint_hook(cfg.checkpoint.every), preemption_hook()]
         note = batches_note("dpo", members[0].loader, cfg, self.mesh, len(cfgs))
-        return make_stage("dpo", sc, dict(cfg.optim), cfg.optim.steps, members, self.policy, self.policy.params,
-                          frozen=frozen, hooks=hooks, log_offset=self.sft_steps, note=note)  # fmt: skip
+        stage = make_stage("dpo", sc, dict(cfg.optim), cfg.optim.steps, members, self.policy, self.policy.params,
+                           frozen=frozen, hooks=hooks, log_offset=self.sft_steps, note=note)  # fmt: skip
+        stage.hparams_from_checkpoints = bool(cfg.pbt.enabled)
+        return stage
 
     def run(self, stage: Stage):
         """The stage's members' [K] parameters, trained (or restored, when the stage is done)."""
@@ -304,6 +311,11 @@ def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None,
     mesh = builders.make_mesh(cfg, devices, len(cfgs))
     for c in cfgs:
         validate(c, num_devices=len(devices), members=mesh.shape["member"])
+    if cfg.pbt.enabled:
+        pbt.settings(cfg)
+        if len(cfgs) < 2:
+            raise ConfigError("config.pbt.enabled: PBT trains a population: dpo-jax sweep --mode vectorized with >= 2 "
+                              "members")  # fmt: skip
     with contextlib.ExitStack() as stack_:
         for wd in workdirs:
             stack_.enter_context(workdir_lock(wd))
@@ -332,6 +344,8 @@ def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None,
             summary = {**job.summary, **finals[k], **run_info(job.policy.n_params, devices, t_start), **compiled}
             if len(cfgs) > 1:
                 summary["population/members"] = len(cfgs)
+            if cfg.pbt.enabled:  # the hyper-parameters PBT left the member with (its config holds the first ones)
+                summary["pbt/final"] = pbt.hparams_record(stage.members[k].hparams, pbt.settings(cfg)["names"])
             if stage.members[k].failed_step is not None:  # frozen at its last good state; the others trained on
                 summary["population/failed_step"] = stage.members[k].failed_step
             if notes.items or stage.members[k].warnings:

@@ -282,3 +282,52 @@ def test_a_diverging_member_fails_alone(sequential, tmp_path, capsys):
     from safetensors.numpy import load_file
 
     assert all(np.isfinite(v).all() for v in load_file(failed / "hf/model.safetensors").values())  # the last good
+
+
+def test_pbt_replaces_a_failed_member_and_resumes_to_the_same_weights_and_lineage(sequential, tmp_path):
+    """PBT over 4 members (one diverging at once): at step 4 the failed member and the worst take the state and
+    perturbed hyper-parameters of members from the top; killed after step 2 (its later checkpoints and summaries
+    lost), the rerun redoes the exploit and ends with the same weights and the same lineage."""
+    from safetensors.numpy import load_file
+
+    seq_dir, _, _ = sequential
+    base = _shared_reference(_base(), seq_dir)
+    for key, value in (("eval.every", 2), ("eval.num_prompts", 8), ("checkpoint.every", 2), ("checkpoint.keep", 10)):
+        base[key.split(".")[0]][key.split(".")[1]] = value
+    base.pbt.update(enabled=True, every=4, metric="loss", fraction=0.5, hparams="beta,lr_scale", seed=3)
+    members = [{"dpo.beta": 0.03}, {"dpo.beta": 0.3}, {"dpo.beta": 0.1, "optim.learning_rate": 1e30},
+               {"dpo.beta": 0.1, "dpo.label_smoothing": 0.2}]  # fmt: skip
+    run = lambda d: sweep.run_sweep(SPEC, d, base=base.copy_and_resolve_references(), members=members,  # noqa: E731
+                                    mode="vectorized", devices=jax.devices()[:1])  # fmt: skip
+    out = run(tmp_path / "a")
+    names = [r["member"] for r in out]
+    lineage = pbt_rows(tmp_path / "a")
+    assert [r["step"] for r in lineage] == [4, 4] and names[2] in [r["member"] for r in lineage]
+    child = next(r for r in lineage if r["member"] == names[2])
+    assert child["parent"] in names and child["parent"] != names[2] and child["score"] == float("-inf")
+    summary = runs.load_summary(tmp_path / "a" / names[2])
+    assert summary["pbt/final"]["beta"] != 0.1 and "population/failed_step" not in summary  # replaced, trained on
+    weights = {n: load_file(tmp_path / "a" / n / "hf/model.safetensors") for n in names}
+    assert all(np.isfinite(v).all() for w in weights.values() for v in w.values())
+    # the replaced member's hyper-parameters are its parent's times the logged factors (within the bounds)
+    parent_beta = {r["member"]: r["dpo.beta"] for r in out}[child["parent"]]  # a top member: its config's
+    assert child["after"]["beta"] / parent_beta in (pytest.approx(0.8), pytest.approx(1.25))
+
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for n in names:  # killed after step 2: later checkpoints, outputs and summaries never written
+        for ckpt in (tmp_path / "b" / n / "dpo/checkpoints").iterdir():
+            if ckpt.name.isdigit() and int(ckpt.name) > 2:
+                shutil.rmtree(ckpt)
+        (tmp_path / "b" / n / "summary.json").unlink()
+    run(tmp_path / "b")
+    assert pbt_rows(tmp_path / "b") == lineage
+    for n in names:
+        again = load_file(tmp_path / "b" / n / "hf/model.safetensors")
+        for key, value in weights[n].items():
+            np.testing.assert_array_equal(again[key], value, err_msg=f"{n} {key}")
+
+
+def pbt_rows(workdir):
+    from dpo_jax.pbt import Lineage
+
+    return Lineage(workdir / "lineage.jsonl").read()

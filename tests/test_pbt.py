@@ -1,0 +1,64 @@
+"""PBT's decisions on constructed populations: the ranking, the exploit's copy, the perturbation's bounds, and the
+same seed giving the same lineage. (End to end, with a resume and a diverging member: tests/test_sweep.py.)"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpo_jax import pbt
+from dpo_jax.state import HParams
+
+SCORES = np.asarray([0.1, 0.9, 0.5, -np.inf, 0.7, 0.2, 0.8, 0.3])  # member 3 failed
+KW = dict(fraction=0.25, names=("beta", "lr_scale"), factors=(0.8, 1.25))
+
+
+def test_the_bottom_take_parents_from_the_top():
+    decisions = pbt.decide(SCORES, seed=0, step=50, **KW)
+    assert [d.member for d in decisions] == [0, 3]  # the two lowest: the failed member and 0.1
+    assert all(d.parent in (1, 6) for d in decisions)  # the two highest
+    assert all(set(d.factors) == {"beta", "lr_scale"} and set(d.factors.values()) <= {0.8, 1.25} for d in decisions)
+    # ties rank by index; a population of 2 exploits one member
+    assert [(d.member, d.parent) for d in pbt.decide(np.asarray([1.0, 1.0]), seed=0, step=1, **KW)] == [(1, 0)]
+
+
+def test_decisions_are_a_pure_function_of_seed_step_and_metrics():
+    runs = [[(d.member, d.parent, d.factors) for d in pbt.decide(SCORES, seed=s, step=t, **KW)]
+            for s, t in ((0, 50), (0, 50), (1, 50), (0, 100))]  # fmt: skip
+    assert runs[0] == runs[1]
+    draws = {tuple((p, tuple(sorted(f.items()))) for _, p, f in r) for r in runs[1:]}
+    assert len(draws) > 1  # another seed or step draws differently (parents or factors)
+    parents = {d.parent for s in range(20) for d in pbt.decide(SCORES, seed=s, step=50, **KW)}
+    assert parents == {1, 6}  # both top members are drawn over seeds
+
+
+def test_perturbation_multiplies_and_clips_to_the_bounds():
+    bounds = {"beta": (0.01, 2.0), "lr_scale": (0.5, 4.0)}
+    hp = HParams.create(beta=1.9)
+    new = pbt.perturb(hp, {"beta": 1.25, "lr_scale": 0.8}, bounds)
+    assert float(new.beta) == 2.0 and float(new.lr_scale) == pytest.approx(0.8)
+    low = pbt.perturb(new.replace(lr_scale=np.float32(0.55)), {"lr_scale": 0.8}, bounds)
+    assert float(low.lr_scale) == 0.5 and float(low.beta) == 2.0  # clipped; the other untouched
+    assert float(new.label_smoothing) == float(hp.label_smoothing)
+
+
+def test_the_exploit_copies_the_parents_state_exactly():
+    key = jax.random.split(jax.random.key(0), 3)
+    state = {"params": {"w": jax.random.normal(key[0], (4, 3, 5))}, "opt": jax.random.normal(key[1], (4, 7)),
+             "rng": jax.random.key_data(jax.random.split(key[2], 4)), "step": jnp.arange(4)}  # fmt: skip
+    index = np.asarray([0, 2, 2, 1])  # member 1 takes member 2's state, member 3 member 1's (before the copy)
+    out = pbt.gather_members(state, jnp.asarray(index))
+    for k, src in enumerate(index):
+        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(state), strict=True):
+            np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[src]))
+
+
+def test_bad_settings_are_one_line_naming_the_field():
+    from test_train import tiny_config
+
+    from dpo_jax.errors import ConfigError
+
+    for item, field in (("pbt.hparams=\"beta,gamma\"", "pbt.hparams"), ("pbt.fraction=0.7", "pbt.fraction"),
+                        ("pbt.every=7", "pbt.every"), ("pbt.metric=\"speed\"", "pbt.metric")):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"config\.{field}:"):
+            pbt.settings(tiny_config("pbt.enabled=True", "eval.every=5", item))
