@@ -132,8 +132,8 @@ def test_end_to_end_outputs(tmp_path):
     height, width = matplotlib.image.imread(run / "plots.png").shape[:2]
     assert width < 3 * height  # panels in a grid, three to a row (a row of six was 7.4 times wider than high)
     titles = [t for t, _ in outputs.plot_panels(history)]
-    missing = {t for t, _ in outputs.PLOTS} - set(titles)  # a dense model has every panel but the experts'
-    assert "true reward of samples" in titles and missing == {t for t, _ in outputs.PLOTS if "load" in t}
+    missing = {t for t, _ in outputs.PLOTS} - set(titles)  # a dense model, no PBT: every panel but those
+    assert "true reward of samples" in titles and missing == {t for t, _ in outputs.PLOTS if "load" in t or "PBT" in t}
     no_reward = [{k: v for k, v in r.items() if not k.startswith("eval/reward")} for r in history]
     assert "true reward of samples" not in [t for t, _ in outputs.plot_panels(no_reward)]  # a files task
     # Healthy at this learning rate: the chosen completions gain likelihood, the diagnostic stays silent.
