@@ -168,6 +168,7 @@ def pbt_hook(cfg, lineage_path: Path, names: list[str]):
                 loop.console.note(f"[pbt] step {step}: " + "; ".join(f"{r['member']} <- {r['parent']}" for r in rows))
         for k, m in enumerate(members):
             row = {f"pbt/{n}": v for n, v in hparams_record(new[k], s["names"]).items()}
-            m.writer.write(loop.stage.log_offset + step, {**row, "pbt/parent": int(index[k])})
+            row.update({"pbt/parent": int(index[k]), f"{loop.stage.name}/step": step})
+            m.writer.write(loop.stage.log_offset + step, row)
 
     return Hook(run, s["every"], at_start=True, resume=lineage.rewind)

@@ -5,7 +5,8 @@ invocation; every member on the reward-KL plane with +-2 s.e., the lineage of PB
     python experiments/pbt_vs_grid.py                                   # 8 members, the main job's length
     python experiments/pbt_vs_grid.py --config configs/pbt.py:runlocal  # smoke (4 members, 40 steps)
 
-Writes <workdir>/pbt_vs_grid.png, pbt_vs_grid.md (the table) and prints both, with the best PBT member's lineage.
+Writes <workdir>/pbt_vs_grid.png, pbt_trajectories.png (each PBT member's beta, learning-rate scale and true reward
+over steps), pbt_vs_grid.md (the table) and prints it, with the best PBT member's lineage.
 """
 
 from __future__ import annotations
@@ -37,6 +38,36 @@ def plot(results: dict[str, list[dict]], reference: float, path: Path) -> None:
     ax.set_ylabel("true reward of samples, ±2 s.e.")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def trajectories(workdir: Path, rows: list[dict], path: Path) -> None:
+    """Each PBT member's beta, learning-rate scale and true reward over DPO steps (its own log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dpo_jax.outputs import read_history
+
+    keys = (("pbt/beta", "beta"), ("pbt/lr_scale", "learning-rate scale"), ("eval/reward", "true reward of samples"))
+    fig, axes = plt.subplots(1, 3, figsize=(15.0, 3.8))
+    for r in rows:
+        hist = read_history(workdir / r["member"] / "metrics.jsonl")
+        sft = runs.load_summary(workdir / r["member"]).get("sft/steps", 0)  # logged steps count SFT's first
+        for ax, (key, _) in zip(axes, keys, strict=True):
+            pts = [(h.get("dpo/step", h["step"] - sft), h[key]) for h in hist if key in h]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker=".", label=r["member"])
+    for ax, (key, title) in zip(axes, keys, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("DPO step")
+        ax.grid(alpha=0.3)
+        if key != "eval/reward":
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -74,6 +105,7 @@ def main(argv=None) -> dict[str, list[dict]]:
             r["pbt/final"] = summary.get("pbt/final")
         results[name] = rows
     plot(results, results["grid"][0]["reference/reward"], workdir / "pbt_vs_grid.png")
+    trajectories(workdir / "PBT", results["PBT"], workdir / "pbt_trajectories.png")
     text = table(results)
     (workdir / "pbt_vs_grid.md").write_text(text + "\n")
     print(text)
@@ -88,7 +120,7 @@ def main(argv=None) -> dict[str, list[dict]]:
         if row["member"] == who:
             print(f"  step {row['step']}: {row['member']} <- {row['parent']} {row['before']} -> {row['after']}")
             who = row["parent"]
-    print(f"wrote {workdir / 'pbt_vs_grid.png'} and pbt_vs_grid.md")
+    print(f"wrote {workdir / 'pbt_vs_grid.png'}, pbt_trajectories.png and pbt_vs_grid.md")
     return results
 
 

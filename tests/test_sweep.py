@@ -284,10 +284,12 @@ def test_a_diverging_member_fails_alone(sequential, tmp_path, capsys):
     assert all(np.isfinite(v).all() for v in load_file(failed / "hf/model.safetensors").values())  # the last good
 
 
-def test_pbt_replaces_a_failed_member_and_resumes_to_the_same_weights_and_lineage(sequential, tmp_path):
-    """PBT over 4 members (one diverging at once): at step 4 the failed member and the worst take the state and
-    perturbed hyper-parameters of members from the top; killed after step 2 (its later checkpoints and summaries
-    lost), the rerun redoes the exploit and ends with the same weights and the same lineage."""
+@pytest.mark.parametrize("devices", [1, 8])
+def test_pbt_replaces_a_failed_member_and_resumes_to_the_same_weights_and_lineage(sequential, tmp_path, devices):
+    """PBT over 4 members (one diverging at once), on 1 device and on 8 (a member per pair of devices): at step 4
+    the failed member and the worst take the state and perturbed hyper-parameters of members from the top; killed
+    after step 2 (its later checkpoints and summaries lost), the rerun redoes the exploit and ends with the same
+    weights and the same lineage."""
     from safetensors.numpy import load_file
 
     seq_dir, _, _ = sequential
@@ -298,7 +300,7 @@ def test_pbt_replaces_a_failed_member_and_resumes_to_the_same_weights_and_lineag
     members = [{"dpo.beta": 0.03}, {"dpo.beta": 0.3}, {"dpo.beta": 0.1, "optim.learning_rate": 1e30},
                {"dpo.beta": 0.1, "dpo.label_smoothing": 0.2}]  # fmt: skip
     run = lambda d: sweep.run_sweep(SPEC, d, base=base.copy_and_resolve_references(), members=members,  # noqa: E731
-                                    mode="vectorized", devices=jax.devices()[:1])  # fmt: skip
+                                    mode="vectorized", devices=jax.devices()[:devices])  # fmt: skip
     out = run(tmp_path / "a")
     names = [r["member"] for r in out]
     lineage = pbt_rows(tmp_path / "a")
