@@ -17,6 +17,7 @@ import jax
 import ml_collections
 
 from dpo_jax import rewards
+from dpo_jax.configs.default import get_config as default_config
 from dpo_jax.data.formats import local_paths
 from dpo_jax.errors import ConfigError
 from dpo_jax.hub import resolve_config
@@ -124,6 +125,14 @@ def check_unused_fields(cfg) -> None:
             f"config.model.hf_path: set ({cfg.model.hf_path!r}) but model.init='scratch' would ignore it: add "
             "--config.model.init=hf to train that checkpoint, or clear it"
         )
+    if cfg.model.init == "hf":  # a checkpoint brings its own family and experts
+        default = default_config().model
+        for key in ("architecture", "num_experts", "experts_per_token", "expert_intermediate_size"):
+            if cfg.model.get(key, default[key]) != default[key]:
+                raise ConfigError(
+                    f"config.model.{key}: set ({cfg.model[key]!r}) but model.init='hf' takes the checkpoint's "
+                    f"(its config.json): clear it, or use model.init='scratch' for a new model"
+                )
 
 
 def _check(cond: bool, field: str, expected: str, value) -> None:

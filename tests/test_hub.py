@@ -98,3 +98,18 @@ def test_validate_resolves_a_configs_hub_ids(home, tmp_path):
     validate(cfg, num_devices=1)
     assert cfg.model.hf_path == str(snap)
     assert (cfg.data.train_path, cfg.data.eval_path) == (str(data / "train.jsonl"), str(data / "test.jsonl"))
+
+
+def test_a_checkpoints_family_fields_are_not_silently_ignored(home):
+    from test_train import tiny_config
+
+    from dpo_jax.config import check_unused_fields
+
+    snap = snapshot(home, "models", "acme/tiny-llama2")
+    make_hf_model("llama3").save_pretrained(snap)
+    cfg = tiny_config('task="files"', 'model.init="hf"', 'model.hf_path="acme/tiny-llama2"',
+                      'model.architecture="Qwen3MoeForCausalLM"')  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"config\.model\.architecture: set .* model\.init='hf' takes the checkpoint's"
+    ):
+        check_unused_fields(cfg)
