@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from dpo_jax.errors import ConfigError
+from dpo_jax.loop import Hook
 from dpo_jax.state import HParams
 
 PERTURBABLE = ("beta", "lr_scale", "label_smoothing", "target_temperature")
@@ -139,8 +140,6 @@ def pbt_hook(cfg, lineage_path: Path, names: list[str]):
     """The PBT hook of a population's DPO stage (after the eval hook, before the checkpoint hook): at step 0 and
     every ``pbt.every`` steps it logs each member's hyper-parameters; at those steps short of the last it exploits
     and explores. ``names``: the members' run names (in the lineage)."""
-    from dpo_jax.loop import Hook  # the loop knows nothing of PBT: this hook is handed to it
-
     s = settings(cfg)
     lineage = Lineage(lineage_path)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 
 from dpo_jax import runs, sweep
+from dpo_jax.outputs import read_history
 from dpo_jax.pbt import Lineage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +50,6 @@ def trajectories(workdir: Path, rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from dpo_jax.outputs import read_history
 
     keys = (("pbt/beta", "beta"), ("pbt/lr_scale", "learning-rate scale"), ("eval/reward", "true reward of samples"))
     fig, axes = plt.subplots(1, 3, figsize=(15.0, 3.8))
