@@ -30,7 +30,7 @@ from dpo_jax.data.packing import batch_stats
 from dpo_jax.errors import NonFiniteLoss
 from dpo_jax.logging import ConsoleWriter, Writer
 from dpo_jax.signals import Preempted
-from dpo_jax.state import member, stack
+from dpo_jax.state import gather_members, member, stack
 
 
 @dataclasses.dataclass
@@ -140,7 +140,7 @@ class Loop:
         self.console: Writer = Writer()
         self.state = self.metrics = None
         self.last_eval: tuple[int, list[dict]] | None = None  # (step, the members' eval rows), for hooks after it
-        self._gather = jax.jit(lambda s, i: jax.tree.map(lambda x: x[i], s), out_shardings=self.population_sh)
+        self._gather = jax.jit(gather_members, out_shardings=self.population_sh)
         self._clock = time.perf_counter()
         self._acc: dict[str, float] = {}
         self._steps_timed = 0

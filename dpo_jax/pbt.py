@@ -84,11 +84,6 @@ def hparams_record(hp: HParams, names) -> dict[str, float]:
     return {n: float(np.asarray(getattr(hp, n))) for n in names}
 
 
-def gather_members(tree_K, index_K):
-    """Each member's leaves replaced by those of member ``index_K[k]`` (a gather along the member axis)."""
-    return jax.tree.map(lambda x: x[index_K], tree_K)
-
-
 def settings(cfg) -> dict:
     """``pbt.*`` checked: the hyper-parameters, factors and bounds; one line naming the field otherwise."""
     p = cfg.pbt

@@ -111,3 +111,9 @@ def stack(trees: list):
 
 def member(tree, k: int):
     return jax.tree.map(lambda x: x[k], tree)
+
+
+def gather_members(tree_K, index_K):
+    """Each member's leaves replaced by those of member ``index_K[k]`` (a gather along the member axis: PBT's
+    exploit, ``dpo_jax.loop.Loop.exploit``)."""
+    return jax.tree.map(lambda x: x[index_K], tree_K)

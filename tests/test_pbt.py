@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dpo_jax import pbt
-from dpo_jax.state import HParams
+from dpo_jax.state import HParams, gather_members
 
 SCORES = np.asarray([0.1, 0.9, 0.5, -np.inf, 0.7, 0.2, 0.8, 0.3])  # member 3 failed
 KW = dict(fraction=0.25, names=("beta", "lr_scale"), factors=(0.8, 1.25))
@@ -47,7 +47,7 @@ def test_the_exploit_copies_the_parents_state_exactly():
     state = {"params": {"w": jax.random.normal(key[0], (4, 3, 5))}, "opt": jax.random.normal(key[1], (4, 7)),
              "rng": jax.random.key_data(jax.random.split(key[2], 4)), "step": jnp.arange(4)}  # fmt: skip
     index = np.asarray([0, 2, 2, 1])  # member 1 takes member 2's state, member 3 member 1's (before the copy)
-    out = pbt.gather_members(state, jnp.asarray(index))
+    out = gather_members(state, jnp.asarray(index))  # what Loop.exploit jits with the population's shardings
     for k, src in enumerate(index):
         for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(state), strict=True):
             np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[src]))
