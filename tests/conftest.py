@@ -87,7 +87,7 @@ def make_hf_model(name: str, seed: int = 0, scale: float = 0.3, **overrides):
 
     config_cls, model_cls, extra = HF_CASES[name]
     torch.manual_seed(seed)
-    config = getattr(transformers, config_cls)(**COMMON, **{**extra, **overrides})
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
     config._attn_implementation = "eager"  # transformers' reference attention
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():

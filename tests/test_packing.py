@@ -91,7 +91,8 @@ def assert_grads_close(grads, expected):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def checkpoints(tmp_path_factory):
+    """name -> (transformers model, its saved folder) for every family."""
     from conftest import HF_CASES, make_hf_model
 
     out = {}
@@ -102,9 +103,24 @@ def models(tmp_path_factory):
         model = make_hf_model(name, scale=0.1, **extra)
         path = tmp_path_factory.mktemp(name)
         model.save_pretrained(path)
-        ours, _ = hf.load_pretrained(path)
-        out[name] = (model, *nnx.split(ours))
+        out[name] = (model, path)
     return out
+
+
+@pytest.fixture(scope="module")
+def models(checkpoints):
+    """name -> (transformers model, our graphdef, our params)."""
+    return {name: (model, *nnx.split(hf.load_pretrained(path)[0])) for name, (model, path) in checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def blockwise_graphdefs(checkpoints):
+    """name -> the graphdef of the same checkpoint through the blockwise kernel with 8-token blocks (the params are
+    the same): every row here is many blocks long."""
+    return {
+        name: nnx.split(hf.load_pretrained(path, attention="blockwise", attention_block=8)[0])[0]
+        for name, (_, path) in checkpoints.items()
+    }
 
 
 @pytest.mark.slow
@@ -142,7 +158,7 @@ FAMILY_LAYOUTS = ("packed_shared",)
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama3", "llama_bias_tied", "mistral_window", "qwen2", "qwen3", "gemma3", "olmo2",
                                   "phi3", "qwen3_moe", "mixtral"])  # fmt: skip
-def test_layouts_equal_transformers_and_each_other(models, name):
+def test_layouts_equal_transformers_and_each_other(models, blockwise_graphdefs, name):
     torch_model, graphdef, params = models[name]
     pairs = make_pairs(10)
     expected = torch_pair_logps(torch_model, pairs)
@@ -156,6 +172,11 @@ def test_layouts_equal_transformers_and_each_other(models, name):
         got, grad = layout_logps(graphdef, params, pairs, layout, 10)
         np.testing.assert_allclose(got, base, rtol=1e-5, atol=2e-5)
         assert_grads_close(grad(params), base_grads)
+    # Rows many attention blocks long (the default layout, 8-token blocks): what training, the reference pass and
+    # eval compute. Gemma 3's per-layer windows are traced values of the layer scan (once an UnexpectedTracerError).
+    got, grad = layout_logps(blockwise_graphdefs[name], params, pairs, LAYOUTS["packed_shared"], 10)
+    np.testing.assert_allclose(got, base, rtol=1e-5, atol=2e-5)
+    assert_grads_close(grad(params), base_grads)
 
 
 def test_shared_rows_window_uses_positions(models):

@@ -330,6 +330,34 @@ def test_hf_local_config_trains_a_local_checkpoint_on_local_files(tmp_path):
     assert exported.config.vocab_size == tok.vocab_size
 
 
+@pytest.mark.slow
+def test_a_gemma3_checkpoint_trains_on_rows_many_attention_blocks_long(tmp_path, capsys):
+    """configs/hf_local.py on a Gemma 3 checkpoint (sliding and global layers: per-layer windows, traced in the layer
+    scan) with 8-token attention blocks and 24-token prompts: the reference pass, the steps, eval and its sampling
+    all run through the blockwise kernel, and the trained model is finite and moved (once an UnexpectedTracerError
+    on any row past one block)."""
+    from conftest import make_hf_model
+
+    task = synthetic.write_task(tmp_path / "task", synthetic.TaskConfig(n_sft=4, n_train=32, n_eval=8))
+    tok = synthetic.build_tokenizer()
+    make_hf_model("gemma3", scale=0.1, vocab_size=tok.vocab_size).save_pretrained(tmp_path / "model")
+    tok.save(tmp_path / "model")
+    cfg = load_config_file(str(ROOT / "configs/hf_local.py"))
+    cfg.model.update(hf_path=str(tmp_path / "model"), dtype="float32", attention_block=8)
+    cfg.data.update(train_path=str(task["train"]), eval_path=str(task["eval"]), max_length=48, max_prompt_length=24,
+                    buckets=(48,))  # fmt: skip
+    cfg.optim.update(steps=2, batch_size=8, learning_rate=1e-3, warmup_steps=1)
+    cfg.eval.update(every=2, batch_size=8, num_prompts=4, max_new_tokens=12)
+    cfg.checkpoint.every = 2
+    cfg.wandb.enabled = False
+    cfg.reference.cache_dir = str(tmp_path / "cache")
+    summary = train.train(cfg, tmp_path / "run", devices=jax.devices()[:1])
+    assert summary["reference/mode"] == "cached" and summary["eval/sample_length"] > 0
+    assert np.isfinite(summary["eval/loss"]) and summary["eval/kl_token"] > 0  # the policy moved off the reference
+    out = capsys.readouterr()
+    assert "(attention: blockwise of 8-token blocks)" in out.out + out.err
+
+
 def test_the_export_keeps_the_sources_generation_config_as_it_was(tmp_path):
     from dpo_jax.models import ModelConfig
 

@@ -202,7 +202,9 @@ def _bwd_row(q_TxKxGxE, k_SxKxE, v_SxKxE, q: Ids, k: Ids, out, lse, dout, window
     return dq, dk.reshape(s_len, kh, e), dv.reshape(s_len, kh, e)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+# The window is a primal argument (an int32 array, or None): Gemma 3's per-layer windows are traced values of the
+# layer scan, which a custom VJP's non-differentiable arguments may not be. Its cotangent is float0.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _blockwise(q, k, v, q_ids, k_ids, window, qb, kb, softcap):
     return jax.vmap(functools.partial(_fwd_row, window=window, qb=qb, kb=kb, softcap=softcap))(q, k, v, q_ids, k_ids)[0]
 
@@ -211,14 +213,14 @@ def _blockwise_fwd(q, k, v, q_ids, k_ids, window, qb, kb, softcap):
     out, lse = jax.vmap(functools.partial(_fwd_row, window=window, qb=qb, kb=kb, softcap=softcap))(
         q, k, v, q_ids, k_ids
     )
-    return out, (q, k, v, q_ids, k_ids, out, lse)
+    return out, (q, k, v, q_ids, k_ids, window, out, lse)
 
 
-def _blockwise_bwd(window, qb, kb, softcap, residuals, dout):
-    q, k, v, q_ids, k_ids, out, lse = residuals
+def _blockwise_bwd(qb, kb, softcap, residuals, dout):
+    q, k, v, q_ids, k_ids, window, out, lse = residuals
     row = functools.partial(_bwd_row, window=window, qb=qb, kb=kb, softcap=softcap)
     dq, dk, dv = jax.vmap(row)(q, k, v, q_ids, k_ids, out, lse, dout)
-    no_grad = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (q_ids, k_ids))
+    no_grad = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (q_ids, k_ids, window))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad
 
 
@@ -234,6 +236,7 @@ def blockwise_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, windo
     qb, kb = min(block, _ceil(t, 8)), min(block, _ceil(s, 8))
     tp, sp = _ceil(t, qb), _ceil(s, kb)
     pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    window = None if window is None else jnp.asarray(window, jnp.int32)
     out = _blockwise(pad(q_BxTxKxGxE, tp), pad(k_BxSxKxE, sp), pad(v_BxSxKxE, sp), q.pad(tp), k.pad(sp),
                      window, qb, kb, softcap)  # fmt: skip
     return out[:, :t]
