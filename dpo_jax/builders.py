@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dpo_jax import hf, lora, reference, scoring, sharding, signals, throughput
-from dpo_jax.config import ConfigError, needs_reference
+from dpo_jax.config import ConfigError, check_moe_fields, needs_reference
 from dpo_jax.errors import Notes
 from dpo_jax.models import ModelConfig, config_from_hf, init_decoder
 from dpo_jax.workdir import clean_stale_tmp
@@ -112,6 +112,7 @@ def build_policy(cfg, tokenizer, mesh, notes: Notes) -> Policy:
         )
     if cfg.reference.hf_path:
         check_reference(cfg, model.config)
+    check_moe_fields(cfg, model.config.num_experts > 0)
     graphdef, params = nnx.split(model)
     n_params, matmul_params = scoring.count_matmul_params(model)
     params = lora.cast_base(params, lo.base_dtype) if lo.rank else params

@@ -23,7 +23,7 @@ from dpo_jax.errors import ConfigError
 from dpo_jax.hub import resolve_config
 from dpo_jax.lora import targets as lora_targets
 from dpo_jax.losses import BATCH_LOSSES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES, POLICY_ONLY
-from dpo_jax.models.config import ARCHITECTURES, ATTENTION, MOE_IMPLS, REMAT_POLICIES
+from dpo_jax.models.config import ARCHITECTURES, ATTENTION, MIXTURES, MOE_IMPLS, REMAT_POLICIES
 from dpo_jax.workdir import CHANGEABLE_ON_RESUME, allowed_changes
 
 # What the SFT reference depends on; runs (and sweep members) equal on these share one SFT stage. (The built-in
@@ -125,6 +125,8 @@ def check_unused_fields(cfg) -> None:
             f"config.model.hf_path: set ({cfg.model.hf_path!r}) but model.init='scratch' would ignore it: add "
             "--config.model.init=hf to train that checkpoint, or clear it"
         )
+    if cfg.model.init == "scratch":
+        check_moe_fields(cfg, cfg.model.architecture in MIXTURES)
     if cfg.model.init == "hf":  # a checkpoint brings its own family and experts
         default = default_config().model
         for key in ("architecture", "num_experts", "experts_per_token", "expert_intermediate_size"):
@@ -133,6 +135,24 @@ def check_unused_fields(cfg) -> None:
                     f"config.model.{key}: set ({cfg.model[key]!r}) but model.init='hf' takes the checkpoint's "
                     f"(its config.json): clear it, or use model.init='scratch' for a new model"
                 )
+
+
+def check_moe_fields(cfg, mixture: bool) -> None:
+    """Refuse ``moe.*`` set (away from its default) for a dense model: nothing would read it."""
+    if mixture:
+        return
+    default = default_config().moe
+    for key, value in cfg.moe.items():
+        if value != default[key]:
+            model = (
+                f"model.architecture={cfg.model.architecture!r}"
+                if cfg.model.init == "scratch"
+                else f"the checkpoint {cfg.model.hf_path!r}"
+            )
+            raise ConfigError(
+                f"config.moe.{key}: set ({value!r}) but the model is dense ({model}, no experts): nothing reads it; "
+                "clear it, or train a mixture of experts (configs/moe.py)"
+            )
 
 
 def _check(cond: bool, field: str, expected: str, value) -> None:
@@ -226,9 +246,10 @@ def _check_model(cfg) -> None:
             _check(cfg.model[key] > 0, f"model.{key}", "> 0", cfg.model[key])
         _check(cfg.model.architecture in ARCHITECTURES, "model.architecture", " | ".join(ARCHITECTURES),
                cfg.model.architecture)  # fmt: skip
-        moe = cfg.model.architecture in ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
+        arch, moe = cfg.model.architecture, cfg.model.architecture in MIXTURES
+        kind = "> 0 for a mixture of experts" if moe else "0 for a dense model"
         _check(cfg.model.num_experts > 0 if moe else cfg.model.num_experts == 0, "model.num_experts",
-               "> 0 for a mixture of experts, else 0", cfg.model.num_experts)  # fmt: skip
+               f"{kind} (model.architecture={arch!r})", cfg.model.num_experts)  # fmt: skip
         if moe:
             _check(0 < cfg.model.experts_per_token <= cfg.model.num_experts, "model.experts_per_token",
                    f"in [1, num_experts={cfg.model.num_experts}]", cfg.model.experts_per_token)  # fmt: skip
@@ -241,6 +262,8 @@ def _check_model(cfg) -> None:
     _check(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "float32 | bfloat16", cfg.model.dtype)
     _check(cfg.moe.impl in MOE_IMPLS, "moe.impl", " | ".join(MOE_IMPLS), cfg.moe.impl)
     _check(isinstance(cfg.moe.freeze_router, bool), "moe.freeze_router", "true or false", cfg.moe.freeze_router)
+    coef = cfg.moe.aux_loss_coef
+    _check(coef == -1 or coef >= 0, "moe.aux_loss_coef", ">= 0, or -1 (the checkpoint's)", coef)
     impl, block = cfg.model.attention, cfg.model.attention_block
     _check(impl in ATTENTION, "model.attention", " | ".join(ATTENTION), impl)
     _check(isinstance(block, int) and block >= 8 and block % 8 == 0, "model.attention_block",

@@ -180,6 +180,7 @@ class Job:
             cfg.reference.mode == "frozen", cfg.optim.grad_accum, ld=any(c.dpo.ld_alpha != 1 for c in cfgs),
             wpo=cfg.dpo.use_weighting, bco_delta=cfg.dpo.bco_delta, sync_reference=cfg.reference.sync,
             lora=self.policy.base is not None, **builders.head_options(cfg),
+            **builders.moe_options(cfg, self.policy.config),
         )  # fmt: skip
 
     def evaluator(self, cfgs) -> Evaluator:
@@ -238,7 +239,8 @@ def run_sft(cfg, workdir: Path, path: Path, tokenizer, policy: Policy, mesh, loa
                               **{**loader_kw, "layout": layout})  # fmt: skip
     hparams = HParams.from_config(cfg, ("sigmoid",))  # unused by SFT; one shape for every member's stage
     member = Member(hparams, cfg.seed, loader, stage_checkpointer(cfg, workdir, "sft"), writer)
-    sc = StepConfig("sft", **builders.head_options(cfg), lora=policy.base is not None)
+    sc = StepConfig("sft", **builders.head_options(cfg), **builders.moe_options(cfg, policy.config),
+                    lora=policy.base is not None)  # fmt: skip
     peak, _ = throughput.peak_flops(cfg.peak_flops)
     hooks = [log_hook(cfg, "sft", peak), checkpoint_hook(cfg.checkpoint.every), preemption_hook()]
     stage = make_stage("sft", sc, dict(cfg.sft), cfg.sft.steps, [member], policy, policy.params,

@@ -158,3 +158,75 @@ def test_experts_split_over_the_expert_axis_give_the_one_device_forward_and_grad
     np.testing.assert_allclose(float(multi), float(single), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def _moe_run(tmp_path, name, *overrides):
+    """configs/moe.py:runlocal as ``dpo-jax train`` runs it, cut to 2 DPO steps after 2 SFT steps; its metrics by
+    step, and its exported weights."""
+    from safetensors.numpy import load_file
+    from test_train import ROOT, tiny_config
+
+    from dpo_jax import train
+    from dpo_jax.config import load_config_file
+    from dpo_jax.outputs import read_history
+
+    base = load_config_file(str(ROOT / "configs/moe.py:runlocal"))
+    cfg = tiny_config(
+        "sft.steps=2", "optim.steps=2", "eval.every=2", "eval.num_prompts=4", "log_every=1", "checkpoint.every=2",
+        "synthetic.n_sft=32", "synthetic.n_train=32", "synthetic.n_eval=16", *overrides,
+    )  # fmt: skip
+    for key in ("architecture", "num_experts", "experts_per_token", "expert_intermediate_size"):
+        cfg.model[key] = base.model[key]
+    for key, value in base.moe.items():
+        cfg.moe[key] = cfg.moe[key] if any(o.startswith(f"moe.{key}=") for o in overrides) else value
+    train.train(cfg, tmp_path / name, devices=jax.devices()[:1])
+    history = {row["step"]: row for row in read_history(tmp_path / name / "metrics.jsonl") if "train/loss" in row}
+    return cfg, history, load_file(tmp_path / name / "hf" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_moe_switches_reach_the_run(tmp_path):
+    """Through the run (configs/moe.py, SFT then DPO): the first DPO step's objective is log 2 + ``moe.aux_loss_coef``
+    x the logged load-balancing loss, for 0, 1 and the preset's 0.01, and the weights differ; with
+    ``moe.freeze_router`` the exported routers are the initial ones and the experts moved (once: every value ran
+    aux 0 and trained routers, bit-identical to the default)."""
+    from safetensors.numpy import load_file
+
+    from dpo_jax import builders, hf
+    from dpo_jax.data import synthetic
+
+    _, none, w_none = _moe_run(tmp_path, "aux0", "moe.aux_loss_coef=0.0")
+    _, heavy, w_heavy = _moe_run(tmp_path, "aux1", "moe.aux_loss_coef=1.0")
+    cfg, frozen, w_frozen = _moe_run(tmp_path, "frozen", "moe.freeze_router=True")
+    routers = [k for k in w_none if k.endswith("mlp.gate.weight")]
+    assert routers and all(w_none[k].shape[0] == cfg.model.num_experts for k in routers)
+    # The first DPO step's objective: log 2 (the policy is its reference) + coef * the load-balancing loss
+    for rows, coef in ((none, 0.0), (heavy, 1.0), (frozen, 0.01)):
+        first = rows[min(rows)]
+        assert first["train/aux_loss"] > 0.1
+        np.testing.assert_allclose(first["train/loss"] - coef * first["train/aux_loss"], np.log(2), atol=1e-5)
+    assert max(np.abs(w_none[k] - w_heavy[k]).max() for k in w_none) > 1e-4
+    hf.save_pretrained(builders.build_model(cfg, synthetic.build_tokenizer()), tmp_path / "init")
+    w_init = load_file(tmp_path / "init" / "model.safetensors")
+    for k in routers:
+        np.testing.assert_array_equal(w_frozen[k], w_init[k])
+        assert np.abs(w_none[k] - w_init[k]).max() > 1e-4  # a free router moves
+    experts = [k for k in w_init if ".experts." in k or "expert" in k and k not in routers]
+    assert experts and max(np.abs(w_frozen[k] - w_init[k]).max() for k in experts) > 1e-4
+
+
+def test_moe_fields_on_a_dense_checkpoint_are_refused(tmp_path):
+    """A dense checkpoint reads no ``moe.*`` field: setting one is a one-line error before anything compiles."""
+    from test_train import tiny_config
+
+    from dpo_jax import builders, sharding
+    from dpo_jax.config import ConfigError
+    from dpo_jax.errors import Notes
+
+    make_hf_model("llama3").save_pretrained(tmp_path)
+    cfg = tiny_config('task="files"', 'model.init="hf"', f'model.hf_path="{tmp_path}"', "moe.freeze_router=True")
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    with pytest.raises(ConfigError, match=r"config\.moe\.freeze_router: set \(True\) but the model is dense \(the chec"):
+        builders.build_policy(cfg, None, mesh, Notes())
+    cfg.moe.freeze_router = False  # nothing set: the checkpoint loads
+    assert builders.build_policy(cfg, None, mesh, Notes()).config.num_experts == 0

@@ -160,7 +160,13 @@ def test_end_to_end_outputs(tmp_path):
      (('dpo.loss_type="kto"', "dpo.undesirable_weight=-1.0"), "dpo.undesirable_weight"),
      ("reference.sync=True", "reference.sync"),
      (('reference.mode="frozen"', "reference.sync=True", "reference.ref_model_mixup_alpha=0.0"),
-      "reference.ref_model_mixup_alpha")],
+      "reference.ref_model_mixup_alpha"),
+     ("moe.aux_loss_coef=0.5", "moe.aux_loss_coef: set .* dense"), ("moe.freeze_router=True", "moe.freeze_router"),
+     ('moe.impl="dense"', "moe.impl: set"),
+     (('model.architecture="MixtralForCausalLM"', "model.num_experts=4", "moe.aux_loss_coef=-2.0"),
+      r"moe.aux_loss_coef: expected >= 0, or -1"),
+     ('model.architecture="MixtralForCausalLM"', "model.num_experts: expected > 0 .*MixtralForCausalLM"),
+     ("model.num_experts=4", "model.num_experts: expected 0 for a dense model .*LlamaForCausalLM")],
 )  # fmt: skip
 def test_config_errors_name_the_field(override, field):
     cfg = tiny_config(*((override,) if isinstance(override, str) else override))

@@ -15,6 +15,7 @@ ARCHITECTURES = {  # Hugging Face architecture -> model_type
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "MixtralForCausalLM": "mixtral",
 }
+MIXTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")  # the families whose MLP is a mixture of experts
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 QK_NORMS = ("none", "head", "full")
 NORM_LAYOUTS = ("pre", "post", "sandwich")

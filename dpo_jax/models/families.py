@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dpo_jax.models.config import ARCHITECTURES, ROPE_TYPES, ModelConfig
+from dpo_jax.models.config import ARCHITECTURES, MIXTURES, ROPE_TYPES, ModelConfig
 
-MOE = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
+MOE = MIXTURES
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
