@@ -19,6 +19,7 @@ import ml_collections
 from dpo_jax import rewards
 from dpo_jax.configs.default import get_config as default_config
 from dpo_jax.data.formats import local_paths
+from dpo_jax.domains import DOMAINS
 from dpo_jax.errors import ConfigError
 from dpo_jax.hub import resolve_config
 from dpo_jax.lora import targets as lora_targets
@@ -290,7 +291,11 @@ def _check_objective(cfg) -> None:
         _check(t in LOSS_TYPES, "dpo.loss_type", f"types from {LOSS_TYPES} joined by '+'", cfg.dpo.loss_type)
     weights = tuple(cfg.dpo.loss_weights)
     _check(not weights or len(weights) == len(types), "dpo.loss_weights", f"() or {len(types)} weights", weights)
-    _check(math.isfinite(cfg.dpo.beta) and cfg.dpo.beta > 0, "dpo.beta", "a number > 0", cfg.dpo.beta)
+    for domain in DOMAINS.values():  # the hyper-parameters a population may perturb: one domain for both
+        if domain.field:
+            section, key = domain.field.split(".")
+            value = cfg[section].get(key, 1.0)
+            _check(value in domain, domain.field, domain.describe(), value)
     lo = cfg.lora
     _check(isinstance(lo.rank, int) and lo.rank >= 0, "lora.rank", "an integer >= 0 (0: no adapters)", lo.rank)
     if lo.rank:
@@ -320,7 +325,6 @@ def _check_objective(cfg) -> None:
                r.ref_model_mixup_alpha)  # fmt: skip
         _check(isinstance(r.ref_model_sync_steps, int) and r.ref_model_sync_steps >= 1,
                "reference.ref_model_sync_steps", "an integer >= 1", r.ref_model_sync_steps)  # fmt: skip
-    _check(0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "a number in [0, 0.5)", cfg.dpo.label_smoothing)
     d = cfg.dpo
     f = d.f_divergence_type
     _check(f in F_DIVERGENCES, "dpo.f_divergence_type", " | ".join(F_DIVERGENCES), f)
@@ -345,8 +349,6 @@ def _check_objective(cfg) -> None:
     _check(not (sorted_types and d.use_soft_targets), "dpo.use_soft_targets",
            f"False with loss type {sorted_types[0] if sorted_types else ''} (it sorts the batch: no per-pair "
            "targets)", d.use_soft_targets)  # fmt: skip
-    temp = cfg.dpo.get("soft_target_temperature", 1.0)
-    _check(math.isfinite(temp) and temp > 0, "dpo.soft_target_temperature", "a number > 0", temp)
     seed = cfg.dpo.get("seed", -1)
     _check(isinstance(seed, int) and seed >= -1, "dpo.seed", "an integer >= 0, or -1 for the run's seed", seed)
 

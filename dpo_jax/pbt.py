@@ -23,11 +23,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from dpo_jax import rewards
+from dpo_jax.domains import DOMAINS
 from dpo_jax.errors import ConfigError
 from dpo_jax.loop import Hook
 from dpo_jax.state import HParams
 
-PERTURBABLE = ("beta", "lr_scale", "label_smoothing", "target_temperature")
+PERTURBABLE = tuple(DOMAINS)  # the traced hyper-parameters a population may perturb
 # metric name -> (eval key, sign: +1 higher is better)
 METRICS = {"reward": ("eval/reward", 1.0), "loss": ("eval/loss", -1.0), "accuracy": ("eval/rewards/accuracies", 1.0),
            "reward_kl": ("eval/reward", 1.0)}  # fmt: skip
@@ -95,16 +97,29 @@ def settings(cfg) -> dict:
         raise ConfigError(f"config.pbt.metric: expected one of {', '.join(METRICS)}, got {p.metric!r}")
     if not 0 < p.fraction <= 0.5:
         raise ConfigError(f"config.pbt.fraction: expected a number in (0, 0.5], got {p.fraction!r}")
-    if p.every < 1 or p.every % cfg.eval.every:
-        raise ConfigError(f"config.pbt.every: expected a multiple of eval.every ({cfg.eval.every}): the ranking "
-                          f"reads that step's eval, got {p.every!r}")  # fmt: skip
+    sampled = p.metric in ("reward", "reward_kl")  # measured on eval's samples, with a reward to score them
+    if sampled and (not rewards.spec(cfg) or cfg.eval.num_prompts < 1):
+        why = "eval.num_prompts=0: no samples" if rewards.spec(cfg) else "no reward (config.reward is unset)"
+        raise ConfigError(f"config.pbt.metric: {p.metric!r} ranks members on eval's sampled reward, but {why}: "
+                          "every member would score -inf; set it, or rank on 'loss' or 'accuracy'")  # fmt: skip
+    if not isinstance(p.every, int) or p.every < 1 or p.every % cfg.eval.every:
+        raise ConfigError(f"config.pbt.every: expected a positive multiple of eval.every ({cfg.eval.every}): the "
+                          f"ranking reads that step's eval, got {p.every!r}")  # fmt: skip
+    if p.every >= cfg.optim.steps:
+        raise ConfigError(f"config.pbt.every: expected fewer than optim.steps={cfg.optim.steps} steps: at "
+                          f"{p.every!r} no member is ever exploited (a plain grid)")  # fmt: skip
+    if not isinstance(p.seed, int) or p.seed < 0:
+        raise ConfigError(f"config.pbt.seed: expected an integer >= 0, got {p.seed!r}")
     factors = tuple(float(f) for f in p.factors)
     if not factors or any(f <= 0 for f in factors):
         raise ConfigError(f"config.pbt.factors: expected positive numbers, got {p.factors!r}")
     bounds = {n: tuple(float(b) for b in p[f"{n}_bounds"]) for n in PERTURBABLE}
-    for n, (lo, hi) in bounds.items():
-        if not lo <= hi:
-            raise ConfigError(f"config.pbt.{n}_bounds: expected (low, high) with low <= high, got {(lo, hi)}")
+    for n, (lo, hi) in bounds.items():  # a perturbed value is clipped into them: they lie in the field's domain
+        domain = DOMAINS[n]
+        if not (lo <= hi and lo in domain and hi in domain):
+            of = f" (the domain of {domain.field})" if domain.field else ""
+            raise ConfigError(f"config.pbt.{n}_bounds: expected (low, high) with low <= high, both {domain.describe()}"
+                              f"{of}, got {(lo, hi)}")  # fmt: skip
     return dict(names=names, factors=factors, bounds=bounds, metric=p.metric, kl_coef=float(p.kl_coef),
                 fraction=float(p.fraction), seed=int(p.seed), every=int(p.every))  # fmt: skip
 

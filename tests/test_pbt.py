@@ -62,3 +62,43 @@ def test_bad_settings_are_one_line_naming_the_field():
                         ("pbt.every=7", "pbt.every"), ("pbt.metric=\"speed\"", "pbt.metric")):  # fmt: skip
         with pytest.raises(ConfigError, match=rf"config\.{field}:"):
             pbt.settings(tiny_config("pbt.enabled=True", "eval.every=5", item))
+    # files with no config.reward: nothing scores the samples; the loss or accuracy rank without one
+    files = ('task="files"', "pbt.enabled=True", "eval.every=5", "pbt.every=5")
+    with pytest.raises(
+        ConfigError, match=r"config\.pbt\.metric: 'reward_kl' .* but no reward \(config\.reward is unset"
+    ):
+        pbt.settings(tiny_config(*files, 'pbt.metric="reward_kl"'))
+    assert pbt.settings(tiny_config(*files, 'pbt.metric="loss"'))["metric"] == "loss"
+    bounds = pbt.settings(tiny_config(*files, 'pbt.metric="loss"', "pbt.label_smoothing_bounds=[0.0, 0.49]"))
+    assert bounds["bounds"]["label_smoothing"] == (0.0, 0.49)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("eval.num_prompts=0", "config.pbt.metric: 'reward' ranks members on eval's sampled reward, but "
+                            "eval.num_prompts=0"),
+     ("pbt.beta_bounds=(-2,-1)", "config.pbt.beta_bounds: expected (low, high) with low <= high, both a number > 0 "
+                                 "(the domain of dpo.beta), got (-2.0, -1.0)"),
+     ("pbt.label_smoothing_bounds=(0,0.9)", "config.pbt.label_smoothing_bounds: expected (low, high) with low <= "
+                                            "high, both a number in [0, 0.5)"),
+     ("pbt.lr_scale_bounds=(0,2)", "config.pbt.lr_scale_bounds: expected (low, high) with low <= high, both a number "
+                                   "> 0, got (0.0, 2.0)"),
+     ("pbt.every=20", "config.pbt.every: expected fewer than optim.steps=20 steps"),
+     ("pbt.every=0", "config.pbt.every: expected a positive multiple of eval.every (10)"),
+     ("pbt.seed=-1", "config.pbt.seed: expected an integer >= 0, got -1")],
+)  # fmt: skip
+def test_pbt_that_would_rank_on_nothing_or_leave_a_domain_is_refused_by_the_command(tmp_path, override, message):
+    """``dpo-jax sweep`` on configs/pbt.py: one line and exit 2 before anything compiles (once: members scored -inf
+    and exploited by index, beta = -1, label smoothing 0.675, no exploit at all, a crash at the first exploit)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import xla_env
+    from test_train import ROOT
+
+    cmd = [sys.executable, "-m", "dpo_jax", "sweep", "--config", str(ROOT / "configs/pbt.py:runlocal"),
+           "--workdir", str(tmp_path), "--mode", "vectorized", f"--config.{override}"]  # fmt: skip
+    out = subprocess.run(cmd, env={**os.environ, "XLA_FLAGS": xla_env(1)}, capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"dpo-jax: {message}"), out.stderr
