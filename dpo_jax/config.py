@@ -100,6 +100,9 @@ def _leaves(tree, prefix=""):
             yield f"{prefix}{k}", v
 
 
+MAX_SHAPES = 64  # data.max_shapes: programs compiled per stage (the shape search's table grows with it)
+
+
 def check_numbers(cfg) -> None:
     """Every number in the config is finite (an ``inf`` learning rate would pass a ``> 0`` check)."""
     for field, v in _leaves(cfg):
@@ -212,8 +215,9 @@ def _check_data(cfg) -> None:
     )
     _check(isinstance(cfg.data.max_row_chars, int) and cfg.data.max_row_chars >= 0, "data.max_row_chars",
            "an integer >= 0 (0: 100 x data.max_length)", cfg.data.max_row_chars)  # fmt: skip
-    _check(isinstance(cfg.data.max_shapes, int) and cfg.data.max_shapes >= 0, "data.max_shapes",
-           "an integer >= 0 (0: grid-rounded shapes)", cfg.data.max_shapes)  # fmt: skip
+    _check(isinstance(cfg.data.max_shapes, int) and 0 <= cfg.data.max_shapes <= MAX_SHAPES, "data.max_shapes",
+           f"an integer in [0, {MAX_SHAPES}] (0: grid-rounded shapes; each shape is a program compiled)",
+           cfg.data.max_shapes)  # fmt: skip
     _check(cfg.data.pack_length >= 0, "data.pack_length", "0 (from the data) or a row length > 0", cfg.data.pack_length)
     _check(cfg.logprobs.max_logits_mb >= 0 or cfg.logprobs.max_logits_mb == -1, "logprobs.max_logits_mb",
            ">= 0, or -1 (sized from the device's memory)", cfg.logprobs.max_logits_mb)  # fmt: skip
@@ -269,6 +273,9 @@ def _check_model(cfg) -> None:
     _check(impl in ATTENTION, "model.attention", " | ".join(ATTENTION), impl)
     _check(isinstance(block, int) and block >= 8 and block % 8 == 0, "model.attention_block",
            "a multiple of 8 tokens", block)  # fmt: skip
+    platform = jax.default_backend()
+    _check(impl not in ("cudnn", "pallas") or platform == "gpu", "model.attention", f"{impl!r} on a GPU (a GPU "
+           f"kernel; this run's platform is {platform}: use auto, einsum or blockwise)", impl)  # fmt: skip
     _check(
         impl != "cudnn" or not (cfg.data.packing or cfg.data.share_prompt),
         "model.attention",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 import sys
 import threading
 import traceback
@@ -153,7 +154,14 @@ def _flag_error(error: Exception, argv: list[str]) -> str:
                 near = difflib.get_close_matches(field, sorted(known), n=1)
                 hint = f"did you mean --config.{near[0]}?" if near else "no such field"
                 return f"unknown config field in --config.{field} ({spec}): {hint}"
-    return str(error).strip().splitlines()[0]
+    line = str(error).strip().splitlines()[0]
+    typed = re.match(r"flag --config\.(\S+?)=(.*?): (invalid literal for|could not convert)", line)
+    if typed and typed.group(1) in known:  # a value of the wrong type for its field (absl's int() / float() text)
+        field, value = typed.group(1), typed.group(2)
+        default = flatten(load_config_file(spec).to_dict())[field]
+        kind = {int: "an integer", float: "a number", bool: "true or false"}.get(type(default), type(default).__name__)
+        return f"config.{field}: expected {kind} (like its default {default!r}), got {value!r}"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
