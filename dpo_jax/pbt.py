@@ -114,6 +114,9 @@ def settings(cfg) -> dict:
     if not factors or any(f <= 0 for f in factors):
         raise ConfigError(f"config.pbt.factors: expected positive numbers, got {p.factors!r}")
     bounds = {n: tuple(float(b) for b in p[f"{n}_bounds"]) for n in PERTURBABLE}
+    for n, pair in bounds.items():
+        if len(pair) != 2:
+            raise ConfigError(f"config.pbt.{n}_bounds: expected (low, high), got {tuple(p[f'{n}_bounds'])!r}")
     for n, (lo, hi) in bounds.items():  # a perturbed value is clipped into them: they lie in the field's domain
         domain = DOMAINS[n]
         if not (lo <= hi and lo in domain and hi in domain):

@@ -27,7 +27,7 @@ from dpo_jax.errors import ConfigError, Notes
 from dpo_jax.evaluate import FALLING_CHOSEN, Evaluator, falling_chosen
 from dpo_jax.inputs import Data
 from dpo_jax.loop import Hook, Loop, Member, Stage, StepCache, checkpoint_hook, preemption_hook
-from dpo_jax.models import attention
+from dpo_jax.models import ModelConfig, attention
 from dpo_jax.outputs import write_outputs
 from dpo_jax.runs import (
     barrier,
@@ -151,6 +151,23 @@ def batches_note(name: str, loader: PreferenceLoader, cfg, mesh, k_members: int 
     return f"[{name}] batches: {loader.describe()}{who}; MFU against the {source}"
 
 
+def dpo_step_config(cfgs, model: ModelConfig, *, lora: bool) -> StepConfig:
+    """The DPO step of members ``cfgs`` (equal but for what ``HParams`` holds): their loss types' union."""
+    cfg = cfgs[0]
+    types = tuple(dict.fromkeys(t for c in cfgs for t in loss_types(c)))
+    return StepConfig(
+        "dpo", types, cfg.dpo.use_soft_targets, not any(needs_reference(c) for c in cfgs),
+        cfg.reference.mode == "frozen", cfg.optim.grad_accum, ld=any(c.dpo.ld_alpha != 1 for c in cfgs),
+        wpo=cfg.dpo.use_weighting, bco_delta=cfg.dpo.bco_delta, sync_reference=cfg.reference.sync,
+        lora=lora, **builders.head_options(cfg), **builders.moe_options(cfg, model),
+    )  # fmt: skip
+
+
+def sft_step_config(cfg, model: ModelConfig, *, lora: bool) -> StepConfig:
+    """The SFT step: the LM head's chunking and the mixture's switches; the NLL of the chosen completions."""
+    return StepConfig("sft", **builders.head_options(cfg), **builders.moe_options(cfg, model), lora=lora)
+
+
 # --- The job --------------------------------------------------------------------------------------------------------
 
 
@@ -172,16 +189,7 @@ class Job:
     cache: StepCache
 
     def step_config(self, cfgs) -> StepConfig:
-        """The DPO step of members ``cfgs`` (equal but for what ``HParams`` holds): their loss types' union."""
-        cfg = cfgs[0]
-        types = tuple(dict.fromkeys(t for c in cfgs for t in loss_types(c)))
-        return StepConfig(
-            "dpo", types, cfg.dpo.use_soft_targets, not any(needs_reference(c) for c in cfgs),
-            cfg.reference.mode == "frozen", cfg.optim.grad_accum, ld=any(c.dpo.ld_alpha != 1 for c in cfgs),
-            wpo=cfg.dpo.use_weighting, bco_delta=cfg.dpo.bco_delta, sync_reference=cfg.reference.sync,
-            lora=self.policy.base is not None, **builders.head_options(cfg),
-            **builders.moe_options(cfg, self.policy.config),
-        )  # fmt: skip
+        return dpo_step_config(cfgs, self.policy.config, lora=self.policy.base is not None)
 
     def evaluator(self, cfgs) -> Evaluator:
         cfg = cfgs[0]
@@ -239,8 +247,7 @@ def run_sft(cfg, workdir: Path, path: Path, tokenizer, policy: Policy, mesh, loa
                               **{**loader_kw, "layout": layout})  # fmt: skip
     hparams = HParams.from_config(cfg, ("sigmoid",))  # unused by SFT; one shape for every member's stage
     member = Member(hparams, cfg.seed, loader, stage_checkpointer(cfg, workdir, "sft"), writer)
-    sc = StepConfig("sft", **builders.head_options(cfg), **builders.moe_options(cfg, policy.config),
-                    lora=policy.base is not None)  # fmt: skip
+    sc = sft_step_config(cfg, policy.config, lora=policy.base is not None)
     peak, _ = throughput.peak_flops(cfg.peak_flops)
     hooks = [log_hook(cfg, "sft", peak), checkpoint_hook(cfg.checkpoint.every), preemption_hook()]
     stage = make_stage("sft", sc, dict(cfg.sft), cfg.sft.steps, [member], policy, policy.params,

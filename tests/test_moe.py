@@ -172,8 +172,8 @@ def _moe_run(tmp_path, name, *overrides):
 
     base = load_config_file(str(ROOT / "configs/moe.py:runlocal"))
     cfg = tiny_config(
-        "sft.steps=2", "optim.steps=2", "eval.every=2", "eval.num_prompts=4", "log_every=1", "checkpoint.every=2",
-        "synthetic.n_sft=32", "synthetic.n_train=32", "synthetic.n_eval=16", *overrides,
+        "sft.steps=2", "optim.steps=2", "eval.every=2", "log_every=1", "checkpoint.every=2",
+        "synthetic.n_sft=32", "synthetic.n_train=32", "synthetic.n_eval=16", "eval.num_prompts=0", *overrides,
     )  # fmt: skip
     for key in ("architecture", "num_experts", "experts_per_token", "expert_intermediate_size"):
         cfg.model[key] = base.model[key]
@@ -187,7 +187,7 @@ def _moe_run(tmp_path, name, *overrides):
 @pytest.mark.slow
 def test_moe_switches_reach_the_run(tmp_path):
     """Through the run (configs/moe.py, SFT then DPO): the first DPO step's objective is log 2 + ``moe.aux_loss_coef``
-    x the logged load-balancing loss, for 0, 1 and the preset's 0.01, and the weights differ; with
+    x the logged load-balancing loss, for 0 and 1; with
     ``moe.freeze_router`` the exported routers are the initial ones and the experts moved (once: every value ran
     aux 0 and trained routers, bit-identical to the default)."""
     from safetensors.numpy import load_file
@@ -196,16 +196,14 @@ def test_moe_switches_reach_the_run(tmp_path):
     from dpo_jax.data import synthetic
 
     _, none, w_none = _moe_run(tmp_path, "aux0", "moe.aux_loss_coef=0.0")
-    _, heavy, w_heavy = _moe_run(tmp_path, "aux1", "moe.aux_loss_coef=1.0")
-    cfg, frozen, w_frozen = _moe_run(tmp_path, "frozen", "moe.freeze_router=True")
+    cfg, frozen, w_frozen = _moe_run(tmp_path, "frozen", "moe.aux_loss_coef=1.0", "moe.freeze_router=True")
     routers = [k for k in w_none if k.endswith("mlp.gate.weight")]
     assert routers and all(w_none[k].shape[0] == cfg.model.num_experts for k in routers)
     # The first DPO step's objective: log 2 (the policy is its reference) + coef * the load-balancing loss
-    for rows, coef in ((none, 0.0), (heavy, 1.0), (frozen, 0.01)):
+    for rows, coef in ((none, 0.0), (frozen, 1.0)):
         first = rows[min(rows)]
         assert first["train/aux_loss"] > 0.1
         np.testing.assert_allclose(first["train/loss"] - coef * first["train/aux_loss"], np.log(2), atol=1e-5)
-    assert max(np.abs(w_none[k] - w_heavy[k]).max() for k in w_none) > 1e-4
     hf.save_pretrained(builders.build_model(cfg, synthetic.build_tokenizer()), tmp_path / "init")
     w_init = load_file(tmp_path / "init" / "model.safetensors")
     for k in routers:
