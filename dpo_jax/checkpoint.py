@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from dpo_jax.errors import NonFiniteLoss, WorkdirError, one_line
-from dpo_jax.workdir import ensure_free_space, os_error
+from dpo_jax.workdir import ensure_free_space, os_error, promote_pending_record
 
 SAVE_SLACK_BYTES = 512 * 1024
 
@@ -120,6 +120,8 @@ class Checkpointer:
         needed = int(state_bytes(state) * 1.05) + SAVE_SLACK_BYTES
         ensure_free_space(self.directory, needed, f"the checkpoint of step {step}", self.reserve_mb)
         meta = {**meta, "digest": digest(state)}
+        if jax.process_index() == 0:  # this checkpoint is made with the current config: it becomes the record
+            promote_pending_record(self.directory.parent)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._bytes = state_bytes(state)
         try:

@@ -56,6 +56,15 @@ def resolve_model(value: str, field: str) -> str:
         return value
     repo, _, revision = value.partition("@")
     snap = _snapshot(repo, revision or None, "models")
+    folder = hub_cache() / f"models--{repo.replace('/', '--')}"
+    if revision and snap is None and folder.is_dir():  # the model is cached, that revision of it is not
+        cached = sorted(
+            {p.name for p in (folder / "refs").glob("*")} | {p.name for p in (folder / "snapshots").glob("*")}
+        )
+        raise ConfigError(
+            f"config.{field}: {repo!r} is in the hub cache {hub_cache()} but not at revision {revision!r} (cached: "
+            f"{', '.join(cached) or 'none'}); nothing is downloaded at run time: fetch that revision there first"
+        )
     if snap is None or not (snap / "config.json").exists():
         raise ConfigError(
             f"config.{field}: {value!r} is neither a local folder nor a model in the hub cache {hub_cache()} "

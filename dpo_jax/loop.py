@@ -200,10 +200,11 @@ class Loop:
         self.close()
         raise Preempted(f"[{self.stage.name}] {signals.name()}: saved step {step}; rerun the same command to resume")
 
-    def check_finite(self):
+    def check_finite(self, log: bool = True):
         """A member whose step was not finite: a run stops (``NonFiniteLoss`` naming the step and the last good
         checkpoint); a population marks it failed (console, summary, log) and trains the others on, until none is
-        left. The failed member's state is its last good one (``step.train_step`` keeps it)."""
+        left. The failed member's state is its last good one (``step.train_step`` keeps it). ``log=False``: a
+        resumed member that failed before its checkpoint (its log row is there already)."""
         bad = sharding.fetch(self.state.nonfinite_step)
         if not (bad >= 0).any():
             return
@@ -226,8 +227,10 @@ class Loop:
                 )
                 m.warnings.append(line)
                 self.console.note(line)
-                row = {f"{self.stage.name}/failed_step": m.failed_step}
-                m.writer.write(self.stage.log_offset + m.failed_step, row)
+                if log:
+                    m.writer.write(
+                        self.stage.log_offset + m.failed_step, {f"{self.stage.name}/failed_step": m.failed_step}
+                    )
 
     def close(self):
         for m in self.members:
@@ -323,6 +326,8 @@ class Loop:
         slices = sharding.batch_slice(self.mesh)[1]  # processes holding alike slices of the batch
         if stage.note:
             self.console.note(stage.note)
+        if start and len(self.members) > 1:
+            self.check_finite(log=False)  # members that failed before the checkpoint stay failed, logged once
         try:
             if start == 0 or eval_pending:
                 self._run_hooks(start, start=True)  # step 0: the reference itself, the first point of every curve

@@ -114,7 +114,7 @@ class Scorer:
         threading.Thread(target=work, name="dpo-jax-reward", daemon=True).start()
         done, since = 0, time.monotonic()
         while not finished.wait(self.POLL_S):
-            signals.check(f"while {self.value} scored samples (rerun to continue)")
+            signals.check(f"while {self.value} scored samples")
             if progress["done"] != done:
                 done, since = progress["done"], time.monotonic()
             elif time.monotonic() - since > self.timeout_s:

@@ -232,6 +232,7 @@ class WorkdirLock:
 # --- The config a stage's checkpoints were made with ---------------------------------------------------------
 
 RUN_CONFIG = "run_config.json"
+PENDING_RUN_CONFIG = "run_config.pending.json"  # a resume's changed config, until its first checkpoint
 # Fields that never change what is trained (cadence, logging, layout, where shared files live): free on resume.
 FREE_ON_RESUME = (
     "eval.", "log_every", "checkpoint.", "wandb.", "export_hf", "peak_flops", "mesh.", "logprobs.", "data.buckets",
@@ -329,7 +330,8 @@ def allowed_changes(spec: str) -> set[str]:
 def check_resume_config(
     folder: str | os.PathLike, current: dict[str, Any], *, allow: set[str], step: int | None
 ) -> list[tuple[str, Any, Any]]:
-    """Compare ``current`` (flattened) with the config saved in ``folder`` and save ``current`` there.
+    """Compare ``current`` (flattened) with the config saved in ``folder`` and save ``current`` there (with allowed
+    changes: once the run writes a checkpoint, ``promote_pending_record``).
 
     Returns the allowed changes applied; raises ``WorkdirError`` naming the fields that differ otherwise.
     With no checkpoint yet (``step`` None) the current config simply becomes the record.
@@ -360,5 +362,19 @@ def check_resume_config(
                     f"--config.resume.allow_changes={names}"
                 )
     Path(folder).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(current, indent=1, sort_keys=True) + "\n")
+    text = json.dumps(current, indent=1, sort_keys=True) + "\n"
+    pending = Path(folder) / PENDING_RUN_CONFIG
+    if changes:  # the checkpoints on disk were made with the record: it changes when a checkpoint is made with these
+        atomic_write_text(pending, text)
+    else:
+        atomic_write_text(path, text)
+        pending.unlink(missing_ok=True)
     return changes
+
+
+def promote_pending_record(folder: str | os.PathLike) -> None:
+    """A checkpoint is being made in ``folder``'s stage with a config a resume changed: that config becomes the
+    stage's record (``check_resume_config``). A run that stops before saving keeps the old record."""
+    pending = Path(folder) / PENDING_RUN_CONFIG
+    if pending.exists():
+        os.replace(pending, Path(folder) / RUN_CONFIG)

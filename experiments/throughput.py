@@ -22,6 +22,8 @@ and larger batches (``--batch 64``) are what such a device needs.
 
     python experiments/throughput.py                      # all cases
     python experiments/throughput.py --cases 32k --steps 10
+    python experiments/throughput.py --cases gemma270m --steps 4 --layouts "packed + shared (default)"
+                                                          # peak RSS: one layout per process, as TRL's
     python experiments/throughput.py --cases 32k,long --batch 64 --dtype bfloat16     # on a GPU
 """
 
@@ -45,7 +47,7 @@ from flax import nnx
 from dpo_jax import step, throughput, xla_flags
 from dpo_jax.data import Layout, PreferenceLoader, TokenizedPair
 from dpo_jax.data.packing import batch_stats
-from dpo_jax.models import ModelConfig, init_decoder
+from dpo_jax.models import ModelConfig, config_from_hf, init_decoder
 from dpo_jax.state import HParams, init_state
 
 OLD_BUCKETS = (256, 512, 1024)  # configs/hf_local.py's buckets before packing
@@ -53,6 +55,30 @@ CASES = {
     "32k": dict(vocab=32000, hidden=256, layers=4, heads=4, kv=2, ffn=688, prompt=(20, 40), completion=(30, 50)),
     "128k": dict(vocab=128256, hidden=512, layers=4, heads=8, kv=4, ffn=1376, prompt=(20, 40), completion=(30, 50)),
     "long": dict(vocab=32000, hidden=256, layers=4, heads=4, kv=2, ffn=688, prompt=(448, 576), completion=(48, 80)),
+    # Gemma-3-270M's shape (random weights): a 262,144-token vocabulary, tied embeddings, 18 layers (5 sliding-window
+    # layers of 512 to 1 global), 4 query heads of 256 over 1 key/value head; pairs of up to ~1,000 tokens a side
+    "gemma270m": dict(
+        vocab=262144,
+        hidden=640,
+        layers=18,
+        heads=4,
+        kv=1,
+        ffn=2048,
+        prompt=(300, 700),
+        completion=(80, 300),
+        hf=dict(
+            architectures=["Gemma3ForCausalLM"],
+            head_dim=256,
+            sliding_window=512,
+            sliding_window_pattern=6,
+            query_pre_attn_scalar=256,
+            rope_theta=1e6,
+            rope_local_base_freq=1e4,
+            tie_word_embeddings=True,
+            hidden_activation="gelu_pytorch_tanh",
+            rms_norm_eps=1e-6,
+        ),
+    ),
 }
 LAYOUTS = {
     "padded (old)": (Layout("padded", share_prompt=False, buckets=OLD_BUCKETS, scored_only=False), 0.0),
@@ -80,6 +106,14 @@ def make_pairs(case: dict, n: int, seed: int = 0) -> list[TokenizedPair]:
 
 
 def model_config(case: dict) -> ModelConfig:
+    if "hf" in case:  # a family of its own, as its config.json would give it
+        return config_from_hf(
+            {**case["hf"], "vocab_size": case["vocab"], "hidden_size": case["hidden"], "num_hidden_layers":
+             case["layers"], "num_attention_heads": case["heads"], "num_key_value_heads": case["kv"],
+             "intermediate_size": case["ffn"], "max_position_embeddings": 32768, "bos_token_id": 1,
+             "eos_token_id": EOS, "pad_token_id": 0},
+            dtype=case.get("dtype", "float32"), scan_layers=case.get("scan_layers", True),
+        )  # fmt: skip
     return ModelConfig(
         dtype=case.get("dtype", "float32"),
         scan_layers=case.get("scan_layers", True),
@@ -130,7 +164,24 @@ def time_layout(graphdef, params, pairs, batch, steps, layout, max_logits_mb, co
         "programs": len({tuple(x.shape for x in b.values()) for b in batches}),
         "first_pass_s": compile_and_first,
         "page_faults": faults / steps,
+        "peak_rss_gb": peak_rss_gb(),
     }
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far (``ru_maxrss``), GB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def peer_versions() -> str:
+    """The peers' versions, printed beside every ratio to them."""
+    try:
+        import torch
+        import transformers
+        import trl
+    except ImportError:
+        return "TRL not installed"
+    return f"TRL {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__}"
 
 
 def trl_run(graphdef, params, mc: ModelConfig, pairs, batch, steps, counts, peak) -> dict | None:
@@ -209,6 +260,7 @@ def trl_run(graphdef, params, mc: ModelConfig, pairs, batch, steps, counts, peak
         "programs": 0,
         "first_pass_s": 0.0,
         "page_faults": float(np.median(np.diff(faults)[2:])),
+        "peak_rss_gb": peak_rss_gb(),
     }
 
 
@@ -218,7 +270,8 @@ def case_setup(name: str):
     mc = model_config(case)
     graphdef, params = nnx.split(init_decoder(mc, seed=0))
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    matmul = n_params - mc.vocab_size * mc.hidden_size  # the embedding lookup is free; the (untied) head is not
+    # the embedding lookup is free; the head is not (tied: the same matrix, counted once, as the head)
+    matmul = n_params - (0 if mc.tie_word_embeddings else mc.vocab_size * mc.hidden_size)
     return case, mc, graphdef, params, n_params, throughput.model_counts(mc, matmul)
 
 
@@ -265,8 +318,8 @@ def run_case(name: str, steps: int, batch: int, with_trl: bool) -> list[tuple[st
         rows.append((label, r))
         print_row(label, r, None)
     trl_pps = [dict(rows).get(label, {}).get("pairs_per_s") for label in TRL_ROWS]
-    print(f"\n| {name} | ms/step | pairs/s | real tokens/s | MFU | padding | × TRL | × TRL + malloc |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| {name} | ms/step | pairs/s | real tokens/s | MFU | padding | peak RSS GB | × TRL | × TRL + malloc |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for label, r in rows:
         print_row(label, r, trl_pps, markdown=True)
     return rows
@@ -283,14 +336,14 @@ def print_row(label, r, trl_pps, markdown=False):
     ratios = [f"{r['pairs_per_s'] / pps:.2f}" if pps else "-" for pps in trl_pps or [None, None]]
     pad = "-" if np.isnan(r["padding"]) else f"{r['padding']:.0%}"
     cells = [label, f"{r['s_per_step'] * 1e3:.0f}", f"{r['pairs_per_s']:.2f}", f"{r['tokens_per_s']:,.0f}",
-             f"{r['mfu']:.1%}", pad, *ratios]  # fmt: skip
+             f"{r['mfu']:.1%}", pad, f"{r['peak_rss_gb']:.1f}", *ratios]  # fmt: skip
     if markdown:
         print("| " + " | ".join(cells) + " |", flush=True)
     else:
         extra = f"({r['programs']} programs, first pass {r['first_pass_s']:.1f} s, {r['page_faults']:,.0f} page faults"
         print(
             f"  {label:<16} {cells[1]:>7} ms/step {cells[2]:>8} pairs/s {cells[3]:>9} tok/s  MFU {cells[4]:>6}  "
-            f"padding {pad:>4}  {extra}/step)",
+            f"padding {pad:>4}  peak RSS {cells[6]} GB  {extra}/step)",
             flush=True,
         )
 
@@ -315,7 +368,8 @@ def main(argv=None):
         c["dtype"] = args.dtype
     if args.trl_only:
         return trl_only(args.cases, args.steps, args.batch, args.peak)
-    print(f"backend {jax.default_backend()}, {jax.device_count()} device(s): {jax.devices()[0].device_kind}")
+    print(f"backend {jax.default_backend()}, {jax.device_count()} device(s): {jax.devices()[0].device_kind}; "
+          f"peers: {peer_versions()}")  # fmt: skip
     for name in args.cases.split(","):
         run_case(name, args.steps, args.batch, not args.no_trl)
 

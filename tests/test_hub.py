@@ -48,6 +48,10 @@ def test_a_missing_id_is_one_line_naming_the_id_and_the_cache(home):
         hub.resolve_model("acme/absent", "model.hf_path")
     msg = str(e.value)
     assert "\n" not in msg and "acme/absent" in msg and str(home / "hub") in msg and "model.hf_path" in msg
+    snapshot(home, "models", "acme/cached", ref="main", commit="c0ffee")  # cached, but not at the revision asked
+    with pytest.raises(ConfigError, match=r"^config\.model\.hf_path: 'acme/cached' is in the hub cache .* but not at "
+                                          r"revision 'badrev' \(cached: c0ffee, main\)"):  # fmt: skip
+        hub.resolve_model("acme/cached@badrev", "model.hf_path")
     with pytest.raises(ConfigError) as e:
         hub.resolve_dataset("acme/none:train", "data.train_path", ("train",))
     msg = str(e.value)

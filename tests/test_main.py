@@ -224,6 +224,14 @@ def test_resume_with_a_changed_config_refuses_or_continues_with_the_new_values(t
     assert json.loads((tmp_path / "run/summary.json").read_text())["resume/changes"] == [
         "dpo.beta: 0.1 -> 5.0", "optim.steps: 10 -> 20"
     ]  # fmt: skip
+    # A resume with a change that stops on NaN before its first checkpoint: the record stays that of the
+    # checkpoints, so the command that made them still runs (once refused: the record had taken the NaN run's values)
+    diverge = [*longer[:-1], "optim.steps=30", "optim.learning_rate=1e30",
+               "resume.allow_changes=dpo.beta,optim.steps,optim.learning_rate"]  # fmt: skip
+    nan = cli(tmp_path / "run", *diverge)
+    assert nan.returncode == 1 and "NaN/Inf" in nan.stderr and not (ckpts / "30").exists()
+    original = cli(tmp_path / "run", *longer)
+    assert original.returncode == 0 and "is a finished run" in original.stdout, original.stderr
 
 
 @pytest.mark.slow

@@ -323,6 +323,8 @@ def test_pbt_replaces_a_failed_member_and_resumes_to_the_same_weights_and_lineag
         (tmp_path / "b" / n / "summary.json").unlink()
     run(tmp_path / "b")
     assert pbt_rows(tmp_path / "b") == lineage
+    rows = read_history(tmp_path / "b" / names[2] / "metrics.jsonl")  # failed at step 0, before the checkpoint
+    assert [r["dpo/failed_step"] for r in rows if "dpo/failed_step" in r] == [0]  # logged once, not again on resume
     for n in names:
         again = load_file(tmp_path / "b" / n / "hf/model.safetensors")
         for key, value in weights[n].items():

@@ -19,6 +19,7 @@ from dpo_jax.workdir import (
     clean_stale_tmp,
     ensure_free_space,
     ensure_writable,
+    promote_pending_record,
     save_tensors,
 )
 
@@ -173,7 +174,10 @@ def test_resume_config_check(tmp_path, change, allow, expected):
     if expected is None:
         changes = check_resume_config(tmp_path, current, allow=allow, step=10)
         assert {k for k, _, _ in changes} == {k for k in change if k != "eval.every"}
-        assert json.loads((tmp_path / "run_config.json").read_text()) == current  # the record follows the run
+        # the checkpoints on disk were made with the record: it follows the run once a checkpoint is written
+        assert json.loads((tmp_path / "run_config.json").read_text()) == (SAVED if changes else current)
+        promote_pending_record(tmp_path)
+        assert json.loads((tmp_path / "run_config.json").read_text()) == current
     else:
         with pytest.raises(WorkdirError, match="step 10") as err:
             check_resume_config(tmp_path, current, allow=allow, step=10)
