@@ -166,7 +166,10 @@ def test_end_to_end_outputs(tmp_path):
      (('model.architecture="MixtralForCausalLM"', "model.num_experts=4", "moe.aux_loss_coef=-2.0"),
       r"moe.aux_loss_coef: expected >= 0, or -1"),
      ('model.architecture="MixtralForCausalLM"', "model.num_experts: expected > 0 .*MixtralForCausalLM"),
-     ("model.num_experts=4", "model.num_experts: expected 0 for a dense model .*LlamaForCausalLM")],
+     ("model.num_experts=4", "model.num_experts: expected 0 for a dense model .*LlamaForCausalLM"),
+     ('model.attention="pallas"', "model.attention: expected 'pallas' on a GPU .*this run's platform is cpu"),
+     ('model.attention="cudnn"', "model.attention: expected 'cudnn' on a GPU"),
+     ("data.max_shapes=1000000000", r"data.max_shapes: expected an integer in \[0, 64\]")],
 )  # fmt: skip
 def test_config_errors_name_the_field(override, field):
     cfg = tiny_config(*((override,) if isinstance(override, str) else override))
