@@ -161,7 +161,7 @@ def time_layout(graphdef, params, pairs, batch, steps, layout, max_logits_mb, co
         "tokens_per_s": real / dt,
         "mfu": flops / steps / dt / peak,
         "padding": 1 - sum(s["real_tokens"] for s in stats) / sum(s["slots"] for s in stats),
-        "programs": len({tuple(x.shape for x in b.values()) for b in batches}),
+        "programs": len({tuple(x.shape for x in jax.tree.leaves(b)) for b in batches}),
         "first_pass_s": compile_and_first,
         "page_faults": faults / steps,
         "peak_rss_gb": peak_rss_gb(),
