@@ -194,7 +194,9 @@ class Loop:
         self.state = self.state.replace(hparams=self.hparams)
 
     def stop(self, step: int, *, eval_pending: bool = False):
-        """Save ``step`` (unless the regular save has it) and raise ``Preempted``."""
+        """Save ``step`` (unless the regular save has it) and raise ``Preempted``; a NaN/Inf state is never saved
+        (a single run's step updates in place: ``check_finite`` raises first)."""
+        self.check_finite()
         if self.members[0].ckpt.latest_step() != step or eval_pending:
             self.save(step, eval_pending=eval_pending)
         self.close()

@@ -69,15 +69,16 @@ def token_logps(graphdef, params, batch: Batch, *, token_chunk=1024, vocab_chunk
     if router is not None and stats is not None:
         router["router"] = stats
     z, s, d = h_ZxSxD.shape
+    w, vocab_axis = model.lm_head_as_stored()
     head = dict(token_chunk=token_chunk, vocab_chunk=vocab_chunk, max_logits_mb=max_logits_mb,
-                softcap=model.config.final_softcap)  # fmt: skip
+                softcap=model.config.final_softcap, vocab_axis=vocab_axis)  # fmt: skip
     targets = jnp.where(batch.score_mask_ZxS > 0, batch.score_target_ZxS, 0).reshape(z * s)
-    h_NxD, w_DxV = h_ZxSxD.reshape(z * s, d), model.lm_head_weight()
-    logps = lp.head_token_logprobs(h_NxD, w_DxV, targets, **head)
+    h_NxD = h_ZxSxD.reshape(z * s, d)
+    logps = lp.head_token_logprobs(h_NxD, w, targets, **head)
     logps = jnp.where(batch.score_mask_ZxS > 0, logps.reshape(z, s), 0.0)
     if not sum_sq:
         return logps
-    sq = lp.head_log_sum_sq_probs(h_NxD, w_DxV, **head).reshape(z, s)
+    sq = lp.head_log_sum_sq_probs(h_NxD, w, **head).reshape(z, s)
     return logps, jnp.where(batch.score_mask_ZxS > 0, sq, 0.0)
 
 

@@ -48,6 +48,10 @@ class StepConfig:
     lora: bool = False  # the state's params are LoRA adapters; the step's frozen argument is the base
     aux_loss_coef: float = 0.0  # a mixture of experts: the load-balancing loss's weight in every objective
     freeze_router: bool = False  # ... and its routers never update (the reference's routing kept)
+    # a population member that fails is frozen at its last good state, so the others train on: the step computes
+    # the whole new state before choosing it (one more copy of params and optimizer state in memory). A single run
+    # stops at a failure without saving (``Loop.check_finite``), so its step updates in place (the default).
+    keep_last_good: bool = False
 
     @property
     def head(self) -> dict:
@@ -295,6 +299,8 @@ def train_step(state: TrainState, batch: Batch, reference_params, *, graphdef, t
     moments = state.moments
     if moments is not None and "bco/batch_reward" in metrics:  # share-weighted micro-batch means sum to the batch's
         moments = keep(update_running_moments(moments, metrics["bco/batch_reward"]), moments)
+    if not sc.keep_last_good:
+        keep = lambda new, old: new  # noqa: E731
     new_state = state.replace(
         step=state.step + 1,
         params=keep(params, state.params),

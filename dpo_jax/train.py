@@ -159,13 +159,14 @@ def dpo_step_config(cfgs, model: ModelConfig, *, lora: bool) -> StepConfig:
         "dpo", types, cfg.dpo.use_soft_targets, not any(needs_reference(c) for c in cfgs),
         cfg.reference.mode == "frozen", cfg.optim.grad_accum, ld=any(c.dpo.ld_alpha != 1 for c in cfgs),
         wpo=cfg.dpo.use_weighting, bco_delta=cfg.dpo.bco_delta, sync_reference=cfg.reference.sync,
-        lora=lora, **builders.head_options(cfg), **builders.moe_options(cfg, model),
+        lora=lora, **builders.head_options(cfg), **builders.moe_options(cfg, model), keep_last_good=len(cfgs) > 1,
     )  # fmt: skip
 
 
 def sft_step_config(cfg, model: ModelConfig, *, lora: bool) -> StepConfig:
     """The SFT step: the LM head's chunking and the mixture's switches; the NLL of the chosen completions."""
-    return StepConfig("sft", **builders.head_options(cfg), **builders.moe_options(cfg, model), lora=lora)
+    return StepConfig("sft", **builders.head_options(cfg), **builders.moe_options(cfg, model), lora=lora,
+                      keep_last_good=False)  # fmt: skip
 
 
 # --- The job --------------------------------------------------------------------------------------------------------

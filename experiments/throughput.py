@@ -22,7 +22,7 @@ and larger batches (``--batch 64``) are what such a device needs.
 
     python experiments/throughput.py                      # all cases
     python experiments/throughput.py --cases 32k --steps 10
-    python experiments/throughput.py --cases gemma270m --steps 4 --layouts "packed + shared (default)"
+    python experiments/throughput.py --cases gemma270m --steps 4 --layouts "packed + shared"
                                                           # peak RSS: one layout per process, as TRL's
     python experiments/throughput.py --cases 32k,long --batch 64 --dtype bfloat16     # on a GPU
 """
@@ -56,7 +56,9 @@ CASES = {
     "128k": dict(vocab=128256, hidden=512, layers=4, heads=8, kv=4, ffn=1376, prompt=(20, 40), completion=(30, 50)),
     "long": dict(vocab=32000, hidden=256, layers=4, heads=4, kv=2, ffn=688, prompt=(448, 576), completion=(48, 80)),
     # Gemma-3-270M's shape (random weights): a 262,144-token vocabulary, tied embeddings, 18 layers (5 sliding-window
-    # layers of 512 to 1 global), 4 query heads of 256 over 1 key/value head; pairs of up to ~1,000 tokens a side
+    # layers of 512 to 1 global), 4 query heads of 256 over 1 key/value head; pairs of up to ~450 tokens a side.
+    # Activations recomputed in the backward pass on both sides (TRL's default gradient checkpointing; our
+    # model.remat=dots_no_batch, configs/hf_local.py's default); TRL warms up for one step (its steps take minutes).
     "gemma270m": dict(
         vocab=262144,
         hidden=640,
@@ -64,8 +66,10 @@ CASES = {
         heads=4,
         kv=1,
         ffn=2048,
-        prompt=(300, 700),
-        completion=(80, 300),
+        prompt=(50, 250),
+        completion=(20, 200),
+        remat="dots_no_batch",
+        trl_warmup=1,
         hf=dict(
             architectures=["Gemma3ForCausalLM"],
             head_dim=256,
@@ -113,17 +117,21 @@ def model_config(case: dict) -> ModelConfig:
              "intermediate_size": case["ffn"], "max_position_embeddings": 32768, "bos_token_id": 1,
              "eos_token_id": EOS, "pad_token_id": 0},
             dtype=case.get("dtype", "float32"), scan_layers=case.get("scan_layers", True),
+            remat=case.get("remat", "none"),
         )  # fmt: skip
     return ModelConfig(
         dtype=case.get("dtype", "float32"),
         scan_layers=case.get("scan_layers", True),
+        remat=case.get("remat", "none"),
         vocab_size=case["vocab"], hidden_size=case["hidden"], intermediate_size=case["ffn"],
         num_layers=case["layers"], num_heads=case["heads"], num_kv_heads=case["kv"], rms_norm_eps=1e-5,
         max_position_embeddings=2048, bos_token_id=1, eos_token_id=EOS, pad_token_id=0,
     )  # fmt: skip
 
 
-def time_layout(graphdef, params, pairs, batch, steps, layout, max_logits_mb, counts, peak) -> dict:
+def time_layout(graphdef, params, pairs, batch, steps, layout, max_logits_mb, counts, peak, last=False) -> dict:
+    """One layout's steady-state figures; ``last``: the initial parameters are given to the state (donated), so
+    the peak memory holds one copy of the model, as a run does."""
     layout = dataclasses.replace(layout, attention_cost=throughput.attention_cost(counts))  # as inputs.make_layout
     loader = PreferenceLoader(pairs, batch, seed=0, layout=layout)
     batches = []
@@ -138,7 +146,7 @@ def time_layout(graphdef, params, pairs, batch, steps, layout, max_logits_mb, co
     def init(p):
         return init_state(p, tx, HParams.create(), 0)
 
-    state = jax.jit(init)(params)
+    state = jax.jit(init, donate_argnums=0 if last else ())(params)
     train_fn = jax.jit(functools.partial(step.train_step, graphdef=graphdef, tx=tx, sc=sc), donate_argnums=0)
     device_batches = [jax.device_put(b) for b in batches]
     t0 = time.perf_counter()
@@ -184,8 +192,9 @@ def peer_versions() -> str:
     return f"TRL {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__}"
 
 
-def trl_run(graphdef, params, mc: ModelConfig, pairs, batch, steps, counts, peak) -> dict | None:
-    """TRL's DPOTrainer on the same weights (exported to a transformers folder) and the same token ids."""
+def trl_run(graphdef, params, mc: ModelConfig, pairs, batch, steps, counts, peak, warmup=3) -> dict | None:
+    """TRL's DPOTrainer on the same weights (exported to a transformers folder) and the same token ids, timed
+    after ``warmup`` steps."""
     try:
         import datasets
         import torch
@@ -211,7 +220,7 @@ def trl_run(graphdef, params, mc: ModelConfig, pairs, batch, steps, counts, peak
     def text(ids):
         return " ".join(f"t{i}" for i in ids if i != EOS)
 
-    n = batch * (steps + 3)
+    n = batch * (steps + warmup)
     rows = [pairs[i % len(pairs)] for i in range(n)]
     data = datasets.Dataset.from_dict(
         {
@@ -232,7 +241,7 @@ def trl_run(graphdef, params, mc: ModelConfig, pairs, batch, steps, counts, peak
 
     with tempfile.TemporaryDirectory() as out:
         args = trl.DPOConfig(
-            output_dir=out, per_device_train_batch_size=batch, max_steps=steps + 3, learning_rate=1e-5,
+            output_dir=out, per_device_train_batch_size=batch, max_steps=steps + warmup, learning_rate=1e-5,
             report_to="none", logging_steps=1000, save_strategy="no", use_cpu=jax.default_backend() == "cpu",
             bf16=mc.dtype == "bfloat16", fp16=False,
             max_length=None, dataloader_num_workers=0, beta=0.1, seed=0,
@@ -240,7 +249,7 @@ def trl_run(graphdef, params, mc: ModelConfig, pairs, batch, steps, counts, peak
         trainer = trl.DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tok, callbacks=[Clock()])
         trainer.train()
         device = trainer.model.device
-    gaps = np.diff(times)[2:]  # the first steps warm up
+    gaps = np.diff(times)[warmup - 1 :]  # the first steps warm up
     print(f"  TRL on {device}: step times {', '.join(f'{g * 1e3:.0f}' for g in gaps)} ms", flush=True)
     folder.cleanup()
     # The median step: TRL's dynamic padding meets new shapes now and then (a slow step on a GPU, as a new shape
@@ -281,8 +290,9 @@ def trl_subprocess(name: str, steps: int, batch: int, peak: float, keep_memory: 
     env = dict(os.environ, GLIBC_TUNABLES=USER_TUNABLES, DPO_JAX_KEEP_MEMORY="1" if keep_memory else "0")
     if not USER_TUNABLES:
         env.pop("GLIBC_TUNABLES")
+    case = CASES[name]
     argv = [sys.executable, __file__, "--trl-only", "--cases", name, "--steps", str(steps), "--batch", str(batch),
-            "--peak", repr(peak), "--dtype", CASES[name]["dtype"]]  # fmt: skip
+            "--peak", repr(peak), "--dtype", case["dtype"], "--remat", case.get("remat", "none")]  # fmt: skip
     out = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True, check=True).stdout
     print("\n".join(line for line in out.splitlines() if line.startswith("  TRL on")), flush=True)
     result = [line for line in out.splitlines() if line.startswith("{")]
@@ -303,12 +313,13 @@ def run_case(name: str, steps: int, batch: int, with_trl: bool) -> list[tuple[st
     print(
         f"\n## {name}: {n_params / 1e6:.1f}M params (vocab {mc.vocab_size}, hidden {mc.hidden_size}, "
         f"{mc.num_layers} layers), {batch} pairs/step of ~{mean[0]:.0f} prompt + ~{mean[1]:.0f} completion tokens, "
-        f"{steps} timed steps, {mc.dtype}; peak {peak / 1e9:.0f} GFLOP/s ({peak_note})",
+        f"{steps} timed steps, {mc.dtype}, remat {mc.remat}; peak {peak / 1e9:.0f} GFLOP/s ({peak_note})",
         flush=True,
     )
     rows = []
-    for label, (layout, mb) in LAYOUTS.items():
-        rows.append((label, time_layout(graphdef, params, pairs, batch, steps, layout, mb, counts, peak)))
+    for i, (label, (layout, mb)) in enumerate(LAYOUTS.items()):
+        last = i == len(LAYOUTS) - 1
+        rows.append((label, time_layout(graphdef, params, pairs, batch, steps, layout, mb, counts, peak, last)))
         print_row(label, rows[-1][1], None)
     for label, keep in TRL_ROWS.items() if with_trl else ():
         r = trl_subprocess(name, steps, batch, peak, keep)
@@ -328,7 +339,8 @@ def run_case(name: str, steps: int, batch: int, with_trl: bool) -> list[tuple[st
 def trl_only(name: str, steps: int, batch: int, peak: float) -> None:
     """The subprocess of ``trl_subprocess``: prints TRL's figures as one JSON line."""
     case, mc, graphdef, params, _, counts = case_setup(name)
-    r = trl_run(graphdef, params, mc, make_pairs(case, batch * steps * 2), batch, steps, counts, peak)
+    pairs = make_pairs(case, batch * steps * 2)
+    r = trl_run(graphdef, params, mc, pairs, batch, steps, counts, peak, case.get("trl_warmup", 3))
     print(json.dumps(r))
 
 
@@ -357,6 +369,7 @@ def main(argv=None):
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of the layouts")
     parser.add_argument("--unrolled", action="store_true", help="layers unrolled instead of lax.scan")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    parser.add_argument("--remat", default="", help="model.remat for every case (default: the case's; none)")
     parser.add_argument("--trl-only", action="store_true", help=argparse.SUPPRESS)  # trl_subprocess's child
     parser.add_argument("--peak", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -366,6 +379,8 @@ def main(argv=None):
     for c in CASES.values():
         c["scan_layers"] = not args.unrolled
         c["dtype"] = args.dtype
+        if args.remat:
+            c["remat"] = args.remat
     if args.trl_only:
         return trl_only(args.cases, args.steps, args.batch, args.peak)
     print(f"backend {jax.default_backend()}, {jax.device_count()} device(s): {jax.devices()[0].device_kind}; "

@@ -151,39 +151,49 @@ def test_token_kl_matches_numpy():
 
 
 @pytest.mark.parametrize("max_logits_mb", [256.0, 0.0])  # materialised, streamed
-def test_head_log_sum_sq_probs_matches_numpy(max_logits_mb):
+@pytest.mark.parametrize("vocab_axis", [1, 0])
+def test_head_log_sum_sq_probs_matches_numpy(max_logits_mb, vocab_axis):
     """WPO's log sum_v p_v^2 per row, against NumPy on the full logits, with no gradient."""
     rng = np.random.default_rng(3)
     h, w = rng.normal(size=(13, 8)).astype(np.float32), rng.normal(size=(8, 37)).astype(np.float32)
     logits = h.astype(np.float64) @ w.astype(np.float64)
     logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
     expected = np.logaddexp.reduce(2 * logp, axis=-1)
-    got = lp.head_log_sum_sq_probs(jnp.asarray(h), jnp.asarray(w), token_chunk=4, vocab_chunk=10,
-                                   max_logits_mb=max_logits_mb)  # fmt: skip
+    got = lp.head_log_sum_sq_probs(jnp.asarray(h), jnp.asarray(w if vocab_axis else w.T), token_chunk=4,
+                                   vocab_chunk=10, max_logits_mb=max_logits_mb, vocab_axis=vocab_axis)  # fmt: skip
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
     grad = jax.grad(lambda x: jnp.sum(lp.head_log_sum_sq_probs(x, jnp.asarray(w), max_logits_mb=max_logits_mb)))
     assert np.all(np.asarray(grad(jnp.asarray(h))) == 0)
 
 
 @pytest.mark.parametrize("max_logits_mb", [256.0, 0.0])  # materialised (logits kept), streamed
-def test_head_token_logprobs_value_and_gradient_match_numpy(max_logits_mb):
+@pytest.mark.parametrize("vocab_axis", [1, 0])  # the head [D, V]; a tied embedding [V, D] as stored
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_head_token_logprobs_value_and_gradient_match_numpy(max_logits_mb, vocab_axis, softcap):
     """The scored-token head's log-probs and both gradients against NumPy float64: d logp_n / d logits_n =
-    onehot(t_n) - softmax_n, chained through logits = h w by hand."""
+    onehot(t_n) - softmax_n, chained through logits = h w by hand (and through cap * tanh(z / cap) when capped),
+    with the head given in either layout (its gradient in the same layout)."""
     rng = np.random.default_rng(4)
     h, w = rng.normal(size=(13, 8)).astype(np.float32), rng.normal(size=(8, 37)).astype(np.float32)
     t, g = rng.integers(0, 37, size=13), rng.normal(size=13)
-    logits = h.astype(np.float64) @ w.astype(np.float64)
+    z = h.astype(np.float64) @ w.astype(np.float64)
+    logits = softcap * np.tanh(z / softcap) if softcap else z
     logp = np_log_softmax(logits)
     d_logits = g[:, None] * (np.eye(37)[t] - np.exp(logp))
+    if softcap:
+        d_logits = d_logits * (1.0 - np.tanh(z / softcap) ** 2)
 
     def f(h_, w_):
-        out = lp.head_token_logprobs(h_, w_, jnp.asarray(t), token_chunk=4, vocab_chunk=10, max_logits_mb=max_logits_mb)
+        out = lp.head_token_logprobs(h_, w_, jnp.asarray(t), token_chunk=4, vocab_chunk=10, max_logits_mb=max_logits_mb,
+                                     softcap=softcap, vocab_axis=vocab_axis)  # fmt: skip
         return jnp.sum(jnp.asarray(g, jnp.float32) * out), out
 
-    (_, got), (gh, gw) = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(jnp.asarray(h), jnp.asarray(w))
+    w_in = w if vocab_axis else np.ascontiguousarray(w.T)
+    (_, got), (gh, gw) = jax.jit(jax.value_and_grad(f, (0, 1), has_aux=True))(jnp.asarray(h), jnp.asarray(w_in))
     np.testing.assert_allclose(np.asarray(got), logp[np.arange(13), t], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(gh), d_logits @ w.T.astype(np.float64), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(gw), h.T.astype(np.float64) @ d_logits, rtol=1e-4, atol=1e-5)
+    expected_gw = h.T.astype(np.float64) @ d_logits
+    np.testing.assert_allclose(np.asarray(gw), expected_gw if vocab_axis else expected_gw.T, rtol=1e-4, atol=1e-5)
 
 
 def test_the_kept_logits_budget_is_sized_from_the_device():

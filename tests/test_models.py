@@ -54,6 +54,25 @@ def test_layer_options_do_not_change_the_function(options):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_each_remat_policy_keeps_what_it_says():
+    """XLA's compiled temporaries of a gradient: ``none`` keeps every activation, ``dots`` / ``dots_no_batch`` the
+    matmul outputs (the projections' too, though their matmul sits inside a custom VJP), ``full`` only each layer's
+    input; so none > dots > full (before the fix, the dots policies saved what ``full`` saves)."""
+    toks = jnp.zeros((2, 256), jnp.int32)
+    temp = {}
+    for remat in ("none", "dots", "dots_no_batch", "full"):
+        graphdef, params = nnx.split(init_decoder(TINY.replace(hidden_size=64, intermediate_size=256, remat=remat)))
+
+        def f(p, graphdef=graphdef):
+            return jnp.sum(nnx.merge(graphdef, p)(toks, return_logits=False).hidden_BxTxD ** 2)
+
+        temp[remat] = jax.jit(jax.grad(f)).lower(params).compile().memory_analysis().temp_size_in_bytes
+    mlp_outputs = 2 * 256 * 256 * 4 * TINY.num_layers  # one [B, T, F] float32 activation per layer
+    assert temp["none"] > temp["dots"] + mlp_outputs, temp
+    assert temp["dots"] > temp["full"] + 2 * mlp_outputs, temp  # gate and up at least
+    assert temp["dots_no_batch"] > temp["full"] + 2 * mlp_outputs, temp
+
+
 def test_packed_segments_equal_separate_sequences():
     model = init_decoder(TINY)
     rng = np.random.default_rng(2)

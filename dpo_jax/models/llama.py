@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import qwix
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dpo_jax.models import attention
 from dpo_jax.models.attention import Ids
@@ -164,7 +165,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x_BxTxD: Array, dropout_keys_BxT: Array | None = None) -> Array:
         x = x_BxTxD
-        y = dense(x, weight(self.kernel, x.dtype))
+        y = checkpoint_name(dense(x, weight(self.kernel, x.dtype)), "dense")  # saved by model.remat=dots*
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         if self.lora is not None:
@@ -326,10 +327,15 @@ class Block(nnx.Module):
         return x_BxTxD + out, new_kv, stats
 
 
+_POLICIES = jax.checkpoint_policies
+# The projections run through ``dense`` (a custom VJP), whose matmul a dots policy cannot see: its output is named
+# and saved by name beside the dots the policy sees (attention's einsums).
 _REMAT = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _POLICIES.nothing_saveable,
+    "dots": _POLICIES.save_from_both_policies(_POLICIES.checkpoint_dots, _POLICIES.save_only_these_names("dense")),
+    "dots_no_batch": _POLICIES.save_from_both_policies(
+        _POLICIES.dots_with_no_batch_dims_saveable, _POLICIES.save_only_these_names("dense")
+    ),
 }
 
 
@@ -358,8 +364,14 @@ class Decoder(nnx.Module):
 
     def lm_head_weight(self) -> Array:
         """[D, V] in the compute dtype: the input embedding transposed when tied."""
+        w, vocab_axis = self.lm_head_as_stored()
+        return w.T if vocab_axis == 0 else w
+
+    def lm_head_as_stored(self) -> tuple[Array, int]:
+        """(the LM head in the compute dtype, its vocabulary axis): the tied input embedding [V, D] as stored (no
+        transposed copy, its gradient in its own layout), else the head [D, V]."""
         dtype = jnp.dtype(self.config.dtype)
-        return weight(self.embed_tokens, dtype).T if self.lm_head is None else weight(self.lm_head, dtype)
+        return (weight(self.embed_tokens, dtype), 0) if self.lm_head is None else (weight(self.lm_head, dtype), 1)
 
     def __call__(
         self,
