@@ -57,7 +57,7 @@ class Evaluator:
         self.last: list[dict] = []
         sums = functools.partial(eval_sums, graphdef=graphdef, sc=sc, cached=ref_eval is not None)
         self._pref = jax.jit(jax.vmap(sums, in_axes=(0, 0, None, None, None)), out_shardings=replicated(mesh))
-        self._ref_logps = jax.jit(functools.partial(scoring.sample_logps, graphdef))
+        self._ref_logps = jax.jit(functools.partial(scoring.sample_logps, graphdef, max_logits_mb=sc.max_logits_mb))
         # KTO's examples (dpo_jax.data.kto) start with one per pair, in order: the prompts are those of the pairs
         prompt_pairs = eval_pairs[: len(eval_examples)]
         self.prompts = sample_prompts(prompt_pairs, eval_examples, cfg.eval.num_prompts, tokenizer.pad_token_id or 0)

@@ -332,3 +332,26 @@ def token_kl(policy_logits_BxTxV: Array, reference_logits_BxTxV: Array, mask_BxT
     logq_BxTxV = jax.nn.log_softmax(reference_logits_BxTxV.astype(f32), axis=-1)
     kl_BxT = jnp.sum(jnp.exp(logp_BxTxV) * (logp_BxTxV - logq_BxTxV), axis=-1)
     return jnp.where(mask_BxT.astype(bool), kl_BxT, 0.0)
+
+
+def chunked_token_kl(
+    policy_logits, reference_logits, hp_NxD: Array, hq_NxD: Array, mask_N: Array, *, vocab_size: int,
+    max_logits_mb: float = 256.0,
+) -> Array:  # fmt: skip
+    """``token_kl`` [N] from hidden states, in chunks of tokens whose logits [C, V] take at most ``max_logits_mb``
+    (``policy_logits`` / ``reference_logits``: hidden [C, D] -> logits [C, V]), so that a 262k vocabulary never
+    holds [N, V] (eval's KL over thousands of scored entries). No gradient."""
+    n, d = hp_NxD.shape
+    c = max(1, min(n, int(max_logits_mb * 2**20 // (4 * vocab_size))))
+    pad = -n % c
+
+    def chunks(x):
+        return _token_chunks(jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1)), c)
+
+    def one(args):
+        hp_CxD, hq_CxD, m_C = args
+        return token_kl(policy_logits(hp_CxD), reference_logits(hq_CxD), m_C)
+
+    kl = jax.lax.map(one, (chunks(jax.lax.stop_gradient(hp_NxD)), chunks(jax.lax.stop_gradient(hq_NxD)),
+                           chunks(mask_N)))  # fmt: skip
+    return kl.reshape(-1)[:n]

@@ -144,15 +144,19 @@ def pair_stats(graphdef, params, batch: Batch, *, tails=False, wpo=False, dropou
     return stats
 
 
-def completion_token_kl(graphdef, policy, reference, batch: Batch):
+def completion_token_kl(graphdef, policy, reference, batch: Batch, *, max_logits_mb: float = 256.0):
     """Exact full-vocabulary KL(pi || pi_ref) summed over each chosen completion's tokens: ([G * P], token counts,
-    router drift). Full logits are computed at the scored entries only. The router drift of a mixture of experts is
-    (the sum over the rows' real tokens of KL(policy routing || reference routing), averaged over layers; tokens),
-    else None."""
+    router drift). Full logits are computed at the scored entries only, in chunks of at most ``max_logits_mb``.
+    The router drift of a mixture of experts is (the sum over the rows' real tokens of KL(policy routing ||
+    reference routing), averaged over layers; tokens), else None."""
     pol, h_pol, r_pol = scored_hidden(graphdef, policy, batch, router_logits=True)
     ref, h_ref, r_ref = scored_hidden(graphdef, reference, batch, router_logits=True)
     chosen_ZxS = (batch.score_seq_ZxS % 2 == 0) & (batch.score_mask_ZxS > 0)
-    kl_ZxS = lp.token_kl(pol.logits(h_pol), ref.logits(h_ref), chosen_ZxS)
+    z, s, d = h_pol.shape
+    kl_N = lp.chunked_token_kl(pol.logits, ref.logits, h_pol.reshape(z * s, d), h_ref.reshape(z * s, d),
+                               chosen_ZxS.reshape(z * s), vocab_size=pol.config.vocab_size,
+                               max_logits_mb=max_logits_mb)  # fmt: skip
+    kl_ZxS = kl_N.reshape(z, s)
     n = chosen_ZxS.astype(jnp.float32)
     drift = None
     if r_pol is not None:
@@ -162,15 +166,21 @@ def completion_token_kl(graphdef, policy, reference, batch: Batch):
     return sequence_sums(kl_ZxS, batch)[:, 0], sequence_sums(n, batch)[:, 0], drift
 
 
-def sample_logps(graphdef, params, prompt_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN):
-    """Per-token log-probs [B, N] of sampled continuations (left-padded prompts), teacher-forced."""
+def sample_logps(graphdef, params, prompt_BxP, prompt_mask_BxP, tokens_BxN, mask_BxN, *, max_logits_mb=256.0):
+    """Per-token log-probs [B, N] of sampled continuations (left-padded prompts), teacher-forced: the LM head on
+    the N continuation positions only (not the prompt's), chunked as the training head is."""
     tokens = jnp.concatenate([prompt_BxP, tokens_BxN], axis=1)
     attn = jnp.concatenate([prompt_mask_BxP, mask_BxN], axis=1).astype(bool)
     positions = jnp.maximum(jnp.cumsum(attn, axis=1) - 1, 0)
-    logits = nnx.merge(graphdef, params)(tokens, positions_BxT=positions, attention_mask_BxT=attn).logits_BxTxV
+    model = nnx.merge(graphdef, params)
+    hidden = model(tokens, positions_BxT=positions, attention_mask_BxT=attn, return_logits=False).hidden_BxTxD
     p = prompt_BxP.shape[1]
-    per_token = lp.token_logprobs(logits[:, p - 1 : -1], tokens_BxN)
-    return jnp.where(mask_BxN, per_token, 0.0)
+    b, n = tokens_BxN.shape
+    w, vocab_axis = model.lm_head_as_stored()
+    per_token = lp.head_token_logprobs(hidden[:, p - 1 : -1].reshape(b * n, -1), w, tokens_BxN.reshape(b * n),
+                                       max_logits_mb=max_logits_mb, softcap=model.config.final_softcap,
+                                       vocab_axis=vocab_axis)  # fmt: skip
+    return jnp.where(mask_BxN, per_token.reshape(b, n), 0.0)
 
 
 def count_matmul_params(model) -> tuple[int, int]:

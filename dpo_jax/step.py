@@ -324,7 +324,9 @@ def eval_sums(params, hparams: HParams, batch: Batch, reference_params, base, *,
     losses, metrics = pair_losses(stats, ref, batch, hparams, sc)
     valid = scoring.pair_values(batch.valid_GxP)
     n = jnp.sum(valid)
-    kl, kl_tokens, drift = scoring.completion_token_kl(graphdef, params, reference_params, batch)
+    kl, kl_tokens, drift = scoring.completion_token_kl(
+        graphdef, params, reference_params, batch, max_logits_mb=sc.max_logits_mb
+    )
     if drift is not None:  # router drift per token (``n/moe/router_kl``: its tokens), load and aux loss per pair
         tokens = jnp.maximum(drift[1], 1.0)
         metrics.update({"moe/router_kl": drift[0] / tokens, "share/moe/router_kl": tokens / jnp.maximum(n, 1.0)})

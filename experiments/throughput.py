@@ -268,7 +268,7 @@ def trl_run(graphdef, params, mc: ModelConfig, pairs, batch, steps, counts, peak
         "padding": float("nan"),
         "programs": 0,
         "first_pass_s": 0.0,
-        "page_faults": float(np.median(np.diff(faults)[2:])),
+        "page_faults": float(np.median(np.diff(faults)[warmup - 1 :])),
         "peak_rss_gb": peak_rss_gb(),
     }
 
@@ -347,7 +347,7 @@ def trl_only(name: str, steps: int, batch: int, peak: float) -> None:
 def print_row(label, r, trl_pps, markdown=False):
     ratios = [f"{r['pairs_per_s'] / pps:.2f}" if pps else "-" for pps in trl_pps or [None, None]]
     pad = "-" if np.isnan(r["padding"]) else f"{r['padding']:.0%}"
-    cells = [label, f"{r['s_per_step'] * 1e3:.0f}", f"{r['pairs_per_s']:.2f}", f"{r['tokens_per_s']:,.0f}",
+    cells = [label, f"{r['s_per_step'] * 1e3:.0f}", f"{r['pairs_per_s']:.3g}", f"{r['tokens_per_s']:,.0f}",
              f"{r['mfu']:.1%}", pad, f"{r['peak_rss_gb']:.1f}", *ratios]  # fmt: skip
     if markdown:
         print("| " + " | ".join(cells) + " |", flush=True)

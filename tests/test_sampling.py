@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_hf_model
+from flax import nnx
 
-from dpo_jax import hf, sampling
+from dpo_jax import hf, sampling, scoring
 from dpo_jax import logprobs as lp
 
 SAMPLER = ["llama3", "mistral_window", "qwen2"]  # the sampler's own logic (filtering, keys, stops, shapes)
@@ -94,6 +95,11 @@ def test_logps_equal_a_full_forward_of_the_sample(family_pair):
     # it: 2.02e-5 apart on one host). 1e-4 is ~1e3 ulps of a log-prob of order 1; a wrong position, mask or cache
     # entry moves log-probs by > 1e-2.
     np.testing.assert_allclose(np.asarray(out.logps_BxN), expected, atol=1e-4)
+    # teacher-forced, as eval scores samples under the reference: the LM head at the continuation only, streamed
+    graphdef, params = nnx.split(ours)
+    teacher = scoring.sample_logps(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), out.tokens_BxN,
+                                   out.mask_BxN, max_logits_mb=1e-4)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(teacher), expected, atol=1e-4)
     # With no truncation and temperature 1, the sampling distribution is the policy.
     np.testing.assert_allclose(np.asarray(out.sampling_logps_BxN), np.asarray(out.logps_BxN), atol=1e-5)
 

@@ -399,7 +399,7 @@ class Decoder(nnx.Module):
             continue from the prompt's end for every branch).
           attention_mask_BxT: 1 for real tokens, 0 for padding (keys that must not be attended to).
           cache: a ``KVCache`` to write these tokens into (at ``cache.index``) and attend over.
-          return_logits: False skips the LM head (use ``lm_head_weight()`` with the chunked log-probs).
+          return_logits: False skips the LM head (use ``lm_head_as_stored()`` with the chunked log-probs).
           dropout_keys_BxT: a training step's typed key per token: LoRA dropout at ``config.lora_dropout`` (None:
             none, as in eval and sampling); each layer and projection folds in its own index.
           router_logits: a mixture of experts also returns every layer's router logits [L, B, T, E] (eval's drift).
@@ -482,7 +482,8 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden_BxTxD: Array) -> Array:
         """The LM head on final hidden states (soft-capped when the config says so)."""
-        logits = jnp.dot(hidden_BxTxD, self.lm_head_weight())
+        w, vocab_axis = self.lm_head_as_stored()  # a tied embedding contracted as stored: no [D, V] copy
+        logits = jax.lax.dot_general(hidden_BxTxD, w, (((hidden_BxTxD.ndim - 1,), (1 - vocab_axis,)), ((), ())))
         cap = self.config.final_softcap
         return cap * jnp.tanh(logits / cap) if cap else logits
 
