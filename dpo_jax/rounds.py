@@ -295,14 +295,15 @@ def measure(cfg, policy_dir, initial_dir, *, eval_path: str, key: int = 0) -> di
     (policy, tokenizer), (initial, _) = load(policy_dir), load(initial_dir)
     examples, pairs = load_prompts(cfg, eval_path, tokenizer, cfg.eval.num_prompts)
     prompts = sample_prompts(pairs, examples, cfg.eval.num_prompts, tokenizer.pad_token_id or 0)
-    ref_logps = functools.partial(_sample_logps, *nnx.split(initial))
+    mb = builders.head_options(cfg)["max_logits_mb"]  # the LM head's budget, as in training and eval
+    ref_logps = functools.partial(_sample_logps, *nnx.split(initial), max_logits_mb=mb)
     m = sampled_metrics(policy, ref_logps, prompts, tokenizer, cfg.eval, jax.random.PRNGKey(key),
                         rewards.scorer(rewards.spec(cfg), cfg.reward_timeout_s))  # fmt: skip
     return {"reward": m["reward"], "reward_se": m["reward_se"], "kl": m["kl_sampled"], "kl_se": m["kl_sampled_se"],
             "eval_prompts": len(prompts[2])}  # fmt: skip
 
 
-_sample_logps = jax.jit(scoring.sample_logps, static_argnums=0)  # one compile per model structure and shape
+_sample_logps = jax.jit(scoring.sample_logps, static_argnums=0, static_argnames="max_logits_mb")  # per structure, shape
 
 
 def table(rows: list[dict]) -> str:
