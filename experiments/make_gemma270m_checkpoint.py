@@ -16,32 +16,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from throughput import CASES
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)
-V = 262144
+CASE = CASES["gemma270m"]  # the throughput benchmark's shape, one declaration
+V = CASE["vocab"]
+hf_cfg = {k: v for k, v in CASE["hf"].items() if k not in ("architectures", "sliding_window_pattern")}
 cfg = transformers.Gemma3TextConfig(
-    vocab_size=V,
-    hidden_size=640,
-    num_hidden_layers=18,
-    num_attention_heads=4,
-    num_key_value_heads=1,
-    intermediate_size=2048,
-    head_dim=256,
-    sliding_window=512,
-    query_pre_attn_scalar=256,
-    rope_theta=1e6,
-    rope_local_base_freq=1e4,
-    tie_word_embeddings=True,
-    hidden_activation="gelu_pytorch_tanh",
-    rms_norm_eps=1e-6,
-    max_position_embeddings=32768,
-    bos_token_id=2,
-    eos_token_id=1,
-    pad_token_id=0,
+    **hf_cfg, vocab_size=V, hidden_size=CASE["hidden"], num_hidden_layers=CASE["layers"],
+    num_attention_heads=CASE["heads"], num_key_value_heads=CASE["kv"], intermediate_size=CASE["ffn"],
+    max_position_embeddings=32768, bos_token_id=2, eos_token_id=1, pad_token_id=0,
     layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3,  # Gemma 3: 5 local layers to 1 global
-)
+)  # fmt: skip
 torch.manual_seed(0)
 model = transformers.Gemma3ForCausalLM(cfg)
 model.save_pretrained(out / "model")
