@@ -11,11 +11,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dpo_jax import hf, lora, reference, scoring, sharding, signals, throughput
-from dpo_jax.config import ConfigError, check_moe_fields, needs_reference
+from dpo_jax.config import ConfigError, check_moe_fields, config_value, loss_types, needs_reference
+from dpo_jax.configs.default import get_config as default_config
 from dpo_jax.errors import Notes
+from dpo_jax.hparams import DECLARED, HParams
+from dpo_jax.losses import F_DIVERGENCES
 from dpo_jax.models import ModelConfig, config_from_hf, init_decoder
 from dpo_jax.workdir import clean_stale_tmp
 
@@ -28,6 +32,37 @@ def make_mesh(cfg, devices, num_members: int = 1):
     if num_members % size:
         raise ConfigError(f"config.mesh.member: expected a divisor of the {num_members} members, got {size}")
     return sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices, member=size, expert=expert)
+
+
+def hparams(cfg, types: tuple[str, ...] | None = None, peak_lr: float | None = None) -> HParams:
+    """The traced hyper-parameters of member ``cfg``; ``types``: the step's loss types (a population's union;
+    default: the member's own), ``peak_lr``: the shared schedule's peak (default: the member's learning rate).
+    Each declared in ``dpo_jax.hparams``: one set by one field is that field's value; the derived ones here."""
+    own = loss_types(cfg)
+    types = own if types is None else tuple(types)
+    w = tuple(cfg.dpo.loss_weights) or (1.0,) * len(own)
+    peak_lr = cfg.optim.learning_rate if peak_lr is None else peak_lr
+    derived = dict(
+        lr_scale=cfg.optim.learning_rate / peak_lr,
+        loss_weights=[sum(wi for ti, wi in zip(own, w, strict=True) if ti == t) for t in types],
+        f_divergence=F_DIVERGENCES.index(cfg.dpo.f_divergence_type),
+        uses_reference=needs_reference(cfg),
+    )
+    values = {n: derived[n] if h.derived else config_value(cfg, h.fields[0]) for n, h in DECLARED.items()}
+    return HParams(**{n: np.asarray(v, DECLARED[n].dtype) for n, v in values.items()})
+
+
+def default_hparams(**dpo) -> HParams:
+    """Tests and benchmarks: the default config's hyper-parameters with ``dpo`` fields (and ``loss_type``) set."""
+    cfg = default_config()
+    for k, v in dpo.items():
+        cfg.dpo[k] = v
+    return hparams(cfg)
+
+
+def optim_section(**values) -> dict:
+    """The default config's ``optim`` section with ``values`` replaced (tests and benchmarks)."""
+    return {**dict(default_config().optim), **values}
 
 
 def head_options(cfg) -> dict:

@@ -16,16 +16,15 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from dpo_jax import rewards
+from dpo_jax import hparams, rewards
 from dpo_jax.configs.default import get_config as default_config
 from dpo_jax.data.formats import local_paths
-from dpo_jax.domains import DOMAINS
 from dpo_jax.errors import ConfigError
 from dpo_jax.hub import resolve_config
 from dpo_jax.lora import targets as lora_targets
 from dpo_jax.losses import BATCH_LOSSES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES, POLICY_ONLY
 from dpo_jax.models.config import ARCHITECTURES, ATTENTION, MIXTURES, MOE_IMPLS, REMAT_POLICIES
-from dpo_jax.workdir import CHANGEABLE_ON_RESUME, allowed_changes
+from dpo_jax.workdir import allowed_changes
 
 # What the SFT reference depends on; runs (and sweep members) equal on these share one SFT stage. (The built-in
 # task draws its SFT demonstrations first, so label noise, tau, the reward and the pair counts do not change them.)
@@ -73,6 +72,24 @@ def dpo_seed(cfg) -> int:
     """The DPO stage's seed (data order, train rng): ``dpo.seed``, or the run's ``seed`` when it is -1."""
     seed = cfg.dpo.get("seed", -1)
     return cfg.seed if seed == -1 else seed
+
+
+# Fields whose change on resume is meaningful (continue with a new beta, a longer schedule, ...): allowed only when
+# named in ``resume.allow_changes``; the resumed run then trains with the new values. The hyper-parameters' are
+# declared with them (``dpo_jax.hparams``).
+CHANGEABLE_ON_RESUME = hparams.resume_fields() + (
+    "dpo.use_soft_targets", "optim.steps", "optim.warmup_steps", "optim.schedule", "optim.end_lr_fraction",
+    "optim.clip_norm", "optim.weight_decay", "optim.b1", "optim.b2", "optim.grad_accum", "reference.mode",
+    "data.train_path", "data.eval_path",
+)  # fmt: skip
+
+
+def config_value(cfg, field: str):
+    """The value of dotted ``field`` ("dpo.beta") in ``cfg``."""
+    node = cfg
+    for key in field.split("."):
+        node = node[key]
+    return node
 
 
 def loss_types(cfg) -> tuple[str, ...]:
@@ -298,11 +315,9 @@ def _check_objective(cfg) -> None:
         _check(t in LOSS_TYPES, "dpo.loss_type", f"types from {LOSS_TYPES} joined by '+'", cfg.dpo.loss_type)
     weights = tuple(cfg.dpo.loss_weights)
     _check(not weights or len(weights) == len(types), "dpo.loss_weights", f"() or {len(types)} weights", weights)
-    for domain in DOMAINS.values():  # the hyper-parameters a population may perturb: one domain for both
-        if domain.field:
-            section, key = domain.field.split(".")
-            value = cfg[section].get(key, 1.0)
-            _check(value in domain, domain.field, domain.describe(), value)
+    for field, domain in hparams.direct_domains().items():  # one declaration each (PBT's bounds check reads it too)
+        value = config_value(cfg, field)
+        _check(value in domain, field, domain.describe(), value)
     lo = cfg.lora
     _check(isinstance(lo.rank, int) and lo.rank >= 0, "lora.rank", "an integer >= 0 (0: no adapters)", lo.rank)
     if lo.rank:
@@ -328,10 +343,6 @@ def _check_objective(cfg) -> None:
     if r.sync:
         _check(r.mode == "frozen", "reference.sync", "False with reference.mode='cached' (a cached reference cannot "
                "move): set --config.reference.mode=frozen", r.sync)  # fmt: skip
-        _check(0 < r.ref_model_mixup_alpha <= 1, "reference.ref_model_mixup_alpha", "a number in (0, 1]",
-               r.ref_model_mixup_alpha)  # fmt: skip
-        _check(isinstance(r.ref_model_sync_steps, int) and r.ref_model_sync_steps >= 1,
-               "reference.ref_model_sync_steps", "an integer >= 1", r.ref_model_sync_steps)  # fmt: skip
     d = cfg.dpo
     f = d.f_divergence_type
     _check(f in F_DIVERGENCES, "dpo.f_divergence_type", " | ".join(F_DIVERGENCES), f)
@@ -339,19 +350,12 @@ def _check_objective(cfg) -> None:
         bad = [t for t in types if t not in F_DIVERGENCE_LOSS_TYPES]
         _check(not bad, "dpo.loss_type", f"types from {sorted(F_DIVERGENCE_LOSS_TYPES)} with "
                f"dpo.f_divergence_type={d.f_divergence_type!r} (as in TRL)", d.loss_type)  # fmt: skip
-    a = d.f_alpha_divergence_coef
-    _check(math.isfinite(a), "dpo.f_alpha_divergence_coef", "a finite number", a)
-    _check(math.isfinite(d.discopop_tau) and d.discopop_tau > 0, "dpo.discopop_tau", "a number > 0", d.discopop_tau)
-    _check(math.isfinite(d.simpo_gamma), "dpo.simpo_gamma", "a finite number", d.simpo_gamma)
-    _check(0 <= d.ld_alpha <= 1, "dpo.ld_alpha", "a number in [0, 1] (1: plain DPO)", d.ld_alpha)
     _check(isinstance(d.use_weighting, bool), "dpo.use_weighting", "True or False", d.use_weighting)
     _check(d.bco_delta in ("zero", "batch", "running"), "dpo.bco_delta", "zero | batch | running", d.bco_delta)
     _check("kto" not in types or types == ("kto",), "dpo.loss_type", "'kto' alone (unpaired data)", d.loss_type)
     if "kto" in types:
         _check(not d.use_soft_targets, "dpo.use_soft_targets", "False with kto (the labels are its targets)",
                d.use_soft_targets)  # fmt: skip
-        for key in ("desirable_weight", "undesirable_weight"):
-            _check(math.isfinite(d[key]) and d[key] >= 0, f"dpo.{key}", "a number >= 0", d[key])
     sorted_types = [t for t in types if t in BATCH_LOSSES]
     _check(not (sorted_types and d.use_soft_targets), "dpo.use_soft_targets",
            f"False with loss type {sorted_types[0] if sorted_types else ''} (it sorts the batch: no per-pair "

@@ -23,8 +23,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
+from dpo_jax import lora
 from dpo_jax.errors import MissingFileError, ModelError, one_line
-from dpo_jax.models.config import ARCHITECTURES, ModelConfig
+from dpo_jax.models.config import ARCHITECTURES, LORA_TARGETS, ModelConfig
 from dpo_jax.models.families import config_from_hf, config_to_hf
 from dpo_jax.models.llama import Decoder
 from dpo_jax.workdir import save_tensors
@@ -363,3 +364,77 @@ class HFTokenizer:
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+# --- LoRA adapters in PEFT's format ---------------------------------------------------------------------------
+
+
+def fused_parts(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
+    """Phi-3's fused projections: our projection -> (its fused module, first row, last row + 1)."""
+    if cfg.architecture != "Phi3ForCausalLM":
+        return {}
+    h, k, e, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    return {"q_proj": ("qkv_proj", 0, h * e), "k_proj": ("qkv_proj", h * e, (h + k) * e),
+            "v_proj": ("qkv_proj", (h + k) * e, (h + 2 * k) * e), "gate_proj": ("gate_up_proj", 0, f),
+            "up_proj": ("gate_up_proj", f, 2 * f)}  # fmt: skip
+
+
+def peft_modules(cfg: ModelConfig) -> dict[str, list[str]]:
+    """PEFT's target module -> our adapted projections in it (more than one: a fused module's parts, in row order)."""
+    fused = fused_parts(cfg)
+    out: dict[str, list[str]] = {}
+    for name in (n for n in LORA_TARGETS if n in cfg.lora_targets):
+        out.setdefault(fused[name][0] if name in fused else name, []).append(name)
+    return out
+
+
+def peft_tensors(adapters: nnx.State, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """PEFT's tensor names and torch layout for the adapters of a (non-stacked-member) model. A fused module's
+    parts become one adapter of rank r x parts: A stacked, B block-diagonal (``save_peft`` scales alpha alike)."""
+    pure = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), nnx.to_pure_dict(adapters))
+    found = {path[-1]: (path, lin["lora"]) for path, lin in lora.adapted(pure)}
+    fused, r = fused_parts(cfg), cfg.lora_rank
+    tensors = {}
+    for module, parts in peft_modules(cfg).items():
+        group = found[parts[0]][0][1]  # self_attn | mlp
+        for i in range(cfg.num_layers):
+            prefix = f"base_model.model.model.layers.{i}.{group}.{module}"
+            a = np.concatenate([found[p][1]["lora_a"][i].T for p in parts])  # [r * parts, in]
+            if parts[0] not in fused:
+                b = found[parts[0]][1]["lora_b"][i].T
+            else:
+                rows = max(fused[p][2] for p in fused if fused[p][0] == module)
+                b = np.zeros((rows, r * len(parts)), np.float32)
+                for j, p in enumerate(parts):
+                    b[fused[p][1] : fused[p][2], j * r : (j + 1) * r] = found[p][1]["lora_b"][i].T
+            tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a)
+            tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b)
+    return tensors
+
+
+def save_peft(adapters: nnx.State, cfg: ModelConfig, path, *, base_model: str = "") -> Path:
+    """``adapter_config.json`` + ``adapter_model.safetensors``: what ``peft.PeftModel.from_pretrained`` loads onto
+    the base."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    modules = peft_modules(cfg)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model or None,
+        "r": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": sorted(modules),
+        "rank_pattern": {m: cfg.lora_rank * len(p) for m, p in modules.items() if len(p) > 1},
+        "alpha_pattern": {m: cfg.lora_alpha * len(p) for m, p in modules.items() if len(p) > 1},
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_tensors(peft_tensors(adapters, cfg), path / "adapter_model.safetensors")
+    return path

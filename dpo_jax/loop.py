@@ -50,13 +50,16 @@ class Member:
 class Hook:
     """``fn(loop, step)`` after every ``every``-th step of a stage and after its last; ``at_start``: also before the
     first step of a stage that starts at step 0 (or resumes with a pending one); ``paused``: its time is not
-    training time (the throughput figures leave it out)."""
+    training time (the throughput figures leave it out). Hooks from outside the package go to
+    ``dpo_jax.train.train(..., hooks=[...])`` (docs/hooks.md)."""
 
     fn: Callable[[Loop, int], None]
     every: int = 1
     at_start: bool = False
     paused: bool = False
     resume: Callable[[int], None] | None = None  # told the step a run resumes from (to forget what came after)
+    name: str = ""  # how the run names it ("pbt": the population's exploit-and-explore)
+    summary: Callable[[Member], dict] | None = None  # entries it adds to each member's summary.json at the end
 
     def due(self, step: int, last: int) -> bool:
         return step % self.every == 0 or step == last

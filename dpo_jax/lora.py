@@ -11,19 +11,14 @@ Projections are ``[in, out]`` kernels here, ``[out, in]`` in torch: PEFT's ``lor
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 import qwix
 from flax import nnx
 
 from dpo_jax.models.config import LORA_TARGETS, ModelConfig
 from dpo_jax.models.llama import Decoder
-from dpo_jax.sharding import path_str
-from dpo_jax.workdir import save_tensors
+from dpo_jax.models.paths import path_str
 
 ALL = "all-linear"  # PEFT's name for every linear projection of the blocks (not the LM head)
 
@@ -61,7 +56,7 @@ def off(adapters):
     )
 
 
-def _adapted(pure: dict) -> list[tuple[tuple, dict]]:
+def adapted(pure: dict) -> list[tuple[tuple, dict]]:
     """(path, the projection's dict) of every adapted projection of a pure-dict state."""
     found = []
 
@@ -82,7 +77,7 @@ def fold(params: nnx.State, cfg: ModelConfig) -> nnx.State:
     dtype) and B set to zero: the same function, the adapters off."""
     pure = nnx.to_pure_dict(params)
     scale = cfg.lora_alpha / cfg.lora_rank
-    for path, lin in _adapted(pure):
+    for path, lin in adapted(pure):
         a, b = lin["lora"]["lora_a"], lin["lora"]["lora_b"]
         w = lin["kernel"]
         delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32)) * scale
@@ -135,77 +130,6 @@ def cast_base(params: nnx.State, dtype: str) -> nnx.State:
         return x if p.endswith("bias") else quantize(x, _channels(p, x.ndim))  # biases stay float32
 
     return compose(adapters, jax.tree_util.tree_map_with_path(cast, base))
-
-
-def fused_parts(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
-    """Phi-3's fused projections: our projection -> (its fused module, first row, last row + 1)."""
-    if cfg.architecture != "Phi3ForCausalLM":
-        return {}
-    h, k, e, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-    return {"q_proj": ("qkv_proj", 0, h * e), "k_proj": ("qkv_proj", h * e, (h + k) * e),
-            "v_proj": ("qkv_proj", (h + k) * e, (h + 2 * k) * e), "gate_proj": ("gate_up_proj", 0, f),
-            "up_proj": ("gate_up_proj", f, 2 * f)}  # fmt: skip
-
-
-def peft_modules(cfg: ModelConfig) -> dict[str, list[str]]:
-    """PEFT's target module -> our adapted projections in it (more than one: a fused module's parts, in row order)."""
-    fused = fused_parts(cfg)
-    out: dict[str, list[str]] = {}
-    for name in (n for n in LORA_TARGETS if n in cfg.lora_targets):
-        out.setdefault(fused[name][0] if name in fused else name, []).append(name)
-    return out
-
-
-def peft_tensors(adapters: nnx.State, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """PEFT's tensor names and torch layout for the adapters of a (non-stacked-member) model. A fused module's
-    parts become one adapter of rank r x parts: A stacked, B block-diagonal (``save_peft`` scales alpha alike)."""
-    pure = jax.tree.map(lambda a: np.asarray(jax.device_get(a), np.float32), nnx.to_pure_dict(adapters))
-    found = {path[-1]: (path, lin["lora"]) for path, lin in _adapted(pure)}
-    fused, r = fused_parts(cfg), cfg.lora_rank
-    tensors = {}
-    for module, parts in peft_modules(cfg).items():
-        group = found[parts[0]][0][1]  # self_attn | mlp
-        for i in range(cfg.num_layers):
-            prefix = f"base_model.model.model.layers.{i}.{group}.{module}"
-            a = np.concatenate([found[p][1]["lora_a"][i].T for p in parts])  # [r * parts, in]
-            if parts[0] not in fused:
-                b = found[parts[0]][1]["lora_b"][i].T
-            else:
-                rows = max(fused[p][2] for p in fused if fused[p][0] == module)
-                b = np.zeros((rows, r * len(parts)), np.float32)
-                for j, p in enumerate(parts):
-                    b[fused[p][1] : fused[p][2], j * r : (j + 1) * r] = found[p][1]["lora_b"][i].T
-            tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a)
-            tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b)
-    return tensors
-
-
-def save_peft(adapters: nnx.State, cfg: ModelConfig, path, *, base_model: str = "") -> Path:
-    """``adapter_config.json`` + ``adapter_model.safetensors``: what ``peft.PeftModel.from_pretrained`` loads onto
-    the base."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    modules = peft_modules(cfg)
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model or None,
-        "r": cfg.lora_rank,
-        "lora_alpha": cfg.lora_alpha,
-        "lora_dropout": cfg.lora_dropout,
-        "target_modules": sorted(modules),
-        "rank_pattern": {m: cfg.lora_rank * len(p) for m, p in modules.items() if len(p) > 1},
-        "alpha_pattern": {m: cfg.lora_alpha * len(p) for m, p in modules.items() if len(p) > 1},
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "inference_mode": True,
-        "modules_to_save": None,
-    }
-    (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_tensors(peft_tensors(adapters, cfg), path / "adapter_model.safetensors")
-    return path
 
 
 def attach(model, *, rank: int, alpha: float, target_names, dropout: float = 0.0, seed: int = 0):

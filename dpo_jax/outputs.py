@@ -140,7 +140,7 @@ def write_outputs(cfg, workdir: Path, graphdef, params, tokenizer, summary: dict
         model = nnx.merge(graphdef, jax.device_get(params))
         if model.config.lora_rank:  # the adapter alone (PEFT's layout), and the merged model below
             with atomic_dir(workdir / "adapter") as tmp:
-                lora.save_peft(lora.split(nnx.state(model))[0], model.config, tmp, base_model=cfg.model.hf_path)
+                hf.save_peft(lora.split(nnx.state(model))[0], model.config, tmp, base_model=cfg.model.hf_path)
             summary["export_adapter"] = str(workdir / "adapter")
             model = lora.detach(model)
         with atomic_dir(workdir / "hf") as tmp:  # the previous export stays whole until the new one is complete

@@ -24,12 +24,10 @@ import jax
 import numpy as np
 
 from dpo_jax import rewards
-from dpo_jax.domains import DOMAINS
 from dpo_jax.errors import ConfigError
+from dpo_jax.hparams import PERTURBABLE, HParams, field_domain
 from dpo_jax.loop import Hook
-from dpo_jax.state import HParams
 
-PERTURBABLE = tuple(DOMAINS)  # the traced hyper-parameters a population may perturb
 # metric name -> (eval key, sign: +1 higher is better)
 METRICS = {"reward": ("eval/reward", 1.0), "loss": ("eval/loss", -1.0), "accuracy": ("eval/rewards/accuracies", 1.0),
            "reward_kl": ("eval/reward", 1.0)}  # fmt: skip
@@ -118,9 +116,9 @@ def settings(cfg) -> dict:
         if len(pair) != 2:
             raise ConfigError(f"config.pbt.{n}_bounds: expected (low, high), got {tuple(p[f'{n}_bounds'])!r}")
     for n, (lo, hi) in bounds.items():  # a perturbed value is clipped into them: they lie in the field's domain
-        domain = DOMAINS[n]
+        domain, field = field_domain(n)
         if not (lo <= hi and lo in domain and hi in domain):
-            of = f" (the domain of {domain.field})" if domain.field else ""
+            of = f" (the domain of {field})" if field else ""
             raise ConfigError(f"config.pbt.{n}_bounds: expected (low, high) with low <= high, both {domain.describe()}"
                               f"{of}, got {(lo, hi)}")  # fmt: skip
     return dict(names=names, factors=factors, bounds=bounds, metric=p.metric, kl_coef=float(p.kl_coef),
@@ -183,4 +181,7 @@ def pbt_hook(cfg, lineage_path: Path, names: list[str]):
             row.update({"pbt/parent": int(index[k]), f"{loop.stage.name}/step": step})
             m.writer.write(loop.stage.log_offset + step, row)
 
-    return Hook(run, s["every"], at_start=True, resume=lineage.rewind)
+    def summary(member) -> dict:  # the hyper-parameters PBT left the member with (its config holds the first ones)
+        return {"pbt/final": hparams_record(member.hparams, s["names"])}
+
+    return Hook(run, s["every"], at_start=True, resume=lineage.rewind, name="pbt", summary=summary)

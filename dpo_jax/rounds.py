@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from dpo_jax import builders, checkpoint, hf, inputs, lora, rewards, runs, sampling, scoring, signals, train
-from dpo_jax.config import ConfigError, validate
+from dpo_jax.config import CHANGEABLE_ON_RESUME, ConfigError, validate
 from dpo_jax.data import load_examples, tokenize_examples
 from dpo_jax.errors import WorkdirError
 from dpo_jax.evaluate import sample_prompts, sampled_metrics
@@ -86,7 +86,7 @@ def initial_policy(cfg, workdir: Path, devices) -> Path:
     for folder, record in runs.stage_records(c, out).items():  # a resumed SFT stage must match the config
         if folder.name == "sft":
             step = checkpoint.latest_step_on_disk(folder / "checkpoints")
-            check_resume_config(folder, record, allow=set(), step=step)
+            check_resume_config(folder, record, allow=set(), step=step, changeable=CHANGEABLE_ON_RESUME)
     job = train.build_job(c, out, devices, Writer())
     params = jax.device_get(job.policy.whole())
     if jax.process_index() == 0:

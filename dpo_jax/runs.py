@@ -12,7 +12,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from dpo_jax import checkpoint
-from dpo_jax.config import SFT_FIELDS
+from dpo_jax.config import CHANGEABLE_ON_RESUME, SFT_FIELDS
 from dpo_jax.logging import JsonlWriter, MultiWriter, WandbWriter, Writer
 from dpo_jax.workdir import DIGEST, WorkdirLock, allowed_changes, check_resume_config, file_digest, flatten
 
@@ -70,7 +70,11 @@ def check_stage_configs(cfg, workdir: Path) -> list:
         step = checkpoint.latest_step_on_disk(folder / "checkpoints")
         if jax.process_index() == 0:
             for k, old, new in check_resume_config(
-                folder, record, allow=allowed_changes(cfg.resume.allow_changes), step=step
+                folder,
+                record,
+                allow=allowed_changes(cfg.resume.allow_changes),
+                step=step,
+                changeable=CHANGEABLE_ON_RESUME,
             ):
                 print(f"[{folder.name}] resuming with {k} = {new!r} (its checkpoints were made with {old!r})")
                 changes.append((k, old, new))

@@ -19,6 +19,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dpo_jax.models.paths import path_str
+
 MESH_AXES = ("member", "data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 
@@ -80,19 +82,6 @@ def member_axis_size(num_members: int, num_devices: int, data: int, fsdp: int, t
             if (group % known == 0) if -1 in (data, fsdp, tensor) else group == known:
                 return m
     return 1
-
-
-def path_str(path) -> str:
-    """A pytree path as "layers/self_attn/q_proj/kernel" (variables' ``value`` keys left out, and the int8 values
-    and scales of a ``qwix.QArray`` named as their weight, whose rule they follow)."""
-    keys = []
-    for k in path:
-        if isinstance(k, jax.tree_util.GetAttrKey) and k.name in ("qvalue", "scale"):
-            continue
-        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
-        if name is not None and name != "value":
-            keys.append(str(name))
-    return "/".join(keys)
 
 
 def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:

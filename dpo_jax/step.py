@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from dpo_jax import lora, scoring
-from dpo_jax.configs.default import get_config as default_config
 from dpo_jax.data.batch import Batch
+from dpo_jax.hparams import HParams
 from dpo_jax.losses import preference_loss, temper_targets, update_running_moments
 from dpo_jax.models import moe
-from dpo_jax.sharding import path_str
-from dpo_jax.state import HParams, TrainState
+from dpo_jax.models.paths import path_str
+from dpo_jax.optim import current_lr
+from dpo_jax.state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,67 +56,6 @@ class StepConfig:
     @property
     def head(self) -> dict:
         return dict(token_chunk=self.token_chunk, vocab_chunk=self.vocab_chunk, max_logits_mb=self.max_logits_mb)
-
-
-# --- Optimizer ------------------------------------------------------------------------------------------------
-
-
-def lr_schedule(peak: float, steps: int, warmup: int, kind: str, end_fraction: float) -> optax.Schedule:
-    decay_steps = max(steps - warmup, 1)
-    if kind == "cosine":
-        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=end_fraction)
-    elif kind == "linear":
-        decay = optax.linear_schedule(peak, peak * end_fraction, decay_steps)
-    else:
-        decay = optax.constant_schedule(peak)
-    if warmup <= 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(peak / warmup, peak, warmup), decay], [warmup])
-
-
-def decay_mask(params):
-    """Weight decay on matrices only: not on norms or biases."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: not re.search(r"(norm|bias)", jax.tree_util.keystr(path)), params
-    )
-
-
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-    """``optax.clip_by_global_norm`` (its rule and its empty state) as one scalar factor on every leaf. optax
-    divides every element by the norm, and XLA:CPU writes that quotient out as a clipped copy of each gradient
-    before AdamW's three passes read it: a pass over the embedding and the head per step."""
-
-    def update(updates, state, params=None):
-        del params
-        g_norm = optax.tree.norm(updates)
-        scale = jnp.where(g_norm < max_norm, 1.0, max_norm / g_norm)
-        return jax.tree.map(lambda t: t * scale.astype(t.dtype), updates), state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def make_optimizer(o, steps: int) -> optax.GradientTransformation:
-    """AdamW with warmup + cosine/linear decay, global-norm clipping and a weight-decay mask, from an optimizer
-    config section (``optim`` or ``sft``: every field explicit). The learning rate is an injected hyper-parameter
-    (it lives in the optimizer state)."""
-    schedule = lr_schedule(o["learning_rate"], steps, o["warmup_steps"], o["schedule"], o["end_lr_fraction"])
-    adamw = optax.inject_hyperparams(optax.adamw)(
-        learning_rate=schedule, b1=o["b1"], b2=o["b2"], weight_decay=o["weight_decay"], mask=decay_mask
-    )
-    clip = o["clip_norm"]
-    return optax.chain(clip_by_global_norm(clip), adamw) if clip > 0 else adamw
-
-
-def optim_section(**values) -> dict:
-    """The default config's ``optim`` section with ``values`` replaced (tests and benchmarks)."""
-    return {**dict(default_config().optim), **values}
-
-
-def current_lr(opt_state) -> jax.Array:
-    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "hyperparams")):
-        if hasattr(s, "hyperparams"):
-            return s.hyperparams["learning_rate"]
-    return jnp.float32(0.0)
 
 
 # --- The step ---------------------------------------------------------------------------------------------------
@@ -167,8 +106,7 @@ def pair_losses(stats: dict, ref_logps, batch, hparams: HParams, sc: StepConfig,
     if "kto" in sc.loss_types:
         return preference_loss(
             logps[:, 0], logps[:, 1], *ref, loss_type="kto", beta=hparams.beta, target_probs=targets,
-            mask=scoring.pair_values(batch.valid_GxP), desirable_weight=hparams.desirable_weight,
-            undesirable_weight=hparams.undesirable_weight,
+            mask=scoring.pair_values(batch.valid_GxP), **hparams.loss_kwargs(),
         )  # fmt: skip
     weights = jnp.exp(stats["wpo"][:, 0] + stats["wpo"][:, 1]) if sc.wpo else None  # WPO, Zhou et al. 2024, eq. 2
     return preference_loss(
@@ -184,10 +122,8 @@ def pair_losses(stats: dict, ref_logps, batch, hparams: HParams, sc: StepConfig,
         bco_delta=bco,
         mask=scoring.pair_values(batch.valid_GxP),
         f_divergence_type=hparams.f_divergence,
-        f_alpha_divergence_coef=hparams.f_alpha_divergence_coef,
-        discopop_tau=hparams.discopop_tau,
-        simpo_gamma=hparams.simpo_gamma,
         pair_weights=weights,
+        **hparams.loss_kwargs(),  # the coefficients declared as the loss's (dpo_jax.hparams)
     )  # fmt: skip
 
 

@@ -34,7 +34,9 @@ import jax
 import ml_collections
 
 from dpo_jax.config import SFT_FIELDS, ConfigError, load_config_module
+from dpo_jax.hparams import traced_fields
 from dpo_jax.loop import StepCache
+from dpo_jax.pbt import pbt_hook
 from dpo_jax.runs import load_summary
 from dpo_jax.train import train, train_population
 
@@ -51,12 +53,7 @@ SUMMARY_COLUMNS = (
 )
 
 
-VECTOR_KEYS = (
-    "dpo.beta", "dpo.label_smoothing", "dpo.soft_target_temperature", "dpo.seed", "optim.learning_rate",
-    "dpo.loss_type", "dpo.loss_weights", "dpo.f_divergence_type", "dpo.f_alpha_divergence_coef",
-    "dpo.discopop_tau", "dpo.simpo_gamma", "dpo.ld_alpha", "dpo.desirable_weight", "dpo.undesirable_weight",
-    "dpo.reference_free", "reference.ref_model_mixup_alpha", "reference.ref_model_sync_steps",
-)  # fmt: skip
+VECTOR_KEYS = traced_fields()  # declared with the hyper-parameters (dpo_jax.hparams)
 
 
 def vector_groups(members: list[dict[str, Any]]) -> list[list[int]]:
@@ -167,7 +164,10 @@ def run_sweep(
                 flush=True,
             )
             cfgs = [member_config(base, members[i], workdir) for i in group]
-            train_population(cfgs, [workdir / names[i] for i in group], devices=devices, cache=cache)
+            hooks = (
+                [pbt_hook(cfgs[0], workdir / "lineage.jsonl", [names[i] for i in group])] if base.pbt.enabled else []
+            )
+            train_population(cfgs, [workdir / names[i] for i in group], devices=devices, cache=cache, hooks=hooks)
     elif todo:
         for i in todo:
             print(f"[sweep] {i + 1}/{len(members)} {names[i]}", flush=True)

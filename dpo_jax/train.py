@@ -13,13 +13,14 @@ import dataclasses
 import functools
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
-from dpo_jax import builders, inputs, lora, pbt, rewards, sharding, signals, step, throughput
+from dpo_jax import builders, inputs, lora, rewards, sharding, signals, step, throughput
 from dpo_jax.builders import Policy
 from dpo_jax.config import dpo_seed, loss_types, needs_reference, validate
 from dpo_jax.data import PreferenceLoader
@@ -40,7 +41,7 @@ from dpo_jax.runs import (
     workdir_lock,
 )
 from dpo_jax.signals import Preempted, stop_signals
-from dpo_jax.state import HParams, init_state, stack
+from dpo_jax.state import init_state, stack
 from dpo_jax.step import StepConfig
 from dpo_jax.workdir import clean_stale_tmp, ensure_writable
 
@@ -51,7 +52,7 @@ def make_stage(name: str, sc: StepConfig, optim: dict, steps: int, members: list
                init_params, *, frozen=None, hooks=(), log_offset: int = 0, note: str = "") -> Stage:  # fmt: skip
     """A stage of ``steps`` optimizer steps (``optim``: the optimizer section; members scale its learning rate)
     of the pure step ``sc`` describes, from ``init_params``."""
-    tx = step.make_optimizer(optim, steps)
+    tx = optim.make_optimizer(optim, steps)
     running = sc.bco_delta == "running" and "bco_pair" in sc.loss_types
     sync = sc.sync_reference  # TR-DPO: a member's reference starts as the initial policy
 
@@ -202,15 +203,16 @@ class Job:
             reward_fn=reward_fn, base=self.policy.base,
         )  # fmt: skip
 
-    def dpo_stage(self, cfgs, workdirs, writers, evaluator: Evaluator) -> Stage:
-        """The DPO stage of members ``cfgs``, each an ordinary run in its workdir, with its hooks."""
+    def dpo_stage(self, cfgs, workdirs, writers, evaluator: Evaluator, extra_hooks=()) -> Stage:
+        """The DPO stage of members ``cfgs``, each an ordinary run in its workdir, with its hooks and the
+        caller's ``extra_hooks``."""
         cfg, sc = cfgs[0], self.step_config(cfgs)
         counts = throughput.model_counts(self.policy.config, self.policy.matmul_params)
         layout = inputs.make_layout(cfg, self.mesh, accum=cfg.optim.grad_accum, counts=counts)
         kw = {**self.loader_kw, "layout": layout, "reference": self.ref_train}
         members = [
             Member(
-                HParams.from_config(c, sc.loss_types, cfg.optim.learning_rate),
+                builders.hparams(c, sc.loss_types, cfg.optim.learning_rate),
                 dpo_seed(c),
                 PreferenceLoader(self.data.train_pairs, cfg.optim.batch_size, seed=dpo_seed(c), **kw),
                 stage_checkpointer(c, wd, "dpo", population=len(cfgs) > 1),
@@ -222,11 +224,8 @@ class Job:
         if self.policy.base is not None:
             frozen = self.policy.base  # LoRA: every step composes the policy (and the reference) from it
         peak, _ = throughput.peak_flops(cfg.peak_flops)
-        hooks = [log_hook(cfg, "dpo", peak), eval_hook(evaluator, cfg.eval.every, sc)]
-        if cfg.pbt.enabled:  # after the eval it ranks by, before the checkpoint that keeps its result
-            hooks.append(
-                pbt.pbt_hook(cfg, Path(workdirs[0]).parent / "lineage.jsonl", [Path(w).name for w in workdirs])
-            )
+        # the caller's hooks (PBT's) after the eval they may read, before the checkpoint that keeps their result
+        hooks = [log_hook(cfg, "dpo", peak), eval_hook(evaluator, cfg.eval.every, sc), *extra_hooks]
         hooks += [checkpoint_hook(cfg.checkpoint.every), preemption_hook()]
         note = batches_note("dpo", members[0].loader, cfg, self.mesh, len(cfgs))
         stage = make_stage("dpo", sc, dict(cfg.optim), cfg.optim.steps, members, self.policy, self.policy.params,
@@ -246,7 +245,7 @@ def run_sft(cfg, workdir: Path, path: Path, tokenizer, policy: Policy, mesh, loa
     layout = inputs.make_layout(cfg, mesh, sides=1, counts=counts)
     loader = PreferenceLoader(inputs.load_sft_pairs(cfg, path, tokenizer), cfg.sft.batch_size, seed=cfg.seed,
                               **{**loader_kw, "layout": layout})  # fmt: skip
-    hparams = HParams.from_config(cfg, ("sigmoid",))  # unused by SFT; one shape for every member's stage
+    hparams = builders.hparams(cfg, ("sigmoid",))  # unused by SFT; one shape for every member's stage
     member = Member(hparams, cfg.seed, loader, stage_checkpointer(cfg, workdir, "sft"), writer)
     sc = sft_step_config(cfg, policy.config, lora=policy.base is not None)
     peak, _ = throughput.peak_flops(cfg.peak_flops)
@@ -292,14 +291,16 @@ def build_job(cfg, workdir: Path, devices, writer, notes: Notes | None = None, c
 # --- Runs -----------------------------------------------------------------------------------------------------------
 
 
-def train(cfg, workdir: str | os.PathLike, *, devices=None, cache: StepCache | None = None) -> dict:
+def train(cfg, workdir: str | os.PathLike, *, devices=None, cache: StepCache | None = None,
+          hooks: Sequence[Hook] = ()) -> dict:  # fmt: skip
     """Run the configured job end to end; returns the summary (also written to ``<workdir>/summary.json``).
-    ``cache``: compiled steps to reuse (a sweep's members share one). A finished workdir (``summary.json``) is not
-    run again: its summary is returned."""
+    ``cache``: compiled steps to reuse (a sweep's members share one); ``hooks``: ``dpo_jax.loop.Hook``s of the
+    DPO stage, run after its eval and before its checkpoint (docs/hooks.md). A finished workdir (``summary.json``)
+    is not run again: its summary is returned."""
     devices = list(jax.devices() if devices is None else devices)
     workdir = ensure_writable(workdir)
     if not (workdir / "summary.json").exists():
-        return train_population([cfg], [workdir], devices=devices, cache=cache)[0]
+        return train_population([cfg], [workdir], devices=devices, cache=cache, hooks=hooks)[0]
     validate(cfg, num_devices=len(devices), members=builders.make_mesh(cfg, devices).shape["member"])
     with workdir_lock(workdir):
         changes = check_stage_configs(cfg, workdir)
@@ -307,25 +308,24 @@ def train(cfg, workdir: str | os.PathLike, *, devices=None, cache: StepCache | N
         if jax.process_index() == 0:
             print(f"{workdir} is a finished run (summary.json); nothing to do. Use a new --workdir to train again")
         return load_summary(workdir)
-    return train_population([cfg], [workdir], devices=devices, changes=[changes], cache=cache)[0]
+    return train_population([cfg], [workdir], devices=devices, changes=[changes], cache=cache, hooks=hooks)[0]
 
 
-def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None,
-                     cache: StepCache | None = None) -> list[dict]:  # fmt: skip
+def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None, cache: StepCache | None = None,
+                     hooks: Sequence[Hook] = ()) -> list[dict]:  # fmt: skip
     """Train K >= 1 member configs (equal but for what ``HParams`` and ``dpo.seed`` hold) in one program; each
     member is written out as an ordinary run (checkpoints, metrics, W&B run, eval, summary, plots, export).
-    ``changes``: the members' accepted resume changes, when the caller has checked them already."""
+    ``changes``: the members' accepted resume changes, when the caller has checked them already; ``hooks``: as
+    ``train``'s (a PBT population's: ``dpo_jax.pbt.pbt_hook``, which ``dpo_jax.sweep`` hands in)."""
     devices = list(jax.devices() if devices is None else devices)
     workdirs = [ensure_writable(wd) for wd in workdirs]
     cfg = cfgs[0]
     mesh = builders.make_mesh(cfg, devices, len(cfgs))
     for c in cfgs:
         validate(c, num_devices=len(devices), members=mesh.shape["member"])
-    if cfg.pbt.enabled:
-        pbt.settings(cfg)
-        if len(cfgs) < 2:
-            raise ConfigError("config.pbt.enabled: PBT trains a population: dpo-jax sweep --mode vectorized with >= 2 "
-                              "members")  # fmt: skip
+    if cfg.pbt.enabled and (len(cfgs) < 2 or not any(h.name == "pbt" for h in hooks)):
+        raise ConfigError("config.pbt.enabled: PBT trains a population: dpo-jax sweep --mode vectorized with >= 2 "
+                          "members")  # fmt: skip
     with contextlib.ExitStack() as stack_:
         for wd in workdirs:
             stack_.enter_context(workdir_lock(wd))
@@ -339,7 +339,7 @@ def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None,
         try:
             job = build_job(cfg, workdirs[0], devices, writers[0], notes, cfgs=cfgs, cache=cache)
             evaluator = job.evaluator(cfgs)
-            stage = job.dpo_stage(cfgs, workdirs, writers, evaluator)
+            stage = job.dpo_stage(cfgs, workdirs, writers, evaluator, hooks)
             params = job.run(stage)
             signals.check("after training (the final checkpoint is saved)")
             finals = evaluator.final(params, stack([m.hparams for m in stage.members]), cfg.optim.steps)
@@ -354,8 +354,8 @@ def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None,
             summary = {**job.summary, **finals[k], **run_info(job.policy.n_params, devices, t_start), **compiled}
             if len(cfgs) > 1:
                 summary["population/members"] = len(cfgs)
-            if cfg.pbt.enabled:  # the hyper-parameters PBT left the member with (its config holds the first ones)
-                summary["pbt/final"] = pbt.hparams_record(stage.members[k].hparams, pbt.settings(cfg)["names"])
+            for h in hooks:
+                summary.update(h.summary(stage.members[k]) if h.summary else {})
             if stage.members[k].failed_step is not None:  # frozen at its last good state; the others trained on
                 summary["population/failed_step"] = stage.members[k].failed_step
             if notes.items or stage.members[k].warnings:

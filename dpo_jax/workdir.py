@@ -240,14 +240,6 @@ FREE_ON_RESUME = (
     "model.attention_block",
     "reference.cache_dir", "sft.dir", "resume.", "rounds.", "reward", "reward_timeout_s",
 )  # fmt: skip
-# Fields whose change on resume is meaningful (continue with a new beta, a longer schedule, ...): allowed only when
-# named in ``resume.allow_changes``; the resumed run then trains with the new values.
-CHANGEABLE_ON_RESUME = (
-    "dpo.beta", "dpo.label_smoothing", "dpo.soft_target_temperature", "dpo.loss_type", "dpo.loss_weights",
-    "dpo.use_soft_targets", "optim.steps", "optim.learning_rate", "optim.warmup_steps", "optim.schedule",
-    "optim.end_lr_fraction", "optim.clip_norm", "optim.weight_decay", "optim.b1", "optim.b2", "optim.grad_accum",
-    "reference.mode", "data.train_path", "data.eval_path",
-)  # fmt: skip
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -328,10 +320,11 @@ def allowed_changes(spec: str) -> set[str]:
 
 
 def check_resume_config(
-    folder: str | os.PathLike, current: dict[str, Any], *, allow: set[str], step: int | None
+    folder: str | os.PathLike, current: dict[str, Any], *, allow: set[str], step: int | None, changeable
 ) -> list[tuple[str, Any, Any]]:
     """Compare ``current`` (flattened) with the config saved in ``folder`` and save ``current`` there (with allowed
-    changes: once the run writes a checkpoint, ``promote_pending_record``).
+    changes: once the run writes a checkpoint, ``promote_pending_record``). ``changeable``: the fields whose change
+    on resume is meaningful (``dpo_jax.config.CHANGEABLE_ON_RESUME``), allowed when also in ``allow``.
 
     Returns the allowed changes applied; raises ``WorkdirError`` naming the fields that differ otherwise.
     With no checkpoint yet (``step`` None) the current config simply becomes the record.
@@ -346,8 +339,8 @@ def check_resume_config(
         if saved is not None:
             changes = config_changes(saved, current)
             field = lambda k: k.removesuffix(DIGEST)  # noqa: E731 (new contents are allowed as a new path is)
-            fixed = [c for c in changes if field(c[0]) not in CHANGEABLE_ON_RESUME]
-            refused = [c for c in changes if field(c[0]) in CHANGEABLE_ON_RESUME and field(c[0]) not in allow]
+            fixed = [c for c in changes if field(c[0]) not in changeable]
+            refused = [c for c in changes if field(c[0]) in changeable and field(c[0]) not in allow]
             desc = lambda cs: _describe(cs, current)  # noqa: E731
             if fixed:
                 raise WorkdirError(

@@ -22,11 +22,11 @@ import numpy as np
 from flax import nnx
 from throughput import CASES, make_pairs, model_config  # experiments/, the script's folder
 
-from dpo_jax import lora, step
+from dpo_jax import builders, lora, optim, step
 from dpo_jax.data import Layout, PreferenceLoader
 from dpo_jax.models import init_decoder
 from dpo_jax.models.config import LORA_TARGETS
-from dpo_jax.state import HParams, init_state
+from dpo_jax.state import init_state
 
 MB = 1 << 20
 
@@ -44,8 +44,8 @@ def run(mc, pairs, batch, steps, rank, base_dtype, dropout=0.0) -> dict:
     for _, b in loader.iterate(0, steps):
         b = b.replace(ref_logps_GxPx2=np.full((*b.index_GxP.shape, 2), -60.0, np.float32))
         batches.append(jax.device_put(b))
-    tx = step.make_optimizer(step.optim_section(learning_rate=1e-4, warmup_steps=0), 1000)
-    state = jax.jit(lambda p: init_state(p, tx, HParams.create(), 0))(params)
+    tx = optim.make_optimizer(builders.optim_section(learning_rate=1e-4, warmup_steps=0), 1000)
+    state = jax.jit(lambda p: init_state(p, tx, builders.default_hparams(), 0))(params)
     sc = step.StepConfig("dpo", lora=bool(rank))
     train_fn = jax.jit(functools.partial(step.train_step, graphdef=graphdef, tx=tx, sc=sc), donate_argnums=0)
     compiled = train_fn.lower(state, batches[0], base).compile()

@@ -80,12 +80,12 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dpo_jax import lora, sharding, step, throughput  # noqa: E402
+from dpo_jax import builders, lora, optim, sharding, step, throughput  # noqa: E402
 from dpo_jax.data import Layout, PreferenceLoader, TokenizedPair  # noqa: E402
 from dpo_jax.data.packing import batch_stats  # noqa: E402
 from dpo_jax.models import ModelConfig, init_decoder  # noqa: E402
 from dpo_jax.models.config import LORA_TARGETS  # noqa: E402
-from dpo_jax.state import HParams, init_state  # noqa: E402
+from dpo_jax.state import init_state  # noqa: E402
 
 
 def model_config(name: str, *, lora_rank: int = 0, remat: str = "full") -> ModelConfig:
@@ -126,8 +126,8 @@ def step_program(mc, mesh, row: int, pairs_per_device: int = 1):
     layout = Layout(row_length=row, row_multiple=sharding.data_parallel_size(mesh))
     batch = PreferenceLoader(pairs_for(row, n, mc.vocab_size), n, shuffle=False, layout=layout).batch(0)
     batch = batch.replace(ref_logps_GxPx2=np.full((*batch.index_GxP.shape, 2), -float(row), np.float32))
-    tx = step.make_optimizer(step.optim_section(learning_rate=1e-5, warmup_steps=0), 1000)
-    state = jax.eval_shape(lambda p: init_state(p, tx, HParams.create(), 0), params)
+    tx = optim.make_optimizer(builders.optim_section(learning_rate=1e-5, warmup_steps=0), 1000)
+    state = jax.eval_shape(lambda p: init_state(p, tx, builders.default_hparams(), 0), params)
     state_sh = sharding.tree_shardings(state, mesh)
     batch_sh = jax.tree.map(lambda v: sharding.batch_sharding(mesh, v.ndim), batch)
     base_sh = None if base is None else sharding.param_shardings(base, mesh)
@@ -202,8 +202,8 @@ def run(args) -> dict:
     params_abs, base_abs = jax.eval_shape(init)
     shard = lambda tree: None if tree is None else sharding.param_shardings(tree, mesh)  # noqa: E731
     params, base = jax.jit(init, out_shardings=(shard(params_abs), shard(base_abs)))()  # made in place, sharded
-    tx = step.make_optimizer(step.optim_section(learning_rate=1e-5, warmup_steps=0), 1000)
-    make_state = lambda p: init_state(p, tx, HParams.create(), 0)  # noqa: E731
+    tx = optim.make_optimizer(builders.optim_section(learning_rate=1e-5, warmup_steps=0), 1000)
+    make_state = lambda p: init_state(p, tx, builders.default_hparams(), 0)  # noqa: E731
     state_sh = sharding.tree_shardings(jax.eval_shape(make_state, params_abs), mesh)
     state = jax.jit(make_state, out_shardings=state_sh)(params)
     del params

@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpo_jax import builders, inputs, scoring, step, throughput
+from dpo_jax import builders, inputs, optim, scoring, step, throughput
 from dpo_jax.config import load_config_file
 from dpo_jax.data import PreferenceLoader, TokenizeConfig, load_examples, synthetic, to_global, tokenize_examples
 from dpo_jax.data.packing import batch_stats
 from dpo_jax.sharding import make_mesh, param_shardings, tree_shardings
-from dpo_jax.state import HParams, init_state
+from dpo_jax.state import init_state
 
 
 def time_loader(loader, steps):
@@ -37,10 +37,10 @@ def time_loader(loader, steps):
 
 def time_step(cfg, graphdef, params, loader, mesh, *, frozen: bool, steps: int):
     sc = step.StepConfig("dpo", frozen_reference=frozen)
-    tx = step.make_optimizer({**dict(cfg.optim), "warmup_steps": 10}, 1000)
+    tx = optim.make_optimizer({**dict(cfg.optim), "warmup_steps": 10}, 1000)
 
     def init(p):
-        return init_state(p, tx, HParams.from_config(cfg), 0)
+        return init_state(p, tx, builders.hparams(cfg), 0)
 
     state = jax.jit(init, out_shardings=tree_shardings(jax.eval_shape(init, params), mesh))(params)
     reference = jax.device_put(jax.tree.map(jnp.copy, params), param_shardings(params, mesh)) if frozen else None

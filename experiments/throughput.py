@@ -44,11 +44,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dpo_jax import step, throughput, xla_flags
+from dpo_jax import builders, optim, step, throughput, xla_flags
 from dpo_jax.data import Layout, PreferenceLoader, TokenizedPair
 from dpo_jax.data.packing import batch_stats
 from dpo_jax.models import ModelConfig, config_from_hf, init_decoder
-from dpo_jax.state import HParams, init_state
+from dpo_jax.state import init_state
 
 OLD_BUCKETS = (256, 512, 1024)  # configs/hf_local.py's buckets before packing
 CASES = {
@@ -141,10 +141,10 @@ def time_layout(graphdef, params, pairs, batch, steps, layout, max_logits_mb, co
     stats = [batch_stats(b) for b in batches]
     flops = sum(throughput.step_flops(counts, s) for s in stats)
     sc = step.StepConfig("dpo", max_logits_mb=max_logits_mb)
-    tx = step.make_optimizer(step.optim_section(learning_rate=1e-5, warmup_steps=0), 1000)
+    tx = optim.make_optimizer(builders.optim_section(learning_rate=1e-5, warmup_steps=0), 1000)
 
     def init(p):
-        return init_state(p, tx, HParams.create(), 0)
+        return init_state(p, tx, builders.default_hparams(), 0)
 
     state = jax.jit(init, donate_argnums=0 if last else ())(params)
     train_fn = jax.jit(functools.partial(step.train_step, graphdef=graphdef, tx=tx, sc=sc), donate_argnums=0)

@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 from conftest import make_hf_model
 
-from dpo_jax import builders, evaluate, inputs, pbt, step, train
+from dpo_jax import builders, evaluate, inputs, optim, pbt, train
 from dpo_jax.config import ConfigError, dpo_seed, load_config_file, loss_types, validate
 from dpo_jax.data import synthetic
 from dpo_jax.errors import Notes
-from dpo_jax.state import HParams
 from dpo_jax.workdir import flatten
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +143,7 @@ def components(cfg, root, tok):
     yield "model config", repr(model_cfg), repr(builders.model_options(cfg))
     yield "dpo step", repr(train.dpo_step_config([cfg], model_cfg, lora=lora))
     yield "sft step", repr(train.sft_step_config(cfg, model_cfg, lora=lora))
-    yield "hparams", repr(HParams.from_config(cfg, loss_types(cfg)))
+    yield "hparams", repr(builders.hparams(cfg, loss_types(cfg)))
     mesh = builders.make_mesh(cfg, devices, 2)
     yield "mesh", repr(dict(mesh.shape))
     yield (
@@ -173,14 +172,14 @@ def components(cfg, root, tok):
 
 
 def optimizer_updates(section: dict, steps: int):
-    """The updates ``step.make_optimizer`` makes from fixed gradients at steps spread over the schedule (memoized on
+    """The updates ``optim.make_optimizer`` makes from fixed gradients at steps spread over the schedule (memoized on
     everything it is given: the section and the step count)."""
     return _optimizer_updates(json.dumps(section, sort_keys=True), steps)
 
 
 @functools.cache
 def _optimizer_updates(section_json: str, steps: int):
-    tx = step.make_optimizer(json.loads(section_json), steps)
+    tx = optim.make_optimizer(json.loads(section_json), steps)
     params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(3, 2), "norm": jnp.ones(2)}
     grads = {"w": jnp.linspace(2.0, -3.0, 6).reshape(3, 2), "norm": jnp.full(2, 0.5)}
     state, out = tx.init(params), []

@@ -12,10 +12,9 @@ import torch
 from flax import nnx
 from test_data import bpe_chat_tokenizer
 
-from dpo_jax import hf, scoring, step
+from dpo_jax import builders, hf, scoring, step
 from dpo_jax.data import Layout, PreferenceLoader, TokenizeConfig, kto, load_examples, tokenize_examples
 from dpo_jax.models import ModelConfig, init_decoder
-from dpo_jax.state import HParams
 
 TEXTS = [
     ("How are you?", " I am fine, thank you.", True),
@@ -99,7 +98,7 @@ def test_unpaired_kto_file_equals_trl(folders, tmp_path, kind):
     loader = PreferenceLoader(kto_pairs, len(kto_pairs), shuffle=False, drop_last=False, layout=Layout())
     batch = jax.tree.map(jnp.asarray, loader.batch(0))
     sc = step.StepConfig("dpo", ("kto",))
-    hp = HParams.create(beta=BETA, desirable_weight=DESIRABLE, undesirable_weight=UNDESIRABLE)
+    hp = builders.default_hparams(beta=BETA, desirable_weight=DESIRABLE, undesirable_weight=UNDESIRABLE)
     stats = scoring.pair_stats(graphdef, params, batch)
     ref = step.reference_logps(graphdef, batch, ref_params, hp, sc, cached=False)
     losses, _ = step.pair_losses(stats, ref, batch, hp, sc)

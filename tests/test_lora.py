@@ -17,14 +17,15 @@ from flax import nnx
 from test_hf import our_logits, torch_logits
 from test_train import step_setup, tiny_config  # noqa: F401 (a fixture)
 
-from dpo_jax import builders, hf, lora, sharding, step, train
+from dpo_jax import builders, hf, lora, optim, sharding, step, train
 from dpo_jax.config import ConfigError, validate
 from dpo_jax.data import synthetic
 from dpo_jax.models import ModelConfig, init_decoder
 from dpo_jax.models.config import LORA_TARGETS
 from dpo_jax.models.llama import Linear
+from dpo_jax.models.paths import path_str
 from dpo_jax.outputs import read_history
-from dpo_jax.state import HParams, init_state
+from dpo_jax.state import init_state
 
 
 def adapted(path, targets=LORA_TARGETS, rank=4, alpha=8.0, seed=1):
@@ -71,7 +72,7 @@ def test_peft_loads_the_adapter_onto_the_base(hf_checkpoint, tmp_path):
     )
     model = adapted(path, targets, rank=3, alpha=5.0)
     adapters, _ = lora.split(nnx.state(model))
-    lora.save_peft(adapters, model.config.replace(lora_dropout=0.05), tmp_path / "adapter", base_model=str(path))
+    hf.save_peft(adapters, model.config.replace(lora_dropout=0.05), tmp_path / "adapter", base_model=str(path))
     base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     assert theirs.peft_config["default"].r == 3 and theirs.peft_config["default"].lora_dropout == 0.05
@@ -85,7 +86,7 @@ def test_adapter_shardings_follow_their_projection():
     model = lora.attach(init_decoder(cfg), rank=4, alpha=8.0, target_names=LORA_TARGETS)
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     tree = sharding.param_shardings(nnx.state(model), mesh)
-    spec = {sharding.path_str(p): tuple(s.spec) for p, s in jax.tree_util.tree_leaves_with_path(tree)}
+    spec = {path_str(p): tuple(s.spec) for p, s in jax.tree_util.tree_leaves_with_path(tree)}
     assert spec["layers/self_attn/q_proj/lora/lora_a"] == (None, "fsdp", None)  # [L, D, r]
     assert spec["layers/self_attn/q_proj/lora/lora_b"] == (None, None, "tensor")  # [L, r, H E]
     assert spec["layers/mlp/down_proj/lora/lora_a"] == (None, "tensor", None)  # [L, F, r]
@@ -124,7 +125,7 @@ def test_int8_base_stores_qwix_int8_and_computes_with_its_dequantized_weights(hf
     float_base = dict(jax.tree_util.tree_leaves_with_path(lora.split(params)[1]))
     pure = nnx.to_pure_dict(params)
     for kp, x in by_path.items():
-        name = sharding.path_str(kp)
+        name = path_str(kp)
         w = np.asarray(float_base[kp])
         if "norm" in name or name.endswith("bias") or w.ndim < 2:
             assert not isinstance(x, qwix.QArray) and x.dtype == jnp.float32, name
@@ -274,11 +275,11 @@ def test_lora_dropout_acts_in_training_steps_only(step_setup):  # noqa: F811 (te
         adapters = jax.tree.map(lambda a, k: a + 0.3 * jax.random.normal(k, a.shape), adapters, noise)
         models[p] = nnx.merge(g, lora.compose(adapters, base))
         off = nnx.merge(g, lora.compose(lora.off(adapters), base))
-        tx = step.make_optimizer(step.optim_section(learning_rate=1e-3, warmup_steps=0), 10)
+        tx = optim.make_optimizer(builders.optim_section(learning_rate=1e-3, warmup_steps=0), 10)
         sc = step.StepConfig("dpo", frozen_reference=True, lora=True)
         fn = jax.jit(functools.partial(step.train_step, graphdef=g, tx=tx, sc=sc))
         for seed, at in ((0, 0), (0, 0), (0, 1), (1, 0)) if p else ():
-            state = init_state(adapters, tx, HParams.create(), seed).replace(step=jnp.int32(at))
+            state = init_state(adapters, tx, builders.default_hparams(), seed).replace(step=jnp.int32(at))
             losses.setdefault((p, seed, at), []).append(float(fn(state, batch, base)[1]["loss"]))
 
     def run(m, k=None):

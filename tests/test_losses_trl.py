@@ -346,11 +346,10 @@ def model_case():
 def test_ld_dpo_and_wpo_equal_trl_on_the_model_log_probs(model_case, ld_alpha, wpo):
     """Our packed, shared-prompt batch through the scored-token head (step.pair_losses) vs TRL's _compute_loss
     given each sequence's per-token log-probs (and log sum p^2) from the full logits."""
-    from dpo_jax.state import HParams
 
     graphdef, params, ref_params, batch, valid, case = model_case
     sc = step.StepConfig("dpo", ("sigmoid",), ld=ld_alpha != 1.0, wpo=wpo)
-    hp = HParams.create(beta=0.5, ld_alpha=ld_alpha)
+    hp = builders.default_hparams(beta=0.5, ld_alpha=ld_alpha)
     stats = scoring.pair_stats(graphdef, params, batch, tails=sc.ld, wpo=wpo)
     ref = step.reference_logps(graphdef, batch, ref_params, hp, sc, cached=False)
     losses, _ = step.pair_losses(stats, ref, batch, hp, sc)

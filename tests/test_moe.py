@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import make_hf_model, padded_batch
 
-from dpo_jax import hf
+from dpo_jax import builders, hf, optim
 from dpo_jax.models import moe
 
 
@@ -94,9 +94,9 @@ def test_a_frozen_router_keeps_the_references_routing_and_the_aux_loss_trains_it
     from flax import nnx
     from test_train import tiny_config
 
-    from dpo_jax import builders, step
+    from dpo_jax import step
     from dpo_jax.data import Layout, PreferenceLoader, TokenizeConfig, load_examples, synthetic, tokenize_examples
-    from dpo_jax.state import HParams, init_state
+    from dpo_jax.state import init_state
 
     paths = synthetic.write_task(tmp_path, synthetic.TaskConfig(n_sft=4, n_train=16, n_eval=4))
     tok = synthetic.build_tokenizer()
@@ -109,8 +109,8 @@ def test_a_frozen_router_keeps_the_references_routing_and_the_aux_loss_trains_it
     graphdef, params = nnx.split(builders.build_model(cfg, tok))
     batch = jax.tree.map(jnp.asarray, PreferenceLoader(pairs[:8], 8, layout=Layout()).batch(0))
     ref_logps = jnp.zeros(batch.index_GxP.shape + (2,))
-    tx = step.make_optimizer(step.optim_section(learning_rate=1e-2, warmup_steps=0), 10)
-    state = init_state(params, tx, HParams.create(), 0)
+    tx = optim.make_optimizer(builders.optim_section(learning_rate=1e-2, warmup_steps=0), 10)
+    state = init_state(params, tx, builders.default_hparams(), 0)
     router = lambda p: np.asarray(p["layers"]["mlp"]["router"][...])  # noqa: E731
     experts = lambda p: np.asarray(p["layers"]["mlp"]["gate_proj"][...])  # noqa: E731
 
@@ -192,7 +192,7 @@ def test_moe_switches_reach_the_run(tmp_path):
     trained routers, bit-identical to the default)."""
     from safetensors.numpy import load_file
 
-    from dpo_jax import builders, hf
+    from dpo_jax import hf
     from dpo_jax.data import synthetic
 
     _, none, w_none = _moe_run(tmp_path, "aux0", "moe.aux_loss_coef=0.0")
@@ -217,7 +217,7 @@ def test_moe_fields_on_a_dense_checkpoint_are_refused(tmp_path):
     """A dense checkpoint reads no ``moe.*`` field: setting one is a one-line error before anything compiles."""
     from test_train import tiny_config
 
-    from dpo_jax import builders, sharding
+    from dpo_jax import sharding
     from dpo_jax.config import ConfigError
     from dpo_jax.errors import Notes
 

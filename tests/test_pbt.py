@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpo_jax import pbt
-from dpo_jax.state import HParams, gather_members
+from dpo_jax import builders, pbt
+from dpo_jax.state import gather_members
 
 SCORES = np.asarray([0.1, 0.9, 0.5, -np.inf, 0.7, 0.2, 0.8, 0.3])  # member 3 failed
 KW = dict(fraction=0.25, names=("beta", "lr_scale"), factors=(0.8, 1.25))
@@ -34,7 +34,7 @@ def test_decisions_are_a_pure_function_of_seed_step_and_metrics():
 
 def test_perturbation_multiplies_and_clips_to_the_bounds():
     bounds = {"beta": (0.01, 2.0), "lr_scale": (0.5, 4.0)}
-    hp = HParams.create(beta=1.9)
+    hp = builders.default_hparams(beta=1.9)
     new = pbt.perturb(hp, {"beta": 1.25, "lr_scale": 0.8}, bounds)
     assert float(new.beta) == 2.0 and float(new.lr_scale) == pytest.approx(0.8)
     low = pbt.perturb(new.replace(lr_scale=np.float32(0.55)), {"lr_scale": 0.8}, bounds)

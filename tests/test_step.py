@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpo_jax import step
+from dpo_jax import builders, optim, step
 from dpo_jax.data import Layout, PreferenceLoader, TokenizedPair
 from dpo_jax.models import ModelConfig, init_decoder
-from dpo_jax.state import HParams, init_state
+from dpo_jax.state import init_state
 
 
 def test_a_single_runs_step_updates_in_place_and_a_members_keeps_its_last_good_state():
@@ -26,14 +26,14 @@ def test_a_single_runs_step_updates_in_place_and_a_members_keeps_its_last_good_s
              for _ in range(4)]  # fmt: skip
     batch = jax.tree.map(jnp.asarray, PreferenceLoader(pairs, 4, layout=Layout()).batch(0))
     batch = batch.replace(ref_logps_GxPx2=jnp.zeros(batch.index_GxP.shape + (2,)))
-    tx = step.make_optimizer(step.optim_section(learning_rate=1e30, warmup_steps=0), 10)
+    tx = optim.make_optimizer(builders.optim_section(learning_rate=1e30, warmup_steps=0), 10)
     before = [np.asarray(x) for x in jax.tree.leaves(params)]  # the step donates its state
     param_bytes = sum(x.nbytes for x in before)
     temp, after = {}, {}
     for keep in (True, False):
         sc = step.StepConfig("dpo", keep_last_good=keep)
         fn = jax.jit(functools.partial(step.train_step, graphdef=graphdef, tx=tx, sc=sc), donate_argnums=0)
-        state = init_state(jax.tree.map(jnp.copy, params), tx, HParams.create(), 0)
+        state = init_state(jax.tree.map(jnp.copy, params), tx, builders.default_hparams(), 0)
         compiled = fn.lower(state, batch, None).compile()
         temp[keep] = compiled.memory_analysis().temp_size_in_bytes
         after[keep], _ = compiled(state, batch, None)

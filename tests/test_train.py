@@ -14,7 +14,7 @@ import pytest
 from conftest import COMMON, xla_env
 from flax import nnx
 
-from dpo_jax import builders, evaluate, inputs, outputs, sharding, step, train
+from dpo_jax import builders, evaluate, inputs, optim, outputs, sharding, step, train
 from dpo_jax.config import ConfigError, load_config_file, validate
 from dpo_jax.data import (
     Layout,
@@ -27,7 +27,7 @@ from dpo_jax.data import (
 from dpo_jax.errors import NonFiniteLoss, Notes
 from dpo_jax.hf import load_pretrained
 from dpo_jax.outputs import read_history
-from dpo_jax.state import HParams, init_state
+from dpo_jax.state import init_state
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [  # overrides that make the built-in job a seconds-long run (at the beta the tests' expectations assume)
@@ -216,8 +216,8 @@ def step_setup(tmp_path_factory):
 
 def _step(setup, sc, hparams=None, reference=None, ref_logps=None):
     graphdef, params, batch = setup
-    tx = step.make_optimizer(step.optim_section(learning_rate=1e-3, warmup_steps=0), 10)
-    state = init_state(params, tx, HParams.create(**(hparams or {})), 0)
+    tx = optim.make_optimizer(builders.optim_section(learning_rate=1e-3, warmup_steps=0), 10)
+    state = init_state(params, tx, builders.default_hparams(**(hparams or {})), 0)
     if ref_logps is not None:
         batch = batch.replace(ref_logps_GxPx2=ref_logps)
     fn = jax.jit(functools.partial(step.train_step, graphdef=graphdef, tx=tx, sc=sc))
@@ -278,8 +278,8 @@ def test_beta_and_smoothing_are_traced_one_compile(step_setup):
 def test_state_shardings_cover_optimizer_moments():
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     graphdef, params = nnx.split(builders.build_model(tiny_config(), synthetic.build_tokenizer()))
-    tx = step.make_optimizer(step.optim_section(learning_rate=1e-3, warmup_steps=2), 10)
-    abstract = jax.eval_shape(lambda p: init_state(p, tx, HParams.create(), 0), params)
+    tx = optim.make_optimizer(builders.optim_section(learning_rate=1e-3, warmup_steps=2), 10)
+    abstract = jax.eval_shape(lambda p: init_state(p, tx, builders.default_hparams(), 0), params)
     sh = sharding.tree_shardings(abstract, mesh)
     specs = {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_leaves_with_path(sh)}
     mu_q = [v for k, v in specs.items() if "mu" in k and "q_proj" in k and "kernel" in k]
@@ -292,11 +292,11 @@ def test_optimizer_is_optax_clip_then_adamw(scale):
     values, over steps with and without clipping (so checkpoints of either restore into the other)."""
     import optax
 
-    o = step.optim_section(learning_rate=1e-2, warmup_steps=2, clip_norm=1.0, weight_decay=0.1)
-    tx = step.make_optimizer(o, 10)
-    schedule = step.lr_schedule(o["learning_rate"], 10, o["warmup_steps"], o["schedule"], o["end_lr_fraction"])
+    o = builders.optim_section(learning_rate=1e-2, warmup_steps=2, clip_norm=1.0, weight_decay=0.1)
+    tx = optim.make_optimizer(o, 10)
+    schedule = optim.lr_schedule(o["learning_rate"], 10, o["warmup_steps"], o["schedule"], o["end_lr_fraction"])
     adamw = optax.inject_hyperparams(optax.adamw)(
-        learning_rate=schedule, b1=o["b1"], b2=o["b2"], weight_decay=o["weight_decay"], mask=step.decay_mask
+        learning_rate=schedule, b1=o["b1"], b2=o["b2"], weight_decay=o["weight_decay"], mask=optim.decay_mask
     )
     oracle = optax.chain(optax.clip_by_global_norm(1.0), adamw)
     rng = np.random.default_rng(0)
@@ -450,8 +450,8 @@ def test_bco_running_moments_live_in_the_state_and_follow_the_batch_means(step_s
     logged batch rewards (NumPy), and the loss of each step used the mean including its own batch."""
     graphdef, params, batch = step_setup
     sc = step.StepConfig("dpo", ("bco_pair",), bco_delta="running")
-    tx = step.make_optimizer(step.optim_section(learning_rate=1e-2, warmup_steps=0), 10)
-    state = init_state(params, tx, HParams.create(loss_type="bco_pair"), 0, running_moments=True)
+    tx = optim.make_optimizer(builders.optim_section(learning_rate=1e-2, warmup_steps=0), 10)
+    state = init_state(params, tx, builders.default_hparams(loss_type="bco_pair"), 0, running_moments=True)
     ref = jnp.asarray(np.random.default_rng(0).normal(-20, 1, size=(*batch.index_GxP.shape, 2)), jnp.float32)
     fn = jax.jit(functools.partial(step.train_step, graphdef=graphdef, tx=tx, sc=sc))
     means = []
@@ -469,8 +469,8 @@ def test_tr_dpo_reference_is_the_exact_mix_after_each_sync_and_the_step_reads_it
     """TR-DPO (reference.sync): untouched between syncs; after step k it is alpha * policy + (1 - alpha) * old
     (NumPy, float32, to its last bits); the next step's loss is that of a frozen reference equal to the mix."""
     graphdef, params, batch = step_setup
-    tx = step.make_optimizer(step.optim_section(learning_rate=1e-2, warmup_steps=0), 10)
-    hp = HParams.create(beta=0.5).replace(ref_mixup_alpha=np.float32(0.3), ref_sync_steps=np.int32(2))
+    tx = optim.make_optimizer(builders.optim_section(learning_rate=1e-2, warmup_steps=0), 10)
+    hp = builders.default_hparams(beta=0.5).replace(ref_mixup_alpha=np.float32(0.3), ref_sync_steps=np.int32(2))
     sc = step.StepConfig("dpo", frozen_reference=True, sync_reference=True)
     fn = jax.jit(functools.partial(step.train_step, graphdef=graphdef, tx=tx, sc=sc))
     state = init_state(params, tx, hp, 0, reference=params)

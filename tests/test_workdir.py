@@ -1,6 +1,7 @@
 """Workdir: one run at a time, writes that are never half done, full / read-only disks, the resume config check."""
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -10,18 +11,21 @@ import sys
 
 import pytest
 
+from dpo_jax import workdir
+from dpo_jax.config import CHANGEABLE_ON_RESUME
 from dpo_jax.errors import DiskFullError, WorkdirError
 from dpo_jax.workdir import (
     WorkdirLock,
     atomic_dir,
     atomic_write_text,
-    check_resume_config,
     clean_stale_tmp,
     ensure_free_space,
     ensure_writable,
     promote_pending_record,
     save_tensors,
 )
+
+check_resume_config = functools.partial(workdir.check_resume_config, changeable=CHANGEABLE_ON_RESUME)
 
 
 @contextlib.contextmanager
