@@ -7,7 +7,7 @@ dpo-jax sweep --config configs/beta_sweep.py --workdir runs/beta_sweep --mode ex
 
 from dpo_jax.configs.default import get_config as default_config
 
-from dpo_jax.sweep import grid
+from dpo_jax.research.sweep import grid
 
 
 def get_config(arg=None):

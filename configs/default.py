@@ -78,10 +78,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         attention="auto",
         attention_block=512,  # blockwise: query and key tokens per block
     )
-    # Population-based training over a vectorised sweep's members (dpo_jax.pbt; dpo-jax sweep --mode vectorized):
-    # every `every` steps (a multiple of eval.every) the bottom `fraction` by `metric` take the state and the
-    # hyper-parameters of members drawn from the top, each hyper-parameter in `hparams` times a factor in `factors`,
-    # clipped to its bounds. metric: reward (eval/reward) | loss | accuracy | reward_kl (reward - kl_coef * KL).
+    # Population-based training over a vectorised sweep's members (dpo_jax.research.pbt; dpo-jax sweep --mode
+    # vectorized): every `every` steps (a multiple of eval.every) the bottom `fraction` by `metric` take the state
+    # and the hyper-parameters of members drawn from the top, each hyper-parameter in `hparams` times a factor in
+    # `factors`, clipped to its bounds. metric: reward (eval/reward) | loss | accuracy | reward_kl (reward - kl_coef
+    # * KL).
     c.pbt = dict(
         enabled=False,
         every=50,
@@ -119,7 +120,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dir="",  # where the SFT stage lives (default <workdir>); sweeps point members at one shared stage
     )
     c.dpo = dict(
-        loss_type="sigmoid",  # one of dpo_jax.losses.LOSS_TYPES, or "a+b" for a weighted mix
+        loss_type="sigmoid",  # one of dpo_jax.core.losses.LOSS_TYPES, or "a+b" for a weighted mix
         loss_weights=(),  # one weight per type in a mix; () means all 1
         # > 0: KL coefficient of the underlying RLHF objective. 0.3 on the built-in task: at 0.1 the chosen
         # completions' likelihood falls so fast that where the policy ends depends on the seed (README)
@@ -219,7 +220,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         reserve_mb=0.0,  # free space (MiB) a save must leave on the disk; a save that would not is refused
     )
     # Resuming checks the config against the one the checkpoints were made with. Fields listed here (comma-separated,
-    # from dpo_jax.workdir.CHANGEABLE_ON_RESUME, e.g. "dpo.beta,optim.steps") may differ: the run continues with them.
+    # from dpo_jax.config.CHANGEABLE_ON_RESUME, e.g. "dpo.beta,optim.steps") may differ: the run continues with them.
     c.resume = dict(allow_changes="")
     c.wandb = dict(
         enabled=True,

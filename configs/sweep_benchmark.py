@@ -6,7 +6,7 @@ sequential vs separate processes). 100 DPO steps per member instead of 300; ever
 
 from dpo_jax.configs.default import get_config as default_config
 
-from dpo_jax.sweep import grid
+from dpo_jax.research.sweep import grid
 
 
 def get_config(arg=None):

@@ -16,15 +16,16 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from dpo_jax import hparams, rewards
 from dpo_jax.configs.default import get_config as default_config
+from dpo_jax.core import hparams
+from dpo_jax.core.losses import BATCH_LOSSES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES, POLICY_ONLY
+from dpo_jax.data import rewards
 from dpo_jax.data.formats import local_paths
 from dpo_jax.errors import ConfigError
-from dpo_jax.hub import resolve_config
-from dpo_jax.lora import targets as lora_targets
-from dpo_jax.losses import BATCH_LOSSES, F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, LOSS_TYPES, POLICY_ONLY
+from dpo_jax.infra.hub import resolve_config
+from dpo_jax.infra.workdir import allowed_changes
 from dpo_jax.models.config import ARCHITECTURES, ATTENTION, MIXTURES, MOE_IMPLS, REMAT_POLICIES
-from dpo_jax.workdir import allowed_changes
+from dpo_jax.models.lora import targets as lora_targets
 
 # What the SFT reference depends on; runs (and sweep members) equal on these share one SFT stage. (The built-in
 # task draws its SFT demonstrations first, so label noise, tau, the reward and the pair counts do not change them.)
@@ -76,7 +77,7 @@ def dpo_seed(cfg) -> int:
 
 # Fields whose change on resume is meaningful (continue with a new beta, a longer schedule, ...): allowed only when
 # named in ``resume.allow_changes``; the resumed run then trains with the new values. The hyper-parameters' are
-# declared with them (``dpo_jax.hparams``).
+# declared with them (``dpo_jax.core.hparams``).
 CHANGEABLE_ON_RESUME = hparams.resume_fields() + (
     "dpo.use_soft_targets", "optim.steps", "optim.warmup_steps", "optim.schedule", "optim.end_lr_fraction",
     "optim.clip_norm", "optim.weight_decay", "optim.b1", "optim.b2", "optim.grad_accum", "reference.mode",

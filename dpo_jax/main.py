@@ -23,14 +23,15 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from dpo_jax import signals, sweep, xla_flags
 from dpo_jax.config import load_config_file
 from dpo_jax.errors import NonFiniteLoss, UserError
-from dpo_jax.rounds import run_rounds
-from dpo_jax.signals import Preempted
-from dpo_jax.sweep import member_name
-from dpo_jax.train import train
-from dpo_jax.workdir import flatten, os_error
+from dpo_jax.infra import signals, xla_flags
+from dpo_jax.infra.signals import Preempted
+from dpo_jax.infra.workdir import flatten, os_error
+from dpo_jax.research import sweep
+from dpo_jax.research.rounds import run_rounds
+from dpo_jax.research.sweep import member_name
+from dpo_jax.training.train import train
 
 COMMANDS = {
     "train": "train a policy (SFT reference stage if configured, then DPO) from a config file",

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dpo_jax.losses import preference_loss
+from dpo_jax.core.losses import preference_loss
 
 SEED_REFERENCE = (0.15, 0.70, 0.15)
 SEED_REWARD = (1.0, 0.2, -0.5)

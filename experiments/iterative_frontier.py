@@ -4,8 +4,8 @@ Offline: the beta sweep of the main job (``configs/beta_sweep.py``, one vectoris
 Bradley-Terry-labelled pairs of reference samples). Iterative: ``configs/rounds.py`` (3 rounds of 100 steps, each
 on best-vs-worst pairs of 8 samples per prompt from the previous round's policy, scored by the true reward), with
 the reference kept (the SFT policy) and refreshed (the previous round's). Every run starts from the same SFT
-policy (one shared SFT stage) and every point is measured the same way (``dpo_jax.rounds.measure``: one sample per
-held-out prompt with one key, true reward and sampled sequence KL(pi || pi_SFT), +- 2 standard errors).
+policy (one shared SFT stage) and every point is measured the same way (``dpo_jax.research.rounds.measure``: one
+sample per held-out prompt with one key, true reward and sampled sequence KL(pi || pi_SFT), +- 2 standard errors).
 
     python experiments/iterative_frontier.py                                # ~15 min on 2 CPU cores
     python experiments/iterative_frontier.py --runlocal --workdir runs/iter_smoke    # a few minutes
@@ -23,8 +23,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from dpo_jax import rounds, sweep
 from dpo_jax.config import load_config_file
+from dpo_jax.research import rounds, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import jax
 
-from dpo_jax import sweep
+from dpo_jax.research import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 PANELS = (

@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from dpo_jax import logprobs as lp
+from dpo_jax.core import logprobs as lp
 
 MiB = 2**20
 

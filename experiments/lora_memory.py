@@ -22,11 +22,12 @@ import numpy as np
 from flax import nnx
 from throughput import CASES, make_pairs, model_config  # experiments/, the script's folder
 
-from dpo_jax import builders, lora, optim, step
+from dpo_jax.core import optim, step
+from dpo_jax.core.state import init_state
 from dpo_jax.data import Layout, PreferenceLoader
-from dpo_jax.models import init_decoder
+from dpo_jax.models import init_decoder, lora
 from dpo_jax.models.config import LORA_TARGETS
-from dpo_jax.state import init_state
+from dpo_jax.training import builders
 
 MB = 1 << 20
 

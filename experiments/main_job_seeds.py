@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from dpo_jax.config import load_config_file
-from dpo_jax.loop import StepCache
-from dpo_jax.outputs import read_history
-from dpo_jax.sweep import apply_overrides
-from dpo_jax.train import train
+from dpo_jax.research.sweep import apply_overrides
+from dpo_jax.training.loop import StepCache
+from dpo_jax.training.outputs import read_history
+from dpo_jax.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

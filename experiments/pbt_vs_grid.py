@@ -16,9 +16,10 @@ from pathlib import Path
 
 import jax
 
-from dpo_jax import runs, sweep
-from dpo_jax.outputs import read_history
-from dpo_jax.pbt import Lineage
+from dpo_jax.research import sweep
+from dpo_jax.research.pbt import Lineage
+from dpo_jax.training import runs
+from dpo_jax.training.outputs import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
 

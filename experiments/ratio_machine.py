@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpo_jax.losses import optimal_soft_margin, preference_loss
+from dpo_jax.core.losses import optimal_soft_margin, preference_loss
 
 Q_REFS = (0.1, 0.3, 0.5, 0.7, 0.9)
 BETAS = (0.1, 0.5, 1.0, 2.0)

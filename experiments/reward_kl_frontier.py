@@ -4,7 +4,7 @@ A beta sweep of the main job (``configs/beta_sweep.py``, all members in one vect
 policy is a point (sampled sequence KL(pi || pi_ref), true reward of its samples) on the held-out prompts,
 with its eval trajectory. Against it: the reference (KL 0) and best-of-N sampling from the reference, whose
 KL is log N - (N - 1) / N and whose expected reward is estimated from M samples per prompt
-(``dpo_jax/best_of_n.py``). Each DPO point is compared with best-of-N at the same KL.
+(``dpo_jax/research/best_of_n.py``). Each DPO point is compared with best-of-N at the same KL.
 
     python experiments/reward_kl_frontier.py                      # ~10 min on 2 CPU cores
     python experiments/reward_kl_frontier.py --config configs/beta_sweep.py:runlocal --samples 64  # smoke
@@ -23,9 +23,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dpo_jax import best_of_n, sampling, sweep, train
-from dpo_jax.logging import Writer
-from dpo_jax.outputs import read_history
+from dpo_jax.core import sampling
+from dpo_jax.infra.logging import Writer
+from dpo_jax.research import best_of_n, sweep
+from dpo_jax.training import train
+from dpo_jax.training.outputs import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
 

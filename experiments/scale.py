@@ -80,12 +80,14 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dpo_jax import builders, lora, optim, sharding, step, throughput  # noqa: E402
+from dpo_jax.core import optim, step  # noqa: E402
+from dpo_jax.core.state import init_state  # noqa: E402
 from dpo_jax.data import Layout, PreferenceLoader, TokenizedPair  # noqa: E402
 from dpo_jax.data.packing import batch_stats  # noqa: E402
-from dpo_jax.models import ModelConfig, init_decoder  # noqa: E402
+from dpo_jax.infra import sharding, throughput  # noqa: E402
+from dpo_jax.models import ModelConfig, init_decoder, lora  # noqa: E402
 from dpo_jax.models.config import LORA_TARGETS  # noqa: E402
-from dpo_jax.state import init_state  # noqa: E402
+from dpo_jax.training import builders  # noqa: E402
 
 
 def model_config(name: str, *, lora_rank: int = 0, remat: str = "full") -> ModelConfig:

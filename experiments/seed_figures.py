@@ -1,4 +1,4 @@
-"""Seed 002's figures, computed with this package's own functions (``dpo_jax.losses``).
+"""Seed 002's figures, computed with this package's own functions (``dpo_jax.core.losses``).
 
     python experiments/seed_figures.py --out docs/seed_figures
 
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpo_jax.losses import optimal_policy, preference_loss
+from dpo_jax.core.losses import optimal_policy, preference_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from experiments.seed_worked_example import BETA, REFERENCE, SCENARIOS  # noqa: E402
@@ -179,7 +179,7 @@ def plot(tables: dict[str, list[dict]], path: Path) -> None:
 
 
 def main(argv=None) -> dict[str, list[dict]]:
-    ap = argparse.ArgumentParser(description="Seed 002's figures from dpo_jax.losses")
+    ap = argparse.ArgumentParser(description="Seed 002's figures from dpo_jax.core.losses")
     ap.add_argument("--out", default="runs/seed_figures")
     out = Path(ap.parse_args(argv).out)
     out.mkdir(parents=True, exist_ok=True)

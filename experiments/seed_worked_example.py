@@ -1,4 +1,4 @@
-"""Seed 002's worked example and five-scenario table, computed with ``dpo_jax.losses.preference_loss``.
+"""Seed 002's worked example and five-scenario table, computed with ``dpo_jax.core.losses.preference_loss``.
 
 python experiments/seed_worked_example.py
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from dpo_jax.losses import preference_loss
+from dpo_jax.core.losses import preference_loss
 
 BETA = 0.1
 REFERENCE = (-45.2, -38.7)  # log pi_ref(y_w | x), log pi_ref(y_l | x)

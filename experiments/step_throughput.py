@@ -20,12 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpo_jax import builders, inputs, optim, scoring, step, throughput
 from dpo_jax.config import load_config_file
+from dpo_jax.core import optim, scoring, step
+from dpo_jax.core.state import init_state
 from dpo_jax.data import PreferenceLoader, TokenizeConfig, load_examples, synthetic, to_global, tokenize_examples
 from dpo_jax.data.packing import batch_stats
-from dpo_jax.sharding import make_mesh, param_shardings, tree_shardings
-from dpo_jax.state import init_state
+from dpo_jax.infra import throughput
+from dpo_jax.infra.sharding import make_mesh, param_shardings, tree_shardings
+from dpo_jax.training import builders, inputs
 
 
 def time_loader(loader, steps):

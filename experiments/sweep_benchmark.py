@@ -30,8 +30,9 @@ if "--devices" in sys.argv and "XLA_FLAGS" not in os.environ:  # simulated CPU d
 
 import jax  # noqa: E402
 
-from dpo_jax import sweep, train  # noqa: E402
-from dpo_jax.evaluate import read_history  # noqa: E402
+from dpo_jax.research import sweep  # noqa: E402
+from dpo_jax.training import train
+from dpo_jax.training.evaluate import read_history  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,13 +8,13 @@ Layouts (``dpo_jax.data.packing``), each timed on the same pairs with the jitted
 then, when ``trl`` is installed (``pip install -e ".[bench]"``), TRL's DPOTrainer on the same Llama weights and
 token ids (a reference forward every step, dynamic padding: its defaults), float32, in the same invocation, twice,
 each in a process of its own: with glibc malloc as installed (what a TRL user runs: the ratio's baseline), and with
-the malloc settings dpo_jax runs with (``dpo_jax.xla_flags.MALLOC``: freed memory kept for reuse, not faulted in
+the malloc settings dpo_jax runs with (``dpo_jax.infra.xla_flags.MALLOC``: freed memory kept for reuse, not faulted in
 afresh every step), which speed TRL up as well.
 
 Cases: ``32k`` (the issue's 19M Llama: vocab 32,000, hidden 256, 4 layers, GQA 4/2, untied; 8 pairs of ~30 prompt
 + ~40 completion tokens), ``128k`` (vocab 128,256, hidden 512), ``long`` (the 32k model, ~512 prompt / ~64
 completion tokens). Steady-state figures: every batch shape is compiled before the timed pass, and every figure
-(ours and TRL's) is the median of the timed steps. MFU counts real tokens only (``dpo_jax.throughput``): on CPU
+(ours and TRL's) is the median of the timed steps. MFU counts real tokens only (``dpo_jax.infra.throughput``): on CPU
 against this host's measured float32 matmul peak; on an accelerator against its data-sheet dense bf16 peak (the
 measured matmul peak in the run's dtype is printed beside it).
 On a GPU, ``--dtype bfloat16`` computes in bf16 (float32 parameters and optimizer; TRL: ``bf16=True`` autocast),
@@ -44,11 +44,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dpo_jax import builders, optim, step, throughput, xla_flags
+from dpo_jax.core import optim, step
+from dpo_jax.core.state import init_state
 from dpo_jax.data import Layout, PreferenceLoader, TokenizedPair
 from dpo_jax.data.packing import batch_stats
+from dpo_jax.infra import throughput, xla_flags
 from dpo_jax.models import ModelConfig, config_from_hf, init_decoder
-from dpo_jax.state import init_state
+from dpo_jax.training import builders
 
 OLD_BUCKETS = (256, 512, 1024)  # configs/hf_local.py's buckets before packing
 CASES = {
@@ -204,7 +206,7 @@ def trl_run(graphdef, params, mc: ModelConfig, pairs, batch, steps, counts, peak
         return None
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from dpo_jax import hf
+    from dpo_jax.infra import hf
 
     folder = tempfile.TemporaryDirectory()  # TRL loads its reference model from here too
     hf.save_pretrained(nnx.merge(graphdef, params), folder.name)
@@ -286,7 +288,8 @@ def case_setup(name: str):
 
 def trl_subprocess(name: str, steps: int, batch: int, peak: float, keep_memory: bool) -> dict | None:
     """``trl_run`` in a fresh process: with glibc malloc as installed (``keep_memory=False``: what a TRL user runs)
-    or with the settings dpo_jax runs with (``dpo_jax.xla_flags.MALLOC``), which must be in place from the start."""
+    or with the settings dpo_jax runs with (``dpo_jax.infra.xla_flags.MALLOC``), which must be in place from the
+    start."""
     env = dict(os.environ, GLIBC_TUNABLES=USER_TUNABLES, DPO_JAX_KEEP_MEMORY="1" if keep_memory else "0")
     if not USER_TUNABLES:
         env.pop("GLIBC_TUNABLES")

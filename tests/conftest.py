@@ -25,7 +25,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
-from dpo_jax import xla_flags  # noqa: E402  (imports JAX: after the cache settings above, read at import)
+from dpo_jax.infra import xla_flags  # noqa: E402  (imports JAX: after the cache settings above, read at import)
 
 xla_flags.apply()  # the flags the dpo-jax command runs with (read when JAX starts its backend)
 
@@ -134,3 +134,29 @@ def pytest_collection_modifyitems(config, items):
 def pytest_unconfigure(config):
     if "_CACHE_DIR" in globals():  # the process that made it (the controller)
         shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def step_setup(tmp_path_factory):
+    """A tiny model, its params and a packed batch of 8 pairs in rows holding different numbers of pairs."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from helpers import tiny_config  # helpers imports this module: imported when the fixture runs
+
+    from dpo_jax.data import Layout, PreferenceLoader, TokenizeConfig, load_examples, synthetic, tokenize_examples
+    from dpo_jax.training import builders
+
+    paths = synthetic.write_task(tmp_path_factory.mktemp("t"), synthetic.TaskConfig(n_sft=4, n_train=32, n_eval=4))
+    tok = synthetic.build_tokenizer()
+    pairs, _ = tokenize_examples(
+        load_examples(paths["train"])[0], tok, TokenizeConfig(max_length=16, max_prompt_length=8)
+    )
+    cfg = tiny_config()
+    model = builders.build_model(cfg, tok)
+    graphdef, params = nnx.split(model)
+    # packed rows (a multiple of 4, for 4 micro-batches) that hold different numbers of pairs
+    row = 3 * max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs[:8])
+    batch = PreferenceLoader(pairs[:8], 8, layout=Layout(row_multiple=4, row_length=row)).batch(0)
+    assert len(set(batch.valid_GxP.sum(1).tolist())) > 1
+    return graphdef, params, jax.tree.map(jnp.asarray, batch)

@@ -109,7 +109,7 @@ def test_a_model_scores_packed_shared_pairs_alike_with_either_attention(tmp_path
     from flax import nnx
     from test_packing import LAYOUTS, assert_grads_close, layout_logps, make_pairs
 
-    from dpo_jax import hf
+    from dpo_jax.infra import hf
 
     make_hf_model(arch, scale=0.1).save_pretrained(tmp_path)
     pairs = make_pairs(12, seed=3)

@@ -7,8 +7,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from dpo_jax import checkpoint
 from dpo_jax.errors import NonFiniteLoss, WorkdirError
+from dpo_jax.infra import checkpoint
 
 
 def _state():

@@ -384,7 +384,7 @@ def bpe_chat_tokenizer(path, kind):
 def test_chat_completion_ids_equal_the_template_minus_the_prompt(tmp_path, kind):
     import transformers
 
-    from dpo_jax.hf import HFTokenizer
+    from dpo_jax.infra.hf import HFTokenizer
 
     folder = bpe_chat_tokenizer(tmp_path / kind, kind)
     oracle = transformers.AutoTokenizer.from_pretrained(folder)
@@ -473,7 +473,7 @@ def test_last_batch_padding_is_marked_invalid(task_pairs):
 
 
 def test_global_arrays_on_8_devices(task_pairs):
-    from dpo_jax.sharding import make_mesh
+    from dpo_jax.infra.sharding import make_mesh
 
     mesh = make_mesh(data=4, fsdp=2)
     batch = PreferenceLoader(
@@ -554,7 +554,7 @@ def test_synthetic_task_round_trips_through_user_formats(tmp_path, fmt, tok):
 
 
 def test_tokenizer_folder_loads_through_the_hf_path(tmp_path):
-    from dpo_jax.hf import HFTokenizer
+    from dpo_jax.infra.hf import HFTokenizer
 
     paths = synthetic.write_task(tmp_path, synthetic.TaskConfig(n_sft=2, n_train=2, n_eval=2))
     loaded = HFTokenizer.from_folder(paths["tokenizer"])

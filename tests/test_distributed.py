@@ -15,12 +15,12 @@ import jax
 import numpy as np
 import pytest
 from conftest import xla_env
+from helpers import ROOT, TINY, cli, tiny_config
 from safetensors.numpy import load_file
-from test_train import ROOT, TINY, cli, tiny_config
 
-from dpo_jax import train
 from dpo_jax.errors import NonFiniteLoss
-from dpo_jax.outputs import read_history
+from dpo_jax.training import train
+from dpo_jax.training.outputs import read_history
 
 pytestmark = pytest.mark.slow  # end-to-end runs and processes: not in -m quick
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dpo_jax import evaluate, outputs
+from dpo_jax.training import evaluate, outputs
 
 
 def _row(step, chosen, rejected, margin):

@@ -161,7 +161,7 @@ def test_ratio_machine_page_javascript_agrees(tmp_path):
 
 
 def test_best_of_n_estimators_against_enumeration():
-    from dpo_jax import best_of_n
+    from dpo_jax.research import best_of_n
 
     rng = np.random.default_rng(0)
     r = rng.integers(0, 5, size=(3, 7)).astype(float)  # with ties

@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 from conftest import make_hf_model
 
-from dpo_jax import builders, evaluate, inputs, optim, pbt, train
 from dpo_jax.config import ConfigError, dpo_seed, load_config_file, loss_types, validate
+from dpo_jax.core import optim
 from dpo_jax.data import synthetic
 from dpo_jax.errors import Notes
-from dpo_jax.workdir import flatten
+from dpo_jax.infra.workdir import flatten
+from dpo_jax.research import pbt
+from dpo_jax.training import builders, evaluate, inputs, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # (preset, overrides): the presets, and contexts where a field is active that no preset sets
@@ -136,7 +138,7 @@ def components(cfg, root, tok):
     devices = jax.devices()
     model_cfg = builders.scratch_config(cfg, tok) if cfg.model.init == "scratch" else None
     if model_cfg is None:
-        from dpo_jax import hf
+        from dpo_jax.infra import hf
 
         model_cfg = hf.load_config(cfg.model.hf_path, **builders.model_options(cfg))
     lora = cfg.lora.rank > 0

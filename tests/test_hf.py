@@ -11,7 +11,7 @@ from conftest import padded_batch
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from dpo_jax import hf
+from dpo_jax.infra import hf
 from dpo_jax.models import ModelConfig, init_decoder
 
 CHAT_TEMPLATE = (

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_hf_model
 
-from dpo_jax import hf, hub
 from dpo_jax.data.formats import read_rows
 from dpo_jax.errors import ConfigError
+from dpo_jax.infra import hf, hub
 
 ROWS = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(6)]
 
@@ -88,7 +88,7 @@ def test_a_dataset_repositorys_shards_resolve_per_split(home):
 
 
 def test_validate_resolves_a_configs_hub_ids(home, tmp_path):
-    from test_train import tiny_config
+    from helpers import tiny_config
 
     from dpo_jax.config import validate
 
@@ -105,7 +105,7 @@ def test_validate_resolves_a_configs_hub_ids(home, tmp_path):
 
 
 def test_a_checkpoints_family_fields_are_not_silently_ignored(home):
-    from test_train import tiny_config
+    from helpers import tiny_config
 
     from dpo_jax.config import check_unused_fields
 

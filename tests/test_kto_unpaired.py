@@ -12,9 +12,11 @@ import torch
 from flax import nnx
 from test_data import bpe_chat_tokenizer
 
-from dpo_jax import builders, hf, scoring, step
+from dpo_jax.core import scoring, step
 from dpo_jax.data import Layout, PreferenceLoader, TokenizeConfig, kto, load_examples, tokenize_examples
+from dpo_jax.infra import hf
 from dpo_jax.models import ModelConfig, init_decoder
+from dpo_jax.training import builders
 
 TEXTS = [
     ("How are you?", " I am fine, thank you.", True),

@@ -5,7 +5,7 @@ import socket
 
 import ml_collections
 
-from dpo_jax.logging import ConsoleWriter, JsonlWriter, WandbWriter, read_jsonl
+from dpo_jax.infra.logging import ConsoleWriter, JsonlWriter, WandbWriter, read_jsonl
 
 
 def test_rewind_drops_redone_steps_and_a_line_cut_short(tmp_path):

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from dpo_jax import logprobs as lp
+from dpo_jax.core import logprobs as lp
 
 
 def np_log_softmax(x):
@@ -228,7 +228,7 @@ def test_head_token_logprobs_value_and_gradient_match_numpy(max_logits_mb, vocab
 
 def test_the_kept_logits_budget_is_sized_from_the_device():
     """logprobs.max_logits_mb=-1: 256 MiB on a CPU, 1/32 of an accelerator's memory; a set value as set."""
-    from dpo_jax import throughput
+    from dpo_jax.infra import throughput
 
     class H200:
         platform = "gpu"

@@ -1,4 +1,4 @@
-"""LoRA policies (dpo_jax.lora): a new adapter changes nothing; the merged export equals the adapted model in
+"""LoRA policies (dpo_jax.models.lora): a new adapter changes nothing; the merged export equals the adapted model in
 ``transformers``; ``peft`` loads the exported adapter onto the base with the same logits; shardings cover it."""
 
 import functools
@@ -14,18 +14,20 @@ import torch
 import transformers
 from conftest import MOE_CASES, padded_batch
 from flax import nnx
+from helpers import tiny_config
 from test_hf import our_logits, torch_logits
-from test_train import step_setup, tiny_config  # noqa: F401 (a fixture)
 
-from dpo_jax import builders, hf, lora, optim, sharding, step, train
 from dpo_jax.config import ConfigError, validate
+from dpo_jax.core import optim, step
+from dpo_jax.core.state import init_state
 from dpo_jax.data import synthetic
-from dpo_jax.models import ModelConfig, init_decoder
+from dpo_jax.infra import hf, sharding
+from dpo_jax.models import ModelConfig, init_decoder, lora
 from dpo_jax.models.config import LORA_TARGETS
 from dpo_jax.models.llama import Linear
 from dpo_jax.models.paths import path_str
-from dpo_jax.outputs import read_history
-from dpo_jax.state import init_state
+from dpo_jax.training import builders, train
+from dpo_jax.training.outputs import read_history
 
 
 def adapted(path, targets=LORA_TARGETS, rank=4, alpha=8.0, seed=1):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize_scalar
 
-from dpo_jax.losses import (
+from dpo_jax.core.losses import (
     LOSS_TYPES,
     RunningMoments,
     optimal_soft_margin,
@@ -60,7 +60,7 @@ def np_pair_loss(kind, c, r, beta, eps=0.0, delta=0.0):
 
 
 def np_soft_loss(kind, c, r, beta, eps, p, delta=0.0):
-    """Expected loss under the label distribution (module docstring of dpo_jax.losses)."""
+    """Expected loss under the label distribution (module docstring of dpo_jax.core.losses)."""
     q = p if kind in ("robust", "exo_pair") else (1 - eps) * p + eps * (1 - p)
     return q * np_pair_loss(kind, c, r, beta, eps, delta) + (1 - q) * np_pair_loss(kind, r, c, beta, eps, delta)
 

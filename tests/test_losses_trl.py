@@ -20,8 +20,9 @@ import trl.experimental.orpo.orpo_trainer as trl_orpo
 import trl.trainer.dpo_trainer as trl_dpo
 import trl.trainer.kto_trainer as trl_kto
 
-from dpo_jax import builders, scoring, step
-from dpo_jax.losses import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, preference_loss
+from dpo_jax.core import scoring, step
+from dpo_jax.core.losses import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, preference_loss
+from dpo_jax.training import builders
 
 B, T = 6, 14  # pairs, token slots per sequence (first slot is the prompt's last token)
 DPO_TYPES = [

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import COMMON, xla_env
+from helpers import ROOT, TINY, cli
 from safetensors.numpy import load_file, save_file
-from test_train import ROOT, TINY, cli
 from test_workdir import tmpfs
 
 from dpo_jax.data import synthetic

@@ -8,9 +8,9 @@ import torch
 from conftest import padded_batch
 from flax import nnx
 
-from dpo_jax import hf
-from dpo_jax import logprobs as lp
-from dpo_jax import sharding as sh
+from dpo_jax.core import logprobs as lp
+from dpo_jax.infra import hf
+from dpo_jax.infra import sharding as sh
 from dpo_jax.models import ModelConfig, init_decoder
 
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 from conftest import make_hf_model, padded_batch
 
-from dpo_jax import builders, hf, optim
+from dpo_jax.core import optim
+from dpo_jax.infra import hf
 from dpo_jax.models import moe
+from dpo_jax.training import builders
 
 
 @pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
@@ -92,11 +94,11 @@ def test_a_frozen_router_keeps_the_references_routing_and_the_aux_loss_trains_it
     """A DPO step of a new Qwen3-MoE (the configs/moe.py model): with ``moe.freeze_router`` the routers do not move
     (the experts do); without it they do, and the loss includes coef * aux_loss (a higher coef, a higher loss)."""
     from flax import nnx
-    from test_train import tiny_config
+    from helpers import tiny_config
 
-    from dpo_jax import step
+    from dpo_jax.core import step
+    from dpo_jax.core.state import init_state
     from dpo_jax.data import Layout, PreferenceLoader, TokenizeConfig, load_examples, synthetic, tokenize_examples
-    from dpo_jax.state import init_state
 
     paths = synthetic.write_task(tmp_path, synthetic.TaskConfig(n_sft=4, n_train=16, n_eval=4))
     tok = synthetic.build_tokenizer()
@@ -133,7 +135,7 @@ def test_experts_split_over_the_expert_axis_give_the_one_device_forward_and_grad
     one device's."""
     from flax import nnx
 
-    from dpo_jax import sharding as sh
+    from dpo_jax.infra import sharding as sh
     from dpo_jax.models import ModelConfig, init_decoder
 
     assert jax.device_count() == 8, "tests/conftest.py sets 8 simulated CPU devices"
@@ -163,12 +165,12 @@ def test_experts_split_over_the_expert_axis_give_the_one_device_forward_and_grad
 def _moe_run(tmp_path, name, *overrides):
     """configs/moe.py:runlocal as ``dpo-jax train`` runs it, cut to 2 DPO steps from the initial model (no SFT);
     its metrics by step, and its exported weights."""
+    from helpers import ROOT, tiny_config
     from safetensors.numpy import load_file
-    from test_train import ROOT, tiny_config
 
-    from dpo_jax import train
     from dpo_jax.config import load_config_file
-    from dpo_jax.outputs import read_history
+    from dpo_jax.training import train
+    from dpo_jax.training.outputs import read_history
 
     base = load_config_file(str(ROOT / "configs/moe.py:runlocal"))
     cfg = tiny_config(
@@ -192,8 +194,8 @@ def test_moe_switches_reach_the_run(tmp_path):
     trained routers, bit-identical to the default)."""
     from safetensors.numpy import load_file
 
-    from dpo_jax import hf
     from dpo_jax.data import synthetic
+    from dpo_jax.infra import hf
 
     _, none, w_none = _moe_run(tmp_path, "aux0", "moe.aux_loss_coef=0.0")
     cfg, frozen, w_frozen = _moe_run(tmp_path, "frozen", "moe.aux_loss_coef=1.0", "moe.freeze_router=True")
@@ -215,11 +217,11 @@ def test_moe_switches_reach_the_run(tmp_path):
 
 def test_moe_fields_on_a_dense_checkpoint_are_refused(tmp_path):
     """A dense checkpoint reads no ``moe.*`` field: setting one is a one-line error before anything compiles."""
-    from test_train import tiny_config
+    from helpers import tiny_config
 
-    from dpo_jax import sharding
     from dpo_jax.config import ConfigError
     from dpo_jax.errors import Notes
+    from dpo_jax.infra import sharding
 
     make_hf_model("llama3").save_pretrained(tmp_path)
     cfg = tiny_config('task="files"', 'model.init="hf"', f'model.hf_path="{tmp_path}"', "moe.freeze_router=True")

@@ -13,9 +13,10 @@ import pytest
 import torch
 from flax import nnx
 
-from dpo_jax import hf, scoring
+from dpo_jax.core import scoring
 from dpo_jax.data import DataError, Layout, PreferenceLoader, TokenizedPair, packing
 from dpo_jax.data import pad_batches as packing_pad
+from dpo_jax.infra import hf
 
 BASELINE = Layout("padded", share_prompt=False, buckets=(64,), scored_only=False)
 LAYOUTS = {
@@ -129,7 +130,7 @@ def test_lora_dropout_masks_do_not_depend_on_the_layout(models):
     prompt per completion or one per pair) at other batch sizes give the padded layout's per-pair log-probs (and
     gradients, packed shared) under the same step key (the shared prompt's one copy is dropped as both copies of
     the unshared layouts), though dropout changes them."""
-    from dpo_jax import lora
+    from dpo_jax.models import lora
     from dpo_jax.models.config import LORA_TARGETS
 
     _, graphdef, params = models["mistral_window"]

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpo_jax import builders, pbt
-from dpo_jax.state import gather_members
+from dpo_jax.core.state import gather_members
+from dpo_jax.research import pbt
+from dpo_jax.training import builders
 
 SCORES = np.asarray([0.1, 0.9, 0.5, -np.inf, 0.7, 0.2, 0.8, 0.3])  # member 3 failed
 KW = dict(fraction=0.25, names=("beta", "lr_scale"), factors=(0.8, 1.25))
@@ -54,7 +55,7 @@ def test_the_exploit_copies_the_parents_state_exactly():
 
 
 def test_bad_settings_are_one_line_naming_the_field():
-    from test_train import tiny_config
+    from helpers import tiny_config
 
     from dpo_jax.errors import ConfigError
 
@@ -95,7 +96,7 @@ def test_pbt_that_would_rank_on_nothing_or_leave_a_domain_is_refused_by_the_comm
     import sys
 
     from conftest import xla_env
-    from test_train import ROOT
+    from helpers import ROOT
 
     cmd = [sys.executable, "-m", "dpo_jax", "sweep", "--config", str(ROOT / "configs/pbt.py:runlocal"),
            "--workdir", str(tmp_path), "--mode", "vectorized", f"--config.{override}"]  # fmt: skip

@@ -4,9 +4,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dpo_jax import lora, reference
 from dpo_jax.data import TokenizeConfig, load_examples, synthetic, tokenize_examples
-from dpo_jax.models import ModelConfig, init_decoder
+from dpo_jax.models import ModelConfig, init_decoder, lora
+from dpo_jax.training import reference
 
 
 def _pairs(tmp_path, n, seed=0):

@@ -9,8 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from dpo_jax import rewards, signals
-from dpo_jax.signals import Preempted
+from dpo_jax.data import rewards
+from dpo_jax.infra import signals
+from dpo_jax.infra.signals import Preempted
 
 REWARDS = """
 import time

@@ -1,4 +1,4 @@
-"""Iterative DPO rounds (dpo_jax.rounds): pairs are the best and worst samples by the reward, every round is an
+"""Iterative DPO rounds (dpo_jax.research.rounds): pairs are the best and worst samples by the reward, every round is an
 ordinary run from the previous round's policy, the kept reference is round 0's, and a round interrupted mid-way
 resumes to the same final parameters as an uninterrupted run; config.reward loads module:function and files."""
 
@@ -9,13 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import tiny_config
+from helpers import tiny_config
 
-from dpo_jax import checkpoint, rewards, rounds, signals
 from dpo_jax.config import ConfigError
+from dpo_jax.data import rewards
 from dpo_jax.errors import WorkdirError
-from dpo_jax.outputs import read_history
-from dpo_jax.signals import Preempted
+from dpo_jax.infra import checkpoint, signals
+from dpo_jax.infra.signals import Preempted
+from dpo_jax.research import rounds
+from dpo_jax.training.outputs import read_history
 
 ROUNDS = ["rounds.num=2", "rounds.samples=4", "rounds.prompts=48", "optim.steps=10", "eval.every=10"]
 
@@ -154,7 +156,7 @@ def test_rounds_end_to_end_and_a_round_resumed_mid_way(tmp_path, monkeypatch):
 
 
 def test_the_local_checkpoint_preset_validates_and_the_builtin_task_refuses_paths(tmp_path):
-    from test_train import ROOT
+    from helpers import ROOT
 
     from dpo_jax.config import load_config_file, validate
 

@@ -8,8 +8,9 @@ import torch
 from conftest import make_hf_model
 from flax import nnx
 
-from dpo_jax import hf, sampling, scoring
-from dpo_jax import logprobs as lp
+from dpo_jax.core import logprobs as lp
+from dpo_jax.core import sampling, scoring
+from dpo_jax.infra import hf
 
 SAMPLER = ["llama3", "mistral_window", "qwen2"]  # the sampler's own logic (filtering, keys, stops, shapes)
 FAMILIES = ["qwen3", "gemma3", "olmo2", "phi3", "qwen3_moe", "mixtral"]  # each family's decoding through the cache
@@ -17,7 +18,8 @@ FAMILIES = ["qwen3", "gemma3", "olmo2", "phi3", "qwen3_moe", "mixtral"]  # each 
 
 def _pair(name, tmp_path_factory):
     # Phi-3 with an original context longer than the rows here: transformers' generate recomputes its cache when a
-    # row crosses it (longrope's factor switch), which a KV-cache sampler does not (dpo_jax.sampling says what it does)
+    # row crosses it (longrope's factor switch), which a KV-cache sampler does not (dpo_jax.core.sampling says
+    # what it does)
     extra = dict(original_max_position_embeddings=24) if name == "phi3" else {}
     model = make_hf_model(name, seed=1, scale=0.5, **extra)
     path = tmp_path_factory.mktemp("gen")

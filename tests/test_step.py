@@ -1,4 +1,4 @@
-"""The jitted train step on its own (``dpo_jax.step``): what it keeps in memory."""
+"""The jitted train step on its own (``dpo_jax.core.step``): what it keeps in memory."""
 
 import functools
 
@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpo_jax import builders, optim, step
+from dpo_jax.core import optim, step
+from dpo_jax.core.state import init_state
 from dpo_jax.data import Layout, PreferenceLoader, TokenizedPair
 from dpo_jax.models import ModelConfig, init_decoder
-from dpo_jax.state import init_state
+from dpo_jax.training import builders
 
 
 def test_a_single_runs_step_updates_in_place_and_a_members_keeps_its_last_good_state():

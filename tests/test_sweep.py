@@ -11,12 +11,13 @@ import jax
 import numpy as np
 import pytest
 from conftest import xla_env
-from test_train import TINY, tiny_config
+from helpers import TINY, tiny_config
 
-from dpo_jax import runs, sweep
 from dpo_jax.config import ConfigError
-from dpo_jax.loop import StepCache
-from dpo_jax.outputs import read_history
+from dpo_jax.research import sweep
+from dpo_jax.training import runs
+from dpo_jax.training.loop import StepCache
+from dpo_jax.training.outputs import read_history
 
 pytestmark = pytest.mark.slow  # end-to-end runs and processes: not in -m quick
 
@@ -332,6 +333,6 @@ def test_pbt_replaces_a_failed_member_and_resumes_to_the_same_weights_and_lineag
 
 
 def pbt_rows(workdir):
-    from dpo_jax.pbt import Lineage
+    from dpo_jax.research.pbt import Lineage
 
     return Lineage(workdir / "lineage.jsonl").read()

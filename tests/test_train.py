@@ -3,83 +3,30 @@
 import functools
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import COMMON, xla_env
+from conftest import COMMON
 from flax import nnx
+from helpers import ROOT, cli, tiny_config
 
-from dpo_jax import builders, evaluate, inputs, optim, outputs, sharding, step, train
 from dpo_jax.config import ConfigError, load_config_file, validate
+from dpo_jax.core import optim, step
+from dpo_jax.core.state import init_state
 from dpo_jax.data import (
-    Layout,
-    PreferenceLoader,
     TokenizeConfig,
     load_examples,
     synthetic,
     tokenize_examples,
 )
 from dpo_jax.errors import NonFiniteLoss, Notes
-from dpo_jax.hf import load_pretrained
-from dpo_jax.outputs import read_history
-from dpo_jax.state import init_state
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [  # overrides that make the built-in job a seconds-long run (at the beta the tests' expectations assume)
-    "dpo.beta=0.1",
-    "synthetic.n_sft=128",
-    "synthetic.n_train=128",
-    "synthetic.n_eval=32",
-    "sft.steps=10",
-    "sft.batch_size=16",
-    "optim.steps=20",
-    "optim.batch_size=16",
-    "eval.every=10",
-    "eval.batch_size=16",
-    "eval.num_prompts=16",
-    "checkpoint.every=5",
-    "log_every=5",
-    "wandb.enabled=False",
-    "model.hidden_size=32",
-    "model.intermediate_size=64",
-]
-
-
-def tiny_config(*extra, cache_dir=None):
-    cfg = load_config_file(str(ROOT / "configs/default.py"))
-    for item in (*TINY, *extra):
-        key, value = item.split("=", 1)
-        *path, leaf = key.split(".")
-        node = cfg
-        for p in path:
-            node = node[p]
-        node[leaf] = type(node[leaf])(json.loads(value) if value not in ("True", "False") else value == "True")
-    if cache_dir is not None:
-        cfg.reference.cache_dir = str(cache_dir)
-    return cfg
-
-
-def cli(workdir, *extra, env=None, wait=True):
-    cmd = [
-        sys.executable,
-        "-m",
-        "dpo_jax",
-        "train",
-        "--config",
-        str(ROOT / "configs/default.py"),
-        "--workdir",
-        str(workdir),
-        *(f"--config.{o}" for o in (*TINY, *extra)),
-    ]
-    full_env = {**os.environ, "XLA_FLAGS": xla_env(1), **(env or {})}
-    if not wait:
-        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
+from dpo_jax.infra import sharding
+from dpo_jax.infra.hf import load_pretrained
+from dpo_jax.training import builders, evaluate, inputs, outputs, train
+from dpo_jax.training.outputs import read_history
 
 
 @pytest.mark.slow
@@ -197,23 +144,6 @@ def test_cli_rejects_bad_override_before_compiling(tmp_path):
 # --- The step itself ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def step_setup(tmp_path_factory):
-    paths = synthetic.write_task(tmp_path_factory.mktemp("t"), synthetic.TaskConfig(n_sft=4, n_train=32, n_eval=4))
-    tok = synthetic.build_tokenizer()
-    pairs, _ = tokenize_examples(
-        load_examples(paths["train"])[0], tok, TokenizeConfig(max_length=16, max_prompt_length=8)
-    )
-    cfg = tiny_config()
-    model = builders.build_model(cfg, tok)
-    graphdef, params = nnx.split(model)
-    # packed rows (a multiple of 4, for 4 micro-batches) that hold different numbers of pairs
-    row = 3 * max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs[:8])
-    batch = PreferenceLoader(pairs[:8], 8, layout=Layout(row_multiple=4, row_length=row)).batch(0)
-    assert len(set(batch.valid_GxP.sum(1).tolist())) > 1
-    return graphdef, params, jax.tree.map(jnp.asarray, batch)
-
-
 def _step(setup, sc, hparams=None, reference=None, ref_logps=None):
     graphdef, params, batch = setup
     tx = optim.make_optimizer(builders.optim_section(learning_rate=1e-3, warmup_steps=0), 10)
@@ -227,7 +157,7 @@ def _step(setup, sc, hparams=None, reference=None, ref_logps=None):
 @pytest.mark.slow
 def test_frozen_and_cached_reference_agree(step_setup):
     graphdef, params, batch = step_setup
-    from dpo_jax import scoring
+    from dpo_jax.core import scoring
 
     ref = jax.tree.map(lambda x: x * 1.01, params)  # a reference that differs from the policy
     ref_logps = scoring.pair_logps(graphdef, ref, batch)[0].reshape(*batch.index_GxP.shape, 2)
@@ -494,7 +424,7 @@ def test_tr_dpo_reference_is_the_exact_mix_after_each_sync_and_the_step_reads_it
 
 
 def test_xla_flags_are_added_and_a_users_own_setting_kept():
-    from dpo_jax import xla_flags
+    from dpo_jax.infra import xla_flags
 
     flag = xla_flags.CPU_FLAGS[0].split("=")[0]
     assert xla_flags.apply({}) == f"{flag}=true"
@@ -505,7 +435,7 @@ def test_xla_flags_are_added_and_a_users_own_setting_kept():
 
 
 def test_malloc_settings_are_added_and_a_users_own_kept():
-    from dpo_jax import xla_flags
+    from dpo_jax.infra import xla_flags
 
     mine = xla_flags.keep_memory({}).split(":")
     never = "18446744073709551615"  # SIZE_MAX: GLIBC_TUNABLES' size_t for mallopt's -1 (no trimming)

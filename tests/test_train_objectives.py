@@ -8,11 +8,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from test_train import tiny_config
+from helpers import tiny_config
 
-from dpo_jax import evaluate, train
 from dpo_jax.data import DataError, synthetic
-from dpo_jax.outputs import read_history
+from dpo_jax.training import evaluate, train
+from dpo_jax.training.outputs import read_history
 
 pytestmark = pytest.mark.slow  # end-to-end runs and processes: not in -m quick
 

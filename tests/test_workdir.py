@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from dpo_jax import workdir
 from dpo_jax.config import CHANGEABLE_ON_RESUME
 from dpo_jax.errors import DiskFullError, WorkdirError
-from dpo_jax.workdir import (
+from dpo_jax.infra import workdir
+from dpo_jax.infra.workdir import (
     WorkdirLock,
     atomic_dir,
     atomic_write_text,
@@ -43,7 +43,7 @@ def tmpfs(path, size, *, readonly=False):
 
 def test_second_process_is_refused_with_the_holder_named_and_a_dead_holder_does_not_block(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from dpo_jax.workdir import WorkdirLock; "
+        [sys.executable, "-c", "import sys, time; from dpo_jax.infra.workdir import WorkdirLock; "
          f"WorkdirLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -74,7 +74,7 @@ def test_a_full_disk_during_an_export_or_an_async_checkpoint_is_one_line(tmp_pat
     import jax.numpy as jnp
     import numpy as np
 
-    from dpo_jax import checkpoint
+    from dpo_jax.infra import checkpoint
 
     with tmpfs(tmp_path / "small", "256k") as disk:
         with pytest.raises(DiskFullError, match=rf"disk full in {disk}/hf"), atomic_dir(disk / "hf") as tmp:
@@ -196,9 +196,9 @@ def test_lock_is_exclusive_within_one_process_too(tmp_path):
 
 
 def test_the_sft_stage_records_its_lora_fields_and_refuses_their_change(tmp_path):
-    from test_train import tiny_config
+    from helpers import tiny_config
 
-    from dpo_jax.runs import stage_records
+    from dpo_jax.training.runs import stage_records
 
     def sft_record(*extra):
         (folder, record), *_ = stage_records(tiny_config(*extra), tmp_path).items()
@@ -218,9 +218,9 @@ def test_the_sft_stage_records_its_lora_fields_and_refuses_their_change(tmp_path
 
 
 def test_data_changed_between_stop_and_resume_is_refused_unless_allowed(tmp_path):
-    from test_train import tiny_config
+    from helpers import tiny_config
 
-    from dpo_jax.runs import stage_records
+    from dpo_jax.training.runs import stage_records
 
     train, evals = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     for f in (train, evals):

@@ -1,6 +1,6 @@
 """Preference data: formats, validation, tokenization, batching and the built-in synthetic task."""
 
-from dpo_jax.data.batch import Batch
+from dpo_jax.core.batch import Batch
 from dpo_jax.data.examples import Columns, LoadReport, PreferenceExample, load_examples, parse_row
 from dpo_jax.data.formats import DataError, read_rows
 from dpo_jax.data.loader import PreferenceLoader, epoch_order, pad_batches, to_global

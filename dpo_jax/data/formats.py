@@ -93,7 +93,7 @@ def detect_format(path: str | os.PathLike) -> str:
 
 
 def local_paths(path: str | os.PathLike) -> list[Path]:
-    """The files of a data path: one path, or the shards of a split joined by ``os.pathsep`` (``dpo_jax.hub``)."""
+    """The files of a data path: one path, or the shards of a split joined by ``os.pathsep`` (``dpo_jax.infra.hub``)."""
     return [Path(p) for p in str(path).split(os.pathsep)]
 
 

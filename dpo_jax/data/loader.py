@@ -19,11 +19,11 @@ from collections.abc import Iterator, Sequence
 import jax
 import numpy as np
 
+from dpo_jax.core.batch import PAIRS, REFERENCE, ROWS, Batch
 from dpo_jax.data import packing
-from dpo_jax.data.batch import PAIRS, REFERENCE, ROWS, Batch
 from dpo_jax.data.packing import Layout
 from dpo_jax.data.tokenize import TokenizedPair
-from dpo_jax.sharding import batch_sharding, batch_slice
+from dpo_jax.infra.sharding import batch_sharding, batch_slice
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:

@@ -4,7 +4,7 @@ Shape letters: G groups (rows of a packed batch, pairs of a padded one), K rows 
 P pairs per group, Z score blocks (consecutive runs of G / Z groups: one per device and micro-batch), S scored
 entries per block.
 
-Every layout is described by the same arrays (a ``dpo_jax.data.batch.Batch``), so one scoring function serves
+Every layout is described by the same arrays (a ``dpo_jax.core.batch.Batch``), so one scoring function serves
 all of them:
   tokens, positions, segment_ids, branch,  [G, K, T] int32  (segment 0 = padding; branch 0 = prompt, 1 =
   pair                                                       chosen, 2 = rejected; pair: the dataset row of the
@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dpo_jax.data.batch import ROWS, SCORES, Batch
+from dpo_jax.core.batch import ROWS, SCORES, Batch
 from dpo_jax.data.formats import DataError
 from dpo_jax.data.tokenize import TokenizedPair
 

@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from dpo_jax import sampling
-from dpo_jax.hf import HFTokenizer
+from dpo_jax.core import sampling
+from dpo_jax.infra.hf import HFTokenizer
 
 ALPHABET = "abcdefghijklmnop"
 POSITIVE = frozenset("abcdefgh")

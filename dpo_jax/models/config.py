@@ -4,18 +4,48 @@ from __future__ import annotations
 
 import dataclasses
 
-ARCHITECTURES = {  # Hugging Face architecture -> model_type
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Gemma3ForCausalLM": "gemma3_text",
-    "Olmo2ForCausalLM": "olmo2",
-    "Phi3ForCausalLM": "phi3",
-    "Qwen3MoeForCausalLM": "qwen3_moe",
-    "MixtralForCausalLM": "mixtral",
-}
-MIXTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")  # the families whose MLP is a mixture of experts
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One model family's facts, read by loading and export (``dpo_jax.models.families``, ``dpo_jax.infra.hf``),
+    LoRA's PEFT export, building a new model and the config's validation: nothing else asks for an architecture.
+
+    ``mixture``: every MLP is a mixture of experts; ``experts_module`` / ``expert_names``: where its router
+    ("gate") and experts live in ``config.json``'s weights and their projections' names (ours -> theirs);
+    ``expert_width``: the ``config.json`` field of an expert's width; ``fused``: q/k/v live in one ``qkv_proj``
+    and gate/up in one ``gate_up_proj`` (``fused_projections``); ``sliding_window``: ``config.json``'s
+    ``sliding_window`` applies to every layer; ``tied_by_default``: embeddings tied when ``config.json`` is
+    silent; ``qwen_sliding``: a ``use_sliding_window`` switch we refuse when on."""
+
+    model_type: str
+    mixture: bool = False
+    experts_module: str = "mlp"
+    expert_names: tuple[tuple[str, str], ...] = (("gate_proj", "gate_proj"), ("up_proj", "up_proj"),
+                                                 ("down_proj", "down_proj"))  # fmt: skip
+    expert_width: str = "moe_intermediate_size"
+    fused: bool = False
+    sliding_window: bool = False
+    tied_by_default: bool = False
+    qwen_sliding: bool = False
+    reads_norm_topk: bool = False  # config.json's norm_topk_prob (default False) decides; otherwise always normalised
+
+
+FAMILIES = {  # Hugging Face architecture -> its facts
+    "LlamaForCausalLM": Family("llama"),
+    "MistralForCausalLM": Family("mistral", sliding_window=True),
+    "Qwen2ForCausalLM": Family("qwen2", qwen_sliding=True),
+    "Qwen3ForCausalLM": Family("qwen3", qwen_sliding=True),
+    "Gemma3ForCausalLM": Family("gemma3_text", tied_by_default=True),
+    "Olmo2ForCausalLM": Family("olmo2"),
+    "Phi3ForCausalLM": Family("phi3", fused=True, sliding_window=True),
+    "Qwen3MoeForCausalLM": Family("qwen3_moe", mixture=True, qwen_sliding=True, reads_norm_topk=True),
+    "MixtralForCausalLM": Family(
+        "mixtral", mixture=True, experts_module="block_sparse_moe", sliding_window=True,
+        expert_names=(("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")), expert_width="intermediate_size",
+    ),
+}  # fmt: skip
+ARCHITECTURES = {arch: f.model_type for arch, f in FAMILIES.items()}  # Hugging Face architecture -> model_type
+MIXTURES = tuple(arch for arch, f in FAMILIES.items() if f.mixture)  # the families whose MLP is a mixture of experts
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 QK_NORMS = ("none", "head", "full")
 NORM_LAYOUTS = ("pre", "post", "sandwich")
@@ -89,7 +119,7 @@ class ModelConfig:
     # of attention_block queries and keys (memory linear in the row)
     attention: str = "auto"
     attention_block: int = 512
-    # LoRA adapters (dpo_jax.lora): rank 0 = none; the targets are projection names (q_proj, ..., down_proj)
+    # LoRA adapters (dpo_jax.models.lora): rank 0 = none; the targets are projection names (q_proj, ..., down_proj)
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()
@@ -157,3 +187,14 @@ class ModelConfig:
         if self.eos_token_id is None:
             return ()
         return (self.eos_token_id,) if isinstance(self.eos_token_id, int) else tuple(self.eos_token_id)
+
+
+def fused_projections(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
+    """A fused family's projections (Phi-3): ours -> (its fused module under ``self_attn.`` / ``mlp.``, first row,
+    last row + 1); empty for the others."""
+    if not FAMILIES[cfg.architecture].fused:
+        return {}
+    h, k, e, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
+    return {"q_proj": ("self_attn.qkv_proj", 0, h * e), "k_proj": ("self_attn.qkv_proj", h * e, (h + k) * e),
+            "v_proj": ("self_attn.qkv_proj", (h + k) * e, (h + 2 * k) * e),
+            "gate_proj": ("mlp.gate_up_proj", 0, f), "up_proj": ("mlp.gate_up_proj", f, 2 * f)}  # fmt: skip

@@ -20,9 +20,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dpo_jax.models.config import ARCHITECTURES, MIXTURES, ROPE_TYPES, ModelConfig
+from dpo_jax.models.config import ARCHITECTURES, FAMILIES, ROPE_TYPES, ModelConfig
 
-MOE = MIXTURES
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
 
@@ -90,13 +89,11 @@ def _gemma3(hf: dict[str, Any], where: str) -> dict[str, Any]:
 
 
 def _moe(hf: dict[str, Any], arch: str, where: str) -> dict[str, Any]:
-    if arch == "Qwen3MoeForCausalLM":
-        if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
-            raise ValueError(f"{where}: dense layers among the experts (decoder_sparse_step, mlp_only_layers) are "
-                             f"not supported; every layer must be a mixture of experts")  # fmt: skip
-        width, norm = hf["moe_intermediate_size"], bool(hf.get("norm_topk_prob", False))
-    else:
-        width, norm = hf["intermediate_size"], True
+    if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
+        raise ValueError(f"{where}: dense layers among the experts (decoder_sparse_step, mlp_only_layers) are "
+                         f"not supported; every layer must be a mixture of experts")  # fmt: skip
+    width = hf[FAMILIES[arch].expert_width]
+    norm = bool(hf.get("norm_topk_prob", False)) if FAMILIES[arch].reads_norm_topk else True
     return dict(
         num_experts=int(hf.get("num_experts") or hf.get("num_local_experts")),
         experts_per_token=int(hf.get("num_experts_per_tok", 2)), expert_intermediate_size=int(width),
@@ -107,7 +104,8 @@ def _moe(hf: dict[str, Any], arch: str, where: str) -> dict[str, Any]:
 def _family(hf: dict[str, Any], arch: str, where: str) -> dict[str, Any]:
     """The fields a family sets beyond Llama's."""
     bias = bool(hf.get("attention_bias", False))
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM") and hf.get("use_sliding_window"):
+    family = FAMILIES[arch]
+    if family.qwen_sliding and hf.get("use_sliding_window"):
         raise ValueError(f"{where}: use_sliding_window=true is not supported yet")
     out: dict[str, Any] = {**_rope(_rope_params(hf), where, hf), "qkv_bias": bias}
     if arch == "LlamaForCausalLM":
@@ -124,9 +122,9 @@ def _family(hf: dict[str, Any], arch: str, where: str) -> dict[str, Any]:
         fraction = _rope_params(hf).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
         out.update(qkv_bias=False, rope_fraction=float(fraction))
         out.setdefault("rope_original_max_position", int(hf.get("original_max_position_embeddings", 4096)))
-    if arch in ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM"):
+    if family.sliding_window:
         out["sliding_window"] = hf.get("sliding_window")
-    if arch in MOE:
+    if family.mixture:
         out.update(_moe(hf, arch, where))
     return out
 
@@ -141,7 +139,7 @@ def config_from_hf(hf: dict[str, Any], *, where: str = "config.json", **override
     if act not in _ACTIVATIONS:
         raise ValueError(f"{where}: activation {act!r} is not supported (silu, gelu_pytorch_tanh)")
     required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"]
-    required += ["moe_intermediate_size"] if arch == "Qwen3MoeForCausalLM" else ["intermediate_size"]
+    required += [FAMILIES[arch].expert_width if FAMILIES[arch].mixture else "intermediate_size"]
     missing = [k for k in required if k not in hf]
     if missing:
         raise ValueError(f"{where}: missing required fields {missing}")
@@ -156,7 +154,7 @@ def config_from_hf(hf: dict[str, Any], *, where: str = "config.json", **override
         head_dim=hf.get("head_dim"),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch == "Gemma3ForCausalLM")),  # Gemma's default: tied
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", FAMILIES[arch].tied_by_default)),
         mlp_activation=_ACTIVATIONS[act],
         architecture=arch,
         bos_token_id=hf.get("bos_token_id"),
@@ -197,12 +195,14 @@ def _number(x: float) -> int | float:
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """A ``config.json`` dict that ``transformers`` loads as the same architecture."""
     rope, arch = _rope_to_hf(cfg), cfg.architecture
+    family = FAMILIES[arch]
+    mixtral_width = family.mixture and family.expert_width == "intermediate_size"
     hf = {
         "architectures": [arch],
         "model_type": ARCHITECTURES[arch],
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.expert_intermediate_size if arch == "MixtralForCausalLM" else cfg.intermediate_size,
+        "intermediate_size": cfg.expert_intermediate_size if mixtral_width else cfg.intermediate_size,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
@@ -224,9 +224,9 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     }
     if arch == "LlamaForCausalLM":
         hf.update(attention_bias=cfg.o_bias, mlp_bias=cfg.mlp_bias)
-    if arch in ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM"):
+    if family.sliding_window:
         hf["sliding_window"] = cfg.sliding_window
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
+    if family.qwen_sliding:
         hf.update(use_sliding_window=False, sliding_window=None)
     if arch == "Phi3ForCausalLM":
         hf["original_max_position_embeddings"] = cfg.rope_original_max_position
@@ -240,7 +240,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
             rope_local_base_freq=local["rope_theta"], query_pre_attn_scalar=_number(cfg.scores_scale**-2),
             final_logit_softcapping=cfg.final_softcap,
         )  # fmt: skip
-    if arch in MOE:
+    if family.mixture:
         hf.update(
             num_experts_per_tok=cfg.experts_per_token, router_aux_loss_coef=cfg.router_aux_loss_coef,
             num_local_experts=cfg.num_experts, num_experts=cfg.num_experts,

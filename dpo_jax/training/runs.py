@@ -11,10 +11,10 @@ from pathlib import Path
 import jax
 from jax.experimental import multihost_utils
 
-from dpo_jax import checkpoint
 from dpo_jax.config import CHANGEABLE_ON_RESUME, SFT_FIELDS
-from dpo_jax.logging import JsonlWriter, MultiWriter, WandbWriter, Writer
-from dpo_jax.workdir import DIGEST, WorkdirLock, allowed_changes, check_resume_config, file_digest, flatten
+from dpo_jax.infra import checkpoint
+from dpo_jax.infra.logging import JsonlWriter, MultiWriter, WandbWriter, Writer
+from dpo_jax.infra.workdir import DIGEST, WorkdirLock, allowed_changes, check_resume_config, file_digest, flatten
 
 
 def barrier(name: str) -> None:

@@ -1,7 +1,7 @@
 """The algorithm: the one DPO / SFT objective and the pure train and eval steps, below all machinery.
 
 ``train_step(state, batch, reference) -> (state, metrics)`` is one optimizer step (``StepConfig.grad_accum``
-micro-batches) of one member; the loop (``dpo_jax.loop``) vmaps it over a population's members and jits it once
+micro-batches) of one member; the loop (``dpo_jax.training.loop``) vmaps it over a population's members and jits it once
 per batch shape. Hyper-parameters (beta, label smoothing, soft-target temperature, learning-rate scale, loss-type
 weights) live in ``state.hparams``: traced, so one compile serves any values, for training and eval alike
 (``pair_losses`` is the one objective; ``eval_sums`` the eval step). ``reference`` is the frozen reference's
@@ -18,14 +18,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpo_jax import lora, scoring
-from dpo_jax.data.batch import Batch
-from dpo_jax.hparams import HParams
-from dpo_jax.losses import preference_loss, temper_targets, update_running_moments
-from dpo_jax.models import moe
+from dpo_jax.core import scoring
+from dpo_jax.core.batch import Batch
+from dpo_jax.core.hparams import HParams
+from dpo_jax.core.losses import preference_loss, temper_targets, update_running_moments
+from dpo_jax.core.optim import current_lr
+from dpo_jax.core.state import TrainState
+from dpo_jax.models import lora, moe
 from dpo_jax.models.paths import path_str
-from dpo_jax.optim import current_lr
-from dpo_jax.state import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +123,7 @@ def pair_losses(stats: dict, ref_logps, batch, hparams: HParams, sc: StepConfig,
         mask=scoring.pair_values(batch.valid_GxP),
         f_divergence_type=hparams.f_divergence,
         pair_weights=weights,
-        **hparams.loss_kwargs(),  # the coefficients declared as the loss's (dpo_jax.hparams)
+        **hparams.loss_kwargs(),  # the coefficients declared as the loss's (dpo_jax.core.hparams)
     )  # fmt: skip
 
 

@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from dpo_jax import scoring, signals
+from dpo_jax.core import scoring
 from dpo_jax.data.loader import PreferenceLoader, to_global
-from dpo_jax.logging import progress
-from dpo_jax.sharding import batch_sharding, batch_slice, data_parallel_size
+from dpo_jax.infra import signals
+from dpo_jax.infra.logging import progress
+from dpo_jax.infra.sharding import batch_sharding, batch_slice, data_parallel_size
 
 
 def ids_digest(pairs) -> str:

@@ -21,11 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpo_jax import lora, sampling, scoring, signals
+from dpo_jax.core import sampling, scoring
+from dpo_jax.core.step import eval_sums
 from dpo_jax.data import PreferenceLoader, to_global
-from dpo_jax.logging import progress
-from dpo_jax.sharding import replicated, take_member
-from dpo_jax.step import eval_sums
+from dpo_jax.infra import signals
+from dpo_jax.infra.logging import progress
+from dpo_jax.infra.sharding import replicated, take_member
+from dpo_jax.models import lora
 
 
 class Evaluator:

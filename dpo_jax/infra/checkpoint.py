@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from dpo_jax.errors import NonFiniteLoss, WorkdirError, one_line
-from dpo_jax.workdir import ensure_free_space, os_error, promote_pending_record
+from dpo_jax.infra.workdir import ensure_free_space, os_error, promote_pending_record
 
 SAVE_SLACK_BYTES = 512 * 1024
 

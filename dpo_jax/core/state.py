@@ -1,4 +1,4 @@
-"""The train state of a population of K >= 1 members (their traced hyper-parameters: ``dpo_jax.hparams``).
+"""The train state of a population of K >= 1 members (their traced hyper-parameters: ``dpo_jax.core.hparams``).
 
 Shape letters: K members, T loss types. A plain run is K = 1; a vectorised sweep K > 1. Every leaf of a
 population's state has a leading [K] axis; ``member(state, k)`` is an ordinary single-run state (what a member's
@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpo_jax.hparams import HParams
-from dpo_jax.losses import RunningMoments
+from dpo_jax.core.hparams import HParams
+from dpo_jax.core.losses import RunningMoments
 
 
 @flax.struct.dataclass
@@ -55,5 +55,5 @@ def member(tree, k: int):
 
 def gather_members(tree_K, index_K):
     """Each member's leaves replaced by those of member ``index_K[k]`` (a gather along the member axis: PBT's
-    exploit, ``dpo_jax.loop.Loop.exploit``)."""
+    exploit, ``dpo_jax.training.loop.Loop.exploit``)."""
     return jax.tree.map(lambda x: x[index_K], tree_K)

@@ -34,11 +34,11 @@ import jax
 import ml_collections
 
 from dpo_jax.config import SFT_FIELDS, ConfigError, load_config_module
-from dpo_jax.hparams import traced_fields
-from dpo_jax.loop import StepCache
-from dpo_jax.pbt import pbt_hook
-from dpo_jax.runs import load_summary
-from dpo_jax.train import train, train_population
+from dpo_jax.core.hparams import traced_fields
+from dpo_jax.research.pbt import pbt_hook
+from dpo_jax.training.loop import StepCache
+from dpo_jax.training.runs import load_summary
+from dpo_jax.training.train import train, train_population
 
 SUMMARY_COLUMNS = (
     "eval/loss",
@@ -53,7 +53,7 @@ SUMMARY_COLUMNS = (
 )
 
 
-VECTOR_KEYS = traced_fields()  # declared with the hyper-parameters (dpo_jax.hparams)
+VECTOR_KEYS = traced_fields()  # declared with the hyper-parameters (dpo_jax.core.hparams)
 
 
 def vector_groups(members: list[dict[str, Any]]) -> list[list[int]]:

@@ -12,12 +12,13 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from dpo_jax import hf, lora
-from dpo_jax.checkpoint import all_finite
 from dpo_jax.errors import NonFiniteLoss
-from dpo_jax.evaluate import FALLING_CHOSEN
-from dpo_jax.logging import read_jsonl
-from dpo_jax.workdir import atomic_dir, atomic_write_text
+from dpo_jax.infra import hf
+from dpo_jax.infra.checkpoint import all_finite
+from dpo_jax.infra.logging import read_jsonl
+from dpo_jax.infra.workdir import atomic_dir, atomic_write_text
+from dpo_jax.models import lora
+from dpo_jax.training.evaluate import FALLING_CHOSEN
 
 PLOTS = (
     ("loss", ("sft/loss", "train/loss", "eval/loss")),

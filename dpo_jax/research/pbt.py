@@ -23,10 +23,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from dpo_jax import rewards
+from dpo_jax.core.hparams import PERTURBABLE, HParams, field_domain
+from dpo_jax.data import rewards
 from dpo_jax.errors import ConfigError
-from dpo_jax.hparams import PERTURBABLE, HParams, field_domain
-from dpo_jax.loop import Hook
+from dpo_jax.training.loop import Hook
 
 # metric name -> (eval key, sign: +1 higher is better)
 METRICS = {"reward": ("eval/reward", 1.0), "loss": ("eval/loss", -1.0), "accuracy": ("eval/rewards/accuracies", 1.0),

@@ -23,12 +23,12 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from dpo_jax import lora
 from dpo_jax.errors import MissingFileError, ModelError, one_line
-from dpo_jax.models.config import ARCHITECTURES, LORA_TARGETS, ModelConfig
+from dpo_jax.infra.workdir import save_tensors
+from dpo_jax.models import lora
+from dpo_jax.models.config import ARCHITECTURES, FAMILIES, LORA_TARGETS, ModelConfig, fused_projections
 from dpo_jax.models.families import config_from_hf, config_to_hf
 from dpo_jax.models.llama import Decoder
-from dpo_jax.workdir import save_tensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -48,16 +48,11 @@ class _Entry:
 
 def _linear_entries(cfg: ModelConfig, prefix: str, i: int) -> list[_Entry]:
     """A layer's projections: Llama's names, or Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` split by rows."""
-    h, k, e, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
     attn = [("q_proj", cfg.qkv_bias), ("k_proj", cfg.qkv_bias), ("v_proj", cfg.qkv_bias), ("o_proj", cfg.o_bias)]
     mlp = (
         [] if cfg.num_experts else [("gate_proj", cfg.mlp_bias), ("up_proj", cfg.mlp_bias), ("down_proj", cfg.mlp_bias)]
     )
-    fused = {}
-    if cfg.architecture == "Phi3ForCausalLM":
-        fused = {"q_proj": ("self_attn.qkv_proj", 0, h * e), "k_proj": ("self_attn.qkv_proj", h * e, (h + k) * e),
-                 "v_proj": ("self_attn.qkv_proj", (h + k) * e, (h + 2 * k) * e),
-                 "gate_proj": ("mlp.gate_up_proj", 0, f), "up_proj": ("mlp.gate_up_proj", f, 2 * f)}  # fmt: skip
+    fused = fused_projections(cfg)
     out = []
     for module, names in (("self_attn", attn), ("mlp", mlp)):
         for name, bias in names:
@@ -75,10 +70,8 @@ def _linear_entries(cfg: ModelConfig, prefix: str, i: int) -> list[_Entry]:
 def _expert_entries(cfg: ModelConfig, prefix: str, i: int) -> list[_Entry]:
     """A mixture's router and experts: Qwen3-MoE's ``mlp.gate`` / ``mlp.experts.{e}.*_proj``, Mixtral's
     ``block_sparse_moe.gate`` / ``block_sparse_moe.experts.{e}.w1`` (gate), ``w3`` (up), ``w2`` (down)."""
-    if cfg.architecture == "MixtralForCausalLM":
-        module, names = "block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-    else:
-        module, names = "mlp", {n: n for n in ("gate_proj", "up_proj", "down_proj")}
+    family = FAMILIES[cfg.architecture]
+    module, names = family.experts_module, dict(family.expert_names)
     out = [_Entry(f"{prefix}{module}.gate.weight", ("layers", "mlp", "router"), transpose=True, layer=i)]
     for x in range(cfg.num_experts):
         for ours, theirs in names.items():
@@ -370,13 +363,8 @@ class HFTokenizer:
 
 
 def fused_parts(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
-    """Phi-3's fused projections: our projection -> (its fused module, first row, last row + 1)."""
-    if cfg.architecture != "Phi3ForCausalLM":
-        return {}
-    h, k, e, f = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.intermediate_size
-    return {"q_proj": ("qkv_proj", 0, h * e), "k_proj": ("qkv_proj", h * e, (h + k) * e),
-            "v_proj": ("qkv_proj", (h + k) * e, (h + 2 * k) * e), "gate_proj": ("gate_up_proj", 0, f),
-            "up_proj": ("gate_up_proj", f, 2 * f)}  # fmt: skip
+    """A fused family's projections: ours -> (its fused module's name, first row, last row + 1)."""
+    return {ours: (module.split(".")[-1], a, b) for ours, (module, a, b) in fused_projections(cfg).items()}
 
 
 def peft_modules(cfg: ModelConfig) -> dict[str, list[str]]:

@@ -14,14 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpo_jax import hf, lora, reference, scoring, sharding, signals, throughput
 from dpo_jax.config import ConfigError, check_moe_fields, config_value, loss_types, needs_reference
 from dpo_jax.configs.default import get_config as default_config
+from dpo_jax.core import scoring
+from dpo_jax.core.hparams import DECLARED, HParams
+from dpo_jax.core.losses import F_DIVERGENCES
 from dpo_jax.errors import Notes
-from dpo_jax.hparams import DECLARED, HParams
-from dpo_jax.losses import F_DIVERGENCES
+from dpo_jax.infra import hf, sharding, signals, throughput
+from dpo_jax.infra.workdir import clean_stale_tmp
 from dpo_jax.models import ModelConfig, config_from_hf, init_decoder
-from dpo_jax.workdir import clean_stale_tmp
+from dpo_jax.models.config import FAMILIES, lora
+from dpo_jax.training import reference
 
 
 def make_mesh(cfg, devices, num_members: int = 1):
@@ -37,7 +40,7 @@ def make_mesh(cfg, devices, num_members: int = 1):
 def hparams(cfg, types: tuple[str, ...] | None = None, peak_lr: float | None = None) -> HParams:
     """The traced hyper-parameters of member ``cfg``; ``types``: the step's loss types (a population's union;
     default: the member's own), ``peak_lr``: the shared schedule's peak (default: the member's learning rate).
-    Each declared in ``dpo_jax.hparams``: one set by one field is that field's value; the derived ones here."""
+    Each declared in ``dpo_jax.core.hparams``: one set by one field is that field's value; the derived ones here."""
     own = loss_types(cfg)
     types = own if types is None else tuple(types)
     w = tuple(cfg.dpo.loss_weights) or (1.0,) * len(own)
@@ -99,7 +102,7 @@ def scratch_config(cfg, tokenizer) -> ModelConfig:
         num_experts=m.num_experts, num_experts_per_tok=m.experts_per_token, norm_topk_prob=True,
         moe_intermediate_size=m.expert_intermediate_size or m.intermediate_size,
     )  # fmt: skip
-    if m.architecture == "MixtralForCausalLM":
+    if FAMILIES[m.architecture].expert_width == "intermediate_size":  # Mixtral: the field is the experts' width
         hf["intermediate_size"] = m.expert_intermediate_size or m.intermediate_size
     return config_from_hf(hf, where="config.model", **model_options(cfg))
 

@@ -4,11 +4,11 @@ PBT may perturb it, whether it may change on resume, whether the loss takes it b
 The declarations are the one source of the facts other parts used to keep by hand: the fields in which the
 members of one vectorised program may differ (``traced_fields``), PBT's perturbable names and bounds check,
 the fields a resume may change (``resume_fields``), the config's domain checks (``Domain``), and the
-coefficients ``dpo_jax.step`` passes to ``dpo_jax.losses.preference_loss``. A new loss coefficient is one
+coefficients ``dpo_jax.core.step`` passes to ``dpo_jax.core.losses.preference_loss``. A new loss coefficient is one
 declaration here (and its default in ``configs/default.py``) plus the loss that reads it.
 
 Shape letters: T loss types. ``HParams`` is built from the declarations; every leaf of a population's has a
-leading [K] axis. Building one from a config is the engine's (``dpo_jax.builders.hparams``): this module reads
+leading [K] axis. Building one from a config is the engine's (``dpo_jax.training.builders.hparams``): this module reads
 no config.
 """
 
@@ -83,7 +83,7 @@ DECLARED: dict[str, HyperParameter] = {
     "loss_weights": H(("dpo.loss_type", "dpo.loss_weights"), resume=True, derived=True,
                       doc="[T] weight of each of the step's loss types (0: not in this member's mix)"),
     "f_divergence": H(("dpo.f_divergence_type",), derived=True, dtype="int32",
-                      doc="index into dpo_jax.losses.F_DIVERGENCES"),
+                      doc="index into dpo_jax.core.losses.F_DIVERGENCES"),
     "f_alpha_divergence_coef": H(("dpo.f_alpha_divergence_coef",), FINITE, loss_kwarg=True),
     "discopop_tau": H(("dpo.discopop_tau",), POSITIVE, loss_kwarg=True),
     "simpo_gamma": H(("dpo.simpo_gamma",), FINITE, loss_kwarg=True),
@@ -131,7 +131,7 @@ def _make_hparams():
     namespace = {
         "__annotations__": annotations,
         "__doc__": "A member's traced hyper-parameters (one compile serves any values), one field per declaration "
-        "in ``dpo_jax.hparams.DECLARED``.",
+        "in ``dpo_jax.core.hparams.DECLARED``.",
         "__module__": __name__,
         "loss_kwargs": lambda self: {n: getattr(self, n) for n in LOSS_KWARGS},
     }

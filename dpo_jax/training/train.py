@@ -1,9 +1,10 @@
 """A run end to end: data, the policy, the SFT stage, the reference, the DPO stage, the outputs.
 
-Thin wiring of small builders (``dpo_jax.inputs``, ``dpo_jax.builders``) and the generic loop (``dpo_jax.loop``),
-to which each stage hands the pure step (``dpo_jax.step``) and its hooks: logging, eval with DPO's diagnostics,
-checkpoints, pre-emption. ``train`` runs one config; ``train_population`` runs K >= 1 configs (equal but for what
-``HParams`` and ``dpo.seed`` hold) in one program and writes each out as an ordinary run.
+Thin wiring of small builders (``dpo_jax.training.inputs``, ``dpo_jax.training.builders``) and the generic loop
+(``dpo_jax.training.loop``), to which each stage hands the pure step (``dpo_jax.core.step``) and its hooks:
+logging, eval with DPO's diagnostics, checkpoints, pre-emption. ``train`` runs one config; ``train_population``
+runs K >= 1 configs (equal but for what ``HParams`` and ``dpo.seed`` hold) in one program and writes each out as
+an ordinary run. Both take ``hooks`` from the caller (docs/hooks.md).
 """
 
 from __future__ import annotations
@@ -20,17 +21,23 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpo_jax import builders, inputs, lora, rewards, sharding, signals, step, throughput
-from dpo_jax.builders import Policy
 from dpo_jax.config import dpo_seed, loss_types, needs_reference, validate
-from dpo_jax.data import PreferenceLoader
+from dpo_jax.core import step
+from dpo_jax.core.state import init_state, stack
+from dpo_jax.core.step import StepConfig
+from dpo_jax.data import PreferenceLoader, rewards
 from dpo_jax.errors import ConfigError, Notes
-from dpo_jax.evaluate import FALLING_CHOSEN, Evaluator, falling_chosen
-from dpo_jax.inputs import Data
-from dpo_jax.loop import Hook, Loop, Member, Stage, StepCache, checkpoint_hook, preemption_hook
-from dpo_jax.models import ModelConfig, attention
-from dpo_jax.outputs import write_outputs
-from dpo_jax.runs import (
+from dpo_jax.infra import sharding, signals, throughput
+from dpo_jax.infra.signals import Preempted, stop_signals
+from dpo_jax.infra.workdir import clean_stale_tmp, ensure_writable
+from dpo_jax.models import ModelConfig, attention, lora
+from dpo_jax.training import builders, inputs
+from dpo_jax.training.builders import Policy
+from dpo_jax.training.evaluate import FALLING_CHOSEN, Evaluator, falling_chosen
+from dpo_jax.training.inputs import Data
+from dpo_jax.training.loop import Hook, Loop, Member, Stage, StepCache, checkpoint_hook, preemption_hook
+from dpo_jax.training.outputs import write_outputs
+from dpo_jax.training.runs import (
     barrier,
     check_stage_configs,
     load_summary,
@@ -40,10 +47,6 @@ from dpo_jax.runs import (
     stage_checkpointer,
     workdir_lock,
 )
-from dpo_jax.signals import Preempted, stop_signals
-from dpo_jax.state import init_state, stack
-from dpo_jax.step import StepConfig
-from dpo_jax.workdir import clean_stale_tmp, ensure_writable
 
 # --- Stages -------------------------------------------------------------------------------------------------------
 
@@ -294,7 +297,7 @@ def build_job(cfg, workdir: Path, devices, writer, notes: Notes | None = None, c
 def train(cfg, workdir: str | os.PathLike, *, devices=None, cache: StepCache | None = None,
           hooks: Sequence[Hook] = ()) -> dict:  # fmt: skip
     """Run the configured job end to end; returns the summary (also written to ``<workdir>/summary.json``).
-    ``cache``: compiled steps to reuse (a sweep's members share one); ``hooks``: ``dpo_jax.loop.Hook``s of the
+    ``cache``: compiled steps to reuse (a sweep's members share one); ``hooks``: ``dpo_jax.training.loop.Hook``s of the
     DPO stage, run after its eval and before its checkpoint (docs/hooks.md). A finished workdir (``summary.json``)
     is not run again: its summary is returned."""
     devices = list(jax.devices() if devices is None else devices)
@@ -316,7 +319,7 @@ def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None, 
     """Train K >= 1 member configs (equal but for what ``HParams`` and ``dpo.seed`` hold) in one program; each
     member is written out as an ordinary run (checkpoints, metrics, W&B run, eval, summary, plots, export).
     ``changes``: the members' accepted resume changes, when the caller has checked them already; ``hooks``: as
-    ``train``'s (a PBT population's: ``dpo_jax.pbt.pbt_hook``, which ``dpo_jax.sweep`` hands in)."""
+    ``train``'s (a PBT population's: ``dpo_jax.research.pbt.pbt_hook``, which ``dpo_jax.research.sweep`` hands in)."""
     devices = list(jax.devices() if devices is None else devices)
     workdirs = [ensure_writable(wd) for wd in workdirs]
     cfg = cfgs[0]

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dpo_jax import logprobs as lp
-from dpo_jax.data.batch import Batch
+from dpo_jax.core import logprobs as lp
+from dpo_jax.core.batch import Batch
 from dpo_jax.models import moe
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dpo_jax import signals
 from dpo_jax.errors import ConfigError
+from dpo_jax.infra import signals
 
 BUILTIN = "dpo_jax.data.synthetic:{}_reward"  # the built-in task's rewards, by synthetic.reward
 EXPECTED = "'module:function' or 'path/to/file.py:function' naming a function (prompt, completion) -> float"

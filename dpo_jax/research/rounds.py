@@ -36,14 +36,17 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dpo_jax import builders, checkpoint, hf, inputs, lora, rewards, runs, sampling, scoring, signals, train
 from dpo_jax.config import CHANGEABLE_ON_RESUME, ConfigError, validate
-from dpo_jax.data import load_examples, tokenize_examples
+from dpo_jax.core import sampling, scoring
+from dpo_jax.data import load_examples, rewards, tokenize_examples
 from dpo_jax.errors import WorkdirError
-from dpo_jax.evaluate import sample_prompts, sampled_metrics
-from dpo_jax.logging import Writer
-from dpo_jax.signals import stop_signals
-from dpo_jax.workdir import WorkdirLock, atomic_dir, atomic_write_text, check_resume_config, ensure_writable
+from dpo_jax.infra import checkpoint, hf, signals
+from dpo_jax.infra.logging import Writer
+from dpo_jax.infra.signals import stop_signals
+from dpo_jax.infra.workdir import WorkdirLock, atomic_dir, atomic_write_text, check_resume_config, ensure_writable
+from dpo_jax.models import lora
+from dpo_jax.training import builders, inputs, runs, train
+from dpo_jax.training.evaluate import sample_prompts, sampled_metrics
 
 RECORD = "rounds_config.json"  # what the pairs are made from; fixed for a workdir
 

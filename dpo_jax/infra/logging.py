@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import jax
 from tqdm import tqdm
 
-from dpo_jax.workdir import atomic_write_text
+from dpo_jax.infra.workdir import atomic_write_text
 
 
 class Writer:

@@ -1,6 +1,6 @@
 """Runtime settings dpo_jax runs XLA:CPU with, applied before JAX starts its backend by the ``dpo-jax`` command,
 ``experiments/throughput.py`` and the tests; a setting the user already made is left as they made it. None changes
-a value. A program that calls ``dpo_jax.train`` itself gets them by calling ``apply()`` before its first JAX
+a value. A program that calls ``dpo_jax.training.train`` itself gets them by calling ``apply()`` before its first JAX
 computation (later, the backend has read ``XLA_FLAGS`` and started its threads already)."""
 
 from __future__ import annotations

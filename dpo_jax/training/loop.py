@@ -1,6 +1,6 @@
 """The one training loop, for a population of K >= 1 members, that knows nothing of the algorithm.
 
-A ``Stage`` hands it a pure per-member step (``dpo_jax.step.train_step`` with its static parts bound), the
+A ``Stage`` hands it a pure per-member step (``dpo_jax.core.step.train_step`` with its static parts bound), the
 members (hyper-parameters, data, checkpoints, writers) and its periodic work as ``Hook``s with a cadence: logging,
 eval, checkpointing, the finite check, pre-emption and any diagnostics (levanter's ``add_hook(fn, every=n)``,
 nanodo's periodic actions). The loop owns the population's state: it makes it (``jax.vmap`` over members, split
@@ -23,21 +23,21 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpo_jax import checkpoint, sharding, signals
+from dpo_jax.core.state import gather_members, member, stack
 from dpo_jax.data import PreferenceLoader, pad_batches, to_global
 from dpo_jax.data.loader import stack as stack_batches
 from dpo_jax.data.packing import batch_stats
 from dpo_jax.errors import NonFiniteLoss
-from dpo_jax.logging import ConsoleWriter, Writer
-from dpo_jax.signals import Preempted
-from dpo_jax.state import gather_members, member, stack
+from dpo_jax.infra import checkpoint, sharding, signals
+from dpo_jax.infra.logging import ConsoleWriter, Writer
+from dpo_jax.infra.signals import Preempted
 
 
 @dataclasses.dataclass
 class Member:
     """One member of a population: its hyper-parameters, data order, checkpoints and log."""
 
-    hparams: Any  # dpo_jax.state.HParams of this member
+    hparams: Any  # dpo_jax.core.state.HParams of this member
     seed: int  # data order and the train state's rng
     loader: PreferenceLoader
     ckpt: checkpoint.Checkpointer
@@ -51,7 +51,7 @@ class Hook:
     """``fn(loop, step)`` after every ``every``-th step of a stage and after its last; ``at_start``: also before the
     first step of a stage that starts at step 0 (or resumes with a pending one); ``paused``: its time is not
     training time (the throughput figures leave it out). Hooks from outside the package go to
-    ``dpo_jax.train.train(..., hooks=[...])`` (docs/hooks.md)."""
+    ``dpo_jax.training.train.train(..., hooks=[...])`` (docs/hooks.md)."""
 
     fn: Callable[[Loop, int], None]
     every: int = 1

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import jax
 
-from dpo_jax import sharding, throughput
 from dpo_jax.config import loss_types
 from dpo_jax.data import Columns, Layout, TokenizeConfig, kto, load_examples, synthetic, tokenize_examples
 from dpo_jax.data.examples import load_sft_examples
 from dpo_jax.data.formats import DataError
 from dpo_jax.errors import Notes
-from dpo_jax.hf import HFTokenizer
-from dpo_jax.runs import barrier
-from dpo_jax.workdir import atomic_dir
+from dpo_jax.infra import sharding, throughput
+from dpo_jax.infra.hf import HFTokenizer
+from dpo_jax.infra.workdir import atomic_dir
+from dpo_jax.training.runs import barrier
 
 
 @dataclasses.dataclass

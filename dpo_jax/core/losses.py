@@ -337,7 +337,7 @@ def preference_loss(
 
     Args:
       policy_chosen_logps, policy_rejected_logps: [B] summed completion log-probs under the policy (LD-DPO
-        weights its tail before the sum: see ``dpo_jax.scoring``).
+        weights its tail before the sum: see ``dpo_jax.core.scoring``).
       reference_chosen_logps, reference_rejected_logps: [B] the same under the frozen reference; may be None
         with ``reference_free=True`` (the reference is then the uniform measure: its log-probs are zero) or when
         every type is in ``POLICY_ONLY``.
@@ -414,7 +414,7 @@ def preference_loss(
         "preference_prob": mean(jax.nn.sigmoid(z)),
         "grad_weight": mean(jax.nn.sigmoid(-z)),
         # log pi - log pi_ref per completion token: where each side's likelihood went (chosen < 0 while the
-        # margin rises is DPO's known failure mode; see dpo_jax.evaluate.falling_chosen)
+        # margin rises is DPO's known failure mode; see dpo_jax.training.evaluate.falling_chosen)
         "logratio/chosen_per_token": mean(jax.lax.stop_gradient(c / lc)),
         "logratio/rejected_per_token": mean(jax.lax.stop_gradient(r / lr)),
     }

@@ -1,0 +1,64 @@
+"""What several test files share: the built-in job made seconds-long (``TINY``, ``tiny_config``), the ``dpo-jax``
+command in a subprocess (``cli``), and the repository root."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import xla_env
+
+from dpo_jax.config import load_config_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [  # overrides that make the built-in job a seconds-long run (at the beta the tests' expectations assume)
+    "dpo.beta=0.1",
+    "synthetic.n_sft=128",
+    "synthetic.n_train=128",
+    "synthetic.n_eval=32",
+    "sft.steps=10",
+    "sft.batch_size=16",
+    "optim.steps=20",
+    "optim.batch_size=16",
+    "eval.every=10",
+    "eval.batch_size=16",
+    "eval.num_prompts=16",
+    "checkpoint.every=5",
+    "log_every=5",
+    "wandb.enabled=False",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+]
+
+
+def tiny_config(*extra, cache_dir=None):
+    cfg = load_config_file(str(ROOT / "configs/default.py"))
+    for item in (*TINY, *extra):
+        key, value = item.split("=", 1)
+        *path, leaf = key.split(".")
+        node = cfg
+        for p in path:
+            node = node[p]
+        node[leaf] = type(node[leaf])(json.loads(value) if value not in ("True", "False") else value == "True")
+    if cache_dir is not None:
+        cfg.reference.cache_dir = str(cache_dir)
+    return cfg
+
+
+def cli(workdir, *extra, env=None, wait=True):
+    cmd = [
+        sys.executable,
+        "-m",
+        "dpo_jax",
+        "train",
+        "--config",
+        str(ROOT / "configs/default.py"),
+        "--workdir",
+        str(workdir),
+        *(f"--config.{o}" for o in (*TINY, *extra)),
+    ]
+    full_env = {**os.environ, "XLA_FLAGS": xla_env(1), **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)

@@ -1,0 +1,50 @@
+"""The documented ways in from outside the package (docs/hooks.md): a hook of one's own handed to ``train``, and
+the public losses and log-probs in one's own training loop."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import ROOT, tiny_config
+
+import dpo_jax
+from dpo_jax.training.train import train
+
+
+def example(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "docs" / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_public_names_cover_every_loss_option():
+    for name in dpo_jax.__all__:
+        assert getattr(dpo_jax, name) is not None
+    assert set(dpo_jax.LOSS_TYPES) >= {"sigmoid", "bco_pair", "kto", "aot", "sft", "simpo", "ipo"}
+    assert dpo_jax.F_DIVERGENCES[0] == "reverse_kl"
+
+
+def test_own_loop_example_learns_the_preference_and_keeps_bco_running_moments():
+    history, moments = example("own_loop").train(steps=20)
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    assert history[-1]["rewards/accuracies"] == 1.0
+    # the running mean of the batch rewards is their plain mean (Chan's update from a vanishing count), by NumPy
+    batch_rewards = np.asarray([h["bco/batch_reward"] for h in history], np.float64)
+    np.testing.assert_allclose(float(moments.mean), batch_rewards.mean(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(moments.var), batch_rewards.var(), rtol=1e-4, atol=1e-6)
+    assert round(float(moments.count)) == 20
+
+
+@pytest.mark.slow
+def test_a_hook_from_outside_runs_at_its_cadence_and_writes_the_members_metrics(tmp_path):
+    cfg = tiny_config("optim.steps=10", "eval.every=5")
+    summary = train(cfg, tmp_path / "run", hooks=[example("drift_hook").drift_hook(every=4)])
+    assert summary["eval/rewards/accuracies"] >= 0  # the run ended as a run does
+    rows = [json.loads(line) for line in Path(tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    drift = {r["step"]: r["dpo/param_drift"] for r in rows if "dpo/param_drift" in r}
+    sft = cfg.sft.steps  # the DPO stage logs after the SFT stage's steps
+    assert sorted(drift) == [sft + s for s in (0, 4, 8, 10)], sorted(drift)  # at start, every 4 and the last
+    assert drift[sft] == 0.0 and all(drift[sft + s] > 0 for s in (4, 8, 10))
