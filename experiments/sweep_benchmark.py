@@ -32,7 +32,7 @@ import jax  # noqa: E402
 
 from dpo_jax.research import sweep  # noqa: E402
 from dpo_jax.training import train
-from dpo_jax.training.evaluate import read_history  # noqa: E402
+from dpo_jax.training.outputs import read_history  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

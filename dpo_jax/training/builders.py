@@ -22,8 +22,8 @@ from dpo_jax.core.losses import F_DIVERGENCES
 from dpo_jax.errors import Notes
 from dpo_jax.infra import hf, sharding, signals, throughput
 from dpo_jax.infra.workdir import clean_stale_tmp
-from dpo_jax.models import ModelConfig, config_from_hf, init_decoder
-from dpo_jax.models.config import FAMILIES, lora
+from dpo_jax.models import ModelConfig, config_from_hf, init_decoder, lora
+from dpo_jax.models.config import FAMILIES
 from dpo_jax.training import reference
 
 

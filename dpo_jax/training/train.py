@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from dpo_jax.config import dpo_seed, loss_types, needs_reference, validate
-from dpo_jax.core import step
+from dpo_jax.core import optim, step
 from dpo_jax.core.state import init_state, stack
 from dpo_jax.core.step import StepConfig
 from dpo_jax.data import PreferenceLoader, rewards
@@ -51,11 +51,11 @@ from dpo_jax.training.runs import (
 # --- Stages -------------------------------------------------------------------------------------------------------
 
 
-def make_stage(name: str, sc: StepConfig, optim: dict, steps: int, members: list[Member], policy: Policy,
+def make_stage(name: str, sc: StepConfig, section: dict, steps: int, members: list[Member], policy: Policy,
                init_params, *, frozen=None, hooks=(), log_offset: int = 0, note: str = "") -> Stage:  # fmt: skip
-    """A stage of ``steps`` optimizer steps (``optim``: the optimizer section; members scale its learning rate)
+    """A stage of ``steps`` optimizer steps (``section``: the optimizer section; members scale its learning rate)
     of the pure step ``sc`` describes, from ``init_params``."""
-    tx = optim.make_optimizer(optim, steps)
+    tx = optim.make_optimizer(section, steps)
     running = sc.bco_delta == "running" and "bco_pair" in sc.loss_types
     sync = sc.sync_reference  # TR-DPO: a member's reference starts as the initial policy
 
@@ -69,7 +69,7 @@ def make_stage(name: str, sc: StepConfig, optim: dict, steps: int, members: list
     return Stage(
         name=name, steps=steps, members=members,
         step_fn=functools.partial(step.train_step, graphdef=policy.graphdef, tx=tx, sc=sc),
-        program_key=(policy.graphdef, sc, steps, tuple(sorted((k, str(v)) for k, v in optim.items()))),
+        program_key=(policy.graphdef, sc, steps, tuple(sorted((k, str(v)) for k, v in section.items()))),
         one=jax.eval_shape(lambda p: make(p, members[0].hparams, 0), init_params), init=init, frozen=frozen,
         hooks=list(hooks), log_offset=log_offset, note=note,
         flops=lambda stats: throughput.step_flops(counts, stats, frozen_reference=sc.frozen_reference),
