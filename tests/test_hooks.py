@@ -10,6 +10,7 @@ import pytest
 from helpers import ROOT, tiny_config
 
 import dpo_jax
+from dpo_jax.training.loop import Hook
 from dpo_jax.training.train import train
 
 
@@ -41,7 +42,15 @@ def test_own_loop_example_learns_the_preference_and_keeps_bco_running_moments():
 @pytest.mark.slow
 def test_a_hook_from_outside_runs_at_its_cadence_and_writes_the_members_metrics(tmp_path):
     cfg = tiny_config("optim.steps=10", "eval.every=5")
-    summary = train(cfg, tmp_path / "run", hooks=[example("drift_hook").drift_hook(every=4)])
+    seen = []  # (step, the step of the eval it can read, whether the step's checkpoint is on disk yet)
+
+    def order(loop, step):
+        seen.append((step, loop.last_eval[0], (tmp_path / "run/dpo/checkpoints" / str(step)).exists()))
+
+    hooks = [example("drift_hook").drift_hook(every=4), Hook(order, every=5)]
+    summary = train(cfg, tmp_path / "run", hooks=hooks)
+    # after the eval of its step, before the checkpoint of its step (checkpoint.every=5): what it changes is saved
+    assert seen == [(5, 5, False), (10, 10, False)], seen
     assert summary["eval/rewards/accuracies"] >= 0  # the run ended as a run does
     rows = [json.loads(line) for line in Path(tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     drift = {r["step"]: r["dpo/param_drift"] for r in rows if "dpo/param_drift" in r}

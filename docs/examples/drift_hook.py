@@ -2,16 +2,15 @@
 from the parameters its DPO stage started from (how far the policy has moved from the reference), written to its
 metrics beside the loss.
 
-    python docs/examples/drift_hook.py --workdir runs/drift [--every 10] [config overrides: optim.steps=50 ...]
+    python docs/examples/drift_hook.py --workdir runs/drift --every 10 [--config.optim.steps=50 ...]
 """
-
-import argparse
 
 import jax
 import jax.numpy as jnp
 import optax
+from absl import app, flags
+from ml_collections import config_flags
 
-from dpo_jax.config import load_config_file
 from dpo_jax.training.loop import Hook, Loop
 from dpo_jax.training.train import train
 
@@ -33,22 +32,17 @@ def drift_hook(every: int) -> Hook:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--config", default="configs/default.py:runlocal")
-    parser.add_argument("--every", type=int, default=10)
-    parser.add_argument("overrides", nargs="*", help="field=value (as --config.field=value)")
-    args = parser.parse_args()
-    cfg = load_config_file(args.config)
-    for item in args.overrides:
-        key, value = item.split("=", 1)
-        *path, leaf = key.split(".")
-        node = cfg
-        for p in path:
-            node = node[p]
-        node[leaf] = type(node[leaf])(value)
-    summary = train(cfg, args.workdir, hooks=[drift_hook(args.every)])
-    print({k: v for k, v in summary.items() if k.startswith("eval/")})
+    """The command line: dpo-jax's --config (with --config.<field>=<value>), --workdir, and --every."""
+    config = config_flags.DEFINE_config_file("config", "configs/default.py:runlocal", "a config file (as dpo-jax's)")
+    workdir = flags.DEFINE_string("workdir", None, "the run's folder", required=True)
+    every = flags.DEFINE_integer("every", 10, "steps between two measurements")
+
+    def run(argv):
+        del argv
+        summary = train(config.value, workdir.value, hooks=[drift_hook(every.value)])
+        print({k: round(v, 4) for k, v in summary.items() if k in ("eval/loss", "eval/reward", "eval/kl_seq_exact")})
+
+    app.run(run)
 
 
 if __name__ == "__main__":
