@@ -162,6 +162,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         sync=False,
         ref_model_mixup_alpha=0.6,
         ref_model_sync_steps=512,
+        # BEMA (Block & Zhang 2025; TRL's BEMACallback with update_ref_model): every bema_ref_model_update_freq steps
+        # the reference becomes the bias-corrected EMA of the policy, itself updated every bema_update_freq steps
+        # (dpo_jax.core.bema has the rule; TRL's argument names after bema_). Needs mode="frozen".
+        bema=False,
+        bema_update_freq=400,
+        bema_ema_power=0.5,
+        bema_bias_power=0.2,
+        bema_lag=10.0,
+        bema_update_after=0,
+        bema_multiplier=1.0,
+        bema_min_ema_multiplier=0.0,
+        bema_ref_model_update_freq=400,
+        bema_ref_model_update_after=0,
         hf_path="",  # a local Hugging Face folder to use as the reference instead of the initial policy
     )
     # The true reward of a completion, scored on eval samples (eval/reward) and by `dpo-jax rounds`: "" is the built-in

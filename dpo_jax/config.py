@@ -341,6 +341,14 @@ def _check_objective(cfg) -> None:
                r.sync)  # fmt: skip
         _check(not (lo.rank and r.mode == "frozen"), "reference.mode", "'cached' with reference.hf_path and "
                "lora.rank > 0 (a frozen LoRA reference is the base with the adapters off)", r.mode)  # fmt: skip
+    if r.get("bema", False):
+        _check(r.mode == "frozen", "reference.bema", "False with reference.mode='cached' (a cached reference cannot "
+               "move): set --config.reference.mode=frozen", r.bema)  # fmt: skip
+        _check(not r.sync, "reference.bema", "False with reference.sync (one moving reference: TR-DPO's or BEMA's)",
+               r.bema)  # fmt: skip
+        _check(not lo.rank, "reference.bema", "False with lora.rank > 0 (BEMA averages the full policy)", r.bema)
+        _check(not r.get("hf_path", ""), "reference.bema", "False with reference.hf_path (BEMA's reference starts as "
+               "the policy)", r.bema)  # fmt: skip
     if r.sync:
         _check(r.mode == "frozen", "reference.sync", "False with reference.mode='cached' (a cached reference cannot "
                "move): set --config.reference.mode=frozen", r.sync)  # fmt: skip

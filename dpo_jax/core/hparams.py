@@ -97,6 +97,18 @@ DECLARED: dict[str, HyperParameter] = {
                          doc="TR-DPO: reference <- alpha * policy + (1 - alpha) * reference ..."),
     "ref_sync_steps": H(("reference.ref_model_sync_steps",), Domain(1, low_open=False, integer=True), dtype="int32",
                         doc="... every this many steps (reference.sync)"),
+    # BEMA's reference (reference.bema; dpo_jax.core.bema): TRL's BEMACallback arguments
+    "bema_update_freq": H(("reference.bema_update_freq",), Domain(1, low_open=False, integer=True), dtype="int32"),
+    "bema_update_after": H(("reference.bema_update_after",), Domain(0, low_open=False, integer=True), dtype="int32"),
+    "bema_ema_power": H(("reference.bema_ema_power",), Domain(0.0, low_open=False)),
+    "bema_bias_power": H(("reference.bema_bias_power",), Domain(0.0, low_open=False)),
+    "bema_lag": H(("reference.bema_lag",), POSITIVE),
+    "bema_multiplier": H(("reference.bema_multiplier",), Domain(0.0, low_open=False)),
+    "bema_min_ema_multiplier": H(("reference.bema_min_ema_multiplier",), Domain(0.0, 1.0, False, False)),
+    "bema_ref_update_freq": H(("reference.bema_ref_model_update_freq",), Domain(1, low_open=False, integer=True),
+                              dtype="int32"),
+    "bema_ref_update_after": H(("reference.bema_ref_model_update_after",), Domain(0, low_open=False, integer=True),
+                               dtype="int32"),
 }  # fmt: skip
 SEED_FIELD = "dpo.seed"  # members differ in their seeds too (the state's rng, not a hyper-parameter)
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dpo_jax.core.bema import Bema
 from dpo_jax.core.hparams import HParams
 from dpo_jax.core.losses import RunningMoments
 
@@ -27,21 +28,29 @@ class TrainState:
     hparams: HParams
     nonfinite_step: jax.Array  # first step whose loss or gradient was not finite; -1 if none
     moments: Any = None  # bco_pair's running reward moments (dpo.bco_delta="running"); None otherwise
-    reference: Any = None  # TR-DPO's moving reference (reference.sync), the member's own; None otherwise
+    reference: Any = None  # a moving reference (TR-DPO's reference.sync, BEMA's), the member's own; None otherwise
+    bema: Any = None  # BEMA's theta_0, EMA and weights (dpo_jax.core.bema.Bema; reference.bema); None otherwise
 
 
 def init_state(
-    params, tx: optax.GradientTransformation, hparams: HParams, seed, running_moments=False, reference=None
+    params,
+    tx: optax.GradientTransformation,
+    hparams: HParams,
+    seed,
+    running_moments=False,
+    reference=None,
+    bema=False,
 ) -> TrainState:
     """The one way a train state is made (vmap it over ``hparams`` and ``seed`` for a population);
-    ``running_moments``: carry bco_pair's running reward moments; ``reference``: TR-DPO's moving reference
-    (both absent otherwise, so checkpoints keep their form)."""
+    ``running_moments``: carry bco_pair's running reward moments; ``reference``: a moving reference's start;
+    ``bema``: carry BEMA's buffers, from ``params`` (all absent otherwise, so checkpoints keep their form)."""
     hparams = jax.tree.map(jnp.asarray, hparams)
     moments = RunningMoments.init() if running_moments else None
     rng = jax.random.PRNGKey(seed)
     if reference is not None:
         reference = jax.tree.map(jnp.copy, reference)
-    return TrainState(jnp.int32(0), params, tx.init(params), rng, hparams, jnp.int32(-1), moments, reference)
+    buffers = Bema.init(params) if bema else None
+    return TrainState(jnp.int32(0), params, tx.init(params), rng, hparams, jnp.int32(-1), moments, reference, buffers)
 
 
 def stack(trees: list):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpo_jax.core import scoring
+from dpo_jax.core import bema, scoring
 from dpo_jax.core.batch import Batch
 from dpo_jax.core.hparams import HParams
 from dpo_jax.core.losses import preference_loss, temper_targets, update_running_moments
@@ -45,6 +45,7 @@ class StepConfig:
     wpo: bool = False  # WPO pair weights
     bco_delta: str = "zero"
     sync_reference: bool = False  # TR-DPO: the state carries a reference mixed with the policy every k steps
+    bema: bool = False  # BEMA: the state carries the reference BEMA's weights replace (dpo_jax.core.bema)
     lora: bool = False  # the state's params are LoRA adapters; the step's frozen argument is the base
     aux_loss_coef: float = 0.0  # a mixture of experts: the load-balancing loss's weight in every objective
     freeze_router: bool = False  # ... and its routers never update (the reference's routing kept)
@@ -186,7 +187,7 @@ def train_step(state: TrainState, batch: Batch, reference_params, *, graphdef, t
         if sc.stage == "dpo":
             cached = not sc.frozen_reference
             moving = reference_params
-            if sc.sync_reference:  # TR-DPO: the member's own
+            if sc.sync_reference or sc.bema:  # a moving reference: the member's own
                 moving = whole(state.reference)
             elif sc.lora:
                 moving = whole(lora.off(state.params))
@@ -237,12 +238,17 @@ def train_step(state: TrainState, batch: Batch, reference_params, *, graphdef, t
         moments = keep(update_running_moments(moments, metrics["bco/batch_reward"]), moments)
     if not sc.keep_last_good:
         keep = lambda new, old: new  # noqa: E731
+    buffers = state.bema
+    if sc.bema:  # TRL's BEMACallback (update_ref_model): after step t, the EMA, the BEMA weights, the reference
+        buffers, reference = keep(bema.update(state.bema, reference, params, state.step + 1, state.hparams),
+                                  (state.bema, reference))  # fmt: skip
     new_state = state.replace(
         step=state.step + 1,
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
         moments=moments,
         reference=reference,
+        bema=buffers,
         nonfinite_step=jnp.where(~ok & (state.nonfinite_step < 0), state.step, state.nonfinite_step),
     )
     lr = current_lr(state.opt_state) * lr_scale

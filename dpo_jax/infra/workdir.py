@@ -286,7 +286,10 @@ def _added_fields(saved: dict[str, Any]) -> dict[str, Any]:
         "reference.ref_model_sync_steps": 512, "lora.rank": 0, "lora.alpha": 16.0, "lora.targets": "all-linear",
         "lora.base_dtype": "float32", "lora.dropout": 0.0, "reference.hf_path": "", "reward": "",
         "dpo.bco_delta": "batch" if bco else "zero",  # bco_pair used the batch mean before TRL 1.16's zero
-        "data.max_row_chars": 0,
+        "data.max_row_chars": 0, "reference.bema": False, "reference.bema_update_freq": 400,
+        "reference.bema_ema_power": 0.5, "reference.bema_bias_power": 0.2, "reference.bema_lag": 10.0,
+        "reference.bema_update_after": 0, "reference.bema_multiplier": 1.0, "reference.bema_min_ema_multiplier": 0.0,
+        "reference.bema_ref_model_update_freq": 400, "reference.bema_ref_model_update_after": 0,
     }  # fmt: skip
 
 

@@ -57,10 +57,10 @@ def make_stage(name: str, sc: StepConfig, section: dict, steps: int, members: li
     of the pure step ``sc`` describes, from ``init_params``."""
     tx = optim.make_optimizer(section, steps)
     running = sc.bco_delta == "running" and "bco_pair" in sc.loss_types
-    sync = sc.sync_reference  # TR-DPO: a member's reference starts as the initial policy
+    moving = sc.sync_reference or sc.bema  # TR-DPO, BEMA: a member's reference starts as the initial policy
 
     def make(params, hparams, seed):
-        return init_state(params, tx, hparams, seed, running, params if sync else None)
+        return init_state(params, tx, hparams, seed, running, params if moving else None, bema=sc.bema)
 
     def init(seeds, hparams_K, shardings):
         return jax.jit(jax.vmap(make, in_axes=(None, 0, 0)), out_shardings=shardings)(init_params, hparams_K, seeds)
@@ -163,6 +163,7 @@ def dpo_step_config(cfgs, model: ModelConfig, *, lora: bool) -> StepConfig:
         "dpo", types, cfg.dpo.use_soft_targets, not any(needs_reference(c) for c in cfgs),
         cfg.reference.mode == "frozen", cfg.optim.grad_accum, ld=any(c.dpo.ld_alpha != 1 for c in cfgs),
         wpo=cfg.dpo.use_weighting, bco_delta=cfg.dpo.bco_delta, sync_reference=cfg.reference.sync,
+        bema=cfg.reference.bema,
         lora=lora, **builders.head_options(cfg), **builders.moe_options(cfg, model), keep_last_good=len(cfgs) > 1,
     )  # fmt: skip
 
@@ -223,7 +224,8 @@ class Job:
             )
             for c, wd, w in zip(cfgs, workdirs, writers, strict=True)
         ]
-        frozen = self.reference if sc.frozen_reference and not sc.sync_reference else None  # TR-DPO: in the state
+        moving = sc.sync_reference or sc.bema  # TR-DPO's, BEMA's reference: in the state
+        frozen = self.reference if sc.frozen_reference and not moving else None
         if self.policy.base is not None:
             frozen = self.policy.base  # LoRA: every step composes the policy (and the reference) from it
         peak, _ = throughput.peak_flops(cfg.peak_flops)
