@@ -2,8 +2,10 @@
 
 ``config.reward`` names a function ``(prompt: str, completion: str) -> float``: ``"module:function"`` (an importable
 module: installed, or the package of this repository) or ``"path/to/file.py:function"`` (loaded from that file, as
-config files are). Nothing is downloaded and no model folder's code runs. ``""`` is the built-in task's reward when
-``task="synthetic"`` and no reward otherwise. A conversational prompt reaches the function as its JSON text.
+config files are); or a local reward model folder (``*ForSequenceClassification`` of a family we load, scored in
+JAX: ``dpo_jax.data.reward_model``). Nothing is downloaded and no model folder's code runs. ``""`` is the built-in
+task's reward when ``task="synthetic"`` and no reward otherwise. A conversational prompt reaches the function as
+its JSON text.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from dpo_jax.errors import ConfigError
+from dpo_jax.data import reward_model
+from dpo_jax.errors import ConfigError, UserError
 from dpo_jax.infra import signals
 
 BUILTIN = "dpo_jax.data.synthetic:{}_reward"  # the built-in task's rewards, by synthetic.reward
-EXPECTED = "'module:function' or 'path/to/file.py:function' naming a function (prompt, completion) -> float"
+EXPECTED = (
+    "'module:function' or 'path/to/file.py:function' naming a function (prompt, completion) -> float, or a "
+    "local reward model folder"
+)
 
 
 def spec(cfg) -> str:
@@ -40,6 +46,12 @@ def load(value: str) -> Callable[[str, str], float]:
 
     def fail(why: str):
         raise ConfigError(f"config.reward: expected {EXPECTED}; {why}, got {value!r}")
+
+    if reward_model.is_reward_model(value):
+        try:
+            return reward_model.load(value)
+        except UserError as e:
+            fail(str(e))
 
     where, sep, name = value.rpartition(":")
     if not sep or not where or not name.isidentifier():
@@ -92,6 +104,8 @@ class Scorer:
 
     def __call__(self, prompts: list[str], completions: list[str]) -> np.ndarray:
         """[n] rewards; raises ``RewardError`` (one line: the reward, the row, what went wrong)."""
+        if isinstance(self.fn, reward_model.RewardModel):  # batched in JAX, here: the stop signal checked per batch
+            return self.fn(prompts, completions)
         n = len(prompts)
         out = np.full(n, np.nan, np.float64)
         progress = {"done": 0, "error": None, "raw": None}

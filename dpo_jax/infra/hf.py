@@ -26,7 +26,14 @@ from tokenizers import Tokenizer
 from dpo_jax.errors import MissingFileError, ModelError, one_line
 from dpo_jax.infra.workdir import save_tensors
 from dpo_jax.models import lora
-from dpo_jax.models.config import ARCHITECTURES, FAMILIES, LORA_TARGETS, ModelConfig, fused_projections
+from dpo_jax.models.config import (
+    ARCHITECTURES,
+    CLASSIFIERS,
+    FAMILIES,
+    LORA_TARGETS,
+    ModelConfig,
+    fused_projections,
+)
 from dpo_jax.models.families import config_from_hf, config_to_hf
 from dpo_jax.models.llama import Decoder
 
@@ -146,8 +153,9 @@ def _read_tensors(files: dict[str, Path]) -> Iterator[tuple[str, Path, np.ndarra
                 yield name, file, f.get_tensor(name)
 
 
-def load_weights(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, Any]:
-    """Read a folder's safetensors into the decoder's pure state dict (float32), checking names and shapes."""
+def load_weights(path: str | os.PathLike, cfg: ModelConfig, *, besides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a folder's safetensors into the decoder's pure state dict (float32), checking names and shapes;
+    ``besides``: tensors of the folder that are not the decoder's (a reward model's score head), left out."""
     path = Path(path)
     abstract = nnx.to_pure_dict(nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))[1])
     entries: dict[str, list[_Entry]] = {}
@@ -163,6 +171,8 @@ def load_weights(path: str | os.PathLike, cfg: ModelConfig) -> dict[str, Any]:
     out = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), abstract)
     unexpected = []
     for name, file, tensor in _read_tensors(files):
+        if name in besides:
+            continue
         if name not in entries:
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue  # a tied head saved anyway: the embedding is the source of truth
@@ -223,6 +233,46 @@ def load_pretrained(path: str | os.PathLike, **overrides) -> tuple[Decoder, HFTo
     nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, load_weights(path, cfg)))
     tokenizer = HFTokenizer.from_folder(path) if (Path(path) / "tokenizer.json").exists() else None
     return nnx.merge(graphdef, state), tokenizer
+
+
+SCORE = "score.weight"  # a *ForSequenceClassification's head: [num_labels, hidden]
+
+
+def load_reward_model(path: str | os.PathLike, **overrides) -> tuple[Decoder, np.ndarray, HFTokenizer | None]:
+    """A local ``*ForSequenceClassification`` folder (a reward model) of a family we load: its decoder (no LM head),
+    its score head [num_labels, D] (float32) and its tokenizer."""
+    path = Path(path)
+    file = path / "config.json"
+    if not file.exists():
+        raise MissingFileError(f"no config.json in {path}: expected a local Hugging Face reward model folder")
+    try:
+        hf = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{file}: not valid JSON (line {e.lineno}): {e.msg}") from None
+    archs = hf.get("architectures") or []
+    arch = next((CLASSIFIERS[a] for a in archs if a in CLASSIFIERS), None)
+    if arch is None:
+        raise ModelError(f"{file}: architectures {archs} are not a reward model we load; expected one of "
+                         f"{', '.join(CLASSIFIERS)}")  # fmt: skip
+    if hf.get("pad_token_id") is None:
+        raise ModelError(f"{file}: no pad_token_id; a reward model scores the last token that is not padding")
+    try:
+        cfg = config_from_hf({**hf, "architectures": [arch]}, where=str(file),
+                             **{"tie_word_embeddings": True, **overrides})  # fmt: skip  # no LM head
+    except (ValueError, TypeError, KeyError) as e:
+        raise ModelError(f"{file}: {one_line(e).split(': ', 1)[-1]}") from None
+    files = _weight_files(path)
+    if SCORE not in files:
+        raise ModelError(f"missing tensors in {path}: ['{SCORE}']; expected a {archs[0]}'s score head")
+    score = next(t for name, _, t in _read_tensors({SCORE: files[SCORE]}) if name == SCORE)
+    if score.ndim != 2 or score.shape[1] != cfg.hidden_size:
+        raise ModelError(f"{path}: tensor {SCORE} has shape {score.shape}; config.json implies (num_labels, "
+                         f"{cfg.hidden_size})")  # fmt: skip
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+    weights = load_weights(path, cfg, besides=(SCORE, "lm_head.weight"))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, weights))
+    tokenizer = HFTokenizer.from_folder(path) if (path / "tokenizer.json").exists() else None
+    return nnx.merge(graphdef, state), np.asarray(score, np.float32), tokenizer
 
 
 def export_tensors(model: Decoder) -> dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ class Family:
     tied_by_default: bool = False
     qwen_sliding: bool = False
     reads_norm_topk: bool = False  # config.json's norm_topk_prob (default False) decides; otherwise always normalised
+    classifier: str = ""  # its *ForSequenceClassification architecture (a reward model), when not the causal name's
 
 
 FAMILIES = {  # Hugging Face architecture -> its facts
@@ -35,7 +36,7 @@ FAMILIES = {  # Hugging Face architecture -> its facts
     "MistralForCausalLM": Family("mistral", sliding_window=True),
     "Qwen2ForCausalLM": Family("qwen2", qwen_sliding=True),
     "Qwen3ForCausalLM": Family("qwen3", qwen_sliding=True),
-    "Gemma3ForCausalLM": Family("gemma3_text", tied_by_default=True),
+    "Gemma3ForCausalLM": Family("gemma3_text", tied_by_default=True, classifier="Gemma3TextForSequenceClassification"),
     "Olmo2ForCausalLM": Family("olmo2"),
     "Phi3ForCausalLM": Family("phi3", fused=True, sliding_window=True),
     "Qwen3MoeForCausalLM": Family("qwen3_moe", mixture=True, qwen_sliding=True, reads_norm_topk=True),
@@ -46,6 +47,9 @@ FAMILIES = {  # Hugging Face architecture -> its facts
 }  # fmt: skip
 ARCHITECTURES = {arch: f.model_type for arch, f in FAMILIES.items()}  # Hugging Face architecture -> model_type
 MIXTURES = tuple(arch for arch, f in FAMILIES.items() if f.mixture)  # the families whose MLP is a mixture of experts
+CLASSIFIERS = {  # a reward model's *ForSequenceClassification architecture -> its family's causal one
+    f.classifier or arch.replace("ForCausalLM", "ForSequenceClassification"): arch for arch, f in FAMILIES.items()
+}
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 QK_NORMS = ("none", "head", "full")
 NORM_LAYOUTS = ("pre", "post", "sandwich")

@@ -1,0 +1,137 @@
+"""Reward models (``*ForSequenceClassification`` folders) scored in JAX: equal to transformers' own scores on tiny
+random reward models of every dense family, on a batch of mixed lengths, and as ``config.reward``."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from conftest import COMMON, HF_CASES
+
+from dpo_jax.data import rewards, synthetic
+from dpo_jax.errors import ModelError
+from dpo_jax.infra import hf
+from dpo_jax.models import reward
+
+DENSE = ["llama3", "llama_bias_tied", "mistral_window", "qwen2", "qwen3", "gemma3", "olmo2", "phi3"]
+CLASSIFIER = {"Gemma3ForCausalLM": "Gemma3TextForSequenceClassification"}
+
+
+def make_reward_model(name: str, path, seed: int = 0, **overrides):
+    """A tiny random transformers reward model of family ``name`` saved in ``path``; returns the torch model."""
+    import torch
+    import transformers
+
+    config_cls, model_cls, extra = HF_CASES[name]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra, "num_labels": 1, **overrides})
+    config._attn_implementation = "eager"
+    cls = CLASSIFIER.get(model_cls, model_cls.replace("ForCausalLM", "ForSequenceClassification"))
+    model = getattr(transformers, cls)(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(path)
+    return model
+
+
+def _batch(vocab=97, seed=0):
+    """Right-padded rows of 4 to 13 tokens (pad id 0; real tokens never 0)."""
+    rng = np.random.default_rng(seed)
+    lengths = [13, 4, 9, 7]
+    ids = np.zeros((len(lengths), 13), np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(3, vocab, n)
+    return ids, (ids != 0).astype(np.int64)
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_scores_equal_transformers_on_a_batch_of_mixed_lengths(name, tmp_path):
+    import torch
+
+    theirs = make_reward_model(name, tmp_path)
+    decoder, score, tok = hf.load_reward_model(tmp_path)
+    assert tok is None and score.shape == (1, COMMON["hidden_size"])
+    ids, mask = _batch()
+    with torch.no_grad():
+        want = theirs(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    got = np.asarray(jax.jit(reward.sequence_scores, static_argnums=3)(decoder, score, ids, 0))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_folder_that_is_not_a_reward_model_is_one_clear_error(tmp_path):
+    make_reward_model("llama3", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(ModelError, match=r"not a reward model we load; expected one of LlamaForSequenceClassification"):
+        hf.load_reward_model(tmp_path)
+
+
+@pytest.mark.parametrize("template", [False, True])
+def test_config_reward_naming_a_folder_scores_text_pairs_as_transformers(template, tmp_path):
+    """``config.reward`` = a reward model folder: text pairs tokenized as transformers' tokenizer does (with the
+    model's chat template when it has one), scored in batches of sorted lengths: transformers' scores, in order."""
+    import torch
+    import transformers
+
+    theirs = make_reward_model("qwen3", tmp_path)
+    tok = synthetic.build_tokenizer()
+    if not template:
+        tok.chat_template = None
+    tok.save(tmp_path)
+    rng = np.random.default_rng(3)
+    letters = list(synthetic.ALPHABET)
+    prompts = ["".join(rng.choice(letters, rng.integers(1, 9))) for _ in range(21)]  # more than one batch of 16
+    completions = ["".join(rng.choice(letters, rng.integers(1, 12))) for _ in range(21)]
+    prompts[0] = json.dumps([{"role": "user", "content": "abc"}, {"role": "assistant", "content": "de"},
+                             {"role": "user", "content": "fg"}])  # fmt: skip  # a conversational prompt's turns
+    got = rewards.score_all(str(tmp_path), prompts, completions)
+
+    their_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    want = []
+    for p, y in zip(prompts, completions, strict=True):
+        if template:
+            turns = json.loads(p) if p.startswith("[") else [{"role": "user", "content": p}]
+            ids = their_tok.apply_chat_template([*turns, {"role": "assistant", "content": y}], tokenize=True,
+                                                return_dict=False)  # fmt: skip
+        else:
+            ids = their_tok(p + y)["input_ids"]
+        with torch.no_grad():
+            want.append(float(theirs(input_ids=torch.tensor([ids])).logits[0, 0]))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert np.std(got) > 0.05  # distinct pairs, distinct scores: the order was kept
+
+
+@pytest.mark.slow
+def test_rounds_pair_samples_by_a_reward_model_and_eval_reports_its_reward(tmp_path):
+    """``dpo-jax rounds`` with ``config.reward`` = a reward model folder: every pair's rewards are the reward model's
+    scores of its texts (transformers, through its tokenizer's chat template), best above worst."""
+    import torch
+    import transformers
+    from helpers import tiny_config
+
+    from dpo_jax.research import rounds
+
+    folder = tmp_path / "rm"
+    theirs = make_reward_model("llama3", folder)
+    synthetic.build_tokenizer().save(folder)
+    cfg = tiny_config("rounds.num=1", "rounds.samples=4", "rounds.prompts=16", "optim.steps=4", "eval.every=4",
+                      f'reward="{folder}"', cache_dir=tmp_path / "cache")  # fmt: skip
+    rows = rounds.run_rounds(cfg, tmp_path / "run")
+    assert [r["round"] for r in rows] == [0, 1]
+    pairs = [json.loads(line) for line in (tmp_path / "run/round_1/pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) >= 8
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+
+    def score(prompt, completion):
+        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        ids = tok.apply_chat_template(turns, tokenize=True, return_dict=False)
+        with torch.no_grad():
+            return float(theirs(input_ids=torch.tensor([ids])).logits[0, 0])
+
+    for p in pairs:
+        assert p["chosen_reward"] == pytest.approx(score(p["prompt"], p["chosen"]), rel=1e-4, abs=1e-4)
+        assert p["rejected_reward"] == pytest.approx(score(p["prompt"], p["rejected"]), rel=1e-4, abs=1e-4)
+        assert p["chosen_reward"] > p["rejected_reward"]
+    summary = json.loads((tmp_path / "run/round_1/summary.json").read_text())
+    assert np.isfinite(summary["eval/reward"]) and np.isfinite(summary["reference/reward"])
