@@ -167,7 +167,9 @@ def np_filter(logits, temperature, top_k, top_p):
     return keep & nucleus
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.5), (0.7, 3, 1.0), (1.3, 4, 0.8), (1.0, 0, 1.0)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, 0, 0.5), (0.7, 3, 1.0), (1.3, 4, 0.8), (1.0, 0, 1.0), (2.0, 6, 0.6)]
+)
 def test_process_logits_matches_numpy(temperature, top_k, top_p):
     logits = np.random.default_rng(4).normal(size=(3, 10)).astype(np.float32) * 2
     out = np.asarray(sampling.process_logits(jnp.asarray(logits), temperature, top_k, top_p))
@@ -175,6 +177,35 @@ def test_process_logits_matches_numpy(temperature, top_k, top_p):
         kept = np_filter(row, temperature, top_k, top_p)
         np.testing.assert_array_equal(np.isfinite(filtered), kept)
         np.testing.assert_allclose(filtered[kept], row[kept] / temperature, rtol=1e-6)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(2, 0.5), (2, 0.9), (2, 0.99), (3, 0.7), (5, 1.0)])
+def test_top_k_and_top_p_with_ties_equal_a_sort_of_the_whole_vocabulary(top_k, top_p):
+    """Top-p within the top k (only they are sorted) equals the rule on a NumPy sort of the whole filtered
+    vocabulary: tokens tied with the k-th stay or go with it, and a token stays when its value is at least the
+    smallest of the sorted prefix whose mass before it is < top_p (ties at that value stay too)."""
+    logits = np.array([[3.0, 2.0, 2.0, 2.0, 1.0, 0.0, -1.0, 2.0],
+                       [0.5, 0.5, 0.5, 0.5, 0.1, 0.1, 3.0, -2.0]], np.float32)  # fmt: skip
+    out = np.asarray(sampling.process_logits(jnp.asarray(logits), 1.0, top_k, top_p))
+    for row, filtered in zip(logits.astype(np.float64), out, strict=True):
+        z = np.where(row >= np.sort(row)[::-1][top_k - 1], row, -np.inf)
+        desc = np.sort(z[np.isfinite(z)])[::-1]
+        p = np.exp(desc - desc.max())
+        p /= p.sum()
+        threshold = desc[(np.cumsum(p) - p) < top_p].min()
+        np.testing.assert_array_equal(np.isfinite(filtered), np.isfinite(z) & (z >= threshold))
+
+
+def test_inverse_cdf_draws_the_softmax_and_never_a_removed_token():
+    logits = np.array([[-np.inf, 1.0, 0.0, -np.inf, 2.0, -1.0, -np.inf]], np.float32)
+    probs = np.where(np.isfinite(logits[0]), np.exp(logits[0] - 2.0), 0.0)
+    probs /= probs.sum()
+    u = np.random.default_rng(0).random(200_000).astype(np.float32)
+    tokens = np.asarray(sampling.inverse_cdf(jnp.broadcast_to(jnp.asarray(logits), (u.size, 7)), jnp.asarray(u)))
+    freq = np.bincount(tokens, minlength=7) / u.size
+    np.testing.assert_allclose(freq, probs, atol=4e-3)  # ~4 standard errors
+    edges = np.asarray(sampling.inverse_cdf(jnp.asarray(np.repeat(logits, 3, 0)), jnp.asarray([0.0, 0.999999, 0.5])))
+    assert edges[0] == 5 and edges[1] == 1  # u = 0: the last kept token; u -> 1: the first (never a removed one)
 
 
 def test_bad_sampling_arguments(pair):

@@ -32,18 +32,44 @@ class SampleOutput(NamedTuple):
 
 
 def process_logits(logits_BxV: Array, temperature: float, top_k: int, top_p: float | Array) -> Array:
-    """Temperature, top-k and top-p filtering; removed entries become -inf."""
+    """Temperature, top-k and top-p filtering; removed entries become -inf. With top-k, top-p's cumulative mass is
+    taken over the k largest (``lax.top_k`` sorts only them; their probabilities are normalised over every token
+    left, so ties with the k-th are kept or removed with it, exactly as a sort of the whole vocabulary would); without
+    it, the vocabulary is sorted only when ``top_p < 1``."""
     logits_BxV = logits_BxV.astype(jnp.float32) / temperature
     if top_k > 0:
-        kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
-        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
-    sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
-    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
-    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-    kept_BxV = mass_before_BxV < top_p
-    threshold_Bx1 = jnp.min(jnp.where(kept_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+        # the k largest read back through their indices: XLA:CPU lowers a top_k whose indices go unused to a sort of
+        # the whole vocabulary (~100x slower than its top-k kernel, most of a sampled decode step)
+        top_BxK = jnp.take_along_axis(logits_BxV, jax.lax.top_k(logits_BxV, top_k)[1], axis=1)
+        logits_BxV = jnp.where(logits_BxV < top_BxK[:, -1:], -jnp.inf, logits_BxV)
+        lse_Bx1 = jax.nn.logsumexp(logits_BxV, axis=-1, keepdims=True)
+        return _nucleus(logits_BxV, top_BxK, jnp.exp(top_BxK - lse_Bx1), top_p)
+
+    def sorted_nucleus(x_BxV):
+        sorted_BxV = jnp.sort(x_BxV, axis=-1)[:, ::-1]
+        return _nucleus(x_BxV, sorted_BxV, jax.nn.softmax(sorted_BxV, axis=-1), top_p)
+
+    return jax.lax.cond(jnp.asarray(top_p) < 1.0, sorted_nucleus, lambda x_BxV: x_BxV, logits_BxV)
+
+
+def _nucleus(logits_BxV: Array, sorted_BxS: Array, probs_BxS: Array, top_p) -> Array:
+    """Keep the smallest prefix of the descending ``sorted`` values whose mass reaches ``top_p``: a token stays if
+    the mass before it is < top_p."""
+    mass_before_BxS = jnp.cumsum(probs_BxS, axis=-1) - probs_BxS
+    kept_BxS = mass_before_BxS < top_p
+    threshold_Bx1 = jnp.min(jnp.where(kept_BxS, sorted_BxS, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits_BxV < threshold_Bx1, -jnp.inf, logits_BxV)
+
+
+def inverse_cdf(logits_BxV: Array, u_B: Array) -> Array:
+    """[B] tokens drawn from softmax(logits) by one uniform ``u`` in [0, 1) a row: the first token whose cumulative
+    probability reaches (1 - u) of the total (> 0, so never a removed token). One random number a row, where
+    ``jax.random.categorical`` draws a Gumbel variable for every token of the vocabulary (most of a sampled decode
+    step on a CPU)."""
+    probs_BxV = jnp.exp(logits_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True))
+    cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
+    target_Bx1 = (1.0 - u_B[:, None]) * cdf_BxV[:, -1:]
+    return jnp.minimum(jnp.sum(cdf_BxV < target_Bx1, axis=-1), logits_BxV.shape[-1] - 1)
 
 
 def _pick(key, logits_BxV, temperature, top_k, top_p):
@@ -55,9 +81,10 @@ def _pick(key, logits_BxV, temperature, top_k, top_p):
     else:
         processed_BxV = process_logits(logits_BxV, temperature, top_k, top_p)
         if key.ndim == 2:  # a key per row: a row's tokens do not depend on the other rows of its call
-            token_B = jax.vmap(lambda k, x: jax.random.categorical(k, x))(key, processed_BxV)
+            u_B = jax.vmap(lambda k: jax.random.uniform(k, ()))(key)
         else:
-            token_B = jax.random.categorical(key, processed_BxV, axis=-1)
+            u_B = jax.random.uniform(key, processed_BxV.shape[:1])
+        token_B = inverse_cdf(processed_BxV, u_B)
         sampling_logp_B = jnp.take_along_axis(jax.nn.log_softmax(processed_BxV, -1), token_B[:, None], -1)[:, 0]
     logp_B = jnp.take_along_axis(policy_logp_BxV, token_B[:, None], axis=-1)[:, 0]
     return token_B.astype(jnp.int32), logp_B, sampling_logp_B
