@@ -103,7 +103,7 @@ def test_config_reward_naming_a_folder_scores_text_pairs_as_transformers(templat
 
 
 @pytest.mark.slow
-def test_rounds_pair_samples_by_a_reward_model_and_eval_reports_its_reward(tmp_path):
+def test_rounds_pair_samples_by_a_reward_model_and_eval_reports_its_reward(tmp_path, capsys):
     """``dpo-jax rounds`` with ``config.reward`` = a reward model folder: every pair's rewards are the reward model's
     scores of its texts (transformers, through its tokenizer's chat template), best above worst."""
     import torch
@@ -135,3 +135,6 @@ def test_rounds_pair_samples_by_a_reward_model_and_eval_reports_its_reward(tmp_p
         assert p["chosen_reward"] > p["rejected_reward"]
     summary = json.loads((tmp_path / "run/round_1/summary.json").read_text())
     assert np.isfinite(summary["eval/reward"]) and np.isfinite(summary["reference/reward"])
+    timing = json.loads((tmp_path / "run/round_1/timing.json").read_text())  # where the round's time went
+    assert timing["sample_s"] > 0 and timing["score_s"] > 0 and timing["sampled_tokens"] >= len(pairs)
+    assert "[round 1] sampling " in capsys.readouterr().out

@@ -30,6 +30,7 @@ import contextlib
 import copy
 import functools
 import json
+import time
 from pathlib import Path
 
 import jax
@@ -201,16 +202,22 @@ def make_pairs(cfg, workdir: Path, r: int, policy_dir: Path) -> dict:
     chosen = round_prompts(len(pairs), cfg, r)
     ro = cfg.rounds
     key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed + 2), r)
+    t_sample = time.perf_counter()
     texts, ended = sample_completions(
         model, tokenizer, [pairs[i].prompt for i in chosen], n=ro.samples, key=key, temperature=ro.temperature,
         max_new_tokens=ro.max_new_tokens or cfg.eval.max_new_tokens, budget_mb=ro.sample_memory_mb,
     )  # fmt: skip
     prompts = [examples[i].prompt for i in chosen]
+    t_score = time.perf_counter()
     flat = rewards.score_all(
         rewards.spec(cfg), [prompt_text(p) for p in prompts for _ in range(ro.samples)], sum(texts, []),
         cfg.reward_timeout_s,
     )  # fmt: skip
     scores = flat.reshape(len(prompts), ro.samples)
+    tokens = sum(len(tokenizer.encode(y)) for ys in texts for y in ys)
+    sample_s = t_score - t_sample
+    timing = {"sample_s": sample_s, "sampled_tokens": tokens, "sample_tokens_per_s": tokens / max(sample_s, 1e-9),
+              "score_s": time.perf_counter() - t_score}  # fmt: skip
     # an empty completion (EOS first) cannot be a data row: such samples are not paired; nor, with
     # rounds.cut_samples="drop", one cut off at max_new_tokens (with "score" it is paired, marked <column>_cut, and
     # tokenized without an end-of-turn: scored as the policy produced it)
@@ -258,6 +265,7 @@ def make_pairs(cfg, workdir: Path, r: int, policy_dir: Path) -> dict:
         )
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "timing.json", json.dumps(timing, indent=1) + "\n")  # this host's: not in the table
         atomic_write_text(out / "sampling.json", json.dumps(stats, indent=1) + "\n")
         atomic_write_text(out / "pairs.jsonl", "".join(json.dumps(row) + "\n" for row in rows))  # last: "sampled"
     runs.barrier(f"round_{r}_pairs")
@@ -356,6 +364,7 @@ def run_rounds(cfg, workdir, *, devices=None) -> list[dict]:
             else:
                 print(f"[round {r}] {stats['pairs']} pairs ({stats['skipped_ties']} tied); training", flush=True)
                 summary = train.train(round_config(cfg, workdir, r), out, devices=devices)
+            print_shares(r, out, summary)
             row = {**stats, **_measured(cfg, out, first, eval_path)}
             row["accuracy"] = summary.get("eval/rewards/accuracies", float("nan"))
             rows.append(row)
@@ -364,6 +373,20 @@ def run_rounds(cfg, workdir, *, devices=None) -> list[dict]:
             atomic_write_text(workdir / "rounds.md", table(rows))
             print("\n" + table(rows), flush=True)
     return rows
+
+
+def print_shares(r: int, out: Path, summary: dict) -> None:
+    """Where round r's time went: sampling (and its tokens/s), scoring, training (this run's wall time, when the
+    round trained here; ``timing.json``)."""
+    file = out / "timing.json"
+    if jax.process_index() or not file.exists():
+        return
+    t = json.loads(file.read_text())
+    parts = {"sampling": t["sample_s"], "scoring": t["score_s"], "training": summary.get("wall_time_s", 0.0)}
+    total = sum(parts.values()) or 1.0
+    shares = ", ".join(f"{k} {v:.1f} s ({100 * v / total:.0f}%)" for k, v in parts.items())
+    print(f"[round {r}] {shares}; sampled {t['sampled_tokens']} tokens at {t['sample_tokens_per_s']:.1f} tokens/s",
+          flush=True)  # fmt: skip
 
 
 def _measured(cfg, folder: Path, first: Path, eval_path: str) -> dict:
