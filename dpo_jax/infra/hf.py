@@ -210,14 +210,26 @@ def _place(out: dict, entry: _Entry, value: np.ndarray, file: Path) -> None:
         target[entry.path[-1]] = value
 
 
-def load_config(path: str | os.PathLike, **overrides) -> ModelConfig:
+def _config_json(path: str | os.PathLike, what: str = "model") -> tuple[Path, dict[str, Any]]:
+    """A local folder's ``config.json`` (its path and contents); one line naming it when missing or not JSON."""
     file = Path(path) / "config.json"
     if not file.exists():
-        raise MissingFileError(f"no config.json in {path}: expected a local Hugging Face model folder")
+        raise MissingFileError(f"no config.json in {path}: expected a local Hugging Face {what} folder")
     try:
-        hf = json.loads(file.read_text())
+        return file, json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise ModelError(f"{file}: not valid JSON (line {e.lineno}): {e.msg}") from None
+
+
+def _decoder(cfg: ModelConfig, weights: dict[str, Any]) -> Decoder:
+    """The decoder of ``cfg`` holding ``weights`` (``load_weights``' pure state dict)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, weights))
+    return nnx.merge(graphdef, state)
+
+
+def load_config(path: str | os.PathLike, **overrides) -> ModelConfig:
+    file, hf = _config_json(path)
     try:
         return config_from_hf(hf, where=str(file), **overrides)
     except (ValueError, TypeError, KeyError) as e:
@@ -229,10 +241,8 @@ def load_config(path: str | os.PathLike, **overrides) -> ModelConfig:
 def load_pretrained(path: str | os.PathLike, **overrides) -> tuple[Decoder, HFTokenizer | None]:
     """The decoder (float32 parameters) and tokenizer of a local folder; ``overrides`` set e.g. dtype, remat."""
     cfg = load_config(path, **overrides)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
-    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, load_weights(path, cfg)))
     tokenizer = HFTokenizer.from_folder(path) if (Path(path) / "tokenizer.json").exists() else None
-    return nnx.merge(graphdef, state), tokenizer
+    return _decoder(cfg, load_weights(path, cfg)), tokenizer
 
 
 SCORE = "score.weight"  # a *ForSequenceClassification's head: [num_labels, hidden]
@@ -242,13 +252,7 @@ def load_reward_model(path: str | os.PathLike, **overrides) -> tuple[Decoder, np
     """A local ``*ForSequenceClassification`` folder (a reward model) of a family we load: its decoder (no LM head),
     its score head [num_labels, D] (float32) and its tokenizer."""
     path = Path(path)
-    file = path / "config.json"
-    if not file.exists():
-        raise MissingFileError(f"no config.json in {path}: expected a local Hugging Face reward model folder")
-    try:
-        hf = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{file}: not valid JSON (line {e.lineno}): {e.msg}") from None
+    file, hf = _config_json(path, "reward model")
     archs = hf.get("architectures") or []
     arch = next((CLASSIFIERS[a] for a in archs if a in CLASSIFIERS), None)
     if arch is None:
@@ -268,11 +272,9 @@ def load_reward_model(path: str | os.PathLike, **overrides) -> tuple[Decoder, np
     if score.ndim != 2 or score.shape[1] != cfg.hidden_size:
         raise ModelError(f"{path}: tensor {SCORE} has shape {score.shape}; config.json implies (num_labels, "
                          f"{cfg.hidden_size})")  # fmt: skip
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))))
-    weights = load_weights(path, cfg, besides=(SCORE, "lm_head.weight"))
-    nnx.replace_by_pure_dict(state, jax.tree.map(jax.numpy.asarray, weights))
+    decoder = _decoder(cfg, load_weights(path, cfg, besides=(SCORE, "lm_head.weight")))
     tokenizer = HFTokenizer.from_folder(path) if (path / "tokenizer.json").exists() else None
-    return nnx.merge(graphdef, state), np.asarray(score, np.float32), tokenizer
+    return decoder, np.asarray(score, np.float32), tokenizer
 
 
 def export_tensors(model: Decoder) -> dict[str, np.ndarray]:
