@@ -196,6 +196,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # without an end-of-turn); "drop" never pairs it
         cut_samples="score",
         sample_memory_mb=2048.0,  # device memory one sampling call may take; its rows are sized from it
+        # online DPO with `dpo-jax train`: every step samples `samples` completions for each of its optim.batch_size
+        # prompts from the current policy and trains on the best vs the worst (rounds of one step-batch, one run;
+        # num, prompts and reference are `dpo-jax rounds`' only). Needs a reward and reference.mode="frozen".
+        online=False,
     )
     c.lora = dict(
         # rank 0: every parameter trains. rank r > 0: LoRA adapters (nnx.LoRA) on a frozen base; the reference is the

@@ -97,6 +97,11 @@ def loss_types(cfg) -> tuple[str, ...]:
     return tuple(t.strip() for t in cfg.dpo.loss_type.split("+"))
 
 
+def online(cfg) -> bool:
+    """Whether ``dpo-jax train`` samples every step's pairs from the current policy (``rounds.online``)."""
+    return bool("rounds" in cfg and cfg.rounds.get("online", False))
+
+
 def needs_reference(cfg) -> bool:
     """Whether DPO reads a reference at all: not with ``dpo.reference_free`` nor for a mix of policy-only types
     (cpo, simpo, orpo, sft): then no reference pass runs, cached or frozen."""
@@ -373,6 +378,21 @@ def _check_objective(cfg) -> None:
     _check(isinstance(seed, int) and seed >= -1, "dpo.seed", "an integer >= 0, or -1 for the run's seed", seed)
 
 
+def _check_online(cfg) -> None:
+    """Online DPO samples new pairs every step: they need a reward, a reference computed in the step, and pairs."""
+    if not rewards.spec(cfg):
+        raise ConfigError("config.reward: rounds.online scores each step's samples: expected a reward function or "
+                          "a reward model folder (the built-in task has its own)")  # fmt: skip
+    if "kto" in loss_types(cfg):
+        raise ConfigError("config.dpo.loss_type: rounds.online trains on best-vs-worst pairs: expected a pairwise "
+                          "loss, not 'kto'")  # fmt: skip
+    if needs_reference(cfg) and cfg.reference.mode != "frozen":
+        raise ConfigError(f"config.reference.mode: rounds.online samples new pairs every step, whose reference "
+                          f"log-probs cannot be cached: expected 'frozen', got {cfg.reference.mode!r}")  # fmt: skip
+    if cfg.pbt.enabled:
+        raise ConfigError("config.pbt.enabled: rounds.online runs one policy at a time, not a population")
+
+
 def _check_mesh(cfg, num_devices: int, members: int) -> int:
     """``mesh.*`` against the devices of a member group; returns the data-parallel size."""
     expert = cfg.mesh.get("expert", 1)
@@ -466,6 +486,9 @@ def _check_schedules(cfg, data_parallel: int) -> None:
                "an integer >= 0 (0: eval.max_new_tokens)", ro.max_new_tokens)  # fmt: skip
         _check(ro.cut_samples in ("score", "drop"), "rounds.cut_samples", "'score' or 'drop'", ro.cut_samples)
         _check(ro.sample_memory_mb > 0, "rounds.sample_memory_mb", "a number of MiB > 0", ro.sample_memory_mb)
+        _check(isinstance(ro.get("online", False), bool), "rounds.online", "True or False", ro.get("online"))
+        if online(cfg):
+            _check_online(cfg)
     _check(
         cfg.wandb.mode in ("offline", "online", "disabled"), "wandb.mode", "offline | online | disabled", cfg.wandb.mode
     )

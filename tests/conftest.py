@@ -29,6 +29,12 @@ from dpo_jax.infra import xla_flags  # noqa: E402  (imports JAX: after the cache
 
 xla_flags.apply()  # the flags the dpo-jax command runs with (read when JAX starts its backend)
 
+from dpo_jax.infra import throughput  # noqa: E402
+
+# The host's matmul peak (the MFU's denominator on a CPU), measured once for the whole run, not in each of the many
+# processes and runs the tests start (~2.5 s each).
+os.environ.setdefault(throughput.HOST_PEAK_ENV, repr(throughput.measured_matmul_peak()))
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

@@ -32,6 +32,16 @@ TINY = [  # overrides that make the built-in job a seconds-long run (at the beta
 ]
 
 
+def _parse(value: str):
+    """A ``--config.x=value`` as the command reads it: True / False, a JSON value, else the string itself."""
+    if value in ("True", "False"):
+        return value == "True"
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
 def tiny_config(*extra, cache_dir=None):
     cfg = load_config_file(str(ROOT / "configs/default.py"))
     for item in (*TINY, *extra):
@@ -40,7 +50,7 @@ def tiny_config(*extra, cache_dir=None):
         node = cfg
         for p in path:
             node = node[p]
-        node[leaf] = type(node[leaf])(json.loads(value) if value not in ("True", "False") else value == "True")
+        node[leaf] = type(node[leaf])(_parse(value))
     if cache_dir is not None:
         cfg.reference.cache_dir = str(cache_dir)
     return cfg

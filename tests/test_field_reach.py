@@ -16,19 +16,20 @@ import numpy as np
 import pytest
 from conftest import make_hf_model
 
-from dpo_jax.config import ConfigError, dpo_seed, load_config_file, loss_types, validate
+from dpo_jax.config import ConfigError, dpo_seed, load_config_file, loss_types, online, validate
 from dpo_jax.core import optim
 from dpo_jax.data import synthetic
 from dpo_jax.errors import Notes
 from dpo_jax.infra.workdir import flatten
 from dpo_jax.research import pbt
 from dpo_jax.training import builders, evaluate, inputs, train
+from dpo_jax.training.online import Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 # (preset, overrides): the presets, and contexts where a field is active that no preset sets
 PRESETS = [("default.py", {}), ("default.py:runlocal", {}), ("moe.py:runlocal", {}), ("pbt.py", {}),
            ("hf_local.py:cpu,lora", {}), ("rounds.py:runlocal", {}), ("loss_ablation.py", {}),
-           ("label_softness_sweep.py", {}), ("sweep_benchmark.py", {}),
+           ("label_softness_sweep.py", {}), ("sweep_benchmark.py", {}), ("rounds.py:online,runlocal", {}),
            ("default.py:runlocal", {"reference.mode": "frozen"})]  # fmt: skip
 
 # Fields with no numeric effect on what a run computes, and why (each is exercised by the test named).
@@ -61,10 +62,9 @@ NO_NUMERIC_EFFECT = {
     "reference.hf_path": "a path (test_reference)",
     "reward": "the function eval's samples are scored with (test_rewards)",
     "eval.every": "when eval runs (PBT ranks at its steps: pbt.every must be a multiple, checked)",
-    # read by `dpo-jax rounds` only (every one through the command in test_rounds)
-    **{f"rounds.{k}": "read by dpo-jax rounds (test_rounds)" for k in (
-        "cut_samples", "max_new_tokens", "num", "prompts", "reference", "sample_memory_mb", "samples",
-        "temperature")},
+    # read by `dpo-jax rounds` only (every one through the command in test_rounds); the sampling fields are read by
+    # an online run too (the "online" component below)
+    **{f"rounds.{k}": "read by dpo-jax rounds (test_rounds)" for k in ("num", "prompts", "reference")},
 }  # fmt: skip
 
 # Fields the presets hold at the only value that runs there (any other needs files this test does not make)
@@ -85,7 +85,7 @@ CHOICES = {
     "data.truncation_mode": ["keep_start"], "synthetic.reward": ["copy_prompt"], "pbt.metric": ["loss"],
     "pbt.hparams": ["beta", "beta,label_smoothing"], "task": ["files"],
     "data.prompt_column": ["question"], "data.chosen_column": ["good"], "data.rejected_column": ["bad"],
-    "data.prob_column": ["p"], "data.weight_column": ["w"],
+    "data.prob_column": ["p"], "data.weight_column": ["w"], "rounds.cut_samples": ["drop", "score"],
 }  # fmt: skip
 
 
@@ -163,6 +163,8 @@ def components(cfg, root, tok):
     )
     if cfg.pbt.enabled:
         yield "pbt", repr(pbt.settings(cfg))
+    if online(cfg):  # how each step samples its pairs (dpo_jax.training.online)
+        yield "online", repr(Sampling.of(cfg, tok))
     if cfg.task == "synthetic":
         _, paths = inputs.task_files(cfg, root / "task")
         yield "data", hashlib.sha256(b"".join(Path(p).read_bytes() for p in paths.values())).hexdigest()

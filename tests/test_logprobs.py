@@ -239,3 +239,23 @@ def test_the_kept_logits_budget_is_sized_from_the_device():
     assert throughput.logits_budget_mb(-1.0) == 256.0  # this host's CPU
     assert throughput.logits_budget_mb(-1.0, H200()) == pytest.approx(141e9 / 32 / 2**20)
     assert throughput.logits_budget_mb(64.0, H200()) == 64.0
+
+
+def test_the_host_peak_is_measured_once_or_read_from_the_environment(monkeypatch):
+    """On a CPU the MFU's denominator is the host's measured matmul peak, or the figure $DPO_JAX_HOST_PEAK_FLOPS
+    gives (what the suite sets once for all its runs); a figure that is not a positive number is one clear error."""
+    from dpo_jax.errors import UserError
+    from dpo_jax.infra import throughput
+
+    monkeypatch.setenv(throughput.HOST_PEAK_ENV, "5e10")
+    peak, source = throughput.peak_flops()
+    assert peak == 5e10 * jax.process_count() and throughput.HOST_PEAK_ENV in source
+    assert throughput.peak_flops(2e9) == (2e9 * jax.device_count(), "config peak_flops")
+    for bad in ("fast", "0", "-3e9"):
+        monkeypatch.setenv(throughput.HOST_PEAK_ENV, bad)
+        with pytest.raises(UserError, match=f"{throughput.HOST_PEAK_ENV}: expected a positive"):
+            throughput.peak_flops()
+    monkeypatch.delenv(throughput.HOST_PEAK_ENV)
+    measured, source = throughput.peak_flops()
+    assert source == "measured float32 matmul peak of this host"
+    assert measured == throughput.measured_matmul_peak() * jax.process_count() and np.isfinite(measured) and measured > 0

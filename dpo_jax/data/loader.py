@@ -53,6 +53,9 @@ class PreferenceLoader:
     # the reference's cached log-probs of ``pairs`` ([N, 2] sums, or [N, 4] with LD-DPO tails): every batch carries
     # its pairs' values (``Batch.ref_logps_GxPx2``); None: none attached
     reference: np.ndarray | None = None
+    # static shapes (groups, row length, scored entries per block, pairs per group) a batch takes, the first that
+    # holds it (else its own): a caller that knows the worst case (the online loader) compiles one step
+    shapes: Sequence[tuple[int, int, int, int]] = ()
 
     def __post_init__(self):
         n, g = len(self.pairs), self.global_batch_size
@@ -107,7 +110,7 @@ class PreferenceLoader:
         idx = order[k * self.global_batch_size : (k + 1) * self.global_batch_size]
         return np.pad(idx, (0, self.global_batch_size - len(idx)), constant_values=-1)
 
-    def _needs(self, step: int) -> tuple[dict, tuple[int, int, int, int]]:
+    def needs(self, step: int) -> tuple[dict, tuple[int, int, int, int]]:
         """The global batch's groups and its own grid-rounded sizes (groups, row length, scored entries per block,
         pairs per group)."""
         lay = self.layout
@@ -135,16 +138,17 @@ class PreferenceLoader:
             lay = self.layout
             span = 2 * self.steps_per_epoch if self.shuffle else self.steps_per_epoch
             steps = np.unique(np.linspace(0, span - 1, min(256, span)).astype(int))
-            needs = [self._needs(int(s))[1] for s in steps]
+            needs = [self.needs(int(s))[1] for s in steps]
             weights = (lay.rows_per_group * max(n[1] for n in needs), 0.0, 1.0 * self._multiple, 0.0)  # G*T + S
             self._templates = packing.shape_templates(needs, lay.max_shapes, weights)
         return self._templates
 
     def plan(self, step: int) -> dict:
         """The global batch's groups and static sizes (identical on every process)."""
-        plan, need = self._needs(step)
-        if self.layout.max_shapes:  # the first template that holds this batch, else its own shape
-            need = next((t for t in self.templates() if all(a >= b for a, b in zip(t, need, strict=True))), need)
+        plan, need = self.needs(step)
+        if self.shapes or self.layout.max_shapes:  # the first template that holds this batch, else its own shape
+            templates = self.shapes or self.templates()
+            need = next((t for t in templates if all(a >= b for a, b in zip(t, need, strict=True))), need)
         num_groups, length, scored, per_group = need
         # a template with more groups: empty groups at the end of every block, so each block holds the pairs (and
         # the scored entries) it holds in the batch's own shape

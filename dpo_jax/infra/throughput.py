@@ -12,9 +12,12 @@ evaluated on unscored positions, and a prompt computed twice are not counted: th
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import jax
+
+from dpo_jax.errors import UserError
 
 # Dense peak FLOP/s per device (bf16 without sparsity), from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -28,6 +31,9 @@ PEAK_FLOPS = {
     "TPU v5p": 459e12,
     "TPU v6": 918e12,
 }
+# A host's float32 matmul FLOP/s measured once (e.g. by the test suite, which starts many runs on one host): a run
+# on a CPU then reads it instead of measuring again (~2.5 s of matmuls at start-up).
+HOST_PEAK_ENV = "DPO_JAX_HOST_PEAK_FLOPS"
 
 
 @functools.cache
@@ -44,6 +50,20 @@ def measured_matmul_peak(n: int = 2048, repeats: int = 12, dtype: str = "float32
         f(x).block_until_ready()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+def host_peak_from_env() -> float:
+    """``$DPO_JAX_HOST_PEAK_FLOPS`` as FLOP/s (0.0 when unset)."""
+    value = os.environ.get(HOST_PEAK_ENV, "")
+    if not value:
+        return 0.0
+    try:
+        flops = float(value)
+    except ValueError:
+        flops = -1.0
+    if not flops > 0:
+        raise UserError(f"{value!r} in the environment variable {HOST_PEAK_ENV}: expected a positive FLOP/s figure")
+    return flops
 
 
 def device_memory_bytes(device=None) -> int | None:
@@ -72,6 +92,9 @@ def peak_flops(override_per_device: float = 0.0) -> tuple[float, str]:
         return override_per_device * n, "config peak_flops"
     d = jax.devices()[0]
     if d.platform == "cpu":  # simulated devices share the host's cores: the host's matmul peak, per process
+        given = host_peak_from_env()
+        if given:
+            return given * jax.process_count(), f"float32 matmul peak of this host given in {HOST_PEAK_ENV}"
         return measured_matmul_peak() * jax.process_count(), "measured float32 matmul peak of this host"
     per = next((v for k, v in PEAK_FLOPS.items() if k.lower() in d.device_kind.lower()), 0.0)
     return per * n, f"data-sheet bf16 peak of {d.device_kind}" if per else "unknown device"

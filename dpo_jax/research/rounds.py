@@ -37,8 +37,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dpo_jax.config import CHANGEABLE_ON_RESUME, ConfigError, validate
-from dpo_jax.core import sampling, scoring
+from dpo_jax.config import CHANGEABLE_ON_RESUME, ConfigError, online, validate
+from dpo_jax.core import scoring
 from dpo_jax.data import load_examples, rewards, tokenize_examples
 from dpo_jax.errors import WorkdirError
 from dpo_jax.infra import checkpoint, hf, signals
@@ -48,6 +48,7 @@ from dpo_jax.infra.workdir import WorkdirLock, atomic_dir, atomic_write_text, ch
 from dpo_jax.models import lora
 from dpo_jax.training import builders, inputs, runs, train
 from dpo_jax.training.evaluate import sample_prompts, sampled_metrics
+from dpo_jax.training.online import best_and_worst, sample_completions
 
 RECORD = "rounds_config.json"  # what the pairs are made from; fixed for a workdir
 
@@ -134,51 +135,6 @@ def prompt_text(prompt) -> str:
 
 
 # --- Sampling and pairs -----------------------------------------------------------------------------------------
-
-
-def best_and_worst(rewards_PxN: np.ndarray, eligible_PxN: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per prompt: the index of its best and of its worst eligible sample (the first of equals) and whether their
-    rewards differ (False too when fewer than two samples are eligible)."""
-    best = np.argmax(np.where(eligible_PxN, rewards_PxN, -np.inf), axis=1)
-    worst = np.argmin(np.where(eligible_PxN, rewards_PxN, np.inf), axis=1)
-    take = lambda i: np.take_along_axis(rewards_PxN, i[:, None], 1)[:, 0]  # noqa: E731
-    return best, worst, (eligible_PxN.sum(axis=1) >= 2) & (take(best) > take(worst))
-
-
-def sample_completions(model, tokenizer, prompt_ids: list[np.ndarray], *, n: int, key, temperature: float,
-                       max_new_tokens: int, budget_mb: float) -> tuple[list[list[str]], np.ndarray]:  # fmt: skip
-    """[P][n] decoded completions, n per prompt, and [P, n] whether each ended (False: cut off at
-    ``max_new_tokens``). Each generate call holds as many prompts' samples as ``budget_mb`` of memory does (at
-    most all of them; the last call padded to the same shape: one compile); every sample draws from a key of its
-    own (prompt, sample) index, so the samples do not depend on how the calls are cut."""
-    width = max(len(x) for x in prompt_ids)
-    pad, eos = tokenizer.pad_token_id or 0, (tokenizer.eos_token_id,)
-    rows = sampling.rows_per_call(model.config, width, max_new_tokens, rows=len(prompt_ids) * n, group=n,
-                                  budget_mb=budget_mb)  # fmt: skip
-    per_call = rows // n
-    row_key = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
-    out_texts, out_ended = [], []
-    for start in range(0, len(prompt_ids), per_call):
-        signals.check("while sampling a round's completions (rerun to sample again)")
-        chunk = prompt_ids[start : start + per_call]
-        chunk = chunk + [chunk[0]] * (per_call - len(chunk))  # the last call padded to the same shape
-        prompt = np.full((len(chunk), width), pad, np.int32)
-        for j, x in enumerate(chunk):
-            prompt[j, width - len(x) :] = x
-        prompt, lengths = np.repeat(prompt, n, axis=0), np.repeat([len(x) for x in chunk], n)
-        mask = (np.arange(width)[None, :] >= width - lengths[:, None]).astype(np.int32)
-        keys = row_key(key, np.arange(start * n, (start + per_call) * n, dtype=np.uint32))
-        out = sampling.generate(
-            model, prompt, mask, key=keys, max_new_tokens=max_new_tokens, temperature=temperature, eos_ids=eos,
-            pad_id=pad,
-        )  # fmt: skip
-        tokens, valid = np.asarray(out.tokens_BxN), np.asarray(out.mask_BxN)
-        texts = [tokenizer.decode(t[v]) for t, v in zip(tokens, valid, strict=True)]
-        ended = sampling.ended(tokens, valid, eos)
-        real = min(per_call, len(prompt_ids) - start)
-        out_texts += [texts[j * n : (j + 1) * n] for j in range(real)]
-        out_ended.append(ended[: real * n].reshape(real, n))
-    return out_texts, np.concatenate(out_ended)
 
 
 def round_prompts(count: int, cfg, r: int) -> np.ndarray:
@@ -344,6 +300,9 @@ def run_rounds(cfg, workdir, *, devices=None) -> list[dict]:
     devices = list(jax.devices() if devices is None else devices)
     workdir = ensure_writable(workdir)
     validate(cfg, num_devices=len(devices), members=1)
+    if online(cfg):
+        raise ConfigError("config.rounds.online: online DPO is one run of dpo-jax train (rounds of one step-batch); "
+                          "dpo-jax rounds trains a run per round: set rounds.online=False")  # fmt: skip
     value = rewards.spec(cfg)
     if not value:
         raise ConfigError("config.reward: expected 'module:function' (rounds score their samples) with task='files'")

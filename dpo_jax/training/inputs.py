@@ -32,6 +32,7 @@ class Data:
     eval_pairs: list
     eval_examples: list  # the eval file's rows (their prompts are sampled at eval)
     summary: dict  # data/... entries of the run's summary
+    train_examples: list = dataclasses.field(default_factory=list)  # the train file's rows (online: its prompts)
 
 
 def task_files(cfg, workdir: Path):
@@ -85,7 +86,7 @@ def load_data(cfg, paths: dict, tokenizer, notes: Notes) -> Data:
         summary["data/kto_examples"] = "{} desirable, {} undesirable".format(*kto.counts(train_pairs))
     if any(w < 0 for w in cfg.dpo.loss_weights):
         notes.warn(f"dpo.loss_weights {tuple(cfg.dpo.loss_weights)} has a negative weight: that loss is maximised")
-    return Data(train_pairs, eval_pairs, eval_ex, summary)
+    return Data(train_pairs, eval_pairs, eval_ex, summary, train_ex)
 
 
 def load_sft_pairs(cfg, path: Path, tokenizer) -> list:

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpo_jax.config import dpo_seed, loss_types, needs_reference, validate
+from dpo_jax.config import dpo_seed, loss_types, needs_reference, online, validate
 from dpo_jax.core import optim, step
 from dpo_jax.core.state import init_state, stack
 from dpo_jax.core.step import StepConfig
@@ -36,6 +36,7 @@ from dpo_jax.training.builders import Policy
 from dpo_jax.training.evaluate import FALLING_CHOSEN, Evaluator, falling_chosen
 from dpo_jax.training.inputs import Data
 from dpo_jax.training.loop import Hook, Loop, Member, Stage, StepCache, checkpoint_hook, preemption_hook
+from dpo_jax.training.online import OnlinePairs, Sampling, distinct_prompts, online_hook
 from dpo_jax.training.outputs import write_outputs
 from dpo_jax.training.runs import (
     barrier,
@@ -214,11 +215,13 @@ class Job:
         counts = throughput.model_counts(self.policy.config, self.policy.matmul_params)
         layout = inputs.make_layout(cfg, self.mesh, accum=cfg.optim.grad_accum, counts=counts)
         kw = {**self.loader_kw, "layout": layout, "reference": self.ref_train}
+        loader = functools.partial(self.online_pairs, layout=layout) if online(cfg) else functools.partial(
+            PreferenceLoader, self.data.train_pairs, cfg.optim.batch_size, **kw)  # fmt: skip
         members = [
             Member(
                 builders.hparams(c, sc.loss_types, cfg.optim.learning_rate),
                 dpo_seed(c),
-                PreferenceLoader(self.data.train_pairs, cfg.optim.batch_size, seed=dpo_seed(c), **kw),
+                loader(seed=dpo_seed(c)),
                 stage_checkpointer(c, wd, "dpo", population=len(cfgs) > 1),
                 w,
             )
@@ -231,6 +234,7 @@ class Job:
         peak, _ = throughput.peak_flops(cfg.peak_flops)
         # the caller's hooks (PBT's) after the eval they may read, before the checkpoint that keeps their result
         hooks = [log_hook(cfg, "dpo", peak), eval_hook(evaluator, cfg.eval.every, sc), *extra_hooks]
+        hooks += [online_hook(cfg.log_every)] if online(cfg) else []
         hooks += [checkpoint_hook(cfg.checkpoint.every), preemption_hook()]
         note = batches_note("dpo", members[0].loader, cfg, self.mesh, len(cfgs))
         stage = make_stage("dpo", sc, dict(cfg.optim), cfg.optim.steps, members, self.policy, self.policy.params,
@@ -238,9 +242,24 @@ class Job:
         stage.hparams_from_checkpoints = bool(cfg.pbt.enabled)
         return stage
 
+    def online_pairs(self, *, seed: int, layout) -> OnlinePairs:
+        """``rounds.online``: a loader whose every batch is sampled from the policy being trained
+        (``dpo_jax.training.online``)."""
+        cfg = self.cfg
+        ids, texts = distinct_prompts(self.data.train_pairs, self.data.train_examples)
+        return OnlinePairs(
+            ids, texts, cfg.optim.batch_size, seed=seed, sampler=Sampling.of(cfg, self.tokenizer),
+            reward_fn=rewards.scorer(rewards.spec(cfg), cfg.reward_timeout_s), decode=self.tokenizer.decode,
+            graphdef=self.policy.graphdef, base=self.policy.base, **{**self.loader_kw, "layout": layout},
+        )  # fmt: skip
+
     def run(self, stage: Stage):
         """The stage's members' [K] parameters, trained (or restored, when the stage is done)."""
-        return Loop(stage, self.mesh, self.cache).run(on_compile=compile_note(self.policy.config))
+        loop = Loop(stage, self.mesh, self.cache)
+        for k, m in enumerate(stage.members):
+            if isinstance(m.loader, OnlinePairs):
+                m.loader.follow(loop, k)  # its batches are sampled from member k's policy
+        return loop.run(on_compile=compile_note(self.policy.config))
 
 
 def run_sft(cfg, workdir: Path, path: Path, tokenizer, policy: Policy, mesh, loader_kw, writer, cache) -> Policy:
@@ -328,6 +347,9 @@ def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None, 
     mesh = builders.make_mesh(cfg, devices, len(cfgs))
     for c in cfgs:
         validate(c, num_devices=len(devices), members=mesh.shape["member"])
+    if online(cfg) and len(cfgs) > 1:
+        raise ConfigError("config.rounds.online: an online run samples from its own policy: one run at a time "
+                          "(dpo-jax sweep --mode sequential), not a population")  # fmt: skip
     if cfg.pbt.enabled and (len(cfgs) < 2 or not any(h.name == "pbt" for h in hooks)):
         raise ConfigError("config.pbt.enabled: PBT trains a population: dpo-jax sweep --mode vectorized with >= 2 "
                           "members")  # fmt: skip
@@ -359,7 +381,7 @@ def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None, 
             summary = {**job.summary, **finals[k], **run_info(job.policy.n_params, devices, t_start), **compiled}
             if len(cfgs) > 1:
                 summary["population/members"] = len(cfgs)
-            for h in hooks:
+            for h in stage.hooks:  # the caller's and the run's own (online DPO's)
                 summary.update(h.summary(stage.members[k]) if h.summary else {})
             if stage.members[k].failed_step is not None:  # frozen at its last good state; the others trained on
                 summary["population/failed_step"] = stage.members[k].failed_step
