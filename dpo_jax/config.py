@@ -473,7 +473,7 @@ def _check_schedules(cfg, data_parallel: int) -> None:
     _check(cfg.log_every > 0, "log_every", "> 0", cfg.log_every)
     _check(cfg.reward_timeout_s > 0, "reward_timeout_s", "a number of seconds > 0", cfg.reward_timeout_s)
     if cfg.get("reward", ""):
-        rewards.load(cfg.reward)
+        rewards.check(cfg.reward)
     if "rounds" in cfg:
         ro = cfg.rounds
         _check(isinstance(ro.num, int) and ro.num >= 1, "rounds.num", "an integer >= 1", ro.num)

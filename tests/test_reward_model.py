@@ -4,9 +4,11 @@ random reward models of every dense family, on a batch of mixed lengths, and as 
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import COMMON, HF_CASES
+from flax import nnx
 
 from dpo_jax.data import rewards, synthetic
 from dpo_jax.errors import ModelError
@@ -57,6 +59,39 @@ def test_scores_equal_transformers_on_a_batch_of_mixed_lengths(name, tmp_path):
         want = theirs(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
     got = np.asarray(jax.jit(reward.sequence_scores, static_argnums=3)(decoder, score, ids, 0))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_in_a_run_a_reward_model_takes_the_policys_dtype_and_is_laid_out_over_its_mesh(tmp_path):
+    """``reward_model.load(path, dtype, mesh)`` (what a run's eval and online steps score with): over an fsdp=4 x
+    tensor=2 mesh of the 8 test devices its weights are split by the policy's rules and its float32 scores are
+    transformers'; in bfloat16 its weights are bfloat16 and its scores as near transformers' float32 scores as
+    transformers' own bfloat16 model's are (within twice that error)."""
+    import torch
+
+    from dpo_jax.data import reward_model
+    from dpo_jax.infra import sharding
+
+    theirs = make_reward_model("llama3", tmp_path, hidden_size=64, intermediate_size=96)
+    synthetic.build_tokenizer().save(tmp_path)
+    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2, devices=jax.devices()[:8])
+    ids, mask = _batch()
+    with torch.no_grad():
+        want = theirs(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()[:, 0]
+        theirs_bf16 = theirs.to(torch.bfloat16)(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    rounding = np.linalg.norm(theirs_bf16.logits.float().numpy()[:, 0] - want)  # bfloat16's error, by transformers
+    assert rounding > 0
+    for dtype in ("float32", "bfloat16"):
+        rm = reward_model.RewardModel(str(tmp_path), dtype=dtype, mesh=mesh)
+        state = nnx.state(rm.decoder)
+        leaves = jax.tree.leaves(state)
+        assert {str(x.dtype) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)} == {dtype}
+        specs = {str(x.sharding.spec) for x in leaves}
+        assert any("fsdp" in spec for spec in specs) and any("tensor" in spec for spec in specs), specs
+        got = np.asarray(rm._scores(rm.decoder, rm.score_LxD, ids.astype(np.int32), 0))[:, 0]
+        if dtype == "float32":
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        else:  # within twice the error transformers' own bfloat16 model makes (~5% of the scores here)
+            assert np.linalg.norm(got - want) <= 2 * rounding, (got, want, rounding)
 
 
 def test_a_folder_that_is_not_a_reward_model_is_one_clear_error(tmp_path):
@@ -138,3 +173,50 @@ def test_rounds_pair_samples_by_a_reward_model_and_eval_reports_its_reward(tmp_p
     timing = json.loads((tmp_path / "run/round_1/timing.json").read_text())  # where the round's time went
     assert timing["sample_s"] > 0 and timing["score_s"] > 0 and timing["sampled_tokens"] >= len(pairs)
     assert "[round 1] sampling " in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_rounds_on_a_local_checkpoint_with_a_local_reward_model_through_the_command(tmp_path):
+    """``dpo-jax rounds --config configs/rounds.py:hf_cpu --config.reward=<reward model folder>`` on a local policy
+    checkpoint and local files: the round's pairs carry the reward model's scores (transformers', through its chat
+    template), best above worst, and the round trains and evaluates with it."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    import transformers
+    from conftest import xla_env
+    from helpers import ROOT
+
+    task = synthetic.write_task(tmp_path / "task", synthetic.TaskConfig(n_sft=4, n_train=32, n_eval=8))
+    tok = synthetic.build_tokenizer()
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "vocab_size": tok.vocab_size})).save_pretrained(
+        tmp_path / "policy"
+    )
+    tok.save(tmp_path / "policy")
+    theirs = make_reward_model("qwen2", tmp_path / "rm", vocab_size=tok.vocab_size)
+    tok.save(tmp_path / "rm")
+    overrides = {
+        "model.hf_path": tmp_path / "policy", "reward": tmp_path / "rm", "data.train_path": task["train"],
+        "data.eval_path": task["eval"], "data.max_length": 32, "data.max_prompt_length": 16, "data.buckets": "(32,)",
+        "rounds.num": 1, "rounds.prompts": 16, "rounds.samples": 4, "rounds.max_new_tokens": 8, "optim.steps": 2,
+        "eval.every": 2, "eval.num_prompts": 4, "eval.max_new_tokens": 8, "wandb.enabled": False,
+    }  # fmt: skip
+    cmd = [sys.executable, "-m", "dpo_jax", "rounds", "--config", f"{ROOT}/configs/rounds.py:hf_cpu", "--workdir",
+           str(tmp_path / "run"), *(f"--config.{k}={v}" for k, v in overrides.items())]  # fmt: skip
+    out = subprocess.run(cmd, env={**os.environ, "XLA_FLAGS": xla_env(1)}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    pairs = [json.loads(line) for line in (tmp_path / "run/round_1/pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) >= 8
+    their_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "rm")
+    for p in pairs[:4]:
+        for side in ("chosen", "rejected"):
+            turns = [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p[side]}]
+            ids = their_tok.apply_chat_template(turns, tokenize=True, return_dict=False)
+            with torch.no_grad():
+                want = float(theirs(input_ids=torch.tensor([ids])).logits[0, 0])
+            assert p[f"{side}_reward"] == pytest.approx(want, rel=1e-4, abs=1e-4)
+        assert p["chosen_reward"] > p["rejected_reward"]
+    summary = json.loads((tmp_path / "run/round_1/summary.json").read_text())
+    assert np.isfinite(summary["eval/reward"]) and np.isfinite(summary["reference/reward"])

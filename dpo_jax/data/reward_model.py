@@ -1,6 +1,8 @@
 """A local reward model folder (``*ForSequenceClassification``) as ``config.reward``: (prompt, completion) pairs
 scored in JAX in batches, each pair rendered with the model's own chat template when it has one (a user turn, or a
-conversational prompt's turns, then the completion as the assistant's), else prompt + completion as text."""
+conversational prompt's turns, then the completion as the assistant's), else prompt + completion as text. In a
+run it computes in the policy's dtype (bfloat16 weights and activations when the policy computes in bfloat16) and
+its weights are laid out over the run's mesh by the policy's sharding rules."""
 
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from dpo_jax.errors import ConfigError
-from dpo_jax.infra import hf, signals
+from dpo_jax.errors import ConfigError, ModelError
+from dpo_jax.infra import hf, sharding, signals
 from dpo_jax.models import reward
 
 
@@ -33,16 +37,35 @@ def _messages(prompt: str) -> list[dict]:
     return [{"role": "user", "content": prompt}]
 
 
-class RewardModel:
-    """(prompts, completions) -> [n] scores (the first label's) of a local reward model folder."""
+def check(path: str) -> None:
+    """A reward model folder we can load (its config, tokenizer and score head), checked without its weights."""
+    hf.reward_model_config(path)
+    if not (Path(path) / "tokenizer.json").is_file():
+        raise ModelError(f"no tokenizer.json in {path} (a reward model scores text)")
 
-    def __init__(self, path: str, batch_size: int = 16):
+
+class RewardModel:
+    """(prompts, completions) -> [n] scores (the first label's) of a local reward model folder, computed in
+    ``dtype`` (bfloat16: its weights stored in bfloat16 too) and, given a ``mesh``, with its weights laid out over
+    it as the policy's are (``sharding.param_shardings``)."""
+
+    def __init__(self, path: str, batch_size: int = 16, *, dtype: str = "float32", mesh=None):
         self.path, self.batch_size = path, batch_size
-        self.decoder, self.score_LxD, self.tokenizer = hf.load_reward_model(path)
+        self.decoder, self.score_LxD, self.tokenizer = hf.load_reward_model(path, dtype=dtype)
         if self.tokenizer is None:
             raise ConfigError(f"config.reward: expected a reward model folder with tokenizer.json, got {path!r}")
+        graphdef, state = nnx.split(self.decoder)
+        if dtype == "bfloat16":  # a frozen model: its weights need no float32 master copy
+            state = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                 state)  # fmt: skip
+        out = None
+        if mesh is not None:
+            state = jax.device_put(state, sharding.param_shardings(state, mesh))
+            self.score_LxD = jax.device_put(self.score_LxD, sharding.replicated(mesh))
+            out = sharding.replicated(mesh)  # every process reads the scores
+        self.decoder = nnx.merge(graphdef, state)
         self.pad_id = int(self.decoder.config.pad_token_id)
-        self._scores = jax.jit(reward.sequence_scores, static_argnums=3)
+        self._scores = jax.jit(reward.sequence_scores, static_argnums=3, out_shardings=out)
 
     def token_ids(self, prompt: str, completion: str) -> list[int]:
         tok = self.tokenizer
@@ -67,6 +90,6 @@ class RewardModel:
 
 
 @functools.cache
-def load(path: str) -> RewardModel:
-    """The reward model in ``path`` (loaded once per process)."""
-    return RewardModel(path)
+def load(path: str, *, dtype: str = "float32", mesh=None) -> RewardModel:
+    """The reward model in ``path``, in ``dtype`` over ``mesh`` (loaded once per process for each)."""
+    return RewardModel(path, dtype=dtype, mesh=mesh)

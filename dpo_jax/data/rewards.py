@@ -39,17 +39,29 @@ def spec(cfg) -> str:
     return BUILTIN.format(cfg.synthetic.reward) if cfg.task == "synthetic" else ""
 
 
+def check(value: str) -> None:
+    """``config.reward`` as validation sees it: a function that loads, or a reward model folder we load (checked
+    without reading its weights); a ``ConfigError`` naming ``config.reward`` otherwise."""
+    if reward_model.is_reward_model(value):
+        try:
+            reward_model.check(value)
+        except UserError as e:
+            raise ConfigError(f"config.reward: expected {EXPECTED}; {e}, got {value!r}") from None
+        return
+    load(value)
+
+
 @functools.cache
-def load(value: str) -> Callable[[str, str], float]:
-    """The function ``value`` names (loaded once per process); a ``ConfigError`` naming ``config.reward`` when it
-    cannot be loaded."""
+def load(value: str, *, dtype: str = "float32", mesh=None) -> Callable[[str, str], float]:
+    """The function ``value`` names, or its reward model in ``dtype`` over ``mesh`` (loaded once per process); a
+    ``ConfigError`` naming ``config.reward`` when it cannot be loaded."""
 
     def fail(why: str):
         raise ConfigError(f"config.reward: expected {EXPECTED}; {why}, got {value!r}")
 
     if reward_model.is_reward_model(value):
         try:
-            return reward_model.load(value)
+            return reward_model.load(value, dtype=dtype, mesh=mesh)
         except UserError as e:
             fail(str(e))
 
@@ -96,8 +108,8 @@ class Scorer:
 
     POLL_S = 0.1
 
-    def __init__(self, value: str, timeout_s: float = 60.0):
-        self.value, self.fn, self.timeout_s = value, load(value), timeout_s
+    def __init__(self, value: str, timeout_s: float = 60.0, *, dtype: str = "float32", mesh=None):
+        self.value, self.fn, self.timeout_s = value, load(value, dtype=dtype, mesh=mesh), timeout_s
 
     def _where(self, prompt: str, completion: str) -> str:
         return f"prompt {prompt[:60]!r}, completion {completion[:60]!r}"
@@ -151,11 +163,12 @@ class Scorer:
         return out
 
 
-def scorer(value: str, timeout_s: float = 60.0) -> Scorer:
-    """The batch scorer of the reward ``value`` names (``Scorer``)."""
-    return Scorer(value, timeout_s)
+def scorer(value: str, timeout_s: float = 60.0, *, dtype: str = "float32", mesh=None) -> Scorer:
+    """The batch scorer of the reward ``value`` names (``Scorer``; a reward model in ``dtype`` over ``mesh``)."""
+    return Scorer(value, timeout_s, dtype=dtype, mesh=mesh)
 
 
-def score_all(value: str, prompts: list[str], completions: list[str], timeout_s: float = 60.0) -> np.ndarray:
+def score_all(value: str, prompts: list[str], completions: list[str], timeout_s: float = 60.0, *,
+              dtype: str = "float32") -> np.ndarray:  # fmt: skip
     """[n] rewards of (prompt, completion) pairs under the reward ``value`` names."""
-    return Scorer(value, timeout_s)(prompts, completions)
+    return Scorer(value, timeout_s, dtype=dtype)(prompts, completions)

@@ -248,9 +248,9 @@ def load_pretrained(path: str | os.PathLike, **overrides) -> tuple[Decoder, HFTo
 SCORE = "score.weight"  # a *ForSequenceClassification's head: [num_labels, hidden]
 
 
-def load_reward_model(path: str | os.PathLike, **overrides) -> tuple[Decoder, np.ndarray, HFTokenizer | None]:
-    """A local ``*ForSequenceClassification`` folder (a reward model) of a family we load: its decoder (no LM head),
-    its score head [num_labels, D] (float32) and its tokenizer."""
+def reward_model_config(path: str | os.PathLike, **overrides) -> tuple[ModelConfig, dict[str, Path]]:
+    """The decoder config of a local ``*ForSequenceClassification`` folder (a reward model) of a family we load,
+    and its tensors' files, checked without reading a weight (``ModelError`` naming the file otherwise)."""
     path = Path(path)
     file, hf = _config_json(path, "reward model")
     archs = hf.get("architectures") or []
@@ -268,6 +268,14 @@ def load_reward_model(path: str | os.PathLike, **overrides) -> tuple[Decoder, np
     files = _weight_files(path)
     if SCORE not in files:
         raise ModelError(f"missing tensors in {path}: ['{SCORE}']; expected a {archs[0]}'s score head")
+    return cfg, files
+
+
+def load_reward_model(path: str | os.PathLike, **overrides) -> tuple[Decoder, np.ndarray, HFTokenizer | None]:
+    """A local reward model folder (``reward_model_config``): its decoder (no LM head), its score head
+    [num_labels, D] (float32) and its tokenizer."""
+    path = Path(path)
+    cfg, files = reward_model_config(path, **overrides)
     score = next(t for name, _, t in _read_tensors({SCORE: files[SCORE]}) if name == SCORE)
     if score.ndim != 2 or score.shape[1] != cfg.hidden_size:
         raise ModelError(f"{path}: tensor {SCORE} has shape {score.shape}; config.json implies (num_labels, "

@@ -167,7 +167,7 @@ def make_pairs(cfg, workdir: Path, r: int, policy_dir: Path) -> dict:
     t_score = time.perf_counter()
     flat = rewards.score_all(
         rewards.spec(cfg), [prompt_text(p) for p in prompts for _ in range(ro.samples)], sum(texts, []),
-        cfg.reward_timeout_s,
+        cfg.reward_timeout_s, dtype=cfg.model.dtype,
     )  # fmt: skip
     scores = flat.reshape(len(prompts), ro.samples)
     tokens = sum(len(tokenizer.encode(y)) for ys in texts for y in ys)
@@ -265,7 +265,7 @@ def measure(cfg, policy_dir, initial_dir, *, eval_path: str, key: int = 0) -> di
     mb = builders.head_options(cfg)["max_logits_mb"]  # the LM head's budget, as in training and eval
     ref_logps = functools.partial(_sample_logps, *nnx.split(initial), max_logits_mb=mb)
     m = sampled_metrics(policy, ref_logps, prompts, tokenizer, cfg.eval, jax.random.PRNGKey(key),
-                        rewards.scorer(rewards.spec(cfg), cfg.reward_timeout_s))  # fmt: skip
+                        rewards.scorer(rewards.spec(cfg), cfg.reward_timeout_s, dtype=cfg.model.dtype))  # fmt: skip
     return {"reward": m["reward"], "reward_se": m["reward_se"], "kl": m["kl_sampled"], "kl_se": m["kl_sampled_se"],
             "eval_prompts": len(prompts[2])}  # fmt: skip
 
@@ -306,7 +306,7 @@ def run_rounds(cfg, workdir, *, devices=None) -> list[dict]:
     value = rewards.spec(cfg)
     if not value:
         raise ConfigError("config.reward: expected 'module:function' (rounds score their samples) with task='files'")
-    rewards.load(value)
+    rewards.check(value)
     with WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext(), stop_signals():
         check_record(cfg, workdir)
         first = initial_policy(cfg, workdir, devices) / "hf"

@@ -198,9 +198,13 @@ class Job:
     def step_config(self, cfgs) -> StepConfig:
         return dpo_step_config(cfgs, self.policy.config, lora=self.policy.base is not None)
 
+    def reward(self, cfg) -> rewards.Scorer:
+        """The run's reward (a reward model computes in the policy's dtype, its weights over the run's mesh)."""
+        return rewards.scorer(rewards.spec(cfg), cfg.reward_timeout_s, dtype=cfg.model.dtype, mesh=self.mesh)
+
     def evaluator(self, cfgs) -> Evaluator:
         cfg = cfgs[0]
-        reward_fn = rewards.scorer(rewards.spec(cfg), cfg.reward_timeout_s) if rewards.spec(cfg) else None
+        reward_fn = self.reward(cfg) if rewards.spec(cfg) else None
         return Evaluator(
             cfg=cfg, graphdef=self.policy.graphdef, reference_params=self.reference,
             eval_pairs=self.data.eval_pairs, eval_examples=self.data.eval_examples, ref_eval=self.ref_eval,
@@ -249,7 +253,7 @@ class Job:
         ids, texts = distinct_prompts(self.data.train_pairs, self.data.train_examples)
         return OnlinePairs(
             ids, texts, cfg.optim.batch_size, seed=seed, sampler=Sampling.of(cfg, self.tokenizer),
-            reward_fn=rewards.scorer(rewards.spec(cfg), cfg.reward_timeout_s), decode=self.tokenizer.decode,
+            reward_fn=self.reward(cfg), decode=self.tokenizer.decode,
             graphdef=self.policy.graphdef, base=self.policy.base, **{**self.loader_kw, "layout": layout},
         )  # fmt: skip
 
