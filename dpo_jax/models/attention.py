@@ -242,6 +242,103 @@ def blockwise_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, windo
     return out[:, :t]
 
 
+# --- Ring attention (context parallelism) -----------------------------------------------------------------------
+
+
+def _merge(out_a, lse_a, out_b, lse_b):
+    """Two partial attentions of the same queries over disjoint keys, as one (the online softmax across chunks).
+    ``lse`` is -inf for a query that saw nothing yet; outputs are float32."""
+    m = jnp.maximum(lse_a, lse_b)
+    shift = jnp.where(jnp.isfinite(m), m, 0.0)
+    wa, wb = jnp.exp(lse_a - shift), jnp.exp(lse_b - shift)
+    total = wa + wb
+    out = (out_a * wa[..., None] + out_b * wb[..., None]) / jnp.where(total > 0, total, 1.0)[..., None]
+    return out, jnp.where(total > 0, shift + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+
+
+def _ring_steps(axis: str, n: int):
+    """The ring's shift: every device sends what it holds to the next."""
+    perm = [(i, (i + 1) % n) for i in range(n)]
+    return lambda tree: jax.tree.map(lambda x: jax.lax.ppermute(x, axis, perm), tree)
+
+
+def _ring_fwd_local(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap):
+    """This device's queries against every device's keys, the key/value chunks passed round the ring: output
+    [B, T, K, G, E] and log-sum-exp [B, T, K, G] (+inf: a query that sees nothing, as ``_fwd_row``)."""
+    row = jax.vmap(functools.partial(_fwd_row, window=window, qb=qb, kb=kb, softcap=softcap))
+    shift = _ring_steps(axis, n)
+
+    def step(carry, _):
+        out, lse, chunk = carry
+        k_c, v_c, ids_c = chunk
+        o, l_ = row(q, k_c, v_c, q_ids, ids_c)
+        out, lse = _merge(out, lse, o.astype(jnp.float32), jnp.where(jnp.isposinf(l_), -jnp.inf, l_))
+        return (out, lse, shift(chunk)), None
+
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], -jnp.inf), (k, v, k_ids))
+    (out, lse, _), _ = jax.lax.scan(step, init, None, length=n)
+    return out.astype(q.dtype), jnp.where(jnp.isneginf(lse), jnp.inf, lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _ring(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap):
+    return _ring_fwd_local(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap)[0]
+
+
+def _ring_fwd(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap):
+    out, lse = _ring_fwd_local(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap)
+    return out, (q, k, v, q_ids, k_ids, window, out, lse)
+
+
+def _ring_bwd(axis, n, qb, kb, softcap, residuals, dout):
+    """The key/value chunks go round the ring again, each with its gradient accumulating beside it; after n shifts
+    every chunk and its gradient are back on the device that holds them. Each chunk's block probabilities are
+    recomputed from the whole row's log-sum-exp (nothing of the forward's blocks is kept)."""
+    q, k, v, q_ids, k_ids, window, out, lse = residuals
+    row = jax.vmap(functools.partial(_bwd_row, window=window, qb=qb, kb=kb, softcap=softcap))
+    shift = _ring_steps(axis, n)
+
+    def step(carry, _):
+        dq, chunk, dk, dv = carry
+        k_c, v_c, ids_c = chunk
+        dq_c, dk_c, dv_c = row(q, k_c, v_c, q_ids, ids_c, out, lse, dout)
+        return (dq + dq_c, *shift((chunk, dk + dk_c, dv + dv_c))), None
+
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
+    (dq, _, dk, dv), _ = jax.lax.scan(step, (zeros(q), (k, v, k_ids), zeros(k), zeros(v)), None, length=n)
+    no_grad = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (q_ids, k_ids, window))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def ring_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: int | None, *, mesh,
+                   axis: str = "context", block: int = 512, softcap: float | None = None) -> Array:  # fmt: skip
+    """Self-attention of rows split over the mesh axis ``axis`` (context parallelism): each device holds a
+    contiguous 1/n of every row's tokens (queries, keys, values and their ids); the key/value chunks pass round the
+    ring (``ppermute``) while each device runs the blockwise kernel of its queries against the chunk it holds,
+    merged by log-sum-exp; the backward passes them round again with their gradients. The mask is each block's,
+    from the ids (packed segments, shared-prompt branches, windows): a chunk no query of a device can see costs
+    its transfer only. Equal to ``einsum_attention`` wherever a query sees a key; the output is split as the input."""
+    n = mesh.shape[axis]
+    t = q_BxTxKxGxE.shape[1]
+    blk = min(block, _ceil(-(-t // n), 8))
+    tp = _ceil(t, n * blk)
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - x.shape[1])] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    rows = jax.sharding.PartitionSpec(None, axis)
+    has_window = window is not None
+    window = jnp.asarray(-1 if window is None else window, jnp.int32)  # a traced value (Gemma 3's per layer)
+
+    def local(q_, k_, v_, qi, ki, w):
+        return _ring(q_, k_, v_, qi, ki, w if has_window else None, axis, n, blk, blk, softcap)
+
+    out = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, rows, rows, jax.sharding.PartitionSpec()),
+                        out_specs=rows, axis_names=frozenset({axis}), check_vma=False)(
+        pad(q_BxTxKxGxE), pad(k_BxSxKxE), pad(v_BxSxKxE), q.pad(tp), k.pad(tp), window)  # fmt: skip
+    return out[:, :t]
+
+
 def _ceil(n: int, m: int) -> int:
     return -(-n // m) * m
 

@@ -1,0 +1,76 @@
+"""Ring attention (``attention.ring_attention``, context parallelism): rows split over a ``context`` mesh axis of the
+8 test devices give the reference einsum's values and gradients on every layout the model makes (padding, packed
+segments, shared-prompt branches, windows, soft-capping, GQA), at rows many blocks long on every device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_attention import layout_ids
+
+from dpo_jax.models import attention
+
+CASES = {  # name -> (layout, kv heads, query heads per kv head, window, softcap)
+    "padded": ("padded", 2, 2, None, None),
+    "packed_gqa": ("packed", 1, 4, None, None),
+    "shared_branches": ("shared", 2, 2, None, None),
+    "shared_window_softcap": ("shared", 2, 1, 6, 5.0),
+}
+
+
+@pytest.mark.parametrize("context", [4, 8])
+@pytest.mark.parametrize("name", CASES)
+def test_ring_attention_equals_the_einsum_in_values_and_gradients(name, context):
+    kind, kh, g, window, softcap = CASES[name]
+    q_ids, k_ids = layout_ids(kind, t=44)
+    b, t, e = q_ids.slot.shape[0], q_ids.slot.shape[1], 8
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(8 // context, context), ("data", "context"))
+    rng = np.random.default_rng(0)
+    q, k, v, w = (jnp.asarray(rng.normal(size=shape) * 2, jnp.float32)
+                  for shape in ((b, t, kh, g, e), (b, t, kh, e), (b, t, kh, e), (b, t, kh, g, e)))  # fmt: skip
+    real = q_ids.valid[:, :, None, None, None]  # padding queries see nothing: their outputs are not compared
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.where(real, fn(q, k, v) * w, 0.0))
+
+    ref = lambda q, k, v: attention.einsum_attention(q, k, v, q_ids, k_ids, window, softcap)  # noqa: E731
+    ring = jax.jit(lambda q, k, v: attention.ring_attention(q, k, v, q_ids, k_ids, window, mesh=mesh, block=4,
+                                                            softcap=softcap))  # fmt: skip
+    got = ring(q, k, v)
+    want = jnp.where(real, ref(q, k, v), 0)
+    np.testing.assert_allclose(jnp.where(real, got, 0), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    grads = jax.jit(jax.grad(lambda *x: loss(ring, *x), argnums=(0, 1, 2)))(q, k, v)
+    for a, b_ in zip(grads, jax.grad(lambda *x: loss(ref, *x), argnums=(0, 1, 2))(q, k, v), strict=True):
+        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5 * np.abs(b_).max())  # 1e-5 of the gradient's size
+
+
+def test_ring_attention_splits_the_rows_over_the_context_axis():
+    """Each device holds 1/n of every row: the output keeps the inputs' split, and the compiled program passes the
+    key/value chunks between devices (collective-permute) instead of gathering the row."""
+    q_ids, k_ids = layout_ids("shared", t=64)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]), ("context",))
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.normal(size=(2, 64, 2, 2, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 64, 2, 8)), jnp.float32) for _ in range(2))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "context"))
+    q, k, v = (jax.device_put(x, rows) for x in (q, k, v))
+    fn = jax.jit(lambda q, k, v: attention.ring_attention(q, k, v, q_ids, k_ids, None, mesh=mesh, block=4))
+    out = fn(q, k, v)
+    assert out.sharding.spec[1] == "context"
+    hlo = fn.lower(q, k, v).compile().as_text()
+    assert "collective-permute" in hlo and "all-gather" not in hlo
+
+
+def test_a_traced_window_as_gemma_3s_per_layer_windows_are():
+    """The window may be a traced value (Gemma 3's layer scan carries each layer's): the same result as a constant."""
+    q_ids, k_ids = layout_ids("shared", t=44)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("data", "context"))
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.normal(size=(2, 44, 2, 1, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(2, 44, 2, 8)), jnp.float32) for _ in range(2))
+    ring = lambda q, w: attention.ring_attention(q, k, v, q_ids, k_ids, w, mesh=mesh, block=4)  # noqa: E731
+    real = q_ids.valid[:, :, None, None, None]
+    traced = jax.jit(jax.grad(lambda q, w: jnp.sum(ring(q, w) ** 2)))(q, jnp.int32(6))
+    ref = lambda q: jnp.where(real, attention.einsum_attention(q, k, v, q_ids, k_ids, 6), 0)  # noqa: E731
+    fixed = jax.grad(lambda q: jnp.sum(ref(q) ** 2))(q)
+    np.testing.assert_allclose(jnp.where(real, traced, 0), fixed, rtol=1e-5, atol=1e-5 * np.abs(fixed).max())
