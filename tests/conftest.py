@@ -33,7 +33,8 @@ from dpo_jax.infra import throughput  # noqa: E402
 
 # The host's matmul peak (the MFU's denominator on a CPU), measured once for the whole run, not in each of the many
 # processes and runs the tests start (~2.5 s each).
-os.environ.setdefault(throughput.HOST_PEAK_ENV, repr(throughput.measured_matmul_peak()))
+if throughput.HOST_PEAK_ENV not in os.environ:  # the xdist workers inherit the controller's
+    os.environ[throughput.HOST_PEAK_ENV] = repr(throughput.measured_matmul_peak())
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
