@@ -12,6 +12,7 @@ from helpers import cli, tiny_config
 
 from dpo_jax.config import ConfigError, dpo_seed, validate
 from dpo_jax.core import sampling
+from dpo_jax.errors import WorkdirError
 from dpo_jax.infra.hf import HFTokenizer
 from dpo_jax.infra.sharding import take_member
 from dpo_jax.infra.signals import Preempted
@@ -110,6 +111,10 @@ def test_each_step_trains_on_best_vs_worst_samples_of_the_current_policy_and_res
     assert resumed["eval/reward"] == straight["eval/reward"]
     after = lambda d: [r for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())  # noqa: E731
                        if "online/pairs" in r and r["step"] > cfg.sft.steps + 4]  # fmt: skip
+    # what makes the pairs may not change on a resume (the offline run's rounds.* fields are free)
+    for change in ("rounds.samples=3", "rounds.online=False", "rounds.temperature=0.5"):
+        with pytest.raises(WorkdirError, match=change.split("=")[0].replace(".", r"\.")):
+            train(tiny_config(*ONLINE, change), tmp_path / "straight")
     timing = ("online/sample_s", "online/score_s", "online/sample_tokens_per_s")  # this host's clock
     strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]  # noqa: E731
     assert strip(after("resumed")) == strip(after("straight"))

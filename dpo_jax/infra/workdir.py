@@ -240,6 +240,9 @@ FREE_ON_RESUME = (
     "model.attention_block",
     "reference.cache_dir", "sft.dir", "resume.", "rounds.", "reward", "reward_timeout_s",
 )  # fmt: skip
+# ... except what makes an online run's pairs (rounds.online: every step samples them), and the switch itself
+ONLINE_FIELDS = ("rounds.online", "rounds.samples", "rounds.temperature", "rounds.max_new_tokens", "rounds.cut_samples",
+                 "reward")  # fmt: skip
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -272,7 +275,9 @@ def file_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _free(key: str) -> bool:
+def _free(key: str, online: bool = False) -> bool:
+    if key == "rounds.online" or (online and key in ONLINE_FIELDS):
+        return False
     return any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE_ON_RESUME)
 
 
@@ -290,6 +295,7 @@ def _added_fields(saved: dict[str, Any]) -> dict[str, Any]:
         "reference.bema_ema_power": 0.5, "reference.bema_bias_power": 0.2, "reference.bema_lag": 10.0,
         "reference.bema_update_after": 0, "reference.bema_multiplier": 1.0, "reference.bema_min_ema_multiplier": 0.0,
         "reference.bema_ref_model_update_freq": 400, "reference.bema_ref_model_update_after": 0,
+        "rounds.online": False,
     }  # fmt: skip
 
 
@@ -298,12 +304,13 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple
     # a record from before some fields existed (or of a stage that records them only when set, as an SFT stage
     # records lora.* when lora.rank > 0): the values that reproduce what it trained with
     saved = {**{k: v for k, v in _added_fields(saved).items() if k in current}, **saved}
+    online = bool(saved.get("rounds.online") or current.get("rounds.online"))
     keys = sorted(set(saved) | set(current))
     recorded = lambda k: not k.endswith(DIGEST) or k in saved  # noqa: E731 (records from before data digests)
     return [
         (k, saved.get(k), current.get(k))
         for k in keys
-        if not _free(k) and recorded(k) and saved.get(k) != current.get(k)
+        if not _free(k, online) and recorded(k) and saved.get(k) != current.get(k)
     ]
 
 
