@@ -153,8 +153,10 @@ def cpu_weight_upcasts(compiled) -> int:
     entry = text[text.index("\nENTRY") :]
     params = set(re.findall(r"%([\w.\-]+) = [^\n]*? parameter\(", entry))
     total = 0
-    for m in re.finditer(r"= f32\[([\d,]+)\][^\n]*? fusion\(%([\w.\-]+)\)[^\n]*calls=%wrapped_convert", entry):
-        if m.group(2) in params:
+    # a convert wrapped in a fusion of its own (XLA:CPU's fusion emitters) or a bare convert (its elemental emitters)
+    converts = r"= f32\[([\d,]+)\][^\n]*? (?:fusion\(%([\w.\-]+)\)[^\n]*calls=%wrapped_convert|convert\(%([\w.\-]+)\))"
+    for m in re.finditer(converts, entry):
+        if (m.group(2) or m.group(3)) in params:
             total += 4 * math.prod(int(d) for d in m.group(1).split(","))
     return total
 

@@ -65,7 +65,11 @@ def write_plots(history: list[dict], summary: dict, path: Path) -> Path:
     panels = plot_panels(history)
     cols = min(3, max(len(panels), 1))
     rows_ = -(-max(len(panels), 1) // cols)
-    fig, axes = plt.subplots(rows_, cols, figsize=(4.6 * cols, 3.6 * rows_), squeeze=False)
+    width, height = 4.6 * cols, 3.6 * rows_
+    fig, axes = plt.subplots(rows_, cols, figsize=(width, height), squeeze=False)
+    # Margins in inches, not tight_layout: it measures every label (~0.4 s of the ~1.3 s a finished run spends here)
+    fig.subplots_adjust(left=0.8 / width, right=1 - 0.15 / width, bottom=0.55 / height, top=1 - 0.35 / height,
+                        wspace=0.25, hspace=0.35)  # fmt: skip
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     for ax, (title, keys) in zip(axes.flat, panels, strict=False):
@@ -87,7 +91,6 @@ def write_plots(history: list[dict], summary: dict, path: Path) -> Path:
         ax.set_xlabel("DPO step" + (" (SFT before 0)" if offset else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
