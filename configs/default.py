@@ -215,7 +215,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     # member: devices groups a population's members are split over (0: as many as divide the members and devices;
     # a plain run is one member). Within a group: data, fsdp, tensor (-1: all remaining devices).
-    c.mesh = dict(member=0, data=-1, fsdp=1, tensor=1, expert=1)  # expert: a mixture's experts split (and batch)
+    # expert: a mixture's experts split (and the batch); context: a row's tokens split (ring attention, docs/scale.md)
+    c.mesh = dict(member=0, data=-1, fsdp=1, tensor=1, expert=1, context=1)
     c.logprobs = dict(
         token_chunk=1024,  # chunked LM head: tokens and vocabulary entries per chunk
         vocab_chunk=8192,

@@ -23,7 +23,7 @@ from dpo_jax.core.batch import PAIRS, REFERENCE, ROWS, Batch
 from dpo_jax.data import packing
 from dpo_jax.data.packing import Layout
 from dpo_jax.data.tokenize import TokenizedPair
-from dpo_jax.infra.sharding import batch_sharding, batch_slice
+from dpo_jax.infra.sharding import batch_shardings, batch_slice
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -229,7 +229,7 @@ def to_global(batch: Batch, mesh, *, members: bool = False) -> Batch:
     index, count = batch_slice(mesh)
     ax = 1 if members else 0
 
-    def put(x):
+    def put(x, sh):
         shape = list(x.shape)
         shape[ax] *= count
         offset = index * x.shape[ax]
@@ -240,6 +240,6 @@ def to_global(batch: Batch, mesh, *, members: bool = False) -> Batch:
             idx[ax] = slice((s.start or 0) - offset, (shape[ax] if s.stop is None else s.stop) - offset)
             return x[tuple(idx)]
 
-        return jax.make_array_from_callback(tuple(shape), batch_sharding(mesh, x.ndim, members=members), local)
+        return jax.make_array_from_callback(tuple(shape), sh, local)
 
-    return jax.tree.map(put, batch)
+    return jax.tree.map(put, batch, batch_shardings(mesh, batch, members=members))

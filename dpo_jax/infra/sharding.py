@@ -1,9 +1,11 @@
 """Device mesh and parameter partition rules: the one place sharding is declared.
 
 Mesh axes: ``member`` (the members of a population, K / member of them per device group), ``data`` (pure data
-parallelism), ``fsdp`` (data parallelism with parameters sharded over it, ZeRO-3 style) and ``tensor``
-(Megatron-style model parallelism of heads / MLP width / vocabulary). Batches are split over ``("data", "fsdp")``
-(and over ``member`` when members draw their own batches); a population's state over ``member``. ``jax.jit``
+parallelism), ``fsdp`` (data parallelism with parameters sharded over it, ZeRO-3 style), ``expert`` (a
+mixture's experts), ``context`` (a row's tokens: context parallelism, attention by ``models.attention.ring_attention``)
+and ``tensor`` (Megatron-style model parallelism of heads / MLP width / vocabulary). Batches are split over
+``("data", "fsdp", "expert")`` and their token axis over ``context`` (and over ``member`` when members draw their own
+batches); a population's state over ``member``. ``jax.jit``
 with these ``NamedSharding``s is the modern ``pmap`` and spans hosts.
 """
 
@@ -21,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from dpo_jax.models.paths import path_str
 
-MESH_AXES = ("member", "data", "fsdp", "expert", "tensor")
+MESH_AXES = ("member", "data", "fsdp", "expert", "context", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 
 # (regex on the '/'-joined parameter path, spec of one layer's tensor). Kernels are [in, out].
@@ -49,16 +51,19 @@ STACKED = re.compile(r"(^|/)layers/")  # parameters with a leading [L] axis
 
 def make_mesh(
     data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None, member: int = 1,
-    expert: int = 1,
+    expert: int = 1, context: int = 1,
 ) -> Mesh:  # fmt: skip
-    """A ``(member, data, fsdp, expert, tensor)`` mesh over all devices; one of data/fsdp/tensor may be -1 (the
-    rest). ``expert`` splits a mixture's experts (and, like data, the batch)."""
+    """A ``(member, data, fsdp, expert, context, tensor)`` mesh over all devices; one of data/fsdp/tensor may be -1
+    (the rest). ``expert`` splits a mixture's experts (and, like data, the batch); ``context`` a row's tokens."""
     devices = list(jax.devices() if devices is None else devices)
     if member < 1 or len(devices) % member:
         raise ValueError(f"mesh: member={member} does not divide {len(devices)} devices")
     if expert < 1 or (len(devices) // member) % expert:
         raise ValueError(f"mesh: expert={expert} does not divide a member group's {len(devices) // member} devices")
-    devices_per_group = len(devices) // member // expert
+    if context < 1 or (len(devices) // member // expert) % context:
+        raise ValueError(f"mesh: context={context} does not divide a member group's {len(devices) // member} devices"
+                         f" ({expert} expert groups)")  # fmt: skip
+    devices_per_group = len(devices) // member // expert // context
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1; got {sizes}")
@@ -68,9 +73,10 @@ def make_mesh(
             raise ValueError(f"mesh: {group} devices per member group are not divisible by {known} (sizes {sizes})")
         sizes[sizes.index(-1)] = group // known
     if int(np.prod(sizes)) != group:
-        raise ValueError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but a member group has {group * expert} "
-                         f"devices ({expert} expert groups)")  # fmt: skip
-    return Mesh(np.asarray(devices).reshape([member, sizes[0], sizes[1], expert, sizes[2]]), MESH_AXES)
+        raise ValueError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but a member group has "
+                         f"{group * expert * context} devices ({expert} expert groups, context {context})")  # fmt: skip
+    shape = [member, sizes[0], sizes[1], expert, context, sizes[2]]
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
 def member_axis_size(num_members: int, num_devices: int, data: int, fsdp: int, tensor: int) -> int:
@@ -134,11 +140,26 @@ def take_member(tree_K, k, mesh: Mesh):
     return jax.jit(lambda t, i: jax.tree.map(lambda x: x[i], t), out_shardings=tree_shardings(one, mesh))(tree_K, k)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2, *, members: bool = False) -> NamedSharding:
-    """Leading (batch) axis over ``data`` x ``fsdp``; the rest replicated. ``members``: a leading [K] axis over
+def batch_sharding(mesh: Mesh, ndim: int = 2, *, members: bool = False, tokens: bool = False) -> NamedSharding:
+    """Leading (batch) axis over ``data`` x ``fsdp`` x ``expert``; the rest replicated, but for ``tokens`` (the last
+    axis is a row's tokens: ``..._xT`` arrays) the last axis over ``context``. ``members``: a leading [K] axis over
     ``member`` first."""
     lead = ("member",) if members else ()
-    return NamedSharding(mesh, P(*lead, BATCH_AXES, *([None] * (ndim - 1 - len(lead)))))
+    rest = [None] * (ndim - 1 - len(lead))
+    if tokens and rest:
+        rest[-1] = "context"
+    return NamedSharding(mesh, P(*lead, BATCH_AXES, *rest))
+
+
+def batch_shardings(mesh: Mesh, batch, *, members: bool = False):
+    """``batch_sharding`` for every array of a batch pytree (a ``core.batch.Batch``): fields whose shape letters end
+    in T (``tokens_GxKxT``, ...) have their token axis split over ``context``."""
+
+    def one(path, x):
+        name = str(getattr(path[-1], "name", getattr(path[-1], "key", ""))) if path else ""
+        return batch_sharding(mesh, x.ndim, members=members, tokens=name.rsplit("_", 1)[-1].endswith("xT"))
+
+    return jax.tree_util.tree_map_with_path(one, batch)
 
 
 @functools.lru_cache(maxsize=32)
@@ -146,7 +167,8 @@ def batch_slice(mesh: Mesh) -> tuple[int, int]:
     """(index, count): which of ``count`` equal contiguous slices of a batch this process's devices hold. Usually
     (process index, process count); 1 slice when the processes differ only in members (each needs all of it)."""
     coords = {}  # process -> the batch-axis positions its devices hold
-    flat = np.asarray(mesh.devices).reshape(mesh.shape["member"], -1, mesh.shape["tensor"])  # [M, data*fsdp, t]
+    # [M, data*fsdp*expert, context*tensor]: devices that differ in context or tensor only hold the same rows
+    flat = np.asarray(mesh.devices).reshape(mesh.shape["member"], -1, mesh.shape["context"] * mesh.shape["tensor"])
     for pos in range(flat.shape[1]):
         for d in flat[:, pos, :].ravel():
             coords.setdefault(d.process_index, set()).add(pos)

@@ -388,9 +388,18 @@ def pallas_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, *, block: int = 
     return out[:, :t].reshape(b, t, kh, g, e)
 
 
+def context_mesh():
+    """The mesh set around the program (``jax.set_mesh``) when it has a ``context`` axis of more than one device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or dict(mesh.shape).get("context", 1) == 1 else mesh
+
+
 def attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, *, window: int | None, implementation: str = "auto",
-           block: int = 512, softcap: float | None = None) -> Array:  # fmt: skip
-    """[B, T, K, G, E] attention outputs by the implementation ``resolve`` picks."""
+           block: int = 512, softcap: float | None = None, rows: bool = True) -> Array:  # fmt: skip
+    """[B, T, K, G, E] attention outputs by the implementation ``resolve`` picks; under a mesh with a ``context``
+    axis, whole rows (``rows``: self-attention, no KV cache) by ``ring_attention`` over it."""
+    if rows and (mesh := context_mesh()) is not None:
+        return ring_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, mesh=mesh, block=block, softcap=softcap)
     impl = resolve(implementation, q_BxTxKxGxE.shape[1], k_BxSxKxE.shape[1], block)
     if impl == "blockwise":
         return blockwise_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, block=block, softcap=softcap)

@@ -28,13 +28,15 @@ from dpo_jax.training import reference
 
 
 def make_mesh(cfg, devices, num_members: int = 1):
-    """The config's ``(member, data, fsdp, expert, tensor)`` mesh over ``devices`` for ``num_members`` members."""
+    """The config's ``(member, data, fsdp, expert, context, tensor)`` mesh over ``devices`` for ``num_members``
+    members."""
     m = cfg.mesh
-    expert = m.get("expert", 1)
-    size = m.member or sharding.member_axis_size(num_members, len(devices) // expert, m.data, m.fsdp, m.tensor)
+    expert, context = m.get("expert", 1), m.get("context", 1)
+    size = m.member or sharding.member_axis_size(num_members, len(devices) // expert // context, m.data, m.fsdp,
+                                                 m.tensor)  # fmt: skip
     if num_members % size:
         raise ConfigError(f"config.mesh.member: expected a divisor of the {num_members} members, got {size}")
-    return sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices, member=size, expert=expert)
+    return sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices, member=size, expert=expert, context=context)
 
 
 def hparams(cfg, types: tuple[str, ...] | None = None, peak_lr: float | None = None) -> HParams:

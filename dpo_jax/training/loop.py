@@ -290,7 +290,7 @@ class Loop:
 
     def program(self, sample) -> StepProgram:
         stage, mesh, shared = self.stage, self.mesh, self.shared
-        batch_sh = jax.tree.map(lambda x: sharding.batch_sharding(mesh, x.ndim, members=not shared), sample)
+        batch_sh = sharding.batch_shardings(mesh, sample, members=not shared)
         frozen_sh = None if stage.frozen is None else sharding.param_shardings(stage.frozen, mesh)
         frozen_key = (jax.tree.structure(frozen_sh), tuple(jax.tree.leaves(frozen_sh)))  # e.g. an int8 LoRA base
         key = (stage.program_key, mesh, jax.tree.structure(sample), frozen_key, shared, len(self.members))

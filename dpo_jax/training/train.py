@@ -144,6 +144,8 @@ def compile_note(model_cfg):
     def note(loop: Loop, shape: str, seconds: float, row: int):
         impl = attention.resolve(model_cfg.attention, row, row, model_cfg.attention_block)
         blocks = f" of {model_cfg.attention_block}-token blocks" if impl == "blockwise" else ""
+        if (context := loop.mesh.shape["context"]) > 1:
+            impl, blocks = "ring", f" over context={context}, blockwise within each device"
         loop.console.note(f"[{loop.stage.name}] compiled the step for batch {shape} in {seconds:.1f} s "
                           f"(attention: {impl}{blocks})")  # fmt: skip
 
@@ -351,6 +353,9 @@ def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None, 
     mesh = builders.make_mesh(cfg, devices, len(cfgs))
     for c in cfgs:
         validate(c, num_devices=len(devices), members=mesh.shape["member"])
+    if mesh.shape["context"] > 1 and len(cfgs) > 1:
+        raise ConfigError("config.mesh.context: a population over the context axis is not supported yet: expected 1 "
+                          "with several members (dpo-jax sweep --mode sequential runs them one by one)")  # fmt: skip
     if online(cfg) and len(cfgs) > 1:
         raise ConfigError("config.rounds.online: an online run samples from its own policy: one run at a time "
                           "(dpo-jax sweep --mode sequential), not a population")  # fmt: skip
@@ -363,6 +368,8 @@ def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None, 
             if jax.process_index() == 0 and (stale := clean_stale_tmp(wd)):
                 print(f"removed {len(stale)} temporary files an earlier, killed run left in {wd}", flush=True)
         stack_.enter_context(stop_signals())
+        if mesh.shape["context"] > 1:  # the model's attention finds the context axis here (a ring over it)
+            stack_.enter_context(jax.set_mesh(mesh))
         if changes is None:
             changes = [check_stage_configs(c, wd) for c, wd in zip(cfgs, workdirs, strict=True)]
         t_start, notes = time.perf_counter(), Notes()
