@@ -328,3 +328,26 @@ def test_padded_member_batches_score_the_same(models):
         order = {int(i): n for n, i in enumerate(got_index) if i >= 0}
         np.testing.assert_allclose(got[[order[int(i)] for i in index[index >= 0]]], expected, rtol=1e-6)
     assert len({tuple(b.tokens_GxKxT.shape) for b in batches}) > 1 or len({b.score_src_ZxS.shape for b in batches}) > 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama3", "gemma3", "qwen3_moe"])
+def test_rows_split_over_a_context_axis_give_the_one_device_logps_and_gradients(models, blockwise_graphdefs, name):
+    """Context parallelism (``mesh.context``): under a ``data`` x ``context`` = 2 x 4 mesh the decoder attends each
+    row by the ring, each device holding a quarter of the row's tokens (rows of several 8-token blocks). Per-pair
+    log-probs and their gradients equal the unsplit blockwise kernel's, for padded, packed and shared-prompt rows,
+    with Gemma 3's per-layer windows and soft-caps and Qwen3-MoE's experts."""
+    from dpo_jax.infra import sharding
+
+    _, _, params = models[name]
+    graphdef = blockwise_graphdefs[name]
+    pairs = make_pairs(10)
+    # every layout on Llama; the default layout on the families whose windows and experts the ring must carry
+    # (the layouts' masks are the kernel's, each tested on the ring in tests/test_ring.py)
+    for key in ("padded", "packed", "packed_shared") if name == "llama3" else ("packed_shared",):
+        want, want_grad = layout_logps(graphdef, params, pairs, LAYOUTS[key], 10)
+        with jax.set_mesh(sharding.make_mesh(data=2, context=4)):
+            got, got_grad = layout_logps(graphdef, params, pairs, LAYOUTS[key], 10)
+            grads = got_grad(params)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=key)
+        assert_grads_close(grads, want_grad(params))
