@@ -52,13 +52,17 @@ MODELS = {  # the checkpoints' config.json values
     "llama-3.1-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
                           num_kv_heads=8, rope_theta=500000.0, rope_type="llama3", rope_factor=8.0),
 }  # fmt: skip
-# plan name -> (model, devices, LoRA rank, device memory in GB)
+# plan name -> (model, devices, LoRA rank, device memory in GB[, context]): the devices split as fsdp x context
 PLANS = {
     "8b-fsdp8": ("llama-3.1-8b", 8, 0, 80),
     "8b-fsdp64": ("llama-3.1-8b", 64, 0, 80),
     "8b-lora-80gb": ("llama-3.1-8b", 1, 16, 80),
     "8b-lora-141gb": ("llama-3.1-8b", 1, 16, 141),
     "70b-lora-fsdp8": ("llama-3.1-70b", 8, 16, 80),
+    # context parallelism (mesh.context): each row's tokens split over the context axis, parameters over all devices
+    "8b-context8": ("llama-3.1-8b", 8, 0, 80, 8),
+    "8b-context64": ("llama-3.1-8b", 64, 0, 80, 64),
+    "70b-lora-context8": ("llama-3.1-70b", 8, 16, 80, 8),
 }
 SMOKE_PLANS = {"tiny-fsdp8": ("tiny", 8, 0, 1), "tiny-lora": ("tiny", 1, 4, 1)}  # the tests'; not in the table
 GB = 10**9
@@ -131,7 +135,7 @@ def step_program(mc, mesh, row: int, pairs_per_device: int = 1):
     tx = optim.make_optimizer(builders.optim_section(learning_rate=1e-5, warmup_steps=0), 1000)
     state = jax.eval_shape(lambda p: init_state(p, tx, builders.default_hparams(), 0), params)
     state_sh = sharding.tree_shardings(state, mesh)
-    batch_sh = jax.tree.map(lambda v: sharding.batch_sharding(mesh, v.ndim), batch)
+    batch_sh = sharding.batch_shardings(mesh, batch)  # token axes over context
     base_sh = None if base is None else sharding.param_shardings(base, mesh)
     sc = step.StepConfig("dpo", lora=base is not None, max_logits_mb=throughput.logits_budget_mb(-1.0))
     train_fn = jax.jit(
@@ -142,7 +146,8 @@ def step_program(mc, mesh, row: int, pairs_per_device: int = 1):
     spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
     args = (jax.tree.map(spec, state, state_sh), jax.tree.map(spec, batch, batch_sh),
             None if base is None else jax.tree.map(spec, base, base_sh))  # fmt: skip
-    return train_fn.lower(*args).compile(), batch
+    with jax.set_mesh(mesh):  # the decoder's attention finds a context axis here (the ring over it)
+        return train_fn.lower(*args).compile(), batch
 
 
 def cpu_weight_upcasts(compiled) -> int:
@@ -162,9 +167,10 @@ def cpu_weight_upcasts(compiled) -> int:
 
 
 def plan(name: str, rows: list[int]) -> list[dict]:
-    model, devices, rank, memory_gb = {**PLANS, **SMOKE_PLANS}[name]
+    model, devices, rank, memory_gb, *context = {**PLANS, **SMOKE_PLANS}[name]
+    context = context[0] if context else 1
     mc = model_config(model, lora_rank=rank)
-    mesh = sharding.make_mesh(data=1, fsdp=devices, devices=jax.devices()[:devices])
+    mesh = sharding.make_mesh(data=1, fsdp=devices // context, context=context, devices=jax.devices()[:devices])
     out = []
     for row in rows:
         t0 = time.perf_counter()

@@ -12,6 +12,7 @@ with these ``NamedSharding``s is the modern ``pmap`` and spans hosts.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Sequence
 
@@ -99,7 +100,10 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh) -> P:
     axes = axes + (None,) * (len(shape) - len(axes))
     if len(axes) != len(shape):
         raise ValueError(f"partition rule for {path!r} has {len(axes)} axes; the parameter has shape {shape}")
-    return P(*(a if a is None or dim % mesh.shape[a] == 0 else None for a, dim in zip(axes, shape, strict=True)))
+    if mesh.shape.get("context", 1) > 1:  # the context axis's devices share the parameters out too (ZeRO-3 over both)
+        axes = tuple(("fsdp", "context") if a == "fsdp" else a for a in axes)
+    size = lambda a: math.prod(mesh.shape[x] for x in (a if isinstance(a, tuple) else (a,)))  # noqa: E731
+    return P(*(a if a is None or dim % size(a) == 0 else None for a, dim in zip(axes, shape, strict=True)))
 
 
 def param_shardings(tree, mesh: Mesh):
