@@ -51,6 +51,13 @@ MODELS = {  # the checkpoints' config.json values
                  rope_theta=10000.0),  # the tests' smoke runs
     "llama-3.1-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
                           num_kv_heads=8, rope_theta=500000.0, rope_type="llama3", rope_factor=8.0),
+    # a family of its own: its config.json, read as a checkpoint's is (5 sliding-window layers of 512 to 1 global)
+    "gemma-3-1b": dict(hf=dict(
+        architectures=["Gemma3ForCausalLM"], vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+        num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+        sliding_window_pattern=6, query_pre_attn_scalar=256, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+        max_position_embeddings=32768, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6, bos_token_id=2, eos_token_id=1, pad_token_id=0)),
 }  # fmt: skip
 # plan name -> (model, devices, LoRA rank, device memory in GB[, context]): the devices split as fsdp x context
 PLANS = {
@@ -63,6 +70,7 @@ PLANS = {
     "8b-context8": ("llama-3.1-8b", 8, 0, 80, 8),
     "8b-context64": ("llama-3.1-8b", 64, 0, 80, 64),
     "70b-lora-context8": ("llama-3.1-70b", 8, 16, 80, 8),
+    "gemma3-1b-1gpu": ("gemma-3-1b", 1, 0, 80),  # without the axis: one device
 }
 SMOKE_PLANS = {"tiny-fsdp8": ("tiny", 8, 0, 1), "tiny-lora": ("tiny", 1, 4, 1)}  # the tests'; not in the table
 GB = 10**9
@@ -89,14 +97,16 @@ from dpo_jax.core.state import init_state  # noqa: E402
 from dpo_jax.data import Layout, PreferenceLoader, TokenizedPair  # noqa: E402
 from dpo_jax.data.packing import batch_stats  # noqa: E402
 from dpo_jax.infra import sharding, throughput  # noqa: E402
-from dpo_jax.models import ModelConfig, init_decoder, lora  # noqa: E402
+from dpo_jax.models import ModelConfig, config_from_hf, init_decoder, lora  # noqa: E402
 from dpo_jax.models.config import LORA_TARGETS  # noqa: E402
 from dpo_jax.training import builders  # noqa: E402
 
 
 def model_config(name: str, *, lora_rank: int = 0, remat: str = "full") -> ModelConfig:
-    return ModelConfig(**MODELS[name], dtype="bfloat16", remat=remat, lora_rank=lora_rank, lora_alpha=2.0 * lora_rank,
-                       lora_targets=LORA_TARGETS if lora_rank else ())  # fmt: skip
+    lora_ = dict(lora_rank=lora_rank, lora_alpha=2.0 * lora_rank, lora_targets=LORA_TARGETS if lora_rank else ())
+    if "hf" in MODELS[name]:
+        return config_from_hf(MODELS[name]["hf"], dtype="bfloat16", remat=remat, **lora_)
+    return ModelConfig(**MODELS[name], dtype="bfloat16", remat=remat, **lora_)
 
 
 def pairs_for(row: int, n: int, vocab: int, seed: int = 0) -> list[TokenizedPair]:
