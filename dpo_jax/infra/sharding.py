@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dpo_jax.core.batch import ROWS
 from dpo_jax.models.paths import path_str
 
 MESH_AXES = ("member", "data", "fsdp", "expert", "context", "tensor")
@@ -156,12 +157,12 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, *, members: bool = False, tokens: 
 
 
 def batch_shardings(mesh: Mesh, batch, *, members: bool = False):
-    """``batch_sharding`` for every array of a batch pytree (a ``core.batch.Batch``): fields whose shape letters end
-    in T (``tokens_GxKxT``, ...) have their token axis split over ``context``."""
+    """``batch_sharding`` for every array of a batch pytree (a ``core.batch.Batch``): its token rows
+    (``core.batch.ROWS``) have their token axis split over ``context``."""
 
     def one(path, x):
-        name = str(getattr(path[-1], "name", getattr(path[-1], "key", ""))) if path else ""
-        return batch_sharding(mesh, x.ndim, members=members, tokens=name.rsplit("_", 1)[-1].endswith("xT"))
+        name = getattr(path[-1], "name", None) if path else None
+        return batch_sharding(mesh, x.ndim, members=members, tokens=name in ROWS)
 
     return jax.tree_util.tree_map_with_path(one, batch)
 
