@@ -1,5 +1,5 @@
 """What several test files share: the built-in job made seconds-long (``TINY``, ``tiny_config``), the ``dpo-jax``
-command in a subprocess (``cli``), and the repository root."""
+command in its own process (``dpo_jax``, ``cli``), and the repository root."""
 
 import json
 import os
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from conftest import xla_env
+from zygote import ZYGOTE
 
 from dpo_jax.config import load_config_file
 
@@ -56,19 +57,23 @@ def tiny_config(*extra, cache_dir=None):
     return cfg
 
 
+def dpo_jax(argv: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m dpo_jax <argv>`` to its end, as ``subprocess.run`` gives it (``env``: the whole environment);
+    forked from the ``zygote`` (the command's imports done once) where it can be."""
+    env = dict(os.environ) if env is None else env
+    if ZYGOTE.serves(env):
+        return ZYGOTE.run(argv, env, timeout)
+    return subprocess.run([sys.executable, "-m", "dpo_jax", *argv], env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
 def cli(workdir, *extra, env=None, wait=True):
-    cmd = [
-        sys.executable,
-        "-m",
-        "dpo_jax",
-        "train",
-        "--config",
-        str(ROOT / "configs/default.py"),
-        "--workdir",
-        str(workdir),
-        *(f"--config.{o}" for o in (*TINY, *extra)),
-    ]
+    """``dpo-jax train`` of the built-in job made tiny (``TINY``) plus ``extra`` overrides, on one device unless
+    ``env`` says otherwise. ``wait=False``: a running process (``subprocess.Popen``) to signal or kill."""
+    argv = ["train", "--config", str(ROOT / "configs/default.py"), "--workdir", str(workdir),
+            *(f"--config.{o}" for o in (*TINY, *extra))]  # fmt: skip
     full_env = {**os.environ, "XLA_FLAGS": xla_env(1), **(env or {})}
     if not wait:
-        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
+        return subprocess.Popen([sys.executable, "-m", "dpo_jax", *argv], env=full_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return dpo_jax(argv, full_env)

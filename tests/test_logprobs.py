@@ -260,3 +260,12 @@ def test_the_host_peak_is_measured_once_or_read_from_the_environment(monkeypatch
     assert source == "measured float32 matmul peak of this host"
     assert measured == throughput.measured_matmul_peak() * jax.process_count()
     assert np.isfinite(measured) and measured > 0
+
+
+def test_the_host_peak_is_measured_inside_a_runs_context_mesh():
+    """A run over a context axis measures the host's peak inside its mesh (``jax.set_mesh``): the measurement runs on
+    the first device alone, not as a program of the run's mesh (once a crash of every such run outside the suite)."""
+    from dpo_jax.infra import sharding, throughput
+
+    with jax.set_mesh(sharding.make_mesh(data=2, context=4)):
+        assert throughput.measured_matmul_peak.__wrapped__(n=64, repeats=1) > 0

@@ -5,23 +5,21 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import COMMON, xla_env
-from helpers import ROOT, TINY, cli
+from helpers import ROOT, TINY, cli, dpo_jax
 from safetensors.numpy import load_file, save_file
 from test_workdir import tmpfs
+from zygote import ZYGOTE
 
 from dpo_jax.data import synthetic
 
 
 def run(args, env=None):
-    cmd = [sys.executable, "-m", "dpo_jax", *args]
-    full_env = {**os.environ, "XLA_FLAGS": xla_env(1), **(env or {})}
-    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
+    return dpo_jax(args, {**os.environ, "XLA_FLAGS": xla_env(1), **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -140,20 +138,15 @@ CASES = {
 
 @pytest.mark.slow
 def test_every_user_error_is_one_line_and_exit_2(inputs, tmp_path):
-    def one(item):
-        name, (build, *fragments) = item
+    def argv(name, build):
         args = build(inputs)
         config = [] if "--config" in args else ["--config", str(ROOT / "configs/default.py")]
         overrides = [f"--config.{o}" for o in TINY]
-        return (
-            name,
-            fragments,
-            run(["train", *config, "--workdir", str(tmp_path / name.replace(" ", "_")), *overrides, *args]),
-        )
+        return ["train", *config, "--workdir", str(tmp_path / name.replace(" ", "_")), *overrides, *args]
 
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(one, CASES.items()))
-    for name, fragments, out in results:
+    env = {**os.environ, "XLA_FLAGS": xla_env(1)}
+    outs = ZYGOTE.run_many([(argv(name, build), env) for name, (build, *_) in CASES.items()])
+    for (name, (_, *fragments)), out in zip(CASES.items(), outs, strict=True):
         lines = [x for x in out.stderr.strip().splitlines() if not x.startswith("dpo-jax: warning:")]  # warnings first
         assert out.returncode == 2, (name, out.stderr[-2000:])
         assert len(lines) == 1 and lines[0].startswith("dpo-jax: "), (name, out.stderr[-2000:])
@@ -163,8 +156,24 @@ def test_every_user_error_is_one_line_and_exit_2(inputs, tmp_path):
     assert rounds.returncode == 2 and rounds.stderr.strip().splitlines() == [
         "dpo-jax: config.rounds.reference: expected 'keep' or 'refresh', got 'sometimes'"
     ]
-    verbose = run(["train", "--config", str(ROOT / "configs/default.py"), "--workdir", str(tmp_path / "v"),
-                   "--config.optim.grad_accum=0", "--verbose"])  # fmt: skip
+    verbose = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpo_jax",
+            "train",
+            "--config",
+            str(ROOT / "configs/default.py"),
+            "--workdir",
+            str(tmp_path / "v"),
+            "--config.optim.grad_accum=0",
+            "--verbose",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # a process started as users do
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr
 
 

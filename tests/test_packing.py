@@ -59,28 +59,31 @@ def torch_pair_logps(model, pairs):
     return out
 
 
-def layout_logps(graphdef, params, pairs, layout, batch_size, dropout_key=None):
-    """[N, 2] log-probs, and a function of params giving a fixed random combination of them (for gradients)."""
+def layout_logps(graphdef, params, pairs, layout, batch_size, dropout_key=None, grads=True):
+    """[N, 2] log-probs, and the gradient of a fixed random combination of them (None when not ``grads``): one
+    program for the whole epoch's batches, the values and the gradient together."""
     loader = PreferenceLoader(pairs, batch_size, shuffle=False, drop_last=False, layout=layout)
     coeffs = np.random.default_rng(1).normal(size=(len(pairs), 2))
     batches = [jax.tree.map(jnp.asarray, b) for _, b in loader.epoch(0)]
-    out = np.zeros((len(pairs), 2))
-    score = jax.jit(lambda p, b: scoring.pair_logps(graphdef, p, b, dropout_key=dropout_key)[0])
-    for b in batches:
-        logps = np.asarray(score(params, b))
-        index = np.asarray(b.index_GxP).reshape(-1)
-        out[index[index >= 0]] = logps[index >= 0]
 
     def combination(params):
-        total = 0.0
+        total, logps_B = 0.0, []
         for b in batches:
             logps = scoring.pair_logps(graphdef, params, b, dropout_key=dropout_key)[0]
             index = b.index_GxP.reshape(-1)
             c = jnp.asarray(coeffs)[jnp.maximum(index, 0)] * (index >= 0)[:, None]
-            total = total + jnp.sum(logps * c)
-        return total
+            total, logps_B = total + jnp.sum(logps * c), [*logps_B, logps]
+        return total, logps_B
 
-    return out, jax.jit(jax.grad(combination))
+    if grads:
+        (_, logps_B), grad = jax.jit(jax.value_and_grad(combination, has_aux=True))(params)
+    else:
+        (_, logps_B), grad = jax.jit(combination)(params), None
+    out = np.zeros((len(pairs), 2))
+    for b, logps in zip(batches, logps_B, strict=True):
+        index = np.asarray(b.index_GxP).reshape(-1)
+        out[index[index >= 0]] = np.asarray(logps)[index >= 0]
+    return out, grad
 
 
 def assert_grads_close(grads, expected):
@@ -141,13 +144,14 @@ def test_lora_dropout_masks_do_not_depend_on_the_layout(models):
     params = lora.compose(adapters, base_params)
     pairs, key = make_pairs(10), jax.random.key(7)
     base, base_grad = layout_logps(graphdef, params, pairs, BASELINE, 10, dropout_key=key)
-    plain, _ = layout_logps(graphdef, params, pairs, BASELINE, 10)
+    plain, _ = layout_logps(graphdef, params, pairs, BASELINE, 10, grads=False)
     assert np.abs(base - plain).max() > 1e-2  # dropout acts
     for layout, batch_size in [(LAYOUTS["packed"], 4), (LAYOUTS["packed_shared"], 3)]:
-        got, grad = layout_logps(graphdef, params, pairs, layout, batch_size, dropout_key=key)
+        shared = layout.share_prompt  # the gradient of the last only
+        got, grad = layout_logps(graphdef, params, pairs, layout, batch_size, dropout_key=key, grads=shared)
         np.testing.assert_allclose(got, base, rtol=1e-5, atol=2e-5)
     # gradients: the layout furthest from the baseline (packed rows of several pairs, one prompt copy)
-    assert_grads_close(grad(params), base_grad(params))
+    assert_grads_close(grad, base_grad)
 
 
 # Every layout for the Llama lineage; the default layout (packed rows, the prompt shared by both completions) for
@@ -163,21 +167,20 @@ def test_layouts_equal_transformers_and_each_other(models, blockwise_graphdefs, 
     torch_model, graphdef, params = models[name]
     pairs = make_pairs(10)
     expected = torch_pair_logps(torch_model, pairs)
-    base, base_grad = layout_logps(graphdef, params, pairs, BASELINE, 10)
+    base, base_grads = layout_logps(graphdef, params, pairs, BASELINE, 10)
     np.testing.assert_allclose(base, expected, rtol=1e-5, atol=1e-4)
-    base_grads = base_grad(params)
     family = name not in ("llama3", "llama_bias_tied", "mistral_window", "qwen2")
     for key, layout in LAYOUTS.items():
         if family and key not in FAMILY_LAYOUTS:
             continue
         got, grad = layout_logps(graphdef, params, pairs, layout, 10)
         np.testing.assert_allclose(got, base, rtol=1e-5, atol=2e-5)
-        assert_grads_close(grad(params), base_grads)
+        assert_grads_close(grad, base_grads)
     # Rows many attention blocks long (the default layout, 8-token blocks): what training, the reference pass and
     # eval compute. Gemma 3's per-layer windows are traced values of the layer scan (once an UnexpectedTracerError).
     got, grad = layout_logps(blockwise_graphdefs[name], params, pairs, LAYOUTS["packed_shared"], 10)
     np.testing.assert_allclose(got, base, rtol=1e-5, atol=2e-5)
-    assert_grads_close(grad(params), base_grads)
+    assert_grads_close(grad, base_grads)
 
 
 def test_shared_rows_window_uses_positions(models):
@@ -186,7 +189,7 @@ def test_shared_rows_window_uses_positions(models):
     torch_model, graphdef, params = models["mistral_window"]
     pairs = [TokenizedPair(np.arange(3, 9, dtype=np.int32), np.arange(20, 28, dtype=np.int32),
                            np.arange(40, 43, dtype=np.int32), 1.0, 1.0)]  # fmt: skip
-    got, _ = layout_logps(graphdef, params, pairs, Layout(share_prompt=True), 1)
+    got, _ = layout_logps(graphdef, params, pairs, Layout(share_prompt=True), 1, grads=False)
     np.testing.assert_allclose(got, torch_pair_logps(torch_model, pairs), rtol=1e-5, atol=1e-4)
 
 
@@ -345,9 +348,8 @@ def test_rows_split_over_a_context_axis_give_the_one_device_logps_and_gradients(
     # every layout on Llama; the default layout on the families whose windows and experts the ring must carry
     # (the layouts' masks are the kernel's, each tested on the ring in tests/test_ring.py)
     for key in ("padded", "packed", "packed_shared") if name == "llama3" else ("packed_shared",):
-        want, want_grad = layout_logps(graphdef, params, pairs, LAYOUTS[key], 10)
+        want, want_grads = layout_logps(graphdef, params, pairs, LAYOUTS[key], 10)
         with jax.set_mesh(sharding.make_mesh(data=2, context=4)):
-            got, got_grad = layout_logps(graphdef, params, pairs, LAYOUTS[key], 10)
-            grads = got_grad(params)
+            got, grads = layout_logps(graphdef, params, pairs, LAYOUTS[key], 10)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=key)
-        assert_grads_close(grads, want_grad(params))
+        assert_grads_close(grads, want_grads)

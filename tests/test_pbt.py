@@ -92,14 +92,12 @@ def test_pbt_that_would_rank_on_nothing_or_leave_a_domain_is_refused_by_the_comm
     """``dpo-jax sweep`` on configs/pbt.py: one line and exit 2 before anything compiles (once: members scored -inf
     and exploited by index, beta = -1, label smoothing 0.675, no exploit at all, a crash at the first exploit)."""
     import os
-    import subprocess
-    import sys
 
     from conftest import xla_env
-    from helpers import ROOT
+    from helpers import ROOT, dpo_jax
 
-    cmd = [sys.executable, "-m", "dpo_jax", "sweep", "--config", str(ROOT / "configs/pbt.py:runlocal"),
-           "--workdir", str(tmp_path), "--mode", "vectorized", f"--config.{override}"]  # fmt: skip
-    out = subprocess.run(cmd, env={**os.environ, "XLA_FLAGS": xla_env(1)}, capture_output=True, text=True, timeout=120)
+    argv = ["sweep", "--config", str(ROOT / "configs/pbt.py:runlocal"), "--workdir", str(tmp_path), "--mode",
+            "vectorized", f"--config.{override}"]  # fmt: skip
+    out = dpo_jax(argv, {**os.environ, "XLA_FLAGS": xla_env(1)}, timeout=120)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"dpo-jax: {message}"), out.stderr

@@ -181,13 +181,11 @@ def test_rounds_on_a_local_checkpoint_with_a_local_reward_model_through_the_comm
     checkpoint and local files: the round's pairs carry the reward model's scores (transformers', through its chat
     template), best above worst, and the round trains and evaluates with it."""
     import os
-    import subprocess
-    import sys
 
     import torch
     import transformers
     from conftest import xla_env
-    from helpers import ROOT
+    from helpers import ROOT, dpo_jax
 
     task = synthetic.write_task(tmp_path / "task", synthetic.TaskConfig(n_sft=4, n_train=32, n_eval=8))
     tok = synthetic.build_tokenizer()
@@ -203,9 +201,9 @@ def test_rounds_on_a_local_checkpoint_with_a_local_reward_model_through_the_comm
         "rounds.num": 1, "rounds.prompts": 16, "rounds.samples": 4, "rounds.max_new_tokens": 8, "optim.steps": 2,
         "eval.every": 2, "eval.num_prompts": 4, "eval.max_new_tokens": 8, "wandb.enabled": False,
     }  # fmt: skip
-    cmd = [sys.executable, "-m", "dpo_jax", "rounds", "--config", f"{ROOT}/configs/rounds.py:hf_cpu", "--workdir",
-           str(tmp_path / "run"), *(f"--config.{k}={v}" for k, v in overrides.items())]  # fmt: skip
-    out = subprocess.run(cmd, env={**os.environ, "XLA_FLAGS": xla_env(1)}, capture_output=True, text=True, timeout=600)
+    argv = ["rounds", "--config", f"{ROOT}/configs/rounds.py:hf_cpu", "--workdir", str(tmp_path / "run"),
+            *(f"--config.{k}={v}" for k, v in overrides.items())]  # fmt: skip
+    out = dpo_jax(argv, {**os.environ, "XLA_FLAGS": xla_env(1)}, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     pairs = [json.loads(line) for line in (tmp_path / "run/round_1/pairs.jsonl").read_text().splitlines()]
     assert len(pairs) >= 8
