@@ -7,6 +7,7 @@ through ``CPOTrainer.cpo_loss`` and ``ORPOTrainer.odds_ratio_loss``.
 """
 
 import functools
+import importlib
 import types
 from collections import defaultdict
 
@@ -15,14 +16,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import trl.experimental.cpo.cpo_trainer as trl_cpo
-import trl.experimental.orpo.orpo_trainer as trl_orpo
-import trl.trainer.dpo_trainer as trl_dpo
-import trl.trainer.kto_trainer as trl_kto
 
 from dpo_jax.core import scoring, step
 from dpo_jax.core.losses import F_DIVERGENCE_LOSS_TYPES, F_DIVERGENCES, preference_loss
 from dpo_jax.training import builders
+
+
+class _Imported:
+    """A module imported at its first use: TRL's trainers take ~8 s to import, paid by the worker that runs these
+    tests, not by every worker that collects them."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+trl_cpo = _Imported("trl.experimental.cpo.cpo_trainer")
+trl_orpo = _Imported("trl.experimental.orpo.orpo_trainer")
+trl_dpo = _Imported("trl.trainer.dpo_trainer")
+trl_kto = _Imported("trl.trainer.kto_trainer")
 
 B, T = 6, 14  # pairs, token slots per sequence (first slot is the prompt's last token)
 DPO_TYPES = [

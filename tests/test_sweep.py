@@ -126,8 +126,9 @@ def test_vectorized_members_equal_sequential_runs(sequential, tmp_path):
     """K members (beta, lr, label smoothing + loss mix, temperature + data seed) in one vmapped program on one
     device give the per-member results of K sequential runs, and are written out as ordinary runs."""
     seq_dir, seq, _ = sequential
-    base = _shared_reference(_base(), seq_dir)
-    vec = sweep.run_sweep(SPEC, tmp_path, base=base, members=MEMBERS, mode="vectorized", devices=jax.devices()[:1])
+    base, cache = _shared_reference(_base(), seq_dir), StepCache()
+    vec = sweep.run_sweep(SPEC, tmp_path, base=base, members=MEMBERS, mode="vectorized", devices=jax.devices()[:1],
+                          cache=cache)  # fmt: skip
     _assert_members_equal(seq_dir, seq, tmp_path, vec, eval_keys=("eval/loss", "eval/rewards/accuracies",
                           "eval/rewards/margins", "eval/kl_token"))  # fmt: skip
     for name in (r["member"] for r in seq):
@@ -142,7 +143,8 @@ def test_vectorized_members_equal_sequential_runs(sequential, tmp_path):
     for name in before:
         shutil.rmtree(tmp_path / name / "dpo/checkpoints/8")
         (tmp_path / name / "summary.json").unlink()
-    sweep.run_sweep(SPEC, tmp_path, base=base, members=MEMBERS, mode="vectorized", devices=jax.devices()[:1])
+    sweep.run_sweep(SPEC, tmp_path, base=base, members=MEMBERS, mode="vectorized", devices=jax.devices()[:1],
+                    cache=cache)  # fmt: skip
     for name, hist in before.items():
         again = read_history(tmp_path / name / "metrics.jsonl")
         steps = [r["step"] for r in again if "train/loss" in r]
@@ -300,8 +302,9 @@ def test_pbt_replaces_a_failed_member_and_resumes_to_the_same_weights_and_lineag
     base.pbt.update(enabled=True, every=4, metric="loss", fraction=0.5, hparams="beta,lr_scale", seed=3)
     members = [{"dpo.beta": 0.03}, {"dpo.beta": 0.3}, {"dpo.beta": 0.1, "optim.learning_rate": 1e30},
                {"dpo.beta": 0.1, "dpo.label_smoothing": 0.2}]  # fmt: skip
+    cache = StepCache()  # the rerun's programs are the first run's (a resume is checked, not a recompile)
     run = lambda d: sweep.run_sweep(SPEC, d, base=base.copy_and_resolve_references(), members=members,  # noqa: E731
-                                    mode="vectorized", devices=jax.devices()[:devices])  # fmt: skip
+                                    mode="vectorized", devices=jax.devices()[:devices], cache=cache)  # fmt: skip
     out = run(tmp_path / "a")
     names = [r["member"] for r in out]
     lineage = pbt_rows(tmp_path / "a")

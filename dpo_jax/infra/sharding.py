@@ -141,8 +141,15 @@ def fetch(x) -> np.ndarray:
 def take_member(tree_K, k, mesh: Mesh):
     """Member ``k`` of a population tree ([K, ...] leaves), laid out like an ordinary run's (replicated over
     ``member``), on every device: what checkpoints, sampling and exports of one member take (across hosts too)."""
-    one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), tree_K)
-    return jax.jit(lambda t, i: jax.tree.map(lambda x: x[i], t), out_shardings=tree_shardings(one, mesh))(tree_K, k)
+    leaves, treedef = jax.tree.flatten(tree_K)
+    return _take_program(mesh, treedef, tuple((x.shape[1:], x.dtype) for x in leaves))(tree_K, k)
+
+
+@functools.lru_cache(maxsize=32)
+def _take_program(mesh: Mesh, treedef, shapes: tuple):
+    """One jitted program per mesh and tree (``k`` is traced): compiled once, not at every eval and export."""
+    one = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes])
+    return jax.jit(lambda t, i: jax.tree.map(lambda x: x[i], t), out_shardings=tree_shardings(one, mesh))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, *, members: bool = False, tokens: bool = False) -> NamedSharding:
