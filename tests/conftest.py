@@ -127,7 +127,7 @@ def padded_batch(b=3, t=11, vocab=97, seed=0):
 
 
 # The slowest files first (longest processing time first; measured with --durations, 2026-12-07): xdist hands
-# files to its two workers in collection order (--no-loadscope-reorder), so the long ones start at once and the short
+# files to its workers in collection order (--no-loadscope-reorder), so the long ones start at once and the short
 # ones fill in; the workers then finish together. A stale order costs wall time only, never a check.
 SLOW_FILES = (
     "test_sweep.py", "test_packing.py", "test_distributed.py", "test_lora.py", "test_attention.py", "test_moe.py",
