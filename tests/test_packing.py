@@ -333,23 +333,38 @@ def test_padded_member_batches_score_the_same(models):
     assert len({tuple(b.tokens_GxKxT.shape) for b in batches}) > 1 or len({b.score_src_ZxS.shape for b in batches}) > 1
 
 
+# the mesh beside the context axis: FSDP (the parameters over fsdp x context), data, the experts over their axis
+CONTEXT_MESHES = {"llama3": dict(fsdp=2), "gemma3": dict(data=2), "qwen3_moe": dict(expert=2)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llama3", "gemma3", "qwen3_moe"])
+@pytest.mark.parametrize("name", list(CONTEXT_MESHES))
 def test_rows_split_over_a_context_axis_give_the_one_device_logps_and_gradients(models, blockwise_graphdefs, name):
-    """Context parallelism (``mesh.context``): under a ``data`` x ``context`` = 2 x 4 mesh the decoder attends each
-    row by the ring, each device holding a quarter of the row's tokens (rows of several 8-token blocks). Per-pair
-    log-probs and their gradients equal the unsplit blockwise kernel's, for padded, packed and shared-prompt rows,
-    with Gemma 3's per-layer windows and soft-caps and Qwen3-MoE's experts."""
+    """Context parallelism (``mesh.context``): under a mesh of 8 devices with a context axis of 4 the decoder attends
+    each row by the ring, each device holding a quarter of the row's tokens (rows of several 8-token blocks), beside
+    FSDP (Llama: the parameters split over fsdp x context, as the run places them), data (Gemma 3) or the expert
+    axis (Qwen3-MoE: half the experts a device). Per-pair log-probs and their gradients equal the unsplit blockwise
+    kernel's, for padded, packed and shared-prompt rows, with Gemma 3's per-layer windows and soft-caps and
+    Qwen3-MoE's experts."""
     from dpo_jax.infra import sharding
 
     _, _, params = models[name]
     graphdef = blockwise_graphdefs[name]
     pairs = make_pairs(10)
+    mesh = sharding.make_mesh(**{"data": 1, **CONTEXT_MESHES[name]}, context=4)
+    placed = jax.device_put(params, sharding.param_shardings(params, mesh))
+    split = {"llama3": ("fsdp", "up_proj", "kernel"), "qwen3_moe": ("expert", "gate_proj")}.get(name)
+    if split:  # the parameters really are split as the run splits them
+        leaf = placed["layers"]["mlp"]
+        for key in split[1:]:
+            leaf = leaf[key]
+        spec = leaf[...].sharding.spec
+        assert any(split[0] in (a if isinstance(a, tuple) else (a,)) for a in spec if a), spec
     # every layout on Llama; the default layout on the families whose windows and experts the ring must carry
     # (the layouts' masks are the kernel's, each tested on the ring in tests/test_ring.py)
     for key in ("padded", "packed", "packed_shared") if name == "llama3" else ("packed_shared",):
         want, want_grads = layout_logps(graphdef, params, pairs, LAYOUTS[key], 10)
-        with jax.set_mesh(sharding.make_mesh(data=2, context=4)):
-            got, grads = layout_logps(graphdef, params, pairs, LAYOUTS[key], 10)
+        with jax.set_mesh(mesh):
+            got, grads = layout_logps(graphdef, placed, pairs, LAYOUTS[key], 10)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=key)
         assert_grads_close(grads, want_grads)
