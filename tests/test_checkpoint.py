@@ -43,6 +43,42 @@ def test_digest_changes_when_any_single_element_changes(leaf):
     assert checkpoint.digest(state) != before
 
 
+def _numpy_digest(x) -> list[int]:
+    """The digest's two sums, by NumPy: bits as uint32 per element, odd position weights, mod 2**32."""
+    x = np.asarray(x).reshape(-1)
+    u = x.astype(np.uint64) if x.dtype == np.bool_ else x.view(f"uint{8 * x.dtype.itemsize}").astype(np.uint64)
+    i = np.arange(u.size, dtype=np.uint64)
+    w1, w2 = 2 * (i % 65521) + 1, 2 * (i % 65519) + 1
+    return [int((u * w1).sum() % 2**32), int(((u ^ (u >> np.uint64(16))) * w2).sum() % 2**32)]
+
+
+@pytest.mark.parametrize("chunk", [64, 1 << 22])  # large leaves a chunk at a time, or every leaf in one program
+def test_digest_and_finite_check_read_large_leaves_in_chunks_alike(monkeypatch, chunk):
+    monkeypatch.setattr(checkpoint, "CHUNK_ELEMENTS", chunk)
+    rng = np.random.default_rng(1)
+    tree = {
+        "w": rng.normal(size=(7, 30)).astype(np.float32),  # 210 = 3 full chunks of 64 and a part
+        "b": rng.normal(size=(129,)).astype(ml_dtypes.bfloat16),  # prime-ish: chunks of one column
+        "q": rng.integers(-128, 127, size=(16, 16)).astype(np.int8),
+        "m": rng.random(size=(100,)) < 0.5,
+        "s": np.float32(2.5),
+    }
+    got = checkpoint.digest({k: jnp.asarray(v) for k, v in tree.items()})
+    assert got == [_numpy_digest(tree[k]) for k in sorted(tree)]  # leaves in key order
+    assert checkpoint.all_finite({k: jnp.asarray(v) for k, v in tree.items()})
+    for where in (5, 200):  # in a full chunk, in the last part
+        w = tree["w"].copy()
+        w.reshape(-1)[where] = np.nan
+        assert not checkpoint.all_finite({**tree, "w": jnp.asarray(w)})
+
+
+def test_a_digest_chunk_holds_two_chunks_of_temporaries_not_two_leaves():
+    x = jnp.zeros((4 * checkpoint.CHUNK_ELEMENTS,), jnp.float32)
+    compiled = checkpoint._chunk.lower(x, jnp.int32(0), checkpoint.CHUNK_ELEMENTS, 1).compile()
+    chunk_bytes = checkpoint.CHUNK_ELEMENTS * 4
+    assert compiled.memory_analysis().temp_size_in_bytes <= 3 * chunk_bytes  # the whole leaf would be 8 chunks
+
+
 def _saved(tmp_path):
     ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", every=1, keep=5, name="test")
     states = {}

@@ -12,6 +12,8 @@ complete), so an interrupted run keeps its last good checkpoint.
 from __future__ import annotations
 
 import errno
+import functools
+import math
 import os
 import shutil
 from collections import Counter
@@ -42,35 +44,84 @@ def _as_u32(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
 
 
+# A leaf larger than this many elements is read a chunk at a time (every check of a save and a restore): XLA:CPU
+# writes out a reduction's elementwise input before reducing it, so one program over a whole 270M-parameter state
+# held two uint32 copies of it (+6.4 GB at every save of a 3.2 GB state) where chunks hold two of 16 MB.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _sums(u: jax.Array, i: jax.Array) -> jax.Array:
+    """Two position-weighted uint32 sums of ``u`` at flat positions ``i``. The weights are odd, so changing any one
+    element always changes both sums (mod 2**32)."""
+    w1 = 2 * (i % jnp.uint32(65521)) + 1
+    w2 = 2 * (i % jnp.uint32(65519)) + 1
+    return jnp.stack([jnp.sum(u * w1, dtype=jnp.uint32), jnp.sum((u ^ (u >> 16)) * w2, dtype=jnp.uint32)])
+
+
+def _leaf_sums(x: jax.Array) -> jax.Array:
+    u = _as_u32(x)
+    return _sums(u, jax.lax.iota(jnp.uint32, u.shape[0]))
+
+
+def _finite(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+
+
 @jax.jit
-def _digest(tree) -> jax.Array:
-    """Two position-weighted uint32 sums per leaf, [n_leaves, 2]. The weights are odd, so changing any one
-    element always changes both sums (mod 2**32); computed on device, sharded arrays included."""
+def _small_digest(leaves: list) -> jax.Array:
+    """[n, 2] digest sums of leaves of at most ``CHUNK_ELEMENTS``: one program."""
+    return jnp.stack([_leaf_sums(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
 
-    def leaf(x):
-        u = _as_u32(x)
-        i = jnp.arange(u.shape[0], dtype=jnp.uint32)
-        w1 = 2 * (i % jnp.uint32(65521)) + 1
-        w2 = 2 * (i % jnp.uint32(65519)) + 1
-        return jnp.stack([jnp.sum(u * w1, dtype=jnp.uint32), jnp.sum((u ^ (u >> 16)) * w2, dtype=jnp.uint32)])
 
-    leaves = jax.tree.leaves(tree)
-    return jnp.stack([leaf(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
+@jax.jit
+def _small_finite(leaves: list) -> jax.Array:
+    return jnp.all(jnp.stack([_finite(x) for x in leaves])) if leaves else jnp.bool_(True)
+
+
+@functools.partial(jax.jit, static_argnames=("width", "rows"))
+def _chunk(x: jax.Array, start: jax.Array, width: int, rows: int) -> tuple[jax.Array, jax.Array]:
+    """(digest sums, finite) of rows ``[start, start + rows)`` of ``x`` seen as ``[-1, width]``."""
+    block = jax.lax.dynamic_slice_in_dim(x.reshape(-1, width), start, rows)
+    u = _as_u32(block)
+    offset = start.astype(jnp.uint32) * jnp.uint32(width * (u.shape[0] // block.size))  # uint32 positions wrap alike
+    return _sums(u, offset + jax.lax.iota(jnp.uint32, u.shape[0])), _finite(block)
+
+
+def _large_leaf(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(digest sums, finite) of one leaf of more than ``CHUNK_ELEMENTS``, a chunk of rows at a time (two programs
+    a shape: the full chunks and the rest)."""
+    width = math.gcd(x.size, CHUNK_ELEMENTS)
+    total, per = x.size // width, max(CHUNK_ELEMENTS // width, 1)
+    sums, finite = jnp.zeros(2, jnp.uint32), jnp.bool_(True)
+    for start in range(0, total, per):
+        s, f = _chunk(x, jnp.int32(start), width, min(per, total - start))
+        sums, finite = sums + s, finite & f
+    return sums, finite
+
+
+def _leaves(tree) -> list[jax.Array]:
+    return [x if hasattr(x, "dtype") else jnp.asarray(x) for x in jax.tree.leaves(tree)]
 
 
 def digest(tree) -> list[list[int]]:
-    return np.asarray(jax.device_get(_digest(tree))).astype(np.int64).tolist()
-
-
-@jax.jit
-def _finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+    """Two position-weighted uint32 sums per leaf (``_sums``), computed on device (sharded arrays included) with
+    temporaries of at most a few chunks: any one changed element changes both."""
+    leaves = _leaves(tree)
+    small = [i for i, x in enumerate(leaves) if x.size <= CHUNK_ELEMENTS]
+    rows = dict(zip(small, _small_digest([leaves[i] for i in small]), strict=True))
+    rows.update({i: _large_leaf(x)[0] for i, x in enumerate(leaves) if i not in rows})
+    sums = jnp.stack([rows[i] for i in range(len(leaves))]) if leaves else np.zeros((0, 2))
+    return np.asarray(jax.device_get(sums)).astype(np.int64).tolist()
 
 
 def all_finite(tree) -> bool:
-    """Whether every float in ``tree`` is finite (one compiled reduction, sharded arrays included)."""
-    return bool(_finite(tree))
+    """Whether every float in ``tree`` is finite (sharded arrays included; large leaves a chunk at a time)."""
+    leaves = [x for x in _leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    finite = _small_finite([x for x in leaves if x.size <= CHUNK_ELEMENTS])
+    for x in leaves:
+        if x.size > CHUNK_ELEMENTS:
+            finite = finite & _large_leaf(x)[1]
+    return bool(finite)
 
 
 def state_bytes(tree) -> int:
