@@ -43,8 +43,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if args - {"cpu", "lora"}:
         raise ValueError(f"configs/hf_local.py: unknown argument {arg!r}; expected cpu, lora, cpu,lora or nothing")
     if "cpu" in args:
-        # float32 on a CPU; the projections' outputs kept, the rest recomputed (model.remat as above): without it a
-        # 262k-vocabulary 270M model needs > 24 GB for 8 pairs of ~270 tokens (dots_no_batch: 8.3 GB, as fast)
+        # float32 on a CPU, every layer recomputed in the backward pass: a 262k-vocabulary 270M model's step over 8
+        # pairs of ~800 tokens holds 2.1 GB of temporaries at remat=full, 5.1 GB at dots_no_batch (XLA's memory
+        # analysis; remat=none does not fit 24 GB), which a laptop's memory matters more than its ~15% of step time
+        c.model.remat = "full"
         c.model.dtype = "float32"
         c.data.update(max_length=256, max_prompt_length=128, buckets=(128, 256))
         c.optim.update(steps=20, batch_size=8, warmup_steps=2)

@@ -10,6 +10,8 @@ import pytest
 from helpers import ROOT, tiny_config
 
 import dpo_jax
+from dpo_jax.infra.checkpoint import Checkpointer
+from dpo_jax.training import loop as loop_module
 from dpo_jax.training.loop import Hook
 from dpo_jax.training.train import train
 
@@ -40,15 +42,31 @@ def test_own_loop_example_learns_the_preference_and_keeps_bco_running_moments():
 
 
 @pytest.mark.slow
-def test_a_hook_from_outside_runs_at_its_cadence_and_writes_the_members_metrics(tmp_path):
+def test_a_hook_from_outside_runs_at_its_cadence_and_writes_the_members_metrics(tmp_path, monkeypatch):
     cfg = tiny_config("optim.steps=10", "eval.every=5")
     seen = []  # (step, the step of the eval it can read, whether the step's checkpoint is on disk yet)
 
     def order(loop, step):
         seen.append((step, loop.last_eval[0], (tmp_path / "run/dpo/checkpoints" / str(step)).exists()))
 
+    # a CPU run's state past loop.SYNC_SAVE_BYTES (here: any) is written before the run goes on
+    monkeypatch.setattr(loop_module, "SYNC_SAVE_BYTES", 0)
+    events = []
+    for name in ("save", "wait"):
+        original = getattr(Checkpointer, name)
+
+        def record(self, *a, _name=name, _original=original, **kw):
+            out = _original(self, *a, **kw)
+            events.append((_name, self.name, self.manager.is_saving_in_progress()))
+            return out
+
+        monkeypatch.setattr(Checkpointer, name, record)
+    step_program = loop_module.StepProgram.__call__
+    monkeypatch.setattr(loop_module.StepProgram, "__call__", lambda *a: events.append(("step",)) or step_program(*a))
     hooks = [example("drift_hook").drift_hook(every=4), Hook(order, every=5)]
     summary = train(cfg, tmp_path / "run", hooks=hooks)
+    saves = [i for i, e in enumerate(events) if e[:2] == ("save", "dpo")]
+    assert len(saves) >= 2 and all(events[i + 1] == ("wait", "dpo", False) for i in saves), events
     # after the eval of its step, before the checkpoint of its step (checkpoint.every=5): what it changes is saved
     assert seen == [(5, 5, False), (10, 10, False)], seen
     assert summary["eval/rewards/accuracies"] >= 0  # the run ended as a run does

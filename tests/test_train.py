@@ -417,3 +417,45 @@ def test_a_large_block_freed_by_a_worker_thread_stays_in_the_process_for_reuse()
     thread.start()
     thread.join()
     assert seen["mapped"] == 0 and seen["kept"] >= size, seen
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.environ.get("DPO_JAX_KEEP_MEMORY") == "0", reason="glibc malloc")
+def test_released_memory_leaves_the_process_and_small_free_lists_are_left_alone():
+    """``xla_flags.release_memory``: the kept free blocks' pages go back to the system (the process's resident size
+    falls by about the block), but only past its threshold."""
+    import ctypes
+
+    from dpo_jax.infra import xla_flags
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.argtypes, libc.malloc.restype = [ctypes.c_size_t], ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident() -> int:
+        return int(open("/proc/self/statm").read().split()[1]) * page
+
+    size = 512 << 20
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)  # touched: resident
+    guard = libc.malloc(4096)  # keeps the freed block off the heap's top, where glibc could shrink the heap itself
+    libc.free(block)
+    kept = resident()
+    assert xla_flags.release_memory(min_free=1 << 62) >= size  # below its threshold: nothing done
+    assert resident() > kept - size // 2
+    assert xla_flags.release_memory() >= size
+    assert resident() < kept - size // 2
+    libc.free(guard)
+
+
+def test_the_initial_policy_is_the_reference_without_a_second_copy_of_its_weights():
+    """A full fine-tune's reference is the initial policy: its arrays themselves (the run's state is made from them
+    by its own program and no program donates them), not a copy: a 270M model's 1.07 GB less."""
+    from dpo_jax.training import builders
+
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+    policy = builders.Policy(graphdef=None, config=None, params=params, base=None, n_params=9, matmul_params=6)
+    ref = builders.reference_params(tiny_config(), policy, mesh=None)
+    assert jax.tree.structure(ref) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(params), strict=True):
+        assert a.unsafe_buffer_pointer() == b.unsafe_buffer_pointer()

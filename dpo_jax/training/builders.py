@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -173,7 +172,9 @@ def check_reference(cfg, policy_config) -> None:
 
 def reference_params(cfg, policy: Policy, mesh):
     """The reference, kept outside the trained state: ``reference.hf_path``'s weights (in the policy's layout, LoRA
-    adapters off), or the initial policy (a copy; LoRA: the base with the adapters off, no copy)."""
+    adapters off), or the initial policy: its own arrays, no copy (no program donates them: a stage starts from a
+    state its init makes; a full-size model's reference costs no second copy of its weights), LoRA: the base with
+    the adapters off."""
     lo = cfg.lora
     if cfg.reference.hf_path:
         ref, _ = hf.load_pretrained(cfg.reference.hf_path, **model_options(cfg))
@@ -185,7 +186,7 @@ def reference_params(cfg, policy: Policy, mesh):
             params = nnx.state(ref)
         return jax.device_put(params, sharding.param_shardings(params, mesh))
     if policy.base is None:
-        return jax.tree.map(jnp.copy, policy.params)
+        return policy.params
     return lora.compose(lora.off(policy.params), policy.base)
 
 

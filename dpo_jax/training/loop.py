@@ -28,7 +28,7 @@ from dpo_jax.data import PreferenceLoader, pad_batches, to_global
 from dpo_jax.data.loader import stack as stack_batches
 from dpo_jax.data.packing import batch_stats
 from dpo_jax.errors import NonFiniteLoss
-from dpo_jax.infra import checkpoint, sharding, signals
+from dpo_jax.infra import checkpoint, sharding, signals, xla_flags
 from dpo_jax.infra.logging import ConsoleWriter, Writer
 from dpo_jax.infra.signals import Preempted
 
@@ -65,17 +65,25 @@ class Hook:
         return step % self.every == 0 or step == last
 
 
+SYNC_SAVE_BYTES = 256 << 20  # a CPU run's state past this is saved one member at a time, each before the next step
+
+
 class StepProgram:
     """A population's jitted step, compiled ahead of time once per batch shape; remembers each compile."""
 
     def __init__(self, jitted):
         self.jitted, self.compiled = jitted, {}
         self.pending: list[tuple[str, float, int]] = []  # (batch shape, seconds, row length) since ``take_new``
+        self.last = None  # the key of the program called last
 
     def __call__(self, state, batch, frozen):
         key = (jax.tree.structure(batch), *(x.shape for x in jax.tree.leaves(batch)))
         key += tuple(x.shape for x in jax.tree.leaves(state.hparams))
         key += (jax.tree.structure(frozen), *((x.shape, x.dtype) for x in jax.tree.leaves(frozen)))
+        if key != self.last:  # another program's temporaries: the blocks kept for the last one's go back
+            jax.block_until_ready(state)
+            xla_flags.release_memory()
+            self.last = key
         if key not in self.compiled:
             t0 = time.perf_counter()
             self.compiled[key] = self.jitted.lower(state, batch, frozen).compile()
@@ -178,13 +186,19 @@ class Loop:
         return int(sharding.fetch(self.state.step)[0]), any(m.get("eval_pending") for _, m in per_member)
 
     def save(self, step: int, **meta):
-        """Every member's state at ``step`` (the step's data position and its hyper-parameters in the meta)."""
+        """Every member's state at ``step`` (the step's data position and its hyper-parameters in the meta). On a CPU
+        host memory is the devices' memory: a state past ``SYNC_SAVE_BYTES`` has each member's saved copy written
+        before the next is made and before the next step's temporaries come (a 270M model's copy is 3.2 GB, its
+        step's temporaries 2 GB)."""
+        sync = jax.default_backend() == "cpu" and checkpoint.state_bytes(self.saved) > SYNC_SAVE_BYTES
         for k, m in enumerate(self.members):
-            if k and jax.process_count() > 1:  # Orbax's cross-host commit barriers are named by step: one at a time
+            if k and (sync or jax.process_count() > 1):  # Orbax's cross-host commit barriers are named by step
                 self.members[k - 1].ckpt.wait()
             record = {f.name: np.asarray(getattr(m.hparams, f.name)).tolist() for f in dataclasses.fields(m.hparams)}
             info = {"data_step": step, "stage": self.stage.name, **meta, "hparams": record}
             m.ckpt.save(step, self._take(self.state, k), info, force=True)
+        if sync:
+            self.members[-1].ckpt.wait()
 
     def exploit(self, index_K: np.ndarray, hparams: list):
         """Member k takes member ``index_K[k]``'s whole state (a gather along the member axis) and ``hparams[k]``."""
@@ -308,8 +322,9 @@ class Loop:
             if hook.at_start if start else hook.due(step, self.stage.steps):
                 t0 = time.perf_counter()
                 hook.fn(self, step)
-                if hook.paused:
+                if hook.paused:  # an eval, sampling: programs of their own
                     jax.block_until_ready(self.state)
+                    xla_flags.release_memory()
                     self._acc["paused_s"] = self._acc.get("paused_s", 0.0) + time.perf_counter() - t0
 
     def run(self, on_compile: Callable[[Loop, str, float, int], None] | None = None):
