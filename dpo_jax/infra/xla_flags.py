@@ -63,9 +63,10 @@ RELEASE_AT_BYTES = 256 << 20
 def release_memory(min_free: int = RELEASE_AT_BYTES) -> int:
     """Give the pages of the heap's free blocks back to the system (``malloc_trim``) when it holds at least
     ``min_free`` bytes free; returns the free bytes it found. ``MALLOC`` keeps freed memory for the next call of the
-    same program; when the run moves to programs of other sizes (another batch shape, an eval, sampling) the kept
-    blocks rarely fit them, and a 270M model's run held ~5 GB of such free blocks beside what it used. The addresses
-    stay; a later call faults in only the pages it touches."""
+    same program; a new program (a batch shape met for the first time) or an eval's and sampling's programs rarely
+    fit the blocks kept for the others, and a 270M model's run held ~5 GB of such free blocks beside what it used.
+    The addresses stay; a later call faults in only the pages it touches. Called there (``training.loop``), not
+    between steps: programs met again reuse what they left."""
     if sys.platform != "linux":
         return 0
     libc = ctypes.CDLL(None)

@@ -74,22 +74,21 @@ class StepProgram:
     def __init__(self, jitted):
         self.jitted, self.compiled = jitted, {}
         self.pending: list[tuple[str, float, int]] = []  # (batch shape, seconds, row length) since ``take_new``
-        self.last = None  # the key of the program called last
 
     def __call__(self, state, batch, frozen):
         key = (jax.tree.structure(batch), *(x.shape for x in jax.tree.leaves(batch)))
         key += tuple(x.shape for x in jax.tree.leaves(state.hparams))
         key += (jax.tree.structure(frozen), *((x.shape, x.dtype) for x in jax.tree.leaves(frozen)))
-        if key != self.last:  # another program's temporaries: the blocks kept for the last one's go back
-            jax.block_until_ready(state)
-            xla_flags.release_memory()
-            self.last = key
         if key not in self.compiled:
             t0 = time.perf_counter()
             self.compiled[key] = self.jitted.lower(state, batch, frozen).compile()
             tokens = batch.tokens_GxKxT
             shape = "x".join(map(str, tokens.shape)) + f", S={batch.score_src_ZxS.shape[-1]}"
             self.pending.append((shape, time.perf_counter() - t0, tokens.shape[-1]))
+            # a new program: the blocks kept for the others' temporaries (and the compiler's) rarely fit its own, so
+            # they go back first; programs met again reuse what they left (no trimming between them)
+            jax.block_until_ready(state)
+            xla_flags.release_memory()
         return self.compiled[key](state, batch, frozen)
 
     def take_new(self) -> list[tuple[str, float, int]]:
