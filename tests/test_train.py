@@ -442,6 +442,7 @@ def test_released_memory_leaves_the_process_and_small_free_lists_are_left_alone(
     libc.free(block)
     kept = resident()
     assert xla_flags.release_memory(min_free=1 << 62) >= size  # below its threshold: nothing done
+    assert xla_flags.release_memory(min_free=0, of_used=1e6) >= size  # less free than a million times what is used
     assert resident() > kept - size // 2
     assert xla_flags.release_memory() >= size
     assert resident() < kept - size // 2

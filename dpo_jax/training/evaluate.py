@@ -24,7 +24,7 @@ from flax import nnx
 from dpo_jax.core import sampling, scoring
 from dpo_jax.core.step import eval_sums
 from dpo_jax.data import PreferenceLoader, to_global
-from dpo_jax.infra import signals
+from dpo_jax.infra import signals, xla_flags
 from dpo_jax.infra.logging import progress
 from dpo_jax.infra.sharding import replicated, take_member
 from dpo_jax.models import lora
@@ -69,6 +69,7 @@ class Evaluator:
         batches = progress(self.loader.epoch(0), self.loader.steps_per_epoch, "eval")
         for _, batch in batches:
             signals.check("during eval")
+            xla_flags.release_memory()  # batches of other shapes: other programs' temporaries
             sums = jax.device_get(
                 self._pref(params_K, hparams_K, to_global(batch, self.mesh), self.reference, self.base)
             )
@@ -93,6 +94,7 @@ class Evaluator:
         if self.prompts is None or self.cfg.eval.num_prompts <= 0:
             return {}
         signals.check("during eval")
+        xla_flags.release_memory()
         model = nnx.merge(self.graphdef, params)
         ref_logps = functools.partial(self._ref_logps, self.reference)
         res = sampled_metrics(model, ref_logps, self.prompts, self.tokenizer, self.cfg.eval, key, self.reward_fn)

@@ -65,6 +65,7 @@ class Hook:
         return step % self.every == 0 or step == last
 
 
+KEPT_BYTES = 1 << 30  # free heap kept between steps, at least (xla_flags.release_memory)
 SYNC_SAVE_BYTES = 256 << 20  # a CPU run's state past this is saved one member at a time, each before the next step
 
 
@@ -320,8 +321,11 @@ class Loop:
         for hook in self.stage.hooks:
             if hook.at_start if start else hook.due(step, self.stage.steps):
                 t0 = time.perf_counter()
+                if hook.paused:  # an eval, sampling: programs of their own, which the steps' kept blocks rarely fit
+                    jax.block_until_ready(self.state)
+                    xla_flags.release_memory()
                 hook.fn(self, step)
-                if hook.paused:  # an eval, sampling: programs of their own
+                if hook.paused:
                     jax.block_until_ready(self.state)
                     xla_flags.release_memory()
                     self._acc["paused_s"] = self._acc.get("paused_s", 0.0) + time.perf_counter() - t0
@@ -356,6 +360,7 @@ class Loop:
                 self.state, self.metrics = program(self.state, to_global(batch, self.mesh, members=not self.shared),
                                                    stage.frozen)  # fmt: skip
                 self._count(batch, slices)
+                xla_flags.release_memory(KEPT_BYTES, of_used=0.5)  # free blocks beyond half what is in use go back
                 for shape, seconds, row in program.take_new():
                     self._acc["compile_s"] = self._acc.get("compile_s", 0.0) + seconds
                     stage.compiled.append(seconds)
