@@ -6,6 +6,7 @@ computation (later, the backend has read ``XLA_FLAGS`` and started its threads a
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 from collections.abc import MutableMapping
@@ -60,6 +61,19 @@ class _Mallinfo2(ctypes.Structure):  # <malloc.h> struct mallinfo2
 RELEASE_AT_BYTES = 256 << 20
 
 
+@functools.cache
+def _glibc():
+    """The C library with ``mallinfo2`` typed, loaded once (``release_memory`` runs after every step); None off
+    Linux or before glibc 2.33."""
+    if sys.platform != "linux":
+        return None
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _Mallinfo2
+    return libc
+
+
 def release_memory(min_free: int = RELEASE_AT_BYTES, *, of_used: float = 0.0) -> int:
     """Give the pages of the heap's free blocks back to the system (``malloc_trim``) when it holds at least
     ``max(min_free, of_used x the bytes in use)`` free; returns the free bytes it found. ``MALLOC`` keeps freed
@@ -69,12 +83,9 @@ def release_memory(min_free: int = RELEASE_AT_BYTES, *, of_used: float = 0.0) ->
     addresses stay; a later call faults in only the pages it touches. Called before such programs
     (``training.loop``, ``training.evaluate``) and, bounded by ``of_used``, after every step: a run whose programs
     fit their kept blocks (the 32k-vocabulary benchmark's) is not trimmed between steps."""
-    if sys.platform != "linux":
+    libc = _glibc()
+    if libc is None:
         return 0
-    libc = ctypes.CDLL(None)
-    if not hasattr(libc, "mallinfo2"):  # glibc < 2.33
-        return 0
-    libc.mallinfo2.restype = _Mallinfo2
     info = libc.mallinfo2()
     if info.fordblks >= max(min_free, int(of_used * info.uordblks)):
         libc.malloc_trim(0)
