@@ -13,14 +13,17 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
@@ -84,6 +87,29 @@ def save_tensors(tensors: dict, path: str | os.PathLike) -> None:
     except SafetensorError as e:
         code = errno.ENOSPC if "os error 28" in str(e) or "No space left" in str(e) else errno.EIO
         raise OSError(code, str(e), str(path)) from e
+
+
+def write_float32_tensors(
+    path: str | os.PathLike, shapes: dict[str, tuple[int, ...]], value: Callable[[str], Any]
+) -> None:
+    """A safetensors file of float32 tensors written one tensor at a time: ``value(name)`` is asked for each in turn
+    and dropped once written, so the file never needs all of them in memory (``save_file`` does). The header
+    (torch's metadata, offsets in ``shapes``' order, padded to 8 bytes) comes first, from the shapes alone."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for name, shape in shapes.items():
+            array = np.ascontiguousarray(value(name), dtype="<f4")
+            if array.shape != tuple(shape):
+                raise ValueError(f"tensor {name}: shape {array.shape}, the header says {tuple(shape)}")
+            f.write(memoryview(array).cast("B"))
 
 
 def tree_bytes(path: str | os.PathLike) -> int:

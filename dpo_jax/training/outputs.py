@@ -141,7 +141,7 @@ def write_outputs(cfg, workdir: Path, graphdef, params, tokenizer, summary: dict
     if jax.process_index() != 0:
         return
     if cfg.export_hf:
-        model = nnx.merge(graphdef, jax.device_get(params))
+        model = nnx.merge(graphdef, params)  # read a tensor at a time by the export, not copied whole
         if model.config.lora_rank:  # the adapter alone (PEFT's layout), and the merged model below
             with atomic_dir(workdir / "adapter") as tmp:
                 hf.save_peft(lora.split(nnx.state(model))[0], model.config, tmp, base_model=cfg.model.hf_path)
