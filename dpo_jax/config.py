@@ -401,11 +401,8 @@ def _check_mesh(cfg, num_devices: int, members: int) -> int:
     num_devices //= expert
     context = cfg.mesh.get("context", 1)
     _check(isinstance(context, int) and context >= 1 and num_devices % context == 0, "mesh.context",
-           f"a divisor of the {num_devices} devices" + (f" per expert group ({expert})" if expert > 1 else ""),
-           context)  # fmt: skip
-    if context > 1 and members > 1:
-        raise ConfigError("config.mesh.context: a population's members over the context axis are not supported yet: "
-                          "expected 1 with several members (run them sequentially)")  # fmt: skip
+           f"a divisor of the {num_devices} devices" + (f" per member group ({members})" if members > 1 else "")
+           + (f" per expert group ({expert})" if expert > 1 else ""), context)  # fmt: skip
     num_devices //= context
     mesh = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
     _check(

@@ -202,7 +202,7 @@ def plan(name: str, rows: list[int]) -> list[dict]:
     return out
 
 
-def _init_params(mc: ModelConfig):
+def init_params(mc: ModelConfig):
     """(trained params, frozen base or None), randomly initialised: float32 parameters, or LoRA adapters on a
     bfloat16 base."""
     model = init_decoder(mc.replace(lora_rank=0, lora_targets=()), seed=0)
@@ -218,7 +218,7 @@ def run(args) -> dict:
     devices = jax.devices()
     mesh = sharding.make_mesh(data=1, fsdp=len(devices), devices=devices)
     compiled, batch = step_program(mc, mesh, args.row, args.pairs)
-    init = functools.partial(_init_params, mc)
+    init = functools.partial(init_params, mc)
     params_abs, base_abs = jax.eval_shape(init)
     shard = lambda tree: None if tree is None else sharding.param_shardings(tree, mesh)  # noqa: E731
     params, base = jax.jit(init, out_shardings=(shard(params_abs), shard(base_abs)))()  # made in place, sharded

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import xla_env
@@ -77,3 +78,16 @@ def cli(workdir, *extra, env=None, wait=True):
         return subprocess.Popen([sys.executable, "-m", "dpo_jax", *argv], env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)  # fmt: skip
     return dpo_jax(argv, full_env)
+
+
+def wait_for_checkpoint(proc, directory: Path, step: int, timeout=240):
+    """Orbax renames a step's folder to its plain number only once the save is committed."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        done = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
+        if done and max(done) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stdout.read()}")
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint in time")

@@ -8,14 +8,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from conftest import xla_env
-from helpers import ROOT, TINY, cli, tiny_config
+from helpers import ROOT, TINY, cli, tiny_config, wait_for_checkpoint
 from safetensors.numpy import load_file
 
 from dpo_jax.errors import NonFiniteLoss
@@ -25,26 +24,13 @@ from dpo_jax.training.outputs import read_history
 pytestmark = pytest.mark.slow  # end-to-end runs and processes: not in -m quick
 
 
-def _wait_for_checkpoint(proc, directory: Path, step: int, timeout=240):
-    """Orbax renames a step's folder to its plain number only once the save is committed."""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        done = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
-        if done and max(done) >= step:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended before step {step}: {proc.stdout.read()}")
-        time.sleep(0.2)
-    raise AssertionError("no checkpoint in time")
-
-
 def test_sigkill_then_resume_equals_uninterrupted_and_sigterm_saves(tmp_path):
     slow = ["optim.steps=20", "sft.steps=0", "eval.every=100", "eval.num_prompts=0"]
     ref = cli(tmp_path / "straight", *slow)
     assert ref.returncode == 0, ref.stderr
     # SIGKILL mid-run, then the same command resumes.
     proc = cli(tmp_path / "killed", *slow, wait=False)
-    _wait_for_checkpoint(proc, tmp_path / "killed/dpo/checkpoints", 5)
+    wait_for_checkpoint(proc, tmp_path / "killed/dpo/checkpoints", 5)
     proc.kill()
     proc.wait()
     resumed = cli(tmp_path / "killed", *slow)
@@ -54,7 +40,7 @@ def test_sigkill_then_resume_equals_uninterrupted_and_sigterm_saves(tmp_path):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     # SIGTERM: a checkpoint of the current step, a clean exit, and a resume.
     proc = cli(tmp_path / "term", *slow, wait=False)
-    _wait_for_checkpoint(proc, tmp_path / "term/dpo/checkpoints", 5)
+    wait_for_checkpoint(proc, tmp_path / "term/dpo/checkpoints", 5)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 143 and "SIGTERM: saved step" in output and "Traceback" not in output
@@ -64,7 +50,7 @@ def test_sigkill_then_resume_equals_uninterrupted_and_sigterm_saves(tmp_path):
         np.testing.assert_array_equal(a[k], c[k], err_msg=k)
     # Ctrl-C: the same as SIGTERM, exit 130, no traceback.
     proc = cli(tmp_path / "int", *slow, wait=False)
-    _wait_for_checkpoint(proc, tmp_path / "int/dpo/checkpoints", 5)
+    wait_for_checkpoint(proc, tmp_path / "int/dpo/checkpoints", 5)
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130 and "Ctrl-C: saved step" in output and "Traceback" not in output
@@ -113,11 +99,24 @@ def test_one_device_and_eight_devices_give_the_same_losses(tmp_path):
     np.testing.assert_allclose(_losses(tmp_path / "eight"), _losses(tmp_path / "one"), rtol=2e-5, atol=2e-6)
 
 
-def test_two_processes_train_together_like_one(tmp_path):
-    common = ("log_every=1", "eval.num_prompts=0", "optim.steps=6", "sft.steps=0", "eval.every=100", "export_hf=False")
-    single = cli(tmp_path / "single", *common, env={"XLA_FLAGS": xla_env(2)})
-    assert single.returncode == 0, single.stderr
-    port = 20000 + os.getpid() % 20000
+TWO = ("log_every=1", "eval.num_prompts=0", "optim.steps=6", "sft.steps=0", "eval.every=100", "export_hf=False")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The job on one process of 2 devices (the batch split over data=2): what 2 processes must give."""
+    workdir = tmp_path_factory.mktemp("single")
+    run = cli(workdir, *TWO, env={"XLA_FLAGS": xla_env(2)})
+    assert run.returncode == 0, run.stderr
+    return workdir
+
+
+@pytest.mark.parametrize("mesh", ["data", "context"])
+def test_two_processes_train_together_like_one(single, tmp_path, mesh):
+    """2 processes of 1 device each: the batch split over them (data=2), or every row's tokens split over them
+    (context=2: the ring's key/value chunks pass between the processes, each process feeds the whole batch)."""
+    common = (*TWO, *(("mesh.context=2",) if mesh == "context" else ()))
+    port = 20000 + (os.getpid() + 101 * (mesh == "context")) % 20000
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "dpo_jax", "train", "--config", str(ROOT / "configs/default.py"),
@@ -131,4 +130,5 @@ def test_two_processes_train_together_like_one(tmp_path):
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     assert "processes | 2" in outputs[0]
-    np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"), rtol=2e-5, atol=2e-6)
+    assert ("ring over context=2" in outputs[0]) == (mesh == "context")
+    np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(single), rtol=2e-5, atol=2e-6)

@@ -5,7 +5,9 @@ import importlib.util
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from helpers import ROOT, tiny_config
 
@@ -75,3 +77,13 @@ def test_a_hook_from_outside_runs_at_its_cadence_and_writes_the_members_metrics(
     sft = cfg.sft.steps  # the DPO stage logs after the SFT stage's steps
     assert sorted(drift) == [sft + s for s in (0, 4, 8, 10)], sorted(drift)  # at start, every 4 and the last
     assert drift[sft] == 0.0 and all(drift[sft + s] > 0 for s in (4, 8, 10))
+    # those synchronous saves read the state in place (``sharding.member_view``, no copy): the checkpoints hold
+    # what the same run's asynchronous saves (of a copy) hold, bit for bit
+    monkeypatch.undo()
+    train(tiny_config("optim.steps=10", "eval.every=5"), tmp_path / "async", hooks=hooks)
+    for step in (5, 10):
+        saved = [ocp.StandardCheckpointer().restore(tmp_path / run / "dpo/checkpoints" / str(step) / "state")
+                 for run in ("run", "async")]  # fmt: skip
+        assert jax.tree.structure(saved[0]) == jax.tree.structure(saved[1])
+        for a, b in zip(jax.tree.leaves(saved[0]), jax.tree.leaves(saved[1]), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -59,3 +59,30 @@ def test_a_step_cache_makes_each_program_once_for_every_run_that_asks():
     first, again, other = cache.get("dpo", make), cache.get("dpo", make), cache.get("sft", make)
     assert first is again and first is not other and len(made) == 2
     np.testing.assert_array_equal(len(cache.programs), 2)
+
+
+def test_a_members_view_reads_the_population_in_place_on_every_device():
+    """``sharding.member_view``: member k of a [K, ...] population, its values and member k's sharding, and (on a
+    CPU) the very buffers of the population (member 0 starts where the population does: no copy); a member axis
+    split over devices gets None (each device holds some members only)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from dpo_jax.infra import sharding
+
+    mesh = sharding.make_mesh(data=1, fsdp=4, devices=jax.devices()[:4])
+    values = np.arange(3 * 8 * 6, dtype=np.float32).reshape(3, 8, 6)
+    split = jax.device_put(values, NamedSharding(mesh, P(None, "fsdp")))  # 3 members, rows over 4 devices
+    whole = jax.device_put(values[:, 0], NamedSharding(mesh, P()))  # replicated
+    member_sh = (NamedSharding(mesh, P("fsdp")), NamedSharding(mesh, P()))
+    for k in range(3):
+        got = sharding.member_view((split, whole), k, member_sh)
+        np.testing.assert_array_equal(np.asarray(got[0]), values[k])
+        np.testing.assert_array_equal(np.asarray(got[1]), values[k, 0])
+        assert got[0].sharding == member_sh[0] and got[1].sharding == member_sh[1]
+    view = sharding.member_view((split, whole), 0, member_sh)
+    pointers = lambda x: sorted(s.data.unsafe_buffer_pointer() for s in x.addressable_shards)  # noqa: E731
+    assert pointers(view[0]) == pointers(split) and pointers(view[1]) == pointers(whole)
+    two = sharding.make_mesh(data=1, fsdp=1, member=2, devices=jax.devices()[:2])
+    spread = jax.device_put(values[:2], NamedSharding(two, P("member")))
+    assert sharding.member_view((spread,), 0, (NamedSharding(mesh, P()),)) is None

@@ -368,3 +368,29 @@ def test_rows_split_over_a_context_axis_give_the_one_device_logps_and_gradients(
             got, grads = layout_logps(graphdef, placed, pairs, LAYOUTS[key], 10)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=key)
         assert_grads_close(grads, want_grads)
+
+
+@pytest.mark.slow
+def test_lora_rows_split_over_a_context_axis_give_the_one_device_logps_and_gradients(models, blockwise_graphdefs):
+    """LoRA under a context axis of 4 (beside fsdp=2, the adapters placed as the run places them), with adapter
+    dropout (its masks drawn per token from the pair's row, branch and position, so a device draws its quarter of
+    the row's): per-pair log-probs and the gradients (adapters and base) equal the unsplit program's."""
+    from dpo_jax.infra import sharding
+    from dpo_jax.models import lora
+    from dpo_jax.models.config import LORA_TARGETS
+
+    _, _, params = models["llama3"]
+    model = lora.attach(nnx.merge(blockwise_graphdefs["llama3"], params), rank=4, alpha=8.0,
+                        target_names=LORA_TARGETS, dropout=0.5)  # fmt: skip
+    graphdef, params = nnx.split(model)
+    adapters, base_params = lora.split(params)
+    adapters = jax.tree.map(lambda x: x + 0.2 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), adapters)  # B != 0
+    params = lora.compose(adapters, base_params)
+    pairs, key = make_pairs(10), jax.random.key(7)
+    want, want_grads = layout_logps(graphdef, params, pairs, LAYOUTS["packed_shared"], 10, dropout_key=key)
+    mesh = sharding.make_mesh(data=1, fsdp=2, context=4)
+    placed = jax.device_put(params, sharding.param_shardings(params, mesh))
+    with jax.set_mesh(mesh):
+        got, grads = layout_logps(graphdef, placed, pairs, LAYOUTS["packed_shared"], 10, dropout_key=key)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert_grads_close(grads, want_grads)

@@ -73,3 +73,27 @@ def test_a_traced_window_as_gemma_3s_per_layer_windows_are():
     ref = lambda q: jnp.where(real, attention.einsum_attention(q, k, v, q_ids, k_ids, 6), 0)  # noqa: E731
     fixed = jax.grad(lambda q: jnp.sum(ref(q) ** 2))(q)
     np.testing.assert_allclose(jnp.where(real, traced, 0), fixed, rtol=1e-5, atol=1e-5 * np.abs(fixed).max())
+
+
+def test_the_context_cost_counts_each_send_as_often_as_its_loops_run_it():
+    """``experiments/context_cost.py`` reads what a step sends from the compiled program: a chunk of [4, 8] float32
+    (128 bytes a device) passed round a context axis of 4 five times (a scan), the whole done three times (an outer
+    scan), is 15 x 128 bytes a device; a chunk twice as wide twice that."""
+    from jax.sharding import PartitionSpec as P
+
+    from dpo_jax.infra import sharding
+    from experiments.context_cost import collective_bytes
+
+    mesh = sharding.make_mesh(data=2, context=4)
+    perm = [(i, (i + 1) % 4) for i in range(4)]
+
+    def local(x):
+        inner = lambda c, _: (jax.lax.ppermute(c, "context", perm) * 1.5, None)  # noqa: E731
+        outer = lambda c, _: (jax.lax.scan(inner, c, None, length=5)[0] + 1.0, None)  # noqa: E731
+        return jax.lax.scan(outer, x, None, length=3)[0]
+
+    program = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P(None, "context"), out_specs=P(None, "context"),
+                                    axis_names=frozenset({"context"})))  # fmt: skip
+    for columns, chunk in ((32, 128), (64, 256)):  # [4, 8] and [4, 16] float32 a device
+        compiled = program.lower(jnp.ones((4, columns), jnp.float32)).compile()
+        assert collective_bytes(compiled.as_text()) == {"collective-permute": 15 * chunk}

@@ -155,15 +155,16 @@ def test_vectorized_members_equal_sequential_runs(sequential, tmp_path):
         )  # fmt: skip
 
 
-def test_members_split_over_eight_devices_equal_sequential_runs(sequential, tmp_path, capsys):
-    """4 members over 8 devices: the mesh's member axis holds one member per pair of devices (data=2 inside)."""
+def test_members_split_over_eight_devices_and_a_context_axis_equal_sequential_runs(sequential, tmp_path, capsys):
+    """4 members over 8 devices: the mesh's member axis holds two members per group of four devices, and inside a
+    group data=2 x context=2 (every row's tokens split over two devices, attention by the ring)."""
     seq_dir, seq, _ = sequential
-    vec = sweep.run_sweep(
-        SPEC, tmp_path, base=_shared_reference(_base(), seq_dir), members=MEMBERS, mode="vectorized",
-        devices=jax.devices()[:8],
-    )  # fmt: skip
+    base = _shared_reference(_base(), seq_dir)
+    base.mesh.member, base.mesh.context, base.model.attention_block = 2, 2, 8
+    vec = sweep.run_sweep(SPEC, tmp_path, base=base, members=MEMBERS, mode="vectorized", devices=jax.devices()[:8])
     captured = capsys.readouterr()
-    assert "(4 members, 4 per device group)" in captured.out + captured.err
+    assert "(4 members over 2 device groups)" in captured.out + captured.err
+    assert "ring over context=2" in captured.out + captured.err
     _assert_members_equal(seq_dir, seq, tmp_path, vec)
 
 
@@ -193,7 +194,7 @@ def test_members_across_two_processes_equal_sequential_runs(sequential, tmp_path
     outputs = [p.communicate(timeout=400)[0] for p in procs]
     failed = [o[-3000:] for o, p in zip(outputs, procs, strict=True) if p.returncode]
     assert not failed, failed
-    assert "(4 members, 4 per device group)" in outputs[0]
+    assert "(4 members over 4 device groups)" in outputs[0]
     _assert_members_equal(seq_dir, seq, tmp_path / "multi")
 
 

@@ -152,6 +152,24 @@ def _take_program(mesh: Mesh, treedef, shapes: tuple):
     return jax.jit(lambda t, i: jax.tree.map(lambda x: x[i], t), out_shardings=tree_shardings(one, mesh))
 
 
+def member_view(tree_K, k: int, shardings):
+    """Member ``k`` of a population's [K, ...] tree without copying it, or None where that cannot be done: on a CPU,
+    each device's shard holding every member is read in place (a NumPy view of the device buffer at ``k``, put back
+    zero-copy) and the shards assembled with ``shardings`` (member k's, as ``tree_shardings`` gives them). Valid only
+    until the population's buffers change (a donated step): a synchronous save reads it before then."""
+    if jax.default_backend() != "cpu":
+        return None
+    leaves, treedef = jax.tree.flatten(tree_K)
+    if not all(isinstance(x, jax.Array) and all(s.data.shape[0] == x.shape[0] for s in x.addressable_shards)
+               for x in leaves):  # fmt: skip
+        return None  # the member axis is split over devices: a device holds some members only
+    out = []
+    for x, sh in zip(leaves, jax.tree.leaves(shardings), strict=True):
+        parts = [jax.device_put(np.asarray(s.data)[k], s.device) for s in x.addressable_shards]
+        out.append(jax.make_array_from_single_device_arrays(x.shape[1:], sh, parts))
+    return jax.tree.unflatten(treedef, out)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2, *, members: bool = False, tokens: bool = False) -> NamedSharding:
     """Leading (batch) axis over ``data`` x ``fsdp`` x ``expert``; the rest replicated, but for ``tokens`` (the last
     axis is a row's tokens: ``..._xT`` arrays) the last axis over ``context``. ``members``: a leading [K] axis over

@@ -106,7 +106,7 @@ def write_float32_tensors(
     with open(path, "wb") as f:
         f.write(len(text).to_bytes(8, "little") + text)
         for name, shape in shapes.items():
-            array = np.ascontiguousarray(value(name), dtype="<f4")
+            array = np.require(value(name), dtype="<f4", requirements="C")
             if array.shape != tuple(shape):
                 raise ValueError(f"tensor {name}: shape {array.shape}, the header says {tuple(shape)}")
             f.write(memoryview(array).cast("B"))

@@ -189,14 +189,16 @@ class Loop:
         """Every member's state at ``step`` (the step's data position and its hyper-parameters in the meta). On a CPU
         host memory is the devices' memory: a state past ``SYNC_SAVE_BYTES`` has each member's saved copy written
         before the next is made and before the next step's temporaries come (a 270M model's copy is 3.2 GB, its
-        step's temporaries 2 GB)."""
+        step's temporaries 2 GB), and where it can be, it is no copy at all (``sharding.member_view``)."""
         sync = jax.default_backend() == "cpu" and checkpoint.state_bytes(self.saved) > SYNC_SAVE_BYTES
         for k, m in enumerate(self.members):
             if k and (sync or jax.process_count() > 1):  # Orbax's cross-host commit barriers are named by step
                 self.members[k - 1].ckpt.wait()
             record = {f.name: np.asarray(getattr(m.hparams, f.name)).tolist() for f in dataclasses.fields(m.hparams)}
             info = {"data_step": step, "stage": self.stage.name, **meta, "hparams": record}
-            m.ckpt.save(step, self._take(self.state, k), info, force=True)
+            view = sharding.member_view(self.state.replace(hparams=None), k, self.saved_sh) if sync else None
+            m.ckpt.save(step, self._take(self.state, k) if view is None else view, info, force=True)
+            del view  # read in place: written before the next member's and before the next step
         if sync:
             self.members[-1].ckpt.wait()
 

@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 from dpo_jax.core import scoring
 from dpo_jax.data.loader import PreferenceLoader, to_global
 from dpo_jax.infra import signals
+from dpo_jax.infra.checkpoint import digest
 from dpo_jax.infra.logging import progress
 from dpo_jax.infra.sharding import batch_sharding, batch_slice, data_parallel_size
 
@@ -41,12 +42,18 @@ def cache_key(params, model_config, pairs, settings: dict) -> str:
     out: a reference with its adapters off computes what the plain model does, so a LoRA run and a full run of one
     checkpoint share an entry (an int8 or bfloat16 base holds other weights, so it still gets its own)."""
     h = hashlib.sha256()
-    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda kv: jax.tree_util.keystr(kv[0])):
-        name = jax.tree_util.keystr(path)
-        if "lora" in name:
-            continue
+    leaves = sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda kv: jax.tree_util.keystr(kv[0]))
+    leaves = [(jax.tree_util.keystr(path), leaf) for path, leaf in leaves if "lora" not in jax.tree_util.keystr(path)]
+    # a leaf split across processes (FSDP or the context axis over hosts) is read as its on-device digest: no
+    # process holds all of it (every process computes the same sums, in one program)
+    spread = [leaf for _, leaf in leaves if not getattr(leaf, "is_fully_addressable", True)]
+    sums = iter(digest(spread) if spread else [])
+    for name, leaf in leaves:
         h.update(name.encode())
-        h.update(np.asarray(jax.device_get(leaf)).tobytes())
+        if getattr(leaf, "is_fully_addressable", True):
+            h.update(np.asarray(jax.device_get(leaf)).tobytes())
+        else:
+            h.update(f"digest{next(sums)}{leaf.shape}{leaf.dtype}".encode())
     plain = dataclasses.replace(
         model_config,
         lora_rank=0,

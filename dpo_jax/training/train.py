@@ -154,7 +154,8 @@ def compile_note(model_cfg):
 
 def batches_note(name: str, loader: PreferenceLoader, cfg, mesh, k_members: int = 1) -> str:
     _, source = throughput.peak_flops(cfg.peak_flops)
-    who = f" ({k_members} members, {mesh.shape['member']} per device group)" if k_members > 1 else ""
+    groups = mesh.shape["member"]
+    who = f" ({k_members} members over {groups} device group{'s' * (groups > 1)})" if k_members > 1 else ""
     return f"[{name}] batches: {loader.describe()}{who}; MFU against the {source}"
 
 
@@ -353,9 +354,6 @@ def train_population(cfgs: list, workdirs: list, *, devices=None, changes=None, 
     mesh = builders.make_mesh(cfg, devices, len(cfgs))
     for c in cfgs:
         validate(c, num_devices=len(devices), members=mesh.shape["member"])
-    if mesh.shape["context"] > 1 and len(cfgs) > 1:
-        raise ConfigError("config.mesh.context: a population over the context axis is not supported yet: expected 1 "
-                          "with several members (dpo-jax sweep --mode sequential runs them one by one)")  # fmt: skip
     if online(cfg) and len(cfgs) > 1:
         raise ConfigError("config.rounds.online: an online run samples from its own policy: one run at a time "
                           "(dpo-jax sweep --mode sequential), not a population")  # fmt: skip
