@@ -268,15 +268,18 @@ def _ring_fwd_local(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap):
     row = jax.vmap(functools.partial(_fwd_row, window=window, qb=qb, kb=kb, softcap=softcap))
     shift = _ring_steps(axis, n)
 
-    def step(carry, _):
-        out, lse, chunk = carry
+    def add(out, lse, chunk):
         k_c, v_c, ids_c = chunk
         o, l_ = row(q, k_c, v_c, q_ids, ids_c)
-        out, lse = _merge(out, lse, o.astype(jnp.float32), jnp.where(jnp.isposinf(l_), -jnp.inf, l_))
-        return (out, lse, shift(chunk)), None
+        return _merge(out, lse, o.astype(jnp.float32), jnp.where(jnp.isposinf(l_), -jnp.inf, l_))
+
+    def step(carry, _):
+        out, lse, chunk = carry
+        return (*add(out, lse, chunk), shift(chunk)), None
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], -jnp.inf), (k, v, k_ids))
-    (out, lse, _), _ = jax.lax.scan(step, init, None, length=n)
+    (out, lse, chunk), _ = jax.lax.scan(step, init, None, length=n - 1)
+    out, lse = add(out, lse, chunk)  # the last chunk is not passed on: no device needs it again
     return out.astype(q.dtype), jnp.where(jnp.isneginf(lse), jnp.inf, lse)
 
 
@@ -293,19 +296,26 @@ def _ring_fwd(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap):
 def _ring_bwd(axis, n, qb, kb, softcap, residuals, dout):
     """The key/value chunks go round the ring again, each with its gradient accumulating beside it; after n shifts
     every chunk and its gradient are back on the device that holds them. Each chunk's block probabilities are
-    recomputed from the whole row's log-sum-exp (nothing of the forward's blocks is kept)."""
+    recomputed from the whole row's log-sum-exp (nothing of the forward's blocks is kept). Each pass sends a chunk
+    n - 1 times (the last holder is the last to need it); the gradients take the n-th step home."""
     q, k, v, q_ids, k_ids, window, out, lse = residuals
     row = jax.vmap(functools.partial(_bwd_row, window=window, qb=qb, kb=kb, softcap=softcap))
     shift = _ring_steps(axis, n)
 
-    def step(carry, _):
-        dq, chunk, dk, dv = carry
+    def add(dq, chunk, dk, dv):
         k_c, v_c, ids_c = chunk
         dq_c, dk_c, dv_c = row(q, k_c, v_c, q_ids, ids_c, out, lse, dout)
-        return (dq + dq_c, *shift((chunk, dk + dk_c, dv + dv_c))), None
+        return dq + dq_c, dk + dk_c, dv + dv_c
+
+    def step(carry, _):
+        dq, chunk, dk, dv = carry
+        dq, dk, dv = add(dq, chunk, dk, dv)
+        return (dq, *shift((chunk, dk, dv))), None
 
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
-    (dq, _, dk, dv), _ = jax.lax.scan(step, (zeros(q), (k, v, k_ids), zeros(k), zeros(v)), None, length=n)
+    (dq, chunk, dk, dv), _ = jax.lax.scan(step, (zeros(q), (k, v, k_ids), zeros(k), zeros(v)), None, length=n - 1)
+    dq, dk, dv = add(dq, chunk, dk, dv)
+    dk, dv = shift((dk, dv))  # the last shift brings the gradients home; the chunk itself is not sent again
     no_grad = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (q_ids, k_ids, window))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad
 
