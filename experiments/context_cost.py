@@ -7,8 +7,8 @@ and its program read:
 - **ring bytes**: the key/value chunks (and, in the backward, their gradients) the ring attention passes to the next
   device: every ``collective-permute`` of the compiled per-device program, times how often it runs (the trip
   counts of the loops around it: the ring's N shifts inside the layer scan);
-- **parameter bytes**: FSDP's collectives (the parameters are split over the context axis too: all-gathers before
-  use, reduce-scatters of the gradients, all-reduces of sums), with their trip counts;
+- **parameter bytes**: the result bytes of FSDP's collectives (the parameters are split over the context axis too:
+  all-gathers before use, reduce-scatters of the gradients, all-reduces of sums), with their trip counts;
 - **attention FLOPs** of one device: its queries against the keys they see, 4·T_q·T_k·H·E per layer forward (x3
   with the backward and x1 more with full remat), counted for the causal mask;
 - what those would take on an accelerator: transfers at ``--link-gbs`` (H100 NVLink: 450 GB/s a direction)
@@ -157,7 +157,7 @@ def main(argv=None):
             row["step_ms"] = time_steps(mc, mesh, compiled, batch, args.steps) * 1e3
         rows.append(row)
         print("  " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
-    print(f"\n| context | ring sends MB / device / step | parameter collectives MB | attention GFLOP / device | "
+    print(f"\n| context | ring sends MB / device / step | FSDP collectives (results) MB | attention GFLOP / device | "
           f"FLOP per ring byte | sends at {args.link_gbs:.0f} GB/s ms | attention at {args.peak_tflops:.0f} TFLOP/s ms"
           + (" | step ms (simulated devices, this CPU) |" if args.time else " |"))  # fmt: skip
     print("|---" * (7 + args.time) + "|")
