@@ -296,6 +296,9 @@ def _check_model(cfg) -> None:
     _check(impl in ATTENTION, "model.attention", " | ".join(ATTENTION), impl)
     _check(isinstance(block, int) and block >= 8 and block % 8 == 0, "model.attention_block",
            "a multiple of 8 tokens", block)  # fmt: skip
+    chunk = cfg.model.get("mlp_chunk", 0)
+    _check(isinstance(chunk, int) and not isinstance(chunk, bool) and chunk >= 0, "model.mlp_chunk",
+           "0 (the whole row) or a number of tokens >= 1", chunk)  # fmt: skip
     platform = jax.default_backend()
     _check(impl not in ("cudnn", "pallas") or platform == "gpu", "model.attention", f"{impl!r} on a GPU (a GPU "
            f"kernel; this run's platform is {platform}: use auto, einsum or blockwise)", impl)  # fmt: skip

@@ -71,7 +71,9 @@ PLANS = {
     "8b-context64": ("llama-3.1-8b", 64, 0, 80, 64),
     "70b-lora-context8": ("llama-3.1-70b", 8, 16, 80, 8),
     "gemma3-1b-1gpu": ("gemma-3-1b", 1, 0, 80),  # without the axis: one device
+    "gemma3-1b-1gpu-tiled": ("gemma-3-1b", 1, 0, 80),  # ... with the MLP in 8k-token chunks (model.mlp_chunk)
 }
+PLAN_OPTIONS = {"gemma3-1b-1gpu-tiled": dict(mlp_chunk=8192)}  # model options a plan sets
 SMOKE_PLANS = {"tiny-fsdp8": ("tiny", 8, 0, 1), "tiny-lora": ("tiny", 1, 4, 1)}  # the tests'; not in the table
 GB = 10**9
 
@@ -102,11 +104,11 @@ from dpo_jax.models.config import LORA_TARGETS  # noqa: E402
 from dpo_jax.training import builders  # noqa: E402
 
 
-def model_config(name: str, *, lora_rank: int = 0, remat: str = "full") -> ModelConfig:
+def model_config(name: str, *, lora_rank: int = 0, remat: str = "full", **options) -> ModelConfig:
     lora_ = dict(lora_rank=lora_rank, lora_alpha=2.0 * lora_rank, lora_targets=LORA_TARGETS if lora_rank else ())
     if "hf" in MODELS[name]:
-        return config_from_hf(MODELS[name]["hf"], dtype="bfloat16", remat=remat, **lora_)
-    return ModelConfig(**MODELS[name], dtype="bfloat16", remat=remat, **lora_)
+        return config_from_hf(MODELS[name]["hf"], dtype="bfloat16", remat=remat, **lora_, **options)
+    return ModelConfig(**MODELS[name], dtype="bfloat16", remat=remat, **lora_, **options)
 
 
 def pairs_for(row: int, n: int, vocab: int, seed: int = 0) -> list[TokenizedPair]:
@@ -179,7 +181,7 @@ def cpu_weight_upcasts(compiled) -> int:
 def plan(name: str, rows: list[int]) -> list[dict]:
     model, devices, rank, memory_gb, *context = {**PLANS, **SMOKE_PLANS}[name]
     context = context[0] if context else 1
-    mc = model_config(model, lora_rank=rank)
+    mc = model_config(model, lora_rank=rank, **PLAN_OPTIONS.get(name, {}))
     mesh = sharding.make_mesh(data=1, fsdp=devices // context, context=context, devices=jax.devices()[:devices])
     out = []
     for row in rows:

@@ -174,3 +174,52 @@ def test_dense_and_swiglu_gradients_equal_torch():
     np.testing.assert_allclose(np.asarray(y), ty.detach().numpy(), rtol=1e-12)
     np.testing.assert_allclose(np.asarray(d_gate), tg.grad.numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(np.asarray(d_up), tu.grad.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_a_tiled_mlp_computes_the_same_values_and_gradients_in_less_memory(activation):
+    """``model.mlp_chunk``: the MLP over the row in chunks (the last one padded), each recomputed in the backward.
+    Hidden states and the gradients of every parameter (LoRA adapters with dropout, whose per-token masks must
+    follow their tokens into the chunks) equal the whole-row MLP's; XLA's compiled temporaries of a long row's
+    gradient (full remat) are smaller by at least the [B, T, F] activations the chunks no longer hold."""
+    from dpo_jax.models import lora
+    from dpo_jax.models.config import LORA_TARGETS
+
+    def model(chunk, dropout=0.3):
+        cfg = TINY.replace(mlp_activation=activation, mlp_chunk=chunk)
+        return lora.attach(init_decoder(cfg, seed=2), rank=4, alpha=8.0, target_names=LORA_TARGETS, dropout=dropout)
+
+    toks = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 23)), jnp.int32)
+    keys = jax.random.split(jax.random.key(1), 46).reshape(2, 23)
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(2, 23, TINY.hidden_size)), jnp.float32)
+    graphdef, params = nnx.split(model(0))
+    adapters, base = lora.split(params)
+    params = lora.compose(jax.tree.map(lambda x: x + 0.1 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), adapters),
+                          base)  # fmt: skip
+
+    def f(p, graphdef):
+        out = nnx.merge(graphdef, p)(toks, dropout_keys_BxT=keys, return_logits=False).hidden_BxTxD
+        return jnp.sum(out * weights), out
+
+    (_, want), want_grads = jax.value_and_grad(f, has_aux=True)(params, graphdef)
+    for chunk in (5, 8):  # 23 tokens: 5 chunks with 2 padded, 3 with 1
+        (_, got), grads = jax.value_and_grad(f, has_aux=True)(params, nnx.graphdef(model(chunk)))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):  # float32 sums over
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))  # tokens, reordered
+    no_dropout = f(params, nnx.graphdef(model(0, dropout=0.0)))[1]
+    assert np.abs(no_dropout - want).max() > 1e-3  # the masks act, so the chunks had to carry them
+
+    if activation != "silu":
+        return  # the memory below is the same for either activation: compiled once
+    b, t, width = 2, 1024, 4096  # the MLP's activations outweigh the rest (attention is blockwise here)
+    long_toks = jnp.zeros((b, t), jnp.int32)
+    temp = {}
+    for chunk in (0, 128):
+        g, p = nnx.split(init_decoder(TINY.replace(intermediate_size=width, remat="full", mlp_chunk=chunk)))
+
+        def h(p, g=g):
+            return jnp.sum(nnx.merge(g, p)(long_toks, return_logits=False).hidden_BxTxD ** 2)
+
+        temp[chunk] = jax.jit(jax.grad(h)).lower(p).compile().memory_analysis().temp_size_in_bytes
+    assert temp[128] + 2 * b * t * width * 4 * 7 // 8 <= temp[0], temp  # gate and up, at least, a chunk at a time

@@ -344,53 +344,37 @@ def test_rows_split_over_a_context_axis_give_the_one_device_logps_and_gradients(
     each row by the ring, each device holding a quarter of the row's tokens (rows of several 8-token blocks), beside
     FSDP (Llama: the parameters split over fsdp x context, as the run places them), data (Gemma 3) or the expert
     axis (Qwen3-MoE: half the experts a device). Per-pair log-probs and their gradients equal the unsplit blockwise
-    kernel's, for padded, packed and shared-prompt rows, with Gemma 3's per-layer windows and soft-caps and
-    Qwen3-MoE's experts."""
+    kernel's, for padded, packed and shared-prompt rows (Llama with LoRA adapters and their dropout), with Gemma 3's
+    per-layer windows and soft-caps and Qwen3-MoE's experts."""
     from dpo_jax.infra import sharding
+    from dpo_jax.models import lora
+    from dpo_jax.models.config import LORA_TARGETS
 
     _, _, params = models[name]
     graphdef = blockwise_graphdefs[name]
-    pairs = make_pairs(10)
+    pairs, key = make_pairs(10), None
+    if name == "llama3":  # LoRA under the axis: adapters (B != 0) with dropout, whose per-token masks each device
+        # draws for its share of the row (from the pair's row, branch and position), on the base as the run splits it
+        model = lora.attach(nnx.merge(graphdef, params), rank=4, alpha=8.0, target_names=LORA_TARGETS, dropout=0.5)
+        graphdef, params = nnx.split(model)
+        adapters, base = lora.split(params)
+        params = lora.compose(jax.tree.map(lambda x: x + 0.2 * jnp.cos(jnp.arange(x.size).reshape(x.shape)),
+                                           adapters), base)  # fmt: skip
+        key = jax.random.key(7)
     mesh = sharding.make_mesh(**{"data": 1, **CONTEXT_MESHES[name]}, context=4)
     placed = jax.device_put(params, sharding.param_shardings(params, mesh))
     split = {"llama3": ("fsdp", "up_proj", "kernel"), "qwen3_moe": ("expert", "gate_proj")}.get(name)
     if split:  # the parameters really are split as the run splits them
         leaf = placed["layers"]["mlp"]
-        for key in split[1:]:
-            leaf = leaf[key]
+        for part in split[1:]:
+            leaf = leaf[part]
         spec = leaf[...].sharding.spec
         assert any(split[0] in (a if isinstance(a, tuple) else (a,)) for a in spec if a), spec
     # every layout on Llama; the default layout on the families whose windows and experts the ring must carry
     # (the layouts' masks are the kernel's, each tested on the ring in tests/test_ring.py)
-    for key in ("padded", "packed", "packed_shared") if name == "llama3" else ("packed_shared",):
-        want, want_grads = layout_logps(graphdef, params, pairs, LAYOUTS[key], 10)
+    for layout in ("padded", "packed", "packed_shared") if name == "llama3" else ("packed_shared",):
+        want, want_grads = layout_logps(graphdef, params, pairs, LAYOUTS[layout], 10, dropout_key=key)
         with jax.set_mesh(mesh):
-            got, grads = layout_logps(graphdef, placed, pairs, LAYOUTS[key], 10)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=key)
+            got, grads = layout_logps(graphdef, placed, pairs, LAYOUTS[layout], 10, dropout_key=key)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=layout)
         assert_grads_close(grads, want_grads)
-
-
-@pytest.mark.slow
-def test_lora_rows_split_over_a_context_axis_give_the_one_device_logps_and_gradients(models, blockwise_graphdefs):
-    """LoRA under a context axis of 4 (beside fsdp=2, the adapters placed as the run places them), with adapter
-    dropout (its masks drawn per token from the pair's row, branch and position, so a device draws its quarter of
-    the row's): per-pair log-probs and the gradients (adapters and base) equal the unsplit program's."""
-    from dpo_jax.infra import sharding
-    from dpo_jax.models import lora
-    from dpo_jax.models.config import LORA_TARGETS
-
-    _, _, params = models["llama3"]
-    model = lora.attach(nnx.merge(blockwise_graphdefs["llama3"], params), rank=4, alpha=8.0,
-                        target_names=LORA_TARGETS, dropout=0.5)  # fmt: skip
-    graphdef, params = nnx.split(model)
-    adapters, base_params = lora.split(params)
-    adapters = jax.tree.map(lambda x: x + 0.2 * jnp.cos(jnp.arange(x.size).reshape(x.shape)), adapters)  # B != 0
-    params = lora.compose(adapters, base_params)
-    pairs, key = make_pairs(10), jax.random.key(7)
-    want, want_grads = layout_logps(graphdef, params, pairs, LAYOUTS["packed_shared"], 10, dropout_key=key)
-    mesh = sharding.make_mesh(data=1, fsdp=2, context=4)
-    placed = jax.device_put(params, sharding.param_shardings(params, mesh))
-    with jax.set_mesh(mesh):
-        got, grads = layout_logps(graphdef, placed, pairs, LAYOUTS["packed_shared"], 10, dropout_key=key)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert_grads_close(grads, want_grads)

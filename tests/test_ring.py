@@ -97,3 +97,17 @@ def test_the_context_cost_counts_each_send_as_often_as_its_loops_run_it():
     for columns, chunk in ((32, 128), (64, 256)):  # [4, 8] and [4, 16] float32 a device
         compiled = program.lower(jnp.ones((4, columns), jnp.float32)).compile()
         assert collective_bytes(compiled.as_text()) == {"collective-permute": 15 * chunk}
+
+
+@pytest.mark.slow
+def test_the_context_cost_script_reports_sends_only_over_a_split_row(capsys):
+    """``python experiments/context_cost.py`` end to end at a tiny shape: no ring sends on one device, sends on two;
+    each device's attention FLOPs halve; the steps run."""
+    from experiments import context_cost
+
+    rows = context_cost.main(["--model", "tiny", "--row", "64", "--contexts", "1,2", "--time", "--steps", "1"])
+    assert [r["context"] for r in rows] == [1, 2]
+    assert rows[0]["ring_mb"] == 0 < rows[1]["ring_mb"]
+    assert rows[1]["attn_gflop"] == pytest.approx(rows[0]["attn_gflop"] / 2)
+    assert all(r["step_ms"] > 0 for r in rows)
+    assert "| 2 |" in capsys.readouterr().out

@@ -123,6 +123,9 @@ class ModelConfig:
     # of attention_block queries and keys (memory linear in the row)
     attention: str = "auto"
     attention_block: int = 512
+    # the MLP over the row in chunks of this many tokens, each recomputed in the backward (0: the whole row at once):
+    # its [T, intermediate] activations bounded by a chunk's (long rows; a tiled MLP)
+    mlp_chunk: int = 0
     # LoRA adapters (dpo_jax.models.lora): rank 0 = none; the targets are projection names (q_proj, ..., down_proj)
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -143,6 +146,8 @@ class ModelConfig:
                 f"attention must be one of {ATTENTION} with attention_block a multiple of 8; got {self.attention!r}, "
                 f"{self.attention_block}"
             )
+        if self.mlp_chunk < 0:
+            raise ValueError(f"mlp_chunk must be >= 0 (0: the whole row); got {self.mlp_chunk}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16; got {self.dtype!r}")
         if not 0.0 <= self.lora_dropout < 1.0:

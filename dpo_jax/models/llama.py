@@ -276,9 +276,27 @@ class MLP(nnx.Module):
         self.down_proj = Linear(f, d, bias=cfg.mlp_bias, std=std, rngs=rngs, cfg=cfg, name="down_proj")
 
         self.activation = cfg.mlp_activation
+        self.chunk = cfg.mlp_chunk
 
     def __call__(self, x_BxTxD, dropout_keys_BxT=None):
-        keys = dropout_keys_BxT
+        b, t, d = x_BxTxD.shape
+        if not self.chunk or t <= self.chunk:
+            return self._tokens(x_BxTxD, dropout_keys_BxT)
+        # A tiled MLP: chunks of the row one after another, each recomputed in the backward, so only one chunk's
+        # [B, C, intermediate] activations live at a time (the MLP is per token: the same values)
+        c = self.chunk
+        n = -(-t // c)
+
+        def chunks(a):  # [B, T, ...] -> [N, B, C, ...], the last chunk padded by repeating the last token
+            a = jnp.concatenate([a, jnp.repeat(a[:, -1:], n * c - t, axis=1)], axis=1) if n * c > t else a
+            return a.reshape(b, n, c, *a.shape[2:]).swapaxes(0, 1)
+
+        keys = None if dropout_keys_BxT is None else chunks(dropout_keys_BxT)
+        one = jax.checkpoint(lambda x, k: self._tokens(x, k), policy=jax.checkpoint_policies.nothing_saveable)
+        out_NxBxCxD = jax.lax.map(lambda xk: one(*xk), (chunks(x_BxTxD), keys))
+        return out_NxBxCxD.swapaxes(0, 1).reshape(b, n * c, d)[:, :t]
+
+    def _tokens(self, x_BxTxD, keys):
         gate, up = self.gate_proj(x_BxTxD, keys), self.up_proj(x_BxTxD, keys)
         if self.activation == "gelu_tanh":  # Gemma's GeGLU
             return self.down_proj(jax.nn.gelu(gate, approximate=True) * up, keys)

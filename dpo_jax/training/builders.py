@@ -80,7 +80,8 @@ def model_options(cfg) -> dict:
     """How the config runs a model, whatever its weights: compute dtype, remat, scan, attention."""
     m = cfg.model
     return dict(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, attention=m.get("attention", "auto"),
-                attention_block=m.get("attention_block", 512), moe_impl=cfg.moe.impl)  # fmt: skip
+                attention_block=m.get("attention_block", 512), mlp_chunk=m.get("mlp_chunk", 0),
+                moe_impl=cfg.moe.impl)  # fmt: skip
 
 
 def moe_options(cfg, model: ModelConfig) -> dict:

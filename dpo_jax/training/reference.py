@@ -62,7 +62,8 @@ def cache_key(params, model_config, pairs, settings: dict) -> str:
         lora_dropout=0.0,
         attention="auto",
         attention_block=512,
-    )  # how attention is computed: same values
+        mlp_chunk=0,
+    )  # how attention and the MLP are computed: same values
     h.update(repr(plain).encode())
     h.update(ids_digest(pairs).encode())
     h.update(json.dumps(settings, sort_keys=True).encode())
