@@ -7,6 +7,9 @@ and its program read:
 - **ring bytes**: the key/value chunks (and, in the backward, their gradients) the ring attention passes to the next
   device: every ``collective-permute`` of the compiled per-device program, times how often it runs (the trip
   counts of the loops around it: the ring's N shifts inside the layer scan);
+- **the load balance**: the ring's critical path (each ring step's busiest device, in block pairs of one pair's row,
+  summed over the steps) for contiguous chunks against the balanced order the decoder runs (``ring_blocks``); the
+  ring bytes include the order's exchange (half a chunk of the hidden state, each way, once a pass);
 - **parameter bytes**: the result bytes of FSDP's collectives (the parameters are split over the context axis too:
   all-gathers before use, reduce-scatters of the gradients, all-reduces of sums), with their trip counts;
 - **attention FLOPs** of one device: its queries against the keys they see, 4·T_q·T_k·H·E per layer forward (x3
@@ -38,11 +41,13 @@ import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dpo_jax.core import optim  # noqa: E402
 from dpo_jax.core.state import init_state  # noqa: E402
 from dpo_jax.infra import sharding  # noqa: E402
+from dpo_jax.models import attention  # noqa: E402
 from dpo_jax.training import builders  # noqa: E402
 from experiments.scale import MODELS, init_params, model_config, step_program  # noqa: E402
 
@@ -109,7 +114,22 @@ def attention_flops(mc, row: int, context: int) -> float:
         see = lambda n, w=w: n * (n + 1) / 2 if w is None else sum(min(i + 1, w) for i in range(n))  # noqa: E731
         pairs = see(p) + 2 * (see(p + c) - see(p))  # the prompt's, and each completion's (the prompt and itself)
         total += pairs * 4 * mc.num_heads * e
-    return total * 4 / context  # the ring splits the queries evenly (contiguous chunks: not the causal work)
+    return total * 4 / context  # the ring splits the causal work evenly (its balanced order)
+
+
+def ring_balance(row: int, n: int, block: int) -> tuple[float, float]:
+    """The ring's critical path in (query block, key block) pairs of one pair's row (the layout above): each step's
+    busiest device, summed over the steps, for contiguous chunks and for the balanced order the decoder runs."""
+    p, c = row // 2, row // 4
+    _, tp = attention.ring_layout(row, n, block)
+    branch = np.concatenate([np.zeros(p), np.ones(c), np.full(row - p - c, 2), np.zeros(tp - row)]).astype(np.int32)
+    valid = np.arange(tp) < row
+    paths = []
+    for order in (np.arange(tp), attention.balanced_order(tp, n)):
+        ids = attention.Ids(*(jnp.asarray(x) for x in (order, valid[order], valid[order].astype(np.int32),
+                                                         branch[order])))  # fmt: skip
+        paths.append(float(attention.ring_blocks(ids, n, block).max(axis=0).sum()))
+    return paths[0], paths[1]
 
 
 def time_steps(mc, mesh, compiled, batch, steps: int) -> float:
@@ -153,17 +173,20 @@ def main(argv=None):
         row = dict(context=n, ring_mb=ring / 1e6, param_mb=params / 1e6, attn_gflop=flops / 1e9,
                    flop_per_byte=flops / ring if ring else float("inf"), send_ms=ring / (args.link_gbs * 1e9) * 1e3,
                    attn_ms=flops / (args.peak_tflops * 1e12) * 1e3, compile_s=time.perf_counter() - t0)  # fmt: skip
+        row["contiguous_path"], row["balanced_path"] = ring_balance(args.row, n, mc.attention_block)
         if args.time:
             row["step_ms"] = time_steps(mc, mesh, compiled, batch, args.steps) * 1e3
         rows.append(row)
         print("  " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
     print(f"\n| context | ring sends MB / device / step | FSDP collectives (results) MB | attention GFLOP / device | "
           f"FLOP per ring byte | sends at {args.link_gbs:.0f} GB/s ms | attention at {args.peak_tflops:.0f} TFLOP/s ms"
+          " | ring's critical path, contiguous / balanced order"
           + (" | step ms (simulated devices, this CPU) |" if args.time else " |"))  # fmt: skip
-    print("|---" * (7 + args.time) + "|")
+    print("|---" * (8 + args.time) + "|")
     for r in rows:
         print(f"| {r['context']} | {r['ring_mb']:.1f} | {r['param_mb']:.1f} | {r['attn_gflop']:.1f} | "
-              f"{r['flop_per_byte']:.0f} | {r['send_ms']:.2f} | {r['attn_ms']:.2f} |"
+              f"{r['flop_per_byte']:.0f} | {r['send_ms']:.2f} | {r['attn_ms']:.2f} | "
+              f"{r['contiguous_path'] / r['balanced_path']:.2f}x |"
               + (f" {r['step_ms']:.0f} |" if args.time else ""))  # fmt: skip
     return rows
 

@@ -9,6 +9,7 @@ import pytest
 from test_attention import layout_ids
 
 from dpo_jax.models import attention
+from dpo_jax.models.attention import Ids
 
 CASES = {  # name -> (layout, kv heads, query heads per kv head, window, softcap)
     "padded": ("padded", 2, 2, None, None),
@@ -41,6 +42,77 @@ def test_ring_attention_equals_the_einsum_in_values_and_gradients(name, context)
     grads = jax.jit(jax.grad(lambda *x: loss(ring, *x), argnums=(0, 1, 2)))(q, k, v)
     for a, b_ in zip(grads, jax.grad(lambda *x: loss(ref, *x), argnums=(0, 1, 2))(q, k, v), strict=True):
         np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5 * np.abs(b_).max())  # 1e-5 of the gradient's size
+
+
+@pytest.mark.parametrize("kind", ["packed", "shared"])
+def test_rows_in_the_balanced_order_give_the_einsum_in_values_and_gradients(kind):
+    """The decoder's order under the axis: every field of the row's ids, queries, keys and values permuted by
+    ``balanced_order`` (device i holds pieces i and 2n-1-i of 8, each two 4-token blocks): the ring's output, put
+    back by NumPy, and its gradients equal the einsum's on the row as it was (segments that span pieces and the gap
+    between a device's two pieces, shared-prompt branches, a window)."""
+    n, t = 4, 64
+    q_ids, k_ids = layout_ids(kind, t=t)
+    order = attention.balanced_order(t, n)
+    assert sorted(order.tolist()) == list(range(t)) and order[:16].tolist() == [*range(8), *range(56, 64)]
+    shuffle = lambda x: None if x is None else x[:, order]  # noqa: E731
+    b, e, window = q_ids.slot.shape[0], 8, 6 if kind == "shared" else None
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, n), ("data", "context"))
+    rng = np.random.default_rng(5)
+    q, k, v, w = (jnp.asarray(rng.normal(size=shape) * 2, jnp.float32)
+                  for shape in ((b, t, 2, 2, e), (b, t, 2, e), (b, t, 2, e), (b, t, 2, 2, e)))  # fmt: skip
+    real = q_ids.valid[:, :, None, None, None]
+    back = np.argsort(order)
+    ring = jax.jit(lambda q, k, v: attention.ring_attention(
+        shuffle(q), shuffle(k), shuffle(v), Ids(*map(shuffle, q_ids)), Ids(*map(shuffle, k_ids)), window,
+        mesh=mesh, block=4)[:, back])  # fmt: skip
+    ref = lambda q, k, v: attention.einsum_attention(q, k, v, q_ids, k_ids, window)  # noqa: E731
+    want = jnp.where(real, ref(q, k, v), 0)
+    np.testing.assert_allclose(jnp.where(real, ring(q, k, v), 0), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    loss = lambda fn: lambda *x: jnp.sum(jnp.where(real, fn(*x) * w, 0.0))  # noqa: E731
+    grads = jax.jit(jax.grad(loss(ring), argnums=(0, 1, 2)))(q, k, v)
+    for a, b_ in zip(grads, jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v), strict=True):
+        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5 * np.abs(b_).max())
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_rebalance_moves_each_piece_to_its_device_and_back(n):
+    """``rebalance`` on a row split over the context axis equals NumPy's indexing by ``balanced_order`` (floats,
+    and typed keys: the dropout keys travel with their tokens); its inverse restores the row; each device ends with
+    pieces i and 2n-1-i."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(8 // n, n), ("data", "context"))
+    t = 2 * n * 3
+    x = np.arange(2 * t * 3, dtype=np.float32).reshape(2, t, 3)
+    order = attention.balanced_order(t, n)
+    pieces = np.arange(t).reshape(2 * n, 3)
+    assert order.reshape(n, 6).tolist() == [[*pieces[i], *pieces[2 * n - 1 - i]] for i in range(n)]
+    moved = jax.jit(lambda x: attention.rebalance(x, mesh))(x)
+    np.testing.assert_array_equal(moved, x[:, order])
+    np.testing.assert_array_equal(jax.jit(lambda y: attention.rebalance(y, mesh, inverse=True))(moved), x)
+    keys = jax.random.split(jax.random.key(0), 2 * t).reshape(2, t)
+    got = jax.jit(lambda k: attention.rebalance(k, mesh))(keys)
+    np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(keys)[:, order])
+    logits = np.arange(3 * 2 * t, dtype=np.float32).reshape(3, 2, t)  # a router's [L, B, T]: tokens on axis 2
+    np.testing.assert_array_equal(jax.jit(lambda y: attention.rebalance(y, mesh, dim=2))(logits), logits[:, :, order])
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_the_balanced_order_evens_the_ring_steps(n):
+    """One causal sequence of 2n pieces of m = 3 blocks. In contiguous chunks (2m blocks a device) device d at step s
+    holds device (d - s)'s keys: all (2m)^2 block pairs when they come before its own, none after, 2m(2m+1)/2 of its
+    own; the busiest device does 4m^2 at every step after the first. In the balanced order every device does
+    m(m+1)/2 + m^2 + m(m+1)/2 on its own keys and 2m^2 at every later step (half as much)."""
+    m, blk = 3, 8
+    t = 2 * n * m * blk
+    row = lambda slot: Ids(jnp.asarray(slot, jnp.int32), jnp.ones(t, bool), jnp.ones(t, jnp.int32))  # noqa: E731
+    contiguous = attention.ring_blocks(row(np.arange(t)), n, blk)
+    balanced = attention.ring_blocks(row(attention.balanced_order(t, n)), n, blk)
+    for d in range(n):
+        for s in range(n):
+            c = (d - s) % n
+            assert contiguous[d, s] == (4 * m * m if c < d else 2 * m * (2 * m + 1) // 2 if c == d else 0)
+            assert balanced[d, s] == (m * (m + 1) + m * m if s == 0 else 2 * m * m)
+    assert contiguous.sum() == balanced.sum()  # the same work, spread evenly
+    assert contiguous.max(axis=0)[1:].tolist() == [4 * m * m] * (n - 1)
 
 
 def test_ring_attention_splits_the_rows_over_the_context_axis():

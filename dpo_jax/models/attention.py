@@ -11,8 +11,9 @@ a completion sees the prompt and itself), and, with a sliding window, the key is
 (positions when given: a shared row's rejected tokens continue from the prompt's end).
 
 ``blockwise`` is a ``jax.custom_vjp``: the forward keeps the output and the log-sum-exp of every query (O(T));
-the backward recomputes each block's probabilities. Key blocks that no query of a block can see (after the last
-query: causal; before the first key of the block's earliest segment) are skipped, in the forward and backward.
+the backward recomputes each block's probabilities. Key blocks that no query of a block can see (after its last
+query: causal; before the start of its earliest segment; padding) are skipped, in the forward and backward, from
+the blocks' slot ranges (so rows in the ring's balanced order, whose slots have a gap, are skipped alike).
 """
 
 from __future__ import annotations
@@ -94,22 +95,34 @@ def _block_mask(q: Ids, k: Ids, window) -> Array:
     return allowed(Ids(*map(add, q)), Ids(*map(add, k)), window)[0]
 
 
-def _bounds(q: Ids, k: Ids, qb: int, kb: int, nq: int, nk: int) -> tuple[Array, Array]:
-    """[NQ] first and last key block each query block may see (last < first: none). The last follows from the
-    causal rule; the first from the earliest segment start (or first valid key) among the block's real queries."""
-    first_key = jnp.argmax(k.valid)  # a row's first real key: left padding before it
-    if q.segment is not None:  # a token's segment starts where its segment id last changed
-        t = jnp.arange(q.segment.shape[0])
-        change = jnp.concatenate([jnp.ones(1, bool), q.segment[1:] != q.segment[:-1]])
-        start = jnp.maximum(jax.lax.cummax(jnp.where(change, t, 0)), first_key)
-    else:
-        start = jnp.full(q.slot.shape, first_key)
+def _needs(q: Ids, k: Ids, qb: int, kb: int, nq: int, nk: int) -> Array:
+    """[NQ, NC]: which key blocks a query block may see, from slot ranges: a key block is needed when its earliest
+    real key is not after the block's latest real query (causal) and its latest real key is not before the
+    earliest key any of its queries may see (their segments' starts). Slots need not be contiguous (a ring's
+    balanced chunks hold two pieces of the row): a segment's start is known where its id changes between adjacent
+    slots; after a gap in the slots (or at the chunk's start) it is not, and 0 stands in for it."""
+    t = jnp.arange(q.slot.shape[0])
+    contiguous = jnp.concatenate([jnp.zeros(1, bool), q.slot[1:] == q.slot[:-1] + 1])
+    starts = jnp.zeros_like(contiguous)
+    if q.segment is not None:
+        starts = contiguous & jnp.concatenate([jnp.zeros(1, bool), q.segment[1:] != q.segment[:-1]])
+    run = jax.lax.cummax(jnp.where(starts | ~contiguous, t, 0))  # each token's last segment start or gap
+    earliest = jnp.where(starts, q.slot, 0)[run]
     big = jnp.iinfo(jnp.int32).max
-    lo_slot = jnp.where(q.valid, start, big).reshape(nq, qb).min(axis=1)
-    hi_slot = jnp.where(q.valid, q.slot, -1).reshape(nq, qb).max(axis=1)
-    k0 = k.slot[0]  # slot of the row's first key (0; a KV cache's slots start at 0 too)
-    lo = jnp.clip((lo_slot - k0) // kb, 0, nk - 1)
-    hi = jnp.where(hi_slot >= 0, jnp.minimum((hi_slot - k0) // kb, nk - 1), -1)
+    lo_q = jnp.where(q.valid, earliest, big).reshape(nq, qb).min(axis=1)
+    hi_q = jnp.where(q.valid, q.slot, -1).reshape(nq, qb).max(axis=1)
+    lo_k = jnp.where(k.valid, k.slot, big).reshape(nk, kb).min(axis=1)
+    hi_k = jnp.where(k.valid, k.slot, -1).reshape(nk, kb).max(axis=1)
+    return (lo_k[None] <= hi_q[:, None]) & (hi_k[None] >= lo_q[:, None])
+
+
+def _bounds(q: Ids, k: Ids, qb: int, kb: int, nq: int, nk: int) -> tuple[Array, Array]:
+    """[NQ] first and last key block each query block reads (last < first: none); blocks between that ``_needs``
+    rules out are read and masked (with contiguous slots there are none)."""
+    needs = _needs(q, k, qb, kb, nq, nk)
+    seen = needs.any(axis=1)
+    lo = jnp.where(seen, jnp.argmax(needs, axis=1), 0)
+    hi = jnp.where(seen, nk - 1 - jnp.argmax(needs[:, ::-1], axis=1), -1)
     return lo.astype(jnp.int32), hi.astype(jnp.int32)
 
 
@@ -164,8 +177,7 @@ def _bwd_row(q_TxKxGxE, k_SxKxE, v_SxKxE, q: Ids, k: Ids, out, lse, dout, window
     s_len = k_SxKxE.shape[0]
     nq, nk = t // qb, s_len // kb
     scale = e**-0.5
-    lo, hi = _bounds(q, k, qb, kb, nq, nk)
-    needs = (lo[:, None] <= jnp.arange(nk)[None]) & (jnp.arange(nk)[None] <= hi[:, None])  # [NQ, NC]
+    needs = _needs(q, k, qb, kb, nq, nk)  # [NQ, NC]
     any_q = needs.any(axis=0)
     first_q = jnp.where(any_q, jnp.argmax(needs, axis=0), 0)
     last_q = jnp.where(any_q, nq - 1 - jnp.argmax(needs[::-1], axis=0), -1)
@@ -333,8 +345,7 @@ def ring_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: in
     its transfer only. Equal to ``einsum_attention`` wherever a query sees a key; the output is split as the input."""
     n = mesh.shape[axis]
     t = q_BxTxKxGxE.shape[1]
-    blk = min(block, _ceil(-(-t // n), 8))
-    tp = _ceil(t, n * blk)
+    blk, tp = ring_layout(t, n, block)
     pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - x.shape[1])] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
     rows = jax.sharding.PartitionSpec(None, axis)
     has_window = window is not None
@@ -351,6 +362,73 @@ def ring_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: in
 
 def _ceil(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+# --- Load balance over the ring ----------------------------------------------------------------------------------
+# Causal rows split in n contiguous chunks leave the ring unbalanced: the last device's queries see every chunk,
+# the first's only its own, and each ring step lasts as long as its busiest device. The decoder instead runs the
+# row in balanced order (the zig-zag of ring/striped attention): the row is cut in 2n pieces and device i holds
+# pieces i and 2n-1-i, one early and one late, so at every ring step each device computes the same number of
+# blocks. The mask needs nothing new: it is made of the tokens' slots, which travel with them.
+
+
+def ring_layout(t: int, n: int, block: int) -> tuple[int, int]:
+    """(block, padded row length) of a ring over ``n`` devices for rows of ``t`` tokens: each device holds two
+    pieces of ``h`` tokens, ``h`` a whole number of blocks (so the balanced order's pieces are whole blocks)."""
+    half = -(-t // (2 * n))
+    blk = min(block, _ceil(half, 8))
+    return blk, 2 * n * _ceil(half, blk)
+
+
+def balanced_order(t: int, n: int) -> np.ndarray:
+    """[t] the slots of a row of ``t`` tokens (a multiple of 2n) in balanced order: device i's chunk is pieces i
+    and 2n-1-i of the row."""
+    pieces = np.arange(t, dtype=np.int32).reshape(2 * n, t // (2 * n))
+    return np.concatenate([pieces[[i, 2 * n - 1 - i]].ravel() for i in range(n)])
+
+
+def ring_blocks(ids: Ids, n: int, block: int) -> np.ndarray:
+    """[n devices, n ring steps] the (query block, key block) pairs each device computes at each step of the ring's
+    forward, for one row's ids (no batch axis; slots in the order the devices hold them, ``ring_layout``'s length).
+    A step lasts as long as its busiest device: the load balance is the row's maxima against its means."""
+    blk, tp = ring_layout(ids.slot.shape[0], n, block)
+    if tp != ids.slot.shape[0]:
+        raise ValueError(f"ring_blocks: a row of {ids.slot.shape[0]} tokens; the ring over {n} holds {tp}")
+    chunk = lambda d: _block_ids(ids, d * (tp // n), tp // n)  # noqa: E731
+    per = tp // n // blk
+    out = np.zeros((n, n), np.int64)
+    for d in range(n):
+        for step in range(n):
+            lo, hi = _bounds(chunk(d), chunk((d - step) % n), blk, blk, per, per)
+            out[d, step] = int(jnp.sum(jnp.maximum(hi - lo + 1, 0)))
+    return out
+
+
+def _exchange(x, axis: str, n: int, dim: int, inverse: bool):
+    """One device's chunk along ``dim``, contiguous <-> balanced: two ``ppermute``s of half a chunk each."""
+    lo, hi = jnp.split(x, 2, axis=dim)
+    home = lambda c: min(c, 2 * n - 1 - c)  # noqa: E731  the balanced device of piece c (contiguous: c // 2)
+    even = jax.lax.axis_index(axis) % 2 == 0  # balanced device i: pieces i and 2n-1-i, the even one first if i is
+    if inverse:  # back home: the even piece is the first half of contiguous device piece // 2
+        a = jax.lax.ppermute(jnp.where(even, lo, hi), axis, [(home(2 * d), d) for d in range(n)])
+        b = jax.lax.ppermute(jnp.where(even, hi, lo), axis, [(home(2 * d + 1), d) for d in range(n)])
+        return jnp.concatenate([a, b], axis=dim)
+    a = jax.lax.ppermute(lo, axis, [(d, home(2 * d)) for d in range(n)])  # piece 2d
+    b = jax.lax.ppermute(hi, axis, [(d, home(2 * d + 1)) for d in range(n)])  # piece 2d + 1
+    return jnp.concatenate([jnp.where(even, a, b), jnp.where(even, b, a)], axis=dim)
+
+
+def rebalance(x, mesh, *, inverse: bool = False, dim: int = 1, axis: str = "context"):
+    """``x`` (its ``dim`` a row's tokens, split over ``axis``, a multiple of 2n long) from contiguous chunks to the
+    balanced order (``balanced_order``), or back (``inverse``); typed PRNG keys too."""
+    n = mesh.shape[axis]
+    is_key = jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+    impl = jax.random.key_impl(x) if is_key else None
+    data = jax.random.key_data(x) if is_key else x
+    spec = jax.sharding.PartitionSpec(*([None] * dim), axis)
+    out = jax.shard_map(functools.partial(_exchange, axis=axis, n=n, dim=dim, inverse=inverse), mesh=mesh,
+                        in_specs=spec, out_specs=spec, axis_names=frozenset({axis}), check_vma=False)(data)  # fmt: skip
+    return jax.random.wrap_key_data(out, impl=impl) if is_key else out
 
 
 # --- Dispatch ---------------------------------------------------------------------------------------------------

@@ -438,8 +438,15 @@ class Decoder(nnx.Module):
         windows = cfg.windows  # uniform: a static window; Gemma 3's alternate: a traced one per layer (full = 2^30)
         window_L = None if len(set(windows)) == 1 else jnp.asarray([w or 2**30 for w in windows], jnp.int32)
 
+        ring = attention.context_mesh() if cache is None else None
+        if ring is not None:  # context parallelism: the layers run the row in the ring's balanced order
+            tokens_BxT, valid_BxT, segment_ids_BxT, branch_ids_BxT, positions_BxT, dropout_keys_BxT = _balanced(
+                ring, cfg.attention_block, tokens_BxT, valid_BxT, segment_ids_BxT, branch_ids_BxT, positions_BxT,
+                dropout_keys_BxT)  # fmt: skip
         if cache is None:  # the mask is made of each token's ids, per block (never a [T, S] array)
-            slots_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            tp = tokens_BxT.shape[1]
+            slots = np.arange(tp) if ring is None else attention.balanced_order(tp, ring.shape["context"])
+            slots_BxT = jnp.broadcast_to(jnp.asarray(slots, jnp.int32), (b, tp))
             ids = Ids(slots_BxT, valid_BxT, segment_ids_BxT, branch_ids_BxT, positions_BxT)
             ids = (ids, ids)
         else:
@@ -494,6 +501,11 @@ class Decoder(nnx.Module):
             x_BxTxD, (k_new, v_new) = jax.lax.scan(body, x_BxTxD, xs)
             new_cache, router = KVCache(k_new, v_new, kv_mask_BxS, cache.index + t), None
 
+        if ring is not None:  # back to the row's order (and length)
+            x_BxTxD = attention.rebalance(x_BxTxD, ring, inverse=True)[:, :t]
+            if router is not None and "logits" in router:
+                logits_LxBxTxE = attention.rebalance(router["logits"], ring, inverse=True, dim=2)[:, :, :t]
+                router = {**router, "logits": logits_LxBxTxE}
         hidden_BxTxD = self.norm(x_BxTxD)
         logits = self.logits(hidden_BxTxD) if return_logits else None
         return DecoderOutput(logits, hidden_BxTxD, new_cache, router)
@@ -504,6 +516,25 @@ class Decoder(nnx.Module):
         logits = jax.lax.dot_general(hidden_BxTxD, w, (((hidden_BxTxD.ndim - 1,), (1 - vocab_axis,)), ((), ())))
         cap = self.config.final_softcap
         return cap * jnp.tanh(logits / cap) if cap else logits
+
+
+def _balanced(mesh, block: int, *rows_BxT):
+    """Per-token arrays (None passes through) padded to the ring's length (padding: invalid tokens) and put in its
+    balanced order (``attention.balanced_order``)."""
+    n = mesh.shape["context"]
+    t = next(x for x in rows_BxT if x is not None).shape[1]
+    tp = attention.ring_layout(t, n, block)[1]
+
+    def one(x):
+        if x is None:
+            return None
+        if tp > t:
+            tail = jnp.broadcast_to(x[:, -1:], (x.shape[0], tp - t, *x.shape[2:]))
+            key = jnp.issubdtype(x.dtype, jax.dtypes.prng_key)  # dropout keys: any; the rest 0 (valid: False)
+            x = jnp.concatenate([x, tail if key else jnp.zeros_like(tail)], axis=1)
+        return attention.rebalance(x, mesh)
+
+    return tuple(map(one, rows_BxT))
 
 
 def init_decoder(cfg: ModelConfig, seed: int = 0) -> Decoder:
