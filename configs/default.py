@@ -77,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # or einsum | blockwise | cudnn (GPU; data.packing=False) | pallas (GPU flash; data.share_prompt=False)
         attention="auto",
         attention_block=512,  # blockwise: query and key tokens per block
+        context_attention="ring",  # rows over mesh.context: ring | gather (all-gather the keys; docs/scale.md)
         mlp_chunk=0,  # > 0: the MLP in chunks of this many tokens, each recomputed (memory of long rows)
     )
     # Population-based training over a vectorised sweep's members (dpo_jax.research.pbt; dpo-jax sweep --mode

@@ -24,7 +24,7 @@ from dpo_jax.data.formats import local_paths
 from dpo_jax.errors import ConfigError
 from dpo_jax.infra.hub import resolve_config
 from dpo_jax.infra.workdir import allowed_changes
-from dpo_jax.models.config import ARCHITECTURES, ATTENTION, MIXTURES, MOE_IMPLS, REMAT_POLICIES
+from dpo_jax.models.config import ARCHITECTURES, ATTENTION, CONTEXT_ATTENTION, MIXTURES, MOE_IMPLS, REMAT_POLICIES
 from dpo_jax.models.lora import targets as lora_targets
 
 # What the SFT reference depends on; runs (and sweep members) equal on these share one SFT stage. (The built-in
@@ -294,6 +294,8 @@ def _check_model(cfg) -> None:
     _check(coef == -1 or coef >= 0, "moe.aux_loss_coef", ">= 0, or -1 (the checkpoint's)", coef)
     impl, block = cfg.model.attention, cfg.model.attention_block
     _check(impl in ATTENTION, "model.attention", " | ".join(ATTENTION), impl)
+    strategy = cfg.model.get("context_attention", "ring")
+    _check(strategy in CONTEXT_ATTENTION, "model.context_attention", " | ".join(CONTEXT_ATTENTION), strategy)
     _check(isinstance(block, int) and block >= 8 and block % 8 == 0, "model.attention_block",
            "a multiple of 8 tokens", block)  # fmt: skip
     chunk = cfg.model.get("mlp_chunk", 0)

@@ -10,6 +10,8 @@ and its program read:
 - **the load balance**: the ring's critical path (each ring step's busiest device, in block pairs of one pair's row,
   summed over the steps) for contiguous chunks against the balanced order the decoder runs (``ring_blocks``); the
   ring bytes include the order's exchange (half a chunk of the hidden state, each way, once a pass);
+- with ``--strategy gather`` (``model.context_attention="gather"``) the keys and values are all-gathered instead
+  and their gradients reduce-scattered: those bytes join the other collectives' (compare the totals);
 - **parameter bytes**: the result bytes of FSDP's collectives (the parameters are split over the context axis too:
   all-gathers before use, reduce-scatters of the gradients, all-reduces of sums), with their trip counts;
 - **attention FLOPs** of one device: its queries against the keys they see, 4·T_q·T_k·H·E per layer forward (x3
@@ -153,14 +155,20 @@ def main(argv=None):
     parser.add_argument("--model", default="tiny", choices=sorted(MODELS))
     parser.add_argument("--row", type=int, default=4096, help="tokens of the pair (prompt half, completions a quarter)")
     parser.add_argument("--contexts", default="1,2,4,8")
+    parser.add_argument(
+        "--strategy",
+        default="ring",
+        choices=("ring", "gather"),
+        help="model.context_attention: the ring, or all-gathering the keys and values",
+    )
     parser.add_argument("--time", action="store_true", help="also run the steps (small shapes only)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--link-gbs", type=float, default=450.0, help="accelerator link, GB/s a direction")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="accelerator bf16 dense peak")
     args = parser.parse_args(argv)
-    mc = model_config(args.model)
+    mc = model_config(args.model, context_attention=args.strategy)
     print(f"backend {jax.default_backend()}, {jax.device_count()} devices; {args.model}, one pair of {args.row:,} "
-          f"tokens a step, bfloat16, full remat", flush=True)  # fmt: skip
+          f"tokens a step, bfloat16, full remat, model.context_attention={args.strategy}", flush=True)  # fmt: skip
     rows = []
     for n in (int(x) for x in args.contexts.split(",")):
         mesh = sharding.make_mesh(data=1, fsdp=1, context=n, devices=jax.devices()[:n])
@@ -170,7 +178,8 @@ def main(argv=None):
         ring = sent.get("collective-permute", 0.0)
         params = sum(v for k, v in sent.items() if k != "collective-permute")
         flops = attention_flops(mc, args.row, n)
-        row = dict(context=n, ring_mb=ring / 1e6, param_mb=params / 1e6, attn_gflop=flops / 1e9,
+        row = dict(context=n, ring_mb=ring / 1e6, param_mb=params / 1e6, total_mb=(ring + params) / 1e6,
+                   attn_gflop=flops / 1e9,
                    flop_per_byte=flops / ring if ring else float("inf"), send_ms=ring / (args.link_gbs * 1e9) * 1e3,
                    attn_ms=flops / (args.peak_tflops * 1e12) * 1e3, compile_s=time.perf_counter() - t0)  # fmt: skip
         row["contiguous_path"], row["balanced_path"] = ring_balance(args.row, n, mc.attention_block)
@@ -178,13 +187,15 @@ def main(argv=None):
             row["step_ms"] = time_steps(mc, mesh, compiled, batch, args.steps) * 1e3
         rows.append(row)
         print("  " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
-    print(f"\n| context | ring sends MB / device / step | FSDP collectives (results) MB | attention GFLOP / device | "
+    print(f"\n| context | ring sends MB / device / step | other collectives (results) MB | all MB | "
+          f"attention GFLOP / device | "
           f"FLOP per ring byte | sends at {args.link_gbs:.0f} GB/s ms | attention at {args.peak_tflops:.0f} TFLOP/s ms"
           " | ring's critical path, contiguous / balanced order"
           + (" | step ms (simulated devices, this CPU) |" if args.time else " |"))  # fmt: skip
-    print("|---" * (8 + args.time) + "|")
+    print("|---" * (9 + args.time) + "|")
     for r in rows:
-        print(f"| {r['context']} | {r['ring_mb']:.1f} | {r['param_mb']:.1f} | {r['attn_gflop']:.1f} | "
+        print(f"| {r['context']} | {r['ring_mb']:.1f} | {r['param_mb']:.1f} | {r['total_mb']:.1f} | "
+              f"{r['attn_gflop']:.1f} | "
               f"{r['flop_per_byte']:.0f} | {r['send_ms']:.2f} | {r['attn_ms']:.2f} | "
               f"{r['contiguous_path'] / r['balanced_path']:.2f}x |"
               + (f" {r['step_ms']:.0f} |" if args.time else ""))  # fmt: skip

@@ -62,9 +62,11 @@ def test_context_sizes_that_do_not_fit_are_refused_in_one_line():
         validate(tiny_config("mesh.context=3", "mesh.member=2"), num_devices=8, members=2)
 
 
-def test_the_model_under_a_context_mesh_attends_by_the_ring_and_computes_the_same_logits():
+@pytest.mark.parametrize("strategy", ["ring", "gather"])
+def test_the_model_under_a_context_mesh_attends_by_the_ring_and_computes_the_same_logits(strategy):
     """What the run's programs do with ``mesh.context`` > 1: the decoder's attention is the ring (collective
-    permutes in the compiled program), and the logits equal the unsharded forward's."""
+    permutes in the compiled program) or, with ``model.context_attention="gather"``, all-gathers of the keys and
+    values; the logits equal the unsharded forward's."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -72,7 +74,7 @@ def test_the_model_under_a_context_mesh_attends_by_the_ring_and_computes_the_sam
     from dpo_jax.models import ModelConfig, init_decoder
 
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                      num_kv_heads=2, attention_block=8)  # fmt: skip
+                      num_kv_heads=2, attention_block=8, context_attention=strategy)  # fmt: skip
     graphdef, params = nnx.split(init_decoder(cfg))
     t = 64
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, 64, (2, t)), jnp.int32)
@@ -85,5 +87,5 @@ def test_the_model_under_a_context_mesh_attends_by_the_ring_and_computes_the_sam
     with jax.set_mesh(sharding.make_mesh(data=2, context=4)):
         program = jax.jit(logits).lower(params, tokens).compile()
         got = program(params, tokens)
-    assert "collective-permute" in program.as_text()  # key/value chunks passed round the ring
+    assert ("collective-permute" if strategy == "ring" else "all-gather") in program.as_text()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

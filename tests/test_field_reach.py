@@ -79,6 +79,7 @@ CHOICES = {
     "dpo.loss_type": ["ipo", "hinge"], "dpo.bco_delta": ["batch"], "dpo.f_divergence_type": ["js_divergence"],
     "model.architecture": ["Qwen2ForCausalLM", "MistralForCausalLM", "Qwen3MoeForCausalLM"],
     "model.attention": ["blockwise", "einsum"], "model.dtype": ["bfloat16", "float32"],
+    "model.context_attention": ["gather"],
     "model.remat": ["full", "none"], "model.init": ["hf"], "moe.impl": ["grouped", "blocked"],
     "optim.schedule": ["linear", "cosine"], "sft.schedule": ["linear", "cosine"],
     "reference.mode": ["frozen", "cached"], "lora.base_dtype": ["int8", "bfloat16"], "lora.targets": ["q_proj,v_proj"],

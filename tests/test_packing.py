@@ -339,7 +339,9 @@ CONTEXT_MESHES = {"llama3": dict(fsdp=2), "gemma3": dict(data=2), "qwen3_moe": d
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONTEXT_MESHES))
-def test_rows_split_over_a_context_axis_give_the_one_device_logps_and_gradients(models, blockwise_graphdefs, name):
+def test_rows_split_over_a_context_axis_give_the_one_device_logps_and_gradients(
+    models, checkpoints, blockwise_graphdefs, name
+):
     """Context parallelism (``mesh.context``): under a mesh of 8 devices with a context axis of 4 the decoder attends
     each row by the ring, each device holding a quarter of the row's tokens (rows of several 8-token blocks), beside
     FSDP (Llama: the parameters split over fsdp x context, as the run places them), data (Gemma 3) or the expert
@@ -374,7 +376,18 @@ def test_rows_split_over_a_context_axis_give_the_one_device_logps_and_gradients(
     # (the layouts' masks are the kernel's, each tested on the ring in tests/test_ring.py)
     for layout in ("padded", "packed", "packed_shared") if name == "llama3" else ("packed_shared",):
         want, want_grads = layout_logps(graphdef, params, pairs, LAYOUTS[layout], 10, dropout_key=key)
-        with jax.set_mesh(mesh):
-            got, grads = layout_logps(graphdef, placed, pairs, LAYOUTS[layout], 10, dropout_key=key)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=layout)
-        assert_grads_close(grads, want_grads)
+        # Gemma 3 also by the all-gather strategy (model.context_attention="gather")
+        for strategy in ("ring", "gather") if name == "gemma3" else ("ring",):
+            split_graphdef = (
+                graphdef
+                if strategy == "ring"
+                else nnx.split(
+                    hf.load_pretrained(
+                        checkpoints[name][1], attention="blockwise", attention_block=8, context_attention=strategy
+                    )[0]
+                )[0]
+            )
+            with jax.set_mesh(mesh):
+                got, grads = layout_logps(split_graphdef, placed, pairs, LAYOUTS[layout], 10, dropout_key=key)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=f"{layout} {strategy}")
+            assert_grads_close(grads, want_grads)

@@ -19,8 +19,13 @@ CASES = {  # name -> (layout, kv heads, query heads per kv head, window, softcap
 }
 
 
-@pytest.mark.parametrize("name,context", [(name, 4) for name in CASES] + [("shared_window_softcap", 8)])
-def test_ring_attention_equals_the_einsum_in_values_and_gradients(name, context):
+@pytest.mark.parametrize(
+    "name,context,strategy",
+    [(name, 4, "ring") for name in CASES]
+    + [("shared_window_softcap", 8, "ring"), ("packed_gqa", 4, "gather"), ("shared_window_softcap", 8, "gather")],
+)
+def test_ring_attention_equals_the_einsum_in_values_and_gradients(name, context, strategy):
+    """The ring, and the all-gather strategy (``gather_attention``) on two of the cases."""
     kind, kh, g, window, softcap = CASES[name]
     q_ids, k_ids = layout_ids(kind, t=44)
     b, t, e = q_ids.slot.shape[0], q_ids.slot.shape[1], 8
@@ -34,8 +39,8 @@ def test_ring_attention_equals_the_einsum_in_values_and_gradients(name, context)
         return jnp.sum(jnp.where(real, fn(q, k, v) * w, 0.0))
 
     ref = lambda q, k, v: attention.einsum_attention(q, k, v, q_ids, k_ids, window, softcap)  # noqa: E731
-    ring = jax.jit(lambda q, k, v: attention.ring_attention(q, k, v, q_ids, k_ids, window, mesh=mesh, block=4,
-                                                            softcap=softcap))  # fmt: skip
+    fn = attention.CONTEXT_STRATEGIES[strategy]
+    ring = jax.jit(lambda q, k, v: fn(q, k, v, q_ids, k_ids, window, mesh=mesh, block=4, softcap=softcap))
     got = ring(q, k, v)
     want = jnp.where(real, ref(q, k, v), 0)
     np.testing.assert_allclose(jnp.where(real, got, 0), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
@@ -44,12 +49,13 @@ def test_ring_attention_equals_the_einsum_in_values_and_gradients(name, context)
         np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5 * np.abs(b_).max())  # 1e-5 of the gradient's size
 
 
-@pytest.mark.parametrize("kind", ["packed", "shared"])
-def test_rows_in_the_balanced_order_give_the_einsum_in_values_and_gradients(kind):
+@pytest.mark.parametrize("kind,strategy", [("packed", "ring"), ("shared", "ring"), ("shared", "gather")])
+def test_rows_in_the_balanced_order_give_the_einsum_in_values_and_gradients(kind, strategy):
     """The decoder's order under the axis: every field of the row's ids, queries, keys and values permuted by
-    ``balanced_order`` (device i holds pieces i and 2n-1-i of 8, each two 4-token blocks): the ring's output, put
-    back by NumPy, and its gradients equal the einsum's on the row as it was (segments that span pieces and the gap
-    between a device's two pieces, shared-prompt branches, a window)."""
+    ``balanced_order`` (device i holds pieces i and 2n-1-i of 8, each two 4-token blocks): the ring's output (or the
+    all-gather strategy's, which sorts the gathered keys back by slot), put back by NumPy, and its gradients equal
+    the einsum's on the row as it was (segments that span pieces and the gap between a device's two pieces,
+    shared-prompt branches, a window)."""
     n, t = 4, 64
     q_ids, k_ids = layout_ids(kind, t=t)
     order = attention.balanced_order(t, n)
@@ -62,7 +68,7 @@ def test_rows_in_the_balanced_order_give_the_einsum_in_values_and_gradients(kind
                   for shape in ((b, t, 2, 2, e), (b, t, 2, e), (b, t, 2, e), (b, t, 2, 2, e)))  # fmt: skip
     real = q_ids.valid[:, :, None, None, None]
     back = np.argsort(order)
-    ring = jax.jit(lambda q, k, v: attention.ring_attention(
+    ring = jax.jit(lambda q, k, v: attention.CONTEXT_STRATEGIES[strategy](
         shuffle(q), shuffle(k), shuffle(v), Ids(*map(shuffle, q_ids)), Ids(*map(shuffle, k_ids)), window,
         mesh=mesh, block=4)[:, back])  # fmt: skip
     ref = lambda q, k, v: attention.einsum_attention(q, k, v, q_ids, k_ids, window)  # noqa: E731
@@ -115,9 +121,11 @@ def test_the_balanced_order_evens_the_ring_steps(n):
     assert contiguous.max(axis=0)[1:].tolist() == [4 * m * m] * (n - 1)
 
 
-def test_ring_attention_splits_the_rows_over_the_context_axis():
+@pytest.mark.parametrize("strategy", ["ring", "gather"])
+def test_ring_attention_splits_the_rows_over_the_context_axis(strategy):
     """Each device holds 1/n of every row: the output keeps the inputs' split, and the compiled program passes the
-    key/value chunks between devices (collective-permute) instead of gathering the row."""
+    key/value chunks between devices (collective-permute) instead of gathering the row — or, by the all-gather
+    strategy, gathers the keys and values and, in the backward, reduce-scatters their gradients."""
     q_ids, k_ids = layout_ids("shared", t=64)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]), ("context",))
     rng = np.random.default_rng(2)
@@ -125,11 +133,16 @@ def test_ring_attention_splits_the_rows_over_the_context_axis():
     k, v = (jnp.asarray(rng.normal(size=(2, 64, 2, 8)), jnp.float32) for _ in range(2))
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "context"))
     q, k, v = (jax.device_put(x, rows) for x in (q, k, v))
-    fn = jax.jit(lambda q, k, v: attention.ring_attention(q, k, v, q_ids, k_ids, None, mesh=mesh, block=4))
+    fn = jax.jit(lambda q, k, v: attention.CONTEXT_STRATEGIES[strategy](q, k, v, q_ids, k_ids, None, mesh=mesh,
+                                                                         block=4))  # fmt: skip
     out = fn(q, k, v)
     assert out.sharding.spec[1] == "context"
     hlo = fn.lower(q, k, v).compile().as_text()
-    assert "collective-permute" in hlo and "all-gather" not in hlo
+    if strategy == "ring":
+        assert "collective-permute" in hlo and "all-gather" not in hlo
+    else:
+        grad = jax.jit(jax.grad(lambda k: jnp.sum(fn(q, k, v) ** 2))).lower(k).compile().as_text()
+        assert "all-gather" in hlo and "collective-permute" not in hlo and "reduce-scatter" in grad
 
 
 def test_a_traced_window_as_gemma_3s_per_layer_windows_are():
@@ -183,3 +196,9 @@ def test_the_context_cost_script_reports_sends_only_over_a_split_row(capsys):
     assert rows[1]["attn_gflop"] == pytest.approx(rows[0]["attn_gflop"] / 2)
     assert all(r["step_ms"] > 0 for r in rows)
     assert "| 2 |" in capsys.readouterr().out
+    # the all-gather strategy's bfloat16 step compiles and runs (its gradients' reduce-scatter in float32): fewer
+    # permutes (the balanced order's only), more of the other collectives (the keys' gathers, their gradients')
+    gather = context_cost.main(["--model", "tiny", "--row", "64", "--contexts", "2", "--strategy", "gather", "--time",
+                                "--steps", "1"])[0]  # fmt: skip
+    assert 0 < gather["ring_mb"] < rows[1]["ring_mb"] and gather["param_mb"] > rows[1]["param_mb"]
+    assert gather["step_ms"] > 0

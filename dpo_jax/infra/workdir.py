@@ -263,7 +263,7 @@ PENDING_RUN_CONFIG = "run_config.pending.json"  # a resume's changed config, unt
 FREE_ON_RESUME = (
     "eval.", "log_every", "checkpoint.", "wandb.", "export_hf", "peak_flops", "mesh.", "logprobs.", "data.buckets",
     "data.packing", "data.share_prompt", "data.pack_length", "data.max_shapes", "model.attention",
-    "model.attention_block", "model.mlp_chunk",
+    "model.attention_block", "model.mlp_chunk", "model.context_attention",
     "reference.cache_dir", "sft.dir", "resume.", "rounds.", "reward", "reward_timeout_s",
 )  # fmt: skip
 # ... except what makes an online run's pairs (rounds.online: every step samples them), and the switch itself

@@ -360,6 +360,59 @@ def ring_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: in
     return out[:, :t]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gather_rows(x, axis):
+    return jax.lax.all_gather(x, axis, axis=1, tiled=True)
+
+
+def _gather_rows_fwd(x, axis):
+    return _gather_rows(x, axis), None
+
+
+def _gather_rows_bwd(axis, _, g):
+    """The gradients summed over the axis in float32 (XLA:CPU fails to compile a bfloat16 reduce-scatter whose sum
+    carries sharding annotations: its promotion pass expects a bare add)."""
+    return (jax.lax.psum_scatter(g.astype(jnp.float32), axis, scatter_dimension=1, tiled=True).astype(g.dtype),)
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def gather_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: int | None, *, mesh,
+                     axis: str = "context", block: int = 512, softcap: float | None = None) -> Array:  # fmt: skip
+    """Self-attention of rows split over ``axis`` by gathering the keys (the all-gather strategy): every device
+    gathers the whole row's keys, values and their ids (one ``all_gather`` each), sorts them by slot (the balanced
+    order's pieces back in the row's order) and runs the blockwise kernel of its queries against them; the
+    backward reduce-scatters their gradients (the gather's transpose). One collective instead of n - 1 ring steps,
+    and each device's work is its queries' (even in the balanced order), for the row's keys and values held on
+    every device during a layer (small with few KV heads). Equal to ``ring_attention``. The gradients are summed in
+    float32 (twice a bfloat16 reduce-scatter's bytes)."""
+    n = mesh.shape[axis]
+    t = q_BxTxKxGxE.shape[1]
+    tp = ring_layout(t, n, block)[1]
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - x.shape[1])] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    rows = jax.sharding.PartitionSpec(None, axis)
+    has_window = window is not None
+    window = jnp.asarray(-1 if window is None else window, jnp.int32)
+
+    def local(q_, k_, v_, qi, ki, w):
+        k_all, v_all = _gather_rows(k_, axis), _gather_rows(v_, axis)
+        ki_all = jax.tree.map(lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True), ki)
+        order = jnp.argsort(ki_all.slot, axis=1)  # [B, S]
+        take = lambda x: x[jnp.arange(x.shape[0])[:, None], order]  # noqa: E731
+        k_all, v_all, ki_all = jax.tree.map(take, (k_all, v_all, ki_all))
+        return blockwise_attention(q_, k_all, v_all, qi, ki_all, w if has_window else None, block=block,
+                                   softcap=softcap)  # fmt: skip
+
+    out = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, rows, rows, jax.sharding.PartitionSpec()),
+                        out_specs=rows, axis_names=frozenset({axis}), check_vma=False)(
+        pad(q_BxTxKxGxE), pad(k_BxSxKxE), pad(v_BxSxKxE), q.pad(tp), k.pad(tp), window)  # fmt: skip
+    return out[:, :t]
+
+
+CONTEXT_STRATEGIES = {"ring": ring_attention, "gather": gather_attention}
+
+
 def _ceil(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -483,11 +536,14 @@ def context_mesh():
 
 
 def attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, *, window: int | None, implementation: str = "auto",
-           block: int = 512, softcap: float | None = None, rows: bool = True) -> Array:  # fmt: skip
+           block: int = 512, softcap: float | None = None, rows: bool = True,
+           context: str = "ring") -> Array:  # fmt: skip
     """[B, T, K, G, E] attention outputs by the implementation ``resolve`` picks; under a mesh with a ``context``
-    axis, whole rows (``rows``: self-attention, no KV cache) by ``ring_attention`` over it."""
+    axis, whole rows (``rows``: self-attention, no KV cache) over it by the ``context`` strategy (``ring`` or
+    ``gather``: ``ring_attention``, ``gather_attention``)."""
     if rows and (mesh := context_mesh()) is not None:
-        return ring_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, mesh=mesh, block=block, softcap=softcap)
+        return CONTEXT_STRATEGIES[context](q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, mesh=mesh, block=block,
+                                           softcap=softcap)  # fmt: skip
     impl = resolve(implementation, q_BxTxKxGxE.shape[1], k_BxSxKxE.shape[1], block)
     if impl == "blockwise":
         return blockwise_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, block=block, softcap=softcap)

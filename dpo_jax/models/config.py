@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from dpo_jax.models import attention
+
 
 @dataclasses.dataclass(frozen=True)
 class Family:
@@ -56,7 +58,8 @@ NORM_LAYOUTS = ("pre", "post", "sandwich")
 ACTIVATIONS = ("silu", "gelu_tanh")
 MOE_IMPLS = ("blocked", "grouped", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION = ("auto", "einsum", "blockwise", "cudnn", "pallas")
+ATTENTION = attention.IMPLEMENTATIONS
+CONTEXT_ATTENTION = tuple(attention.CONTEXT_STRATEGIES)  # over a mesh's context axis
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -123,6 +126,9 @@ class ModelConfig:
     # of attention_block queries and keys (memory linear in the row)
     attention: str = "auto"
     attention_block: int = 512
+    # rows split over a mesh's context axis: ring (key/value chunks passed round) | gather (every device gathers the
+    # row's keys and values)
+    context_attention: str = "ring"
     # the MLP over the row in chunks of this many tokens, each recomputed in the backward (0: the whole row at once):
     # its [T, intermediate] activations bounded by a chunk's (long rows; a tiled MLP)
     mlp_chunk: int = 0
@@ -146,6 +152,8 @@ class ModelConfig:
                 f"attention must be one of {ATTENTION} with attention_block a multiple of 8; got {self.attention!r}, "
                 f"{self.attention_block}"
             )
+        if self.context_attention not in CONTEXT_ATTENTION:
+            raise ValueError(f"context_attention must be one of {CONTEXT_ATTENTION}; got {self.context_attention!r}")
         if self.mlp_chunk < 0:
             raise ValueError(f"mlp_chunk must be >= 0 (0: the whole row); got {self.mlp_chunk}")
         if self.dtype not in ("float32", "bfloat16"):

@@ -241,7 +241,7 @@ class Attention(nnx.Module):
         out_BxTxKxGxE = attention.attend(
             q_BxTxKxGxE, k_BxTxKxE.astype(q_BxTxHxE.dtype), v_BxTxKxE.astype(x_BxTxD.dtype), *ids,
             window=window, implementation=cfg.attention,
-            block=cfg.attention_block, softcap=cfg.attn_softcap, rows=kv is None,
+            block=cfg.attention_block, softcap=cfg.attn_softcap, rows=kv is None, context=cfg.context_attention,
         )  # fmt: skip
         return self.o_proj(out_BxTxKxGxE.reshape(b, t, h * e), keys), new_kv
 

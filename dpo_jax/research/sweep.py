@@ -116,7 +116,8 @@ def _sft_key(cfg) -> str:
         if field == "data.max_row_chars" and not node:
             continue  # added later: a key of the default stays as it was (sweeps resume into the same folder)
         if field == "model" and isinstance(node, dict):  # how attention is computed does not change the stage
-            node = {k: v for k, v in node.items() if k not in ("attention", "attention_block", "mlp_chunk")}
+            how = ("attention", "attention_block", "mlp_chunk", "context_attention")
+            node = {k: v for k, v in node.items() if k not in how}
         values[field] = node
     if cfg.lora.rank:  # a LoRA SFT stage trains adapters (keys of full-parameter runs stay as they were)
         values["lora"] = {k: v for k, v in cfg.lora.to_dict().items() if k != "dropout" or v}  # keys before it

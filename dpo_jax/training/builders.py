@@ -81,6 +81,7 @@ def model_options(cfg) -> dict:
     m = cfg.model
     return dict(dtype=m.dtype, remat=m.remat, scan_layers=m.scan_layers, attention=m.get("attention", "auto"),
                 attention_block=m.get("attention_block", 512), mlp_chunk=m.get("mlp_chunk", 0),
+                context_attention=m.get("context_attention", "ring"),
                 moe_impl=cfg.moe.impl)  # fmt: skip
 
 

@@ -63,6 +63,7 @@ def cache_key(params, model_config, pairs, settings: dict) -> str:
         attention="auto",
         attention_block=512,
         mlp_chunk=0,
+        context_attention="ring",
     )  # how attention and the MLP are computed: same values
     h.update(repr(plain).encode())
     h.update(ids_digest(pairs).encode())

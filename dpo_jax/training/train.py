@@ -145,7 +145,8 @@ def compile_note(model_cfg):
         impl = attention.resolve(model_cfg.attention, row, row, model_cfg.attention_block)
         blocks = f" of {model_cfg.attention_block}-token blocks" if impl == "blockwise" else ""
         if (context := loop.mesh.shape["context"]) > 1:
-            impl, blocks = "ring", f" over context={context} in balanced order, blockwise within each device"
+            impl = "all-gather" if model_cfg.context_attention == "gather" else "ring"
+            blocks = f" over context={context} in balanced order, blockwise within each device"
         loop.console.note(f"[{loop.stage.name}] compiled the step for batch {shape} in {seconds:.1f} s "
                           f"(attention: {impl}{blocks})")  # fmt: skip
 
