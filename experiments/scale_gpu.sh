@@ -18,6 +18,9 @@ cd "$(dirname "$0")"
   contexts=1
   for n in 2 4 8; do if [ "$gpus" -ge "$n" ]; then contexts="$contexts,$n"; fi; done
   if [ "$gpus" -ge 2 ]; then
-    timeout 300 python context_cost.py --model llama-3.2-1b --row 32768 --contexts "$contexts" --time --steps 3
+    for strategy in ring gather; do  # the ring (balanced order) and all-gathering the keys: which is faster here
+      timeout 300 python context_cost.py --model llama-3.2-1b --row 32768 --contexts "$contexts" --time --steps 3 \
+        --strategy "$strategy"
+    done
   fi
 } 2>&1 | tee "$out/scale_gpu.log"
