@@ -216,7 +216,7 @@ def init_params(mc: ModelConfig):
 
 def run(args) -> dict:
     """Timed DPO steps on the devices present (FSDP over all of them); figures of the real tokens."""
-    mc = model_config(args.model, lora_rank=args.lora, remat=args.remat)
+    mc = model_config(args.model, lora_rank=args.lora, remat=args.remat, attention=args.attention)
     devices = jax.devices()
     mesh = sharding.make_mesh(data=1, fsdp=len(devices), devices=devices)
     compiled, batch = step_program(mc, mesh, args.row, args.pairs)
@@ -311,6 +311,7 @@ def main(argv=None):
     r.add_argument("--pairs", type=int, default=8, help="pairs per device per step")
     r.add_argument("--steps", type=int, default=10)
     r.add_argument("--remat", default="full")
+    r.add_argument("--attention", default="auto", help="model.attention: auto | blockwise | splash | einsum | ...")
     r.add_argument("--trl", action="store_true", help="also run TRL's DPOTrainer on the same shapes")
     g = sub.add_parser("longest", help="the longest pair one step trains (doubling rows), and TRL's with --trl")
     g.add_argument("--model", default="llama-3.2-1b", choices=sorted(MODELS))

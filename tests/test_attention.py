@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpo_jax.models import attention
+from dpo_jax.models import attention, kernels
 from dpo_jax.models.attention import Ids
 
 
@@ -152,8 +152,8 @@ def test_a_32k_token_row_compiles_and_runs():
 
 
 PLATFORM = {  # layout -> (window, the kernel's call)
-    "padded": (7, lambda q, k, v, qi, ki: attention.cudnn_attention(q, k, v, qi, ki, 7, implementation="xla")),
-    "packed": (None, lambda q, k, v, qi, ki: attention.pallas_attention(q, k, v, qi, block=16, interpret=True)),
+    "padded": (7, lambda q, k, v, qi, ki: kernels.cudnn_attention(q, k, v, qi, ki, 7, implementation="xla")),
+    "packed": (None, lambda q, k, v, qi, ki: kernels.pallas_attention(q, k, v, qi, block=16, interpret=True)),
 }
 
 

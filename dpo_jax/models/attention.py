@@ -1,5 +1,6 @@
 """Attention over a mask built from token ids: the reference einsum, a blockwise (flash-style) implementation whose
-memory is linear in the row, and the dispatch between them and the platforms' kernels.
+memory is linear in the row, and the ring and all-gather strategies over a context axis (``dpo_jax.models.kernels``
+chooses among them and the platforms' kernels).
 
 Shape letters: B batch, T query tokens, S key slots, K key/value heads, G = H // K query heads per KV head, E head
 width, Q query block, C key block (chunk), NQ / NC blocks of a row.
@@ -27,7 +28,6 @@ import numpy as np
 
 Array = jax.Array
 MASKED = float(np.finfo(np.float32).min)  # the einsum path's additive mask: finite, so padding rows stay finite
-IMPLEMENTATIONS = ("auto", "einsum", "blockwise", "cudnn", "pallas")
 
 
 class Ids(NamedTuple):
@@ -257,7 +257,7 @@ def blockwise_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, windo
 # --- Ring attention (context parallelism) -----------------------------------------------------------------------
 
 
-def _merge(out_a, lse_a, out_b, lse_b):
+def merge(out_a, lse_a, out_b, lse_b):
     """Two partial attentions of the same queries over disjoint keys, as one (the online softmax across chunks).
     ``lse`` is -inf for a query that saw nothing yet; outputs are float32."""
     m = jnp.maximum(lse_a, lse_b)
@@ -283,7 +283,7 @@ def _ring_fwd_local(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap):
     def add(out, lse, chunk):
         k_c, v_c, ids_c = chunk
         o, l_ = row(q, k_c, v_c, q_ids, ids_c)
-        return _merge(out, lse, o.astype(jnp.float32), jnp.where(jnp.isposinf(l_), -jnp.inf, l_))
+        return merge(out, lse, o.astype(jnp.float32), jnp.where(jnp.isposinf(l_), -jnp.inf, l_))
 
     def step(carry, _):
         out, lse, chunk = carry
@@ -484,75 +484,7 @@ def rebalance(x, mesh, *, inverse: bool = False, dim: int = 1, axis: str = "cont
     return jax.random.wrap_key_data(out, impl=impl) if is_key else out
 
 
-# --- Dispatch ---------------------------------------------------------------------------------------------------
-
-
-def resolve(implementation: str, t: int, s: int, block: int) -> str:
-    """The implementation a program uses: ``auto`` is the einsum when the row fits one block (the same work,
-    without the loop) and the blockwise kernel otherwise, on every backend. The platform kernels are chosen by
-    name, where the layout lets them express the mask: ``cudnn`` (rows of one sequence) and ``pallas`` (packed
-    sequences, no shared prompt, no window); neither can express a shared prompt's branches, the default layout."""
-    if implementation != "auto":
-        return implementation
-    return "einsum" if max(t, s) <= block else "blockwise"
-
-
-def cudnn_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: int | None, implementation=None):
-    """Rows of one right-padded sequence through ``jax.nn.dot_product_attention`` (cuDNN on GPU; ``implementation``
-    "xla" runs the same call on any backend, which is how it is tested here)."""
-    b, t, kh, g, e = q_BxTxKxGxE.shape
-    lengths = jnp.sum(k.valid, axis=1).astype(jnp.int32)
-    out = jax.nn.dot_product_attention(
-        q_BxTxKxGxE.reshape(b, t, kh * g, e), k_BxSxKxE, v_BxSxKxE, is_causal=True,
-        query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-        local_window_size=None if window is None else (window - 1, 0), implementation=implementation,
-    )  # fmt: skip
-    return out.reshape(b, t, kh, g, e)
-
-
-def pallas_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, *, block: int = 128, interpret: bool = False):
-    """Packed rows through JAX's Pallas flash attention for GPUs (``jax.experimental.pallas.ops.gpu.attention``:
-    causal, segment ids; Triton on GPU, ``interpret=True`` anywhere, which is how it is tested here). Key/value
-    heads are repeated for their query heads (it takes as many as the queries)."""
-    from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # GPU kernels: imported when chosen
-
-    b, t, kh, g, e = q_BxTxKxGxE.shape
-    tp = _ceil(t, block)
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-    heads = lambda x: pad(jnp.repeat(x, g, axis=2))  # noqa: E731  [B, S, K, E] -> [B, S', K * G, E]
-    segments = pad(jnp.where(q.valid, q.segment if q.segment is not None else 1, 0))
-    blocks = pallas_gpu.BlockSizes(*(min(block, tp),) * 6)
-    out = pallas_gpu.mha(
-        pad(q_BxTxKxGxE.reshape(b, t, kh * g, e)), heads(k_BxSxKxE), heads(v_BxSxKxE), segments,
-        sm_scale=e**-0.5, causal=True, block_sizes=blocks, interpret=interpret,
-    )  # fmt: skip
-    return out[:, :t].reshape(b, t, kh, g, e)
-
-
 def context_mesh():
     """The mesh set around the program (``jax.set_mesh``) when it has a ``context`` axis of more than one device."""
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh.empty or dict(mesh.shape).get("context", 1) == 1 else mesh
-
-
-def attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, *, window: int | None, implementation: str = "auto",
-           block: int = 512, softcap: float | None = None, rows: bool = True,
-           context: str = "ring") -> Array:  # fmt: skip
-    """[B, T, K, G, E] attention outputs by the implementation ``resolve`` picks; under a mesh with a ``context``
-    axis, whole rows (``rows``: self-attention, no KV cache) over it by the ``context`` strategy (``ring`` or
-    ``gather``: ``ring_attention``, ``gather_attention``)."""
-    if rows and (mesh := context_mesh()) is not None:
-        return CONTEXT_STRATEGIES[context](q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, mesh=mesh, block=block,
-                                           softcap=softcap)  # fmt: skip
-    impl = resolve(implementation, q_BxTxKxGxE.shape[1], k_BxSxKxE.shape[1], block)
-    if impl == "blockwise":
-        return blockwise_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, block=block, softcap=softcap)
-    if impl == "cudnn":  # the layout's rows hold one sequence each (checked with the config: data.packing=False)
-        if softcap:
-            raise ValueError("model.attention='cudnn' takes no softcap")
-        return cudnn_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, implementation="cudnn")
-    if impl == "pallas":  # branches are redundant when each sequence is its own segment (data.share_prompt=False)
-        if window is not None or softcap:
-            raise ValueError("model.attention='pallas' takes no sliding window and no softcap")
-        return pallas_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q)
-    return einsum_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, softcap)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from dpo_jax.models import attention
+from dpo_jax.models import attention, kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +58,7 @@ NORM_LAYOUTS = ("pre", "post", "sandwich")
 ACTIVATIONS = ("silu", "gelu_tanh")
 MOE_IMPLS = ("blocked", "grouped", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTENTION = attention.IMPLEMENTATIONS
+ATTENTION = kernels.IMPLEMENTATIONS
 CONTEXT_ATTENTION = tuple(attention.CONTEXT_STRATEGIES)  # over a mesh's context axis
 
 
@@ -122,8 +122,8 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     scan_layers: bool = True  # lax.scan over layers: compile time independent of depth
     remat: str = "none"  # none | full | dots | dots_no_batch
-    # attention (dpo_jax.models.attention): auto | einsum | blockwise | cudnn | pallas; blockwise works in blocks
-    # of attention_block queries and keys (memory linear in the row)
+    # attention (dpo_jax.models.kernels): auto | einsum | blockwise | splash | cudnn | pallas; blockwise and splash
+    # work in blocks of attention_block queries and keys (memory linear in the row)
     attention: str = "auto"
     attention_block: int = 512
     # rows split over a mesh's context axis: ring (key/value chunks passed round) | gather (every device gathers the

@@ -20,7 +20,7 @@ import qwix
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from dpo_jax.models import attention
+from dpo_jax.models import attention, kernels
 from dpo_jax.models.attention import Ids
 from dpo_jax.models.config import LORA_TARGETS, ModelConfig
 from dpo_jax.models.moe import MoE, weight
@@ -238,7 +238,7 @@ class Attention(nnx.Module):
             v_BxTxKxE = jax.lax.dynamic_update_slice_in_dim(cache_v, v_BxTxKxE.astype(cache_v.dtype), index, axis=1)
             new_kv = (k_BxTxKxE, v_BxTxKxE)
         q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
-        out_BxTxKxGxE = attention.attend(
+        out_BxTxKxGxE = kernels.attend(
             q_BxTxKxGxE, k_BxTxKxE.astype(q_BxTxHxE.dtype), v_BxTxKxE.astype(x_BxTxD.dtype), *ids,
             window=window, implementation=cfg.attention,
             block=cfg.attention_block, softcap=cfg.attn_softcap, rows=kv is None, context=cfg.context_attention,

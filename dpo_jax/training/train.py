@@ -30,7 +30,7 @@ from dpo_jax.errors import ConfigError, Notes
 from dpo_jax.infra import sharding, signals, throughput
 from dpo_jax.infra.signals import Preempted, stop_signals
 from dpo_jax.infra.workdir import clean_stale_tmp, ensure_writable
-from dpo_jax.models import ModelConfig, attention, lora
+from dpo_jax.models import ModelConfig, kernels, lora
 from dpo_jax.training import builders, inputs
 from dpo_jax.training.builders import Policy
 from dpo_jax.training.evaluate import FALLING_CHOSEN, Evaluator, falling_chosen
@@ -142,8 +142,13 @@ def compile_note(model_cfg):
     """The console line for each newly compiled step program, with the attention implementation it uses."""
 
     def note(loop: Loop, shape: str, seconds: float, row: int):
-        impl = attention.resolve(model_cfg.attention, row, row, model_cfg.attention_block)
-        blocks = f" of {model_cfg.attention_block}-token blocks" if impl == "blockwise" else ""
+        window = any(w is not None for w in model_cfg.windows)
+        impl = kernels.resolve(model_cfg.attention, row, row, model_cfg.attention_block, window=window)
+        blocks = f" of {model_cfg.attention_block}-token blocks" if impl in ("blockwise", "splash") else ""
+        if why := kernels.fallback(model_cfg.attention, window=window):
+            blocks += f"; {why}"
+        elif impl == "splash" and jax.default_backend() != "tpu":
+            blocks += "; Pallas interpret mode off a TPU: slow, for checks"
         if (context := loop.mesh.shape["context"]) > 1:
             impl = "all-gather" if model_cfg.context_attention == "gather" else "ring"
             blocks = f" over context={context} in balanced order, blockwise within each device"

@@ -1,0 +1,107 @@
+"""Which attention a program runs: the reference einsum and the blockwise kernel (``dpo_jax.models.attention``), the
+ring or all-gather over a context axis, and the platforms' fused kernels — splash on TPU (``dpo_jax.models.splash``;
+every layout), cuDNN and Pallas' GPU flash attention (by name, for the layouts they can express).
+
+``model.attention="auto"`` is splash on a TPU wherever it can serve the call (whole rows, no sliding window), and
+elsewhere the einsum for rows of one block and the blockwise kernel for longer ones. A name asks for that kernel;
+splash asked for where it cannot serve falls back as ``auto`` would, and ``fallback`` says why (the run prints it).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dpo_jax.models import splash
+from dpo_jax.models.attention import (
+    CONTEXT_STRATEGIES,
+    Ids,
+    blockwise_attention,
+    context_mesh,
+    einsum_attention,
+)
+
+Array = jax.Array
+IMPLEMENTATIONS = ("auto", "einsum", "blockwise", "splash", "cudnn", "pallas")
+
+
+def fallback(implementation: str, *, window: bool, rows: bool = True) -> str | None:
+    """Why ``implementation`` cannot serve a call (None: it can)."""
+    if implementation != "splash":
+        return None
+    if window:
+        return "splash cannot serve sliding windows (counted in positions on shared rows)"
+    if not rows:
+        return "splash serves whole rows, not KV-cache decoding"
+    return None
+
+
+def resolve(implementation: str, t: int, s: int, block: int, *, window: bool = False, rows: bool = True,
+            platform: str | None = None) -> str:  # fmt: skip
+    """The implementation a call of ``t`` queries and ``s`` keys uses (``window``: the layer has a sliding window;
+    ``rows``: whole rows, not KV-cache decoding; ``platform``: the backend, by default JAX's)."""
+    if fallback(implementation, window=window, rows=rows):
+        implementation = "auto"
+    if implementation != "auto":
+        return implementation
+    if (platform or jax.default_backend()) == "tpu" and fallback("splash", window=window, rows=rows) is None:
+        return "splash"
+    return "einsum" if max(t, s) <= block else "blockwise"
+
+
+def cudnn_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: int | None, implementation=None):
+    """Rows of one right-padded sequence through ``jax.nn.dot_product_attention`` (cuDNN on GPU; ``implementation``
+    "xla" runs the same call on any backend, which is how it is tested here)."""
+    b, t, kh, g, e = q_BxTxKxGxE.shape
+    lengths = jnp.sum(k.valid, axis=1).astype(jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q_BxTxKxGxE.reshape(b, t, kh * g, e), k_BxSxKxE, v_BxSxKxE, is_causal=True,
+        query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+        local_window_size=None if window is None else (window - 1, 0), implementation=implementation,
+    )  # fmt: skip
+    return out.reshape(b, t, kh, g, e)
+
+
+def pallas_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, *, block: int = 128, interpret: bool = False):
+    """Packed rows through JAX's Pallas flash attention for GPUs (``jax.experimental.pallas.ops.gpu.attention``:
+    causal, segment ids; Triton on GPU, ``interpret=True`` anywhere, which is how it is tested here). Key/value
+    heads are repeated for their query heads (it takes as many as the queries)."""
+    from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # GPU kernels: imported when chosen
+
+    b, t, kh, g, e = q_BxTxKxGxE.shape
+    tp = -(-t // block) * block
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    heads = lambda x: pad(jnp.repeat(x, g, axis=2))  # noqa: E731  [B, S, K, E] -> [B, S', K * G, E]
+    segments = pad(jnp.where(q.valid, q.segment if q.segment is not None else 1, 0))
+    blocks = pallas_gpu.BlockSizes(*(min(block, tp),) * 6)
+    out = pallas_gpu.mha(
+        pad(q_BxTxKxGxE.reshape(b, t, kh * g, e)), heads(k_BxSxKxE), heads(v_BxSxKxE), segments,
+        sm_scale=e**-0.5, causal=True, block_sizes=blocks, interpret=interpret,
+    )  # fmt: skip
+    return out[:, :t].reshape(b, t, kh, g, e)
+
+
+def attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, *, window: int | None, implementation: str = "auto",
+           block: int = 512, softcap: float | None = None, rows: bool = True,
+           context: str = "ring") -> Array:  # fmt: skip
+    """[B, T, K, G, E] attention outputs by the implementation ``resolve`` picks; under a mesh with a ``context``
+    axis, whole rows (``rows``: self-attention, no KV cache) over it by the ``context`` strategy (``ring`` or
+    ``gather``: ``ring_attention``, ``gather_attention``)."""
+    if rows and (mesh := context_mesh()) is not None:
+        return CONTEXT_STRATEGIES[context](q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, mesh=mesh, block=block,
+                                           softcap=softcap)  # fmt: skip
+    impl = resolve(implementation, q_BxTxKxGxE.shape[1], k_BxSxKxE.shape[1], block, window=window is not None,
+                   rows=rows)  # fmt: skip
+    if impl == "blockwise":
+        return blockwise_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, block=block, softcap=softcap)
+    if impl == "splash":
+        return splash.splash_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, block=block, softcap=softcap)
+    if impl == "cudnn":  # the layout's rows hold one sequence each (checked with the config: data.packing=False)
+        if softcap:
+            raise ValueError("model.attention='cudnn' takes no softcap")
+        return cudnn_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, implementation="cudnn")
+    if impl == "pallas":  # branches are redundant when each sequence is its own segment (data.share_prompt=False)
+        if window is not None or softcap:
+            raise ValueError("model.attention='pallas' takes no sliding window and no softcap")
+        return pallas_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q)
+    return einsum_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, softcap)

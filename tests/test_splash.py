@@ -1,0 +1,91 @@
+"""Splash attention (``dpo_jax.models.splash``: JAX's Pallas TPU kernel, in interpret mode on this CPU) for every
+layout, the shared prompt's branches by two passes merged by log-sum-exp; and ``model.attention`` choosing it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import cli, tiny_config
+from safetensors.numpy import load_file
+from test_attention import layout_ids
+
+from dpo_jax.models import attention, kernels, splash
+from dpo_jax.models.attention import Ids
+from dpo_jax.training import train
+from dpo_jax.training.outputs import read_history
+
+CASES = {  # name -> (layout, kv heads, query heads per kv head, softcap)
+    "packed_gqa": ("packed", 1, 4, None),
+    "shared_softcap": ("shared", 2, 2, 5.0),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_splash_equals_the_einsum_in_values_and_gradients(name):
+    """Rows of 300 tokens (three 128-token blocks, padded): packed segments with 4 query heads per KV head (one
+    pass), and shared-prompt branches with soft-capped scores (two passes: a completion's own tokens, its prompt's
+    keys; the backward of each given the merged output and log-sum-exp)."""
+    kind, kh, g, softcap = CASES[name]
+    q_ids, k_ids = layout_ids(kind, t=300)
+    b, t, e = q_ids.slot.shape[0], 300, 8
+    rng = np.random.default_rng(0)
+    q, k, v, w = (jnp.asarray(rng.normal(size=shape) * 2, jnp.float32)
+                  for shape in ((b, t, kh, g, e), (b, t, kh, e), (b, t, kh, e), (b, t, kh, g, e)))  # fmt: skip
+    real = q_ids.valid[:, :, None, None, None]
+    ref = lambda q, k, v: attention.einsum_attention(q, k, v, q_ids, k_ids, None, softcap)  # noqa: E731
+    fused = lambda q, k, v: splash.splash_attention(q, k, v, q_ids, block=128, softcap=softcap)  # noqa: E731
+    want = jnp.where(real, ref(q, k, v), 0)
+    np.testing.assert_allclose(jnp.where(real, jax.jit(fused)(q, k, v), 0), want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())  # fmt: skip
+    loss = lambda fn: lambda *x: jnp.sum(jnp.where(real, fn(*x) * w, 0.0))  # noqa: E731
+    grads = jax.jit(jax.grad(loss(fused), argnums=(0, 1, 2)))(q, k, v)
+    for a, b_ in zip(grads, jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v), strict=True):
+        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5 * np.abs(b_).max())
+
+
+def test_the_passes_ids_by_hand():
+    """A shared row: prompt (3), chosen (2), rejected (2) of segment 1, then padding. Own pass: one id per run,
+    padding 0; prompt pass: completions ask for their prompt's id, which only the prompt's keys hold."""
+    valid = jnp.asarray([[1, 1, 1, 1, 1, 1, 1, 0]], bool)
+    ids = Ids(jnp.arange(8)[None], valid, jnp.asarray([[1, 1, 1, 1, 1, 1, 1, 0]]),
+              jnp.asarray([[0, 0, 0, 1, 1, 2, 2, 0]]))  # fmt: skip
+    (own_q, own_k), (q_prompt, k_prompt) = splash.pass_ids(ids)
+    assert own_q.tolist() == own_k.tolist() == [[256, 256, 256, 257, 257, 258, 258, 0]]
+    assert q_prompt.tolist() == [[-1, -1, -1, 256, 256, 256, 256, -1]]
+    assert k_prompt.tolist() == [[256, 256, 256, -2, -2, -2, -2, -2]]
+    packed = splash.pass_ids(Ids(jnp.arange(4)[None], jnp.asarray([[1, 1, 1, 0]], bool), jnp.asarray([[1, 2, 2, 0]])))
+    assert len(packed) == 1 and packed[0][0].tolist() == [[1, 2, 2, 0]]
+
+
+def test_auto_picks_splash_on_a_tpu_and_falls_back_where_it_cannot_serve():
+    assert kernels.resolve("auto", 4096, 4096, 512, platform="tpu") == "splash"
+    assert kernels.resolve("auto", 4096, 4096, 512, platform="cpu") == "blockwise"
+    assert kernels.resolve("auto", 256, 256, 512, platform="gpu") == "einsum"
+    assert kernels.resolve("auto", 4096, 4096, 512, platform="tpu", window=True) == "blockwise"
+    assert kernels.resolve("splash", 4096, 4096, 512, window=True) == "blockwise"
+    assert kernels.resolve("splash", 64, 4096, 512, rows=False, platform="tpu") == "blockwise"
+    assert kernels.resolve("splash", 4096, 4096, 512, platform="cpu") == "splash"
+    assert "sliding windows" in kernels.fallback("splash", window=True)
+    assert kernels.fallback("splash", window=False) is None and kernels.fallback("blockwise", window=True) is None
+
+
+@pytest.mark.slow
+def test_a_run_by_splash_ends_where_the_einsum_ends(tmp_path):
+    """``dpo-jax train --config.model.attention=splash --config.model.attention_block=128`` on this CPU (interpret
+    mode, said in the compile note) ends where the same job ends in-process by the einsum: SFT, train and eval
+    losses, and the exported weights."""
+    short = ("sft.steps=3", "optim.steps=4", "eval.every=4", "eval.num_prompts=0", "log_every=1")
+    ref = tiny_config(*short, "model.attention=einsum", cache_dir=tmp_path / "cache")
+    train.train(ref, tmp_path / "einsum", devices=jax.devices()[:1])
+    run = cli(tmp_path / "splash", *short, "model.attention=splash", "model.attention_block=128")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "(attention: splash of 128-token blocks; Pallas interpret mode" in run.stdout + run.stderr
+    for key in ("sft/loss", "train/loss", "eval/loss"):
+        want, got = ([r[key] for r in read_history(tmp_path / d / "metrics.jsonl") if key in r]
+                     for d in ("einsum", "splash"))  # fmt: skip
+        assert len(got) == len(want) > 0, key
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=key)
+    a, b = (load_file(tmp_path / d / "hf/model.safetensors") for d in ("einsum", "splash"))
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=2e-6, err_msg=key)
