@@ -60,6 +60,9 @@ def test_context_sizes_that_do_not_fit_are_refused_in_one_line():
     per_member = r"config\.mesh\.context: expected a divisor of the 4 devices per member group \(2\), got 3"
     with pytest.raises(ConfigError, match=per_member):
         validate(tiny_config("mesh.context=3", "mesh.member=2"), num_devices=8, members=2)
+    strategy = r"config\.model\.context_attention: expected ring \| gather, got 'allgather'"
+    with pytest.raises(ConfigError, match=strategy):
+        validate(tiny_config('model.context_attention="allgather"'), num_devices=8)
 
 
 @pytest.mark.parametrize("strategy", ["ring", "gather"])
