@@ -53,6 +53,30 @@ def test_splash_equals_the_einsum_in_values_and_gradients(name):
         np.testing.assert_allclose(a, b_, rtol=tol, atol=tol * np.abs(b_).max())
 
 
+@pytest.mark.slow
+def test_a_model_scores_packed_shared_pairs_alike_by_splash(tmp_path):
+    """Per-pair log-probs and their gradients through a whole Gemma-3-shaped model without its windows (GQA, a query
+    scale of its own, soft-capped scores and logits), pairs packed with the prompt shared: splash equals the einsum."""
+    from conftest import make_hf_model
+    from flax import nnx
+    from test_packing import LAYOUTS, assert_grads_close, layout_logps, make_pairs
+
+    from dpo_jax.infra import hf
+
+    model = make_hf_model("gemma3", scale=0.1)
+    model.config.layer_types = ["full_attention"] * model.config.num_hidden_layers
+    model.config.sliding_window = None
+    model.save_pretrained(tmp_path)
+    pairs = make_pairs(12, seed=3)
+    results = []
+    for impl in ("einsum", "splash"):
+        graphdef, params = nnx.split(hf.load_pretrained(tmp_path, attention=impl, attention_block=128)[0])
+        assert all(w is None for w in nnx.merge(graphdef, params).config.windows)
+        results.append(layout_logps(graphdef, params, pairs, LAYOUTS["packed_shared"], 6))
+    np.testing.assert_allclose(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    assert_grads_close(results[1][1], results[0][1])
+
+
 def test_the_passes_ids_by_hand():
     """A shared row: prompt (3), chosen (2), rejected (2) of segment 1, then padding. Own pass: one id per run,
     padding 0; prompt pass: completions ask for their prompt's id, which only the prompt's keys hold."""
