@@ -99,6 +99,16 @@ def test_key_blocks_nobody_sees_are_skipped():
     pad = Ids(jnp.arange(t), jnp.arange(t) < 20)  # right padding: blocks of padding queries read nothing
     lo, hi = attention._bounds(pad, pad, 8, 8, 8, 8)
     assert hi.tolist() == [0, 1, 2, -1, -1, -1, -1, -1]
+    # a window of 10: query block i (slots 8i .. 8i+7) reads key block j only if 8j + 7 > 8i - 10
+    one = Ids(jnp.arange(t), jnp.ones(t, bool))
+    lo, hi = attention._bounds(one, one, 8, 8, 8, 8, window=10)
+    assert lo.tolist() == [0, 0, 0, 1, 2, 3, 4, 5] and hi.tolist() == list(range(8))
+    # positions, when given, are what the window counts: a shared row's rejected branch (slots 40-63) restarts at
+    # position 24, the prompt's end, so its first block (nearest position 24) reads the prompt's last blocks
+    position = jnp.concatenate([jnp.arange(40), jnp.arange(24, 48)])
+    shared = Ids(jnp.arange(t), jnp.ones(t, bool), position=position)
+    lo, hi = attention._bounds(shared, shared, 8, 8, 8, 8, window=10)
+    assert lo.tolist()[5:] == [1, 2, 3] and hi.tolist()[5:] == [5, 6, 7]
 
 
 @pytest.mark.slow

@@ -13,8 +13,9 @@ a completion sees the prompt and itself), and, with a sliding window, the key is
 
 ``blockwise`` is a ``jax.custom_vjp``: the forward keeps the output and the log-sum-exp of every query (O(T));
 the backward recomputes each block's probabilities. Key blocks that no query of a block can see (after its last
-query: causal; before the start of its earliest segment; padding) are skipped, in the forward and backward, from
-the blocks' slot ranges (so rows in the ring's balanced order, whose slots have a gap, are skipped alike).
+query: causal; before the start of its earliest segment; padding; beyond a sliding window) are skipped, in the
+forward and backward, from the blocks' slot (and position) ranges (so rows in the ring's balanced order, whose
+slots have a gap, are skipped alike).
 """
 
 from __future__ import annotations
@@ -95,12 +96,14 @@ def _block_mask(q: Ids, k: Ids, window) -> Array:
     return allowed(Ids(*map(add, q)), Ids(*map(add, k)), window)[0]
 
 
-def _needs(q: Ids, k: Ids, qb: int, kb: int, nq: int, nk: int) -> Array:
+def _needs(q: Ids, k: Ids, qb: int, kb: int, nq: int, nk: int, window=None) -> Array:
     """[NQ, NC]: which key blocks a query block may see, from slot ranges: a key block is needed when its earliest
     real key is not after the block's latest real query (causal) and its latest real key is not before the
-    earliest key any of its queries may see (their segments' starts). Slots need not be contiguous (a ring's
-    balanced chunks hold two pieces of the row): a segment's start is known where its id changes between adjacent
-    slots; after a gap in the slots (or at the chunk's start) it is not, and 0 stands in for it."""
+    earliest key any of its queries may see (their segments' starts); with a window, when its furthest real key
+    (in positions, as the mask counts them) is within the window of the block's nearest real query. Slots need not
+    be contiguous (a ring's balanced chunks hold two pieces of the row): a segment's start is known where its id
+    changes between adjacent slots; after a gap in the slots (or at the chunk's start) it is not, and 0 stands in
+    for it."""
     t = jnp.arange(q.slot.shape[0])
     contiguous = jnp.concatenate([jnp.zeros(1, bool), q.slot[1:] == q.slot[:-1] + 1])
     starts = jnp.zeros_like(contiguous)
@@ -113,13 +116,20 @@ def _needs(q: Ids, k: Ids, qb: int, kb: int, nq: int, nk: int) -> Array:
     hi_q = jnp.where(q.valid, q.slot, -1).reshape(nq, qb).max(axis=1)
     lo_k = jnp.where(k.valid, k.slot, big).reshape(nk, kb).min(axis=1)
     hi_k = jnp.where(k.valid, k.slot, -1).reshape(nk, kb).max(axis=1)
-    return (lo_k[None] <= hi_q[:, None]) & (hi_k[None] >= lo_q[:, None])
+    needs = (lo_k[None] <= hi_q[:, None]) & (hi_k[None] >= lo_q[:, None])
+    if window is not None:
+        by_position = q.position is not None and k.position is not None
+        q_at, k_at = (q.position, k.position) if by_position else (q.slot, k.slot)
+        nearest_q = jnp.where(q.valid, q_at, big).reshape(nq, qb).min(axis=1)
+        furthest_k = jnp.where(k.valid, k_at, -1).reshape(nk, kb).max(axis=1)
+        needs &= furthest_k[None] > nearest_q[:, None] - window
+    return needs
 
 
-def _bounds(q: Ids, k: Ids, qb: int, kb: int, nq: int, nk: int) -> tuple[Array, Array]:
+def _bounds(q: Ids, k: Ids, qb: int, kb: int, nq: int, nk: int, window=None) -> tuple[Array, Array]:
     """[NQ] first and last key block each query block reads (last < first: none); blocks between that ``_needs``
     rules out are read and masked (with contiguous slots there are none)."""
-    needs = _needs(q, k, qb, kb, nq, nk)
+    needs = _needs(q, k, qb, kb, nq, nk, window)
     seen = needs.any(axis=1)
     lo = jnp.where(seen, jnp.argmax(needs, axis=1), 0)
     hi = jnp.where(seen, nk - 1 - jnp.argmax(needs[:, ::-1], axis=1), -1)
@@ -141,7 +151,7 @@ def _fwd_row(q_TxKxGxE, k_SxKxE, v_SxKxE, q: Ids, k: Ids, window, qb, kb, softca
     t, kh, g, e = q_TxKxGxE.shape
     nq, nk = t // qb, k_SxKxE.shape[0] // kb
     scale = e**-0.5
-    lo, hi = _bounds(q, k, qb, kb, nq, nk)
+    lo, hi = _bounds(q, k, qb, kb, nq, nk, window)
     dtype = q_TxKxGxE.dtype
 
     def one_query_block(i):
@@ -177,7 +187,7 @@ def _bwd_row(q_TxKxGxE, k_SxKxE, v_SxKxE, q: Ids, k: Ids, out, lse, dout, window
     s_len = k_SxKxE.shape[0]
     nq, nk = t // qb, s_len // kb
     scale = e**-0.5
-    needs = _needs(q, k, qb, kb, nq, nk)  # [NQ, NC]
+    needs = _needs(q, k, qb, kb, nq, nk, window)  # [NQ, NC]
     any_q = needs.any(axis=0)
     first_q = jnp.where(any_q, jnp.argmax(needs, axis=0), 0)
     last_q = jnp.where(any_q, nq - 1 - jnp.argmax(needs[::-1], axis=0), -1)
