@@ -2,6 +2,8 @@
 8 test devices give the reference einsum's values and gradients on every layout the model makes (padding, packed
 segments, shared-prompt branches, windows, soft-capping, GQA), at rows many blocks long on every device."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -102,30 +104,66 @@ def test_rebalance_moves_each_piece_to_its_device_and_back(n):
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
-def test_the_balanced_order_evens_the_ring_steps(n):
-    """One causal sequence of 2n pieces of m = 3 blocks. In contiguous chunks (2m blocks a device) device d at step s
-    holds device (d - s)'s keys: all (2m)^2 block pairs when they come before its own, none after, 2m(2m+1)/2 of its
-    own; the busiest device does 4m^2 at every step after the first. In the balanced order every device does
-    m(m+1)/2 + m^2 + m(m+1)/2 on its own keys and 2m^2 at every later step (half as much)."""
+def test_the_balanced_order_evens_the_ring_rounds(n):
+    """One causal sequence of 2n pieces of m = 3 blocks, on the two-way ring (round r: the chunks of devices d - r
+    and d + r, one chunk when 2r = n). In contiguous chunks (2m blocks a device) a chunk before device d's costs it
+    all (2m)^2 block pairs, one after it none, its own 2m(2m+1)/2; the busiest device does 8m^2 a round (4m^2 in a
+    round of one chunk). In the balanced order every other chunk costs every device 2m^2 (its late piece sees the
+    chunk's early piece; its early piece sees the chunk's early piece when that comes first, else its late piece
+    sees the chunk's late piece too), its own m(m+1)/2 + m^2 + m(m+1)/2: half as much a round."""
     m, blk = 3, 8
     t = 2 * n * m * blk
     row = lambda slot: Ids(jnp.asarray(slot, jnp.int32), jnp.ones(t, bool), jnp.ones(t, jnp.int32))  # noqa: E731
     contiguous = attention.ring_blocks(row(np.arange(t)), n, blk)
     balanced = attention.ring_blocks(row(attention.balanced_order(t, n)), n, blk)
     for d in range(n):
-        for s in range(n):
-            c = (d - s) % n
-            assert contiguous[d, s] == (4 * m * m if c < d else 2 * m * (2 * m + 1) // 2 if c == d else 0)
-            assert balanced[d, s] == (m * (m + 1) + m * m if s == 0 else 2 * m * m)
+        assert contiguous[d, 0] == 2 * m * (2 * m + 1) // 2 and balanced[d, 0] == m * (m + 1) + m * m
+        for r in range(1, n // 2 + 1):
+            chunks = [(d - r) % n] + ([(d + r) % n] if 2 * r != n else [])
+            assert contiguous[d, r] == sum(4 * m * m for c in chunks if c < d), (d, r)
+            assert balanced[d, r] == 2 * m * m * len(chunks), (d, r)
     assert contiguous.sum() == balanced.sum()  # the same work, spread evenly
-    assert contiguous.max(axis=0)[1:].tolist() == [4 * m * m] * (n - 1)
+    busiest = [8 * m * m if 2 * r != n else 4 * m * m for r in range(1, n // 2 + 1)]
+    assert contiguous.max(axis=0)[1:].tolist() == busiest
+    assert balanced.max(axis=0)[1:].tolist() == [b // 2 for b in busiest]
+
+
+def _rounds_for(ids, n, window=None, block=8):
+    """``attention._rounds`` on a row (repeated for a batch of 2) split over a context axis of n."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:n]), ("context",))
+    rows = Ids(*(None if x is None else jnp.stack([x, x]) for x in ids))
+    fn = jax.shard_map(lambda q: attention._rounds(q, q, window, "context", n, block)[None], mesh=mesh,
+                       in_specs=P(None, "context"), out_specs=P("context"), axis_names=frozenset({"context"}),
+                       check_vma=False)  # fmt: skip
+    out = jax.jit(fn)(rows)
+    assert len(set(out.tolist())) == 1  # the same count on every device
+    return int(out[0])
+
+
+def test_the_two_way_ring_stops_after_the_rounds_the_ids_need():
+    """Rows of 16 pieces of 8 tokens in balanced order over 8 devices (device i: pieces i and 15 - i). One causal
+    sequence needs every chunk: 4 rounds (n / 2). A window of 8 needs only the piece before each: devices i - 1
+    (before piece i) and i + 1 (before piece 15 - i): 1 round. Segments of 16 tokens (pieces 2j and 2j + 1): the
+    odd pieces need the piece before them, one device away either way: 1 round. Segments of one piece: none."""
+    n, t = 8, 128
+    order = attention.balanced_order(t, n)
+    piece = order // 8
+    valid = jnp.ones(t, bool)
+    causal = Ids(jnp.asarray(order), valid, jnp.ones(t, jnp.int32))
+    assert _rounds_for(causal, n) == 4
+    assert _rounds_for(causal._replace(position=jnp.asarray(order)), n, window=jnp.int32(8)) == 1
+    assert _rounds_for(Ids(jnp.asarray(order), valid, jnp.asarray(piece // 2 + 1)), n) == 1
+    assert _rounds_for(Ids(jnp.asarray(order), valid, jnp.asarray(piece + 1)), n) == 0
 
 
 @pytest.mark.parametrize("strategy", ["ring", "gather"])
 def test_ring_attention_splits_the_rows_over_the_context_axis(strategy):
     """Each device holds 1/n of every row: the output keeps the inputs' split, and the compiled program passes the
-    key/value chunks between devices (collective-permute) instead of gathering the row — or, by the all-gather
-    strategy, gathers the keys and values and, in the backward, reduce-scatters their gradients."""
+    key/value chunks between devices (collective-permute) instead of gathering the row (what it gathers is the
+    blocks' int32 summaries the ring's round count is read from) — or, by the all-gather strategy, gathers the keys
+    and values and, in the backward, reduce-scatters their gradients."""
     q_ids, k_ids = layout_ids("shared", t=64)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]), ("context",))
     rng = np.random.default_rng(2)
@@ -138,8 +176,9 @@ def test_ring_attention_splits_the_rows_over_the_context_axis(strategy):
     out = fn(q, k, v)
     assert out.sharding.spec[1] == "context"
     hlo = fn.lower(q, k, v).compile().as_text()
+    gathered = re.findall(r"= (\w+)\[[\d,]*\][^ ]* all-gather", hlo)
     if strategy == "ring":
-        assert "collective-permute" in hlo and "all-gather" not in hlo
+        assert "collective-permute" in hlo and gathered and set(gathered) == {"s32"}
     else:
         grad = jax.jit(jax.grad(lambda k: jnp.sum(fn(q, k, v) ** 2))).lower(k).compile().as_text()
         assert "all-gather" in hlo and "collective-permute" not in hlo and "reduce-scatter" in grad

@@ -96,6 +96,58 @@ def _block_mask(q: Ids, k: Ids, window) -> Array:
     return allowed(Ids(*map(add, q)), Ids(*map(add, k)), window)[0]
 
 
+_BIG = int(np.iinfo(np.int32).max)
+
+
+def _query_blocks(q: Ids, qb: int, nq: int, window) -> tuple[Array, Array, Array]:
+    """[NQ] per query block of one row: the earliest key slot any real query may see (its segment's start), the
+    latest real query's slot, (with a window) the nearest real query's position, and the range of its segment ids."""
+    t = jnp.arange(q.slot.shape[0])
+    contiguous = jnp.concatenate([jnp.zeros(1, bool), q.slot[1:] == q.slot[:-1] + 1])
+    starts = jnp.zeros_like(contiguous)
+    if q.segment is not None:
+        starts = contiguous & jnp.concatenate([jnp.zeros(1, bool), q.segment[1:] != q.segment[:-1]])
+    run = jax.lax.cummax(jnp.where(starts | ~contiguous, t, 0))  # each token's last segment start or gap
+    earliest = jnp.where(starts, q.slot, 0)[run]
+    lo = jnp.where(q.valid, earliest, _BIG).reshape(nq, qb).min(axis=1)
+    hi = jnp.where(q.valid, q.slot, -1).reshape(nq, qb).max(axis=1)
+    at = q.slot if q.position is None else q.position
+    near = None if window is None else jnp.where(q.valid, at, _BIG).reshape(nq, qb).min(axis=1)
+    return lo, hi, near, *_segment_range(q, qb, nq)
+
+
+def _segment_range(ids: Ids, b: int, n: int):
+    """[N] the least and greatest segment id of each block's real tokens (None without segments)."""
+    if ids.segment is None:
+        return None, None
+    return (jnp.where(ids.valid, ids.segment, _BIG).reshape(n, b).min(axis=1),
+            jnp.where(ids.valid, ids.segment, -1).reshape(n, b).max(axis=1))  # fmt: skip
+
+
+def _key_blocks(k: Ids, kb: int, nk: int, window) -> tuple[Array, Array, Array]:
+    """[NC] per key block of one row: its earliest and latest real key's slot, (with a window) the furthest real
+    key's position, and the range of its segment ids."""
+    lo = jnp.where(k.valid, k.slot, _BIG).reshape(nk, kb).min(axis=1)
+    hi = jnp.where(k.valid, k.slot, -1).reshape(nk, kb).max(axis=1)
+    at = k.slot if k.position is None else k.position
+    far = None if window is None else jnp.where(k.valid, at, -1).reshape(nk, kb).max(axis=1)
+    return lo, hi, far, *_segment_range(k, kb, nk)
+
+
+def _meets(query_blocks, key_blocks, window) -> Array:
+    """[..., NQ, NC] which key blocks a query block may see, from the two blocks' summaries: slot ranges (causal,
+    segment starts), positions (a window), and segment-id ranges (a key block none of whose ids a query block holds:
+    the segment start bound fails where a chunk begins inside a segment)."""
+    lo_q, hi_q, near_q, seg_lo_q, seg_hi_q = query_blocks
+    lo_k, hi_k, far_k, seg_lo_k, seg_hi_k = key_blocks
+    needs = (lo_k[..., None, :] <= hi_q[..., :, None]) & (hi_k[..., None, :] >= lo_q[..., :, None])
+    if window is not None:
+        needs &= far_k[..., None, :] > near_q[..., :, None] - window
+    if seg_lo_q is not None and seg_lo_k is not None:
+        needs &= (seg_lo_k[..., None, :] <= seg_hi_q[..., :, None]) & (seg_hi_k[..., None, :] >= seg_lo_q[..., :, None])
+    return needs
+
+
 def _needs(q: Ids, k: Ids, qb: int, kb: int, nq: int, nk: int, window=None) -> Array:
     """[NQ, NC]: which key blocks a query block may see, from slot ranges: a key block is needed when its earliest
     real key is not after the block's latest real query (causal) and its latest real key is not before the
@@ -104,26 +156,9 @@ def _needs(q: Ids, k: Ids, qb: int, kb: int, nq: int, nk: int, window=None) -> A
     be contiguous (a ring's balanced chunks hold two pieces of the row): a segment's start is known where its id
     changes between adjacent slots; after a gap in the slots (or at the chunk's start) it is not, and 0 stands in
     for it."""
-    t = jnp.arange(q.slot.shape[0])
-    contiguous = jnp.concatenate([jnp.zeros(1, bool), q.slot[1:] == q.slot[:-1] + 1])
-    starts = jnp.zeros_like(contiguous)
-    if q.segment is not None:
-        starts = contiguous & jnp.concatenate([jnp.zeros(1, bool), q.segment[1:] != q.segment[:-1]])
-    run = jax.lax.cummax(jnp.where(starts | ~contiguous, t, 0))  # each token's last segment start or gap
-    earliest = jnp.where(starts, q.slot, 0)[run]
-    big = jnp.iinfo(jnp.int32).max
-    lo_q = jnp.where(q.valid, earliest, big).reshape(nq, qb).min(axis=1)
-    hi_q = jnp.where(q.valid, q.slot, -1).reshape(nq, qb).max(axis=1)
-    lo_k = jnp.where(k.valid, k.slot, big).reshape(nk, kb).min(axis=1)
-    hi_k = jnp.where(k.valid, k.slot, -1).reshape(nk, kb).max(axis=1)
-    needs = (lo_k[None] <= hi_q[:, None]) & (hi_k[None] >= lo_q[:, None])
-    if window is not None:
-        by_position = q.position is not None and k.position is not None
-        q_at, k_at = (q.position, k.position) if by_position else (q.slot, k.slot)
-        nearest_q = jnp.where(q.valid, q_at, big).reshape(nq, qb).min(axis=1)
-        furthest_k = jnp.where(k.valid, k_at, -1).reshape(nk, kb).max(axis=1)
-        needs &= furthest_k[None] > nearest_q[:, None] - window
-    return needs
+    if window is not None and (q.position is None) != (k.position is None):  # the mask counts slots then
+        q, k = q._replace(position=None), k._replace(position=None)
+    return _meets(_query_blocks(q, qb, nq, window), _key_blocks(k, kb, nk, window), window)
 
 
 def _bounds(q: Ids, k: Ids, qb: int, kb: int, nq: int, nk: int, window=None) -> tuple[Array, Array]:
@@ -278,30 +313,58 @@ def merge(out_a, lse_a, out_b, lse_b):
     return out, jnp.where(total > 0, shift + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
 
 
-def _ring_steps(axis: str, n: int):
-    """The ring's shift: every device sends what it holds to the next."""
-    perm = [(i, (i + 1) % n) for i in range(n)]
+def _shift(axis: str, n: int, by: int):
+    """Every device sends what it holds ``by`` places along the ring (negative: the other way)."""
+    perm = [(i, (i + by) % n) for i in range(n)]
     return lambda tree: jax.tree.map(lambda x: jax.lax.ppermute(x, axis, perm), tree)
 
 
+def _rounds(q_ids: Ids, k_ids: Ids, window, axis: str, n: int, blk: int) -> Array:
+    """How many rounds of the two-way ring bring every chunk a query of any device may see: the furthest such chunk,
+    counted the shorter way round (at most n // 2), the most over the devices (one count for all: ``pmax``). From
+    the blocks' slot (and, with a window, position) ranges: every device's key blocks are gathered (a few int32 per
+    block)."""
+    b, t = q_ids.slot.shape
+    nb = t // blk
+    queries = jax.vmap(lambda q: _query_blocks(q, blk, nb, window))(q_ids)  # [B, NB] each
+    keys = jax.vmap(lambda k: _key_blocks(k, blk, nb, window))(k_ids)
+    every = jax.tree.map(lambda x: jax.lax.all_gather(x, axis), keys)  # [n, B, NB] each
+    sees = jax.vmap(lambda kb: _meets(queries, kb, window).any())(every)  # [n]: a chunk some query here may see
+    d = jax.lax.axis_index(axis)
+    c = jnp.arange(n)
+    away = jnp.minimum((d - c) % n, (c - d) % n)
+    return jax.lax.pmax(jnp.max(jnp.where(sees, away, 0)), axis)
+
+
 def _ring_fwd_local(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap):
-    """This device's queries against every device's keys, the key/value chunks passed round the ring: output
+    """This device's queries against every chunk they may see, passed round the ring both ways (round r brings the
+    chunks of devices i - r and i + r; at r = n / 2 they are one), for as many rounds as ``_rounds`` says: output
     [B, T, K, G, E] and log-sum-exp [B, T, K, G] (+inf: a query that sees nothing, as ``_fwd_row``)."""
     row = jax.vmap(functools.partial(_fwd_row, window=window, qb=qb, kb=kb, softcap=softcap))
-    shift = _ring_steps(axis, n)
+    ahead, back = _shift(axis, n, 1), _shift(axis, n, -1)
 
     def add(out, lse, chunk):
         k_c, v_c, ids_c = chunk
         o, l_ = row(q, k_c, v_c, q_ids, ids_c)
         return merge(out, lse, o.astype(jnp.float32), jnp.where(jnp.isposinf(l_), -jnp.inf, l_))
 
-    def step(carry, _):
-        out, lse, chunk = carry
-        return (*add(out, lse, chunk), shift(chunk)), None
+    def one_round(r, carry):
+        out, lse, ahead_chunk, back_chunk = carry
+        ahead_chunk = ahead(ahead_chunk)
+        out, lse = add(out, lse, ahead_chunk)
 
-    init = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], -jnp.inf), (k, v, k_ids))
-    (out, lse, chunk), _ = jax.lax.scan(step, init, None, length=n - 1)
-    out, lse = add(out, lse, chunk)  # the last chunk is not passed on: no device needs it again
+        def other_way(args):
+            out, lse, chunk = args
+            chunk = back(chunk)
+            return (*add(out, lse, chunk), chunk)
+
+        out, lse, back_chunk = jax.lax.cond(2 * r != n, other_way, lambda a: a, (out, lse, back_chunk))
+        return out, lse, ahead_chunk, back_chunk
+
+    own = (k, v, k_ids)
+    out, lse = add(jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], -jnp.inf), own)
+    rounds = _rounds(q_ids, k_ids, window, axis, n, kb)
+    out, lse, _, _ = jax.lax.fori_loop(1, rounds + 1, one_round, (out, lse, own, own))
     return out.astype(q.dtype), jnp.where(jnp.isneginf(lse), jnp.inf, lse)
 
 
@@ -316,28 +379,43 @@ def _ring_fwd(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap):
 
 
 def _ring_bwd(axis, n, qb, kb, softcap, residuals, dout):
-    """The key/value chunks go round the ring again, each with its gradient accumulating beside it; after n shifts
-    every chunk and its gradient are back on the device that holds them. Each chunk's block probabilities are
-    recomputed from the whole row's log-sum-exp (nothing of the forward's blocks is kept). Each pass sends a chunk
-    n - 1 times (the last holder is the last to need it); the gradients take the n-th step home."""
+    """The chunks go round again, the same rounds both ways, each with its key/value gradients accumulating beside
+    it; each chunk's block probabilities are recomputed from the whole row's log-sum-exp (nothing of the forward's
+    blocks is kept). Then the gradients go home in one shift each way (as far as their chunks went)."""
     q, k, v, q_ids, k_ids, window, out, lse = residuals
     row = jax.vmap(functools.partial(_bwd_row, window=window, qb=qb, kb=kb, softcap=softcap))
-    shift = _ring_steps(axis, n)
+    ahead, back = _shift(axis, n, 1), _shift(axis, n, -1)
 
-    def add(dq, chunk, dk, dv):
+    def add(dq, chunk, grads):
         k_c, v_c, ids_c = chunk
         dq_c, dk_c, dv_c = row(q, k_c, v_c, q_ids, ids_c, out, lse, dout)
-        return dq + dq_c, dk + dk_c, dv + dv_c
+        return dq + dq_c, (grads[0] + dk_c, grads[1] + dv_c)
 
-    def step(carry, _):
-        dq, chunk, dk, dv = carry
-        dq, dk, dv = add(dq, chunk, dk, dv)
-        return (dq, *shift((chunk, dk, dv))), None
+    def one_round(r, carry):
+        dq, ahead_chunk, ahead_grads, back_chunk, back_grads = carry
+        ahead_chunk, ahead_grads = ahead((ahead_chunk, ahead_grads))
+        dq, ahead_grads = add(dq, ahead_chunk, ahead_grads)
+
+        def other_way(args):
+            dq, chunk, grads = args
+            chunk, grads = back((chunk, grads))
+            dq, grads = add(dq, chunk, grads)
+            return dq, chunk, grads
+
+        dq, back_chunk, back_grads = jax.lax.cond(2 * r != n, other_way, lambda a: a, (dq, back_chunk, back_grads))
+        return dq, ahead_chunk, ahead_grads, back_chunk, back_grads
 
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
-    (dq, chunk, dk, dv), _ = jax.lax.scan(step, (zeros(q), (k, v, k_ids), zeros(k), zeros(v)), None, length=n - 1)
-    dq, dk, dv = add(dq, chunk, dk, dv)
-    dk, dv = shift((dk, dv))  # the last shift brings the gradients home; the chunk itself is not sent again
+    own = (k, v, k_ids)
+    dq, (dk, dv) = add(zeros(q), own, (zeros(k), zeros(v)))
+    rounds = _rounds(q_ids, k_ids, window, axis, n, kb)
+    nothing = (zeros(k), zeros(v))
+    dq, _, ahead_grads, _, back_grads = jax.lax.fori_loop(1, rounds + 1, one_round, (dq, own, nothing, own, nothing))
+    back_rounds = rounds - (2 * rounds == n)  # the last round's other way was not taken
+    home = lambda by: [lambda g: g] + [_shift(axis, n, by * s) for s in range(1, n // 2 + 1)]  # noqa: E731
+    ahead_grads = jax.lax.switch(rounds, home(-1), ahead_grads)
+    back_grads = jax.lax.switch(back_rounds, home(1), back_grads)
+    dk, dv = dk + ahead_grads[0] + back_grads[0], dv + ahead_grads[1] + back_grads[1]
     no_grad = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (q_ids, k_ids, window))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad
 
@@ -451,19 +529,26 @@ def balanced_order(t: int, n: int) -> np.ndarray:
 
 
 def ring_blocks(ids: Ids, n: int, block: int) -> np.ndarray:
-    """[n devices, n ring steps] the (query block, key block) pairs each device computes at each step of the ring's
-    forward, for one row's ids (no batch axis; slots in the order the devices hold them, ``ring_layout``'s length).
-    A step lasts as long as its busiest device: the load balance is the row's maxima against its means."""
+    """[n devices, n // 2 + 1 rounds] the (query block, key block) pairs each device computes in each round of the
+    two-way ring's forward (round 0: its own chunk; round r: the chunks of devices i - r and i + r, one chunk when
+    they are the same), for one row's ids (no batch axis; slots in the order the devices hold them,
+    ``ring_layout``'s length). A round lasts as long as its busiest device: the load balance is the row's maxima
+    against its means."""
     blk, tp = ring_layout(ids.slot.shape[0], n, block)
     if tp != ids.slot.shape[0]:
         raise ValueError(f"ring_blocks: a row of {ids.slot.shape[0]} tokens; the ring over {n} holds {tp}")
     chunk = lambda d: _block_ids(ids, d * (tp // n), tp // n)  # noqa: E731
     per = tp // n // blk
-    out = np.zeros((n, n), np.int64)
+
+    def work(d, c):
+        lo, hi = _bounds(chunk(d), chunk(c % n), blk, blk, per, per)
+        return int(jnp.sum(jnp.maximum(hi - lo + 1, 0)))
+
+    out = np.zeros((n, n // 2 + 1), np.int64)
     for d in range(n):
-        for step in range(n):
-            lo, hi = _bounds(chunk(d), chunk((d - step) % n), blk, blk, per, per)
-            out[d, step] = int(jnp.sum(jnp.maximum(hi - lo + 1, 0)))
+        out[d, 0] = work(d, d)
+        for r in range(1, n // 2 + 1):
+            out[d, r] = work(d, d - r) + (work(d, d + r) if 2 * r != n else 0)
     return out
 
 
