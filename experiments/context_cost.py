@@ -6,8 +6,9 @@ and its program read:
 
 - **ring bytes**: the key/value chunks (and, in the backward, their gradients) the ring attention passes to the next
   device: every ``collective-permute`` of the compiled per-device program, times how often it runs (the trip
-  counts of the loops around it: the ring's N shifts inside the layer scan);
-- **the load balance**: the ring's critical path (each ring step's busiest device, in block pairs of one pair's row,
+  counts of the loops around it: the ring's rounds — N / 2, all of them, as the causal pair needs — inside the
+  layer scan; a conditional's costliest branch);
+- **the load balance**: the ring's critical path (each ring round's busiest device, in block pairs of one pair's row,
   summed over the steps) for contiguous chunks against the balanced order the decoder runs (``ring_blocks``); the
   ring bytes include the order's exchange (half a chunk of the hidden state, each way, once a pass);
 - with ``--strategy gather`` (``model.context_attention="gather"``) the keys and values are all-gathered instead
@@ -37,6 +38,7 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
@@ -63,11 +65,13 @@ def _shape_bytes(text: str) -> int:
                for t, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text))  # fmt: skip
 
 
-def collective_bytes(hlo: str) -> dict[str, float]:
+def collective_bytes(hlo: str, unknown_trips: float = 1.0) -> dict[str, float]:
     """Bytes each device sends per run of the program, by collective kind: each collective's result size times how
-    often its computation runs (``known_trip_count`` of the ``while`` loops that call it, through calls)."""
+    often it runs — the ``known_trip_count`` of the ``while`` loops around it (``unknown_trips`` for a loop of traced
+    length: the ring's rounds), through calls; a conditional counts its costliest branch (an upper bound: the
+    ring's other-way send is counted in the round where both ways bring one chunk too)."""
     comps: dict[str, list[str]] = {}
-    name = None
+    name = entry = None
     for line in hlo.splitlines():
         head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
         if head and not line.startswith(" "):
@@ -77,32 +81,34 @@ def collective_bytes(hlo: str) -> dict[str, float]:
                 entry = name
         elif name is not None and line.startswith(" "):
             comps[name].append(line)
-    runs: dict[str, float] = defaultdict(float)
-    order = [entry]
-    runs[entry] = 1.0
-    for comp in order:  # a computation's callers come before it in this walk (HLO calls form a tree here)
+    pattern = re.compile(r"\s*(?:ROOT )?%[\w.\-]+ = (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
+
+    @functools.cache
+    def total(comp: str) -> tuple[tuple[str, float], ...]:
+        sent: dict[str, float] = defaultdict(float)
+
+        def add(part, times=1.0):
+            for kind, b in part:
+                sent[kind] += b * times
+
         for line in comps.get(comp, []):
+            if m := pattern.match(line):  # a -start's result holds the operand and the output
+                sent[m.group(2)] += _shape_bytes(m.group(1).split(" ")[0] if m.group(3) is None else m.group(1)) / (
+                    2 if m.group(3) else 1
+                )
             trip = 1.0
             if " while(" in line:
                 m = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-                trip = float(m.group(1)) if m else 1.0
+                trip = float(m.group(1)) if m else unknown_trips
             for callee in re.findall(r"(?:body|to_apply|calls)=%([\w.\-]+)", line):
                 if callee in comps and " fusion(" not in line:
-                    runs[callee] += runs[comp] * trip
-                    order.append(callee)
+                    add(total(callee), trip)
             for branches in re.findall(r"branch_computations=\{([^}]*)\}", line):
-                for callee in re.findall(r"%([\w.\-]+)", branches):
-                    runs[callee] += runs[comp]
-                    order.append(callee)
-    sent: dict[str, float] = defaultdict(float)
-    for comp, lines in comps.items():
-        for line in lines:
-            m = re.match(r"\s*(?:ROOT )?%[\w.\-]+ = (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
-            if m and runs.get(comp):
-                sent[m.group(2)] += _shape_bytes(m.group(1).split(" ")[0] if m.group(3) is None else m.group(1)) * (
-                    runs[comp] / (2 if m.group(3) else 1)
-                )  # a -start's result holds the operand and the output
-    return dict(sent)
+                parts = [total(c) for c in re.findall(r"%([\w.\-]+)", branches)]
+                add(max(parts, key=lambda p: sum(b for _, b in p)))
+        return tuple(sent.items())
+
+    return dict(total(entry))
 
 
 def attention_flops(mc, row: int, context: int) -> float:
@@ -120,8 +126,8 @@ def attention_flops(mc, row: int, context: int) -> float:
 
 
 def ring_balance(row: int, n: int, block: int) -> tuple[float, float]:
-    """The ring's critical path in (query block, key block) pairs of one pair's row (the layout above): each step's
-    busiest device, summed over the steps, for contiguous chunks and for the balanced order the decoder runs."""
+    """The ring's critical path in (query block, key block) pairs of one pair's row (the layout above): each round's
+    busiest device, summed over the rounds, for contiguous chunks and for the balanced order the decoder runs."""
     p, c = row // 2, row // 4
     _, tp = attention.ring_layout(row, n, block)
     branch = np.concatenate([np.zeros(p), np.ones(c), np.full(row - p - c, 2), np.zeros(tp - row)]).astype(np.int32)
@@ -174,7 +180,7 @@ def main(argv=None):
         mesh = sharding.make_mesh(data=1, fsdp=1, context=n, devices=jax.devices()[:n])
         t0 = time.perf_counter()
         compiled, batch = step_program(mc, mesh, args.row)
-        sent = collective_bytes(compiled.as_text())
+        sent = collective_bytes(compiled.as_text(), unknown_trips=n // 2)  # the pair is causal: every round
         ring = sent.get("collective-permute", 0.0)
         params = sum(v for k, v in sent.items() if k != "collective-permute")
         flops = attention_flops(mc, args.row, n)

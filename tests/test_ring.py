@@ -222,6 +222,16 @@ def test_the_context_cost_counts_each_send_as_often_as_its_loops_run_it():
         compiled = program.lower(jnp.ones((4, columns), jnp.float32)).compile()
         assert collective_bytes(compiled.as_text()) == {"collective-permute": 15 * chunk}
 
+    # a loop of traced length (the ring's rounds) counts as ``unknown_trips``; a conditional as its costliest branch
+    def rounds(x, r):
+        x = jax.lax.fori_loop(0, r[0], lambda _, c: jax.lax.ppermute(c, "context", perm) * 1.5, x)
+        return jax.lax.cond(r[0] > 1, lambda c: jax.lax.ppermute(c, "context", perm), lambda c: c * 2.0, x)
+
+    program = jax.jit(jax.shard_map(rounds, mesh=mesh, in_specs=(P(None, "context"), P()),
+                                    out_specs=P(None, "context"), axis_names=frozenset({"context"})))  # fmt: skip
+    hlo = program.lower(jnp.ones((4, 32), jnp.float32), jnp.ones(1, jnp.int32)).compile().as_text()
+    assert collective_bytes(hlo, unknown_trips=3) == {"collective-permute": (3 + 1) * 128}
+
 
 @pytest.mark.slow
 def test_the_context_cost_script_reports_sends_only_over_a_split_row(capsys):
