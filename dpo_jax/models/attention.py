@@ -348,23 +348,20 @@ def _ring_fwd_local(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap):
         o, l_ = row(q, k_c, v_c, q_ids, ids_c)
         return merge(out, lse, o.astype(jnp.float32), jnp.where(jnp.isposinf(l_), -jnp.inf, l_))
 
-    def one_round(r, carry):
+    def both_ways(_, carry):
         out, lse, ahead_chunk, back_chunk = carry
-        ahead_chunk = ahead(ahead_chunk)
-        out, lse = add(out, lse, ahead_chunk)
-
-        def other_way(args):
-            out, lse, chunk = args
-            chunk = back(chunk)
-            return (*add(out, lse, chunk), chunk)
-
-        out, lse, back_chunk = jax.lax.cond(2 * r != n, other_way, lambda a: a, (out, lse, back_chunk))
+        ahead_chunk, back_chunk = ahead(ahead_chunk), back(back_chunk)
+        out, lse = add(*add(out, lse, ahead_chunk), back_chunk)
         return out, lse, ahead_chunk, back_chunk
 
     own = (k, v, k_ids)
     out, lse = add(jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], -jnp.inf), own)
     rounds = _rounds(q_ids, k_ids, window, axis, n, kb)
-    out, lse, _, _ = jax.lax.fori_loop(1, rounds + 1, one_round, (out, lse, own, own))
+    two_way = jnp.minimum(rounds, (n - 1) // 2)  # rounds that bring two chunks
+    out, lse, ahead_chunk, _ = jax.lax.fori_loop(0, two_way, both_ways, (out, lse, own, own))
+    if n % 2 == 0:  # the round that brings the opposite device's chunk, alone
+        out, lse = jax.lax.cond(rounds == n // 2, lambda o, l_: add(o, l_, ahead(ahead_chunk)), lambda o, l_: (o, l_),
+                                out, lse)  # fmt: skip
     return out.astype(q.dtype), jnp.where(jnp.isneginf(lse), jnp.inf, lse)
 
 
@@ -391,30 +388,34 @@ def _ring_bwd(axis, n, qb, kb, softcap, residuals, dout):
         dq_c, dk_c, dv_c = row(q, k_c, v_c, q_ids, ids_c, out, lse, dout)
         return dq + dq_c, (grads[0] + dk_c, grads[1] + dv_c)
 
-    def one_round(r, carry):
+    def both_ways(_, carry):
         dq, ahead_chunk, ahead_grads, back_chunk, back_grads = carry
         ahead_chunk, ahead_grads = ahead((ahead_chunk, ahead_grads))
+        back_chunk, back_grads = back((back_chunk, back_grads))
         dq, ahead_grads = add(dq, ahead_chunk, ahead_grads)
-
-        def other_way(args):
-            dq, chunk, grads = args
-            chunk, grads = back((chunk, grads))
-            dq, grads = add(dq, chunk, grads)
-            return dq, chunk, grads
-
-        dq, back_chunk, back_grads = jax.lax.cond(2 * r != n, other_way, lambda a: a, (dq, back_chunk, back_grads))
+        dq, back_grads = add(dq, back_chunk, back_grads)
         return dq, ahead_chunk, ahead_grads, back_chunk, back_grads
 
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
     own = (k, v, k_ids)
     dq, (dk, dv) = add(zeros(q), own, (zeros(k), zeros(v)))
     rounds = _rounds(q_ids, k_ids, window, axis, n, kb)
+    two_way = jnp.minimum(rounds, (n - 1) // 2)
     nothing = (zeros(k), zeros(v))
-    dq, _, ahead_grads, _, back_grads = jax.lax.fori_loop(1, rounds + 1, one_round, (dq, own, nothing, own, nothing))
-    back_rounds = rounds - (2 * rounds == n)  # the last round's other way was not taken
-    home = lambda by: [lambda g: g] + [_shift(axis, n, by * s) for s in range(1, n // 2 + 1)]  # noqa: E731
-    ahead_grads = jax.lax.switch(rounds, home(-1), ahead_grads)
-    back_grads = jax.lax.switch(back_rounds, home(1), back_grads)
+    dq, ahead_chunk, ahead_grads, _, back_grads = jax.lax.fori_loop(0, two_way, both_ways,
+                                                                    (dq, own, nothing, own, nothing))  # fmt: skip
+    if n % 2 == 0:  # the opposite device's chunk, alone
+
+        def last(dq, grads):
+            chunk, grads = ahead((ahead_chunk, grads))
+            return add(dq, chunk, grads)
+
+        dq, ahead_grads = jax.lax.cond(rounds == n // 2, last, lambda d, g: (d, g), dq, ahead_grads)
+    # home: the gradients that went ahead are ``rounds`` devices on, those that went back ``two_way`` devices back
+    home = lambda by, most: [lambda g: g] + [_shift(axis, n, by * s) for s in range(1, most + 1)]  # noqa: E731
+    ahead_grads = jax.lax.switch(rounds, home(-1, n // 2), ahead_grads)
+    if (n - 1) // 2:
+        back_grads = jax.lax.switch(two_way, home(1, (n - 1) // 2), back_grads)
     dk, dv = dk + ahead_grads[0] + back_grads[0], dv + ahead_grads[1] + back_grads[1]
     no_grad = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (q_ids, k_ids, window))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad
