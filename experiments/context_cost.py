@@ -6,8 +6,8 @@ and its program read:
 
 - **ring bytes**: the key/value chunks (and, in the backward, their gradients) the ring attention passes to the next
   device: every ``collective-permute`` of the compiled per-device program, times how often it runs (the trip
-  counts of the loops around it: the ring's rounds — N / 2, all of them, as the causal pair needs — inside the
-  layer scan; a conditional's costliest branch);
+  counts of the loops around it: the ring's two-way rounds — (N - 1) // 2, all of them, as the causal pair needs —
+  inside the layer scan; a conditional's costliest branch);
 - **the load balance**: the ring's critical path (each ring round's busiest device, in block pairs of one pair's row,
   summed over the steps) for contiguous chunks against the balanced order the decoder runs (``ring_blocks``); the
   ring bytes include the order's exchange (half a chunk of the hidden state, each way, once a pass);
@@ -180,7 +180,7 @@ def main(argv=None):
         mesh = sharding.make_mesh(data=1, fsdp=1, context=n, devices=jax.devices()[:n])
         t0 = time.perf_counter()
         compiled, batch = step_program(mc, mesh, args.row)
-        sent = collective_bytes(compiled.as_text(), unknown_trips=n // 2)  # the pair is causal: every round
+        sent = collective_bytes(compiled.as_text(), unknown_trips=(n - 1) // 2)  # causal: every two-way round
         ring = sent.get("collective-permute", 0.0)
         params = sum(v for k, v in sent.items() if k != "collective-permute")
         flops = attention_flops(mc, args.row, n)
