@@ -290,8 +290,8 @@ def blockwise_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, windo
     online softmax; rows padded up to whole blocks with invalid tokens. Equal to ``einsum_attention`` wherever a
     query sees at least one key (a padding query, which sees none, gives 0 here)."""
     t, s = q_BxTxKxGxE.shape[1], k_BxSxKxE.shape[1]
-    qb, kb = min(block, _ceil(t, 8)), min(block, _ceil(s, 8))
-    tp, sp = _ceil(t, qb), _ceil(s, kb)
+    qb, kb = min(block, ceil_to(t, 8)), min(block, ceil_to(s, 8))
+    tp, sp = ceil_to(t, qb), ceil_to(s, kb)
     pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
     window = None if window is None else jnp.asarray(window, jnp.int32)
     out = _blockwise(pad(q_BxTxKxGxE, tp), pad(k_BxSxKxE, sp), pad(v_BxSxKxE, sp), q.pad(tp), k.pad(sp),
@@ -433,17 +433,29 @@ def ring_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: in
     from the ids (packed segments, shared-prompt branches, windows): a chunk no query of a device can see costs
     its transfer only. Equal to ``einsum_attention`` wherever a query sees a key; the output is split as the input."""
     n = mesh.shape[axis]
+    blk = ring_layout(q_BxTxKxGxE.shape[1], n, block)[0]
+
+    def local(q_, k_, v_, qi, ki, w):
+        return _ring(q_, k_, v_, qi, ki, w, axis, n, blk, blk, softcap)
+
+    return _split_rows(local, mesh, axis, block, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window)
+
+
+def _split_rows(local, mesh, axis: str, block: int, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window):
+    """``local(q, k, v, q_ids, k_ids, window)`` on each device's share of the rows (padded to ``ring_layout``'s
+    length), under ``shard_map`` over ``axis``; the output split as the input. The window passes as a traced int32
+    (Gemma 3's per-layer ones are) and reaches ``local`` as None when there is none."""
     t = q_BxTxKxGxE.shape[1]
-    blk, tp = ring_layout(t, n, block)
+    tp = ring_layout(t, mesh.shape[axis], block)[1]
     pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - x.shape[1])] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
     rows = jax.sharding.PartitionSpec(None, axis)
     has_window = window is not None
-    window = jnp.asarray(-1 if window is None else window, jnp.int32)  # a traced value (Gemma 3's per layer)
+    window = jnp.asarray(-1 if window is None else window, jnp.int32)
 
-    def local(q_, k_, v_, qi, ki, w):
-        return _ring(q_, k_, v_, qi, ki, w if has_window else None, axis, n, blk, blk, softcap)
+    def run(q_, k_, v_, qi, ki, w):
+        return local(q_, k_, v_, qi, ki, w if has_window else None)
 
-    out = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, rows, rows, jax.sharding.PartitionSpec()),
+    out = jax.shard_map(run, mesh=mesh, in_specs=(rows, rows, rows, rows, rows, jax.sharding.PartitionSpec()),
                         out_specs=rows, axis_names=frozenset({axis}), check_vma=False)(
         pad(q_BxTxKxGxE), pad(k_BxSxKxE), pad(v_BxSxKxE), q.pad(tp), k.pad(tp), window)  # fmt: skip
     return out[:, :t]
@@ -476,13 +488,6 @@ def gather_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: 
     and each device's work is its queries' (even in the balanced order), for the row's keys and values held on
     every device during a layer (small with few KV heads). Equal to ``ring_attention``. The gradients are summed in
     float32 (twice a bfloat16 reduce-scatter's bytes)."""
-    n = mesh.shape[axis]
-    t = q_BxTxKxGxE.shape[1]
-    tp = ring_layout(t, n, block)[1]
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - x.shape[1])] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-    rows = jax.sharding.PartitionSpec(None, axis)
-    has_window = window is not None
-    window = jnp.asarray(-1 if window is None else window, jnp.int32)
 
     def local(q_, k_, v_, qi, ki, w):
         k_all, v_all = _gather_rows(k_, axis), _gather_rows(v_, axis)
@@ -490,19 +495,16 @@ def gather_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: 
         order = jnp.argsort(ki_all.slot, axis=1)  # [B, S]
         take = lambda x: x[jnp.arange(x.shape[0])[:, None], order]  # noqa: E731
         k_all, v_all, ki_all = jax.tree.map(take, (k_all, v_all, ki_all))
-        return blockwise_attention(q_, k_all, v_all, qi, ki_all, w if has_window else None, block=block,
-                                   softcap=softcap)  # fmt: skip
+        return blockwise_attention(q_, k_all, v_all, qi, ki_all, w, block=block, softcap=softcap)
 
-    out = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, rows, rows, jax.sharding.PartitionSpec()),
-                        out_specs=rows, axis_names=frozenset({axis}), check_vma=False)(
-        pad(q_BxTxKxGxE), pad(k_BxSxKxE), pad(v_BxSxKxE), q.pad(tp), k.pad(tp), window)  # fmt: skip
-    return out[:, :t]
+    return _split_rows(local, mesh, axis, block, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window)
 
 
 CONTEXT_STRATEGIES = {"ring": ring_attention, "gather": gather_attention}
 
 
-def _ceil(n: int, m: int) -> int:
+def ceil_to(n: int, m: int) -> int:
+    """``n`` rounded up to a multiple of ``m``."""
     return -(-n // m) * m
 
 
@@ -518,8 +520,8 @@ def ring_layout(t: int, n: int, block: int) -> tuple[int, int]:
     """(block, padded row length) of a ring over ``n`` devices for rows of ``t`` tokens: each device holds two
     pieces of ``h`` tokens, ``h`` a whole number of blocks (so the balanced order's pieces are whole blocks)."""
     half = -(-t // (2 * n))
-    blk = min(block, _ceil(half, 8))
-    return blk, 2 * n * _ceil(half, blk)
+    blk = min(block, ceil_to(half, 8))
+    return blk, 2 * n * ceil_to(half, blk)
 
 
 def balanced_order(t: int, n: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from dpo_jax.models.attention import (
     CONTEXT_STRATEGIES,
     Ids,
     blockwise_attention,
+    ceil_to,
     context_mesh,
     einsum_attention,
 )
@@ -69,7 +70,7 @@ def pallas_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, *, block: int = 
     from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # GPU kernels: imported when chosen
 
     b, t, kh, g, e = q_BxTxKxGxE.shape
-    tp = -(-t // block) * block
+    tp = ceil_to(t, block)
     pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
     heads = lambda x: pad(jnp.repeat(x, g, axis=2))  # noqa: E731  [B, S, K, E] -> [B, S', K * G, E]
     segments = pad(jnp.where(q.valid, q.segment if q.segment is not None else 1, 0))

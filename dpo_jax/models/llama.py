@@ -501,11 +501,8 @@ class Decoder(nnx.Module):
             x_BxTxD, (k_new, v_new) = jax.lax.scan(body, x_BxTxD, xs)
             new_cache, router = KVCache(k_new, v_new, kv_mask_BxS, cache.index + t), None
 
-        if ring is not None:  # back to the row's order (and length)
-            x_BxTxD = attention.rebalance(x_BxTxD, ring, inverse=True)[:, :t]
-            if router is not None and "logits" in router:
-                logits_LxBxTxE = attention.rebalance(router["logits"], ring, inverse=True, dim=2)[:, :, :t]
-                router = {**router, "logits": logits_LxBxTxE}
+        if ring is not None:
+            x_BxTxD, router = _in_row_order(ring, t, x_BxTxD, router)
         hidden_BxTxD = self.norm(x_BxTxD)
         logits = self.logits(hidden_BxTxD) if return_logits else None
         return DecoderOutput(logits, hidden_BxTxD, new_cache, router)
@@ -535,6 +532,15 @@ def _balanced(mesh, block: int, *rows_BxT):
         return attention.rebalance(x, mesh)
 
     return tuple(map(one, rows_BxT))
+
+
+def _in_row_order(mesh, t: int, x_BxTxD, router):
+    """The final hidden states (and a mixture's router logits) back from the ring's balanced order to the row's
+    order and length."""
+    x_BxTxD = attention.rebalance(x_BxTxD, mesh, inverse=True)[:, :t]
+    if router is not None and "logits" in router:
+        router = {**router, "logits": attention.rebalance(router["logits"], mesh, inverse=True, dim=2)[:, :, :t]}
+    return x_BxTxD, router
 
 
 def init_decoder(cfg: ModelConfig, seed: int = 0) -> Decoder:

@@ -27,7 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dpo_jax.models.attention import Ids, merge
+from dpo_jax.models.attention import Ids, ceil_to, merge
 
 Array = jax.Array
 LANES = 128
@@ -105,8 +105,8 @@ def splash_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, *, block: int = 
     on a TPU (slow: for tests and checks). Equal to ``einsum_attention`` wherever a query sees a key."""
     b, t, kh, g, e = q_BxTxKxGxE.shape
     interpret = jax.default_backend() != "tpu" if interpret is None else interpret
-    blk = -(-min(block, t) // LANES) * LANES  # splash's blocks are whole multiples of the TPU's 128 lanes
-    tp = -(-t // blk) * blk
+    blk = ceil_to(min(block, t), LANES)  # splash's blocks are whole multiples of the TPU's 128 lanes
+    tp = ceil_to(t, blk)
     pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
     ids = pass_ids(q.pad(tp))
     fn = _row_attention(tp, g, blk, softcap, interpret, len(ids))
