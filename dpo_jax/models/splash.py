@@ -48,8 +48,8 @@ def pass_ids(ids: Ids) -> tuple[tuple[Array, Array], ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def _row_attention(t: int, heads: int, block: int, softcap: float | None, interpret: bool, passes: int):
-    """One row and key/value head: [G, T, E] queries against [T, E] keys and values, ``passes`` splash calls merged,
+def _row_attention(t: int, heads: int, block: int, softcap: float | None, interpret: bool):
+    """One row and key/value head: [G, T, E] queries against [T, E] keys and values, a splash call per pass merged,
     as a custom VJP (the kernel and its block masks built once per shape)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -93,7 +93,6 @@ def _row_attention(t: int, heads: int, block: int, softcap: float | None, interp
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), no_grad
 
     attend.defvjp(attend_fwd, attend_bwd)
-    del passes  # part of the cache key: one kernel per shape and pass count
     return attend
 
 
@@ -109,7 +108,7 @@ def splash_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, *, block: int = 
     tp = ceil_to(t, blk)
     pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
     ids = pass_ids(q.pad(tp))
-    fn = _row_attention(tp, g, blk, softcap, interpret, len(ids))
+    fn = _row_attention(tp, g, blk, softcap, interpret)
     q_BxKxGxTxE = pad(q_BxTxKxGxE * jnp.asarray(e**-0.5, q_BxTxKxGxE.dtype)).transpose(0, 2, 3, 1, 4)
     k_BxKxTxE, v_BxKxTxE = (pad(x).transpose(0, 2, 1, 3) for x in (k_BxSxKxE, v_BxSxKxE))
     per_head = jax.vmap(fn, in_axes=(0, 0, 0, None))
