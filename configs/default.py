@@ -73,9 +73,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dtype="float32",  # compute dtype; parameters are always float32
         scan_layers=True,
         remat="none",  # none | full | dots | dots_no_batch
-        # auto: splash on a TPU; elsewhere the einsum for rows of one block, the blockwise kernel (memory linear in
-        # the row) for longer ones; or einsum | blockwise | splash (TPU; interpret mode elsewhere: slow) | cudnn
-        # (GPU; data.packing=False) | pallas (GPU flash; data.share_prompt=False)
+        # auto: splash on a TPU, flashmask on a GPU; elsewhere the einsum for rows of one block, the blockwise
+        # kernel (memory linear in the row) for longer ones; or einsum | blockwise | splash (TPU; interpret mode
+        # elsewhere: slow) | flashmask (GPU; interpret mode elsewhere: slow) | cudnn (GPU; data.packing=False) |
+        # pallas (GPU flash; data.share_prompt=False)
         attention="auto",
         attention_block=512,  # blockwise: query and key tokens per block
         context_attention="ring",  # rows over mesh.context: ring | gather (all-gather the keys; docs/scale.md)

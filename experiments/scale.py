@@ -311,7 +311,9 @@ def main(argv=None):
     r.add_argument("--pairs", type=int, default=8, help="pairs per device per step")
     r.add_argument("--steps", type=int, default=10)
     r.add_argument("--remat", default="full")
-    r.add_argument("--attention", default="auto", help="model.attention: auto | blockwise | splash | einsum | ...")
+    r.add_argument(
+        "--attention", default="auto", help="model.attention: auto | blockwise | splash | flashmask | einsum | ..."
+    )
     r.add_argument("--trl", action="store_true", help="also run TRL's DPOTrainer on the same shapes")
     g = sub.add_parser("longest", help="the longest pair one step trains (doubling rows), and TRL's with --trl")
     g.add_argument("--model", default="llama-3.2-1b", choices=sorted(MODELS))

@@ -1,10 +1,12 @@
 """Which attention a program runs: the reference einsum and the blockwise kernel (``dpo_jax.models.attention``), the
-ring or all-gather over a context axis, and the platforms' fused kernels — splash on TPU (``dpo_jax.models.splash``;
-every layout), cuDNN and Pallas' GPU flash attention (by name, for the layouts they can express).
+ring or all-gather over a context axis, and the fused kernels — splash on TPU (``dpo_jax.models.splash``; every
+layout but windows), FlashMask on GPU (``dpo_jax.models.flashmask``, dpo_jax's own Pallas/Triton kernel; every
+layout), cuDNN and Pallas' GPU flash attention (by name, for the layouts they can express).
 
-``model.attention="auto"`` is splash on a TPU wherever it can serve the call (whole rows, no sliding window), and
-elsewhere the einsum for rows of one block and the blockwise kernel for longer ones. A name asks for that kernel;
-splash asked for where it cannot serve falls back as ``auto`` would, and ``fallback`` says why (the run prints it).
+``model.attention="auto"`` is splash on a TPU and FlashMask on a GPU wherever they can serve the call (whole rows;
+splash: no sliding window), and elsewhere the einsum for rows of one block and the blockwise kernel for longer ones.
+A name asks for that kernel; a fused kernel asked for where it cannot serve falls back as ``auto`` would, and
+``fallback`` says why (the run prints it).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dpo_jax.models import splash
+from dpo_jax.models import flashmask, splash
 from dpo_jax.models.attention import (
     CONTEXT_STRATEGIES,
     Ids,
@@ -23,17 +25,27 @@ from dpo_jax.models.attention import (
 )
 
 Array = jax.Array
-IMPLEMENTATIONS = ("auto", "einsum", "blockwise", "splash", "cudnn", "pallas")
+IMPLEMENTATIONS = ("auto", "einsum", "blockwise", "splash", "flashmask", "cudnn", "pallas")
+FUSED = {"tpu": "splash", "gpu": "flashmask"}  # auto's kernel per platform
+HOME = {kernel: platform for platform, kernel in FUSED.items()}  # where each runs compiled (elsewhere: interpreted)
+BLOCKED = ("blockwise", "splash", "flashmask")  # the kernels that cut rows into blocks
+
+
+def block_of(implementation: str, block: int) -> int:
+    """The block a kernel cuts rows into when ``model.attention_block`` is ``block``."""
+    if implementation == "flashmask":
+        return flashmask.block_size(block)
+    return ceil_to(block, splash.LANES) if implementation == "splash" else block
 
 
 def fallback(implementation: str, *, window: bool, rows: bool = True) -> str | None:
     """Why ``implementation`` cannot serve a call (None: it can)."""
-    if implementation != "splash":
+    if implementation not in ("splash", "flashmask"):
         return None
-    if window:
+    if window and implementation == "splash":
         return "splash cannot serve sliding windows (counted in positions on shared rows)"
     if not rows:
-        return "splash serves whole rows, not KV-cache decoding"
+        return f"{implementation} serves whole rows, not KV-cache decoding"
     return None
 
 
@@ -45,8 +57,9 @@ def resolve(implementation: str, t: int, s: int, block: int, *, window: bool = F
         implementation = "auto"
     if implementation != "auto":
         return implementation
-    if (platform or jax.default_backend()) == "tpu" and fallback("splash", window=window, rows=rows) is None:
-        return "splash"
+    fused = FUSED.get(platform or jax.default_backend())
+    if fused and fallback(fused, window=window, rows=rows) is None:
+        return fused
     return "einsum" if max(t, s) <= block else "blockwise"
 
 
@@ -97,6 +110,9 @@ def attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, *, window: int | N
         return blockwise_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, block=block, softcap=softcap)
     if impl == "splash":
         return splash.splash_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, block=block, softcap=softcap)
+    if impl == "flashmask":
+        return flashmask.flashmask_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, window, block=block,
+                                             softcap=softcap)  # fmt: skip
     if impl == "cudnn":  # the layout's rows hold one sequence each (checked with the config: data.packing=False)
         if softcap:
             raise ValueError("model.attention='cudnn' takes no softcap")

@@ -144,11 +144,12 @@ def compile_note(model_cfg):
     def note(loop: Loop, shape: str, seconds: float, row: int):
         window = any(w is not None for w in model_cfg.windows)
         impl = kernels.resolve(model_cfg.attention, row, row, model_cfg.attention_block, window=window)
-        blocks = f" of {model_cfg.attention_block}-token blocks" if impl in ("blockwise", "splash") else ""
+        block = kernels.block_of(impl, model_cfg.attention_block)
+        blocks = f" of {block}-token blocks" if impl in kernels.BLOCKED else ""
         if why := kernels.fallback(model_cfg.attention, window=window):
             blocks += f"; {why}"
-        elif impl == "splash" and jax.default_backend() != "tpu":
-            blocks += "; Pallas interpret mode off a TPU: slow, for checks"
+        elif (home := kernels.HOME.get(impl)) and jax.default_backend() != home:
+            blocks += f"; Pallas interpret mode off a {home.upper()}: slow, for checks"
         if (context := loop.mesh.shape["context"]) > 1:
             impl = "all-gather" if model_cfg.context_attention == "gather" else "ring"
             blocks = f" over context={context} in balanced order, blockwise within each device"

@@ -1,0 +1,267 @@
+"""FlashMask attention: dpo_jax's own fused kernel in Pallas — Triton on a GPU, interpret mode elsewhere — for every
+row layout the model makes (padded, packed, packed with the prompt shared; GQA, sliding windows, soft-capping), with
+no [T, S] mask.
+
+**The mask as one interval a key** (the column-wise form of FlashMask, Wang et al. 2024). In a row laid out as the
+model lays it — each segment one run of slots; in a shared row its prompt, then each completion as a run — the
+queries that may see key ``k`` are one range of slots ``[k, end_k)``: a prompt's (or unshared sequence's) key to its
+segment's end, a completion's key to its completion's end, padding to none (``key_ends``). The kernel reads one int32
+a key; a sliding window adds each token's position (compared per element: a shared row's rejected tokens restart
+their positions at the prompt's end).
+
+**Blocks** (``block_tables``): for each query block, the key blocks some query of it may see (causal, the ends, the
+window), listed; for each key block, the query blocks. The kernels loop over those lists only, so a rejected
+completion's queries skip the chosen completion's blocks between them and their prompt.
+
+Forward: FlashAttention-2's online softmax per query block, keeping each query's log-sum-exp. Backward: a dq kernel
+per query block and a dk/dv kernel per key block (the query heads of its KV head summed inside), both recomputing
+the probabilities from the log-sum-exp. Head widths are padded to a power of two (zeros change no score); blocks are
+``min(block, 128)`` tokens rounded down to a power of two, at least 16 (Triton's smallest dot).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from dpo_jax.models.attention import Ids, ceil_to
+
+Array = jax.Array
+NEG = -0.7 * float(np.finfo(np.float32).max)  # a masked score: finite, so a query that sees nothing stays finite
+MAX_BLOCK = 128
+
+
+def block_size(block: int) -> int:
+    """The kernel's block: ``block`` capped at 128 and rounded down to a power of two, at least 16."""
+    return max(16, 1 << (min(block, MAX_BLOCK).bit_length() - 1))
+
+
+def key_ends(ids: Ids) -> Array:
+    """[B, T] int32: each key's end — the first slot past the queries that may see it — for self-attention of whole
+    rows in slot order (queries ``k .. end - 1`` see key ``k``; padding's end is its own slot: nobody sees it)."""
+    b, t = ids.valid.shape
+    idx = jnp.arange(t, dtype=jnp.int32)
+    segment = jnp.where(ids.valid, 1 if ids.segment is None else ids.segment, 0)
+
+    def run_end(change_after):  # [B, T] bool: the next token starts a new run -> each token's run's end
+        return lax.cummin(jnp.where(change_after, idx + 1, t), axis=1, reverse=True)
+
+    last = jnp.ones((b, 1), bool)
+    new_segment = jnp.concatenate([segment[:, 1:] != segment[:, :-1], last], axis=1)
+    end = run_end(new_segment)
+    if ids.branch is not None:
+        new_branch = new_segment | jnp.concatenate([ids.branch[:, 1:] != ids.branch[:, :-1], last], axis=1)
+        end = jnp.where(ids.branch > 0, run_end(new_branch), end)
+    return jnp.where(ids.valid, end, idx).astype(jnp.int32)
+
+
+def block_tables(ends: Array, position: Array, valid: Array, window, block: int) -> tuple[Array, Array]:
+    """One row's lists: [NQ, 1 + NC] the key blocks each query block needs and [NC, 1 + NQ] the query blocks each key
+    block serves, each row's count first, then the block indices in order (the rest unused)."""
+    t = ends.shape[0]
+    n = t // block
+    first = jnp.arange(n, dtype=jnp.int32) * block
+    reach = jnp.where(valid, ends, -1).reshape(n, block).max(axis=1)  # [NC] the furthest query a key block serves
+    needs = (first[None, :] <= first[:, None] + block - 1) & (reach[None, :] > first[:, None])  # [NQ, NC]
+    if window is not None:
+        nearest = jnp.where(valid, position, np.iinfo(np.int32).max).reshape(n, block).min(axis=1)
+        furthest = jnp.where(valid, position, -1).reshape(n, block).max(axis=1)
+        needs &= nearest[:, None] - furthest[None, :] < window
+
+    def listed(m):  # [N, M] bool -> [N, 1 + M]: count, then the true columns first, in order
+        order = jnp.argsort(~m, axis=1, stable=True).astype(jnp.int32)
+        return jnp.concatenate([m.sum(axis=1, keepdims=True, dtype=jnp.int32), order], axis=1)
+
+    return listed(needs), listed(needs.T)
+
+
+def _scores(q, k, scale, softcap):
+    """[Q, C] float32 scores of two blocks (soft-capped when asked) and the cap's derivative factor (or None)."""
+    s = plgpu.dot(q, k, trans_b=True) * scale
+    if not softcap:
+        return s, None
+    capped = softcap * jnp.tanh(s / softcap)
+    return capped, 1.0 - (capped / softcap) ** 2
+
+
+def _mask(q0, k0, ends, q_pos, k_pos, window, block):
+    """[Q, C] who sees whom in the blocks starting at slots ``q0`` and ``k0``."""
+    qi = q0 + jnp.arange(block)
+    ki = k0 + jnp.arange(block)
+    ok = (ki[None, :] <= qi[:, None]) & (qi[:, None] < ends[None, :])
+    if window is not None:
+        ok &= q_pos[:, None] - k_pos[None, :] < window
+    return ok
+
+
+def _forward_kernel(table_ref, ends_ref, pos_ref, window_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block, scale,
+                    softcap):  # fmt: skip
+    i = pl.program_id(2)
+    q0 = i * block
+    q = q_ref[...]
+    q_pos = pos_ref[pl.ds(q0, block)]
+    window = None if window_ref is None else window_ref[0]
+
+    def body(j, carry):
+        acc, m, l_ = carry
+        k0 = table_ref[j + 1] * block
+        ks = pl.ds(k0, block)
+        s, _ = _scores(q, k_ref[ks, :], scale, softcap)
+        ok = _mask(q0, k0, ends_ref[ks], q_pos, pos_ref[ks], window, block)
+        m_new = jnp.maximum(m, jnp.max(jnp.where(ok, s, NEG), axis=1))
+        p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        acc = alpha[:, None] * acc + plgpu.dot(p.astype(v_ref.dtype), v_ref[ks, :])
+        return acc, m_new, alpha * l_ + jnp.sum(p, axis=1)
+
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block,), NEG, jnp.float32), jnp.zeros((block,), jnp.float32))
+    acc, m, l_ = lax.fori_loop(0, table_ref[0], body, init)
+    seen = l_ > 0
+    o_ref[...] = (acc / jnp.where(seen, l_, 1.0)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l_, 1.0)), 0.0)
+
+
+def _dq_kernel(table_ref, ends_ref, pos_ref, window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+               block, scale, softcap):  # fmt: skip
+    q0 = pl.program_id(2) * block
+    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    q_pos = pos_ref[pl.ds(q0, block)]
+    window = None if window_ref is None else window_ref[0]
+
+    def body(j, dq):
+        k0 = table_ref[j + 1] * block
+        ks = pl.ds(k0, block)
+        k = k_ref[ks, :]
+        s, cap = _scores(q, k, scale, softcap)
+        ok = _mask(q0, k0, ends_ref[ks], q_pos, pos_ref[ks], window, block)
+        p = jnp.where(ok, jnp.exp(s - lse[:, None]), 0.0)
+        ds = p * (plgpu.dot(do, v_ref[ks, :], trans_b=True) - delta[:, None])
+        if cap is not None:
+            ds *= cap
+        return dq + plgpu.dot(ds.astype(k.dtype), k)
+
+    dq = lax.fori_loop(0, table_ref[0], body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(table_ref, ends_ref, pos_ref, window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                dv_ref, *, block, scale, softcap, groups):  # fmt: skip
+    k0 = pl.program_id(2) * block
+    ks = pl.ds(k0, block)
+    k, v, ends, k_pos = k_ref[...], v_ref[...], ends_ref[ks], pos_ref[ks]
+    window = None if window_ref is None else window_ref[0]
+    dk = jnp.zeros(k.shape, jnp.float32)
+    dv = jnp.zeros(v.shape, jnp.float32)
+    for g in range(groups):  # the query heads that read this KV head
+
+        def body(j, carry, g=g):
+            dk, dv = carry
+            q0 = table_ref[j + 1] * block
+            qs = pl.ds(q0, block)
+            q, do = q_ref[qs, g, :], do_ref[qs, g, :]
+            s, cap = _scores(q, k, scale, softcap)
+            ok = _mask(q0, k0, ends, pos_ref[qs], k_pos, window, block)
+            p = jnp.where(ok, jnp.exp(s - lse_ref[g, qs][:, None]), 0.0)
+            dv += plgpu.dot(p.astype(do.dtype), do, trans_a=True)
+            ds = p * (plgpu.dot(do, v, trans_b=True) - delta_ref[g, qs][:, None])
+            if cap is not None:
+                ds *= cap
+            return dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True), dv
+
+        dk, dv = lax.fori_loop(0, table_ref[0], body, (dk, dv))
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _kernels(b: int, t: int, kh: int, g: int, e: int, block: int, softcap: float | None, windowed: bool,
+             interpret: bool, scale: float):  # fmt: skip
+    """The custom-VJP attention of [B, T, H, E] queries and [B, T, K, E] keys and values (head widths padded, rows
+    whole blocks) given the layout's arrays: its key ends, positions, block lists and (``windowed``) the window."""
+    h, n = kh * g, t // block
+    params = plgpu.CompilerParams(num_warps=4 if e <= 64 else 8, num_stages=2)
+    grid = (b, h, n)
+    row = pl.BlockSpec((None, t), lambda b_, h_, i: (b_, 0))
+    win = pl.BlockSpec((1,), lambda b_, h_, i: (0,)) if windowed else None
+    q_block = pl.BlockSpec((None, block, None, e), lambda b_, h_, i: (b_, i, h_, 0))
+    kv_row = pl.BlockSpec((None, t, None, e), lambda b_, h_, i: (b_, 0, h_ // g, 0))
+    per_q = pl.BlockSpec((None, None, block), lambda b_, h_, i: (b_, h_, i))
+    table = pl.BlockSpec((None, None, n + 1), lambda b_, h_, i: (b_, i, 0))
+    kw = dict(block=block, scale=scale, softcap=softcap)
+    call = functools.partial(pl.pallas_call, grid=grid, compiler_params=params, interpret=interpret)
+
+    def forward(q, k, v, layout):
+        ends, pos, fwd_table, _, window = layout
+        o, lse = call(
+            functools.partial(_forward_kernel, **kw), name="flashmask_forward",
+            in_specs=[table, row, row, win, q_block, kv_row, kv_row], out_specs=[q_block, per_q],
+            out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
+        )(fwd_table, ends, pos, window, q, k, v)  # fmt: skip
+        return o, lse
+
+    def backward(q, k, v, ends, pos, fwd_table, bwd_table, window, o, lse, do):
+        delta = jnp.einsum("bthe,bthe->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+        dq = call(
+            functools.partial(_dq_kernel, **kw), name="flashmask_dq",
+            in_specs=[table, row, row, win, q_block, kv_row, kv_row, q_block, per_q, per_q], out_specs=q_block,
+            out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        )(fwd_table, ends, pos, window, q, k, v, do, lse, delta)  # fmt: skip
+        q_rows = pl.BlockSpec((None, t, g, e), lambda b_, h_, i: (b_, 0, h_, 0))  # every query head of KV head h_
+        per_kv = pl.BlockSpec((None, g, t), lambda b_, h_, i: (b_, h_, 0))
+        kv_block = pl.BlockSpec((None, block, None, e), lambda b_, h_, i: (b_, i, h_, 0))
+        dk, dv = call(
+            functools.partial(_dkv_kernel, **kw, groups=g), name="flashmask_dkv", grid=(b, kh, n),
+            in_specs=[table, row, row, win, q_rows, kv_block, kv_block, q_rows, per_kv, per_kv],
+            out_specs=[kv_block, kv_block],
+            out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        )(bwd_table, ends, pos, window, q, k, v, do, lse, delta)  # fmt: skip
+        return dq, dk, dv
+
+    @jax.custom_vjp
+    def attend(q, k, v, layout):
+        return forward(q, k, v, layout)[0]
+
+    def attend_fwd(q, k, v, layout):
+        o, lse = forward(q, k, v, layout)
+        return o, (q, k, v, layout, o, lse)
+
+    def attend_bwd(res, do):
+        q, k, v, (ends, pos, fwd_table, bwd_table, window), o, lse = res
+        dq, dk, dv = backward(q, k, v, ends, pos, fwd_table, bwd_table, window, o, lse, do)
+        layout = (ends, pos, fwd_table, bwd_table, window)
+        no_grad = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), layout)
+        return dq, dk, dv, no_grad
+
+    def run(q, k, v, ends, pos, fwd_table, bwd_table, window):
+        return attend(q, k, v, (ends, pos, fwd_table, bwd_table, window))
+
+    attend.defvjp(attend_fwd, attend_bwd)
+    return run
+
+
+def flashmask_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, window=None, *, block: int = 128,
+                        softcap: float | None = None, interpret: bool | None = None) -> Array:  # fmt: skip
+    """[B, T, K, G, E] self-attention of whole rows (queries and keys the same tokens, ids ``q``, slots in order) by
+    the FlashMask kernels; ``window`` (int or traced) counts positions where the ids have them. ``interpret``:
+    default everywhere but on a GPU (slow: for tests and checks). Equal to ``einsum_attention`` wherever a query
+    sees a key; a query that sees none gets zeros."""
+    b, t, kh, g, e = q_BxTxKxGxE.shape
+    interpret = jax.default_backend() != "gpu" if interpret is None else interpret
+    blk = block_size(block)
+    tp, ep = ceil_to(t, blk), max(16, pl.next_power_of_2(e))
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 3) + [(0, ep - e)])  # noqa: E731
+    ids = q.pad(tp)
+    ends = key_ends(ids)
+    pos = (ids.slot if ids.position is None else ids.position).astype(jnp.int32)
+    fwd_table, bwd_table = jax.vmap(functools.partial(block_tables, window=window, block=blk))(ends, pos, ids.valid)
+    win = None if window is None else jnp.asarray(window, jnp.int32).reshape(1)
+    fn = _kernels(b, tp, kh, g, ep, blk, softcap, window is not None, interpret, e**-0.5)
+    out = fn(pad(q_BxTxKxGxE.reshape(b, t, kh * g, e)), pad(k_BxSxKxE), pad(v_BxSxKxE), ends, pos, fwd_table,
+             bwd_table, win)  # fmt: skip
+    return out[:, :t, :, :e].reshape(b, t, kh, g, e)
