@@ -87,11 +87,18 @@ def test_the_block_lists_skip_blocks_nobody_sees():
     ids = _shared_row()
     ends = flashmask.key_ends(ids)[0]
     lists = lambda table: [row[1 : 1 + row[0]] for row in np.asarray(table).tolist()]  # noqa: E731
-    fwd, bwd = flashmask.block_tables(ends, ids.position[0], ids.valid[0], None, 2)
+    row = (ends, ids.position[0], ids.valid[0], ids.slot[0], ids.position[0], ids.valid[0])
+    fwd, bwd = flashmask.block_tables(*row, None, 2)
     assert lists(fwd) == [[0], [0, 1], [0, 1, 2], [0, 3], [4], [4, 5]]
     assert lists(bwd) == [[0, 1, 2, 3], [1, 2], [2], [3], [4, 5], [5]]
-    fwd, _ = flashmask.block_tables(ends, ids.position[0], ids.valid[0], 3, 2)
+    fwd, _ = flashmask.block_tables(*row, 3, 2)
     assert lists(fwd) == [[0], [0, 1], [1, 2], [0, 3], [4], [4, 5]]
+    # queries in another order (blocks 3 and 1 of the row, as a device holds them): each block's slots count
+    order = np.r_[6:8, 2:4]
+    fwd, bwd = flashmask.block_tables(ends, ids.position[0], ids.valid[0], ids.slot[0][order], ids.position[0][order],
+                                      ids.valid[0][order], None, 2)  # fmt: skip
+    assert lists(fwd) == [[0, 3], [0, 1]]
+    assert lists(bwd) == [[0, 1], [1], [], [0], [], []]
 
 
 def test_the_kernels_lower_to_triton_for_a_gpu():
@@ -108,6 +115,43 @@ def test_the_kernels_lower_to_triton_for_a_gpu():
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
     assert re.findall(r"custom_call @([\w$.]+)", text) == ["__gpu$xla.gpu.triton"] * 3
     assert re.findall(r'name = "(flashmask_\w+)"', text) == ["flashmask_forward", "flashmask_dq", "flashmask_dkv"]
+
+
+def test_flashmask_serves_each_device_of_the_all_gather_strategy():
+    """Under a context axis of 4 devices with ``context_attention="gather"``, ``kernels.attend`` runs FlashMask on each
+    device: its queries (pieces i and 7 - i of the row's balanced order: slots with a gap) against the gathered row
+    sorted back by slot. Values and gradients equal the einsum's on the row as it was (shared-prompt branches, a
+    window of 6 positions, soft-capping, 2 query heads per KV head; 16-token pieces in 16-token blocks)."""
+    n, t = 4, 128
+    q_ids, k_ids = layout_ids("shared", t=t)
+    order = attention.balanced_order(t, n)
+    shuffle = lambda x: None if x is None else x[:, order]  # noqa: E731
+    b, e, window, softcap = q_ids.slot.shape[0], 8, 6, 5.0
+    rng = np.random.default_rng(5)
+    q, k, v, w = (jnp.asarray(rng.normal(size=shape) * 2, jnp.float32)
+                  for shape in ((b, t, 1, 2, e), (b, t, 1, e), (b, t, 1, e), (b, t, 1, 2, e)))  # fmt: skip
+    real = q_ids.valid[:, :, None, None, None]
+    back = np.argsort(order)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, n), ("data", "context"))
+
+    def gathered(q, k, v):
+        return kernels.attend(shuffle(q), shuffle(k), shuffle(v), Ids(*map(shuffle, q_ids)), Ids(*map(shuffle, k_ids)),
+                              window=window, implementation="flashmask", block=16, softcap=softcap,
+                              context="gather")[:, back]  # fmt: skip
+
+    ref = lambda q, k, v: attention.einsum_attention(q, k, v, q_ids, k_ids, window, softcap)  # noqa: E731
+    loss = lambda fn: lambda *x: jnp.sum(jnp.where(real, fn(*x) * w, 0.0))  # noqa: E731
+    with jax.set_mesh(mesh):
+        text = str(jax.make_jaxpr(gathered)(q, k, v))
+        got = jax.jit(gathered)(q, k, v)
+        grads = jax.jit(jax.grad(loss(gathered), argnums=(0, 1, 2)))(q, k, v)
+    assert "all_gather" in text and "flashmask_forward" in text  # the gathered row, then the kernel
+    want = jnp.where(real, ref(q, k, v), 0)
+    np.testing.assert_allclose(jnp.where(real, got, 0), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    for a, b_ in zip(grads, jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v), strict=True):
+        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5 * np.abs(b_).max())
+    assert kernels.context_kernel("flashmask", "gather") == "flashmask"
+    assert kernels.context_kernel("flashmask", "ring") == kernels.context_kernel("auto", "gather") == "blockwise"
 
 
 def test_auto_picks_flashmask_on_a_gpu_for_whole_rows():

@@ -480,14 +480,16 @@ _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 def gather_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: int | None, *, mesh,
-                     axis: str = "context", block: int = 512, softcap: float | None = None) -> Array:  # fmt: skip
+                     axis: str = "context", block: int = 512, softcap: float | None = None,
+                     kernel=None) -> Array:  # fmt: skip
     """Self-attention of rows split over ``axis`` by gathering the keys (the all-gather strategy): every device
     gathers the whole row's keys, values and their ids (one ``all_gather`` each), sorts them by slot (the balanced
     order's pieces back in the row's order) and runs the blockwise kernel of its queries against them; the
     backward reduce-scatters their gradients (the gather's transpose). One collective instead of n - 1 ring steps,
     and each device's work is its queries' (even in the balanced order), for the row's keys and values held on
     every device during a layer (small with few KV heads). Equal to ``ring_attention``. The gradients are summed in
-    float32 (twice a bfloat16 reduce-scatter's bytes)."""
+    float32 (twice a bfloat16 reduce-scatter's bytes). ``kernel(q, k, v, q_ids, k_ids, window)``: the per-device
+    attention (by default the blockwise kernel; any whose keys may be the whole row in slot order)."""
 
     def local(q_, k_, v_, qi, ki, w):
         k_all, v_all = _gather_rows(k_, axis), _gather_rows(v_, axis)
@@ -495,6 +497,8 @@ def gather_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: 
         order = jnp.argsort(ki_all.slot, axis=1)  # [B, S]
         take = lambda x: x[jnp.arange(x.shape[0])[:, None], order]  # noqa: E731
         k_all, v_all, ki_all = jax.tree.map(take, (k_all, v_all, ki_all))
+        if kernel is not None:
+            return kernel(q_, k_all, v_all, qi, ki_all, w)
         return blockwise_attention(q_, k_all, v_all, qi, ki_all, w, block=block, softcap=softcap)
 
     return _split_rows(local, mesh, axis, block, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window)

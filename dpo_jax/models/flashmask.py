@@ -61,17 +61,21 @@ def key_ends(ids: Ids) -> Array:
     return jnp.where(ids.valid, end, idx).astype(jnp.int32)
 
 
-def block_tables(ends: Array, position: Array, valid: Array, window, block: int) -> tuple[Array, Array]:
+def block_tables(ends: Array, k_pos: Array, k_valid: Array, q_slot: Array, q_pos: Array, q_valid: Array, window,
+                 block: int) -> tuple[Array, Array]:  # fmt: skip
     """One row's lists: [NQ, 1 + NC] the key blocks each query block needs and [NC, 1 + NQ] the query blocks each key
-    block serves, each row's count first, then the block indices in order (the rest unused)."""
-    t = ends.shape[0]
-    n = t // block
-    first = jnp.arange(n, dtype=jnp.int32) * block
-    reach = jnp.where(valid, ends, -1).reshape(n, block).max(axis=1)  # [NC] the furthest query a key block serves
-    needs = (first[None, :] <= first[:, None] + block - 1) & (reach[None, :] > first[:, None])  # [NQ, NC]
+    block serves, each list's count first, then the block indices in order (the rest unused). Keys are the row in
+    slot order (their ends, positions, validity); queries carry their slots (any order: a block's range counts)."""
+    nq, nk = q_slot.shape[0] // block, ends.shape[0] // block
+    first = jnp.arange(nk, dtype=jnp.int32) * block
+    reach = jnp.where(k_valid, ends, -1).reshape(nk, block).max(axis=1)  # [NC] one past the last query served
+    big = np.iinfo(np.int32).max
+    lo = jnp.where(q_valid, q_slot, big).reshape(nq, block).min(axis=1)
+    hi = jnp.where(q_valid, q_slot, -1).reshape(nq, block).max(axis=1)
+    needs = (first[None, :] <= hi[:, None]) & (reach[None, :] > lo[:, None])  # [NQ, NC]
     if window is not None:
-        nearest = jnp.where(valid, position, np.iinfo(np.int32).max).reshape(n, block).min(axis=1)
-        furthest = jnp.where(valid, position, -1).reshape(n, block).max(axis=1)
+        nearest = jnp.where(q_valid, q_pos, big).reshape(nq, block).min(axis=1)
+        furthest = jnp.where(k_valid, k_pos, -1).reshape(nk, block).max(axis=1)
         needs &= nearest[:, None] - furthest[None, :] < window
 
     def listed(m):  # [N, M] bool -> [N, 1 + M]: count, then the true columns first, in order
@@ -90,22 +94,19 @@ def _scores(q, k, scale, softcap):
     return capped, 1.0 - (capped / softcap) ** 2
 
 
-def _mask(q0, k0, ends, q_pos, k_pos, window, block):
-    """[Q, C] who sees whom in the blocks starting at slots ``q0`` and ``k0``."""
-    qi = q0 + jnp.arange(block)
+def _mask(q_slot, k0, ends, q_pos, k_pos, window, block):
+    """[Q, C] who sees whom: queries at ``q_slot`` against the key block starting at slot ``k0``."""
     ki = k0 + jnp.arange(block)
-    ok = (ki[None, :] <= qi[:, None]) & (qi[:, None] < ends[None, :])
+    ok = (ki[None, :] <= q_slot[:, None]) & (q_slot[:, None] < ends[None, :])
     if window is not None:
         ok &= q_pos[:, None] - k_pos[None, :] < window
     return ok
 
 
-def _forward_kernel(table_ref, ends_ref, pos_ref, window_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block, scale,
-                    softcap):  # fmt: skip
-    i = pl.program_id(2)
-    q0 = i * block
-    q = q_ref[...]
-    q_pos = pos_ref[pl.ds(q0, block)]
+def _forward_kernel(table_ref, ends_ref, k_pos_ref, q_slot_ref, q_pos_ref, window_ref, q_ref, k_ref, v_ref, o_ref,
+                    lse_ref, *, block, scale, softcap):  # fmt: skip
+    qs = pl.ds(pl.program_id(2) * block, block)
+    q, q_slot, q_pos = q_ref[...], q_slot_ref[qs], q_pos_ref[qs]
     window = None if window_ref is None else window_ref[0]
 
     def body(j, carry):
@@ -113,7 +114,7 @@ def _forward_kernel(table_ref, ends_ref, pos_ref, window_ref, q_ref, k_ref, v_re
         k0 = table_ref[j + 1] * block
         ks = pl.ds(k0, block)
         s, _ = _scores(q, k_ref[ks, :], scale, softcap)
-        ok = _mask(q0, k0, ends_ref[ks], q_pos, pos_ref[ks], window, block)
+        ok = _mask(q_slot, k0, ends_ref[ks], q_pos, k_pos_ref[ks], window, block)
         m_new = jnp.maximum(m, jnp.max(jnp.where(ok, s, NEG), axis=1))
         p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0)
         alpha = jnp.exp(m - m_new)
@@ -127,11 +128,11 @@ def _forward_kernel(table_ref, ends_ref, pos_ref, window_ref, q_ref, k_ref, v_re
     lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l_, 1.0)), 0.0)
 
 
-def _dq_kernel(table_ref, ends_ref, pos_ref, window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-               block, scale, softcap):  # fmt: skip
-    q0 = pl.program_id(2) * block
+def _dq_kernel(table_ref, ends_ref, k_pos_ref, q_slot_ref, q_pos_ref, window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+               delta_ref, dq_ref, *, block, scale, softcap):  # fmt: skip
+    qs = pl.ds(pl.program_id(2) * block, block)
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
-    q_pos = pos_ref[pl.ds(q0, block)]
+    q_slot, q_pos = q_slot_ref[qs], q_pos_ref[qs]
     window = None if window_ref is None else window_ref[0]
 
     def body(j, dq):
@@ -139,7 +140,7 @@ def _dq_kernel(table_ref, ends_ref, pos_ref, window_ref, q_ref, k_ref, v_ref, do
         ks = pl.ds(k0, block)
         k = k_ref[ks, :]
         s, cap = _scores(q, k, scale, softcap)
-        ok = _mask(q0, k0, ends_ref[ks], q_pos, pos_ref[ks], window, block)
+        ok = _mask(q_slot, k0, ends_ref[ks], q_pos, k_pos_ref[ks], window, block)
         p = jnp.where(ok, jnp.exp(s - lse[:, None]), 0.0)
         ds = p * (plgpu.dot(do, v_ref[ks, :], trans_b=True) - delta[:, None])
         if cap is not None:
@@ -150,11 +151,11 @@ def _dq_kernel(table_ref, ends_ref, pos_ref, window_ref, q_ref, k_ref, v_ref, do
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(table_ref, ends_ref, pos_ref, window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
-                dv_ref, *, block, scale, softcap, groups):  # fmt: skip
+def _dkv_kernel(table_ref, ends_ref, k_pos_ref, q_slot_ref, q_pos_ref, window_ref, q_ref, k_ref, v_ref, do_ref,
+                lse_ref, delta_ref, dk_ref, dv_ref, *, block, scale, softcap, groups):  # fmt: skip
     k0 = pl.program_id(2) * block
     ks = pl.ds(k0, block)
-    k, v, ends, k_pos = k_ref[...], v_ref[...], ends_ref[ks], pos_ref[ks]
+    k, v, ends, k_pos = k_ref[...], v_ref[...], ends_ref[ks], k_pos_ref[ks]
     window = None if window_ref is None else window_ref[0]
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
@@ -162,11 +163,10 @@ def _dkv_kernel(table_ref, ends_ref, pos_ref, window_ref, q_ref, k_ref, v_ref, d
 
         def body(j, carry, g=g):
             dk, dv = carry
-            q0 = table_ref[j + 1] * block
-            qs = pl.ds(q0, block)
+            qs = pl.ds(table_ref[j + 1] * block, block)
             q, do = q_ref[qs, g, :], do_ref[qs, g, :]
             s, cap = _scores(q, k, scale, softcap)
-            ok = _mask(q0, k0, ends, pos_ref[qs], k_pos, window, block)
+            ok = _mask(q_slot_ref[qs], k0, ends, q_pos_ref[qs], k_pos, window, block)
             p = jnp.where(ok, jnp.exp(s - lse_ref[g, qs][:, None]), 0.0)
             dv += plgpu.dot(p.astype(do.dtype), do, trans_a=True)
             ds = p * (plgpu.dot(do, v, trans_b=True) - delta_ref[g, qs][:, None])
@@ -180,47 +180,51 @@ def _dkv_kernel(table_ref, ends_ref, pos_ref, window_ref, q_ref, k_ref, v_ref, d
 
 
 @functools.lru_cache(maxsize=64)
-def _kernels(b: int, t: int, kh: int, g: int, e: int, block: int, softcap: float | None, windowed: bool,
+def _kernels(b: int, t: int, s: int, kh: int, g: int, e: int, block: int, softcap: float | None, windowed: bool,
              interpret: bool, scale: float):  # fmt: skip
-    """The custom-VJP attention of [B, T, H, E] queries and [B, T, K, E] keys and values (head widths padded, rows
-    whole blocks) given the layout's arrays: its key ends, positions, block lists and (``windowed``) the window."""
-    h, n = kh * g, t // block
+    """The custom-VJP attention of [B, T, H, E] queries and [B, S, K, E] keys and values (head widths padded, rows
+    whole blocks) given the layout's arrays: the keys' ends and positions, the queries' slots and positions, the
+    block lists and (``windowed``) the window."""
+    h, nq, nk = kh * g, t // block, s // block
     params = plgpu.CompilerParams(num_warps=4 if e <= 64 else 8, num_stages=2)
-    grid = (b, h, n)
-    row = pl.BlockSpec((None, t), lambda b_, h_, i: (b_, 0))
+    call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
+    keys = pl.BlockSpec((None, s), lambda b_, h_, i: (b_, 0))
+    queries = pl.BlockSpec((None, t), lambda b_, h_, i: (b_, 0))
     win = pl.BlockSpec((1,), lambda b_, h_, i: (0,)) if windowed else None
     q_block = pl.BlockSpec((None, block, None, e), lambda b_, h_, i: (b_, i, h_, 0))
-    kv_row = pl.BlockSpec((None, t, None, e), lambda b_, h_, i: (b_, 0, h_ // g, 0))
+    kv_rows = pl.BlockSpec((None, s, None, e), lambda b_, h_, i: (b_, 0, h_ // g, 0))
     per_q = pl.BlockSpec((None, None, block), lambda b_, h_, i: (b_, h_, i))
-    table = pl.BlockSpec((None, None, n + 1), lambda b_, h_, i: (b_, i, 0))
+    fwd_list = pl.BlockSpec((None, None, nk + 1), lambda b_, h_, i: (b_, i, 0))
+    layout_specs = [keys, keys, queries, queries, win]
     kw = dict(block=block, scale=scale, softcap=softcap)
-    call = functools.partial(pl.pallas_call, grid=grid, compiler_params=params, interpret=interpret)
 
     def forward(q, k, v, layout):
-        ends, pos, fwd_table, _, window = layout
-        o, lse = call(
-            functools.partial(_forward_kernel, **kw), name="flashmask_forward",
-            in_specs=[table, row, row, win, q_block, kv_row, kv_row], out_specs=[q_block, per_q],
+        ends, k_pos, q_slot, q_pos, fwd_table, _, window = layout
+        return call(
+            functools.partial(_forward_kernel, **kw), name="flashmask_forward", grid=(b, h, nq),
+            in_specs=[fwd_list, *layout_specs, q_block, kv_rows, kv_rows], out_specs=[q_block, per_q],
             out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
-        )(fwd_table, ends, pos, window, q, k, v)  # fmt: skip
-        return o, lse
+        )(fwd_table, ends, k_pos, q_slot, q_pos, window, q, k, v)  # fmt: skip
 
-    def backward(q, k, v, ends, pos, fwd_table, bwd_table, window, o, lse, do):
+    def backward(q, k, v, layout, o, lse, do):
+        ends, k_pos, q_slot, q_pos, fwd_table, bwd_table, window = layout
+        arrays = (ends, k_pos, q_slot, q_pos, window)
         delta = jnp.einsum("bthe,bthe->bht", o.astype(jnp.float32), do.astype(jnp.float32))
         dq = call(
-            functools.partial(_dq_kernel, **kw), name="flashmask_dq",
-            in_specs=[table, row, row, win, q_block, kv_row, kv_row, q_block, per_q, per_q], out_specs=q_block,
+            functools.partial(_dq_kernel, **kw), name="flashmask_dq", grid=(b, h, nq),
+            in_specs=[fwd_list, *layout_specs, q_block, kv_rows, kv_rows, q_block, per_q, per_q], out_specs=q_block,
             out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        )(fwd_table, ends, pos, window, q, k, v, do, lse, delta)  # fmt: skip
+        )(fwd_table, *arrays, q, k, v, do, lse, delta)  # fmt: skip
         q_rows = pl.BlockSpec((None, t, g, e), lambda b_, h_, i: (b_, 0, h_, 0))  # every query head of KV head h_
         per_kv = pl.BlockSpec((None, g, t), lambda b_, h_, i: (b_, h_, 0))
         kv_block = pl.BlockSpec((None, block, None, e), lambda b_, h_, i: (b_, i, h_, 0))
+        bwd_list = pl.BlockSpec((None, None, nq + 1), lambda b_, h_, i: (b_, i, 0))
         dk, dv = call(
-            functools.partial(_dkv_kernel, **kw, groups=g), name="flashmask_dkv", grid=(b, kh, n),
-            in_specs=[table, row, row, win, q_rows, kv_block, kv_block, q_rows, per_kv, per_kv],
+            functools.partial(_dkv_kernel, **kw, groups=g), name="flashmask_dkv", grid=(b, kh, nk),
+            in_specs=[bwd_list, *layout_specs, q_rows, kv_block, kv_block, q_rows, per_kv, per_kv],
             out_specs=[kv_block, kv_block],
             out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        )(bwd_table, ends, pos, window, q, k, v, do, lse, delta)  # fmt: skip
+        )(bwd_table, *arrays, q, k, v, do, lse, delta)  # fmt: skip
         return dq, dk, dv
 
     @jax.custom_vjp
@@ -232,36 +236,45 @@ def _kernels(b: int, t: int, kh: int, g: int, e: int, block: int, softcap: float
         return o, (q, k, v, layout, o, lse)
 
     def attend_bwd(res, do):
-        q, k, v, (ends, pos, fwd_table, bwd_table, window), o, lse = res
-        dq, dk, dv = backward(q, k, v, ends, pos, fwd_table, bwd_table, window, o, lse, do)
-        layout = (ends, pos, fwd_table, bwd_table, window)
+        q, k, v, layout, o, lse = res
         no_grad = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), layout)
-        return dq, dk, dv, no_grad
-
-    def run(q, k, v, ends, pos, fwd_table, bwd_table, window):
-        return attend(q, k, v, (ends, pos, fwd_table, bwd_table, window))
+        return *backward(q, k, v, layout, o, lse, do), no_grad
 
     attend.defvjp(attend_fwd, attend_bwd)
-    return run
+    return attend
 
 
-def flashmask_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, window=None, *, block: int = 128,
-                        softcap: float | None = None, interpret: bool | None = None) -> Array:  # fmt: skip
-    """[B, T, K, G, E] self-attention of whole rows (queries and keys the same tokens, ids ``q``, slots in order) by
-    the FlashMask kernels; ``window`` (int or traced) counts positions where the ids have them. ``interpret``:
-    default everywhere but on a GPU (slow: for tests and checks). Equal to ``einsum_attention`` wherever a query
-    sees a key; a query that sees none gets zeros."""
+def flashmask_attention(
+    q_BxTxKxGxE,
+    k_BxSxKxE,
+    v_BxSxKxE,
+    q: Ids,
+    window=None,
+    *,
+    k: Ids | None = None,
+    block: int = 128,
+    softcap: float | None = None,
+    interpret: bool | None = None,
+) -> Array:
+    """[B, T, K, G, E] attention by the FlashMask kernels of queries (ids ``q``) against keys that are whole rows in
+    slot order (ids ``k``; by default the queries': self-attention). The queries may be any of the row's tokens, in
+    any order (a device's share under the context axis). ``window`` (int or traced) counts positions where the ids
+    have them. ``interpret``: default everywhere but on a GPU (slow: for tests and checks). Equal to
+    ``einsum_attention`` wherever a query sees a key; a query that sees none gets zeros."""
     b, t, kh, g, e = q_BxTxKxGxE.shape
+    s = k_BxSxKxE.shape[1]
+    k = q if k is None else k
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     blk = block_size(block)
-    tp, ep = ceil_to(t, blk), max(16, pl.next_power_of_2(e))
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] * (x.ndim - 3) + [(0, ep - e)])  # noqa: E731
-    ids = q.pad(tp)
-    ends = key_ends(ids)
-    pos = (ids.slot if ids.position is None else ids.position).astype(jnp.int32)
-    fwd_table, bwd_table = jax.vmap(functools.partial(block_tables, window=window, block=blk))(ends, pos, ids.valid)
+    tp, sp, ep = ceil_to(t, blk), ceil_to(s, blk), max(16, pl.next_power_of_2(e))
+    pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 3) + [(0, ep - e)])  # noqa: E731
+    q_ids, k_ids = q.pad(tp), k.pad(sp)
+    where = lambda ids: (ids.slot if ids.position is None else ids.position).astype(jnp.int32)  # noqa: E731
+    ends, k_pos, q_slot, q_pos = key_ends(k_ids), where(k_ids), q_ids.slot.astype(jnp.int32), where(q_ids)
+    tables = functools.partial(block_tables, window=window, block=blk)
+    fwd_table, bwd_table = jax.vmap(tables)(ends, k_pos, k_ids.valid, q_slot, q_pos, q_ids.valid)
     win = None if window is None else jnp.asarray(window, jnp.int32).reshape(1)
-    fn = _kernels(b, tp, kh, g, ep, blk, softcap, window is not None, interpret, e**-0.5)
-    out = fn(pad(q_BxTxKxGxE.reshape(b, t, kh * g, e)), pad(k_BxSxKxE), pad(v_BxSxKxE), ends, pos, fwd_table,
-             bwd_table, win)  # fmt: skip
+    fn = _kernels(b, tp, sp, kh, g, ep, blk, softcap, window is not None, interpret, e**-0.5)
+    layout = (ends, k_pos, q_slot, q_pos, fwd_table, bwd_table, win)
+    out = fn(pad(q_BxTxKxGxE.reshape(b, t, kh * g, e), tp), pad(k_BxSxKxE, sp), pad(v_BxSxKxE, sp), layout)
     return out[:, :t, :, :e].reshape(b, t, kh, g, e)

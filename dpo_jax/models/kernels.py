@@ -63,6 +63,13 @@ def resolve(implementation: str, t: int, s: int, block: int, *, window: bool = F
     return "einsum" if max(t, s) <= block else "blockwise"
 
 
+def context_kernel(implementation: str, context: str) -> str:
+    """The kernel each device runs under a context axis: FlashMask for the all-gather strategy where it is the
+    choice (its keys are then the whole row in slot order); the blockwise kernel otherwise (the ring's rounds merge
+    the blockwise kernel's partial softmaxes)."""
+    return "flashmask" if implementation == "flashmask" and context == "gather" else "blockwise"
+
+
 def cudnn_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: int | None, implementation=None):
     """Rows of one right-padded sequence through ``jax.nn.dot_product_attention`` (cuDNN on GPU; ``implementation``
     "xla" runs the same call on any backend, which is how it is tested here)."""
@@ -101,11 +108,14 @@ def attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, *, window: int | N
     """[B, T, K, G, E] attention outputs by the implementation ``resolve`` picks; under a mesh with a ``context``
     axis, whole rows (``rows``: self-attention, no KV cache) over it by the ``context`` strategy (``ring`` or
     ``gather``: ``ring_attention``, ``gather_attention``)."""
-    if rows and (mesh := context_mesh()) is not None:
-        return CONTEXT_STRATEGIES[context](q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, mesh=mesh, block=block,
-                                           softcap=softcap)  # fmt: skip
     impl = resolve(implementation, q_BxTxKxGxE.shape[1], k_BxSxKxE.shape[1], block, window=window is not None,
                    rows=rows)  # fmt: skip
+    if rows and (mesh := context_mesh()) is not None:
+        kw = dict(mesh=mesh, block=block, softcap=softcap)
+        if context_kernel(impl, context) == "flashmask":  # each device's queries against the gathered row
+            kw["kernel"] = lambda q_, k_, v_, qi, ki, w: flashmask.flashmask_attention(
+                q_, k_, v_, qi, w, k=ki, block=block, softcap=softcap)  # fmt: skip
+        return CONTEXT_STRATEGIES[context](q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, **kw)
     if impl == "blockwise":
         return blockwise_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, block=block, softcap=softcap)
     if impl == "splash":
