@@ -91,6 +91,26 @@ def test_the_passes_ids_by_hand():
     assert len(packed) == 1 and packed[0][0].tolist() == [[1, 2, 2, 0]]
 
 
+def test_the_splash_route_lowers_to_mosaic_for_a_tpu():
+    """Both passes' forward and backward kernels of a soft-capped bfloat16 shared-row call lower to Mosaic for a TPU
+    on this CPU (JAX's cross-platform lowering runs Pallas' Mosaic lowering, which interpret mode skips: a block
+    shape or op Mosaic rejects fails here; compiling Mosaic's IR needs a TPU)."""
+    import re
+
+    q_ids, _ = layout_ids("shared", t=300)
+    q = jnp.zeros((2, 300, 2, 2, 128), jnp.bfloat16)
+    k = jnp.zeros((2, 300, 2, 128), jnp.bfloat16)
+
+    def loss(q, k, v):
+        out = splash.splash_attention(q, k, v, q_ids, block=128, softcap=5.0, interpret=False)
+        return out.astype(jnp.float32).sum()
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k).lower(lowering_platforms=("tpu",)).as_text()
+    names = re.findall(r'kernel_name = "(splash_\w+)"', text)
+    assert set(names) == {"splash_mqa_fwd_segmented_residuals", "splash_mqa_dq_segmented_no_residuals",
+                          "splash_mqa_dkv_segmented_no_residuals"}, names  # fmt: skip
+
+
 def test_auto_picks_splash_on_a_tpu_and_falls_back_where_it_cannot_serve():
     assert kernels.resolve("auto", 4096, 4096, 512, platform="tpu") == "splash"
     assert kernels.resolve("auto", 4096, 4096, 512, platform="cpu") == "blockwise"
