@@ -51,7 +51,7 @@ import numpy as np  # noqa: E402
 from dpo_jax.core import optim  # noqa: E402
 from dpo_jax.core.state import init_state  # noqa: E402
 from dpo_jax.infra import sharding  # noqa: E402
-from dpo_jax.models import attention  # noqa: E402
+from dpo_jax.models import attention, context  # noqa: E402
 from dpo_jax.training import builders  # noqa: E402
 from experiments.scale import MODELS, init_params, model_config, step_program  # noqa: E402
 
@@ -129,14 +129,14 @@ def ring_balance(row: int, n: int, block: int) -> tuple[float, float]:
     """The ring's critical path in (query block, key block) pairs of one pair's row (the layout above): each round's
     busiest device, summed over the rounds, for contiguous chunks and for the balanced order the decoder runs."""
     p, c = row // 2, row // 4
-    _, tp = attention.ring_layout(row, n, block)
+    _, tp = context.ring_layout(row, n, block)
     branch = np.concatenate([np.zeros(p), np.ones(c), np.full(row - p - c, 2), np.zeros(tp - row)]).astype(np.int32)
     valid = np.arange(tp) < row
     paths = []
-    for order in (np.arange(tp), attention.balanced_order(tp, n)):
+    for order in (np.arange(tp), context.balanced_order(tp, n)):
         ids = attention.Ids(*(jnp.asarray(x) for x in (order, valid[order], valid[order].astype(np.int32),
                                                          branch[order])))  # fmt: skip
-        paths.append(float(attention.ring_blocks(ids, n, block).max(axis=0).sum()))
+        paths.append(float(context.ring_blocks(ids, n, block).max(axis=0).sum()))
     return paths[0], paths[1]
 
 

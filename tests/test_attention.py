@@ -94,20 +94,20 @@ def test_key_blocks_nobody_sees_are_skipped():
     t = 64
     seg = np.repeat(np.arange(1, 5), 16).astype(np.int32)  # four 16-token segments
     ids = Ids(jnp.arange(t), jnp.ones(t, bool), jnp.asarray(seg))
-    lo, hi = attention._bounds(ids, ids, 8, 8, 8, 8)
+    lo, hi = attention.block_bounds(ids, ids, 8, 8, 8, 8)
     assert hi.tolist() == list(range(8)) and lo.tolist() == [0, 0, 2, 2, 4, 4, 6, 6]
     pad = Ids(jnp.arange(t), jnp.arange(t) < 20)  # right padding: blocks of padding queries read nothing
-    lo, hi = attention._bounds(pad, pad, 8, 8, 8, 8)
+    lo, hi = attention.block_bounds(pad, pad, 8, 8, 8, 8)
     assert hi.tolist() == [0, 1, 2, -1, -1, -1, -1, -1]
     # a window of 10: query block i (slots 8i .. 8i+7) reads key block j only if 8j + 7 > 8i - 10
     one = Ids(jnp.arange(t), jnp.ones(t, bool))
-    lo, hi = attention._bounds(one, one, 8, 8, 8, 8, window=10)
+    lo, hi = attention.block_bounds(one, one, 8, 8, 8, 8, window=10)
     assert lo.tolist() == [0, 0, 0, 1, 2, 3, 4, 5] and hi.tolist() == list(range(8))
     # positions, when given, are what the window counts: a shared row's rejected branch (slots 40-63) restarts at
     # position 24, the prompt's end, so its first block (nearest position 24) reads the prompt's last blocks
     position = jnp.concatenate([jnp.arange(40), jnp.arange(24, 48)])
     shared = Ids(jnp.arange(t), jnp.ones(t, bool), position=position)
-    lo, hi = attention._bounds(shared, shared, 8, 8, 8, 8, window=10)
+    lo, hi = attention.block_bounds(shared, shared, 8, 8, 8, 8, window=10)
     assert lo.tolist()[5:] == [1, 2, 3] and hi.tolist()[5:] == [5, 6, 7]
 
 

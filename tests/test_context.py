@@ -1,5 +1,5 @@
 """Context parallelism in the run: ``mesh.context`` splits every row's tokens over devices (the batch's token axis
-and attention's ring, ``dpo_jax.models.attention.ring_attention``). Through the ``dpo-jax`` command, a run over a
+and attention's ring, ``dpo_jax.models.context.ring_attention``). Through the ``dpo-jax`` command, a run over a
 context axis of 4 ends where the same run on one device ends, and resumes to the same bits."""
 
 import jax

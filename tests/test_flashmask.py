@@ -12,7 +12,7 @@ from helpers import cli, tiny_config
 from safetensors.numpy import load_file
 from test_attention import layout_ids
 
-from dpo_jax.models import attention, flashmask, kernels
+from dpo_jax.models import attention, context, flashmask, kernels
 from dpo_jax.models.attention import Ids
 from dpo_jax.training import train
 from dpo_jax.training.outputs import read_history
@@ -124,7 +124,7 @@ def test_flashmask_serves_each_device_of_the_all_gather_strategy():
     window of 6 positions, soft-capping, 2 query heads per KV head; 16-token pieces in 16-token blocks)."""
     n, t = 4, 128
     q_ids, k_ids = layout_ids("shared", t=t)
-    order = attention.balanced_order(t, n)
+    order = context.balanced_order(t, n)
     shuffle = lambda x: None if x is None else x[:, order]  # noqa: E731
     b, e, window, softcap = q_ids.slot.shape[0], 8, 6, 5.0
     rng = np.random.default_rng(5)

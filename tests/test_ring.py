@@ -1,4 +1,4 @@
-"""Ring attention (``attention.ring_attention``, context parallelism): rows split over a ``context`` mesh axis of the
+"""Ring attention (``context.ring_attention``, context parallelism): rows split over a ``context`` mesh axis of the
 8 test devices give the reference einsum's values and gradients on every layout the model makes (padding, packed
 segments, shared-prompt branches, windows, soft-capping, GQA), at rows many blocks long on every device."""
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_attention import layout_ids
 
-from dpo_jax.models import attention
+from dpo_jax.models import attention, context
 from dpo_jax.models.attention import Ids
 
 CASES = {  # name -> (layout, kv heads, query heads per kv head, window, softcap)
@@ -22,16 +22,16 @@ CASES = {  # name -> (layout, kv heads, query heads per kv head, window, softcap
 
 
 @pytest.mark.parametrize(
-    "name,context,strategy",
+    "name,n,strategy",
     [(name, 4, "ring") for name in CASES]
     + [("shared_window_softcap", 8, "ring"), ("packed_gqa", 4, "gather"), ("shared_window_softcap", 8, "gather")],
 )
-def test_ring_attention_equals_the_einsum_in_values_and_gradients(name, context, strategy):
+def test_ring_attention_equals_the_einsum_in_values_and_gradients(name, n, strategy):
     """The ring, and the all-gather strategy (``gather_attention``) on two of the cases."""
     kind, kh, g, window, softcap = CASES[name]
     q_ids, k_ids = layout_ids(kind, t=44)
     b, t, e = q_ids.slot.shape[0], q_ids.slot.shape[1], 8
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(8 // context, context), ("data", "context"))
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(8 // n, n), ("data", "context"))
     rng = np.random.default_rng(0)
     q, k, v, w = (jnp.asarray(rng.normal(size=shape) * 2, jnp.float32)
                   for shape in ((b, t, kh, g, e), (b, t, kh, e), (b, t, kh, e), (b, t, kh, g, e)))  # fmt: skip
@@ -41,7 +41,7 @@ def test_ring_attention_equals_the_einsum_in_values_and_gradients(name, context,
         return jnp.sum(jnp.where(real, fn(q, k, v) * w, 0.0))
 
     ref = lambda q, k, v: attention.einsum_attention(q, k, v, q_ids, k_ids, window, softcap)  # noqa: E731
-    fn = attention.CONTEXT_STRATEGIES[strategy]
+    fn = context.CONTEXT_STRATEGIES[strategy]
     ring = jax.jit(lambda q, k, v: fn(q, k, v, q_ids, k_ids, window, mesh=mesh, block=4, softcap=softcap))
     got = ring(q, k, v)
     want = jnp.where(real, ref(q, k, v), 0)
@@ -60,7 +60,7 @@ def test_rows_in_the_balanced_order_give_the_einsum_in_values_and_gradients(kind
     shared-prompt branches, a window)."""
     n, t = 4, 64
     q_ids, k_ids = layout_ids(kind, t=t)
-    order = attention.balanced_order(t, n)
+    order = context.balanced_order(t, n)
     assert sorted(order.tolist()) == list(range(t)) and order[:16].tolist() == [*range(8), *range(56, 64)]
     shuffle = lambda x: None if x is None else x[:, order]  # noqa: E731
     b, e, window = q_ids.slot.shape[0], 8, 6 if kind == "shared" else None
@@ -70,7 +70,7 @@ def test_rows_in_the_balanced_order_give_the_einsum_in_values_and_gradients(kind
                   for shape in ((b, t, 2, 2, e), (b, t, 2, e), (b, t, 2, e), (b, t, 2, 2, e)))  # fmt: skip
     real = q_ids.valid[:, :, None, None, None]
     back = np.argsort(order)
-    ring = jax.jit(lambda q, k, v: attention.CONTEXT_STRATEGIES[strategy](
+    ring = jax.jit(lambda q, k, v: context.CONTEXT_STRATEGIES[strategy](
         shuffle(q), shuffle(k), shuffle(v), Ids(*map(shuffle, q_ids)), Ids(*map(shuffle, k_ids)), window,
         mesh=mesh, block=4)[:, back])  # fmt: skip
     ref = lambda q, k, v: attention.einsum_attention(q, k, v, q_ids, k_ids, window)  # noqa: E731
@@ -90,17 +90,17 @@ def test_rebalance_moves_each_piece_to_its_device_and_back(n):
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(8 // n, n), ("data", "context"))
     t = 2 * n * 3
     x = np.arange(2 * t * 3, dtype=np.float32).reshape(2, t, 3)
-    order = attention.balanced_order(t, n)
+    order = context.balanced_order(t, n)
     pieces = np.arange(t).reshape(2 * n, 3)
     assert order.reshape(n, 6).tolist() == [[*pieces[i], *pieces[2 * n - 1 - i]] for i in range(n)]
-    moved = jax.jit(lambda x: attention.rebalance(x, mesh))(x)
+    moved = jax.jit(lambda x: context.rebalance(x, mesh))(x)
     np.testing.assert_array_equal(moved, x[:, order])
-    np.testing.assert_array_equal(jax.jit(lambda y: attention.rebalance(y, mesh, inverse=True))(moved), x)
+    np.testing.assert_array_equal(jax.jit(lambda y: context.rebalance(y, mesh, inverse=True))(moved), x)
     keys = jax.random.split(jax.random.key(0), 2 * t).reshape(2, t)
-    got = jax.jit(lambda k: attention.rebalance(k, mesh))(keys)
+    got = jax.jit(lambda k: context.rebalance(k, mesh))(keys)
     np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(keys)[:, order])
     logits = np.arange(3 * 2 * t, dtype=np.float32).reshape(3, 2, t)  # a router's [L, B, T]: tokens on axis 2
-    np.testing.assert_array_equal(jax.jit(lambda y: attention.rebalance(y, mesh, dim=2))(logits), logits[:, :, order])
+    np.testing.assert_array_equal(jax.jit(lambda y: context.rebalance(y, mesh, dim=2))(logits), logits[:, :, order])
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
@@ -114,8 +114,8 @@ def test_the_balanced_order_evens_the_ring_rounds(n):
     m, blk = 3, 8
     t = 2 * n * m * blk
     row = lambda slot: Ids(jnp.asarray(slot, jnp.int32), jnp.ones(t, bool), jnp.ones(t, jnp.int32))  # noqa: E731
-    contiguous = attention.ring_blocks(row(np.arange(t)), n, blk)
-    balanced = attention.ring_blocks(row(attention.balanced_order(t, n)), n, blk)
+    contiguous = context.ring_blocks(row(np.arange(t)), n, blk)
+    balanced = context.ring_blocks(row(context.balanced_order(t, n)), n, blk)
     for d in range(n):
         assert contiguous[d, 0] == 2 * m * (2 * m + 1) // 2 and balanced[d, 0] == m * (m + 1) + m * m
         for r in range(1, n // 2 + 1):
@@ -129,12 +129,12 @@ def test_the_balanced_order_evens_the_ring_rounds(n):
 
 
 def _rounds_for(ids, n, window=None, block=8):
-    """``attention._rounds`` on a row (repeated for a batch of 2) split over a context axis of n."""
+    """``context.ring_rounds`` on a row (repeated for a batch of 2) split over a context axis of n."""
     from jax.sharding import PartitionSpec as P
 
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:n]), ("context",))
     rows = Ids(*(None if x is None else jnp.stack([x, x]) for x in ids))
-    fn = jax.shard_map(lambda q: attention._rounds(q, q, window, "context", n, block)[None], mesh=mesh,
+    fn = jax.shard_map(lambda q: context.ring_rounds(q, q, window, "context", n, block)[None], mesh=mesh,
                        in_specs=P(None, "context"), out_specs=P("context"), axis_names=frozenset({"context"}),
                        check_vma=False)  # fmt: skip
     out = jax.jit(fn)(rows)
@@ -148,7 +148,7 @@ def test_the_two_way_ring_stops_after_the_rounds_the_ids_need():
     (before piece i) and i + 1 (before piece 15 - i): 1 round. Segments of 16 tokens (pieces 2j and 2j + 1): the
     odd pieces need the piece before them, one device away either way: 1 round. Segments of one piece: none."""
     n, t = 8, 128
-    order = attention.balanced_order(t, n)
+    order = context.balanced_order(t, n)
     piece = order // 8
     valid = jnp.ones(t, bool)
     causal = Ids(jnp.asarray(order), valid, jnp.ones(t, jnp.int32))
@@ -171,7 +171,7 @@ def test_ring_attention_splits_the_rows_over_the_context_axis(strategy):
     k, v = (jnp.asarray(rng.normal(size=(2, 64, 2, 8)), jnp.float32) for _ in range(2))
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "context"))
     q, k, v = (jax.device_put(x, rows) for x in (q, k, v))
-    fn = jax.jit(lambda q, k, v: attention.CONTEXT_STRATEGIES[strategy](q, k, v, q_ids, k_ids, None, mesh=mesh,
+    fn = jax.jit(lambda q, k, v: context.CONTEXT_STRATEGIES[strategy](q, k, v, q_ids, k_ids, None, mesh=mesh,
                                                                          block=4))  # fmt: skip
     out = fn(q, k, v)
     assert out.sharding.spec[1] == "context"
@@ -191,7 +191,7 @@ def test_a_traced_window_as_gemma_3s_per_layer_windows_are():
     rng = np.random.default_rng(3)
     q = jnp.asarray(rng.normal(size=(2, 44, 2, 1, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.normal(size=(2, 44, 2, 8)), jnp.float32) for _ in range(2))
-    ring = lambda q, w: attention.ring_attention(q, k, v, q_ids, k_ids, w, mesh=mesh, block=4)  # noqa: E731
+    ring = lambda q, w: context.ring_attention(q, k, v, q_ids, k_ids, w, mesh=mesh, block=4)  # noqa: E731
     real = q_ids.valid[:, :, None, None, None]
     traced = jax.jit(jax.grad(lambda q, w: jnp.sum(ring(q, w) ** 2)))(q, jnp.int32(6))
     ref = lambda q: jnp.where(real, attention.einsum_attention(q, k, v, q_ids, k_ids, 6), 0)  # noqa: E731

@@ -2,7 +2,7 @@
 
 Mesh axes: ``member`` (the members of a population, K / member of them per device group), ``data`` (pure data
 parallelism), ``fsdp`` (data parallelism with parameters sharded over it, ZeRO-3 style), ``expert`` (a
-mixture's experts), ``context`` (a row's tokens: context parallelism, attention by ``models.attention.ring_attention``)
+mixture's experts), ``context`` (a row's tokens: context parallelism, attention by ``models.context.ring_attention``)
 and ``tensor`` (Megatron-style model parallelism of heads / MLP width / vocabulary). Batches are split over
 ``("data", "fsdp", "expert")`` and their token axis over ``context`` (and over ``member`` when members draw their own
 batches); a population's state over ``member``. ``jax.jit``

@@ -1,6 +1,7 @@
 """Attention over a mask built from token ids: the reference einsum, a blockwise (flash-style) implementation whose
-memory is linear in the row, and the ring and all-gather strategies over a context axis (``dpo_jax.models.kernels``
-chooses among them and the platforms' kernels).
+memory is linear in the row, its row functions (which the context axis's strategies in ``dpo_jax.models.context``
+run on each device), and the merge of partial attentions (``dpo_jax.models.kernels`` chooses among them and the
+platforms' kernels).
 
 Shape letters: B batch, T query tokens, S key slots, K key/value heads, G = H // K query heads per KV head, E head
 width, Q query block, C key block (chunk), NQ / NC blocks of a row.
@@ -86,7 +87,7 @@ def _take(x, start, size, axis=0):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
-def _block_ids(ids: Ids, start, size) -> Ids:
+def block_ids(ids: Ids, start, size) -> Ids:
     return Ids(*(None if x is None else _take(x, start, size) for x in ids))
 
 
@@ -99,7 +100,7 @@ def _block_mask(q: Ids, k: Ids, window) -> Array:
 _BIG = int(np.iinfo(np.int32).max)
 
 
-def _query_blocks(q: Ids, qb: int, nq: int, window) -> tuple[Array, Array, Array]:
+def query_blocks(q: Ids, qb: int, nq: int, window) -> tuple[Array, Array, Array]:
     """[NQ] per query block of one row: the earliest key slot any real query may see (its segment's start), the
     latest real query's slot, (with a window) the nearest real query's position, and the range of its segment ids."""
     t = jnp.arange(q.slot.shape[0])
@@ -124,7 +125,7 @@ def _segment_range(ids: Ids, b: int, n: int):
             jnp.where(ids.valid, ids.segment, -1).reshape(n, b).max(axis=1))  # fmt: skip
 
 
-def _key_blocks(k: Ids, kb: int, nk: int, window) -> tuple[Array, Array, Array]:
+def key_blocks(k: Ids, kb: int, nk: int, window) -> tuple[Array, Array, Array]:
     """[NC] per key block of one row: its earliest and latest real key's slot, (with a window) the furthest real
     key's position, and the range of its segment ids."""
     lo = jnp.where(k.valid, k.slot, _BIG).reshape(nk, kb).min(axis=1)
@@ -134,7 +135,7 @@ def _key_blocks(k: Ids, kb: int, nk: int, window) -> tuple[Array, Array, Array]:
     return lo, hi, far, *_segment_range(k, kb, nk)
 
 
-def _meets(query_blocks, key_blocks, window) -> Array:
+def meets(query_blocks, key_blocks, window) -> Array:
     """[..., NQ, NC] which key blocks a query block may see, from the two blocks' summaries: slot ranges (causal,
     segment starts), positions (a window), and segment-id ranges (a key block none of whose ids a query block holds:
     the segment start bound fails where a chunk begins inside a segment)."""
@@ -158,10 +159,10 @@ def _needs(q: Ids, k: Ids, qb: int, kb: int, nq: int, nk: int, window=None) -> A
     for it."""
     if window is not None and (q.position is None) != (k.position is None):  # the mask counts slots then
         q, k = q._replace(position=None), k._replace(position=None)
-    return _meets(_query_blocks(q, qb, nq, window), _key_blocks(k, kb, nk, window), window)
+    return meets(query_blocks(q, qb, nq, window), key_blocks(k, kb, nk, window), window)
 
 
-def _bounds(q: Ids, k: Ids, qb: int, kb: int, nq: int, nk: int, window=None) -> tuple[Array, Array]:
+def block_bounds(q: Ids, k: Ids, qb: int, kb: int, nq: int, nk: int, window=None) -> tuple[Array, Array]:
     """[NQ] first and last key block each query block reads (last < first: none); blocks between that ``_needs``
     rules out are read and masked (with contiguous slots there are none)."""
     needs = _needs(q, k, qb, kb, nq, nk, window)
@@ -181,20 +182,20 @@ def _scores(q_QxKxGxE, k_CxKxE, scale, softcap):
     return softcap * t, t
 
 
-def _fwd_row(q_TxKxGxE, k_SxKxE, v_SxKxE, q: Ids, k: Ids, window, qb, kb, softcap):
+def row_forward(q_TxKxGxE, k_SxKxE, v_SxKxE, q: Ids, k: Ids, window, qb, kb, softcap):
     """One row: output [T, K, G, E] and log-sum-exp [T, K, G] (+inf for a query that sees nothing)."""
     t, kh, g, e = q_TxKxGxE.shape
     nq, nk = t // qb, k_SxKxE.shape[0] // kb
     scale = e**-0.5
-    lo, hi = _bounds(q, k, qb, kb, nq, nk, window)
+    lo, hi = block_bounds(q, k, qb, kb, nq, nk, window)
     dtype = q_TxKxGxE.dtype
 
     def one_query_block(i):
-        q_i, qi = _take(q_TxKxGxE, i * qb, qb), _block_ids(q, i * qb, qb)
+        q_i, qi = _take(q_TxKxGxE, i * qb, qb), block_ids(q, i * qb, qb)
 
         def body(j, carry):
             m, denom, acc = carry
-            kj, vj, kid = _take(k_SxKxE, j * kb, kb), _take(v_SxKxE, j * kb, kb), _block_ids(k, j * kb, kb)
+            kj, vj, kid = _take(k_SxKxE, j * kb, kb), _take(v_SxKxE, j * kb, kb), block_ids(k, j * kb, kb)
             s, _ = _scores(q_i, kj, scale, softcap)
             s = jnp.where(_block_mask(qi, kid, window)[None, None], s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=-1))
@@ -216,7 +217,7 @@ def _fwd_row(q_TxKxGxE, k_SxKxE, v_SxKxE, q: Ids, k: Ids, window, qb, kb, softca
     return out.reshape(t, kh, g, e), lse.reshape(t, kh, g)
 
 
-def _bwd_row(q_TxKxGxE, k_SxKxE, v_SxKxE, q: Ids, k: Ids, out, lse, dout, window, qb, kb, softcap):
+def row_backward(q_TxKxGxE, k_SxKxE, v_SxKxE, q: Ids, k: Ids, out, lse, dout, window, qb, kb, softcap):
     """One row's gradients, key block by key block (dk, dv of a block stay in the carry; dq accumulates)."""
     t, kh, g, e = q_TxKxGxE.shape
     s_len = k_SxKxE.shape[0]
@@ -230,11 +231,11 @@ def _bwd_row(q_TxKxGxE, k_SxKxE, v_SxKxE, q: Ids, k: Ids, out, lse, dout, window
     dtype = q_TxKxGxE.dtype
 
     def one_key_block(dq, j):
-        kj, vj, kid = _take(k_SxKxE, j * kb, kb), _take(v_SxKxE, j * kb, kb), _block_ids(k, j * kb, kb)
+        kj, vj, kid = _take(k_SxKxE, j * kb, kb), _take(v_SxKxE, j * kb, kb), block_ids(k, j * kb, kb)
 
         def body(i, carry):
             dq, dk, dv = carry
-            q_i, qi = _take(q_TxKxGxE, i * qb, qb), _block_ids(q, i * qb, qb)
+            q_i, qi = _take(q_TxKxGxE, i * qb, qb), block_ids(q, i * qb, qb)
             do_i = _take(dout, i * qb, qb).astype(dtype)
             lse_i = _take(lse, i * qb, qb).transpose(1, 2, 0)  # [K, G, Q]
             d_i = _take(delta, i * qb, qb).transpose(1, 2, 0)
@@ -263,11 +264,12 @@ def _bwd_row(q_TxKxGxE, k_SxKxE, v_SxKxE, q: Ids, k: Ids, out, lse, dout, window
 # layer scan, which a custom VJP's non-differentiable arguments may not be. Its cotangent is float0.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _blockwise(q, k, v, q_ids, k_ids, window, qb, kb, softcap):
-    return jax.vmap(functools.partial(_fwd_row, window=window, qb=qb, kb=kb, softcap=softcap))(q, k, v, q_ids, k_ids)[0]
+    row = functools.partial(row_forward, window=window, qb=qb, kb=kb, softcap=softcap)
+    return jax.vmap(row)(q, k, v, q_ids, k_ids)[0]
 
 
 def _blockwise_fwd(q, k, v, q_ids, k_ids, window, qb, kb, softcap):
-    out, lse = jax.vmap(functools.partial(_fwd_row, window=window, qb=qb, kb=kb, softcap=softcap))(
+    out, lse = jax.vmap(functools.partial(row_forward, window=window, qb=qb, kb=kb, softcap=softcap))(
         q, k, v, q_ids, k_ids
     )
     return out, (q, k, v, q_ids, k_ids, window, out, lse)
@@ -275,7 +277,7 @@ def _blockwise_fwd(q, k, v, q_ids, k_ids, window, qb, kb, softcap):
 
 def _blockwise_bwd(qb, kb, softcap, residuals, dout):
     q, k, v, q_ids, k_ids, window, out, lse = residuals
-    row = functools.partial(_bwd_row, window=window, qb=qb, kb=kb, softcap=softcap)
+    row = functools.partial(row_backward, window=window, qb=qb, kb=kb, softcap=softcap)
     dq, dk, dv = jax.vmap(row)(q, k, v, q_ids, k_ids, out, lse, dout)
     no_grad = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (q_ids, k_ids, window))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad
@@ -299,7 +301,7 @@ def blockwise_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, windo
     return out[:, :t]
 
 
-# --- Ring attention (context parallelism) -----------------------------------------------------------------------
+# --- Merging partial attentions -------------------------------------------------------------------------------
 
 
 def merge(out_a, lse_a, out_b, lse_b):
@@ -313,280 +315,6 @@ def merge(out_a, lse_a, out_b, lse_b):
     return out, jnp.where(total > 0, shift + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
 
 
-def _shift(axis: str, n: int, by: int):
-    """Every device sends what it holds ``by`` places along the ring (negative: the other way)."""
-    perm = [(i, (i + by) % n) for i in range(n)]
-    return lambda tree: jax.tree.map(lambda x: jax.lax.ppermute(x, axis, perm), tree)
-
-
-def _rounds(q_ids: Ids, k_ids: Ids, window, axis: str, n: int, blk: int) -> Array:
-    """How many rounds of the two-way ring bring every chunk a query of any device may see: the furthest such chunk,
-    counted the shorter way round (at most n // 2), the most over the devices (one count for all: ``pmax``). From
-    the blocks' slot (and, with a window, position) ranges: every device's key blocks are gathered (a few int32 per
-    block)."""
-    b, t = q_ids.slot.shape
-    nb = t // blk
-    queries = jax.vmap(lambda q: _query_blocks(q, blk, nb, window))(q_ids)  # [B, NB] each
-    keys = jax.vmap(lambda k: _key_blocks(k, blk, nb, window))(k_ids)
-    every = jax.tree.map(lambda x: jax.lax.all_gather(x, axis), keys)  # [n, B, NB] each
-    sees = jax.vmap(lambda kb: _meets(queries, kb, window).any())(every)  # [n]: a chunk some query here may see
-    d = jax.lax.axis_index(axis)
-    c = jnp.arange(n)
-    away = jnp.minimum((d - c) % n, (c - d) % n)
-    return jax.lax.pmax(jnp.max(jnp.where(sees, away, 0)), axis)
-
-
-def _ring_fwd_local(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap):
-    """This device's queries against every chunk they may see, passed round the ring both ways (round r brings the
-    chunks of devices i - r and i + r; at r = n / 2 they are one), for as many rounds as ``_rounds`` says: output
-    [B, T, K, G, E] and log-sum-exp [B, T, K, G] (+inf: a query that sees nothing, as ``_fwd_row``)."""
-    row = jax.vmap(functools.partial(_fwd_row, window=window, qb=qb, kb=kb, softcap=softcap))
-    ahead, back = _shift(axis, n, 1), _shift(axis, n, -1)
-
-    def add(out, lse, chunk):
-        k_c, v_c, ids_c = chunk
-        o, l_ = row(q, k_c, v_c, q_ids, ids_c)
-        return merge(out, lse, o.astype(jnp.float32), jnp.where(jnp.isposinf(l_), -jnp.inf, l_))
-
-    def both_ways(_, carry):
-        out, lse, ahead_chunk, back_chunk = carry
-        ahead_chunk, back_chunk = ahead(ahead_chunk), back(back_chunk)
-        out, lse = add(*add(out, lse, ahead_chunk), back_chunk)
-        return out, lse, ahead_chunk, back_chunk
-
-    own = (k, v, k_ids)
-    out, lse = add(jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], -jnp.inf), own)
-    rounds = _rounds(q_ids, k_ids, window, axis, n, kb)
-    two_way = jnp.minimum(rounds, (n - 1) // 2)  # rounds that bring two chunks
-    out, lse, ahead_chunk, _ = jax.lax.fori_loop(0, two_way, both_ways, (out, lse, own, own))
-    if n % 2 == 0:  # the round that brings the opposite device's chunk, alone
-        out, lse = jax.lax.cond(rounds == n // 2, lambda o, l_: add(o, l_, ahead(ahead_chunk)), lambda o, l_: (o, l_),
-                                out, lse)  # fmt: skip
-    return out.astype(q.dtype), jnp.where(jnp.isneginf(lse), jnp.inf, lse)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _ring(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap):
-    return _ring_fwd_local(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap)[0]
-
-
-def _ring_fwd(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap):
-    out, lse = _ring_fwd_local(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap)
-    return out, (q, k, v, q_ids, k_ids, window, out, lse)
-
-
-def _ring_bwd(axis, n, qb, kb, softcap, residuals, dout):
-    """The chunks go round again, the same rounds both ways, each with its key/value gradients accumulating beside
-    it; each chunk's block probabilities are recomputed from the whole row's log-sum-exp (nothing of the forward's
-    blocks is kept). Then the gradients go home in one shift each way (as far as their chunks went)."""
-    q, k, v, q_ids, k_ids, window, out, lse = residuals
-    row = jax.vmap(functools.partial(_bwd_row, window=window, qb=qb, kb=kb, softcap=softcap))
-    ahead, back = _shift(axis, n, 1), _shift(axis, n, -1)
-
-    def add(dq, chunk, grads):
-        k_c, v_c, ids_c = chunk
-        dq_c, dk_c, dv_c = row(q, k_c, v_c, q_ids, ids_c, out, lse, dout)
-        return dq + dq_c, (grads[0] + dk_c, grads[1] + dv_c)
-
-    def both_ways(_, carry):
-        dq, ahead_chunk, ahead_grads, back_chunk, back_grads = carry
-        ahead_chunk, ahead_grads = ahead((ahead_chunk, ahead_grads))
-        back_chunk, back_grads = back((back_chunk, back_grads))
-        dq, ahead_grads = add(dq, ahead_chunk, ahead_grads)
-        dq, back_grads = add(dq, back_chunk, back_grads)
-        return dq, ahead_chunk, ahead_grads, back_chunk, back_grads
-
-    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
-    own = (k, v, k_ids)
-    dq, (dk, dv) = add(zeros(q), own, (zeros(k), zeros(v)))
-    rounds = _rounds(q_ids, k_ids, window, axis, n, kb)
-    two_way = jnp.minimum(rounds, (n - 1) // 2)
-    nothing = (zeros(k), zeros(v))
-    dq, ahead_chunk, ahead_grads, _, back_grads = jax.lax.fori_loop(0, two_way, both_ways,
-                                                                    (dq, own, nothing, own, nothing))  # fmt: skip
-    if n % 2 == 0:  # the opposite device's chunk, alone
-
-        def last(dq, grads):
-            chunk, grads = ahead((ahead_chunk, grads))
-            return add(dq, chunk, grads)
-
-        dq, ahead_grads = jax.lax.cond(rounds == n // 2, last, lambda d, g: (d, g), dq, ahead_grads)
-    # home: the gradients that went ahead are ``rounds`` devices on, those that went back ``two_way`` devices back
-    home = lambda by, most: [lambda g: g] + [_shift(axis, n, by * s) for s in range(1, most + 1)]  # noqa: E731
-    ahead_grads = jax.lax.switch(rounds, home(-1, n // 2), ahead_grads)
-    if (n - 1) // 2:
-        back_grads = jax.lax.switch(two_way, home(1, (n - 1) // 2), back_grads)
-    dk, dv = dk + ahead_grads[0] + back_grads[0], dv + ahead_grads[1] + back_grads[1]
-    no_grad = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (q_ids, k_ids, window))
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad
-
-
-_ring.defvjp(_ring_fwd, _ring_bwd)
-
-
-def ring_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: int | None, *, mesh,
-                   axis: str = "context", block: int = 512, softcap: float | None = None) -> Array:  # fmt: skip
-    """Self-attention of rows split over the mesh axis ``axis`` (context parallelism): each device holds a
-    contiguous 1/n of every row's tokens (queries, keys, values and their ids); the key/value chunks pass round the
-    ring (``ppermute``) while each device runs the blockwise kernel of its queries against the chunk it holds,
-    merged by log-sum-exp; the backward passes them round again with their gradients. The mask is each block's,
-    from the ids (packed segments, shared-prompt branches, windows): a chunk no query of a device can see costs
-    its transfer only. Equal to ``einsum_attention`` wherever a query sees a key; the output is split as the input."""
-    n = mesh.shape[axis]
-    blk = ring_layout(q_BxTxKxGxE.shape[1], n, block)[0]
-
-    def local(q_, k_, v_, qi, ki, w):
-        return _ring(q_, k_, v_, qi, ki, w, axis, n, blk, blk, softcap)
-
-    return _split_rows(local, mesh, axis, block, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window)
-
-
-def _split_rows(local, mesh, axis: str, block: int, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window):
-    """``local(q, k, v, q_ids, k_ids, window)`` on each device's share of the rows (padded to ``ring_layout``'s
-    length), under ``shard_map`` over ``axis``; the output split as the input. The window passes as a traced int32
-    (Gemma 3's per-layer ones are) and reaches ``local`` as None when there is none."""
-    t = q_BxTxKxGxE.shape[1]
-    tp = ring_layout(t, mesh.shape[axis], block)[1]
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - x.shape[1])] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-    rows = jax.sharding.PartitionSpec(None, axis)
-    has_window = window is not None
-    window = jnp.asarray(-1 if window is None else window, jnp.int32)
-
-    def run(q_, k_, v_, qi, ki, w):
-        return local(q_, k_, v_, qi, ki, w if has_window else None)
-
-    out = jax.shard_map(run, mesh=mesh, in_specs=(rows, rows, rows, rows, rows, jax.sharding.PartitionSpec()),
-                        out_specs=rows, axis_names=frozenset({axis}), check_vma=False)(
-        pad(q_BxTxKxGxE), pad(k_BxSxKxE), pad(v_BxSxKxE), q.pad(tp), k.pad(tp), window)  # fmt: skip
-    return out[:, :t]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _gather_rows(x, axis):
-    return jax.lax.all_gather(x, axis, axis=1, tiled=True)
-
-
-def _gather_rows_fwd(x, axis):
-    return _gather_rows(x, axis), None
-
-
-def _gather_rows_bwd(axis, _, g):
-    """The gradients summed over the axis in float32 (XLA:CPU fails to compile a bfloat16 reduce-scatter whose sum
-    carries sharding annotations: its promotion pass expects a bare add)."""
-    return (jax.lax.psum_scatter(g.astype(jnp.float32), axis, scatter_dimension=1, tiled=True).astype(g.dtype),)
-
-
-_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
-
-
-def gather_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: int | None, *, mesh,
-                     axis: str = "context", block: int = 512, softcap: float | None = None,
-                     kernel=None) -> Array:  # fmt: skip
-    """Self-attention of rows split over ``axis`` by gathering the keys (the all-gather strategy): every device
-    gathers the whole row's keys, values and their ids (one ``all_gather`` each), sorts them by slot (the balanced
-    order's pieces back in the row's order) and runs the blockwise kernel of its queries against them; the
-    backward reduce-scatters their gradients (the gather's transpose). One collective instead of n - 1 ring steps,
-    and each device's work is its queries' (even in the balanced order), for the row's keys and values held on
-    every device during a layer (small with few KV heads). Equal to ``ring_attention``. The gradients are summed in
-    float32 (twice a bfloat16 reduce-scatter's bytes). ``kernel(q, k, v, q_ids, k_ids, window)``: the per-device
-    attention (by default the blockwise kernel; any whose keys may be the whole row in slot order)."""
-
-    def local(q_, k_, v_, qi, ki, w):
-        k_all, v_all = _gather_rows(k_, axis), _gather_rows(v_, axis)
-        ki_all = jax.tree.map(lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True), ki)
-        order = jnp.argsort(ki_all.slot, axis=1)  # [B, S]
-        take = lambda x: x[jnp.arange(x.shape[0])[:, None], order]  # noqa: E731
-        k_all, v_all, ki_all = jax.tree.map(take, (k_all, v_all, ki_all))
-        if kernel is not None:
-            return kernel(q_, k_all, v_all, qi, ki_all, w)
-        return blockwise_attention(q_, k_all, v_all, qi, ki_all, w, block=block, softcap=softcap)
-
-    return _split_rows(local, mesh, axis, block, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window)
-
-
-CONTEXT_STRATEGIES = {"ring": ring_attention, "gather": gather_attention}
-
-
 def ceil_to(n: int, m: int) -> int:
     """``n`` rounded up to a multiple of ``m``."""
     return -(-n // m) * m
-
-
-# --- Load balance over the ring ----------------------------------------------------------------------------------
-# Causal rows split in n contiguous chunks leave the ring unbalanced: the last device's queries see every chunk,
-# the first's only its own, and each ring step lasts as long as its busiest device. The decoder instead runs the
-# row in balanced order (the zig-zag of ring/striped attention): the row is cut in 2n pieces and device i holds
-# pieces i and 2n-1-i, one early and one late, so at every ring step each device computes the same number of
-# blocks. The mask needs nothing new: it is made of the tokens' slots, which travel with them.
-
-
-def ring_layout(t: int, n: int, block: int) -> tuple[int, int]:
-    """(block, padded row length) of a ring over ``n`` devices for rows of ``t`` tokens: each device holds two
-    pieces of ``h`` tokens, ``h`` a whole number of blocks (so the balanced order's pieces are whole blocks)."""
-    half = -(-t // (2 * n))
-    blk = min(block, ceil_to(half, 8))
-    return blk, 2 * n * ceil_to(half, blk)
-
-
-def balanced_order(t: int, n: int) -> np.ndarray:
-    """[t] the slots of a row of ``t`` tokens (a multiple of 2n) in balanced order: device i's chunk is pieces i
-    and 2n-1-i of the row."""
-    pieces = np.arange(t, dtype=np.int32).reshape(2 * n, t // (2 * n))
-    return np.concatenate([pieces[[i, 2 * n - 1 - i]].ravel() for i in range(n)])
-
-
-def ring_blocks(ids: Ids, n: int, block: int) -> np.ndarray:
-    """[n devices, n // 2 + 1 rounds] the (query block, key block) pairs each device computes in each round of the
-    two-way ring's forward (round 0: its own chunk; round r: the chunks of devices i - r and i + r, one chunk when
-    they are the same), for one row's ids (no batch axis; slots in the order the devices hold them,
-    ``ring_layout``'s length). A round lasts as long as its busiest device: the load balance is the row's maxima
-    against its means."""
-    blk, tp = ring_layout(ids.slot.shape[0], n, block)
-    if tp != ids.slot.shape[0]:
-        raise ValueError(f"ring_blocks: a row of {ids.slot.shape[0]} tokens; the ring over {n} holds {tp}")
-    chunk = lambda d: _block_ids(ids, d * (tp // n), tp // n)  # noqa: E731
-    per = tp // n // blk
-
-    def work(d, c):
-        lo, hi = _bounds(chunk(d), chunk(c % n), blk, blk, per, per)
-        return int(jnp.sum(jnp.maximum(hi - lo + 1, 0)))
-
-    out = np.zeros((n, n // 2 + 1), np.int64)
-    for d in range(n):
-        out[d, 0] = work(d, d)
-        for r in range(1, n // 2 + 1):
-            out[d, r] = work(d, d - r) + (work(d, d + r) if 2 * r != n else 0)
-    return out
-
-
-def _exchange(x, axis: str, n: int, dim: int, inverse: bool):
-    """One device's chunk along ``dim``, contiguous <-> balanced: two ``ppermute``s of half a chunk each."""
-    lo, hi = jnp.split(x, 2, axis=dim)
-    home = lambda c: min(c, 2 * n - 1 - c)  # noqa: E731  the balanced device of piece c (contiguous: c // 2)
-    even = jax.lax.axis_index(axis) % 2 == 0  # balanced device i: pieces i and 2n-1-i, the even one first if i is
-    if inverse:  # back home: the even piece is the first half of contiguous device piece // 2
-        a = jax.lax.ppermute(jnp.where(even, lo, hi), axis, [(home(2 * d), d) for d in range(n)])
-        b = jax.lax.ppermute(jnp.where(even, hi, lo), axis, [(home(2 * d + 1), d) for d in range(n)])
-        return jnp.concatenate([a, b], axis=dim)
-    a = jax.lax.ppermute(lo, axis, [(d, home(2 * d)) for d in range(n)])  # piece 2d
-    b = jax.lax.ppermute(hi, axis, [(d, home(2 * d + 1)) for d in range(n)])  # piece 2d + 1
-    return jnp.concatenate([jnp.where(even, a, b), jnp.where(even, b, a)], axis=dim)
-
-
-def rebalance(x, mesh, *, inverse: bool = False, dim: int = 1, axis: str = "context"):
-    """``x`` (its ``dim`` a row's tokens, split over ``axis``, a multiple of 2n long) from contiguous chunks to the
-    balanced order (``balanced_order``), or back (``inverse``); typed PRNG keys too."""
-    n = mesh.shape[axis]
-    is_key = jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-    impl = jax.random.key_impl(x) if is_key else None
-    data = jax.random.key_data(x) if is_key else x
-    spec = jax.sharding.PartitionSpec(*([None] * dim), axis)
-    out = jax.shard_map(functools.partial(_exchange, axis=axis, n=n, dim=dim, inverse=inverse), mesh=mesh,
-                        in_specs=spec, out_specs=spec, axis_names=frozenset({axis}), check_vma=False)(data)  # fmt: skip
-    return jax.random.wrap_key_data(out, impl=impl) if is_key else out
-
-
-def context_mesh():
-    """The mesh set around the program (``jax.set_mesh``) when it has a ``context`` axis of more than one device."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh.empty or dict(mesh.shape).get("context", 1) == 1 else mesh

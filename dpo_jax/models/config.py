@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from dpo_jax.models import attention, kernels
+from dpo_jax.models import context, kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +59,7 @@ ACTIVATIONS = ("silu", "gelu_tanh")
 MOE_IMPLS = ("blocked", "grouped", "dense")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ATTENTION = kernels.IMPLEMENTATIONS
-CONTEXT_ATTENTION = tuple(attention.CONTEXT_STRATEGIES)  # over a mesh's context axis
+CONTEXT_ATTENTION = tuple(context.CONTEXT_STRATEGIES)  # over a mesh's context axis
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

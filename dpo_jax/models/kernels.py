@@ -15,14 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from dpo_jax.models import flashmask, splash
-from dpo_jax.models.attention import (
-    CONTEXT_STRATEGIES,
-    Ids,
-    blockwise_attention,
-    ceil_to,
-    context_mesh,
-    einsum_attention,
-)
+from dpo_jax.models.attention import Ids, blockwise_attention, ceil_to, einsum_attention
+from dpo_jax.models.context import CONTEXT_STRATEGIES, context_mesh
 
 Array = jax.Array
 IMPLEMENTATIONS = ("auto", "einsum", "blockwise", "splash", "flashmask", "cudnn", "pallas")

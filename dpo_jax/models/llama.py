@@ -20,7 +20,7 @@ import qwix
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from dpo_jax.models import attention, kernels
+from dpo_jax.models import context, kernels
 from dpo_jax.models.attention import Ids
 from dpo_jax.models.config import LORA_TARGETS, ModelConfig
 from dpo_jax.models.moe import MoE, weight
@@ -438,14 +438,14 @@ class Decoder(nnx.Module):
         windows = cfg.windows  # uniform: a static window; Gemma 3's alternate: a traced one per layer (full = 2^30)
         window_L = None if len(set(windows)) == 1 else jnp.asarray([w or 2**30 for w in windows], jnp.int32)
 
-        ring = attention.context_mesh() if cache is None else None
+        ring = context.context_mesh() if cache is None else None
         if ring is not None:  # context parallelism: the layers run the row in the ring's balanced order
             tokens_BxT, valid_BxT, segment_ids_BxT, branch_ids_BxT, positions_BxT, dropout_keys_BxT = _balanced(
                 ring, cfg.attention_block, tokens_BxT, valid_BxT, segment_ids_BxT, branch_ids_BxT, positions_BxT,
                 dropout_keys_BxT)  # fmt: skip
         if cache is None:  # the mask is made of each token's ids, per block (never a [T, S] array)
             tp = tokens_BxT.shape[1]
-            slots = np.arange(tp) if ring is None else attention.balanced_order(tp, ring.shape["context"])
+            slots = np.arange(tp) if ring is None else context.balanced_order(tp, ring.shape["context"])
             slots_BxT = jnp.broadcast_to(jnp.asarray(slots, jnp.int32), (b, tp))
             ids = Ids(slots_BxT, valid_BxT, segment_ids_BxT, branch_ids_BxT, positions_BxT)
             ids = (ids, ids)
@@ -517,10 +517,10 @@ class Decoder(nnx.Module):
 
 def _balanced(mesh, block: int, *rows_BxT):
     """Per-token arrays (None passes through) padded to the ring's length (padding: invalid tokens) and put in its
-    balanced order (``attention.balanced_order``)."""
+    balanced order (``context.balanced_order``)."""
     n = mesh.shape["context"]
     t = next(x for x in rows_BxT if x is not None).shape[1]
-    tp = attention.ring_layout(t, n, block)[1]
+    tp = context.ring_layout(t, n, block)[1]
 
     def one(x):
         if x is None:
@@ -529,7 +529,7 @@ def _balanced(mesh, block: int, *rows_BxT):
             tail = jnp.broadcast_to(x[:, -1:], (x.shape[0], tp - t, *x.shape[2:]))
             key = jnp.issubdtype(x.dtype, jax.dtypes.prng_key)  # dropout keys: any; the rest 0 (valid: False)
             x = jnp.concatenate([x, tail if key else jnp.zeros_like(tail)], axis=1)
-        return attention.rebalance(x, mesh)
+        return context.rebalance(x, mesh)
 
     return tuple(map(one, rows_BxT))
 
@@ -537,9 +537,9 @@ def _balanced(mesh, block: int, *rows_BxT):
 def _in_row_order(mesh, t: int, x_BxTxD, router):
     """The final hidden states (and a mixture's router logits) back from the ring's balanced order to the row's
     order and length."""
-    x_BxTxD = attention.rebalance(x_BxTxD, mesh, inverse=True)[:, :t]
+    x_BxTxD = context.rebalance(x_BxTxD, mesh, inverse=True)[:, :t]
     if router is not None and "logits" in router:
-        router = {**router, "logits": attention.rebalance(router["logits"], mesh, inverse=True, dim=2)[:, :, :t]}
+        router = {**router, "logits": context.rebalance(router["logits"], mesh, inverse=True, dim=2)[:, :, :t]}
     return x_BxTxD, router
 
 
