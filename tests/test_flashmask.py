@@ -2,6 +2,7 @@
 CPU) for every layout — the shared prompt's branch mask as one interval of queries per key — and ``model.attention``
 choosing it on a GPU."""
 
+import functools
 import re
 
 import jax
@@ -87,7 +88,7 @@ def test_the_block_lists_skip_blocks_nobody_sees():
     ids = _shared_row()
     ends = flashmask.key_ends(ids)[0]
     lists = lambda table: [row[1 : 1 + row[0]] for row in np.asarray(table).tolist()]  # noqa: E731
-    row = (ends, ids.position[0], ids.valid[0], ids.slot[0], ids.position[0], ids.valid[0])
+    row = (ends, ids.slot[0], ids.position[0], ids.valid[0], ids.slot[0], ids.position[0], ids.valid[0])
     fwd, bwd = flashmask.block_tables(*row, None, 2)
     assert lists(fwd) == [[0], [0, 1], [0, 1, 2], [0, 3], [4], [4, 5]]
     assert lists(bwd) == [[0, 1, 2, 3], [1, 2], [2], [3], [4, 5], [5]]
@@ -95,8 +96,8 @@ def test_the_block_lists_skip_blocks_nobody_sees():
     assert lists(fwd) == [[0], [0, 1], [1, 2], [0, 3], [4], [4, 5]]
     # queries in another order (blocks 3 and 1 of the row, as a device holds them): each block's slots count
     order = np.r_[6:8, 2:4]
-    fwd, bwd = flashmask.block_tables(ends, ids.position[0], ids.valid[0], ids.slot[0][order], ids.position[0][order],
-                                      ids.valid[0][order], None, 2)  # fmt: skip
+    keys = (ends, ids.slot[0], ids.position[0], ids.valid[0])
+    fwd, bwd = flashmask.block_tables(*keys, ids.slot[0][order], ids.position[0][order], ids.valid[0][order], None, 2)
     assert lists(fwd) == [[0, 3], [0, 1]]
     assert lists(bwd) == [[0, 1], [1], [], [0], [], []]
 
@@ -117,12 +118,14 @@ def test_the_kernels_lower_to_triton_for_a_gpu():
     assert re.findall(r'name = "(flashmask_\w+)"', text) == ["flashmask_forward", "flashmask_dq", "flashmask_dkv"]
 
 
-def test_flashmask_serves_each_device_of_the_all_gather_strategy():
-    """Under a context axis of 4 devices with ``context_attention="gather"``, ``kernels.attend`` runs FlashMask on each
-    device: its queries (pieces i and 7 - i of the row's balanced order: slots with a gap) against the gathered row
-    sorted back by slot. Values and gradients equal the einsum's on the row as it was (shared-prompt branches, a
-    window of 6 positions, soft-capping, 2 query heads per KV head; 16-token pieces in 16-token blocks)."""
-    n, t = 4, 128
+@pytest.mark.parametrize("strategy,n", [("gather", 4), ("ring", 4), ("ring", 8)])
+def test_flashmask_serves_each_device_under_the_context_axis(strategy, n):
+    """Under a context axis of n devices, ``kernels.attend`` runs FlashMask on each device: its queries (pieces i and
+    2n - 1 - i of the row's balanced order: slots with a gap) against the gathered row (``gather``), or against each
+    chunk the ring brings (its keys' ends computed from the whole row, travelling with the chunk; partial softmaxes
+    merged; the backward given the whole softmax's). Values and gradients equal the einsum's on the row as it was
+    (shared-prompt branches, a window of 6 positions, soft-capping, 2 query heads per KV head; 128 tokens)."""
+    t = 128
     q_ids, k_ids = layout_ids("shared", t=t)
     order = context.balanced_order(t, n)
     shuffle = lambda x: None if x is None else x[:, order]  # noqa: E731
@@ -132,12 +135,12 @@ def test_flashmask_serves_each_device_of_the_all_gather_strategy():
                   for shape in ((b, t, 1, 2, e), (b, t, 1, e), (b, t, 1, e), (b, t, 1, 2, e)))  # fmt: skip
     real = q_ids.valid[:, :, None, None, None]
     back = np.argsort(order)
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, n), ("data", "context"))
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(8 // n, n), ("data", "context"))
 
     def gathered(q, k, v):
         return kernels.attend(shuffle(q), shuffle(k), shuffle(v), Ids(*map(shuffle, q_ids)), Ids(*map(shuffle, k_ids)),
                               window=window, implementation="flashmask", block=16, softcap=softcap,
-                              context="gather")[:, back]  # fmt: skip
+                              context=strategy)[:, back]  # fmt: skip
 
     ref = lambda q, k, v: attention.einsum_attention(q, k, v, q_ids, k_ids, window, softcap)  # noqa: E731
     loss = lambda fn: lambda *x: jnp.sum(jnp.where(real, fn(*x) * w, 0.0))  # noqa: E731
@@ -145,13 +148,42 @@ def test_flashmask_serves_each_device_of_the_all_gather_strategy():
         text = str(jax.make_jaxpr(gathered)(q, k, v))
         got = jax.jit(gathered)(q, k, v)
         grads = jax.jit(jax.grad(loss(gathered), argnums=(0, 1, 2)))(q, k, v)
-    assert "all_gather" in text and "flashmask_forward" in text  # the gathered row, then the kernel
+    collective = "all_gather" if strategy == "gather" else "ppermute"
+    assert collective in text and "flashmask_forward" in text and "flashmask_dkv" not in text
     want = jnp.where(real, ref(q, k, v), 0)
     np.testing.assert_allclose(jnp.where(real, got, 0), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     for a, b_ in zip(grads, jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v), strict=True):
         np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5 * np.abs(b_).max())
-    assert kernels.context_kernel("flashmask", "gather") == "flashmask"
-    assert kernels.context_kernel("flashmask", "ring") == kernels.context_kernel("auto", "gather") == "blockwise"
+    assert kernels.context_kernel("flashmask", strategy) == "flashmask"
+    assert kernels.context_kernel("auto", strategy) == kernels.context_kernel("splash", strategy) == "blockwise"
+
+
+@pytest.mark.parametrize("strategy", ["ring", "gather"])
+def test_a_decoder_over_a_context_axis_by_flashmask_computes_the_einsums_logits(strategy):
+    """A decoder with ``attention="flashmask"`` under a mesh of data 2 x context 4 (packed segments of 24 tokens
+    across the devices' pieces; 16-token blocks): its logits equal the unsharded einsum decoder's."""
+    from flax import nnx
+
+    from dpo_jax.infra import sharding
+    from dpo_jax.models import ModelConfig, init_decoder
+
+    cfg = lambda impl: ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                   num_kv_heads=2, attention=impl, attention_block=16,
+                                   context_attention=strategy)  # fmt: skip  # noqa: E731
+    graphdef, params = nnx.split(init_decoder(cfg("einsum")))
+    fused = nnx.graphdef(init_decoder(cfg("flashmask")))
+    t = 96
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 64, (2, t)), jnp.int32)
+    segments = jnp.asarray(np.repeat(np.arange(1, 5), t // 4)[None].repeat(2, 0), jnp.int32)
+
+    def logits(g, p, tok):
+        return nnx.merge(g, p)(tok, segment_ids_BxT=segments, attention_mask_BxT=segments > 0).logits_BxTxV
+
+    want = jax.jit(functools.partial(logits, graphdef))(params, tokens)
+    with jax.set_mesh(sharding.make_mesh(data=2, context=4)):
+        got = jax.jit(functools.partial(logits, fused))(params, tokens)
+        assert "flashmask_forward" in str(jax.make_jaxpr(functools.partial(logits, fused))(params, tokens))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_auto_picks_flashmask_on_a_gpu_for_whole_rows():

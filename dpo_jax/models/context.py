@@ -8,6 +8,8 @@ keys are the whole row in slot order).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,16 +44,41 @@ def ring_rounds(q_ids: Ids, k_ids: Ids, window, axis: str, n: int, blk: int) -> 
     return jax.lax.pmax(jnp.max(jnp.where(sees, away, 0)), axis)
 
 
-def _ring_fwd_local(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap):
+class ChunkKernel(NamedTuple):
+    """What each device of the ring runs on a chunk of keys: ``forward(q, k, v, q_ids, k_ids, extra, window)`` ->
+    (output, log-sum-exp; +inf where a query sees nothing in the chunk) and ``backward(q, k, v, q_ids, k_ids, extra,
+    window, out, lse, dout)`` -> float32 (dq, dk, dv) given the whole softmax's output and log-sum-exp; ``extra(ids)``
+    makes per-key int32 arrays [B, T] from the whole row's ids before the split, which travel with their chunk
+    (None: nothing)."""
+
+    forward: Callable
+    backward: Callable
+    extra: Callable | None = None
+
+
+def blockwise_chunks(blk: int, softcap) -> ChunkKernel:
+    """The blockwise kernel's row functions (``attention.row_forward`` / ``row_backward``) as the ring's kernel."""
+
+    def forward(q, k, v, q_ids, k_ids, _, window):
+        row = functools.partial(attention.row_forward, window=window, qb=blk, kb=blk, softcap=softcap)
+        return jax.vmap(row)(q, k, v, q_ids, k_ids)
+
+    def backward(q, k, v, q_ids, k_ids, _, window, out, lse, dout):
+        row = functools.partial(attention.row_backward, window=window, qb=blk, kb=blk, softcap=softcap)
+        return jax.vmap(row)(q, k, v, q_ids, k_ids, out, lse, dout)
+
+    return ChunkKernel(forward, backward)
+
+
+def _ring_fwd_local(q, k, v, q_ids, k_ids, extra, window, axis, n, blk, kernel):
     """This device's queries against every chunk they may see, passed round the ring both ways (round r brings the
     chunks of devices i - r and i + r; at r = n / 2 they are one), for as many rounds as ``ring_rounds`` says: output
     [B, T, K, G, E] and log-sum-exp [B, T, K, G] (+inf: a query that sees nothing, as ``attention.row_forward``)."""
-    row = jax.vmap(functools.partial(attention.row_forward, window=window, qb=qb, kb=kb, softcap=softcap))
     ahead, back = _shift(axis, n, 1), _shift(axis, n, -1)
 
     def add(out, lse, chunk):
-        k_c, v_c, ids_c = chunk
-        o, l_ = row(q, k_c, v_c, q_ids, ids_c)
+        k_c, v_c, ids_c, extra_c = chunk
+        o, l_ = kernel.forward(q, k_c, v_c, q_ids, ids_c, extra_c, window)
         return attention.merge(out, lse, o.astype(jnp.float32), jnp.where(jnp.isposinf(l_), -jnp.inf, l_))
 
     def both_ways(_, carry):
@@ -60,9 +87,9 @@ def _ring_fwd_local(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap):
         out, lse = add(*add(out, lse, ahead_chunk), back_chunk)
         return out, lse, ahead_chunk, back_chunk
 
-    own = (k, v, k_ids)
+    own = (k, v, k_ids, extra)
     out, lse = add(jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], -jnp.inf), own)
-    rounds = ring_rounds(q_ids, k_ids, window, axis, n, kb)
+    rounds = ring_rounds(q_ids, k_ids, window, axis, n, blk)
     two_way = jnp.minimum(rounds, (n - 1) // 2)  # rounds that bring two chunks
     out, lse, ahead_chunk, _ = jax.lax.fori_loop(0, two_way, both_ways, (out, lse, own, own))
     if n % 2 == 0:  # the round that brings the opposite device's chunk, alone
@@ -71,27 +98,26 @@ def _ring_fwd_local(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap):
     return out.astype(q.dtype), jnp.where(jnp.isneginf(lse), jnp.inf, lse)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _ring(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap):
-    return _ring_fwd_local(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _ring(q, k, v, q_ids, k_ids, extra, window, axis, n, blk, kernel):
+    return _ring_fwd_local(q, k, v, q_ids, k_ids, extra, window, axis, n, blk, kernel)[0]
 
 
-def _ring_fwd(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap):
-    out, lse = _ring_fwd_local(q, k, v, q_ids, k_ids, window, axis, n, qb, kb, softcap)
-    return out, (q, k, v, q_ids, k_ids, window, out, lse)
+def _ring_fwd(q, k, v, q_ids, k_ids, extra, window, axis, n, blk, kernel):
+    out, lse = _ring_fwd_local(q, k, v, q_ids, k_ids, extra, window, axis, n, blk, kernel)
+    return out, (q, k, v, q_ids, k_ids, extra, window, out, lse)
 
 
-def _ring_bwd(axis, n, qb, kb, softcap, residuals, dout):
+def _ring_bwd(axis, n, blk, kernel, residuals, dout):
     """The chunks go round again, the same rounds both ways, each with its key/value gradients accumulating beside
     it; each chunk's block probabilities are recomputed from the whole row's log-sum-exp (nothing of the forward's
     blocks is kept). Then the gradients go home in one shift each way (as far as their chunks went)."""
-    q, k, v, q_ids, k_ids, window, out, lse = residuals
-    row = jax.vmap(functools.partial(attention.row_backward, window=window, qb=qb, kb=kb, softcap=softcap))
+    q, k, v, q_ids, k_ids, extra, window, out, lse = residuals
     ahead, back = _shift(axis, n, 1), _shift(axis, n, -1)
 
     def add(dq, chunk, grads):
-        k_c, v_c, ids_c = chunk
-        dq_c, dk_c, dv_c = row(q, k_c, v_c, q_ids, ids_c, out, lse, dout)
+        k_c, v_c, ids_c, extra_c = chunk
+        dq_c, dk_c, dv_c = kernel.backward(q, k_c, v_c, q_ids, ids_c, extra_c, window, out, lse, dout)
         return dq + dq_c, (grads[0] + dk_c, grads[1] + dv_c)
 
     def both_ways(_, carry):
@@ -103,9 +129,9 @@ def _ring_bwd(axis, n, qb, kb, softcap, residuals, dout):
         return dq, ahead_chunk, ahead_grads, back_chunk, back_grads
 
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
-    own = (k, v, k_ids)
+    own = (k, v, k_ids, extra)
     dq, (dk, dv) = add(zeros(q), own, (zeros(k), zeros(v)))
-    rounds = ring_rounds(q_ids, k_ids, window, axis, n, kb)
+    rounds = ring_rounds(q_ids, k_ids, window, axis, n, blk)
     two_way = jnp.minimum(rounds, (n - 1) // 2)
     nothing = (zeros(k), zeros(v))
     dq, ahead_chunk, ahead_grads, _, back_grads = jax.lax.fori_loop(0, two_way, both_ways,
@@ -123,7 +149,7 @@ def _ring_bwd(axis, n, qb, kb, softcap, residuals, dout):
     if (n - 1) // 2:
         back_grads = jax.lax.switch(two_way, home(1, (n - 1) // 2), back_grads)
     dk, dv = dk + ahead_grads[0] + back_grads[0], dv + ahead_grads[1] + back_grads[1]
-    no_grad = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (q_ids, k_ids, window))
+    no_grad = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (q_ids, k_ids, extra, window))
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad
 
 
@@ -131,26 +157,31 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def ring_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: int | None, *, mesh,
-                   axis: str = "context", block: int = 512, softcap: float | None = None) -> Array:  # fmt: skip
+                   axis: str = "context", block: int = 512, softcap: float | None = None,
+                   chunks: ChunkKernel | None = None) -> Array:  # fmt: skip
     """Self-attention of rows split over the mesh axis ``axis`` (context parallelism): each device holds a
     contiguous 1/n of every row's tokens (queries, keys, values and their ids); the key/value chunks pass round the
     ring (``ppermute``) while each device runs the blockwise kernel of its queries against the chunk it holds,
     merged by log-sum-exp; the backward passes them round again with their gradients. The mask is each block's,
     from the ids (packed segments, shared-prompt branches, windows): a chunk no query of a device can see costs
-    its transfer only. Equal to ``einsum_attention`` wherever a query sees a key; the output is split as the input."""
+    its transfer only. Equal to ``einsum_attention`` wherever a query sees a key; the output is split as the input.
+    ``chunks``: the kernel each device runs on a chunk (by default ``blockwise_chunks``)."""
     n = mesh.shape[axis]
     blk = ring_layout(q_BxTxKxGxE.shape[1], n, block)[0]
+    chunks = blockwise_chunks(blk, softcap) if chunks is None else chunks
 
-    def local(q_, k_, v_, qi, ki, w):
-        return _ring(q_, k_, v_, qi, ki, w, axis, n, blk, blk, softcap)
+    def local(q_, k_, v_, qi, ki, extra, w):
+        return _ring(q_, k_, v_, qi, ki, extra, w, axis, n, blk, chunks)
 
-    return _split_rows(local, mesh, axis, block, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window)
+    return _split_rows(local, mesh, axis, block, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, chunks.extra)
 
 
-def _split_rows(local, mesh, axis: str, block: int, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window):
-    """``local(q, k, v, q_ids, k_ids, window)`` on each device's share of the rows (padded to ``ring_layout``'s
-    length), under ``shard_map`` over ``axis``; the output split as the input. The window passes as a traced int32
-    (Gemma 3's per-layer ones are) and reaches ``local`` as None when there is none."""
+def _split_rows(local, mesh, axis: str, block: int, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window,
+                extra=None):  # fmt: skip
+    """``local(q, k, v, q_ids, k_ids, extra, window)`` on each device's share of the rows (padded to
+    ``ring_layout``'s length), under ``shard_map`` over ``axis``; the output split as the input. The window passes
+    as a traced int32 (Gemma 3's per-layer ones are) and reaches ``local`` as None when there is none; ``extra``
+    makes per-key arrays from the whole padded row's key ids (None: ``local`` gets None)."""
     t = q_BxTxKxGxE.shape[1]
     tp = ring_layout(t, mesh.shape[axis], block)[1]
     pad = lambda x: jnp.pad(x, [(0, 0), (0, tp - x.shape[1])] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
@@ -158,12 +189,15 @@ def _split_rows(local, mesh, axis: str, block: int, q_BxTxKxGxE, k_BxSxKxE, v_Bx
     has_window = window is not None
     window = jnp.asarray(-1 if window is None else window, jnp.int32)
 
-    def run(q_, k_, v_, qi, ki, w):
-        return local(q_, k_, v_, qi, ki, w if has_window else None)
+    k = k.pad(tp)
+    per_key = jnp.zeros(k.slot.shape, jnp.int32) if extra is None else extra(k)
 
-    out = jax.shard_map(run, mesh=mesh, in_specs=(rows, rows, rows, rows, rows, jax.sharding.PartitionSpec()),
-                        out_specs=rows, axis_names=frozenset({axis}), check_vma=False)(
-        pad(q_BxTxKxGxE), pad(k_BxSxKxE), pad(v_BxSxKxE), q.pad(tp), k.pad(tp), window)  # fmt: skip
+    def run(q_, k_, v_, qi, ki, e, w):
+        return local(q_, k_, v_, qi, ki, None if extra is None else e, w if has_window else None)
+
+    out = jax.shard_map(run, mesh=mesh, in_specs=(rows,) * 6 + (jax.sharding.PartitionSpec(),), out_specs=rows,
+                        axis_names=frozenset({axis}), check_vma=False)(
+        pad(q_BxTxKxGxE), pad(k_BxSxKxE), pad(v_BxSxKxE), q.pad(tp), k, per_key, window)  # fmt: skip
     return out[:, :t]
 
 
@@ -197,7 +231,7 @@ def gather_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: 
     float32 (twice a bfloat16 reduce-scatter's bytes). ``kernel(q, k, v, q_ids, k_ids, window)``: the per-device
     attention (by default the blockwise kernel; any whose keys may be the whole row in slot order)."""
 
-    def local(q_, k_, v_, qi, ki, w):
+    def local(q_, k_, v_, qi, ki, _, w):
         k_all, v_all = _gather_rows(k_, axis), _gather_rows(v_, axis)
         ki_all = jax.tree.map(lambda x: jax.lax.all_gather(x, axis, axis=1, tiled=True), ki)
         order = jnp.argsort(ki_all.slot, axis=1)  # [B, S]

@@ -22,6 +22,7 @@ the probabilities from the log-sum-exp. Head widths are padded to a power of two
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,18 +62,18 @@ def key_ends(ids: Ids) -> Array:
     return jnp.where(ids.valid, end, idx).astype(jnp.int32)
 
 
-def block_tables(ends: Array, k_pos: Array, k_valid: Array, q_slot: Array, q_pos: Array, q_valid: Array, window,
-                 block: int) -> tuple[Array, Array]:  # fmt: skip
+def block_tables(ends: Array, k_slot: Array, k_pos: Array, k_valid: Array, q_slot: Array, q_pos: Array,
+                 q_valid: Array, window, block: int) -> tuple[Array, Array]:  # fmt: skip
     """One row's lists: [NQ, 1 + NC] the key blocks each query block needs and [NC, 1 + NQ] the query blocks each key
-    block serves, each list's count first, then the block indices in order (the rest unused). Keys are the row in
-    slot order (their ends, positions, validity); queries carry their slots (any order: a block's range counts)."""
+    block serves, each list's count first, then the block indices in order (the rest unused). Keys and queries
+    carry their slots (any order: a block's range counts), keys their ends (from the whole row: ``row_ends``)."""
     nq, nk = q_slot.shape[0] // block, ends.shape[0] // block
-    first = jnp.arange(nk, dtype=jnp.int32) * block
-    reach = jnp.where(k_valid, ends, -1).reshape(nk, block).max(axis=1)  # [NC] one past the last query served
     big = np.iinfo(np.int32).max
+    earliest = jnp.where(k_valid, k_slot, big).reshape(nk, block).min(axis=1)  # [NC]
+    reach = jnp.where(k_valid, ends, -1).reshape(nk, block).max(axis=1)  # [NC] one past the last query served
     lo = jnp.where(q_valid, q_slot, big).reshape(nq, block).min(axis=1)
     hi = jnp.where(q_valid, q_slot, -1).reshape(nq, block).max(axis=1)
-    needs = (first[None, :] <= hi[:, None]) & (reach[None, :] > lo[:, None])  # [NQ, NC]
+    needs = (earliest[None, :] <= hi[:, None]) & (reach[None, :] > lo[:, None])  # [NQ, NC]
     if window is not None:
         nearest = jnp.where(q_valid, q_pos, big).reshape(nq, block).min(axis=1)
         furthest = jnp.where(k_valid, k_pos, -1).reshape(nk, block).max(axis=1)
@@ -94,17 +95,16 @@ def _scores(q, k, scale, softcap):
     return capped, 1.0 - (capped / softcap) ** 2
 
 
-def _mask(q_slot, k0, ends, q_pos, k_pos, window, block):
-    """[Q, C] who sees whom: queries at ``q_slot`` against the key block starting at slot ``k0``."""
-    ki = k0 + jnp.arange(block)
-    ok = (ki[None, :] <= q_slot[:, None]) & (q_slot[:, None] < ends[None, :])
+def _mask(q_slot, k_slot, ends, q_pos, k_pos, window):
+    """[Q, C] who sees whom: a query sees a key from the key's slot up to its end (and within the window)."""
+    ok = (k_slot[None, :] <= q_slot[:, None]) & (q_slot[:, None] < ends[None, :])
     if window is not None:
         ok &= q_pos[:, None] - k_pos[None, :] < window
     return ok
 
 
-def _forward_kernel(table_ref, ends_ref, k_pos_ref, q_slot_ref, q_pos_ref, window_ref, q_ref, k_ref, v_ref, o_ref,
-                    lse_ref, *, block, scale, softcap):  # fmt: skip
+def _forward_kernel(table_ref, ends_ref, k_slot_ref, k_pos_ref, q_slot_ref, q_pos_ref, window_ref, q_ref, k_ref,
+                    v_ref, o_ref, lse_ref, *, block, scale, softcap):  # fmt: skip
     qs = pl.ds(pl.program_id(2) * block, block)
     q, q_slot, q_pos = q_ref[...], q_slot_ref[qs], q_pos_ref[qs]
     window = None if window_ref is None else window_ref[0]
@@ -114,7 +114,7 @@ def _forward_kernel(table_ref, ends_ref, k_pos_ref, q_slot_ref, q_pos_ref, windo
         k0 = table_ref[j + 1] * block
         ks = pl.ds(k0, block)
         s, _ = _scores(q, k_ref[ks, :], scale, softcap)
-        ok = _mask(q_slot, k0, ends_ref[ks], q_pos, k_pos_ref[ks], window, block)
+        ok = _mask(q_slot, k_slot_ref[ks], ends_ref[ks], q_pos, k_pos_ref[ks], window)
         m_new = jnp.maximum(m, jnp.max(jnp.where(ok, s, NEG), axis=1))
         p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0)
         alpha = jnp.exp(m - m_new)
@@ -125,11 +125,11 @@ def _forward_kernel(table_ref, ends_ref, k_pos_ref, q_slot_ref, q_pos_ref, windo
     acc, m, l_ = lax.fori_loop(0, table_ref[0], body, init)
     seen = l_ > 0
     o_ref[...] = (acc / jnp.where(seen, l_, 1.0)[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l_, 1.0)), 0.0)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l_, 1.0)), jnp.inf)  # +inf: nothing seen
 
 
-def _dq_kernel(table_ref, ends_ref, k_pos_ref, q_slot_ref, q_pos_ref, window_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, *, block, scale, softcap):  # fmt: skip
+def _dq_kernel(table_ref, ends_ref, k_slot_ref, k_pos_ref, q_slot_ref, q_pos_ref, window_ref, q_ref, k_ref, v_ref,
+               do_ref, lse_ref, delta_ref, dq_ref, *, block, scale, softcap):  # fmt: skip
     qs = pl.ds(pl.program_id(2) * block, block)
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     q_slot, q_pos = q_slot_ref[qs], q_pos_ref[qs]
@@ -140,7 +140,7 @@ def _dq_kernel(table_ref, ends_ref, k_pos_ref, q_slot_ref, q_pos_ref, window_ref
         ks = pl.ds(k0, block)
         k = k_ref[ks, :]
         s, cap = _scores(q, k, scale, softcap)
-        ok = _mask(q_slot, k0, ends_ref[ks], q_pos, k_pos_ref[ks], window, block)
+        ok = _mask(q_slot, k_slot_ref[ks], ends_ref[ks], q_pos, k_pos_ref[ks], window)
         p = jnp.where(ok, jnp.exp(s - lse[:, None]), 0.0)
         ds = p * (plgpu.dot(do, v_ref[ks, :], trans_b=True) - delta[:, None])
         if cap is not None:
@@ -151,11 +151,11 @@ def _dq_kernel(table_ref, ends_ref, k_pos_ref, q_slot_ref, q_pos_ref, window_ref
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(table_ref, ends_ref, k_pos_ref, q_slot_ref, q_pos_ref, window_ref, q_ref, k_ref, v_ref, do_ref,
-                lse_ref, delta_ref, dk_ref, dv_ref, *, block, scale, softcap, groups):  # fmt: skip
+def _dkv_kernel(table_ref, ends_ref, k_slot_ref, k_pos_ref, q_slot_ref, q_pos_ref, window_ref, q_ref, k_ref, v_ref,
+                do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, block, scale, softcap, groups):  # fmt: skip
     k0 = pl.program_id(2) * block
     ks = pl.ds(k0, block)
-    k, v, ends, k_pos = k_ref[...], v_ref[...], ends_ref[ks], k_pos_ref[ks]
+    k, v, ends, k_slot, k_pos = k_ref[...], v_ref[...], ends_ref[ks], k_slot_ref[ks], k_pos_ref[ks]
     window = None if window_ref is None else window_ref[0]
     dk = jnp.zeros(k.shape, jnp.float32)
     dv = jnp.zeros(v.shape, jnp.float32)
@@ -166,7 +166,7 @@ def _dkv_kernel(table_ref, ends_ref, k_pos_ref, q_slot_ref, q_pos_ref, window_re
             qs = pl.ds(table_ref[j + 1] * block, block)
             q, do = q_ref[qs, g, :], do_ref[qs, g, :]
             s, cap = _scores(q, k, scale, softcap)
-            ok = _mask(q_slot_ref[qs], k0, ends, q_pos_ref[qs], k_pos, window, block)
+            ok = _mask(q_slot_ref[qs], k_slot, ends, q_pos_ref[qs], k_pos, window)
             p = jnp.where(ok, jnp.exp(s - lse_ref[g, qs][:, None]), 0.0)
             dv += plgpu.dot(p.astype(do.dtype), do, trans_a=True)
             ds = p * (plgpu.dot(do, v, trans_b=True) - delta_ref[g, qs][:, None])
@@ -179,12 +179,47 @@ def _dkv_kernel(table_ref, ends_ref, k_pos_ref, q_slot_ref, q_pos_ref, window_re
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
+class Layout(NamedTuple):
+    """The mask of one call, padded to whole blocks: keys' ends, slots and positions [B, S]; queries' slots and
+    positions [B, T]; the block lists (``block_tables``); the window ([1] int32, or None)."""
+
+    ends: Array
+    k_slot: Array
+    k_pos: Array
+    q_slot: Array
+    q_pos: Array
+    fwd_table: Array
+    bwd_table: Array
+    window: Array | None
+
+
+def row_ends(ids: Ids) -> Array:
+    """[B, T] ``key_ends`` of whole rows whose slots (0 .. T - 1) are in any order (the balanced order of the
+    context axis), in that order."""
+    order = jnp.argsort(ids.slot, axis=1)
+    take = lambda x: None if x is None else jnp.take_along_axis(x, order, axis=1)  # noqa: E731
+    ends = key_ends(Ids(*map(take, ids)))
+    return jnp.take_along_axis(ends, jnp.argsort(order, axis=1), axis=1)
+
+
+def make_layout(q: Ids, k: Ids, ends: Array, window, block: int, t: int, s: int) -> Layout:
+    """The ``Layout`` of queries ``q`` against keys ``k`` (with their ``ends``), padded to ``t`` and ``s`` tokens."""
+    q, k = q.pad(t), k.pad(s)
+    ends = jnp.pad(ends, [(0, 0), (0, s - ends.shape[1])], constant_values=-1)  # padding: nobody sees it
+    where = lambda ids: (ids.slot if ids.position is None else ids.position).astype(jnp.int32)  # noqa: E731
+    k_slot, k_pos, q_slot, q_pos = k.slot.astype(jnp.int32), where(k), q.slot.astype(jnp.int32), where(q)
+    tables = functools.partial(block_tables, window=window, block=block)
+    fwd_table, bwd_table = jax.vmap(tables)(ends, k_slot, k_pos, k.valid, q_slot, q_pos, q.valid)
+    win = None if window is None else jnp.asarray(window, jnp.int32).reshape(1)
+    return Layout(ends, k_slot, k_pos, q_slot, q_pos, fwd_table, bwd_table, win)
+
+
 @functools.lru_cache(maxsize=64)
-def _kernels(b: int, t: int, s: int, kh: int, g: int, e: int, block: int, softcap: float | None, windowed: bool,
-             interpret: bool, scale: float):  # fmt: skip
-    """The custom-VJP attention of [B, T, H, E] queries and [B, S, K, E] keys and values (head widths padded, rows
-    whole blocks) given the layout's arrays: the keys' ends and positions, the queries' slots and positions, the
-    block lists and (``windowed``) the window."""
+def _calls(b: int, t: int, s: int, kh: int, g: int, e: int, block: int, softcap: float | None, windowed: bool,
+           interpret: bool, scale: float):  # fmt: skip
+    """(forward, backward) of [B, T, H, E] queries and [B, S, K, E] keys and values (head widths padded, rows whole
+    blocks) given a ``Layout``: forward -> (output, log-sum-exp [B, H, T]); backward (given the whole softmax's
+    output and log-sum-exp, which may span other keys) -> float32 dq, dk, dv."""
     h, nq, nk = kh * g, t // block, s // block
     params = plgpu.CompilerParams(num_warps=4 if e <= 64 else 8, num_stages=2)
     call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
@@ -195,86 +230,111 @@ def _kernels(b: int, t: int, s: int, kh: int, g: int, e: int, block: int, softca
     kv_rows = pl.BlockSpec((None, s, None, e), lambda b_, h_, i: (b_, 0, h_ // g, 0))
     per_q = pl.BlockSpec((None, None, block), lambda b_, h_, i: (b_, h_, i))
     fwd_list = pl.BlockSpec((None, None, nk + 1), lambda b_, h_, i: (b_, i, 0))
-    layout_specs = [keys, keys, queries, queries, win]
+    mask_specs = [keys, keys, keys, queries, queries, win]
     kw = dict(block=block, scale=scale, softcap=softcap)
+    f32 = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)  # noqa: E731
 
-    def forward(q, k, v, layout):
-        ends, k_pos, q_slot, q_pos, fwd_table, _, window = layout
+    def forward(q, k, v, lay: Layout):
+        arrays = (lay.ends, lay.k_slot, lay.k_pos, lay.q_slot, lay.q_pos, lay.window)
         return call(
             functools.partial(_forward_kernel, **kw), name="flashmask_forward", grid=(b, h, nq),
-            in_specs=[fwd_list, *layout_specs, q_block, kv_rows, kv_rows], out_specs=[q_block, per_q],
+            in_specs=[fwd_list, *mask_specs, q_block, kv_rows, kv_rows], out_specs=[q_block, per_q],
             out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t), jnp.float32)],
-        )(fwd_table, ends, k_pos, q_slot, q_pos, window, q, k, v)  # fmt: skip
+        )(lay.fwd_table, *arrays, q, k, v)  # fmt: skip
 
-    def backward(q, k, v, layout, o, lse, do):
-        ends, k_pos, q_slot, q_pos, fwd_table, bwd_table, window = layout
-        arrays = (ends, k_pos, q_slot, q_pos, window)
+    def backward(q, k, v, lay: Layout, o, lse, do):
+        arrays = (lay.ends, lay.k_slot, lay.k_pos, lay.q_slot, lay.q_pos, lay.window)
         delta = jnp.einsum("bthe,bthe->bht", o.astype(jnp.float32), do.astype(jnp.float32))
         dq = call(
             functools.partial(_dq_kernel, **kw), name="flashmask_dq", grid=(b, h, nq),
-            in_specs=[fwd_list, *layout_specs, q_block, kv_rows, kv_rows, q_block, per_q, per_q], out_specs=q_block,
-            out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        )(fwd_table, *arrays, q, k, v, do, lse, delta)  # fmt: skip
+            in_specs=[fwd_list, *mask_specs, q_block, kv_rows, kv_rows, q_block, per_q, per_q], out_specs=q_block,
+            out_shape=f32(q),
+        )(lay.fwd_table, *arrays, q, k, v, do, lse, delta)  # fmt: skip
         q_rows = pl.BlockSpec((None, t, g, e), lambda b_, h_, i: (b_, 0, h_, 0))  # every query head of KV head h_
         per_kv = pl.BlockSpec((None, g, t), lambda b_, h_, i: (b_, h_, 0))
         kv_block = pl.BlockSpec((None, block, None, e), lambda b_, h_, i: (b_, i, h_, 0))
         bwd_list = pl.BlockSpec((None, None, nq + 1), lambda b_, h_, i: (b_, i, 0))
         dk, dv = call(
             functools.partial(_dkv_kernel, **kw, groups=g), name="flashmask_dkv", grid=(b, kh, nk),
-            in_specs=[bwd_list, *layout_specs, q_rows, kv_block, kv_block, q_rows, per_kv, per_kv],
-            out_specs=[kv_block, kv_block],
-            out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        )(bwd_table, *arrays, q, k, v, do, lse, delta)  # fmt: skip
+            in_specs=[bwd_list, *mask_specs, q_rows, kv_block, kv_block, q_rows, per_kv, per_kv],
+            out_specs=[kv_block, kv_block], out_shape=[f32(k), f32(v)],
+        )(lay.bwd_table, *arrays, q, k, v, do, lse, delta)  # fmt: skip
         return dq, dk, dv
 
     @jax.custom_vjp
-    def attend(q, k, v, layout):
-        return forward(q, k, v, layout)[0]
+    def attend(q, k, v, lay):
+        return forward(q, k, v, lay)[0]
 
-    def attend_fwd(q, k, v, layout):
-        o, lse = forward(q, k, v, layout)
-        return o, (q, k, v, layout, o, lse)
+    def attend_fwd(q, k, v, lay):
+        o, lse = forward(q, k, v, lay)
+        return o, (q, k, v, lay, o, lse)
 
     def attend_bwd(res, do):
-        q, k, v, layout, o, lse = res
-        no_grad = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), layout)
-        return *backward(q, k, v, layout, o, lse, do), no_grad
+        q, k, v, lay, o, lse = res
+        dq, dk, dv = backward(q, k, v, lay, o, lse, do)
+        no_grad = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), lay)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), no_grad
 
     attend.defvjp(attend_fwd, attend_bwd)
-    return attend
+    return forward, backward, attend
 
 
-def flashmask_attention(
-    q_BxTxKxGxE,
-    k_BxSxKxE,
-    v_BxSxKxE,
-    q: Ids,
-    window=None,
-    *,
-    k: Ids | None = None,
-    block: int = 128,
-    softcap: float | None = None,
-    interpret: bool | None = None,
-) -> Array:
-    """[B, T, K, G, E] attention by the FlashMask kernels of queries (ids ``q``) against keys that are whole rows in
-    slot order (ids ``k``; by default the queries': self-attention). The queries may be any of the row's tokens, in
-    any order (a device's share under the context axis). ``window`` (int or traced) counts positions where the ids
-    have them. ``interpret``: default everywhere but on a GPU (slow: for tests and checks). Equal to
-    ``einsum_attention`` wherever a query sees a key; a query that sees none gets zeros."""
+class _Call(NamedTuple):
+    q: Array  # [B, T', H, E'] padded
+    k: Array
+    v: Array
+    layout: Layout
+    calls: tuple
+    unpad: object  # [B, T', H, E'] -> [B, T, K, G, E]
+
+
+def _prepare(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, ends, window, block, softcap, interpret) -> _Call:
     b, t, kh, g, e = q_BxTxKxGxE.shape
-    s = k_BxSxKxE.shape[1]
-    k = q if k is None else k
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     blk = block_size(block)
-    tp, sp, ep = ceil_to(t, blk), ceil_to(s, blk), max(16, pl.next_power_of_2(e))
+    tp, sp, ep = ceil_to(t, blk), ceil_to(k_BxSxKxE.shape[1], blk), max(16, pl.next_power_of_2(e))
     pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 3) + [(0, ep - e)])  # noqa: E731
-    q_ids, k_ids = q.pad(tp), k.pad(sp)
-    where = lambda ids: (ids.slot if ids.position is None else ids.position).astype(jnp.int32)  # noqa: E731
-    ends, k_pos, q_slot, q_pos = key_ends(k_ids), where(k_ids), q_ids.slot.astype(jnp.int32), where(q_ids)
-    tables = functools.partial(block_tables, window=window, block=blk)
-    fwd_table, bwd_table = jax.vmap(tables)(ends, k_pos, k_ids.valid, q_slot, q_pos, q_ids.valid)
-    win = None if window is None else jnp.asarray(window, jnp.int32).reshape(1)
-    fn = _kernels(b, tp, sp, kh, g, ep, blk, softcap, window is not None, interpret, e**-0.5)
-    layout = (ends, k_pos, q_slot, q_pos, fwd_table, bwd_table, win)
-    out = fn(pad(q_BxTxKxGxE.reshape(b, t, kh * g, e), tp), pad(k_BxSxKxE, sp), pad(v_BxSxKxE, sp), layout)
-    return out[:, :t, :, :e].reshape(b, t, kh, g, e)
+    calls = _calls(b, tp, sp, kh, g, ep, blk, softcap, window is not None, interpret, e**-0.5)
+    unpad = lambda x: x[:, :t, :, :e].reshape(b, t, kh, g, e)  # noqa: E731
+    return _Call(pad(q_BxTxKxGxE.reshape(b, t, kh * g, e), tp), pad(k_BxSxKxE, sp), pad(v_BxSxKxE, sp),
+                 make_layout(q, k, ends, window, blk, tp, sp), calls, unpad)  # fmt: skip
+
+
+def flashmask_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, window=None, *, k: Ids | None = None,
+                        block: int = 128, softcap: float | None = None,
+                        interpret: bool | None = None) -> Array:  # fmt: skip
+    """[B, T, K, G, E] attention by the FlashMask kernels of queries (ids ``q``) against keys that are whole rows
+    (ids ``k``, slots in any order; by default the queries': self-attention). The queries may be any of the row's
+    tokens, in any order (a device's share under the context axis). ``window`` (int or traced) counts positions
+    where the ids have them. ``interpret``: default everywhere but on a GPU (slow: for tests and checks). Equal to
+    ``einsum_attention`` wherever a query sees a key; a query that sees none gets zeros."""
+    k = q if k is None else k
+    c = _prepare(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, row_ends(k), window, block, softcap, interpret)
+    return c.unpad(c.calls[2](c.q, c.k, c.v, c.layout))
+
+
+def chunk_forward(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, ends, window, *, block: int = 128,
+                  softcap: float | None = None, interpret: bool | None = None) -> tuple[Array, Array]:  # fmt: skip
+    """Queries against one chunk of a row's keys (any slots; ``ends`` [B, S] from the whole row, ``row_ends``): the
+    chunk's output [B, T, K, G, E] and log-sum-exp [B, T, K, G] (+inf: the query sees nothing in it), to be merged
+    with the other chunks' (``attention.merge``) — the ring's per-device call."""
+    c = _prepare(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, ends, window, block, softcap, interpret)
+    o, lse = c.calls[0](c.q, c.k, c.v, c.layout)
+    b, t, kh, g, _ = q_BxTxKxGxE.shape
+    return c.unpad(o), lse[:, :, :t].transpose(0, 2, 1).reshape(b, t, kh, g)
+
+
+def chunk_backward(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, ends, window, out, lse, dout, *,
+                   block: int = 128, softcap: float | None = None,
+                   interpret: bool | None = None) -> tuple[Array, Array, Array]:  # fmt: skip
+    """The chunk's float32 dq [B, T, K, G, E], dk, dv [B, S, K, E] given the whole softmax's output, log-sum-exp
+    ([B, T, K, G]) and output gradient — the ring's per-device backward call."""
+    c = _prepare(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, ends, window, block, softcap, interpret)
+    b, t, kh, g, e = q_BxTxKxGxE.shape
+    tp, ep = c.q.shape[1], c.q.shape[3]
+    rows = lambda x: jnp.pad(x.reshape(b, t, kh * g, e), [(0, 0), (0, tp - t), (0, 0), (0, ep - e)])  # noqa: E731
+    lse_BxHxT = jnp.pad(lse.reshape(b, t, kh * g).transpose(0, 2, 1), [(0, 0), (0, 0), (0, tp - t)],
+                        constant_values=jnp.inf)  # fmt: skip
+    dq, dk, dv = c.calls[1](c.q, c.k, c.v, c.layout, rows(out), lse_BxHxT, rows(dout).astype(c.q.dtype))
+    s = k_BxSxKxE.shape[1]
+    return c.unpad(dq), dk[:, :s, :, :e], dv[:, :s, :, :e]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from dpo_jax.models import flashmask, splash
 from dpo_jax.models.attention import Ids, blockwise_attention, ceil_to, einsum_attention
-from dpo_jax.models.context import CONTEXT_STRATEGIES, context_mesh
+from dpo_jax.models.context import CONTEXT_STRATEGIES, ChunkKernel, context_mesh
 
 Array = jax.Array
 IMPLEMENTATIONS = ("auto", "einsum", "blockwise", "splash", "flashmask", "cudnn", "pallas")
@@ -58,10 +58,23 @@ def resolve(implementation: str, t: int, s: int, block: int, *, window: bool = F
 
 
 def context_kernel(implementation: str, context: str) -> str:
-    """The kernel each device runs under a context axis: FlashMask for the all-gather strategy where it is the
-    choice (its keys are then the whole row in slot order); the blockwise kernel otherwise (the ring's rounds merge
-    the blockwise kernel's partial softmaxes)."""
-    return "flashmask" if implementation == "flashmask" and context == "gather" else "blockwise"
+    """The kernel each device runs under a context axis (either strategy): FlashMask where it is the choice, the
+    blockwise kernel otherwise (splash's static masks cannot place a device's two pieces of the row)."""
+    return "flashmask" if implementation == "flashmask" else "blockwise"
+
+
+def _flashmask_under_context(context: str, block: int, softcap) -> dict:
+    """The context strategy's keyword for FlashMask on each device: the whole attention of its queries against the
+    gathered row (``gather``), or the ring's per-chunk calls, each key's end from the whole row travelling with it."""
+    kw = dict(block=block, softcap=softcap)
+    if context == "gather":
+        return dict(kernel=lambda q, k, v, qi, ki, w: flashmask.flashmask_attention(q, k, v, qi, w, k=ki, **kw))
+    return dict(chunks=ChunkKernel(
+        forward=lambda q, k, v, qi, ki, ends, w: flashmask.chunk_forward(q, k, v, qi, ki, ends, w, **kw),
+        backward=lambda q, k, v, qi, ki, ends, w, o, lse, do: flashmask.chunk_backward(q, k, v, qi, ki, ends, w, o,
+                                                                                       lse, do, **kw),
+        extra=flashmask.row_ends,
+    ))  # fmt: skip
 
 
 def cudnn_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: int | None, implementation=None):
@@ -106,9 +119,8 @@ def attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, *, window: int | N
                    rows=rows)  # fmt: skip
     if rows and (mesh := context_mesh()) is not None:
         kw = dict(mesh=mesh, block=block, softcap=softcap)
-        if context_kernel(impl, context) == "flashmask":  # each device's queries against the gathered row
-            kw["kernel"] = lambda q_, k_, v_, qi, ki, w: flashmask.flashmask_attention(
-                q_, k_, v_, qi, w, k=ki, block=block, softcap=softcap)  # fmt: skip
+        if context_kernel(impl, context) == "flashmask":
+            kw.update(_flashmask_under_context(context, block, softcap))
         return CONTEXT_STRATEGIES[context](q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, **kw)
     if impl == "blockwise":
         return blockwise_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, block=block, softcap=softcap)
