@@ -194,6 +194,7 @@ def test_auto_picks_flashmask_on_a_gpu_for_whole_rows():
     assert kernels.resolve("auto", 4096, 4096, 512, platform="cpu") == "blockwise"
     assert "KV-cache decoding" in kernels.fallback("flashmask", window=False, rows=False)
     assert flashmask.block_size(512) == 128 and flashmask.block_size(96) == 64 and flashmask.block_size(8) == 16
+    assert flashmask.block_size(512, 128) == flashmask.block_size(512, 256) == 64
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ completion's queries skip the chosen completion's blocks between them and their 
 Forward: FlashAttention-2's online softmax per query block, keeping each query's log-sum-exp. Backward: a dq kernel
 per query block and a dk/dv kernel per key block (the query heads of its KV head summed inside), both recomputing
 the probabilities from the log-sum-exp. Head widths are padded to a power of two (zeros change no score); blocks are
-``min(block, 128)`` tokens rounded down to a power of two, at least 16 (Triton's smallest dot).
+``block`` tokens capped by the head width (``block_size``) and rounded down to a power of two.
 """
 
 from __future__ import annotations
@@ -35,12 +35,14 @@ from dpo_jax.models.attention import Ids, ceil_to
 
 Array = jax.Array
 NEG = -0.7 * float(np.finfo(np.float32).max)  # a masked score: finite, so a query that sees nothing stays finite
-MAX_BLOCK = 128
 
 
-def block_size(block: int) -> int:
-    """The kernel's block: ``block`` capped at 128 and rounded down to a power of two, at least 16."""
-    return max(16, 1 << (min(block, MAX_BLOCK).bit_length() - 1))
+def block_size(block: int, width: int = 64) -> int:
+    """The kernels' block for heads ``width`` wide: ``block`` capped (at 128 tokens for heads up to 64 wide, 64
+    beyond: a block's keys, values and gradient sums must fit a GPU's registers and shared memory) and rounded down
+    to a power of two, at least 16 (Triton's smallest dot)."""
+    cap = 128 if width <= 64 else 64
+    return max(16, 1 << (min(block, cap).bit_length() - 1))
 
 
 def key_ends(ids: Ids) -> Array:
@@ -291,7 +293,7 @@ class _Call(NamedTuple):
 def _prepare(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, ends, window, block, softcap, interpret) -> _Call:
     b, t, kh, g, e = q_BxTxKxGxE.shape
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
-    blk = block_size(block)
+    blk = block_size(block, e)
     tp, sp, ep = ceil_to(t, blk), ceil_to(k_BxSxKxE.shape[1], blk), max(16, pl.next_power_of_2(e))
     pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 3) + [(0, ep - e)])  # noqa: E731
     calls = _calls(b, tp, sp, kh, g, ep, blk, softcap, window is not None, interpret, e**-0.5)

@@ -25,10 +25,10 @@ HOME = {kernel: platform for platform, kernel in FUSED.items()}  # where each ru
 BLOCKED = ("blockwise", "splash", "flashmask")  # the kernels that cut rows into blocks
 
 
-def block_of(implementation: str, block: int) -> int:
-    """The block a kernel cuts rows into when ``model.attention_block`` is ``block``."""
+def block_of(implementation: str, block: int, width: int = 64) -> int:
+    """The block a kernel cuts rows into when ``model.attention_block`` is ``block`` (heads ``width`` wide)."""
     if implementation == "flashmask":
-        return flashmask.block_size(block)
+        return flashmask.block_size(block, width)
     return ceil_to(block, splash.LANES) if implementation == "splash" else block
 
 
