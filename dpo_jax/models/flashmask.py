@@ -13,6 +13,11 @@ their positions at the prompt's end).
 window), listed; for each key block, the query blocks. The kernels loop over those lists only, so a rejected
 completion's queries skip the chosen completion's blocks between them and their prompt.
 
+The kernels compare each key's slot and each query's, so queries and keys may be any tokens of a row in any order:
+a device's share under the context axis against the gathered row (``flashmask_attention``), or against one chunk
+the ring brings (``chunk_forward`` / ``chunk_backward``: partial softmaxes, the ends computed from the whole row
+with ``row_ends``).
+
 Forward: FlashAttention-2's online softmax per query block, keeping each query's log-sum-exp. Backward: a dq kernel
 per query block and a dk/dv kernel per key block (the query heads of its KV head summed inside), both recomputing
 the probabilities from the log-sum-exp. Head widths are padded to a power of two (zeros change no score); blocks are
@@ -22,6 +27,7 @@ the probabilities from the log-sum-exp. Head widths are padded to a power of two
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -217,11 +223,11 @@ def make_layout(q: Ids, k: Ids, ends: Array, window, block: int, t: int, s: int)
 
 
 @functools.lru_cache(maxsize=64)
-def _calls(b: int, t: int, s: int, kh: int, g: int, e: int, block: int, softcap: float | None, windowed: bool,
+def _kernels(b: int, t: int, s: int, kh: int, g: int, e: int, block: int, softcap: float | None, windowed: bool,
            interpret: bool, scale: float):  # fmt: skip
-    """(forward, backward) of [B, T, H, E] queries and [B, S, K, E] keys and values (head widths padded, rows whole
-    blocks) given a ``Layout``: forward -> (output, log-sum-exp [B, H, T]); backward (given the whole softmax's
-    output and log-sum-exp, which may span other keys) -> float32 dq, dk, dv."""
+    """The kernels of [B, T, H, E] queries and [B, S, K, E] keys and values (head widths padded, rows whole blocks)
+    given a ``Layout`` (``_Kernels``); the backward is given the whole softmax's output and log-sum-exp, which may
+    span keys of other calls (the ring's chunks)."""
     h, nq, nk = kh * g, t // block, s // block
     params = plgpu.CompilerParams(num_warps=4 if e <= 64 else 8, num_stages=2)
     call = functools.partial(pl.pallas_call, compiler_params=params, interpret=interpret)
@@ -278,28 +284,35 @@ def _calls(b: int, t: int, s: int, kh: int, g: int, e: int, block: int, softcap:
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), no_grad
 
     attend.defvjp(attend_fwd, attend_bwd)
-    return forward, backward, attend
+    return _Kernels(forward, backward, attend)
+
+
+class _Kernels(NamedTuple):
+    forward: Callable  # (q, k, v, layout) -> (output, log-sum-exp [B, H, T])
+    backward: Callable  # (q, k, v, layout, output, log-sum-exp, output gradient) -> float32 dq, dk, dv
+    attend: Callable  # (q, k, v, layout) -> output, differentiable (a custom VJP of the two)
 
 
 class _Call(NamedTuple):
     q: Array  # [B, T', H, E'] padded
-    k: Array
+    k: Array  # [B, S', K, E']
     v: Array
     layout: Layout
-    calls: tuple
-    unpad: object  # [B, T', H, E'] -> [B, T, K, G, E]
+    kernels: _Kernels
+    unpad: Callable  # [B, T', H, E'] -> [B, T, K, G, E]
 
 
 def _prepare(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, ends, window, block, softcap, interpret) -> _Call:
+    """A call's inputs padded to whole blocks and power-of-two head widths, its layout and its kernels."""
     b, t, kh, g, e = q_BxTxKxGxE.shape
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     blk = block_size(block, e)
     tp, sp, ep = ceil_to(t, blk), ceil_to(k_BxSxKxE.shape[1], blk), max(16, pl.next_power_of_2(e))
     pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 3) + [(0, ep - e)])  # noqa: E731
-    calls = _calls(b, tp, sp, kh, g, ep, blk, softcap, window is not None, interpret, e**-0.5)
+    kernels = _kernels(b, tp, sp, kh, g, ep, blk, softcap, window is not None, interpret, e**-0.5)
     unpad = lambda x: x[:, :t, :, :e].reshape(b, t, kh, g, e)  # noqa: E731
     return _Call(pad(q_BxTxKxGxE.reshape(b, t, kh * g, e), tp), pad(k_BxSxKxE, sp), pad(v_BxSxKxE, sp),
-                 make_layout(q, k, ends, window, blk, tp, sp), calls, unpad)  # fmt: skip
+                 make_layout(q, k, ends, window, blk, tp, sp), kernels, unpad)  # fmt: skip
 
 
 def flashmask_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, window=None, *, k: Ids | None = None,
@@ -312,7 +325,7 @@ def flashmask_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, window=None, 
     ``einsum_attention`` wherever a query sees a key; a query that sees none gets zeros."""
     k = q if k is None else k
     c = _prepare(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, row_ends(k), window, block, softcap, interpret)
-    return c.unpad(c.calls[2](c.q, c.k, c.v, c.layout))
+    return c.unpad(c.kernels.attend(c.q, c.k, c.v, c.layout))
 
 
 def chunk_forward(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, ends, window, *, block: int = 128,
@@ -321,7 +334,7 @@ def chunk_forward(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, ends, windo
     chunk's output [B, T, K, G, E] and log-sum-exp [B, T, K, G] (+inf: the query sees nothing in it), to be merged
     with the other chunks' (``attention.merge``) — the ring's per-device call."""
     c = _prepare(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, ends, window, block, softcap, interpret)
-    o, lse = c.calls[0](c.q, c.k, c.v, c.layout)
+    o, lse = c.kernels.forward(c.q, c.k, c.v, c.layout)
     b, t, kh, g, _ = q_BxTxKxGxE.shape
     return c.unpad(o), lse[:, :, :t].transpose(0, 2, 1).reshape(b, t, kh, g)
 
@@ -337,6 +350,6 @@ def chunk_backward(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, ends, wind
     rows = lambda x: jnp.pad(x.reshape(b, t, kh * g, e), [(0, 0), (0, tp - t), (0, 0), (0, ep - e)])  # noqa: E731
     lse_BxHxT = jnp.pad(lse.reshape(b, t, kh * g).transpose(0, 2, 1), [(0, 0), (0, 0), (0, tp - t)],
                         constant_values=jnp.inf)  # fmt: skip
-    dq, dk, dv = c.calls[1](c.q, c.k, c.v, c.layout, rows(out), lse_BxHxT, rows(dout).astype(c.q.dtype))
+    dq, dk, dv = c.kernels.backward(c.q, c.k, c.v, c.layout, rows(out), lse_BxHxT, rows(dout).astype(c.q.dtype))
     s = k_BxSxKxE.shape[1]
     return c.unpad(dq), dk[:, :s, :, :e], dv[:, :s, :, :e]
