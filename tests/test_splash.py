@@ -1,6 +1,8 @@
 """Splash attention (``dpo_jax.models.splash``: JAX's Pallas TPU kernel, in interpret mode on this CPU) for every
 layout, the shared prompt's branches by two passes merged by log-sum-exp; and ``model.attention`` choosing it."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +77,76 @@ def test_a_model_scores_packed_shared_pairs_alike_by_splash(tmp_path):
         results.append(layout_logps(graphdef, params, pairs, LAYOUTS["packed_shared"], 6))
     np.testing.assert_allclose(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
     assert_grads_close(results[1][1], results[0][1])
+
+
+@pytest.mark.slow
+def test_the_rings_chunk_kernel_serves_every_pair_of_pieces():
+    """Splash as the ring's per-chunk kernel (``splash.ring_chunks``): two pieces of 128 queries against two pieces
+    of 128 keys, each pair by the full mask, the causal one or nothing as the pieces' places say. On one row (its
+    two pieces as queries and as keys: causal, nothing, full, causal) and on the row with its pieces swapped (the
+    places traced, one program), its output and log-sum-exp, and its backward given them, equal the einsum's
+    attention of the row and its gradients (shared-prompt pairs spanning both pieces, soft-capped, GQA)."""
+    from test_attention import _segments
+
+    m, t, kh, g, e, softcap = 128, 256, 1, 2, 8, 5.0
+    seg, pos, branch = (np.stack(x) for x in zip(_segments([(60, 50, 40), (30, 40, 20)], t), strict=True))
+    ids = Ids(jnp.arange(t, dtype=jnp.int32)[None], jnp.asarray(seg > 0), jnp.asarray(seg), jnp.asarray(branch),
+              jnp.asarray(pos))  # fmt: skip
+    rng = np.random.default_rng(0)
+    q, k, v, w = (jnp.asarray(rng.normal(size=shape) * 2, jnp.float32)
+                  for shape in ((1, t, kh, g, e), (1, t, kh, e), (1, t, kh, e), (1, t, kh, g, e)))  # fmt: skip
+    chunks = splash.ring_chunks(m, 128, softcap)
+
+    @jax.jit
+    def fused(q, k, v, ids, dout):
+        out, lse = chunks.forward(q, k, v, ids, ids, None, None)
+        return out, chunks.backward(q, k, v, ids, ids, None, None, out, lse, dout)
+
+    real = ids.valid[:, :, None, None, None]
+    ref = lambda q, k, v: attention.einsum_attention(q, k, v, ids, ids, None, softcap)  # noqa: E731
+    want = jnp.where(real, ref(q, k, v), 0)
+    dout = jnp.where(real, w, 0.0)  # the gradient of the loss below by each output
+    want_grads = jax.grad(lambda *x: jnp.sum(ref(*x) * dout), argnums=(0, 1, 2))(q, k, v)
+    for order in (np.arange(t), np.r_[m:t, 0:m]):  # pieces (0, 1), then (1, 0)
+        back = np.argsort(order)
+        out, grads = fused(q[:, order], k[:, order], v[:, order], Ids(*(x[:, order] for x in ids)), dout[:, order])
+        np.testing.assert_allclose(jnp.where(real, out[:, back], 0), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        for a, b_ in zip(grads, want_grads, strict=True):
+            np.testing.assert_allclose(a[:, back], b_, rtol=1e-5, atol=1e-5 * np.abs(b_).max())
+
+
+@pytest.mark.slow
+def test_a_decoder_over_a_ring_by_splash_computes_the_einsums_logits():
+    """A decoder with ``attention="splash"`` under a mesh of context 2 (pieces of 128 tokens, shared-prompt pairs
+    spanning them; each device's chunk pairs by splash's full or causal kernel): its logits equal the unsharded
+    einsum decoder's, and the program runs splash's kernels, not the blockwise loop."""
+    from flax import nnx
+    from test_attention import _segments
+
+    from dpo_jax.infra import sharding
+    from dpo_jax.models import ModelConfig, init_decoder
+
+    cfg = lambda impl: ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                   num_kv_heads=2, attention=impl, attention_block=128)  # fmt: skip  # noqa: E731
+    graphdef, params = nnx.split(init_decoder(cfg("einsum")))
+    fused = nnx.graphdef(init_decoder(cfg("splash")))
+    t = 512
+    seg, pos, branch = (jnp.asarray(np.stack(x)) for x in zip(_segments([(100, 80, 70), (60, 90, 50)], t),
+                                                               _segments([(30, 40, 20), (150, 100, 90)], t),
+                                                               strict=True))  # fmt: skip
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 64, (2, t)), jnp.int32)
+
+    def logits(g, p, tok):
+        return nnx.merge(g, p)(tok, positions_BxT=pos, segment_ids_BxT=seg, branch_ids_BxT=branch,
+                               attention_mask_BxT=seg > 0).logits_BxTxV  # fmt: skip
+
+    want = jax.jit(functools.partial(logits, graphdef))(params, tokens)
+    with jax.set_mesh(sharding.make_mesh(data=1, context=2, devices=jax.devices()[:2])):
+        got = jax.jit(functools.partial(logits, fused))(params, tokens)
+        program = str(jax.make_jaxpr(functools.partial(logits, fused))(params, tokens))
+    assert "splash_mqa_fwd" in program and "ppermute" in program
+    real = np.asarray(seg > 0)[:, :, None]
+    np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=1e-5, atol=1e-5)
 
 
 def test_the_passes_ids_by_hand():

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from dpo_jax.models import flashmask, splash
 from dpo_jax.models.attention import Ids, blockwise_attention, ceil_to, einsum_attention
-from dpo_jax.models.context import CONTEXT_STRATEGIES, ChunkKernel, context_mesh
+from dpo_jax.models.context import CONTEXT_STRATEGIES, ChunkKernel, context_mesh, ring_layout
 
 Array = jax.Array
 IMPLEMENTATIONS = ("auto", "einsum", "blockwise", "splash", "flashmask", "cudnn", "pallas")
@@ -57,10 +57,21 @@ def resolve(implementation: str, t: int, s: int, block: int, *, window: bool = F
     return "einsum" if max(t, s) <= block else "blockwise"
 
 
-def context_kernel(implementation: str, context: str) -> str:
-    """The kernel each device runs under a context axis (either strategy): FlashMask where it is the choice, the
-    blockwise kernel otherwise (splash's static masks cannot place a device's two pieces of the row)."""
-    return "flashmask" if implementation == "flashmask" else "blockwise"
+def context_piece(t: int, n: int, block: int) -> int:
+    """The tokens of each of the 2n pieces a row of ``t`` is cut into over a context axis of ``n`` devices."""
+    return ring_layout(t, n, block)[1] // (2 * n)
+
+
+def context_kernel(implementation: str, context: str, piece: int) -> str:
+    """The kernel each device runs under a context axis, pieces of ``piece`` tokens: FlashMask where it is the choice
+    (either strategy); splash in the ring where it is the choice and the pieces are whole splash blocks (each pair of
+    pieces by its full or causal kernel); the blockwise kernel otherwise (splash's static masks cannot place a
+    device's pieces within the gathered row)."""
+    if implementation == "flashmask":
+        return "flashmask"
+    if implementation == "splash" and context == "ring" and splash.piece_block(piece, piece) is not None:
+        return "splash"
+    return "blockwise"
 
 
 def _flashmask_under_context(context: str, block: int, softcap) -> dict:
@@ -119,8 +130,12 @@ def attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, *, window: int | N
                    rows=rows)  # fmt: skip
     if rows and (mesh := context_mesh()) is not None:
         kw = dict(mesh=mesh, block=block, softcap=softcap)
-        if context_kernel(impl, context) == "flashmask":
+        piece = context_piece(q_BxTxKxGxE.shape[1], mesh.shape["context"], block)
+        within = context_kernel(impl, context, piece)
+        if within == "flashmask":
             kw.update(_flashmask_under_context(context, block, softcap))
+        elif within == "splash":
+            kw["chunks"] = splash.ring_chunks(piece, block, softcap)
         return CONTEXT_STRATEGIES[context](q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, **kw)
     if impl == "blockwise":
         return blockwise_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, block=block, softcap=softcap)
