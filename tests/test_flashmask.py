@@ -154,9 +154,9 @@ def test_flashmask_serves_each_device_under_the_context_axis(strategy, n):
     np.testing.assert_allclose(jnp.where(real, got, 0), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     for a, b_ in zip(grads, jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v), strict=True):
         np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5 * np.abs(b_).max())
-    assert kernels.context_kernel("flashmask", strategy, 16) == "flashmask"
-    assert kernels.context_kernel("auto", strategy, 128) == kernels.context_kernel("blockwise", strategy, 128)
-    assert kernels.context_kernel("auto", strategy, 128) == "blockwise"
+    assert kernels.context_kernel("flashmask", 16) == "flashmask"
+    assert kernels.context_kernel("splash", 256) == "splash" and kernels.context_kernel("splash", 192) == "blockwise"
+    assert kernels.context_kernel("auto", 128) == kernels.context_kernel("blockwise", 128) == "blockwise"
 
 
 @pytest.mark.parametrize("strategy", ["ring", "gather"])

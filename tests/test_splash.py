@@ -116,10 +116,12 @@ def test_the_rings_chunk_kernel_serves_every_pair_of_pieces():
 
 
 @pytest.mark.slow
-def test_a_decoder_over_a_ring_by_splash_computes_the_einsums_logits():
+@pytest.mark.parametrize("strategy", ["ring", "gather"])
+def test_a_decoder_over_a_context_axis_by_splash_computes_the_einsums_logits(strategy):
     """A decoder with ``attention="splash"`` under a mesh of context 2 (pieces of 128 tokens, shared-prompt pairs
-    spanning them; each device's chunk pairs by splash's full or causal kernel): its logits equal the unsharded
-    einsum decoder's, and the program runs splash's kernels, not the blockwise loop."""
+    spanning them): each device's pairs of pieces by splash's full or causal kernel, the ring's chunks or the
+    gathered row's; its logits equal the unsharded einsum decoder's, and the program runs splash's kernels, not the
+    blockwise loop."""
     from flax import nnx
     from test_attention import _segments
 
@@ -127,7 +129,8 @@ def test_a_decoder_over_a_ring_by_splash_computes_the_einsums_logits():
     from dpo_jax.models import ModelConfig, init_decoder
 
     cfg = lambda impl: ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                                   num_kv_heads=2, attention=impl, attention_block=128)  # fmt: skip  # noqa: E731
+                                   num_kv_heads=2, attention=impl, attention_block=128,
+                                   context_attention=strategy)  # fmt: skip  # noqa: E731
     graphdef, params = nnx.split(init_decoder(cfg("einsum")))
     fused = nnx.graphdef(init_decoder(cfg("splash")))
     t = 512
@@ -144,9 +147,47 @@ def test_a_decoder_over_a_ring_by_splash_computes_the_einsums_logits():
     with jax.set_mesh(sharding.make_mesh(data=1, context=2, devices=jax.devices()[:2])):
         got = jax.jit(functools.partial(logits, fused))(params, tokens)
         program = str(jax.make_jaxpr(functools.partial(logits, fused))(params, tokens))
-    assert "splash_mqa_fwd" in program and "ppermute" in program
+    assert "splash_mqa_fwd" in program and ("ppermute" if strategy == "ring" else "all_gather") in program
     real = np.asarray(seg > 0)[:, :, None]
     np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_gathered_row_by_splash_chunks_equals_the_einsum_in_values_and_gradients():
+    """The all-gather strategy with splash on each device (``context.over_chunks``: the gathered row as chunks of two
+    pieces, partial softmaxes merged, a custom VJP over the chunks' backward) on a context axis of 2: values and
+    gradients equal the einsum's on the row as it was (shared-prompt pairs spanning the 128-token pieces, rows in
+    the balanced order, soft-capping, GQA)."""
+    from test_attention import _segments
+
+    from dpo_jax.models import context
+
+    n, t, softcap = 2, 512, 5.0
+    seg, pos, branch = (np.stack(x) for x in zip(_segments([(100, 80, 70), (60, 90, 50)], t), strict=True))
+    ids = Ids(jnp.arange(t, dtype=jnp.int32)[None], jnp.asarray(seg > 0), jnp.asarray(seg), jnp.asarray(branch),
+              jnp.asarray(pos))  # fmt: skip
+    order = context.balanced_order(t, n)
+    held = lambda x: None if x is None else x[:, order]  # noqa: E731
+    back = np.argsort(order)
+    rng = np.random.default_rng(0)
+    q, k, v, w = (jnp.asarray(rng.normal(size=shape) * 2, jnp.float32)
+                  for shape in ((1, t, 1, 2, 8), (1, t, 1, 8), (1, t, 1, 8), (1, t, 1, 2, 8)))  # fmt: skip
+    real = ids.valid[:, :, None, None, None]
+
+    def gathered(q, k, v):
+        h = Ids(*map(held, ids))
+        return kernels.attend(held(q), held(k), held(v), h, h, window=None, implementation="splash", block=128,
+                              softcap=softcap, context="gather")[:, back]  # fmt: skip
+
+    ref = lambda q, k, v: attention.einsum_attention(q, k, v, ids, ids, None, softcap)  # noqa: E731
+    loss = lambda fn: lambda *x: jnp.sum(jnp.where(real, fn(*x) * w, 0.0))  # noqa: E731
+    with jax.set_mesh(jax.sharding.Mesh(np.asarray(jax.devices()[:n]), ("context",))):
+        got = jax.jit(gathered)(q, k, v)
+        grads = jax.jit(jax.grad(loss(gathered), argnums=(0, 1, 2)))(q, k, v)
+    want = jnp.where(real, ref(q, k, v), 0)
+    np.testing.assert_allclose(jnp.where(real, got, 0), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    for a, b_ in zip(grads, jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v), strict=True):
+        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5 * np.abs(b_).max())
 
 
 def test_the_passes_ids_by_hand():

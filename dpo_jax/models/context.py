@@ -244,6 +244,57 @@ def gather_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: 
     return _split_rows(local, mesh, axis, block, q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window)
 
 
+def _chunk(tree, j, c: int):
+    """Chunk ``j`` of ``c`` tokens of every array in ``tree`` (token axis 1)."""
+    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, j * c, c, axis=1), tree)
+
+
+def over_chunks(chunks: ChunkKernel, n: int):
+    """A per-device attention for ``gather_attention`` from a ring's kernel: the gathered row (keys in slot order)
+    cut in ``n`` chunks, each by ``chunks`` (a loop), the partial softmaxes merged; its backward runs each chunk's
+    given the merged output and log-sum-exp. ``chunks.extra`` is not used (the row's ends are not needed: kernels
+    that need them take the row whole)."""
+
+    def forward(q, k, v, q_ids, k_ids, window):
+        c = k.shape[1] // n
+
+        def body(j, carry):
+            k_c, v_c, ids_c = _chunk((k, v, k_ids), j, c)
+            o, l_ = chunks.forward(q, k_c, v_c, q_ids, ids_c, None, window)
+            return attention.merge(*carry, o.astype(jnp.float32), jnp.where(jnp.isposinf(l_), -jnp.inf, l_))
+
+        init = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], -jnp.inf))
+        out, lse = jax.lax.fori_loop(0, n, body, init)
+        return out.astype(q.dtype), jnp.where(jnp.isneginf(lse), jnp.inf, lse)
+
+    @jax.custom_vjp
+    def run(q, k, v, q_ids, k_ids, window):
+        return forward(q, k, v, q_ids, k_ids, window)[0]
+
+    def run_fwd(q, k, v, q_ids, k_ids, window):
+        out, lse = forward(q, k, v, q_ids, k_ids, window)
+        return out, (q, k, v, q_ids, k_ids, window, out, lse)
+
+    def run_bwd(res, dout):
+        q, k, v, q_ids, k_ids, window, out, lse = res
+        c = k.shape[1] // n
+
+        def body(j, carry):
+            dq, dk, dv = carry
+            k_c, v_c, ids_c = _chunk((k, v, k_ids), j, c)
+            dq_c, dk_c, dv_c = chunks.backward(q, k_c, v_c, q_ids, ids_c, None, window, out, lse, dout)
+            put = lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, j * c, axis=1)  # noqa: E731
+            return dq + dq_c, put(dk, dk_c), put(dv, dv_c)
+
+        zeros = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
+        dq, dk, dv = jax.lax.fori_loop(0, n, body, (zeros(q), zeros(k), zeros(v)))
+        no_grad = jax.tree.map(lambda x: np.zeros(x.shape, jax.dtypes.float0), (q_ids, k_ids, window))
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad
+
+    run.defvjp(run_fwd, run_bwd)
+    return run
+
+
 CONTEXT_STRATEGIES = {"ring": ring_attention, "gather": gather_attention}
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from dpo_jax.models import flashmask, splash
 from dpo_jax.models.attention import Ids, blockwise_attention, ceil_to, einsum_attention
-from dpo_jax.models.context import CONTEXT_STRATEGIES, ChunkKernel, context_mesh, ring_layout
+from dpo_jax.models.context import CONTEXT_STRATEGIES, ChunkKernel, context_mesh, over_chunks, ring_layout
 
 Array = jax.Array
 IMPLEMENTATIONS = ("auto", "einsum", "blockwise", "splash", "flashmask", "cudnn", "pallas")
@@ -62,14 +62,13 @@ def context_piece(t: int, n: int, block: int) -> int:
     return ring_layout(t, n, block)[1] // (2 * n)
 
 
-def context_kernel(implementation: str, context: str, piece: int) -> str:
-    """The kernel each device runs under a context axis, pieces of ``piece`` tokens: FlashMask where it is the choice
-    (either strategy); splash in the ring where it is the choice and the pieces are whole splash blocks (each pair of
-    pieces by its full or causal kernel); the blockwise kernel otherwise (splash's static masks cannot place a
-    device's pieces within the gathered row)."""
+def context_kernel(implementation: str, piece: int) -> str:
+    """The kernel each device runs under a context axis (either strategy), pieces of ``piece`` tokens: FlashMask
+    where it is the choice; splash where it is the choice and the pieces are whole splash blocks (each pair of
+    pieces by its full or causal kernel); the blockwise kernel otherwise."""
     if implementation == "flashmask":
         return "flashmask"
-    if implementation == "splash" and context == "ring" and splash.piece_block(piece, piece) is not None:
+    if implementation == "splash" and splash.piece_block(piece, piece) is not None:
         return "splash"
     return "blockwise"
 
@@ -131,11 +130,15 @@ def attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, *, window: int | N
     if rows and (mesh := context_mesh()) is not None:
         kw = dict(mesh=mesh, block=block, softcap=softcap)
         piece = context_piece(q_BxTxKxGxE.shape[1], mesh.shape["context"], block)
-        within = context_kernel(impl, context, piece)
+        within = context_kernel(impl, piece)
         if within == "flashmask":
             kw.update(_flashmask_under_context(context, block, softcap))
-        elif within == "splash":
-            kw["chunks"] = splash.ring_chunks(piece, block, softcap)
+        elif within == "splash":  # the ring's chunks, or the gathered row as n chunks of two pieces
+            chunks = splash.ring_chunks(piece, block, softcap)
+            if context == "ring":
+                kw["chunks"] = chunks
+            else:
+                kw["kernel"] = over_chunks(chunks, mesh.shape["context"])
         return CONTEXT_STRATEGIES[context](q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, **kw)
     if impl == "blockwise":
         return blockwise_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, block=block, softcap=softcap)

@@ -153,7 +153,7 @@ def compile_note(model_cfg):
             blocks += f"; Pallas interpret mode off a {home.upper()}: slow, for checks"
         if (context := loop.mesh.shape["context"]) > 1:
             piece = kernels.context_piece(row, context, model_cfg.attention_block)
-            within = kernels.context_kernel(impl, model_cfg.context_attention, piece)
+            within = kernels.context_kernel(impl, piece)
             impl = "all-gather" if model_cfg.context_attention == "gather" else "ring"
             blocks = f" over context={context} in balanced order, {within} within each device"
         loop.console.note(f"[{loop.stage.name}] compiled the step for batch {shape} in {seconds:.1f} s "
