@@ -102,6 +102,16 @@ def test_the_block_lists_skip_blocks_nobody_sees():
     assert lists(bwd) == [[0, 1], [1], [], [0], [], []]
 
 
+def test_the_work_of_each_kernel_on_a_pair_by_hand():
+    """``experiments/attention_blocks.py`` on one pair of 1,024 tokens in 128-token blocks (prompt 4 blocks, each
+    completion 2): the causal pairs are 36; the blockwise kernel reads them all (a rejected block's key range spans
+    the chosen blocks); FlashMask's lists skip the 4 (rejected, chosen) pairs: the prompt's 1 + 2 + 3 + 4, each
+    completion's (4 + 1) + (4 + 2), 32 in all; splash computes the causal pairs once per pass: 72."""
+    from experiments import attention_blocks
+
+    assert attention_blocks.block_pairs(1024, 128) == dict(causal=36, blockwise=36, flashmask=32, splash=72)
+
+
 def test_the_kernels_lower_to_triton_for_a_gpu():
     """The forward, dq and dk/dv kernels of a windowed, soft-capped bfloat16 call lower to Triton for CUDA on this
     CPU (JAX's cross-platform lowering runs Pallas' Triton lowering: an op Triton lacks fails here)."""

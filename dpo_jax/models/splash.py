@@ -49,7 +49,8 @@ def pass_ids(ids: Ids) -> tuple[tuple[Array, Array], ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel(q_len: int, k_len: int, heads: int, block: int, softcap: float | None, interpret: bool, causal: bool):
+def splash_kernel(q_len: int, k_len: int, heads: int, block: int, softcap: float | None, interpret: bool,
+                  causal: bool):  # fmt: skip
     """Splash's kernel for one row and key/value head: [G, q_len, E] queries against [k_len, E] keys under a static
     causal (or, ``causal=False``, full) mask, keeping the log-sum-exp; built once per shape."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
@@ -97,7 +98,7 @@ def _passes_backward(kernel, q, k, v, ids, out, lse, dout):
 def _row_attention(t: int, heads: int, block: int, softcap: float | None, interpret: bool):
     """One row and key/value head: [G, T, E] queries against [T, E] keys and values, a splash call per pass merged,
     as a custom VJP."""
-    kernel = _kernel(t, t, heads, block, softcap, interpret, True)
+    kernel = splash_kernel(t, t, heads, block, softcap, interpret, True)
 
     @jax.custom_vjp
     def attend(q, k, v, ids):
@@ -187,7 +188,8 @@ def ring_chunks(m: int, block: int, softcap: float | None, interpret: bool | Non
                 args = (cut(q_, a, 3), cut(k_, c, 2), cut(v_, c, 2), pair_ids(ids, a, c))
 
                 def run(causal, args=args):
-                    fn = functools.partial(_passes_forward, _kernel(m, m, g, blk, softcap, interpret, causal))
+                    kernel = splash_kernel(m, m, g, blk, softcap, interpret, causal)
+                    fn = functools.partial(_passes_forward, kernel)
                     return jax.vmap(jax.vmap(fn, in_axes=(0, 0, 0, None)))(*args)
 
                 nothing = lambda: (jnp.zeros((b, kh, g, m, e), jnp.float32), jnp.full((b, kh, g, m), -jnp.inf))  # noqa: E731
@@ -213,7 +215,8 @@ def ring_chunks(m: int, block: int, softcap: float | None, interpret: bool | Non
                         cut(lse_, a, 3), cut(dout_, a, 3))  # fmt: skip
 
                 def run(causal, args=args):
-                    fn = functools.partial(_passes_backward, _kernel(m, m, g, blk, softcap, interpret, causal))
+                    kernel = splash_kernel(m, m, g, blk, softcap, interpret, causal)
+                    fn = functools.partial(_passes_backward, kernel)
                     return jax.vmap(jax.vmap(fn, in_axes=(0, 0, 0, None, 0, 0, 0)))(*args)
 
                 nothing = lambda: (jnp.zeros_like(dq[0]), jnp.zeros_like(dk[0]), jnp.zeros_like(dv[0]))  # noqa: E731
