@@ -1,8 +1,10 @@
 """Context parallelism: rows split over a mesh's ``context`` axis, attended by the ring (key/value chunks passed
 round both ways, ``ring_attention``) or by gathering the row's keys (``gather_attention``), the rows in the balanced
-(zig-zag) order that evens each device's work (``balanced_order``, ``rebalance``). Each device's work is a kernel of
-``dpo_jax.models.attention`` (the blockwise kernel's row functions; the all-gather strategy takes any kernel whose
-keys are the whole row in slot order).
+(zig-zag) order that evens each device's work (``balanced_order``, ``rebalance``). What each device computes is a
+kernel: in the ring a ``ChunkKernel`` (its queries against one chunk, partial softmaxes merged; by default the
+blockwise kernel's row functions, ``blockwise_chunks``), in the all-gather strategy an attention of its queries
+against the gathered row (by default the blockwise kernel; ``over_chunks`` makes one from a ``ChunkKernel``).
+``dpo_jax.models.kernels`` passes the fused kernels (FlashMask, splash) where they serve.
 """
 
 from __future__ import annotations
