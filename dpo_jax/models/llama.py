@@ -428,12 +428,7 @@ class Decoder(nnx.Module):
         b, t = tokens_BxT.shape
         valid_BxT = jnp.ones((b, t), bool) if attention_mask_BxT is None else attention_mask_BxT.astype(bool)
         if positions_BxT is None:
-            if segment_ids_BxT is not None:
-                positions_BxT = segment_positions(segment_ids_BxT)
-            elif attention_mask_BxT is not None:
-                positions_BxT = jnp.maximum(jnp.cumsum(valid_BxT, axis=1) - 1, 0)
-            else:
-                positions_BxT = jnp.broadcast_to(jnp.arange(t), (b, t))
+            positions_BxT = _default_positions(valid_BxT, segment_ids_BxT, attention_mask_BxT is not None)
         inv_freq_LxE2 = layer_inv_freq(cfg, positions_BxT, rope_long)
         windows = cfg.windows  # uniform: a static window; Gemma 3's alternate: a traced one per layer (full = 2^30)
         window_L = None if len(set(windows)) == 1 else jnp.asarray([w or 2**30 for w in windows], jnp.int32)
@@ -444,19 +439,12 @@ class Decoder(nnx.Module):
                 ring, cfg.attention_block, tokens_BxT, valid_BxT, segment_ids_BxT, branch_ids_BxT, positions_BxT,
                 dropout_keys_BxT)  # fmt: skip
         if cache is None:  # the mask is made of each token's ids, per block (never a [T, S] array)
-            tp = tokens_BxT.shape[1]
-            slots = np.arange(tp) if ring is None else context.balanced_order(tp, ring.shape["context"])
-            slots_BxT = jnp.broadcast_to(jnp.asarray(slots, jnp.int32), (b, tp))
-            ids = Ids(slots_BxT, valid_BxT, segment_ids_BxT, branch_ids_BxT, positions_BxT)
-            ids = (ids, ids)
+            ids = _row_ids(ring, valid_BxT, segment_ids_BxT, branch_ids_BxT, positions_BxT)
         else:
             if segment_ids_BxT is not None or branch_ids_BxT is not None:
                 raise ValueError("segment_ids / branch_ids are not supported together with a KV cache")
-            kv_mask_BxS = jax.lax.dynamic_update_slice_in_dim(cache.mask_BxS, valid_BxT, cache.index, axis=1)
-            q_slots_BxT = jnp.broadcast_to(cache.index + jnp.arange(t, dtype=jnp.int32), (b, t))
-            s = cache.mask_BxS.shape[1]
-            k_slots_BxS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            ids = (Ids(q_slots_BxT, valid_BxT), Ids(k_slots_BxS, kv_mask_BxS))  # the window counts slots here
+            ids = _cache_ids(cache, valid_BxT)
+            kv_mask_BxS = ids[1].valid
 
         x_BxTxD = embed(self.embed_tokens, tokens_BxT, dtype)
         if cfg.embed_scale != 1.0:  # Gemma: the scale rounded to the compute dtype, as transformers does
@@ -513,6 +501,36 @@ class Decoder(nnx.Module):
         logits = jax.lax.dot_general(hidden_BxTxD, w, (((hidden_BxTxD.ndim - 1,), (1 - vocab_axis,)), ((), ())))
         cap = self.config.final_softcap
         return cap * jnp.tanh(logits / cap) if cap else logits
+
+
+def _default_positions(valid_BxT: Array, segment_ids_BxT: Array | None, masked: bool) -> Array:
+    """RoPE positions when none are given: restarting per segment, else from the attention mask (``cumsum - 1``,
+    right for left padding; ``masked``), else ``arange``."""
+    if segment_ids_BxT is not None:
+        return segment_positions(segment_ids_BxT)
+    if masked:
+        return jnp.maximum(jnp.cumsum(valid_BxT, axis=1) - 1, 0)
+    return jnp.broadcast_to(jnp.arange(valid_BxT.shape[1]), valid_BxT.shape)
+
+
+def _row_ids(ring, valid_BxT, segment_ids_BxT, branch_ids_BxT, positions_BxT) -> tuple[Ids, Ids]:
+    """(query ids, key ids) of whole rows: slots in order, or in the ring's balanced order under a context axis."""
+    b, tp = valid_BxT.shape
+    slots = np.arange(tp) if ring is None else context.balanced_order(tp, ring.shape["context"])
+    ids = Ids(jnp.broadcast_to(jnp.asarray(slots, jnp.int32), (b, tp)), valid_BxT, segment_ids_BxT, branch_ids_BxT,
+              positions_BxT)  # fmt: skip
+    return ids, ids
+
+
+def _cache_ids(cache: KVCache, valid_BxT: Array) -> tuple[Ids, Ids]:
+    """(query ids, key ids) of tokens written into ``cache`` at its index: the keys are the cache's slots, their
+    validity the cache's mask with these tokens' (a window counts slots here)."""
+    b, t = valid_BxT.shape
+    kv_mask_BxS = jax.lax.dynamic_update_slice_in_dim(cache.mask_BxS, valid_BxT, cache.index, axis=1)
+    q_slots_BxT = jnp.broadcast_to(cache.index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    s = cache.mask_BxS.shape[1]
+    k_slots_BxS = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    return Ids(q_slots_BxT, valid_BxT), Ids(k_slots_BxS, kv_mask_BxS)
 
 
 def _balanced(mesh, block: int, *rows_BxT):
