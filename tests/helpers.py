@@ -1,5 +1,6 @@
 """What several test files share: the built-in job made seconds-long (``TINY``, ``tiny_config``), the ``dpo-jax``
-command in its own process (``dpo_jax``, ``cli``), and the repository root."""
+command in its own process (``dpo_jax``, ``cli``), a run by an attention kernel against the einsum's
+(``assert_run_ends_like_einsum``), and the repository root."""
 
 import json
 import os
@@ -91,3 +92,30 @@ def wait_for_checkpoint(proc, directory: Path, step: int, timeout=240):
             raise AssertionError(f"run ended before step {step}: {proc.stdout.read()}")
         time.sleep(0.2)
     raise AssertionError("no checkpoint in time")
+
+
+def assert_run_ends_like_einsum(tmp_path, attention: str, block: int, note: str):
+    """``dpo-jax train --config.model.attention=<attention> --config.model.attention_block=<block>`` (short: SFT 3,
+    DPO 4 steps) ends where the same job ends in-process by the einsum: SFT, train and eval losses within 2e-5, the
+    exported weights within 1e-4; its console shows ``note`` (the compile note's kernel)."""
+    import jax
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from dpo_jax.training import train
+    from dpo_jax.training.outputs import read_history
+
+    short = ("sft.steps=3", "optim.steps=4", "eval.every=4", "eval.num_prompts=0", "log_every=1")
+    ref = tiny_config(*short, "model.attention=einsum", cache_dir=tmp_path / "cache")
+    train.train(ref, tmp_path / "einsum", devices=jax.devices()[:1])
+    run = cli(tmp_path / attention, *short, f"model.attention={attention}", f"model.attention_block={block}")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert note in run.stdout + run.stderr
+    for key in ("sft/loss", "train/loss", "eval/loss"):
+        want, got = ([r[key] for r in read_history(tmp_path / d / "metrics.jsonl") if key in r]
+                     for d in ("einsum", attention))  # fmt: skip
+        assert len(got) == len(want) > 0, key
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=key)
+    a, b = (load_file(tmp_path / d / "hf/model.safetensors") for d in ("einsum", attention))
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=2e-6, err_msg=key)

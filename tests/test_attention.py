@@ -44,6 +44,19 @@ def layout_ids(kind, b=2, t=44):
     return ids, ids
 
 
+def assert_like_einsum(fused, ref, args, real, w, tol=1e-5):
+    """``fused(*args)`` (jitted) equals ``ref(*args)`` where ``real`` (queries that see a key; padding is not
+    compared), and so do the gradients of ``sum(out * w)`` by every argument: within ``tol`` relative and ``tol`` of
+    the largest entry absolute."""
+    want = jnp.where(real, ref(*args), 0)
+    np.testing.assert_allclose(jnp.where(real, jax.jit(fused)(*args), 0), want, rtol=tol, atol=tol * np.abs(want).max())
+    loss = lambda fn: lambda *x: jnp.sum(jnp.where(real, fn(*x) * w, 0.0))  # noqa: E731
+    every = tuple(range(len(args)))
+    got = jax.jit(jax.grad(loss(fused), argnums=every))(*args)
+    for a, b in zip(got, jax.grad(loss(ref), argnums=every)(*args), strict=True):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+
+
 CASES = {  # name -> (layout, kv heads, query heads per kv head, window)
     "padded": ("padded", 2, 2, None),
     "packed_gqa": ("packed", 1, 4, None),

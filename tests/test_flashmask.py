@@ -9,14 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import cli, tiny_config
-from safetensors.numpy import load_file
-from test_attention import layout_ids
+from helpers import assert_run_ends_like_einsum
+from test_attention import assert_like_einsum, layout_ids
 
 from dpo_jax.models import attention, context, flashmask, kernels
 from dpo_jax.models.attention import Ids
-from dpo_jax.training import train
-from dpo_jax.training.outputs import read_history
 
 CASES = {  # name -> (layout, kv heads, query heads per kv head, window, softcap, dtype)
     "padded": ("padded", 2, 2, None, None, jnp.float32),
@@ -48,14 +45,7 @@ def test_flashmask_equals_the_einsum_in_values_and_gradients(name):
         assert out.dtype == dtype
         return out.astype(jnp.float32)
 
-    tol = 1e-5 if dtype == jnp.float32 else 1e-2
-    want = jnp.where(real, ref(q, k, v), 0)
-    np.testing.assert_allclose(jnp.where(real, jax.jit(fused)(q, k, v), 0), want, rtol=tol,
-                               atol=tol * np.abs(want).max())  # fmt: skip
-    loss = lambda fn: lambda *x: jnp.sum(jnp.where(real, fn(*x) * w, 0.0))  # noqa: E731
-    grads = jax.jit(jax.grad(loss(fused), argnums=(0, 1, 2)))(q, k, v)
-    for a, b_ in zip(grads, jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v), strict=True):
-        np.testing.assert_allclose(a, b_, rtol=tol, atol=tol * np.abs(b_).max())
+    assert_like_einsum(fused, ref, (q, k, v), real, w, tol=1e-5 if dtype == jnp.float32 else 1e-2)
 
 
 def _shared_row():
@@ -153,17 +143,11 @@ def test_flashmask_serves_each_device_under_the_context_axis(strategy, n):
                               context=strategy)[:, back]  # fmt: skip
 
     ref = lambda q, k, v: attention.einsum_attention(q, k, v, q_ids, k_ids, window, softcap)  # noqa: E731
-    loss = lambda fn: lambda *x: jnp.sum(jnp.where(real, fn(*x) * w, 0.0))  # noqa: E731
     with jax.set_mesh(mesh):
         text = str(jax.make_jaxpr(gathered)(q, k, v))
-        got = jax.jit(gathered)(q, k, v)
-        grads = jax.jit(jax.grad(loss(gathered), argnums=(0, 1, 2)))(q, k, v)
+        assert_like_einsum(gathered, ref, (q, k, v), real, w)
     collective = "all_gather" if strategy == "gather" else "ppermute"
     assert collective in text and "flashmask_forward" in text and "flashmask_dkv" not in text
-    want = jnp.where(real, ref(q, k, v), 0)
-    np.testing.assert_allclose(jnp.where(real, got, 0), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    for a, b_ in zip(grads, jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v), strict=True):
-        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5 * np.abs(b_).max())
     assert kernels.context_kernel("flashmask", 16) == "flashmask"
     assert kernels.context_kernel("splash", 256) == "splash" and kernels.context_kernel("splash", 192) == "blockwise"
     assert kernels.context_kernel("auto", 128) == kernels.context_kernel("blockwise", 128) == "blockwise"
@@ -237,17 +221,5 @@ def test_a_run_by_flashmask_ends_where_the_einsum_ends(tmp_path):
     """``dpo-jax train --config.model.attention=flashmask --config.model.attention_block=16`` on this CPU (interpret
     mode, said in the compile note) ends where the same job ends in-process by the einsum: SFT, train and eval
     losses, and the exported weights."""
-    short = ("sft.steps=3", "optim.steps=4", "eval.every=4", "eval.num_prompts=0", "log_every=1")
-    ref = tiny_config(*short, "model.attention=einsum", cache_dir=tmp_path / "cache")
-    train.train(ref, tmp_path / "einsum", devices=jax.devices()[:1])
-    run = cli(tmp_path / "flashmask", *short, "model.attention=flashmask", "model.attention_block=16")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "(attention: flashmask of 16-token blocks; Pallas interpret mode off a GPU" in run.stdout + run.stderr
-    for key in ("sft/loss", "train/loss", "eval/loss"):
-        want, got = ([r[key] for r in read_history(tmp_path / d / "metrics.jsonl") if key in r]
-                     for d in ("einsum", "flashmask"))  # fmt: skip
-        assert len(got) == len(want) > 0, key
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=key)
-    a, b = (load_file(tmp_path / d / "hf/model.safetensors") for d in ("einsum", "flashmask"))
-    for key in a:
-        np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=2e-6, err_msg=key)
+    assert_run_ends_like_einsum(tmp_path, "flashmask", 16, "(attention: flashmask of 16-token blocks; Pallas "
+                                "interpret mode off a GPU")  # fmt: skip

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_attention import layout_ids
+from test_attention import assert_like_einsum, layout_ids
 
 from dpo_jax.models import attention, context
 from dpo_jax.models.attention import Ids
@@ -37,18 +37,10 @@ def test_ring_attention_equals_the_einsum_in_values_and_gradients(name, n, strat
                   for shape in ((b, t, kh, g, e), (b, t, kh, e), (b, t, kh, e), (b, t, kh, g, e)))  # fmt: skip
     real = q_ids.valid[:, :, None, None, None]  # padding queries see nothing: their outputs are not compared
 
-    def loss(fn, q, k, v):
-        return jnp.sum(jnp.where(real, fn(q, k, v) * w, 0.0))
-
     ref = lambda q, k, v: attention.einsum_attention(q, k, v, q_ids, k_ids, window, softcap)  # noqa: E731
     fn = context.CONTEXT_STRATEGIES[strategy]
-    ring = jax.jit(lambda q, k, v: fn(q, k, v, q_ids, k_ids, window, mesh=mesh, block=4, softcap=softcap))
-    got = ring(q, k, v)
-    want = jnp.where(real, ref(q, k, v), 0)
-    np.testing.assert_allclose(jnp.where(real, got, 0), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    grads = jax.jit(jax.grad(lambda *x: loss(ring, *x), argnums=(0, 1, 2)))(q, k, v)
-    for a, b_ in zip(grads, jax.grad(lambda *x: loss(ref, *x), argnums=(0, 1, 2))(q, k, v), strict=True):
-        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5 * np.abs(b_).max())  # 1e-5 of the gradient's size
+    ring = lambda q, k, v: fn(q, k, v, q_ids, k_ids, window, mesh=mesh, block=4, softcap=softcap)  # noqa: E731
+    assert_like_einsum(ring, ref, (q, k, v), real, w)  # 1e-5 of the values' and gradients' size
 
 
 @pytest.mark.parametrize("kind,strategy", [("packed", "ring"), ("shared", "ring"), ("shared", "gather")])
@@ -70,16 +62,11 @@ def test_rows_in_the_balanced_order_give_the_einsum_in_values_and_gradients(kind
                   for shape in ((b, t, 2, 2, e), (b, t, 2, e), (b, t, 2, e), (b, t, 2, 2, e)))  # fmt: skip
     real = q_ids.valid[:, :, None, None, None]
     back = np.argsort(order)
-    ring = jax.jit(lambda q, k, v: context.CONTEXT_STRATEGIES[strategy](
+    ring = lambda q, k, v: context.CONTEXT_STRATEGIES[strategy](  # noqa: E731
         shuffle(q), shuffle(k), shuffle(v), Ids(*map(shuffle, q_ids)), Ids(*map(shuffle, k_ids)), window,
-        mesh=mesh, block=4)[:, back])  # fmt: skip
+        mesh=mesh, block=4)[:, back]  # fmt: skip
     ref = lambda q, k, v: attention.einsum_attention(q, k, v, q_ids, k_ids, window)  # noqa: E731
-    want = jnp.where(real, ref(q, k, v), 0)
-    np.testing.assert_allclose(jnp.where(real, ring(q, k, v), 0), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    loss = lambda fn: lambda *x: jnp.sum(jnp.where(real, fn(*x) * w, 0.0))  # noqa: E731
-    grads = jax.jit(jax.grad(loss(ring), argnums=(0, 1, 2)))(q, k, v)
-    for a, b_ in zip(grads, jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v), strict=True):
-        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5 * np.abs(b_).max())
+    assert_like_einsum(ring, ref, (q, k, v), real, w)
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
