@@ -68,23 +68,30 @@ def context_kernel(implementation: str, piece: int) -> str:
     pieces by its full or causal kernel); the blockwise kernel otherwise."""
     if implementation == "flashmask":
         return "flashmask"
-    if implementation == "splash" and splash.piece_block(piece, piece) is not None:
+    if implementation == "splash" and piece % splash.LANES == 0:  # pieces of whole splash blocks
         return "splash"
     return "blockwise"
 
 
-def _flashmask_under_context(context: str, block: int, softcap) -> dict:
-    """The context strategy's keyword for FlashMask on each device: the whole attention of its queries against the
-    gathered row (``gather``), or the ring's per-chunk calls, each key's end from the whole row travelling with it."""
+def _per_device(within: str, context: str, n: int, piece: int, block: int, softcap) -> dict:
+    """The context strategy's keyword for a fused kernel on each device (none for the blockwise kernel, its
+    default): the ring's per-chunk kernel (``chunks``), or the all-gather strategy's attention of a device's queries
+    against the gathered row (``kernel``) — FlashMask's whole, splash's over the row's chunks (``over_chunks``)."""
     kw = dict(block=block, softcap=softcap)
-    if context == "gather":
+    if within == "flashmask" and context == "gather":
         return dict(kernel=lambda q, k, v, qi, ki, w: flashmask.flashmask_attention(q, k, v, qi, w, k=ki, **kw))
-    return dict(chunks=ChunkKernel(
-        forward=lambda q, k, v, qi, ki, ends, w: flashmask.chunk_forward(q, k, v, qi, ki, ends, w, **kw),
-        backward=lambda q, k, v, qi, ki, ends, w, o, lse, do: flashmask.chunk_backward(q, k, v, qi, ki, ends, w, o,
-                                                                                       lse, do, **kw),
-        extra=flashmask.row_ends,
-    ))  # fmt: skip
+    if within == "flashmask":  # each key's end from the whole row travels with its chunk
+        chunks = ChunkKernel(
+            forward=lambda q, k, v, qi, ki, ends, w: flashmask.chunk_forward(q, k, v, qi, ki, ends, w, **kw),
+            backward=lambda q, k, v, qi, ki, ends, w, o, lse, do: flashmask.chunk_backward(q, k, v, qi, ki, ends, w,
+                                                                                           o, lse, do, **kw),
+            extra=flashmask.row_ends,
+        )  # fmt: skip
+    elif within == "splash":
+        chunks = splash.ring_chunks(piece, block, softcap)
+    else:
+        return {}
+    return dict(chunks=chunks) if context == "ring" else dict(kernel=over_chunks(chunks, n))
 
 
 def cudnn_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, window: int | None, implementation=None):
@@ -128,18 +135,11 @@ def attend(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q: Ids, k: Ids, *, window: int | N
     impl = resolve(implementation, q_BxTxKxGxE.shape[1], k_BxSxKxE.shape[1], block, window=window is not None,
                    rows=rows)  # fmt: skip
     if rows and (mesh := context_mesh()) is not None:
-        kw = dict(mesh=mesh, block=block, softcap=softcap)
-        piece = context_piece(q_BxTxKxGxE.shape[1], mesh.shape["context"], block)
-        within = context_kernel(impl, piece)
-        if within == "flashmask":
-            kw.update(_flashmask_under_context(context, block, softcap))
-        elif within == "splash":  # the ring's chunks, or the gathered row as n chunks of two pieces
-            chunks = splash.ring_chunks(piece, block, softcap)
-            if context == "ring":
-                kw["chunks"] = chunks
-            else:
-                kw["kernel"] = over_chunks(chunks, mesh.shape["context"])
-        return CONTEXT_STRATEGIES[context](q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, **kw)
+        n = mesh.shape["context"]
+        piece = context_piece(q_BxTxKxGxE.shape[1], n, block)
+        kw = _per_device(context_kernel(impl, piece), context, n, piece, block, softcap)
+        return CONTEXT_STRATEGIES[context](q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, mesh=mesh, block=block,
+                                           softcap=softcap, **kw)  # fmt: skip
     if impl == "blockwise":
         return blockwise_attention(q_BxTxKxGxE, k_BxSxKxE, v_BxSxKxE, q, k, window, block=block, softcap=softcap)
     if impl == "splash":

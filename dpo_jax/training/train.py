@@ -144,8 +144,7 @@ def compile_note(model_cfg):
     def note(loop: Loop, shape: str, seconds: float, row: int):
         window = any(w is not None for w in model_cfg.windows)
         impl = kernels.resolve(model_cfg.attention, row, row, model_cfg.attention_block, window=window)
-        width = model_cfg.head_dim or model_cfg.hidden_size // model_cfg.num_heads
-        block = kernels.block_of(impl, model_cfg.attention_block, width)
+        block = kernels.block_of(impl, model_cfg.attention_block, model_cfg.head_dim)
         blocks = f" of {block}-token blocks" if impl in kernels.BLOCKED else ""
         if why := kernels.fallback(model_cfg.attention, window=window):
             blocks += f"; {why}"
